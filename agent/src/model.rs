@@ -1,0 +1,372 @@
+//! The cluster model: the commands that change the replicated state, how
+//! they apply, and typed reads of the result.
+//!
+//! Applying is deterministic: every input that varies between nodes (time,
+//! random ids, hashes of secrets) is decided by the proposer and carried in
+//! the command. Domain failures (a duplicate name, a used join token) are part
+//! of the result, so every replica records the same outcome.
+
+use allod_raft::{Apply, KvRead, KvWrite, NodeId, StateReader};
+use openraft::LogId;
+use serde::{Deserialize, Serialize};
+
+pub const KEY_CLUSTER: &str = "cluster";
+pub const PREFIX_PROJECTS: &str = "projects/";
+pub const PREFIX_JOIN_TOKENS: &str = "join_tokens/";
+pub const PREFIX_API_TOKENS: &str = "api_tokens/";
+pub const PREFIX_NODES: &str = "nodes/";
+pub const KEY_NEXT_NODE_ID: &str = "counters/next_node_id";
+
+/// Facts about the cluster fixed at `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_id: String,
+    pub name: String,
+    pub created_at_ms: u64,
+    pub ca_fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub name: String,
+    pub description: String,
+    pub created_at_ms: u64,
+    /// Bumped by every change, so clients can tell versions apart.
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    pub secret_sha256: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// The node the token was spent on, once it was.
+    pub used_by: Option<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub name: String,
+    pub role: String,
+    pub created_at_ms: u64,
+}
+
+/// What the cluster remembers of a node beyond its Raft membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub joined_at_ms: u64,
+}
+
+/// Every change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    InitCluster { info: ClusterInfo, admin_token_sha256: String, first_node: NodeRecord },
+    CreateProject { name: String, description: String, now_ms: u64 },
+    UpdateProject { name: String, description: String },
+    DeleteProject { name: String },
+    CreateJoinToken { id: String, secret_sha256: String, now_ms: u64, expires_at_ms: u64 },
+    /// Spends a join token and allocates the joining node's id.
+    ConsumeJoinToken { id: String, secret_sha256: String, now_ms: u64, node_name: String },
+    ForgetNode { id: NodeId },
+}
+
+/// A domain failure recorded as the outcome of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct DomainError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    TokenInvalid,
+    TokenExpired,
+    TokenUsed,
+    FailedPrecondition,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenUsed => "token_used",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+        }
+    }
+}
+
+fn domain(code: ErrorCode, message: impl Into<String>) -> DomainError {
+    DomainError { code, message: message.into() }
+}
+
+/// The outcome of a command as it travels in the Raft response.
+pub type Outcome = Result<serde_json::Value, DomainError>;
+
+/// Checks a name against DNS-label rules: 1–63 characters of lowercase
+/// letters, digits and '-', starting with a letter and not ending with '-'.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), DomainError> {
+    let invalid = |why: &str| {
+        domain(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{kind} name {name:?} is invalid: {why}; use 1-63 lowercase letters, digits or '-', starting with a letter"
+            ),
+        )
+    };
+    if name.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if name.len() > 63 {
+        return Err(invalid("it is longer than 63 characters"));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(invalid("it must start with a lowercase letter"));
+    }
+    if name.ends_with('-') {
+        return Err(invalid("it must not end with '-'"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        return Err(invalid(&format!("it contains {c:?}")));
+    }
+    Ok(())
+}
+
+pub const MAX_DESCRIPTION_BYTES: usize = 1024;
+
+pub fn validate_description(description: &str) -> Result<(), DomainError> {
+    if description.len() > MAX_DESCRIPTION_BYTES {
+        return Err(domain(
+            ErrorCode::InvalidArgument,
+            format!("description is {} bytes long; the limit is {MAX_DESCRIPTION_BYTES}", description.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The state machine's command interpreter.
+pub struct ClusterApply;
+
+fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Result<Option<T>, redb::StorageError> {
+    match kv.get(key)? {
+        // Values are only ever written by this module from these types; a
+        // value that no longer parses is treated as absent and logged rather
+        // than stopping the state machine.
+        Some(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                tracing::error!(key, error = %e, "stored value does not parse; treating it as absent");
+                Ok(None)
+            }
+        },
+        None => Ok(None),
+    }
+}
+
+fn put_json<T: Serialize>(kv: &mut KvWrite<'_>, key: &str, value: &T) -> Result<(), redb::StorageError> {
+    let bytes = serde_json::to_vec(value).expect("model types always serialise");
+    kv.put(key, &bytes)
+}
+
+impl ClusterApply {
+    fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, redb::StorageError> {
+        Ok(match command {
+            Command::InitCluster { info, admin_token_sha256, first_node } => {
+                if kv.get(KEY_CLUSTER)?.is_some() {
+                    Err(domain(ErrorCode::FailedPrecondition, "the cluster is already initialised"))
+                } else {
+                    put_json(kv, KEY_CLUSTER, &info)?;
+                    let token = ApiTokenRecord { name: "admin".into(), role: "cluster-admin".into(), created_at_ms: info.created_at_ms };
+                    put_json(kv, &format!("{PREFIX_API_TOKENS}{admin_token_sha256}"), &token)?;
+                    put_json(kv, &format!("{PREFIX_NODES}{:020}", first_node.id), &first_node)?;
+                    put_json(kv, KEY_NEXT_NODE_ID, &(first_node.id + 1))?;
+                    Ok(serde_json::to_value(&info).expect("serialisable"))
+                }
+            }
+            Command::CreateProject { name, description, now_ms } => {
+                let key = format!("{PREFIX_PROJECTS}{name}");
+                match validate_name("project", &name).and_then(|_| validate_description(&description)) {
+                    Err(e) => Err(e),
+                    Ok(()) if kv.get(&key)?.is_some() => {
+                        Err(domain(ErrorCode::AlreadyExists, format!("project {name:?} already exists")))
+                    }
+                    Ok(()) => {
+                        let project = Project { name, description, created_at_ms: now_ms, generation: 1 };
+                        put_json(kv, &key, &project)?;
+                        Ok(serde_json::to_value(&project).expect("serialisable"))
+                    }
+                }
+            }
+            Command::UpdateProject { name, description } => {
+                let key = format!("{PREFIX_PROJECTS}{name}");
+                match (validate_description(&description), get_json::<Project>(kv, &key)?) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => Err(domain(ErrorCode::NotFound, format!("project {name:?} does not exist"))),
+                    (Ok(()), Some(mut project)) => {
+                        project.description = description;
+                        project.generation += 1;
+                        put_json(kv, &key, &project)?;
+                        Ok(serde_json::to_value(&project).expect("serialisable"))
+                    }
+                }
+            }
+            Command::DeleteProject { name } => {
+                let key = format!("{PREFIX_PROJECTS}{name}");
+                if kv.get(&key)?.is_none() {
+                    Err(domain(ErrorCode::NotFound, format!("project {name:?} does not exist")))
+                } else {
+                    kv.delete(&key)?;
+                    Ok(serde_json::Value::Null)
+                }
+            }
+            Command::CreateJoinToken { id, secret_sha256, now_ms, expires_at_ms } => {
+                // Expired tokens are dropped here, so the table cannot grow
+                // without bound.
+                for (key, bytes) in kv.scan(PREFIX_JOIN_TOKENS)? {
+                    if let Ok(old) = serde_json::from_slice::<JoinTokenRecord>(&bytes) {
+                        if old.expires_at_ms <= now_ms {
+                            kv.delete(&key)?;
+                        }
+                    }
+                }
+                let record = JoinTokenRecord { id: id.clone(), secret_sha256, created_at_ms: now_ms, expires_at_ms, used_by: None };
+                put_json(kv, &format!("{PREFIX_JOIN_TOKENS}{id}"), &record)?;
+                Ok(serde_json::json!({ "id": id, "expires_at_ms": expires_at_ms }))
+            }
+            Command::ConsumeJoinToken { id, secret_sha256, now_ms, node_name } => {
+                let key = format!("{PREFIX_JOIN_TOKENS}{id}");
+                match get_json::<JoinTokenRecord>(kv, &key)? {
+                    None => Err(domain(
+                        ErrorCode::TokenInvalid,
+                        "this join token is not known to the cluster (it was never issued here, or it expired and was removed); create a new one with `allod cluster join-token`",
+                    )),
+                    Some(record) if record.secret_sha256 != secret_sha256 => Err(domain(
+                        ErrorCode::TokenInvalid,
+                        "this join token's secret does not match; copy the whole token again or create a new one",
+                    )),
+                    Some(record) if record.used_by.is_some() => Err(domain(
+                        ErrorCode::TokenUsed,
+                        format!(
+                            "this join token was already used by node {}; tokens are single-use, create a new one with `allod cluster join-token`",
+                            record.used_by.unwrap_or_default()
+                        ),
+                    )),
+                    Some(record) if record.expires_at_ms <= now_ms => Err(domain(
+                        ErrorCode::TokenExpired,
+                        "this join token has expired; create a new one with `allod cluster join-token`",
+                    )),
+                    Some(mut record) => {
+                        let node_id: NodeId = get_json(kv, KEY_NEXT_NODE_ID)?.unwrap_or(2);
+                        put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
+                        record.used_by = Some(node_id);
+                        put_json(kv, &key, &record)?;
+                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms };
+                        put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
+                        Ok(serde_json::json!({ "node_id": node_id }))
+                    }
+                }
+            }
+            Command::ForgetNode { id } => {
+                kv.delete(&format!("{PREFIX_NODES}{id:020}"))?;
+                Ok(serde_json::Value::Null)
+            }
+        })
+    }
+}
+
+impl Apply for ClusterApply {
+    fn apply(
+        &self,
+        kv: &mut KvWrite<'_>,
+        log_id: &LogId<NodeId>,
+        command: &serde_json::Value,
+    ) -> Result<serde_json::Value, redb::StorageError> {
+        let outcome = match serde_json::from_value::<Command>(command.clone()) {
+            Ok(command) => Self::apply_command(kv, command)?,
+            // A command from a newer or broken proposer: record the refusal,
+            // change nothing.
+            Err(e) => {
+                tracing::warn!(index = log_id.index, error = %e, "committed command does not parse; ignoring it");
+                Err(domain(ErrorCode::InvalidArgument, format!("command not understood: {e}")))
+            }
+        };
+        Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
+    }
+}
+
+/// Typed reads of the applied state.
+#[derive(Clone)]
+pub struct StateView {
+    pub reader: StateReader,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the cluster state")]
+pub struct ReadError(#[from] allod_raft::StateMachineError);
+
+impl StateView {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ReadError> {
+        Ok(self.reader.get(key)?.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    fn list<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ReadError> {
+        Ok(self.reader.scan(prefix)?.into_iter().filter_map(|(_, b)| serde_json::from_slice(&b).ok()).collect())
+    }
+
+    pub fn cluster(&self) -> Result<Option<ClusterInfo>, ReadError> {
+        self.get(KEY_CLUSTER)
+    }
+
+    pub fn project(&self, name: &str) -> Result<Option<Project>, ReadError> {
+        self.get(&format!("{PREFIX_PROJECTS}{name}"))
+    }
+
+    pub fn projects(&self) -> Result<Vec<Project>, ReadError> {
+        self.list(PREFIX_PROJECTS)
+    }
+
+    pub fn api_token(&self, sha256_hex: &str) -> Result<Option<ApiTokenRecord>, ReadError> {
+        self.get(&format!("{PREFIX_API_TOKENS}{sha256_hex}"))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, ReadError> {
+        self.list(PREFIX_NODES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_dns_label_rules() {
+        for good in ["a", "web-1", "a23456789012345678901234567890123456789012345678901234567890123"] {
+            assert!(validate_name("project", good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("1abc", "start with a lowercase letter"),
+            ("Abc", "start with a lowercase letter"),
+            ("abc-", "end with '-'"),
+            ("a_b", "contains '_'"),
+            ("a.b", "contains '.'"),
+            ("a234567890123456789012345678901234567890123456789012345678901234", "longer than 63"),
+        ] {
+            let err = validate_name("project", bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidArgument);
+            assert!(err.message.contains(why), "{bad}: {}", err.message);
+        }
+    }
+}

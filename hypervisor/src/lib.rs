@@ -1,0 +1,11 @@
+//! Compute on one node: a typed domain specification (vCPUs, memory, NBD
+//! disks, bridged NICs, serial console, Allod's metadata tag), its libvirt
+//! XML, and lifecycle calls through libvirt (define, start, ACPI shutdown with
+//! a deadline, destroy, reboot, undefine, migrate, console stream).
+//!
+//! It takes plain specs and knows nothing of Raft or of the cluster's state.
+//! It touches only domains whose metadata marks them as Allod's and names this
+//! node. libvirt (and the LGPL-2.1 `virt` bindings) enter the workspace here.
+//!
+//! Nothing is implemented yet; the compute capability is tracked as its own
+//! piece of work.
