@@ -1,1 +1,32 @@
-fn main() {}
+//! `allod`: the one binary of an Allod node. `allod agent` is the daemon,
+//! `allod up` a single-node cluster with built-in defaults, and every other
+//! subcommand a client of the local admin socket or of the REST API.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = agent::cli::Cli::parse();
+    let is_daemon = matches!(cli.command, agent::cli::TopCommand::Agent(_) | agent::cli::TopCommand::Up(_));
+    let default_filter = if is_daemon { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ALLOD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_filter},openraft=warn"))),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Small daemon, small runtime: two workers are plenty for the control plane.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(agent::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", agent::error_chain_anyhow(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

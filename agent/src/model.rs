@@ -159,7 +159,7 @@ pub fn validate_description(description: &str) -> Result<(), DomainError> {
 /// The state machine's command interpreter.
 pub struct ClusterApply;
 
-fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Result<Option<T>, redb::StorageError> {
+fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Result<Option<T>, allod_raft::KvError> {
     match kv.get(key)? {
         // Values are only ever written by this module from these types; a
         // value that no longer parses is treated as absent and logged rather
@@ -175,13 +175,13 @@ fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Resu
     }
 }
 
-fn put_json<T: Serialize>(kv: &mut KvWrite<'_>, key: &str, value: &T) -> Result<(), redb::StorageError> {
+fn put_json<T: Serialize>(kv: &mut KvWrite<'_>, key: &str, value: &T) -> Result<(), allod_raft::KvError> {
     let bytes = serde_json::to_vec(value).expect("model types always serialise");
     kv.put(key, &bytes)
 }
 
 impl ClusterApply {
-    fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, redb::StorageError> {
+    fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allod_raft::KvError> {
         Ok(match command {
             Command::InitCluster { info, admin_token_sha256, first_node } => {
                 if kv.get(KEY_CLUSTER)?.is_some() {
@@ -292,7 +292,7 @@ impl Apply for ClusterApply {
         kv: &mut KvWrite<'_>,
         log_id: &LogId<NodeId>,
         command: &serde_json::Value,
-    ) -> Result<serde_json::Value, redb::StorageError> {
+    ) -> Result<serde_json::Value, allod_raft::KvError> {
         let outcome = match serde_json::from_value::<Command>(command.clone()) {
             Ok(command) => Self::apply_command(kv, command)?,
             // A command from a newer or broken proposer: record the refusal,

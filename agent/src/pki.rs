@@ -109,6 +109,11 @@ fn apply_node_profile(params: &mut CertificateParams, node_id: u64) {
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
 }
 
+/// Checks that a CSR parses and carries a valid self-signature.
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    CertificateSigningRequestParams::from_pem(csr_pem).map(|_| ()).map_err(|source| PkiError::BadCsr { source })
+}
+
 pub fn node_common_name(node_id: u64) -> String {
     format!("node-{node_id}")
 }

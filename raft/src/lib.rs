@@ -19,6 +19,8 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use log_store::{LogStore, LogStoreError};
+/// A failure of the key/value storage underneath the state machine.
+pub use redb::StorageError as KvError;
 pub use state_machine::{Apply, KvRead, KvWrite, StateMachineError, StateMachineStore, StateReader};
 
 /// A cluster member as Raft sees it: the addresses its peers and clients use.

@@ -1,0 +1,166 @@
+//! The local admin socket, `DATA_DIR/admin.sock` (mode 0600, so root only).
+//!
+//! It is how `allod cluster init|join|join-token|remove` talk to the agent on
+//! the same machine, and the only thing an unconfigured agent listens on
+//! besides `/healthz`. The protocol is line-delimited JSON: one request line,
+//! then any number of progress lines and one final `done` or `failed` line.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::daemon::Agent;
+
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Init { cluster_name: Option<String> },
+    JoinToken { ttl_secs: u64 },
+    Join { token: String },
+    Remove { node: String },
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AdminEvent {
+    Progress { message: String },
+    Done { result: serde_json::Value },
+    Failed { message: String },
+}
+
+pub fn spawn(agent: Arc<Agent>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let path = agent.data_dir.admin_socket();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove the stale socket {}", path.display())),
+    }
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+    }
+    Ok(tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(agent.clone(), stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "admin socket accept failed"),
+            }
+        }
+    }))
+}
+
+async fn handle(agent: Arc<Agent>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES as u64));
+    let mut line = String::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<AdminEvent>();
+    let request = match reader.read_line(&mut line).await {
+        Ok(0) => return,
+        Ok(_) => serde_json::from_str::<AdminRequest>(&line)
+            .map_err(|e| format!("the admin request does not parse ({e}); use the `allod cluster` commands")),
+        Err(e) => Err(format!("cannot read the admin request: {e}")),
+    };
+    let worker = tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |message: String| {
+            let _ = progress_tx.send(AdminEvent::Progress { message });
+        };
+        let final_event = match request {
+            Err(message) => AdminEvent::Failed { message },
+            Ok(request) => match execute(&agent, request, &progress).await {
+                Ok(result) => AdminEvent::Done { result },
+                Err(e) => AdminEvent::Failed { message: crate::error_chain_anyhow(&e) },
+            },
+        };
+        let _ = tx.send(final_event);
+    });
+    // Cancel-safe loop: every event is written before the next is taken.
+    while let Some(event) = rx.recv().await {
+        let mut bytes = serde_json::to_vec(&event).expect("events serialise");
+        bytes.push(b'\n');
+        if write.write_all(&bytes).await.is_err() {
+            // The client went away; the operation still runs to completion.
+            break;
+        }
+    }
+    let _ = worker.await;
+}
+
+async fn execute(
+    agent: &Agent,
+    request: AdminRequest,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> anyhow::Result<serde_json::Value> {
+    match request {
+        AdminRequest::Init { cluster_name } => Ok(serde_json::to_value(agent.init(cluster_name).await?)?),
+        AdminRequest::Join { token } => Ok(serde_json::to_value(agent.join(&token, progress).await?)?),
+        AdminRequest::JoinToken { ttl_secs } => {
+            let node = agent.node().ok_or(crate::daemon::SetupError::NotConfigured)?;
+            if ttl_secs == 0 {
+                anyhow::bail!("a join token's lifetime must be at least one second");
+            }
+            let (token, text) = crate::join::create_token(&node, ttl_secs).await?;
+            Ok(serde_json::json!({ "token": text, "expires_at_ms": token.expires_at_ms, "ca_fingerprint": token.ca_fingerprint }))
+        }
+        AdminRequest::Remove { node } => {
+            let id = agent.remove(&node).await?;
+            Ok(serde_json::json!({ "removed": id }))
+        }
+        AdminRequest::Status => match agent.node() {
+            None => Ok(serde_json::json!({ "configured": false, "api_addr": agent.api_addr, "peer_addr": agent.peer_addr })),
+            Some(node) => Ok(serde_json::json!({
+                "configured": true,
+                "cluster_id": node.config.cluster_id,
+                "node_id": node.id,
+                "leader_id": node.leader(),
+                "api_addr": node.config.api_addr,
+                "peer_addr": node.config.peer_addr,
+                "members": node.members(),
+            })),
+        },
+    }
+}
+
+/// Sends one request to the agent owning `data_dir`, printing progress to
+/// stderr, and returns the final result.
+pub async fn request(data_dir: &Path, request: &AdminRequest) -> anyhow::Result<serde_json::Value> {
+    let path = data_dir.join("admin.sock");
+    let stream = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no agent is running with data directory {} (cannot connect to {}); start it with `allod agent --data-dir {}`",
+            data_dir.display(),
+            path.display(),
+            data_dir.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "permission denied on {}; the admin socket is for root (the agent's user) only",
+            path.display()
+        ),
+        _ => anyhow::Error::new(e).context(format!("cannot connect to {}", path.display())),
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await.context("cannot send the admin request")?;
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await.context("cannot read the agent's answer")? {
+        match serde_json::from_str::<AdminEvent>(&line).context("the agent's answer does not parse")? {
+            AdminEvent::Progress { message } => eprintln!("{message}"),
+            AdminEvent::Done { result } => return Ok(result),
+            AdminEvent::Failed { message } => anyhow::bail!("{message}"),
+        }
+    }
+    anyhow::bail!("the agent closed the admin connection without an answer (did it stop?)")
+}

@@ -1,0 +1,445 @@
+//! The command line: `allod agent`, `allod up`, `allod cluster ...` (admin
+//! socket) and the API client commands (`allod project ...`,
+//! `allod cluster status`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::admin::{self, AdminRequest};
+use crate::daemon::{Agent, AgentOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "allod", version, about = "Allod: a sovereign cloud appliance in one binary")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: TopCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopCommand {
+    /// Run the node agent (the daemon).
+    Agent(AgentArgs),
+    /// Run a single-node cluster on this machine with built-in defaults.
+    Up(UpArgs),
+    /// Create, join and manage the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Manage projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Directory holding this node's state, keys and admin socket.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// HOST:PORT for the tenant HTTPS API.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub api_listen: String,
+    /// HOST:PORT for mutual-TLS traffic between nodes.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub peer_listen: String,
+    /// API address other machines use to reach this node (default: --api-listen).
+    #[arg(long)]
+    pub api_advertise: Option<String>,
+    /// Peer address other nodes use to reach this node (default: --peer-listen).
+    #[arg(long)]
+    pub peer_advertise: Option<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    #[arg(long, default_value = "allod-data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub api_listen: String,
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub peer_listen: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Create a new cluster with the local agent as its first member.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Cluster name shown in status output.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print a single-use token another node can join with.
+    JoinToken {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Lifetime, e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        ttl: u64,
+    },
+    /// Join the local (unconfigured) agent to a cluster.
+    Join {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        token: String,
+    },
+    /// Remove a member (by id or name) from the cluster.
+    Remove {
+        #[arg(long)]
+        data_dir: PathBuf,
+        node: String,
+    },
+    /// Show members, roles and the leader.
+    Status(ApiArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Update {
+        name: String,
+        #[arg(long)]
+        description: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// Where the API is and how to authenticate: flags, then `ALLOD_URL`,
+/// `ALLOD_TOKEN`, `ALLOD_CA`, then the config file.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    #[arg(long, env = "ALLOD_URL")]
+    pub url: Option<String>,
+    #[arg(long, env = "ALLOD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the cluster CA.
+    #[arg(long, env = "ALLOD_CA")]
+    pub ca: Option<PathBuf>,
+    /// Take URL, token and CA from a local node's data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// CLI config file (default: $XDG_CONFIG_HOME/allod/config.json or ~/.config/allod/config.json).
+    #[arg(long, env = "ALLOD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// The CLI config file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    pub url: Option<String>,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+}
+
+pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration; write e.g. 90s, 30m, 1h or 2d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use s, m, h or d")),
+    };
+    if value == 0 {
+        return Err("the duration must be more than zero".into());
+    }
+    Ok(value * scale)
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME") {
+        return Some(PathBuf::from(dir).join("allod/config.json"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config/allod/config.json"))
+}
+
+/// A resolved API endpoint.
+pub struct ApiClient {
+    pub url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiArgs {
+    pub fn resolve(&self) -> anyhow::Result<ApiClient> {
+        let (mut url, mut token, mut ca) = (self.url.clone(), self.token.clone(), self.ca.clone());
+        if let Some(dir) = &self.data_dir {
+            let dd = crate::paths::DataDir::new(dir);
+            if url.is_none() {
+                let text = std::fs::read_to_string(dd.node_config())
+                    .with_context(|| format!("{} is not a configured node's data directory", dir.display()))?;
+                let config: crate::paths::NodeConfig = serde_json::from_str(&text)?;
+                url = Some(format!("https://{}", config.api_addr));
+            }
+            if token.is_none() {
+                token = Some(std::fs::read_to_string(dd.admin_token()).with_context(|| format!("cannot read {}", dd.admin_token().display()))?.trim().to_string());
+            }
+            ca = ca.or(Some(dd.ca_cert()));
+        }
+        let config_path = self.config.clone().or_else(default_config_path);
+        if url.is_none() || token.is_none() || ca.is_none() {
+            if let Some(path) = config_path.filter(|p| p.exists()) {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let config: CliConfig = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a valid CLI config (expected {{\"url\",\"token\",\"ca\"}})", path.display()))?;
+                url = url.or(config.url);
+                token = token.or(config.token);
+                ca = ca.or(config.ca);
+            }
+        }
+        let url = url.context("no API URL: pass --url, set ALLOD_URL, or write it to the CLI config file")?;
+        let token = token.context("no API token: pass --token, set ALLOD_TOKEN, or write it to the CLI config file")?;
+        let ca = ca.context("no CA certificate: pass --ca FILE, set ALLOD_CA, or write it to the CLI config file")?;
+        let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::pki::ca_client_config(&ca_pem)?)
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        Ok(ApiClient { url: url.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+    }
+}
+
+impl ApiClient {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+        let mut request = self.http.request(method, format!("{}{}", self.url, path)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| format!("cannot reach the API at {}", self.url))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            anyhow::bail!("{message} (HTTP {})", status.as_u16());
+        }
+        if text.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&text).context("the API's answer is not JSON")
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_projects(projects: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = projects
+        .iter()
+        .map(|p| vec![text(&p["name"]), text(&p["description"]), text(&p["generation"])])
+        .collect();
+    print_table(&["NAME", "DESCRIPTION", "GENERATION"], &rows);
+}
+
+fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("JSON values print")),
+        Output::Table => table(value),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        TopCommand::Agent(args) => run_agent(args).await,
+        TopCommand::Up(args) => run_up(args).await,
+        TopCommand::Cluster(command) => run_cluster(command).await,
+        TopCommand::Project(command) => run_project(command).await,
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut options = AgentOptions::new(&args.data_dir, &args.api_listen, &args.peer_listen);
+    options.api_advertise = args.api_advertise;
+    options.peer_advertise = args.peer_advertise;
+    options.name = args.name;
+    let agent = Agent::start(options).await?;
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::new(&args.data_dir, &args.api_listen, &args.peer_listen)).await?;
+    if agent.node().is_none() {
+        agent.init(None).await?;
+    }
+    let data_dir = std::fs::canonicalize(&args.data_dir).unwrap_or(args.data_dir.clone());
+    println!("Allod is running: a single-node cluster.");
+    println!("  API:        https://{}", agent.api_addr);
+    println!("  Admin token: {}", data_dir.join("admin.token").display());
+    println!("  CA:         {}", data_dir.join("ca.pem").display());
+    println!("Try:  allod project create demo --data-dir {}", data_dir.display());
+    println!("      allod cluster status --data-dir {}", data_dir.display());
+    println!("Stop with Ctrl-C; the state stays in {}.", data_dir.display());
+    wait_for_signal().await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn admin(data_dir: &Path, request: AdminRequest) -> anyhow::Result<serde_json::Value> {
+    admin::request(data_dir, &request).await
+}
+
+async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Init { data_dir, name } => {
+            let result = admin(&data_dir, AdminRequest::Init { cluster_name: name }).await?;
+            println!("Created cluster {} (this node is node {}).", text(&result["cluster_id"]), text(&result["node_id"]));
+            println!("API:         {}", text(&result["api_url"]));
+            println!("Admin token: {}", text(&result["admin_token_path"]));
+            println!("CA:          {}", text(&result["ca_path"]));
+        }
+        ClusterCommand::JoinToken { data_dir, ttl } => {
+            let result = admin(&data_dir, AdminRequest::JoinToken { ttl_secs: ttl }).await?;
+            println!("{}", text(&result["token"]));
+        }
+        ClusterCommand::Join { data_dir, token } => {
+            let result = admin(&data_dir, AdminRequest::Join { token }).await?;
+            println!("Joined cluster {} as node {} ({}).", text(&result["cluster_id"]), text(&result["node_id"]), text(&result["role"]));
+        }
+        ClusterCommand::Remove { data_dir, node } => {
+            let result = admin(&data_dir, AdminRequest::Remove { node }).await?;
+            println!("Removed node {}.", text(&result["removed"]));
+        }
+        ClusterCommand::Status(api) => {
+            let client = api.resolve()?;
+            let cluster = client.call(reqwest::Method::GET, "/v1/cluster", None).await?;
+            emit(api.output, &cluster, |c| {
+                println!("Cluster {} ({})  leader: node {}  term: {}", text(&c["name"]), text(&c["cluster_id"]), text(&c["leader_id"]), text(&c["term"]));
+                let leader = c["leader_id"].as_u64();
+                let rows: Vec<Vec<String>> = c["members"]
+                    .as_array()
+                    .map(|members| {
+                        members
+                            .iter()
+                            .map(|m| {
+                                let is_leader = m["id"].as_u64() == leader;
+                                vec![
+                                    text(&m["id"]),
+                                    text(&m["name"]),
+                                    if is_leader { "leader".into() } else { text(&m["role"]) },
+                                    text(&m["api_addr"]),
+                                    text(&m["peer_addr"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["ID", "NAME", "ROLE", "API", "PEER"], &rows);
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        ProjectCommand::Create { name, description, api } => {
+            let client = api.resolve()?;
+            let project = client
+                .call(Method::POST, "/v1/projects", Some(serde_json::json!({ "name": name, "description": description })))
+                .await?;
+            emit(api.output, &project, |p| println!("Created project {}.", text(&p["name"])));
+        }
+        ProjectCommand::List { api } => {
+            let client = api.resolve()?;
+            let projects = client.call(Method::GET, "/v1/projects", None).await?;
+            emit(api.output, &projects, |p| print_projects(p.as_array().map(Vec::as_slice).unwrap_or_default()));
+        }
+        ProjectCommand::Show { name, api } => {
+            let client = api.resolve()?;
+            let project = client.call(Method::GET, &format!("/v1/projects/{name}"), None).await?;
+            emit(api.output, &project, |p| print_projects(std::slice::from_ref(p)));
+        }
+        ProjectCommand::Update { name, description, api } => {
+            let client = api.resolve()?;
+            let project = client
+                .call(Method::PATCH, &format!("/v1/projects/{name}"), Some(serde_json::json!({ "description": description })))
+                .await?;
+            emit(api.output, &project, |p| print_projects(std::slice::from_ref(p)));
+        }
+        ProjectCommand::Delete { name, api } => {
+            let client = api.resolve()?;
+            client.call(Method::DELETE, &format!("/v1/projects/{name}"), None).await?;
+            if api.output == Output::Table {
+                println!("Deleted project {name}.");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! A configured node's membership in the cluster: its Raft instance, writes
+//! forwarded to the leader, linearizable reads through read-index, and
+//! membership changes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allod_raft::{Command as RaftCommand, LogStore, Member, NodeId, Raft, StateMachineStore};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, LogId, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::time::{timeout_at, Instant};
+
+use crate::model::{ClusterApply, Command, DomainError, Outcome, StateView};
+use crate::paths::{DataDir, NodeConfig};
+use crate::peer::{
+    AddMemberRequest, ForwardFailure, ForwardedWrite, Isolation, NetworkFactory, PeerCallError, PeerClient,
+    RemoveMemberRequest,
+};
+use crate::pki::NodeTls;
+
+/// How long a write or read may wait for a leader and a quorum.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many voters; later nodes stay learners.
+pub const MAX_VOTERS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("no leader could be reached within {}s; a majority of the cluster's voters may be down or unreachable", .waited.as_secs())]
+    NoLeader { waited: Duration },
+    #[error("the cluster could not confirm a quorum, so the operation was refused rather than risk stale or lost data")]
+    NoQuorum,
+    #[error("forwarding to the leader failed")]
+    Peer(#[from] PeerCallError),
+    #[error("the leader refused: {message}")]
+    Leader { message: String },
+    #[error("Raft failed: {message}")]
+    Raft { message: String },
+    #[error("cannot remove node {node_id}: {reason}")]
+    Membership { node_id: NodeId, reason: String },
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Read(#[from] crate::model::ReadError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the Raft log")]
+    Log(#[from] allod_raft::LogStoreError),
+    #[error("cannot open the cluster state")]
+    State(#[from] allod_raft::StateMachineError),
+    #[error("invalid Raft configuration")]
+    Config(#[from] openraft::ConfigError),
+    #[error("cannot build the peer TLS client")]
+    Tls(#[from] crate::pki::PkiError),
+    #[error("cannot build the peer HTTP client")]
+    Http(#[from] reqwest::Error),
+    #[error("Raft did not start")]
+    Raft(#[from] openraft::error::Fatal<NodeId>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    Voter,
+    Learner,
+}
+
+/// Tunables a test may shrink; defaults suit a real cluster.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    pub snapshot_after_logs: u64,
+    pub logs_kept_after_snapshot: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        Self {
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 900,
+        }
+    }
+}
+
+/// One member of the cluster as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: NodeId,
+    pub name: String,
+    pub api_addr: String,
+    pub peer_addr: String,
+    pub role: MemberRole,
+}
+
+pub struct ClusterNode {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub state: StateView,
+    pub peers: PeerClient,
+    pub tls: NodeTls,
+    pub data_dir: DataDir,
+}
+
+fn outcome_from(value: serde_json::Value) -> Result<Outcome, ClusterError> {
+    serde_json::from_value(value).map_err(|e| ClusterError::Raft { message: format!("unreadable command result: {e}") })
+}
+
+impl ClusterNode {
+    pub async fn start(
+        data_dir: DataDir,
+        config: NodeConfig,
+        tls: NodeTls,
+        options: &RaftOptions,
+        isolation: Isolation,
+    ) -> Result<Arc<Self>, StartError> {
+        let log = LogStore::open(&data_dir.raft_log())?;
+        let state_machine = StateMachineStore::open(&data_dir.state_db(), Arc::new(ClusterApply))?;
+        let state = StateView { reader: state_machine.reader() };
+        let raft_config = Config {
+            cluster_name: config.cluster_id.clone(),
+            heartbeat_interval: options.heartbeat_ms,
+            election_timeout_min: options.election_timeout_min_ms,
+            election_timeout_max: options.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: options.logs_kept_after_snapshot,
+            install_snapshot_timeout: 2_000,
+            ..Default::default()
+        }
+        .validate()?;
+        let peers = PeerClient::new(tls.peer_client_config()?, isolation)?;
+        let network = NetworkFactory { client: peers.clone() };
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, state_machine).await?;
+        Ok(Arc::new(Self { id: config.node_id, config, raft, state, peers, tls, data_dir }))
+    }
+
+    pub fn member(&self) -> Member {
+        Member { name: self.config.name.clone(), api_addr: self.config.api_addr.clone(), peer_addr: self.config.peer_addr.clone() }
+    }
+
+    /// Makes this node the single voter of a new cluster.
+    pub async fn initialize_single(&self) -> Result<(), ClusterError> {
+        let members = [(self.id, self.member())].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+        self.raft.initialize(members).await.map_err(|e| ClusterError::Raft { message: e.to_string() })?;
+        self.raft
+            .wait(Some(OPERATION_TIMEOUT))
+            .current_leader(self.id, "single-node cluster elects itself")
+            .await
+            .map_err(|_| ClusterError::NoLeader { waited: OPERATION_TIMEOUT })?;
+        Ok(())
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn leader_member(&self, leader: NodeId) -> Option<Member> {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned()
+    }
+
+    /// Waits (briefly) until the known leader differs from `previous`.
+    async fn await_leader_change(&self, previous: Option<NodeId>, deadline: Instant) {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(300));
+        let _changed = self.raft.wait(Some(wait)).metrics(move |m| m.current_leader != previous, "leader change").await;
+    }
+
+    /// Commits `command` through Raft from any node, forwarding to the
+    /// leader when needed, and returns its outcome.
+    pub async fn write(&self, command: &Command) -> Result<Outcome, ClusterError> {
+        let value = serde_json::to_value(command).expect("commands serialise");
+        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        loop {
+            let attempt = timeout_at(deadline, self.raft.client_write(RaftCommand(value.clone()))).await;
+            let Ok(result) = attempt else {
+                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+            };
+            match result {
+                Ok(response) => return outcome_from(response.data.0),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    let leader = forward.leader_id;
+                    match forward.leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
+                        Some(node) if leader != Some(self.id) => {
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            let reply: Result<Result<Outcome, ForwardFailure>, PeerCallError> = self
+                                .peers
+                                .call(&node.peer_addr, "/cluster/write", &ForwardedWrite { command: value.clone() }, remaining)
+                                .await;
+                            match reply {
+                                Ok(Ok(outcome)) => return Ok(outcome),
+                                Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
+                                Ok(Err(ForwardFailure::Failed { message })) => return Err(ClusterError::Leader { message }),
+                                Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        _ => self.await_leader_change(leader, deadline).await,
+                    }
+                }
+                Err(e) => return Err(ClusterError::Raft { message: e.to_string() }),
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+            }
+        }
+    }
+
+    /// The leader's side of a forwarded write: never forwards again.
+    pub async fn write_as_leader(&self, command: serde_json::Value) -> Result<Outcome, ForwardFailure> {
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.raft.client_write(RaftCommand(command))).await {
+            Err(_) => Err(ForwardFailure::Failed { message: "the write did not commit in time (no quorum?)".into() }),
+            Ok(Ok(response)) => outcome_from(response.data.0).map_err(|e| ForwardFailure::Failed { message: e.to_string() }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ForwardFailure::NotLeader { leader: f.leader_id })
+            }
+            Ok(Err(e)) => Err(ForwardFailure::Failed { message: e.to_string() }),
+        }
+    }
+
+    /// The leader's side of read-index: confirms leadership with a quorum
+    /// and returns the log id a follower must have applied before reading.
+    pub async fn read_index_as_leader(&self) -> Result<Option<LogId<NodeId>>, ForwardFailure> {
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.raft.get_read_log_id()).await {
+            Err(_) => Err(ForwardFailure::Failed { message: "leadership could not be confirmed in time".into() }),
+            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(ForwardFailure::NotLeader { leader: f.leader_id })
+            }
+            Ok(Err(e)) => Err(ForwardFailure::Failed { message: e.to_string() }),
+        }
+    }
+
+    /// Returns once this node's state machine reflects every write committed
+    /// before the call: after this, local reads are linearizable.
+    pub async fn linearizable_read(&self) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        loop {
+            let Ok(result) = timeout_at(deadline, self.raft.ensure_linearizable()).await else {
+                return Err(ClusterError::NoQuorum);
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                    let leader = forward.leader_id;
+                    match forward.leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
+                        Some(node) if leader != Some(self.id) => {
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            let reply: Result<Result<Option<LogId<NodeId>>, ForwardFailure>, PeerCallError> =
+                                self.peers.call(&node.peer_addr, "/cluster/read-index", &(), remaining).await;
+                            match reply {
+                                Ok(Ok(read_log_id)) => {
+                                    let remaining = deadline.saturating_duration_since(Instant::now());
+                                    return self
+                                        .raft
+                                        .wait(Some(remaining))
+                                        .applied_index_at_least(read_log_id.map(|l| l.index), "read index")
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|_| ClusterError::NoQuorum);
+                                }
+                                Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
+                                Ok(Err(ForwardFailure::Failed { .. })) => return Err(ClusterError::NoQuorum),
+                                Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        _ => self.await_leader_change(leader, deadline).await,
+                    }
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => return Err(ClusterError::NoQuorum),
+                Err(e) => return Err(ClusterError::Raft { message: e.to_string() }),
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+            }
+        }
+    }
+
+    pub fn members(&self) -> Vec<MemberView> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, member)| MemberView {
+                id: *id,
+                name: member.name.clone(),
+                api_addr: member.api_addr.clone(),
+                peer_addr: member.peer_addr.clone(),
+                role: if voters.contains(id) { MemberRole::Voter } else { MemberRole::Learner },
+            })
+            .collect()
+    }
+
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some()
+    }
+
+    /// Runs a membership operation on the leader: here if this node leads,
+    /// otherwise on the leader through the peer port.
+    async fn on_leader<T, F, Fut>(&self, path: &str, body: &impl Serialize, local: F) -> Result<T, ClusterError>
+    where
+        T: serde::de::DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    {
+        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        loop {
+            let leader = self.leader();
+            match leader {
+                Some(l) if l == self.id => match local().await {
+                    Err(ClusterError::NotLeader { .. }) => self.await_leader_change(leader, deadline).await,
+                    other => return other,
+                },
+                Some(l) => {
+                    let Some(node) = self.leader_member(l) else {
+                        self.await_leader_change(leader, deadline).await;
+                        continue;
+                    };
+                    // Membership changes wait for a learner to catch up, so
+                    // they get a generous deadline.
+                    let reply: Result<Result<T, ForwardFailure>, PeerCallError> =
+                        self.peers.call(&node.peer_addr, path, body, Duration::from_secs(120)).await;
+                    match reply {
+                        Ok(Ok(value)) => return Ok(value),
+                        Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
+                        Ok(Err(ForwardFailure::Failed { message })) => return Err(ClusterError::Leader { message }),
+                        Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => self.await_leader_change(None, deadline).await,
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+            }
+        }
+    }
+
+    /// Adds a node as a learner, waits for it to catch up, and promotes it
+    /// to voter while there are fewer than [`MAX_VOTERS`] voters.
+    pub async fn add_member(&self, node_id: NodeId, member: Member) -> Result<MemberRole, ClusterError> {
+        let request = AddMemberRequest { node_id, member: member.clone() };
+        self.on_leader("/cluster/add-member", &request, || self.add_member_locally(node_id, member.clone())).await
+    }
+
+    async fn add_member_locally(&self, node_id: NodeId, member: Member) -> Result<MemberRole, ClusterError> {
+        let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader { leader: f.leader_id },
+            other => ClusterError::Raft { message: other.to_string() },
+        };
+        self.raft.add_learner(node_id, member, true).await.map_err(map_err)?;
+        let voters = self.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        if voters >= MAX_VOTERS {
+            return Ok(MemberRole::Learner);
+        }
+        self.raft.change_membership(ChangeMembers::AddVoterIds([node_id].into()), false).await.map_err(map_err)?;
+        Ok(MemberRole::Voter)
+    }
+
+    /// Removes a node from the cluster; if it was a voter and a learner is
+    /// waiting, the learner takes its place.
+    pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
+        let request = RemoveMemberRequest { node_id };
+        self.on_leader("/cluster/remove-member", &request, || self.remove_member_locally(node_id)).await?;
+        self.write(&Command::ForgetNode { id: node_id }).await?.map(|_| ()).map_err(ClusterError::from)
+    }
+
+    async fn remove_member_locally(&self, node_id: NodeId) -> Result<(), ClusterError> {
+        let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader { leader: f.leader_id },
+            other => ClusterError::Raft { message: other.to_string() },
+        };
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.remove(&node_id) {
+            if voters.is_empty() {
+                return Err(ClusterError::Membership { node_id, reason: "it is the only voter; the cluster would have no members left".into() });
+            }
+            if voters.len() < MAX_VOTERS {
+                if let Some(learner) = membership.learner_ids().find(|l| *l != node_id) {
+                    voters.insert(learner);
+                }
+            }
+            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await.map_err(map_err)?;
+        } else if membership.get_node(&node_id).is_some() {
+            self.raft.change_membership(ChangeMembers::RemoveNodes([node_id].into()), false).await.map_err(map_err)?;
+        } else {
+            return Err(ClusterError::Membership { node_id, reason: "it is not a member of this cluster".into() });
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not shut down cleanly");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Node-to-node RPC: Raft's messages and the few cluster operations that must
+//! run on the leader, as JSON over HTTPS with mutual TLS.
+//!
+//! The server side is an axum router mounted on the peer port, whose TLS
+//! configuration refuses any client without a certificate from the cluster
+//! CA. The client side implements openraft's `RaftNetwork`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use allod_raft::{Member, NodeId, TypeConfig};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::LogId;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Outcome;
+use crate::node::{ClusterError, ClusterNode, MemberRole};
+
+/// A switch that cuts a node off from its peers in both directions, for
+/// partition tests of the real transport. Off in production.
+#[derive(Clone, Default)]
+pub struct Isolation(Arc<AtomicBool>);
+
+impl Isolation {
+    pub fn set(&self, isolated: bool) {
+        self.0.store(isolated, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The verified identity of the peer on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity {
+    pub common_name: Option<String>,
+}
+
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerCallError {
+    /// The request never reached the peer: safe to retry elsewhere.
+    #[error("cannot connect to peer {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request may or may not have been processed.
+    #[error("peer {addr} did not answer")]
+    Transport {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("peer {addr} refused the request ({status}): {message}")]
+    Refused { addr: String, status: u16, message: String },
+    #[error("this node is isolated from its peers")]
+    Isolated,
+}
+
+impl PeerCallError {
+    pub fn never_sent(&self) -> bool {
+        matches!(self, PeerCallError::Connect { .. } | PeerCallError::Isolated)
+    }
+}
+
+/// The HTTPS client every peer call goes through.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    pub isolation: Isolation,
+}
+
+impl PeerClient {
+    pub fn new(tls: rustls::ClientConfig, isolation: Isolation) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self { http, isolation })
+    }
+
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        peer_addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerCallError> {
+        if self.isolation.get() {
+            return Err(PeerCallError::Isolated);
+        }
+        let addr = peer_addr.to_string();
+        let response = self
+            .http
+            .post(format!("https://{peer_addr}{path}"))
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_connect() {
+                    PeerCallError::Connect { addr: addr.clone(), source }
+                } else {
+                    PeerCallError::Transport { addr: addr.clone(), source }
+                }
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let message = response.text().await.unwrap_or_default();
+            return Err(PeerCallError::Refused { addr, status: status.as_u16(), message });
+        }
+        response.json().await.map_err(|source| PeerCallError::Transport { addr, source })
+    }
+}
+
+/// Builds one [`PeerConnection`] per target, all sharing the client's pool.
+pub struct NetworkFactory {
+    pub client: PeerClient,
+}
+
+pub struct PeerConnection {
+    client: PeerClient,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        PeerConnection { client: self.client.clone(), target, addr: node.peer_addr.clone() }
+    }
+}
+
+impl PeerConnection {
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: Result<Result<Resp, RaftError<NodeId, E>>, PeerCallError> =
+            self.client.call(&self.addr, path, req, option.hard_ttl()).await;
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
+            Err(e) if e.never_sent() => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.raft_call("/raft/append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>> {
+        self.raft_call("/raft/snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.raft_call("/raft/vote", &rpc, &option).await
+    }
+}
+
+/// A write forwarded from a follower to the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForwardedWrite {
+    pub command: serde_json::Value,
+}
+
+/// Why a forwarded operation failed on the node that received it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardFailure {
+    /// The receiver is not the leader (any more); nothing was proposed.
+    NotLeader { leader: Option<NodeId> },
+    /// Proposed or attempted, with an unknown or failed result.
+    Failed { message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddMemberRequest {
+    pub node_id: NodeId,
+    pub member: Member,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveMemberRequest {
+    pub node_id: NodeId,
+}
+
+pub fn router(node: Arc<ClusterNode>) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/cluster/write", post(forwarded_write))
+        .route("/cluster/read-index", post(read_index))
+        .route("/cluster/add-member", post(add_member))
+        .route("/cluster/remove-member", post(remove_member))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+        .with_state(node)
+}
+
+fn isolated(node: &ClusterNode) -> Option<(StatusCode, &'static str)> {
+    node.peers.isolation.get().then_some((StatusCode::SERVICE_UNAVAILABLE, "node is isolated"))
+}
+
+type PeerReply<T> = Result<Json<T>, (StatusCode, &'static str)>;
+
+async fn append(
+    State(node): State<Arc<ClusterNode>>,
+    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
+) -> PeerReply<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    Ok(Json(node.raft.append_entries(rpc).await))
+}
+
+async fn vote(
+    State(node): State<Arc<ClusterNode>>,
+    Json(rpc): Json<VoteRequest<NodeId>>,
+) -> PeerReply<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    Ok(Json(node.raft.vote(rpc).await))
+}
+
+async fn snapshot(
+    State(node): State<Arc<ClusterNode>>,
+    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> PeerReply<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    Ok(Json(node.raft.install_snapshot(rpc).await))
+}
+
+async fn forwarded_write(
+    State(node): State<Arc<ClusterNode>>,
+    Json(req): Json<ForwardedWrite>,
+) -> PeerReply<Result<Outcome, ForwardFailure>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    Ok(Json(node.write_as_leader(req.command).await))
+}
+
+async fn read_index(
+    State(node): State<Arc<ClusterNode>>,
+) -> PeerReply<Result<Option<LogId<NodeId>>, ForwardFailure>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    Ok(Json(node.read_index_as_leader().await))
+}
+
+async fn add_member(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(identity): Extension<PeerIdentity>,
+    Json(req): Json<AddMemberRequest>,
+) -> PeerReply<Result<MemberRole, ForwardFailure>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    // A joining node may only add itself (the certificate it joined with
+    // names it); members may forward the request on its behalf.
+    let caller = identity.common_name.unwrap_or_default();
+    let allowed = caller == crate::pki::node_common_name(req.node_id)
+        || node.members().iter().any(|m| caller == crate::pki::node_common_name(m.id));
+    if !allowed {
+        return Err((StatusCode::FORBIDDEN, "a node can only ask to add itself"));
+    }
+    Ok(Json(node.add_member(req.node_id, req.member).await.map_err(failure)))
+}
+
+async fn remove_member(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(identity): Extension<PeerIdentity>,
+    Json(req): Json<RemoveMemberRequest>,
+) -> PeerReply<Result<(), ForwardFailure>> {
+    if let Some(refusal) = isolated(&node) {
+        return Err(refusal);
+    }
+    let caller = identity.common_name.unwrap_or_default();
+    if !node.members().iter().any(|m| caller == crate::pki::node_common_name(m.id)) {
+        return Err((StatusCode::FORBIDDEN, "only cluster members may remove members"));
+    }
+    Ok(Json(node.remove_member(req.node_id).await.map_err(failure)))
+}
+
+fn failure(e: ClusterError) -> ForwardFailure {
+    match e {
+        ClusterError::NotLeader { leader } => ForwardFailure::NotLeader { leader },
+        other => ForwardFailure::Failed { message: crate::error_chain(&other) },
+    }
+}
