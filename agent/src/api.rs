@@ -115,7 +115,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => {
-                let status = rejection.status();
+                // A body that parses as JSON but not as the request type is
+                // as much a malformed request as one that does not parse.
+                let status = match rejection.status() {
+                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+                    other => other,
+                };
                 let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
                 let hint = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     format!("request body is larger than {MAX_BODY_BYTES} bytes")

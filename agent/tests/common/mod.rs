@@ -1,0 +1,236 @@
+//! Shared fixtures for the cluster tests: real agents (real redb, real TLS on
+//! port 0, real HTTP) running in this process, each with its own data
+//! directory.
+
+#![allow(dead_code)]
+
+pub mod linearizability;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::daemon::{Agent, AgentOptions};
+use agent::node::{ClusterNode, RaftOptions};
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut condition: F) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`wait_for`] for an async condition.
+pub async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct TestNode {
+    pub agent: Arc<Agent>,
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl TestNode {
+    pub fn node(&self) -> Arc<ClusterNode> {
+        self.agent.node().expect("node is configured")
+    }
+}
+
+pub struct TestCluster {
+    pub tmp: tempfile::TempDir,
+    /// `None` while a node is stopped.
+    pub nodes: Vec<Option<TestNode>>,
+    /// The advertised (and listened-on) addresses of every node, kept across restarts.
+    pub addrs: Vec<(String, String)>,
+    pub options: RaftOptions,
+    pub admin_token: String,
+    pub ca_pem: String,
+}
+
+pub async fn start_agent(dir: &std::path::Path, api: &str, peer: &str, name: &str, options: &RaftOptions) -> Arc<Agent> {
+    let mut opts = AgentOptions::new(dir, api, peer);
+    opts.name = Some(name.to_string());
+    opts.raft = options.clone();
+    // A node that was just stopped may still be releasing its files.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Agent::start(opts.clone()).await {
+            Ok(agent) => return agent,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "agent start failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("agent in {} did not start: {e:#}", dir.display()),
+        }
+    }
+}
+
+impl TestCluster {
+    /// Starts `size` agents, creates a cluster on the first and joins the
+    /// others with fresh join tokens, one after another.
+    pub async fn start(size: usize) -> Self {
+        Self::start_with(size, RaftOptions::default()).await
+    }
+
+    pub async fn start_with(size: usize, options: RaftOptions) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut nodes = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..size {
+            let dir = tmp.path().join(format!("n{}", i + 1));
+            let name = format!("n{}", i + 1);
+            let agent = start_agent(&dir, "127.0.0.1:0", "127.0.0.1:0", &name, &options).await;
+            addrs.push((agent.api_addr.clone(), agent.peer_addr.clone()));
+            nodes.push(Some(TestNode { agent, dir, name }));
+        }
+        let first = nodes[0].as_ref().unwrap();
+        first.agent.init(Some("test".into())).await.expect("init");
+        let admin_token = std::fs::read_to_string(first.dir.join("admin.token")).unwrap().trim().to_string();
+        let ca_pem = std::fs::read_to_string(first.dir.join("ca.pem")).unwrap();
+        let cluster = Self { tmp, nodes, addrs, options, admin_token, ca_pem };
+        for i in 1..size {
+            cluster.join(i).await.unwrap_or_else(|e| panic!("node {} did not join: {e:#}", i + 1));
+        }
+        cluster
+    }
+
+    pub async fn join_token(&self, via: usize) -> String {
+        let node = self.live(via).node();
+        agent::join::create_token(&node, 3600).await.expect("join token").1
+    }
+
+    pub async fn join(&self, index: usize) -> anyhow::Result<agent::daemon::JoinResult> {
+        let via = (0..self.nodes.len()).find(|&i| i != index && self.nodes[i].as_ref().is_some_and(|n| n.agent.node().is_some())).unwrap();
+        let token = self.join_token(via).await;
+        self.live(index).agent.join(&token, &|_| {}).await
+    }
+
+    pub fn live(&self, index: usize) -> &TestNode {
+        self.nodes[index].as_ref().unwrap_or_else(|| panic!("node {} is stopped", index + 1))
+    }
+
+    pub fn node(&self, index: usize) -> Arc<ClusterNode> {
+        self.live(index).node()
+    }
+
+    pub fn live_indices(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()).collect()
+    }
+
+    /// Waits until every live node (or those in `among`) agrees on one
+    /// leader that is itself among them, and returns its index.
+    pub async fn leader_among(&self, among: &[usize], timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leaders: Vec<Option<u64>> = among.iter().map(|&i| self.node(i).leader()).collect();
+            if let Some(Some(leader)) = leaders.first() {
+                if leaders.iter().all(|l| *l == Some(*leader)) {
+                    if let Some(&index) = among.iter().find(|&&i| self.node(i).id == *leader) {
+                        return index;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader among {among:?} after {timeout:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn leader(&self) -> usize {
+        self.leader_among(&self.live_indices(), Duration::from_secs(20)).await
+    }
+
+    /// Stops a node as abruptly as this process allows: its servers and
+    /// connections are dropped and Raft halts, without any goodbye to peers.
+    pub async fn stop(&mut self, index: usize) {
+        let node = self.nodes[index].take().expect("node is running");
+        node.agent.shutdown().await;
+    }
+
+    pub async fn restart(&mut self, index: usize) {
+        assert!(self.nodes[index].is_none(), "node {} is running", index + 1);
+        let dir = self.tmp.path().join(format!("n{}", index + 1));
+        let name = format!("n{}", index + 1);
+        let (api, peer) = self.addrs[index].clone();
+        let agent = start_agent(&dir, &api, &peer, &name, &self.options).await;
+        self.nodes[index] = Some(TestNode { agent, dir, name });
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(&self.ca_pem, &self.admin_token)
+    }
+
+    pub fn api_url(&self, index: usize) -> String {
+        format!("https://{}", self.addrs[index].0)
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_some() {
+                self.stop(i).await;
+            }
+        }
+    }
+}
+
+/// A tenant's view: HTTPS with the cluster CA and a bearer token.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub http: reqwest::Client,
+    pub token: String,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl ApiClient {
+    pub fn new(ca_pem: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        Self { http, token: token.to_string() }
+    }
+
+    pub async fn send(&self, method: reqwest::Method, url: &str, body: Option<serde_json::Value>) -> Result<Reply, reqwest::Error> {
+        let mut request = self.http.request(method, url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Ok(Reply { status, body })
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Reply, reqwest::Error> {
+        self.send(reqwest::Method::GET, url, None).await
+    }
+
+    pub async fn post(&self, url: &str, body: serde_json::Value) -> Result<Reply, reqwest::Error> {
+        self.send(reqwest::Method::POST, url, Some(body)).await
+    }
+
+    pub async fn project_names(&self, base: &str) -> Vec<String> {
+        let reply = self.get(&format!("{base}/v1/projects")).await.expect("list projects");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let mut names: Vec<String> =
+            reply.body.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names
+    }
+}
