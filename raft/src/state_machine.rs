@@ -29,6 +29,8 @@ const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 const KEY_SNAPSHOT_DATA: &str = "snapshot_data";
 
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
+/// The last applied log id and the membership in force after it.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Member>);
 
 /// Failure to open or read the state database.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +186,7 @@ impl StateMachineStore {
         }
     }
 
-    fn applied_state_blocking(&self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+    fn applied_state_blocking(&self) -> StoreResult<AppliedState> {
         let applied = self.meta(KEY_APPLIED)?;
         let membership = self.meta(KEY_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
@@ -298,7 +300,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(&mut self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+    async fn applied_state(&mut self) -> StoreResult<AppliedState> {
         self.blocking(|this| this.applied_state_blocking()).await
     }
 
