@@ -21,6 +21,9 @@ use crate::{NodeId, TypeConfig};
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("log_meta");
 
+/// The log is read mostly at its tail; a small cache keeps the agent lean.
+const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
@@ -60,7 +63,7 @@ impl LogStore {
     /// Opens (or creates) the log database at `path`.
     pub fn open(path: &Path) -> Result<Self, LogStoreError> {
         let open = || -> Result<Database, redb::Error> {
-            let db = Database::create(path)?;
+            let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path)?;
             let txn = db.begin_write()?;
             txn.open_table(LOG)?;
             txn.open_table(META)?;

@@ -23,6 +23,10 @@ use crate::{CommandResult, Member, NodeId, TypeConfig};
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 
+/// Bounds redb's page cache: the whole state of a large cluster is a few
+/// tens of MiB, and the agent must stay small on the node it manages.
+const STATE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_SNAPSHOT_META: &str = "snapshot_meta";
@@ -162,7 +166,7 @@ impl StateMachineStore {
     /// Opens (or creates) the state database at `path`.
     pub fn open(path: &Path, app: Arc<dyn Apply>) -> Result<Self, StateMachineError> {
         let open = || -> Result<Database, redb::Error> {
-            let db = Database::create(path)?;
+            let db = Database::builder().set_cache_size(STATE_CACHE_BYTES).create(path)?;
             let txn = db.begin_write()?;
             txn.open_table(KV)?;
             txn.open_table(META)?;

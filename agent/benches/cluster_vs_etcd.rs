@@ -1,0 +1,324 @@
+//! Committed writes per second and latency of a 3-node Allod cluster, side by
+//! side with a 3-member etcd cluster on the same machine in the same run,
+//! both behind TLS and driven by the same HTTP load generator (Allod:
+//! `POST /v1/projects`; etcd: its v3 JSON gateway, `POST /v3/kv/put`).
+//! Then the agent's own footprint: resident memory and idle CPU with 10,000
+//! objects in its state, and the time a restarted agent takes to be ready.
+//!
+//! Run with `bash .ci/bench` (installs etcd-server) or
+//! `cargo bench -p agent --bench cluster_vs_etcd` when etcd is installed.
+//! `ALLOD_BENCH_OPS` scales the number of requests per measurement.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::pki::{CertificateAuthority, NodeKey};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_allod");
+
+struct Killer(Vec<Child>);
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "allod {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct AllodNode {
+    dir: PathBuf,
+    api: String,
+    peer: String,
+}
+
+fn spawn_allod(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("listen.json"));
+    Command::new(BIN)
+        .args(["agent", "--data-dir", dir.to_str().unwrap(), "--api-listen", api, "--peer-listen", peer, "--name", name])
+        .env("ALLOD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn start_allod(root: &Path, killer: &mut Killer) -> Vec<AllodNode> {
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let dir = root.join(format!("allod{i}"));
+        let (api, peer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        killer.0.push(spawn_allod(&dir, &format!("n{i}"), &api, &peer));
+        wait_until("allod admin socket", Duration::from_secs(20), || dir.join("admin.sock").exists());
+        nodes.push(AllodNode { dir, api, peer });
+    }
+    cli(&["cluster", "init", "--data-dir", nodes[0].dir.to_str().unwrap()]);
+    for node in &nodes[1..] {
+        let token = cli(&["cluster", "join-token", "--data-dir", nodes[0].dir.to_str().unwrap()]);
+        cli(&["cluster", "join", "--data-dir", node.dir.to_str().unwrap(), "--token", token.trim()]);
+    }
+    nodes
+}
+
+fn start_etcd(root: &Path, killer: &mut Killer) -> (Vec<String>, String) {
+    let ca = CertificateAuthority::create("etcd-bench").unwrap();
+    let (key, cert) = NodeKey::generate_signed(vec!["127.0.0.1".into(), "localhost".into()], &ca, 1).unwrap();
+    let tls = root.join("etcd-tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::write(tls.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(tls.join("cert.pem"), &cert).unwrap();
+    std::fs::write(tls.join("key.pem"), &key).unwrap();
+    let members: Vec<(String, u16, u16)> = (1..=3).map(|i| (format!("e{i}"), free_port(), free_port())).collect();
+    let initial: Vec<String> = members.iter().map(|(n, _, p)| format!("{n}=https://127.0.0.1:{p}")).collect();
+    let initial = initial.join(",");
+    for (name, client, peer) in &members {
+        let t = |f: &str| tls.join(f).to_str().unwrap().to_string();
+        let child = Command::new("etcd")
+            .args([
+                "--name", name,
+                "--data-dir", root.join(name).to_str().unwrap(),
+                "--listen-client-urls", &format!("https://127.0.0.1:{client}"),
+                "--advertise-client-urls", &format!("https://127.0.0.1:{client}"),
+                "--listen-peer-urls", &format!("https://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls", &format!("https://127.0.0.1:{peer}"),
+                "--initial-cluster", &initial,
+                "--initial-cluster-state", "new",
+                "--cert-file", &t("cert.pem"), "--key-file", &t("key.pem"), "--trusted-ca-file", &t("ca.pem"),
+                "--peer-cert-file", &t("cert.pem"), "--peer-key-file", &t("key.pem"), "--peer-trusted-ca-file", &t("ca.pem"),
+                "--peer-client-cert-auth",
+                "--log-level", "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (apt-get install etcd-server)");
+        killer.0.push(child);
+    }
+    let urls = members.iter().map(|(_, c, _)| format!("https://127.0.0.1:{c}")).collect();
+    (urls, ca.cert_pem)
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    Allod,
+    Etcd,
+}
+
+struct Measurement {
+    ops: usize,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+async fn drive(target: Target, urls: &[String], ca_pem: &str, token: &str, clients: usize, total: usize, tag: &str) -> Measurement {
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
+        .pool_max_idle_per_host(clients)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, next, urls, token, tag) = (http.clone(), next.clone(), urls.to_vec(), token.to_string(), tag.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total {
+                    return (latencies, errors);
+                }
+                let url = &urls[(n + c) % urls.len()];
+                let name = format!("b{tag}-{n}");
+                let t0 = Instant::now();
+                let request = match target {
+                    Target::Allod => http.post(format!("{url}/v1/projects")).bearer_auth(&token).json(&json!({ "name": name })),
+                    Target::Etcd => {
+                        let value = json!({ "name": name, "description": "", "created_at_ms": 0, "generation": 1 }).to_string();
+                        http.post(format!("{url}/v3/kv/put"))
+                            .json(&json!({ "key": STANDARD.encode(format!("projects/{name}")), "value": STANDARD.encode(value) }))
+                    }
+                };
+                match request.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(t0.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        latencies.extend(l);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
+    Measurement { ops: latencies.len(), seconds, p50_ms: pct(0.50), p99_ms: pct(0.99), errors }
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    utime + stime
+}
+
+fn main() {
+    if Command::new("etcd").arg("--version").output().is_err() {
+        eprintln!("etcd is not installed; run `bash .ci/bench`, which installs Debian's etcd-server");
+        std::process::exit(1);
+    }
+    let scale: usize = std::env::var("ALLOD_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut killer = Killer(Vec::new());
+
+    let allod = start_allod(tmp.path(), &mut killer);
+    let allod_urls: Vec<String> = allod.iter().map(|n| format!("https://{}", n.api)).collect();
+    let allod_ca = std::fs::read_to_string(allod[0].dir.join("ca.pem")).unwrap();
+    let token = std::fs::read_to_string(allod[0].dir.join("admin.token")).unwrap().trim().to_string();
+    let (etcd_urls, etcd_ca) = start_etcd(tmp.path(), &mut killer);
+    runtime.block_on(async {
+        let probe = reqwest::Client::builder().use_preconfigured_tls(agent::pki::ca_client_config(&etcd_ca).unwrap()).build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = probe.post(format!("{}/v3/kv/put", etcd_urls[0])).json(&json!({"key": "cHJvYmU=", "value": "MQ=="})).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "etcd did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    println!("| workload | system | ops | ops/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
+        // Alternate the order so neither side always runs on a warmer machine.
+        let mut pair = Vec::new();
+        for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
+            let m = runtime.block_on(match target {
+                Target::Allod => drive(target, &allod_urls, &allod_ca, &token, clients, total, &format!("c{clients}")),
+                Target::Etcd => drive(target, &etcd_urls, &etcd_ca, "", clients, total, &format!("c{clients}")),
+            });
+            println!(
+                "| {clients} client(s) | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
+                m.ops, m.ops as f64 / m.seconds, m.p50_ms, m.p99_ms, m.errors
+            );
+            pair.push(m);
+        }
+        results.push((clients, pair));
+    }
+    println!();
+    for (clients, pair) in &results {
+        let (a, e) = (&pair[0], &pair[1]);
+        println!(
+            "{clients} client(s): allod/etcd throughput ratio {:.2}, p50 ratio {:.2}, p99 ratio {:.2} (below 1 means allod is faster)",
+            (a.ops as f64 / a.seconds) / (e.ops as f64 / e.seconds),
+            a.p50_ms / e.p50_ms,
+            a.p99_ms / e.p99_ms
+        );
+    }
+
+    // Footprint with 10,000 objects in the state.
+    let have: usize = results.iter().map(|(_, p)| p[0].ops).sum();
+    let fill = 10_000usize.saturating_sub(have);
+    if fill > 0 {
+        runtime.block_on(drive(Target::Allod, &allod_urls, &allod_ca, &token, 64, fill, "fill"));
+    }
+    let pids: Vec<u32> = killer.0[..3].iter().map(|c| c.id()).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let before: Vec<u64> = pids.iter().map(|&p| proc_cpu_ticks(p)).collect();
+    let idle_window = Duration::from_secs(20);
+    std::thread::sleep(idle_window);
+    println!();
+    for (i, &pid) in pids.iter().enumerate() {
+        let cpu = (proc_cpu_ticks(pid) - before[i]) as f64 / ticks_per_sec / idle_window.as_secs_f64() * 100.0;
+        println!("agent n{}: idle CPU {:.2} % of a core over {}s, RSS {:.1} MiB (10,000+ projects in state)", i + 1, cpu, idle_window.as_secs(), proc_rss_kib(pid) as f64 / 1024.0);
+    }
+
+    // Restart to ready: SIGTERM a follower, start it again, time until
+    // /readyz answers 200 and a linearizable list returns every object.
+    let leader_api = runtime.block_on(async {
+        let http = reqwest::Client::builder().use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap()).build().unwrap();
+        let c: serde_json::Value = http.get(format!("{}/v1/cluster", allod_urls[0])).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let leader = c["leader_id"].as_u64().unwrap();
+        c["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap()["api_addr"].as_str().unwrap().to_string()
+    });
+    let victim = allod.iter().position(|n| n.api != leader_api).unwrap();
+    let node = &allod[victim];
+    let status = Command::new("kill").args(["-TERM", &killer.0[victim].id().to_string()]).status().unwrap();
+    assert!(status.success());
+    killer.0[victim].wait().unwrap();
+    let t0 = Instant::now();
+    killer.0[victim] = spawn_allod(&node.dir, &format!("n{}", victim + 1), &node.api, &node.peer);
+    let (ready, listed, count) = runtime.block_on(async {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let url = format!("https://{}", node.api);
+        loop {
+            if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ready = t0.elapsed();
+        let list: Vec<serde_json::Value> = http.get(format!("{url}/v1/projects")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        (ready, t0.elapsed(), list.len())
+    });
+    println!(
+        "restart to ready: {:.0} ms to /readyz, {:.0} ms to a linearizable list of {count} projects",
+        ready.as_secs_f64() * 1000.0,
+        listed.as_secs_f64() * 1000.0
+    );
+}
