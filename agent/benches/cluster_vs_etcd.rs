@@ -238,12 +238,12 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
     for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
-        // Alternate the order so neither side always runs on a warmer machine.
         let mut pair = Vec::new();
         for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
+            let tag = format!("c{clients}");
             let m = runtime.block_on(match target {
-                Target::Allod => drive(target, &allod_urls, &allod_ca, &token, clients, total, &format!("c{clients}")),
-                Target::Etcd => drive(target, &etcd_urls, &etcd_ca, "", clients, total, &format!("c{clients}")),
+                Target::Allod => drive(target, &allod_urls, &allod_ca, &token, clients, total, &tag),
+                Target::Etcd => drive(target, &etcd_urls, &etcd_ca, "", clients, total, &tag),
             });
             println!(
                 "| {clients} client(s) | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
