@@ -108,13 +108,13 @@ fn start_etcd(root: &Path, killer: &mut Killer) -> (Vec<String>, String) {
                 "--initial-advertise-peer-urls", &format!("https://127.0.0.1:{peer}"),
                 "--initial-cluster", &initial,
                 "--initial-cluster-state", "new",
-                "--cert-file", &t("cert.pem"), "--key-file", &t("key.pem"), "--trusted-ca-file", &t("ca.pem"),
+                "--cert-file", &t("cert.pem"), "--key-file", &t("key.pem"),
                 "--peer-cert-file", &t("cert.pem"), "--peer-key-file", &t("key.pem"), "--peer-trusted-ca-file", &t("ca.pem"),
                 "--peer-client-cert-auth",
                 "--log-level", "error",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(root.join(format!("{name}.log"))).unwrap())
             .spawn()
             .expect("etcd is installed (apt-get install etcd-server)");
         killer.0.push(child);
@@ -213,7 +213,7 @@ fn main() {
     }
     let scale: usize = std::env::var("ALLOD_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::Builder::new().prefix("allod-bench").tempdir().unwrap();
     let mut killer = Killer(Vec::new());
 
     let allod = start_allod(tmp.path(), &mut killer);
@@ -224,12 +224,19 @@ fn main() {
     runtime.block_on(async {
         let probe = reqwest::Client::builder().use_preconfigured_tls(agent::pki::ca_client_config(&etcd_ca).unwrap()).build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last;
         loop {
-            let ok = probe.post(format!("{}/v3/kv/put", etcd_urls[0])).json(&json!({"key": "cHJvYmU=", "value": "MQ=="})).send().await.map(|r| r.status().is_success()).unwrap_or(false);
-            if ok {
-                break;
+            let reply = probe.post(format!("{}/v3/kv/put", etcd_urls[0])).json(&json!({"key": "cHJvYmU=", "value": "MQ=="})).send().await;
+            match reply {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => last = format!("HTTP {}", r.status()),
+                Err(e) => last = agent::error_chain(&e),
             }
-            assert!(Instant::now() < deadline, "etcd did not come up");
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(tmp.path().join("e1.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!("etcd did not come up ({last}); the end of its log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
