@@ -61,9 +61,9 @@ fn spawn_allod(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
     let _ = std::fs::remove_file(dir.join("listen.json"));
     Command::new(BIN)
         .args(["agent", "--data-dir", dir.to_str().unwrap(), "--api-listen", api, "--peer-listen", peer, "--name", name])
-        .env("ALLOD_LOG", "warn")
+        .env("ALLOD_LOG", std::env::var("ALLOD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()
         .unwrap()
 }
@@ -211,9 +211,12 @@ fn main() {
         eprintln!("etcd is not installed; run `bash .ci/bench`, which installs Debian's etcd-server");
         std::process::exit(1);
     }
+    // For profiling Allod alone: ALLOD_BENCH_ONLY=allod skips the etcd runs.
+    let allod_only = std::env::var("ALLOD_BENCH_ONLY").is_ok_and(|v| v == "allod");
     let scale: usize = std::env::var("ALLOD_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let tmp = tempfile::Builder::new().prefix("allod-bench").tempdir().unwrap();
+    eprintln!("agent logs: {}/allod*.log", tmp.path().display());
     let mut killer = Killer(Vec::new());
 
     let allod = start_allod(tmp.path(), &mut killer);
@@ -247,6 +250,9 @@ fn main() {
     for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
         let mut pair = Vec::new();
         for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
+            if allod_only && label == "etcd" {
+                continue;
+            }
             let tag = format!("c{clients}");
             let m = runtime.block_on(match target {
                 Target::Allod => drive(target, &allod_urls, &allod_ca, &token, clients, total, &tag),
@@ -261,7 +267,7 @@ fn main() {
         results.push((clients, pair));
     }
     println!();
-    for (clients, pair) in &results {
+    for (clients, pair) in results.iter().filter(|(_, p)| p.len() == 2) {
         let (a, e) = (&pair[0], &pair[1]);
         println!(
             "{clients} client(s): allod/etcd throughput ratio {:.2}, p50 ratio {:.2}, p99 ratio {:.2} (below 1 means allod is faster)",

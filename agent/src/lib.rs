@@ -16,6 +16,7 @@ pub mod node;
 pub mod paths;
 pub mod peer;
 pub mod pki;
+pub mod proposer;
 pub mod serve;
 
 /// An error and all its sources, joined with ": ", for messages and logs.

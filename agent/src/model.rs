@@ -286,22 +286,37 @@ impl ClusterApply {
     }
 }
 
+impl ClusterApply {
+    fn apply_one(kv: &mut KvWrite<'_>, index: u64, command: &serde_json::Value) -> Result<Outcome, allod_raft::KvError> {
+        match serde_json::from_value::<Command>(command.clone()) {
+            Ok(command) => Self::apply_command(kv, command),
+            // A command from a newer or broken proposer: record the refusal,
+            // change nothing.
+            Err(e) => {
+                tracing::warn!(index, error = %e, "committed command does not parse; ignoring it");
+                Ok(Err(domain(ErrorCode::InvalidArgument, format!("command not understood: {e}"))))
+            }
+        }
+    }
+}
+
 impl Apply for ClusterApply {
+    /// An entry holds either one command or `{"batch": [command, ...]}`,
+    /// applied in order with one outcome each.
     fn apply(
         &self,
         kv: &mut KvWrite<'_>,
         log_id: &LogId<NodeId>,
         command: &serde_json::Value,
     ) -> Result<serde_json::Value, allod_raft::KvError> {
-        let outcome = match serde_json::from_value::<Command>(command.clone()) {
-            Ok(command) => Self::apply_command(kv, command)?,
-            // A command from a newer or broken proposer: record the refusal,
-            // change nothing.
-            Err(e) => {
-                tracing::warn!(index = log_id.index, error = %e, "committed command does not parse; ignoring it");
-                Err(domain(ErrorCode::InvalidArgument, format!("command not understood: {e}")))
+        if let Some(batch) = command.get("batch").and_then(|b| b.as_array()) {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for one in batch {
+                outcomes.push(Self::apply_one(kv, log_id.index, one)?);
             }
-        };
+            return Ok(serde_json::to_value(outcomes).expect("outcomes serialise"));
+        }
+        let outcome = Self::apply_one(kv, log_id.index, command)?;
         Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
     }
 }

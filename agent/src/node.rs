@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allod_raft::{Command as RaftCommand, LogStore, Member, NodeId, Raft, StateMachineStore};
+use allod_raft::{LogStore, Member, NodeId, Raft, StateMachineStore};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, LogId, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,7 @@ use crate::peer::{
     RemoveMemberRequest,
 };
 use crate::pki::NodeTls;
+use crate::proposer::{ProposeError, Proposer};
 
 /// How long a write or read may wait for a leader and a quorum.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,16 +105,13 @@ pub struct MemberView {
 
 pub struct ClusterNode {
     pub id: NodeId,
+    proposer: Proposer,
     pub config: NodeConfig,
     pub raft: Raft,
     pub state: StateView,
     pub peers: PeerClient,
     pub tls: NodeTls,
     pub data_dir: DataDir,
-}
-
-fn outcome_from(value: serde_json::Value) -> Result<Outcome, ClusterError> {
-    serde_json::from_value(value).map_err(|e| ClusterError::Raft { message: format!("unreadable command result: {e}") })
 }
 
 impl ClusterNode {
@@ -141,7 +139,8 @@ impl ClusterNode {
         let peers = PeerClient::new(tls.peer_client_config()?, isolation)?;
         let network = NetworkFactory { client: peers.clone() };
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, state_machine).await?;
-        Ok(Arc::new(Self { id: config.node_id, config, raft, state, peers, tls, data_dir }))
+        let proposer = Proposer::spawn(raft.clone());
+        Ok(Arc::new(Self { id: config.node_id, proposer, config, raft, state, peers, tls, data_dir }))
     }
 
     pub fn member(&self) -> Member {
@@ -180,15 +179,15 @@ impl ClusterNode {
         let value = serde_json::to_value(command).expect("commands serialise");
         let deadline = Instant::now() + OPERATION_TIMEOUT;
         loop {
-            let attempt = timeout_at(deadline, self.raft.client_write(RaftCommand(value.clone()))).await;
+            let attempt = timeout_at(deadline, self.proposer.propose(value.clone())).await;
             let Ok(result) = attempt else {
                 return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
             };
             match result {
-                Ok(response) => return outcome_from(response.data.0),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                    let leader = forward.leader_id;
-                    match forward.leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
+                Ok(outcome) => return Ok(outcome),
+                Err(ProposeError::ForwardToLeader { leader_id, leader_node }) => {
+                    let leader = leader_id;
+                    match leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
                         Some(node) if leader != Some(self.id) => {
                             let remaining = deadline.saturating_duration_since(Instant::now());
                             let reply: Result<Result<Outcome, ForwardFailure>, PeerCallError> = self
@@ -206,7 +205,7 @@ impl ClusterNode {
                         _ => self.await_leader_change(leader, deadline).await,
                     }
                 }
-                Err(e) => return Err(ClusterError::Raft { message: e.to_string() }),
+                Err(ProposeError::Failed { message }) => return Err(ClusterError::Raft { message }),
             }
             if Instant::now() >= deadline {
                 return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
@@ -216,13 +215,11 @@ impl ClusterNode {
 
     /// The leader's side of a forwarded write: never forwards again.
     pub async fn write_as_leader(&self, command: serde_json::Value) -> Result<Outcome, ForwardFailure> {
-        match tokio::time::timeout(OPERATION_TIMEOUT, self.raft.client_write(RaftCommand(command))).await {
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.proposer.propose(command)).await {
             Err(_) => Err(ForwardFailure::Failed { message: "the write did not commit in time (no quorum?)".into() }),
-            Ok(Ok(response)) => outcome_from(response.data.0).map_err(|e| ForwardFailure::Failed { message: e.to_string() }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ForwardFailure::NotLeader { leader: f.leader_id })
-            }
-            Ok(Err(e)) => Err(ForwardFailure::Failed { message: e.to_string() }),
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(ProposeError::ForwardToLeader { leader_id, .. })) => Err(ForwardFailure::NotLeader { leader: leader_id }),
+            Ok(Err(ProposeError::Failed { message })) => Err(ForwardFailure::Failed { message }),
         }
     }
 

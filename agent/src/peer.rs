@@ -176,7 +176,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.raft_call("/raft/append", &rpc, &option).await
+        let entries = rpc.entries.len();
+        let started = std::time::Instant::now();
+        let result = self.raft_call("/raft/append", &rpc, &option).await;
+        tracing::trace!(target = self.target, entries, elapsed_us = started.elapsed().as_micros() as u64, "append_entries sent");
+        result
     }
 
     async fn install_snapshot(
@@ -248,7 +252,11 @@ async fn append(
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    Ok(Json(node.raft.append_entries(rpc).await))
+    let entries = rpc.entries.len();
+    let started = std::time::Instant::now();
+    let result = node.raft.append_entries(rpc).await;
+    tracing::trace!(entries, elapsed_us = started.elapsed().as_micros() as u64, "append_entries handled");
+    Ok(Json(result))
 }
 
 async fn vote(

@@ -1,19 +1,22 @@
 //! The Raft log and vote, in their own redb file.
 //!
-//! Every append, truncation, purge and vote is one redb write transaction
-//! committed with `Durability::Immediate`: openraft is told an append is
-//! flushed only after that commit returned, so an acknowledged entry survives
-//! a crash or power loss.
+//! One writer thread owns every change to the log. `append` hands it the
+//! entries and returns at once (the entries are readable from then on,
+//! from an in-memory tail); the thread commits everything that queued up
+//! meanwhile as one redb transaction with `Durability::Immediate` and only
+//! then tells openraft the entries are flushed. This is group commit: under
+//! load one fsync covers many client writes, and Raft's core never waits for
+//! the disk. Truncations and purges go through the same queue, so they
+//! happen in order with the appends around them.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{
-    Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
-};
+use openraft::{Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::{NodeId, TypeConfig};
@@ -39,12 +42,6 @@ pub enum LogStoreError {
     },
 }
 
-/// The durable Raft log. Cloning shares the same database.
-#[derive(Clone)]
-pub struct LogStore {
-    db: Arc<Database>,
-}
-
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -59,8 +56,35 @@ fn vote_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_vote(&e).into()
 }
 
+/// Work for the writer thread, in submission order.
+enum LogOp {
+    Append { entries: Vec<(u64, Vec<u8>)>, callback: LogFlushed<TypeConfig> },
+    Truncate { from_index: u64, done: tokio::sync::oneshot::Sender<StoreResult<()>> },
+    Purge { log_id: LogId<NodeId>, done: tokio::sync::oneshot::Sender<StoreResult<()>> },
+}
+
+/// Appends the writer commits together, each with its flush callback.
+type AppendBatch = [(Vec<(u64, Vec<u8>)>, LogFlushed<TypeConfig>)];
+
+struct Shared {
+    db: Database,
+    /// Entries handed to `append` whose transaction has not committed yet,
+    /// encoded. Only the writer thread removes from it.
+    unflushed: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
+    /// The latest committed log id openraft reported, written to disk with
+    /// the next batch of appends. `None` once written.
+    pending_committed: Mutex<Option<Option<LogId<NodeId>>>>,
+}
+
+/// The durable Raft log. Cloning shares the same database and writer.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+    ops: mpsc::Sender<LogOp>,
+}
+
 impl LogStore {
-    /// Opens (or creates) the log database at `path`.
+    /// Opens (or creates) the log database at `path` and starts its writer.
     pub fn open(path: &Path) -> Result<Self, LogStoreError> {
         let open = || -> Result<Database, redb::Error> {
             let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path)?;
@@ -71,11 +95,18 @@ impl LogStore {
             Ok(db)
         };
         let db = open().map_err(|source| LogStoreError::Open { path: path.display().to_string(), source })?;
-        Ok(Self { db: Arc::new(db) })
+        let shared = Arc::new(Shared { db, unflushed: Mutex::new(BTreeMap::new()), pending_committed: Mutex::new(None) });
+        let (ops, queue) = mpsc::channel();
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer_loop(writer, queue))
+            .expect("spawn the Raft log writer thread");
+        Ok(Self { shared, ops })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> StoreResult<Option<T>> {
-        let txn = self.db.begin_read().map_err(read_err)?;
+        let txn = self.shared.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
             Some(value) => Ok(Some(serde_json::from_slice(value.value()).map_err(read_err)?)),
@@ -83,30 +114,122 @@ impl LogStore {
         }
     }
 
-    /// Writes one metadata value in its own transaction.
-    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T, durability: Durability) -> StoreResult<()> {
-        let bytes = serde_json::to_vec(value).map_err(write_err)?;
-        let mut txn = self.db.begin_write().map_err(write_err)?;
-        txn.set_durability(durability);
-        {
-            let mut table = txn.open_table(META).map_err(write_err)?;
-            table.insert(key, bytes.as_slice()).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
-    }
-
-    fn blocking<T, F>(&self, f: F) -> impl std::future::Future<Output = StoreResult<T>>
+    async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(LogStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        async move {
-            tokio::task::spawn_blocking(move || f(this))
-                .await
-                .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?
+        tokio::task::spawn_blocking(move || f(this)).await.map_err(write_err)?
+    }
+
+    async fn submit(&self, op: impl FnOnce(tokio::sync::oneshot::Sender<StoreResult<()>>) -> LogOp) -> StoreResult<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.ops.send(op(done)).map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?;
+        wait.await.map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?
+    }
+}
+
+fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
+    let mut next = None;
+    loop {
+        let op = match next.take() {
+            Some(op) => op,
+            None => match queue.recv() {
+                Ok(op) => op,
+                // Every LogStore is gone: the node shut down.
+                Err(_) => return,
+            },
+        };
+        match op {
+            LogOp::Append { entries, callback } => {
+                // Take every append already waiting into the same commit.
+                let mut batch = vec![(entries, callback)];
+                loop {
+                    match queue.try_recv() {
+                        Ok(LogOp::Append { entries, callback }) => batch.push((entries, callback)),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let started = std::time::Instant::now();
+                let result = commit_appends(&shared, &batch);
+                let count: usize = batch.iter().map(|(e, _)| e.len()).sum();
+                tracing::trace!(appends = batch.len(), entries = count, elapsed_us = started.elapsed().as_micros() as u64, "committed to the Raft log");
+                {
+                    let mut unflushed = shared.unflushed.lock().expect("unflushed tail");
+                    for (entries, _) in &batch {
+                        for (index, _) in entries {
+                            unflushed.remove(index);
+                        }
+                    }
+                }
+                for (_, callback) in batch {
+                    match &result {
+                        Ok(()) => callback.log_io_completed(Ok(())),
+                        Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+                    }
+                }
+            }
+            LogOp::Truncate { from_index, done } => {
+                let _ = done.send(remove_range(&shared, (Bound::Included(from_index), Bound::Unbounded), None));
+            }
+            LogOp::Purge { log_id, done } => {
+                let _ = done.send(remove_range(&shared, (Bound::Unbounded, Bound::Included(log_id.index)), Some(log_id)));
+            }
         }
     }
+}
+
+fn commit_appends(shared: &Shared, batch: &AppendBatch) -> StoreResult<()> {
+    let committed = shared.pending_committed.lock().expect("pending committed").take();
+    let mut txn = shared.db.begin_write().map_err(write_err)?;
+    txn.set_durability(Durability::Immediate);
+    {
+        if let Some(committed) = committed {
+            let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            meta.insert(KEY_COMMITTED, bytes.as_slice()).map_err(write_err)?;
+        }
+        let mut table = txn.open_table(LOG).map_err(write_err)?;
+        for (entries, _) in batch {
+            for (index, bytes) in entries {
+                table.insert(*index, bytes.as_slice()).map_err(write_err)?;
+            }
+        }
+    }
+    txn.commit().map_err(write_err)
+}
+
+fn remove_range(shared: &Shared, range: (Bound<u64>, Bound<u64>), purged: Option<LogId<NodeId>>) -> StoreResult<()> {
+    let mut txn = shared.db.begin_write().map_err(write_err)?;
+    txn.set_durability(Durability::Immediate);
+    {
+        if let Some(log_id) = purged {
+            let bytes = serde_json::to_vec(&log_id).map_err(write_err)?;
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            meta.insert(KEY_LAST_PURGED, bytes.as_slice()).map_err(write_err)?;
+        }
+        let mut table = txn.open_table(LOG).map_err(write_err)?;
+        let doomed: Vec<u64> = table
+            .range::<u64>(range)
+            .map_err(write_err)?
+            .map(|item| item.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        for index in doomed {
+            table.remove(index).map_err(write_err)?;
+        }
+    }
+    txn.commit().map_err(write_err)?;
+    // Appends before this operation were committed before it ran, so the
+    // tail holds nothing in the range; clear it anyway for the invariant.
+    let mut unflushed = shared.unflushed.lock().expect("unflushed tail");
+    unflushed.retain(|index, _| !range.contains(index));
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -114,25 +237,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry<TypeConfig>>> {
-        let start = match range.start_bound() {
-            Bound::Included(i) => Bound::Included(*i),
-            Bound::Excluded(i) => Bound::Excluded(*i),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(*i),
-            Bound::Excluded(i) => Bound::Excluded(*i),
-            Bound::Unbounded => Bound::Unbounded,
+        let range: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        // The tail first, then the database: an entry the writer moves from
+        // one to the other in between is then seen in the database.
+        let tail: Vec<(u64, Arc<Vec<u8>>)> = {
+            let unflushed = self.shared.unflushed.lock().expect("unflushed tail");
+            unflushed.range(range).map(|(i, b)| (*i, b.clone())).collect()
         };
         self.blocking(move |this| {
-            let txn = this.db.begin_read().map_err(read_err)?;
+            let txn = this.shared.db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOG).map_err(read_err)?;
-            let mut entries = Vec::new();
-            for item in table.range::<u64>((start, end)).map_err(read_err)? {
-                let (_, value) = item.map_err(read_err)?;
-                entries.push(serde_json::from_slice(value.value()).map_err(read_err)?);
+            let mut merged: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
+            for item in table.range::<u64>(range).map_err(read_err)? {
+                let (key, value) = item.map_err(read_err)?;
+                merged.insert(key.value(), serde_json::from_slice(value.value()).map_err(read_err)?);
             }
-            Ok(entries)
+            for (index, bytes) in tail {
+                merged.insert(index, serde_json::from_slice(&bytes).map_err(read_err)?);
+            }
+            Ok(merged.into_values().collect())
         })
         .await
     }
@@ -142,15 +265,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
-        self.blocking(|this| {
+        let tail_last: Option<Vec<u8>> = {
+            let unflushed = self.shared.unflushed.lock().expect("unflushed tail");
+            unflushed.last_key_value().map(|(_, b)| b.as_ref().clone())
+        };
+        self.blocking(move |this| {
             let last_purged_log_id: Option<LogId<NodeId>> = this.get_meta(KEY_LAST_PURGED)?;
-            let txn = this.db.begin_read().map_err(read_err)?;
-            let table = txn.open_table(LOG).map_err(read_err)?;
-            let last = match table.last().map_err(read_err)? {
-                Some((_, value)) => {
-                    let entry: Entry<TypeConfig> = serde_json::from_slice(value.value()).map_err(read_err)?;
-                    Some(entry.log_id)
+            let last_bytes = match tail_last {
+                Some(bytes) => Some(bytes),
+                None => {
+                    let txn = this.shared.db.begin_read().map_err(read_err)?;
+                    let table = txn.open_table(LOG).map_err(read_err)?;
+                    let last = table.last().map_err(read_err)?.map(|(_, v)| v.value().to_vec());
+                    last
                 }
+            };
+            let last = match last_bytes {
+                Some(bytes) => Some(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).map_err(read_err)?.log_id),
                 None => None,
             };
             Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
@@ -166,7 +297,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         self.blocking(move |this| {
             let bytes = serde_json::to_vec(&vote).map_err(vote_err)?;
-            let mut txn = this.db.begin_write().map_err(vote_err)?;
+            let mut txn = this.shared.db.begin_write().map_err(vote_err)?;
             txn.set_durability(Durability::Immediate);
             {
                 let mut table = txn.open_table(META).map_err(vote_err)?;
@@ -182,13 +313,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
-        // The committed index is a restart hint: losing the latest value only
-        // means re-learning it from the leader, so it needs no fsync of its own.
-        // It becomes durable with the next durable commit.
-        self.blocking(move |this| this.put_meta(KEY_COMMITTED, &committed, Durability::None)).await
+        // The committed index is only a restart hint (losing the latest value
+        // means re-learning it from the leader), and openraft reports it on
+        // its hot path: keep it in memory and let the writer persist it with
+        // the next batch of entries instead of taking the write lock here.
+        *self.shared.pending_committed.lock().expect("pending committed") = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
+        if let Some(pending) = *self.shared.pending_committed.lock().expect("pending committed") {
+            return Ok(pending);
+        }
         self.blocking(|this| Ok(this.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())).await
     }
 
@@ -201,68 +337,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             encoded.push((entry.log_id.index, serde_json::to_vec(&entry).map_err(write_err)?));
         }
-        let result = self
-            .blocking(move |this| {
-                let mut txn = this.db.begin_write().map_err(write_err)?;
-                txn.set_durability(Durability::Immediate);
-                {
-                    let mut table = txn.open_table(LOG).map_err(write_err)?;
-                    for (index, bytes) in &encoded {
-                        table.insert(*index, bytes.as_slice()).map_err(write_err)?;
-                    }
-                }
-                txn.commit().map_err(write_err)
-            })
-            .await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        {
+            let mut unflushed = self.shared.unflushed.lock().expect("unflushed tail");
+            for (index, bytes) in &encoded {
+                unflushed.insert(*index, Arc::new(bytes.clone()));
+            }
         }
-        result
+        self.ops
+            .send(LogOp::Append { entries: encoded, callback })
+            .map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        self.blocking(move |this| {
-            let mut txn = this.db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate);
-            {
-                let mut table = txn.open_table(LOG).map_err(write_err)?;
-                let doomed: Vec<u64> = table
-                    .range(log_id.index..)
-                    .map_err(write_err)?
-                    .map(|item| item.map(|(k, _)| k.value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(write_err)?;
-                for index in doomed {
-                    table.remove(index).map_err(write_err)?;
-                }
-            }
-            txn.commit().map_err(write_err)
-        })
-        .await
+        // Entries not yet committed must disappear for readers at once.
+        self.shared.unflushed.lock().expect("unflushed tail").retain(|index, _| *index < log_id.index);
+        self.submit(|done| LogOp::Truncate { from_index: log_id.index, done }).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        self.blocking(move |this| {
-            let bytes = serde_json::to_vec(&log_id).map_err(write_err)?;
-            let mut txn = this.db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate);
-            {
-                let mut meta = txn.open_table(META).map_err(write_err)?;
-                meta.insert(KEY_LAST_PURGED, bytes.as_slice()).map_err(write_err)?;
-                let mut table = txn.open_table(LOG).map_err(write_err)?;
-                let doomed: Vec<u64> = table
-                    .range(..=log_id.index)
-                    .map_err(write_err)?
-                    .map(|item| item.map(|(k, _)| k.value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(write_err)?;
-                for index in doomed {
-                    table.remove(index).map_err(write_err)?;
-                }
-            }
-            txn.commit().map_err(write_err)
-        })
-        .await
+        self.submit(|done| LogOp::Purge { log_id, done }).await
     }
 }

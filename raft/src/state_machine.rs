@@ -318,7 +318,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        self.blocking(move |this| {
+        let count = entries.len();
+        let started = std::time::Instant::now();
+        let applied = self.blocking(move |this| {
             let mut txn = this.db.begin_write().map_err(sm_write_err)?;
             // The log, not the state machine, is what makes a write durable:
             // every applied entry is already fsynced in the log of a quorum.
@@ -356,7 +358,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             txn.commit().map_err(sm_write_err)?;
             Ok(results)
         })
-        .await
+        .await;
+        tracing::trace!(entries = count, elapsed_us = started.elapsed().as_micros() as u64, "applied committed entries");
+        applied
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
