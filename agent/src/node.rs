@@ -79,6 +79,8 @@ pub struct RaftOptions {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// Snapshots are sent to lagging peers in chunks of this size.
+    pub snapshot_chunk_bytes: u64,
 }
 
 impl Default for RaftOptions {
@@ -89,6 +91,7 @@ impl Default for RaftOptions {
             heartbeat_ms: 100,
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 900,
+            snapshot_chunk_bytes: 3 * 1024 * 1024,
         }
     }
 }
@@ -133,6 +136,7 @@ impl ClusterNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs),
             max_in_snapshot_log_to_keep: options.logs_kept_after_snapshot,
             install_snapshot_timeout: 2_000,
+            snapshot_max_chunk_size: options.snapshot_chunk_bytes,
             ..Default::default()
         }
         .validate()?;

@@ -165,12 +165,20 @@ async fn a_partitioned_minority_cannot_commit_and_its_reads_fail_instead_of_goin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_fell_far_behind_catches_up_by_snapshot() {
-    let options = RaftOptions { snapshot_after_logs: 50, logs_kept_after_snapshot: 5, ..RaftOptions::default() };
+    // Small snapshots every 50 entries, sent in 1 KiB chunks, so the
+    // laggard receives one in many pieces.
+    let options = RaftOptions {
+        snapshot_after_logs: 50,
+        logs_kept_after_snapshot: 5,
+        snapshot_chunk_bytes: 1024,
+        ..RaftOptions::default()
+    };
     let mut cluster = TestCluster::start_with(3, options).await;
     let leader = cluster.leader().await;
     let laggard = (leader + 1) % 3;
     cluster.stop(laggard).await;
     let writer = cluster.node(leader);
+    // Sequential writes: each is its own Raft entry.
     for i in 0..200 {
         writer
             .write(&Command::CreateProject { name: format!("bulk-{i:03}"), description: String::new(), now_ms: 0 })
@@ -345,4 +353,44 @@ async fn the_peer_port_refuses_clients_without_a_cluster_certificate_and_survive
     let reply = cluster.client().post(&format!("{}/v1/projects", cluster.api_url(0)), json!({ "name": "still-up" })).await.unwrap();
     assert_eq!(reply.status, 201);
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let agent = common::start_agent(&dir, "127.0.0.1:0", "127.0.0.1:0", "fresh", &RaftOptions::default()).await;
+    let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("admin.sock"), 0o600);
+
+    let plain = reqwest::Client::new();
+    let health = plain.get(format!("http://{}/healthz", agent.api_addr)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let other = plain.get(format!("http://{}/v1/projects", agent.api_addr)).send().await.unwrap();
+    assert_eq!(other.status(), 503);
+    let body: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unconfigured");
+    // The peer port accepts nothing yet.
+    let mut stream = tokio::net::TcpStream::connect(&agent.peer_addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut stream, &mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "peer port of an unconfigured node answered: {read:?}");
+
+    // Over the admin socket, init configures it: secrets are owner-only.
+    let result = agent::admin::request(&dir, &agent::admin::AdminRequest::Init { cluster_name: None }).await.unwrap();
+    assert_eq!(result["node_id"], 1);
+    assert_eq!(mode("admin.token"), 0o600);
+    assert_eq!(mode("ca.key"), 0o600);
+    assert_eq!(mode("node.key"), 0o600);
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    let client = common::ApiClient::new(&ca, token.trim());
+    let ready = client.get(&format!("https://{}/readyz", agent.api_addr)).await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    // A second init is refused and changes nothing.
+    let again = agent::admin::request(&dir, &agent::admin::AdminRequest::Init { cluster_name: None }).await;
+    assert!(format!("{:#}", again.unwrap_err()).contains("already a member"));
+    assert_eq!(std::fs::read_to_string(dir.join("admin.token")).unwrap(), token);
+    agent.shutdown().await;
 }

@@ -172,6 +172,40 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
         .await;
         assert_eq!(client.project_names(url).await, expected, "node {} lists other projects than were acknowledged", i + 1);
     }
+
+    // The CLI finds the API through the environment, then a config file.
+    let ca_path = tmp.path().join("n1/ca.pem");
+    let run_with = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut command = Command::new(BIN);
+        command.args(args).env_remove("ALLOD_URL").env_remove("ALLOD_TOKEN").env_remove("ALLOD_CA");
+        command.env("HOME", tmp.path()).env_remove("XDG_CONFIG_HOME");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let env = [("ALLOD_URL", urls[2].as_str()), ("ALLOD_TOKEN", token.as_str()), ("ALLOD_CA", ca_path.to_str().unwrap())];
+    let (ok, stdout, stderr) = run_with(&env, &["project", "create", "from-env", "--description", "made by the CLI"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Created project from-env"), "{stdout}");
+    let (ok, stdout, _) = run_with(&env, &["project", "show", "from-env"]);
+    assert!(ok);
+    assert!(stdout.starts_with("NAME") && stdout.contains("made by the CLI"), "table expected: {stdout}");
+    let (ok, _, stderr) = run_with(&[], &["project", "list"]);
+    assert!(!ok);
+    assert!(stderr.contains("no API URL"), "{stderr}");
+    let config_dir = tmp.path().join(".config/allod");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(config_dir.join("config.json"), json!({ "url": urls[1], "token": token, "ca": ca_path }).to_string()).unwrap();
+    let (ok, stdout, stderr) = run_with(&[], &["project", "list", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 201);
+    let (ok, _, stderr) = run_with(&[], &["project", "delete", "missing"]);
+    assert!(!ok);
+    assert!(stderr.contains("does not exist") && stderr.contains("404"), "{stderr}");
+
     for p in &mut procs {
         let _ = p.child.kill();
         let _ = p.child.wait();
