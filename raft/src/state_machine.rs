@@ -2,8 +2,8 @@
 //!
 //! Committed entries are applied in batches: one redb write transaction per
 //! batch holding both the changed keys and the id of the last applied entry,
-//! so the two never disagree after a crash. Batches are persisted without
-//! waiting for fsync (see `apply`); snapshots are persisted with
+//! so the two never disagree after a crash. Batches are persisted to disk
+//! about once a second (see `apply`); snapshots are persisted with
 //! `Durability::Immediate`. The current snapshot is kept in the same file, so a restarted node
 //! can still serve it to a peer that fell behind a purged log.
 
@@ -135,7 +135,15 @@ pub struct StateMachineStore {
     db: Arc<Database>,
     app: Arc<dyn Apply>,
     snapshot_counter: Arc<AtomicU64>,
+    /// Milliseconds since `opened` of the last batch committed to disk.
+    last_durable_ms: Arc<AtomicU64>,
+    opened: std::time::Instant,
 }
+
+/// How long applied batches may stay in memory only (they are safe in the
+/// log meanwhile) before one is committed to disk, which also lets redb
+/// reuse the pages the in-memory commits left behind.
+const DURABLE_EVERY_MS: u64 = 1_000;
 
 /// A cheap, cloneable handle for reading the applied state from outside Raft.
 #[derive(Clone)]
@@ -175,7 +183,13 @@ impl StateMachineStore {
             Ok(db)
         };
         let db = open().map_err(|source| StateMachineError::Open { path: path.display().to_string(), source })?;
-        Ok(Self { db: Arc::new(db), app, snapshot_counter: Arc::new(AtomicU64::new(0)) })
+        Ok(Self {
+            db: Arc::new(db),
+            app,
+            snapshot_counter: Arc::new(AtomicU64::new(0)),
+            last_durable_ms: Arc::new(AtomicU64::new(0)),
+            opened: std::time::Instant::now(),
+        })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -324,13 +338,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut txn = this.db.begin_write().map_err(sm_write_err)?;
             // The log, not the state machine, is what makes a write durable:
             // every applied entry is already fsynced in the log of a quorum.
-            // So applying does not wait for its own fsync. After a crash the
-            // state resumes at its last persisted batch (batch and applied id
-            // are one transaction, so they agree) and openraft re-applies the
-            // rest from the log, which is purged only up to a snapshot, and
-            // snapshots are committed with `Immediate`, which also persists
-            // every batch before them.
-            txn.set_durability(Durability::Eventual);
+            // So applying does not wait for its own fsync: batches commit in
+            // memory, and about once a second one is committed to disk,
+            // which persists all before it. After a crash the state resumes
+            // at its last persisted batch (batch and applied id are one
+            // transaction, so they agree) and openraft re-applies the rest
+            // from the log, which is purged only up to a snapshot; snapshots
+            // are committed with `Immediate`.
+            let now_ms = this.opened.elapsed().as_millis() as u64;
+            let durable = now_ms.saturating_sub(this.last_durable_ms.load(Ordering::Relaxed)) >= DURABLE_EVERY_MS;
+            txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
             let mut results = Vec::with_capacity(entries.len());
             {
                 let mut meta = txn.open_table(META).map_err(sm_write_err)?;
@@ -356,6 +373,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 meta.insert(KEY_APPLIED, bytes.as_slice()).map_err(sm_write_err)?;
             }
             txn.commit().map_err(sm_write_err)?;
+            if durable {
+                this.last_durable_ms.store(now_ms, Ordering::Relaxed);
+            }
             Ok(results)
         })
         .await;
