@@ -339,9 +339,9 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     }
     let data_dir = std::fs::canonicalize(&args.data_dir).unwrap_or(args.data_dir.clone());
     println!("Allod is running: a single-node cluster.");
-    println!("  API:        https://{}", agent.api_addr);
-    println!("  Admin token: {}", data_dir.join("admin.token").display());
-    println!("  CA:         {}", data_dir.join("ca.pem").display());
+    println!("  API:          https://{}", agent.api_addr);
+    println!("  Admin token:  {}", data_dir.join("admin.token").display());
+    println!("  CA:           {}", data_dir.join("ca.pem").display());
     println!("Try:  allod project create demo --data-dir {}", data_dir.display());
     println!("      allod cluster status --data-dir {}", data_dir.display());
     println!("Stop with Ctrl-C; the state stays in {}.", data_dir.display());
