@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::StatusCode;
+use axum::middleware;
+use axum::Extension;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::join::{sha256_hex, JoinRequest, JoinResponse};
-use crate::model::{validate_name, Command, DomainError, ErrorCode, Project};
+use crate::authz::{Principal, Role};
+use crate::model::{validate_name, Command, DomainError, ErrorCode, Project, TokenScope};
 use crate::node::{ClusterError, ClusterNode, MemberView};
 
 /// Largest request body the API accepts.
@@ -135,19 +137,38 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// Every API route with the permission it needs. The authorisation matrix
+/// test walks this same list.
+pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
+    use crate::authz::Permission::*;
+    use crate::authz::{Role, Routes};
+    use axum::http::Method;
+    let project = |role| Project { param: "name", role };
+    Routes::default()
+        .add(Method::GET, "/healthz", Public, healthz)
+        .add(Method::GET, "/readyz", Public, readyz)
+        .add(Method::GET, "/v1/cluster/ca", Public, ca_certificate)
+        .add(Method::POST, "/v1/cluster/join", Public, join)
+        .add(Method::POST, "/v1/login", Public, login)
+        .add(Method::GET, "/v1/cluster", Authenticated, cluster)
+        .add(Method::GET, "/v1/nodes", Authenticated, nodes)
+        .add(Method::GET, "/v1/projects", Authenticated, list_projects)
+        .add(Method::POST, "/v1/projects", ClusterAdmin, create_project)
+        .add(Method::GET, "/v1/projects/{name}", project(Role::ProjectViewer), show_project)
+        .add(Method::PATCH, "/v1/projects/{name}", project(Role::ProjectAdmin), update_project)
+        .add(Method::DELETE, "/v1/projects/{name}", project(Role::ClusterAdmin), delete_project)
+        .add(Method::GET, "/v1/users", ClusterAdmin, list_users)
+        .add(Method::POST, "/v1/users", ClusterAdmin, create_user)
+        .add(Method::POST, "/v1/users/{user}/roles", ClusterAdmin, grant_role)
+        .add(Method::GET, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, list_tokens)
+        .add(Method::POST, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, create_token)
+        .add(Method::DELETE, "/v1/tokens/{id}", TokenOwnerOrClusterAdmin { param: "id" }, revoke_token)
+}
+
 pub fn router(node: Arc<ClusterNode>) -> Router {
-    let authenticated = Router::new()
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/projects", get(list_projects).post(create_project))
-        .route("/v1/projects/{name}", get(show_project).patch(update_project).delete(delete_project))
-        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/cluster/ca", get(ca_certificate))
-        .route("/v1/cluster/join", post(join))
-        .merge(authenticated)
+    let (router, table) = routes().finish();
+    router
+        .route_layer(middleware::from_fn_with_state((node.clone(), table), crate::authz::authorize))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT))
@@ -167,23 +188,6 @@ pub fn unconfigured_router() -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route; see the README for the API's routes")
-}
-
-async fn require_token(State(node): State<Arc<ClusterNode>>, headers: HeaderMap, request: Request, next: Next) -> Response {
-    let unauthorized = |message: &str| {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message.to_string()).into_response()
-    };
-    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
-        return unauthorized("missing Authorization header; send `Authorization: Bearer <token>`");
-    };
-    let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-        return unauthorized("the Authorization header must be `Bearer <token>`");
-    };
-    match node.state.api_token(&sha256_hex(token.trim())) {
-        Ok(Some(_record)) => next.run(request).await,
-        Ok(None) => unauthorized("the token is not valid for this cluster"),
-        Err(e) => ApiError::from(e).into_response(),
-    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -272,9 +276,11 @@ fn project_from(value: serde_json::Value) -> ApiResult<Project> {
     serde_json::from_value(value).map_err(|e| ApiError::internal(&e))
 }
 
-async fn list_projects(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<Project>>> {
+/// Lists the projects the caller has a role in (all, for cluster admins).
+async fn list_projects(State(node): State<Arc<ClusterNode>>, Extension(caller): Extension<Principal>) -> ApiResult<Json<Vec<Project>>> {
     node.linearizable_read().await?;
-    Ok(Json(node.state.projects()?))
+    let projects = node.state.projects()?;
+    Ok(Json(projects.into_iter().filter(|p| caller.role_in(&p.name).is_some()).collect()))
 }
 
 async fn create_project(
@@ -340,4 +346,181 @@ async fn join(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<JoinR
         .map_err(|e| ApiError::internal(&e))?;
     tracing::info!(node_id, "issued a certificate to a joining node");
     Ok(Json(JoinResponse { node_id, cluster_id: node.config.cluster_id.clone(), cert_pem, ca_pem: node.tls.ca_pem.clone(), ca_key_pem }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    name: String,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Hashes a password with Argon2id off the async workers.
+async fn hash_password(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let salt = SaltString::generate(&mut OsRng);
+        argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+    .map_err(|e| ApiError::internal(&std::io::Error::other(e.to_string())))
+}
+
+async fn verify_password(password: String, phc: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        PasswordHash::new(&phc).is_ok_and(|hash| argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+async fn list_users(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    node.linearizable_read().await?;
+    let mut users = Vec::new();
+    for user in node.state.users()? {
+        let mut view = crate::model::user_view(&user);
+        let grants: serde_json::Map<String, serde_json::Value> =
+            node.state.grants_of(&user.name)?.into_iter().map(|(p, r)| (p, r.as_str().into())).collect();
+        view["projects"] = grants.into();
+        users.push(view);
+    }
+    Ok(Json(users))
+}
+
+async fn create_user(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<CreateUser>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    validate_name("user", &body.name)?;
+    let password_phc = match body.password {
+        Some(p) if p.chars().count() < MIN_PASSWORD_CHARS => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("the password must have at least {MIN_PASSWORD_CHARS} characters")));
+        }
+        Some(p) => Some(hash_password(p).await?),
+        None => None,
+    };
+    let outcome = node.write(&Command::CreateUser { name: body.name, password_phc, now_ms: crate::join::now_ms() }).await?;
+    Ok((StatusCode::CREATED, Json(outcome?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantRole {
+    role: String,
+    #[serde(default)]
+    project: Option<String>,
+}
+
+fn parse_role(text: &str) -> ApiResult<Role> {
+    Role::parse(text).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("unknown role {text:?}; use cluster-admin, project-admin, project-member or project-viewer"),
+        )
+    })
+}
+
+async fn grant_role(State(node): State<Arc<ClusterNode>>, Path(user): Path<String>, ApiJson(body): ApiJson<GrantRole>) -> ApiResult<Json<serde_json::Value>> {
+    let role = parse_role(&body.role)?;
+    let outcome = node.write(&Command::GrantRole { user, project: body.project, role }).await?;
+    Ok(Json(outcome?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    expires_in_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct NewToken {
+    id: String,
+    /// The secret, shown only in this answer.
+    token: String,
+    user: String,
+    scope: TokenScope,
+    expires_at_ms: Option<u64>,
+}
+
+async fn issue_token(node: &ClusterNode, user: String, scope: TokenScope, expires_in_secs: Option<u64>) -> ApiResult<NewToken> {
+    let id = crate::join::random_hex(8);
+    let token = format!("allod_{}", crate::join::random_hex(32));
+    let now_ms = crate::join::now_ms();
+    let expires_at_ms = expires_in_secs.map(|s| now_ms + s.saturating_mul(1000));
+    node.write(&Command::CreateToken {
+        id: id.clone(),
+        secret_sha256: crate::join::sha256_hex(&token),
+        user: user.clone(),
+        scope: scope.clone(),
+        now_ms,
+        expires_at_ms,
+    })
+    .await??;
+    Ok(NewToken { id, token, user, scope, expires_at_ms })
+}
+
+async fn create_token(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+    Path(user): Path<String>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<NewToken>)> {
+    let scope = match (body.project, body.role) {
+        (None, None) => TokenScope::Cluster,
+        (Some(project), role) => {
+            let role = parse_role(role.as_deref().unwrap_or("project-viewer"))?;
+            if role == Role::ClusterAdmin {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "a project token cannot carry the cluster-admin role"));
+            }
+            // Nobody learns of a project through a token request.
+            if caller.role_in(&project).is_none() {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("project {project:?} does not exist")));
+            }
+            TokenScope::Project { project, role }
+        }
+        (None, Some(_)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "a token role needs --project")),
+    };
+    if body.expires_in_secs == Some(0) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "expires_in_secs must be more than zero"));
+    }
+    Ok((StatusCode::CREATED, Json(issue_token(&node, user, scope, body.expires_in_secs).await?)))
+}
+
+async fn list_tokens(State(node): State<Arc<ClusterNode>>, Path(user): Path<String>) -> ApiResult<Json<Vec<crate::model::ApiTokenRecord>>> {
+    node.linearizable_read().await?;
+    Ok(Json(node.state.tokens_of(&user)?))
+}
+
+async fn revoke_token(State(node): State<Arc<ClusterNode>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    node.write(&Command::RevokeToken { id }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+/// Sessions from `allod login` last a day.
+const LOGIN_TOKEN_SECS: u64 = 24 * 3600;
+
+async fn login(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<Login>) -> ApiResult<Json<NewToken>> {
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown user or wrong password");
+    let user = node.state.user(&body.user)?.ok_or_else(refused)?;
+    let Some(phc) = user.password_phc else { return Err(refused()) };
+    if !verify_password(body.password, phc).await {
+        tracing::info!(user = body.user, "login refused: wrong password");
+        return Err(refused());
+    }
+    Ok(Json(issue_token(&node, user.name, TokenScope::Cluster, Some(LOGIN_TOKEN_SECS)).await?))
 }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod authz;
 pub mod cli;
 pub mod daemon;
 pub mod join;

@@ -10,12 +10,20 @@ use allod_raft::{Apply, KvRead, KvWrite, NodeId, StateReader};
 use openraft::LogId;
 use serde::{Deserialize, Serialize};
 
+use crate::authz::Role;
+
 pub const KEY_CLUSTER: &str = "cluster";
 pub const PREFIX_PROJECTS: &str = "projects/";
 pub const PREFIX_JOIN_TOKENS: &str = "join_tokens/";
 pub const PREFIX_API_TOKENS: &str = "api_tokens/";
 pub const PREFIX_NODES: &str = "nodes/";
 pub const KEY_NEXT_NODE_ID: &str = "counters/next_node_id";
+pub const PREFIX_USERS: &str = "users/";
+pub const PREFIX_USER_GRANTS: &str = "user_grants/";
+pub const PREFIX_TOKEN_IDS: &str = "token_ids/";
+
+/// The user `init` creates, holder of the first admin token.
+pub const ADMIN_USER: &str = "admin";
 
 /// Facts about the cluster fixed at `init`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,10 +53,31 @@ pub struct JoinTokenRecord {
     pub used_by: Option<NodeId>,
 }
 
+/// An API token, stored under the SHA-256 of its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiTokenRecord {
+    pub id: String,
+    pub user: String,
+    pub scope: TokenScope,
+    pub created_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenScope {
+    /// Everything its user may do.
+    Cluster,
+    /// One project, at most `role` (and never more than its user holds there).
+    Project { project: String, role: Role },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
     pub name: String,
-    pub role: String,
+    /// Argon2id hash in PHC format; `None` for users who only use tokens.
+    pub password_phc: Option<String>,
+    pub cluster_admin: bool,
     pub created_at_ms: u64,
 }
 
@@ -72,6 +101,12 @@ pub enum Command {
     /// Spends a join token and allocates the joining node's id.
     ConsumeJoinToken { id: String, secret_sha256: String, now_ms: u64, node_name: String },
     ForgetNode { id: NodeId },
+    CreateUser { name: String, password_phc: Option<String>, now_ms: u64 },
+    /// `cluster-admin` makes the user a cluster administrator; the other
+    /// roles apply to `project`.
+    GrantRole { user: String, project: Option<String>, role: Role },
+    CreateToken { id: String, secret_sha256: String, user: String, scope: TokenScope, now_ms: u64, expires_at_ms: Option<u64> },
+    RevokeToken { id: String },
 }
 
 /// A domain failure recorded as the outcome of a command.
@@ -156,6 +191,11 @@ pub fn validate_description(description: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// A user as the API shows it: never the password hash.
+pub fn user_view(user: &User) -> serde_json::Value {
+    serde_json::json!({ "name": user.name, "cluster_admin": user.cluster_admin, "has_password": user.password_phc.is_some(), "created_at_ms": user.created_at_ms })
+}
+
 /// The state machine's command interpreter.
 pub struct ClusterApply;
 
@@ -188,8 +228,17 @@ impl ClusterApply {
                     Err(domain(ErrorCode::FailedPrecondition, "the cluster is already initialised"))
                 } else {
                     put_json(kv, KEY_CLUSTER, &info)?;
-                    let token = ApiTokenRecord { name: "admin".into(), role: "cluster-admin".into(), created_at_ms: info.created_at_ms };
+                    let admin = User { name: ADMIN_USER.into(), password_phc: None, cluster_admin: true, created_at_ms: info.created_at_ms };
+                    put_json(kv, &format!("{PREFIX_USERS}{ADMIN_USER}"), &admin)?;
+                    let token = ApiTokenRecord {
+                        id: "admin".into(),
+                        user: ADMIN_USER.into(),
+                        scope: TokenScope::Cluster,
+                        created_at_ms: info.created_at_ms,
+                        expires_at_ms: None,
+                    };
                     put_json(kv, &format!("{PREFIX_API_TOKENS}{admin_token_sha256}"), &token)?;
+                    put_json(kv, &format!("{PREFIX_TOKEN_IDS}admin"), &admin_token_sha256)?;
                     put_json(kv, &format!("{PREFIX_NODES}{:020}", first_node.id), &first_node)?;
                     put_json(kv, KEY_NEXT_NODE_ID, &(first_node.id + 1))?;
                     Ok(serde_json::to_value(&info).expect("serialisable"))
@@ -228,6 +277,12 @@ impl ClusterApply {
                     Err(domain(ErrorCode::NotFound, format!("project {name:?} does not exist")))
                 } else {
                     kv.delete(&key)?;
+                    // Roles in a deleted project go with it.
+                    for (grant_key, _) in kv.scan(PREFIX_USER_GRANTS)? {
+                        if grant_key.rsplit('/').next() == Some(name.as_str()) {
+                            kv.delete(&grant_key)?;
+                        }
+                    }
                     Ok(serde_json::Value::Null)
                 }
             }
@@ -282,6 +337,61 @@ impl ClusterApply {
                 kv.delete(&format!("{PREFIX_NODES}{id:020}"))?;
                 Ok(serde_json::Value::Null)
             }
+            Command::CreateUser { name, password_phc, now_ms } => {
+                let key = format!("{PREFIX_USERS}{name}");
+                match validate_name("user", &name) {
+                    Err(e) => Err(e),
+                    Ok(()) if kv.get(&key)?.is_some() => Err(domain(ErrorCode::AlreadyExists, format!("user {name:?} already exists"))),
+                    Ok(()) => {
+                        let user = User { name, password_phc, cluster_admin: false, created_at_ms: now_ms };
+                        put_json(kv, &key, &user)?;
+                        Ok(user_view(&user))
+                    }
+                }
+            }
+            Command::GrantRole { user, project, role } => {
+                let user_key = format!("{PREFIX_USERS}{user}");
+                match (get_json::<User>(kv, &user_key)?, role, project) {
+                    (None, _, _) => Err(domain(ErrorCode::NotFound, format!("user {user:?} does not exist"))),
+                    (Some(mut record), Role::ClusterAdmin, _) => {
+                        record.cluster_admin = true;
+                        put_json(kv, &user_key, &record)?;
+                        Ok(serde_json::json!({ "user": user, "role": role }))
+                    }
+                    (Some(_), _, None) => Err(domain(ErrorCode::InvalidArgument, format!("the {} role needs a project", role.as_str()))),
+                    (Some(_), _, Some(project)) if kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none() => {
+                        Err(domain(ErrorCode::NotFound, format!("project {project:?} does not exist")))
+                    }
+                    (Some(_), _, Some(project)) => {
+                        put_json(kv, &format!("{PREFIX_USER_GRANTS}{user}/{project}"), &role)?;
+                        Ok(serde_json::json!({ "user": user, "project": project, "role": role }))
+                    }
+                }
+            }
+            Command::CreateToken { id, secret_sha256, user, scope, now_ms, expires_at_ms } => {
+                let project_missing = match &scope {
+                    TokenScope::Project { project, .. } => kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none(),
+                    TokenScope::Cluster => false,
+                };
+                if kv.get(&format!("{PREFIX_USERS}{user}"))?.is_none() {
+                    Err(domain(ErrorCode::NotFound, format!("user {user:?} does not exist")))
+                } else if project_missing {
+                    Err(domain(ErrorCode::NotFound, "the token's project does not exist"))
+                } else {
+                    let record = ApiTokenRecord { id: id.clone(), user, scope, created_at_ms: now_ms, expires_at_ms };
+                    put_json(kv, &format!("{PREFIX_API_TOKENS}{secret_sha256}"), &record)?;
+                    put_json(kv, &format!("{PREFIX_TOKEN_IDS}{id}"), &secret_sha256)?;
+                    Ok(serde_json::to_value(&record).expect("serialisable"))
+                }
+            }
+            Command::RevokeToken { id } => match get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{id}"))? {
+                None => Err(domain(ErrorCode::NotFound, format!("token {id:?} does not exist"))),
+                Some(sha) => {
+                    kv.delete(&format!("{PREFIX_API_TOKENS}{sha}"))?;
+                    kv.delete(&format!("{PREFIX_TOKEN_IDS}{id}"))?;
+                    Ok(serde_json::Value::Null)
+                }
+            },
         })
     }
 }
@@ -358,6 +468,34 @@ impl StateView {
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, ReadError> {
         self.list(PREFIX_NODES)
+    }
+
+    pub fn user(&self, name: &str) -> Result<Option<User>, ReadError> {
+        self.get(&format!("{PREFIX_USERS}{name}"))
+    }
+
+    pub fn users(&self) -> Result<Vec<User>, ReadError> {
+        self.list(PREFIX_USERS)
+    }
+
+    /// The user's role in each project.
+    pub fn grants_of(&self, user: &str) -> Result<std::collections::BTreeMap<String, Role>, ReadError> {
+        let prefix = format!("{PREFIX_USER_GRANTS}{user}/");
+        Ok(self
+            .reader
+            .scan(&prefix)?
+            .into_iter()
+            .filter_map(|(key, bytes)| Some((key[prefix.len()..].to_string(), serde_json::from_slice(&bytes).ok()?)))
+            .collect())
+    }
+
+    pub fn tokens_of(&self, user: &str) -> Result<Vec<ApiTokenRecord>, ReadError> {
+        Ok(self.list::<ApiTokenRecord>(PREFIX_API_TOKENS)?.into_iter().filter(|t| t.user == user).collect())
+    }
+
+    pub fn token_owner(&self, id: &str) -> Result<Option<String>, ReadError> {
+        let Some(sha) = self.get::<String>(&format!("{PREFIX_TOKEN_IDS}{id}"))? else { return Ok(None) };
+        Ok(self.api_token(&sha)?.map(|t| t.user))
     }
 }
 

@@ -1,0 +1,320 @@
+//! Authentication and authorisation, in one place for every route.
+//!
+//! Every API route is registered through [`Routes::add`] with the
+//! [`Permission`] it needs; the one middleware, [`authorize`], finds the
+//! matched route's permission, resolves the caller's bearer token to a
+//! [`Principal`], and decides. A route without a permission cannot be
+//! registered, and a request that reaches an unregistered route pattern is
+//! refused. Resources of a project the caller has no role in answer 404, not
+//! 403, so the existence of other tenants' projects does not leak.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiError;
+use crate::join::{now_ms, sha256_hex};
+use crate::model::StateView;
+use crate::node::ClusterNode;
+
+/// Roles, from most to least powerful within a project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ProjectViewer,
+    ProjectMember,
+    ProjectAdmin,
+    ClusterAdmin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "cluster-admin" => Some(Role::ClusterAdmin),
+            "project-admin" => Some(Role::ProjectAdmin),
+            "project-member" => Some(Role::ProjectMember),
+            "project-viewer" => Some(Role::ProjectViewer),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ClusterAdmin => "cluster-admin",
+            Role::ProjectAdmin => "project-admin",
+            Role::ProjectMember => "project-member",
+            Role::ProjectViewer => "project-viewer",
+        }
+    }
+
+    pub const ALL: [Role; 4] = [Role::ClusterAdmin, Role::ProjectAdmin, Role::ProjectMember, Role::ProjectViewer];
+}
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// No authentication (health, the CA certificate, join, login).
+    Public,
+    /// Any valid token.
+    Authenticated,
+    /// A cluster administrator.
+    ClusterAdmin,
+    /// At least `Role` in the project named by the path parameter.
+    Project { param: &'static str, role: Role },
+    /// The user named by the path parameter, or a cluster administrator.
+    SelfOrClusterAdmin { param: &'static str },
+    /// The owner of the token whose id is the path parameter, or a cluster administrator.
+    TokenOwnerOrClusterAdmin { param: &'static str },
+}
+
+/// The parameter under which the middleware passes a token's owner to [`decide`].
+pub const TOKEN_OWNER_PARAM: &str = "token owner";
+
+/// Who is calling, as resolved from the bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: String,
+    pub token_id: String,
+    pub cluster_admin: bool,
+    /// Roles per project, already narrowed by the token's scope.
+    pub project_roles: BTreeMap<String, Role>,
+}
+
+impl Principal {
+    pub fn role_in(&self, project: &str) -> Option<Role> {
+        if self.cluster_admin {
+            return Some(Role::ClusterAdmin);
+        }
+        self.project_roles.get(project).copied()
+    }
+}
+
+/// The pure decision: what the answer to a request is, given who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Forbidden(String),
+    /// Answer as if the resource did not exist.
+    Hidden(String),
+}
+
+pub fn decide(permission: Permission, principal: &Principal, params: &HashMap<String, String>) -> Decision {
+    let param = |name: &str| params.get(name).cloned().unwrap_or_default();
+    match permission {
+        Permission::Public | Permission::Authenticated => Decision::Allow,
+        Permission::ClusterAdmin if principal.cluster_admin => Decision::Allow,
+        Permission::ClusterAdmin => Decision::Forbidden("this needs the cluster-admin role".into()),
+        Permission::Project { param: name, role } => {
+            let project = param(name);
+            match principal.role_in(&project) {
+                None => Decision::Hidden(format!("project {project:?} does not exist")),
+                Some(held) if held >= role => Decision::Allow,
+                Some(held) => Decision::Forbidden(format!(
+                    "this needs the {} role in project {project:?}; you have {}",
+                    role.as_str(),
+                    held.as_str()
+                )),
+            }
+        }
+        Permission::SelfOrClusterAdmin { param: name } => {
+            if principal.cluster_admin || principal.user == param(name) {
+                Decision::Allow
+            } else {
+                Decision::Hidden(format!("user {:?} does not exist", param(name)))
+            }
+        }
+        Permission::TokenOwnerOrClusterAdmin { param: name } => {
+            if principal.cluster_admin || params.get(TOKEN_OWNER_PARAM) == Some(&principal.user) {
+                Decision::Allow
+            } else {
+                Decision::Hidden(format!("token {:?} does not exist", param(name)))
+            }
+        }
+    }
+}
+
+/// A router under construction that remembers each route's permission.
+pub struct Routes<S> {
+    router: Router<S>,
+    table: HashMap<(Method, &'static str), Permission>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Default for Routes<S> {
+    fn default() -> Self {
+        Self { router: Router::new(), table: HashMap::new() }
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub fn add<H, T>(mut self, method: Method, path: &'static str, permission: Permission, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+        let previous = self.table.insert((method.clone(), path), permission);
+        assert!(previous.is_none(), "route {method} {path} registered twice");
+        let method_router: MethodRouter<S> = on(filter, handler);
+        self.router = self.router.route(path, method_router);
+        self
+    }
+
+    pub fn finish(self) -> (Router<S>, Arc<PermissionTable>) {
+        (self.router, Arc::new(PermissionTable { table: self.table }))
+    }
+}
+
+pub struct PermissionTable {
+    table: HashMap<(Method, &'static str), Permission>,
+}
+
+impl PermissionTable {
+    pub fn get(&self, method: &Method, path: &str) -> Option<Permission> {
+        self.table.iter().find(|((m, p), _)| m == method && *p == path).map(|(_, perm)| *perm)
+    }
+
+    /// Every registered route, for the authorisation matrix test.
+    pub fn routes(&self) -> Vec<(Method, &'static str, Permission)> {
+        let mut all: Vec<_> = self.table.iter().map(|((m, p), perm)| (m.clone(), *p, *perm)).collect();
+        all.sort_by(|a, b| (a.1, a.0.as_str()).cmp(&(b.1, b.0.as_str())));
+        all
+    }
+}
+
+/// Extracts `{name}` parameters of `pattern` from a concrete path.
+pub fn path_params(pattern: &str, path: &str) -> HashMap<String, String> {
+    let mut params = HashMap::new();
+    for (p, v) in pattern.split('/').zip(path.split('/')) {
+        if let Some(name) = p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            params.insert(name.to_string(), v.to_string());
+        }
+    }
+    params
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing Authorization header; send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the Authorization header must be `Bearer <token>`")]
+    Malformed,
+    #[error("the token is not valid for this cluster (unknown, revoked or expired); create a new one with `allod token create` or log in again")]
+    Invalid,
+    #[error(transparent)]
+    Read(#[from] crate::model::ReadError),
+}
+
+/// Resolves a bearer token to who is calling and what they may do.
+pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal, AuthError> {
+    let record = state.api_token(&sha256_hex(token.trim()))?.ok_or(AuthError::Invalid)?;
+    if record.expires_at_ms.is_some_and(|at| at <= now_ms) {
+        return Err(AuthError::Invalid);
+    }
+    let user = state.user(&record.user)?.ok_or(AuthError::Invalid)?;
+    let grants = state.grants_of(&user.name)?;
+    let (cluster_admin, project_roles) = match &record.scope {
+        crate::model::TokenScope::Cluster => (user.cluster_admin, grants),
+        crate::model::TokenScope::Project { project, role } => {
+            // A project token never exceeds what its user holds there.
+            let held = if user.cluster_admin { Some(Role::ClusterAdmin) } else { grants.get(project).copied() };
+            let narrowed = held.map(|h| h.min(*role).min(Role::ProjectAdmin));
+            (false, narrowed.map(|r| [(project.clone(), r)].into_iter().collect()).unwrap_or_default())
+        }
+    };
+    Ok(Principal { user: user.name, token_id: record.id, cluster_admin, project_roles })
+}
+
+/// The one authorisation middleware.
+pub async fn authorize(
+    State((node, table)): State<(Arc<ClusterNode>, Arc<PermissionTable>)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(pattern) = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
+        return next.run(request).await;
+    };
+    let Some(permission) = table.get(request.method(), &pattern) else {
+        // Unreachable while every route goes through `Routes::add`.
+        tracing::error!(method = %request.method(), pattern, "route has no declared permission; refusing");
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this route declares no permission").into_response();
+    };
+    if permission == Permission::Public {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).cloned();
+    let principal = match header {
+        None => Err(AuthError::Missing),
+        Some(value) => match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+            None => Err(AuthError::Malformed),
+            Some(token) => resolve(&node.state, token, now_ms()),
+        },
+    };
+    let principal = match principal {
+        Ok(p) => p,
+        Err(AuthError::Read(e)) => return ApiError::from(e).into_response(),
+        Err(e) => return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).into_response(),
+    };
+    let mut params = path_params(&pattern, request.uri().path());
+    if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
+        let id = params.get(param).cloned().unwrap_or_default();
+        match node.state.token_owner(&id) {
+            Ok(Some(owner)) => {
+                params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
+            }
+            Ok(None) => {}
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    match decide(permission, &principal, &params) {
+        Decision::Allow => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Decision::Forbidden(message) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(),
+        Decision::Hidden(message) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(admin: bool, roles: &[(&str, Role)]) -> Principal {
+        Principal {
+            user: "u".into(),
+            token_id: "t".into(),
+            cluster_admin: admin,
+            project_roles: roles.iter().map(|(p, r)| (p.to_string(), *r)).collect(),
+        }
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn project_permissions_follow_the_role_order_and_hide_other_projects() {
+        let need_member = Permission::Project { param: "name", role: Role::ProjectMember };
+        let p = params(&[("name", "alpha")]);
+        assert_eq!(decide(need_member, &principal(true, &[]), &p), Decision::Allow);
+        assert_eq!(decide(need_member, &principal(false, &[("alpha", Role::ProjectAdmin)]), &p), Decision::Allow);
+        assert_eq!(decide(need_member, &principal(false, &[("alpha", Role::ProjectMember)]), &p), Decision::Allow);
+        assert!(matches!(decide(need_member, &principal(false, &[("alpha", Role::ProjectViewer)]), &p), Decision::Forbidden(_)));
+        assert!(matches!(decide(need_member, &principal(false, &[("beta", Role::ProjectAdmin)]), &p), Decision::Hidden(_)));
+        assert!(matches!(decide(Permission::ClusterAdmin, &principal(false, &[("alpha", Role::ProjectAdmin)]), &p), Decision::Forbidden(_)));
+    }
+
+    #[test]
+    fn path_parameters_are_read_from_the_pattern() {
+        let p = path_params("/v1/projects/{name}/vms/{vm}", "/v1/projects/alpha/vms/web1");
+        assert_eq!(p.get("name").map(String::as_str), Some("alpha"));
+        assert_eq!(p.get("vm").map(String::as_str), Some("web1"));
+    }
+}
