@@ -206,6 +206,46 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
     assert!(!ok);
     assert!(stderr.contains("does not exist") && stderr.contains("404"), "{stderr}");
 
+    // Users, roles, tokens and login through the CLI.
+    let admin_env = [("ALLOD_URL", urls[0].as_str()), ("ALLOD_TOKEN", token.as_str()), ("ALLOD_CA", ca_path.to_str().unwrap())];
+    let run_stdin = |envs: &[(&str, &str)], args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut command = Command::new(BIN);
+        command.args(args).env("HOME", tmp.path()).env_remove("XDG_CONFIG_HOME").env_remove("ALLOD_URL").env_remove("ALLOD_TOKEN").env_remove("ALLOD_CA");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, _, stderr) = run_stdin(&admin_env, &["user", "create", "erin", "--password-stdin"], "a long passphrase\n");
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = run_with(&admin_env, &["role", "grant", "erin", "--project", "proj-007", "--role", "project-viewer"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("project-viewer"), "{stdout}");
+    let (ok, stdout, stderr) = run_with(&admin_env, &["token", "create", "--user", "erin", "--project", "proj-007", "--role", "project-viewer", "--expires", "24h", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let created: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(created["token"].as_str().unwrap().starts_with("allod_"));
+    let erin_token = created["token"].as_str().unwrap().to_string();
+    let (ok, stdout, _) = run_with(&[("ALLOD_URL", urls[1].as_str()), ("ALLOD_TOKEN", erin_token.as_str()), ("ALLOD_CA", ca_path.to_str().unwrap())], &["project", "list", "-o", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap().as_array().unwrap().len(), 1);
+    let (ok, _, stderr) = run_with(&admin_env, &["token", "revoke", created["id"].as_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run_with(&[("ALLOD_URL", urls[1].as_str()), ("ALLOD_TOKEN", erin_token.as_str()), ("ALLOD_CA", ca_path.to_str().unwrap())], &["project", "list"]);
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    let (ok, _, stderr) = run_stdin(&[], &["login", "--url", &urls[2], "--ca", ca_path.to_str().unwrap(), "--user", "erin", "--password-stdin"], "wrong password\n");
+    assert!(!ok && stderr.contains("wrong password"), "{stderr}");
+    let (ok, stdout, stderr) = run_stdin(&[], &["login", "--url", &urls[2], "--ca", ca_path.to_str().unwrap(), "--user", "erin", "--password-stdin"], "a long passphrase\n");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Logged in as erin"), "{stdout}");
+    let (ok, stdout, stderr) = run_with(&[], &["project", "list"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("proj-007") && !stdout.contains("proj-008"), "{stdout}");
+
     for p in &mut procs {
         let _ = p.child.kill();
         let _ = p.child.wait();

@@ -1,0 +1,202 @@
+//! The authorisation matrix, built from the router's own route list: every
+//! route × every role × own / other project (or user, or token), each in a
+//! fresh project so that allowed destructive calls do not disturb the rest.
+//! Expectations are written out here, independently of the permission
+//! table, and a route missing from them fails the test.
+
+mod common;
+
+use std::collections::HashMap;
+
+use agent::authz::Role;
+use common::{ApiClient, TestCluster};
+use reqwest::Method;
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    AnyAuthenticated,
+    AdminOnly,
+    /// Allowed from this role up in the project; hidden from strangers.
+    ProjectAtLeast(Role),
+    SelfOrAdmin,
+}
+
+fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
+    use Rule::*;
+    HashMap::from([
+        (("GET", "/v1/cluster"), AnyAuthenticated),
+        (("GET", "/v1/nodes"), AnyAuthenticated),
+        (("GET", "/v1/projects"), AnyAuthenticated),
+        (("POST", "/v1/projects"), AdminOnly),
+        (("GET", "/v1/projects/{name}"), ProjectAtLeast(Role::ProjectViewer)),
+        (("PATCH", "/v1/projects/{name}"), ProjectAtLeast(Role::ProjectAdmin)),
+        (("DELETE", "/v1/projects/{name}"), ProjectAtLeast(Role::ClusterAdmin)),
+        (("GET", "/v1/users"), AdminOnly),
+        (("POST", "/v1/users"), AdminOnly),
+        (("POST", "/v1/users/{user}/roles"), AdminOnly),
+        (("GET", "/v1/users/{user}/tokens"), SelfOrAdmin),
+        (("POST", "/v1/users/{user}/tokens"), SelfOrAdmin),
+        (("DELETE", "/v1/tokens/{id}"), SelfOrAdmin),
+    ])
+}
+
+/// Roles in increasing power, for "at least".
+const LADDER: [Role; 4] = [Role::ProjectViewer, Role::ProjectMember, Role::ProjectAdmin, Role::ClusterAdmin];
+
+fn at_least(held: Role, needed: Role) -> bool {
+    LADDER.iter().position(|r| *r == held) >= LADDER.iter().position(|r| *r == needed)
+}
+
+/// Who calls: a role, or `None` for an authenticated user with no role at all.
+fn callers() -> Vec<Option<Role>> {
+    vec![Some(Role::ClusterAdmin), Some(Role::ProjectAdmin), Some(Role::ProjectMember), Some(Role::ProjectViewer), None]
+}
+
+async fn ok(reply: common::Reply, what: &str) -> serde_json::Value {
+    assert!(reply.status < 300, "{what}: {} {}", reply.status, reply.body);
+    reply.body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_for_every_role_on_own_and_other_projects() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    let (_, table) = agent::api::routes().finish();
+    let expected = expectations();
+    let mut case = 0;
+    let mut checked = 0;
+
+    for (method, pattern, permission) in table.routes() {
+        if permission == agent::authz::Permission::Public {
+            continue;
+        }
+        let rule = *expected
+            .get(&(method.as_str(), pattern))
+            .unwrap_or_else(|| panic!("{method} {pattern} is not in the authorisation matrix; add its expectation"));
+        for caller in callers() {
+            for own in [true, false] {
+                case += 1;
+                // A fresh world for each case.
+                let own_project = format!("own{case}");
+                let other_project = format!("other{case}");
+                let user = format!("user{case}");
+                let someone_else = format!("else{case}");
+                for p in [&own_project, &other_project] {
+                    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": p })).await.unwrap(), "create project").await;
+                }
+                for u in [&user, &someone_else] {
+                    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": u })).await.unwrap(), "create user").await;
+                }
+                if let Some(role) = caller {
+                    let grant = match role {
+                        Role::ClusterAdmin => json!({ "role": "cluster-admin" }),
+                        r => json!({ "role": r.as_str(), "project": own_project }),
+                    };
+                    ok(admin.post(&format!("{base}/v1/users/{user}/roles"), grant).await.unwrap(), "grant").await;
+                }
+                let token = ok(admin.post(&format!("{base}/v1/users/{user}/tokens"), json!({})).await.unwrap(), "token").await;
+                let client = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
+                let victim_token =
+                    ok(admin.post(&format!("{base}/v1/users/{someone_else}/tokens"), json!({})).await.unwrap(), "token").await;
+                let own_token = ok(admin.post(&format!("{base}/v1/users/{user}/tokens"), json!({})).await.unwrap(), "token").await;
+
+                let project = if own { &own_project } else { &other_project };
+                let target_user = if own { &user } else { &someone_else };
+                let token_id = if own { own_token["id"].as_str().unwrap() } else { victim_token["id"].as_str().unwrap() };
+                let path = pattern.replace("{name}", project).replace("{user}", target_user).replace("{id}", token_id);
+                let body = match (method.as_str(), pattern) {
+                    ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
+                    ("PATCH", _) => Some(json!({ "description": "changed" })),
+                    ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
+                    ("POST", "/v1/users/{user}/roles") => Some(json!({ "role": "project-viewer", "project": project })),
+                    ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
+                    _ => None,
+                };
+                let reply = client.send(method.clone(), &format!("{base}{path}"), body).await.unwrap();
+
+                let is_admin = caller == Some(Role::ClusterAdmin);
+                let expected_status: &[u16] = match rule {
+                    Rule::AnyAuthenticated => &[200, 201, 204],
+                    Rule::AdminOnly if is_admin => &[200, 201, 204],
+                    Rule::AdminOnly => &[403],
+                    Rule::ProjectAtLeast(_) if is_admin => &[200, 201, 204],
+                    Rule::ProjectAtLeast(_) if !own || caller.is_none() => &[404],
+                    Rule::ProjectAtLeast(needed) if at_least(caller.unwrap(), needed) => &[200, 201, 204],
+                    Rule::ProjectAtLeast(_) => &[403],
+                    Rule::SelfOrAdmin if is_admin || own => &[200, 201, 204],
+                    Rule::SelfOrAdmin => &[404],
+                };
+                assert!(
+                    expected_status.contains(&reply.status),
+                    "{method} {pattern} as {caller:?} on {} resource: expected {expected_status:?}, got {} {}",
+                    if own { "own" } else { "other" },
+                    reply.status,
+                    reply.body
+                );
+                checked += 1;
+            }
+        }
+    }
+    let authenticated_routes = table.routes().iter().filter(|r| r.2 != agent::authz::Permission::Public).count();
+    assert_eq!(checked, authenticated_routes * 10);
+    assert_eq!(expected.len(), authenticated_routes, "the matrix lists routes the router does not have");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_shown_once_scoped_expiring_and_revocable_and_login_issues_one() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    for p in ["alpha", "beta"] {
+        ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": p })).await.unwrap(), "project").await;
+    }
+    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": "dana", "password": "correct horse" })).await.unwrap(), "user").await;
+    ok(admin.post(&format!("{base}/v1/users/dana/roles"), json!({ "role": "project-admin", "project": "alpha" })).await.unwrap(), "grant").await;
+    ok(admin.post(&format!("{base}/v1/users/dana/roles"), json!({ "role": "project-admin", "project": "beta" })).await.unwrap(), "grant").await;
+
+    // Login: a wrong password and an unknown user get the same answer.
+    let anonymous = ApiClient::new(&cluster.ca_pem, "");
+    let wrong = anonymous.post(&format!("{base}/v1/login"), json!({ "user": "dana", "password": "nope" })).await.unwrap();
+    assert_eq!(wrong.status, 401);
+    let unknown = anonymous.post(&format!("{base}/v1/login"), json!({ "user": "nobody", "password": "nope" })).await.unwrap();
+    assert_eq!(unknown.body, wrong.body);
+    let session = ok(anonymous.post(&format!("{base}/v1/login"), json!({ "user": "dana", "password": "correct horse" })).await.unwrap(), "login").await;
+    assert!(session["expires_at_ms"].as_u64().is_some());
+    let dana = ApiClient::new(&cluster.ca_pem, session["token"].as_str().unwrap());
+    let names: Vec<String> = dana.project_names(&base).await;
+    assert_eq!(names, vec!["alpha", "beta"]);
+
+    // A project token sees one project, at most with its role.
+    let scoped = ok(dana.post(&format!("{base}/v1/users/dana/tokens"), json!({ "project": "alpha", "role": "project-viewer" })).await.unwrap(), "scoped").await;
+    let viewer = ApiClient::new(&cluster.ca_pem, scoped["token"].as_str().unwrap());
+    assert_eq!(viewer.project_names(&base).await, vec!["alpha"]);
+    assert_eq!(viewer.get(&format!("{base}/v1/projects/beta")).await.unwrap().status, 404);
+    let patch = viewer.send(Method::PATCH, &format!("{base}/v1/projects/alpha"), Some(json!({ "description": "x" }))).await.unwrap();
+    assert_eq!(patch.status, 403);
+    // The secret is never listed again; only ids are.
+    let listed = ok(dana.get(&format!("{base}/v1/users/dana/tokens")).await.unwrap(), "list").await;
+    assert!(!listed.to_string().contains(scoped["token"].as_str().unwrap()));
+    assert!(listed.as_array().unwrap().iter().any(|t| t["id"] == scoped["id"]));
+
+    // Revoked tokens stop working at once.
+    let revoke = dana.send(Method::DELETE, &format!("{base}/v1/tokens/{}", scoped["id"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(revoke.status, 204);
+    assert_eq!(viewer.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+
+    // Expired tokens too.
+    let short = ok(admin.post(&format!("{base}/v1/users/dana/tokens"), json!({ "expires_in_secs": 1 })).await.unwrap(), "short").await;
+    let brief = ApiClient::new(&cluster.ca_pem, short["token"].as_str().unwrap());
+    assert_eq!(brief.get(&format!("{base}/v1/projects")).await.unwrap().status, 200);
+    let expiry = short["expires_at_ms"].as_u64().unwrap();
+    common::wait_for("the token's expiry passes", std::time::Duration::from_secs(5), || agent::join::now_ms() > expiry).await;
+    assert_eq!(brief.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+
+    // Deleting a project drops the roles in it.
+    ok(admin.send(Method::DELETE, &format!("{base}/v1/projects/beta"), None).await.unwrap(), "delete").await;
+    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "beta" })).await.unwrap(), "recreate").await;
+    assert_eq!(dana.project_names(&base).await, vec!["alpha"]);
+    cluster.shutdown().await;
+}
