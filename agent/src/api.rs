@@ -163,6 +163,7 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
         .add(Method::GET, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, list_tokens)
         .add(Method::POST, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, create_token)
         .add(Method::DELETE, "/v1/tokens/{id}", TokenOwnerOrClusterAdmin { param: "id" }, revoke_token)
+        .add(Method::GET, "/v1/audit", ClusterAdmin, audit_log)
 }
 
 pub fn router(node: Arc<ClusterNode>) -> Router {
@@ -523,4 +524,42 @@ async fn login(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<Logi
         return Err(refused());
     }
     Ok(Json(issue_token(&node, user.name, TokenScope::Cluster, Some(LOGIN_TOKEN_SECS)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Only entries of this user.
+    user: Option<String>,
+    /// Only entries whose action contains this text (e.g. `DELETE`).
+    action: Option<String>,
+    /// Only entries after this sequence number.
+    after: Option<u64>,
+    limit: Option<usize>,
+    /// `json` (default) or `jsonl` for an export, one entry per line.
+    format: Option<String>,
+}
+
+async fn audit_log(State(node): State<Arc<ClusterNode>>, axum::extract::Query(query): axum::extract::Query<AuditQuery>) -> ApiResult<Response> {
+    node.linearizable_read().await?;
+    let entries: Vec<crate::audit::AuditEntry> = node
+        .state
+        .audit_entries(query.after.unwrap_or(0))?
+        .into_iter()
+        .filter(|e| query.user.as_ref().is_none_or(|u| &e.record.user == u))
+        .filter(|e| query.action.as_ref().is_none_or(|a| e.record.action.contains(a.as_str())))
+        .take(query.limit.unwrap_or(usize::MAX))
+        .collect();
+    match query.format.as_deref() {
+        None | Some("json") => Ok(Json(entries).into_response()),
+        Some("jsonl") => {
+            let mut body = String::new();
+            for entry in &entries {
+                body.push_str(&serde_json::to_string(entry).expect("entries serialise"));
+                body.push('\n');
+            }
+            Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+        }
+        Some(other) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("unknown format {other:?}; use json or jsonl"))),
+    }
 }

@@ -234,19 +234,63 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
 /// The one authorisation middleware.
 pub async fn authorize(
     State((node, table)): State<(Arc<ClusterNode>, Arc<PermissionTable>)>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
+    let method = request.method().clone();
+    let object = request.uri().path().to_string();
+    let pattern = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
+    let source = request
+        .extensions()
+        .get::<crate::peer::PeerIdentity>()
+        .and_then(|p| p.remote_addr)
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
+    let (response, principal) = authorize_inner(&node, &table, request, next).await;
+    let status = response.status();
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating || status == StatusCode::UNAUTHORIZED {
+        let record = crate::audit::AuditRecord {
+            time_ms: now_ms(),
+            user: principal.as_ref().map(|p| p.user.clone()).unwrap_or_else(|| "-".into()),
+            token_id: principal.as_ref().map(|p| p.token_id.clone()).unwrap_or_else(|| "-".into()),
+            source,
+            action: format!("{method} {pattern}"),
+            object,
+            zone: None,
+            result: status.as_u16(),
+        };
+        // Appended off the request's path: the answer does not wait for a
+        // second Raft commit. An entry can be lost only if this node dies in
+        // the few milliseconds before its batch commits.
+        let node = node.clone();
+        tokio::spawn(async move {
+            match node.write(&crate::model::Command::AppendAudit { record }).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the audit log refused an entry"),
+                Err(e) => tracing::error!(error = %crate::error_chain(&e), "cannot append to the audit log"),
+            }
+        });
+    }
+    response
+}
+
+async fn authorize_inner(
+    node: &Arc<ClusterNode>,
+    table: &PermissionTable,
+    mut request: Request,
+    next: Next,
+) -> (Response, Option<Principal>) {
     let Some(pattern) = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
-        return next.run(request).await;
+        return (next.run(request).await, None);
     };
     let Some(permission) = table.get(request.method(), &pattern) else {
         // Unreachable while every route goes through `Routes::add`.
         tracing::error!(method = %request.method(), pattern, "route has no declared permission; refusing");
-        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this route declares no permission").into_response();
+        return (ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this route declares no permission").into_response(), None);
     };
     if permission == Permission::Public {
-        return next.run(request).await;
+        return (next.run(request).await, None);
     }
     let header = request.headers().get(axum::http::header::AUTHORIZATION).cloned();
     let principal = match header {
@@ -258,8 +302,8 @@ pub async fn authorize(
     };
     let principal = match principal {
         Ok(p) => p,
-        Err(AuthError::Read(e)) => return ApiError::from(e).into_response(),
-        Err(e) => return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).into_response(),
+        Err(AuthError::Read(e)) => return (ApiError::from(e).into_response(), None),
+        Err(e) => return (ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).into_response(), None),
     };
     let mut params = path_params(&pattern, request.uri().path());
     if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
@@ -269,16 +313,16 @@ pub async fn authorize(
                 params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
             }
             Ok(None) => {}
-            Err(e) => return ApiError::from(e).into_response(),
+            Err(e) => return (ApiError::from(e).into_response(), Some(principal)),
         }
     }
     match decide(permission, &principal, &params) {
         Decision::Allow => {
-            request.extensions_mut().insert(principal);
-            next.run(request).await
+            request.extensions_mut().insert(principal.clone());
+            (next.run(request).await, Some(principal))
         }
-        Decision::Forbidden(message) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(),
-        Decision::Hidden(message) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(),
+        Decision::Forbidden(message) => (ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(), Some(principal)),
+        Decision::Hidden(message) => (ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(), Some(principal)),
     }
 }
 

@@ -41,6 +41,29 @@ pub enum TopCommand {
     Token(TokenCommand),
     /// Log in with a password and store URL, CA and a token in the CLI config.
     Login(LoginArgs),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// List audit entries (all, or those of --user / --action).
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Check the hash chain of the whole log, live or from an export (JSON lines).
+    Verify {
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -394,6 +417,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Role(command) => run_role(command).await,
         TopCommand::Token(command) => run_token(command).await,
         TopCommand::Login(args) => run_login(args).await,
+        TopCommand::Audit(command) => run_audit(command).await,
     }
 }
 
@@ -644,5 +668,53 @@ async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
     let config = CliConfig { url: Some(url), token: body["token"].as_str().map(str::to_string), ca: Some(ca) };
     crate::pki::write_private(&path, &serde_json::to_string_pretty(&config)?).with_context(|| format!("cannot write {}", path.display()))?;
     println!("Logged in as {user}; the session token (valid 24 h) is in {}.", path.display());
+    Ok(())
+}
+
+async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::List { user, action, api } => {
+            let client = api.resolve()?;
+            let mut query = Vec::new();
+            if let Some(user) = &user {
+                query.push(format!("user={user}"));
+            }
+            if let Some(action) = &action {
+                query.push(format!("action={action}"));
+            }
+            let path = if query.is_empty() { "/v1/audit".to_string() } else { format!("/v1/audit?{}", query.join("&")) };
+            let entries = client.call(reqwest::Method::GET, &path, None).await?;
+            emit(api.output, &entries, |e| {
+                let rows: Vec<Vec<String>> = e
+                    .as_array()
+                    .map(|entries| {
+                        entries
+                            .iter()
+                            .map(|e| vec![text(&e["seq"]), text(&e["time_ms"]), text(&e["user"]), text(&e["action"]), text(&e["object"]), text(&e["result"])])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["SEQ", "TIME_MS", "USER", "ACTION", "OBJECT", "RESULT"], &rows);
+            });
+        }
+        AuditCommand::Verify { file, api } => {
+            let entries: Vec<crate::audit::AuditEntry> = match file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .enumerate()
+                        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("line {} of {} is not an audit entry", i + 1, path.display())))
+                        .collect::<anyhow::Result<_>>()?
+                }
+                None => {
+                    let client = api.resolve()?;
+                    serde_json::from_value(client.call(reqwest::Method::GET, "/v1/audit", None).await?)?
+                }
+            };
+            let count = crate::audit::verify(&entries).map_err(|e| anyhow::anyhow!("the audit log is broken: {e}"))?;
+            println!("The audit log is intact: {count} entries, chained from the first.");
+        }
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod daemon;

@@ -21,6 +21,8 @@ pub const KEY_NEXT_NODE_ID: &str = "counters/next_node_id";
 pub const PREFIX_USERS: &str = "users/";
 pub const PREFIX_USER_GRANTS: &str = "user_grants/";
 pub const PREFIX_TOKEN_IDS: &str = "token_ids/";
+pub const PREFIX_AUDIT: &str = "audit/entries/";
+pub const KEY_AUDIT_HEAD: &str = "audit/head";
 
 /// The user `init` creates, holder of the first admin token.
 pub const ADMIN_USER: &str = "admin";
@@ -107,6 +109,7 @@ pub enum Command {
     GrantRole { user: String, project: Option<String>, role: Role },
     CreateToken { id: String, secret_sha256: String, user: String, scope: TokenScope, now_ms: u64, expires_at_ms: Option<u64> },
     RevokeToken { id: String },
+    AppendAudit { record: crate::audit::AuditRecord },
 }
 
 /// A domain failure recorded as the outcome of a command.
@@ -384,6 +387,13 @@ impl ClusterApply {
                     Ok(serde_json::to_value(&record).expect("serialisable"))
                 }
             }
+            Command::AppendAudit { record } => {
+                let head: Option<crate::audit::AuditHead> = get_json(kv, KEY_AUDIT_HEAD)?;
+                let entry = crate::audit::chain(head.as_ref(), record);
+                put_json(kv, &format!("{PREFIX_AUDIT}{:020}", entry.seq), &entry)?;
+                put_json(kv, KEY_AUDIT_HEAD, &crate::audit::AuditHead { seq: entry.seq, hash: entry.hash.clone() })?;
+                Ok(serde_json::json!({ "seq": entry.seq }))
+            }
             Command::RevokeToken { id } => match get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{id}"))? {
                 None => Err(domain(ErrorCode::NotFound, format!("token {id:?} does not exist"))),
                 Some(sha) => {
@@ -491,6 +501,17 @@ impl StateView {
 
     pub fn tokens_of(&self, user: &str) -> Result<Vec<ApiTokenRecord>, ReadError> {
         Ok(self.list::<ApiTokenRecord>(PREFIX_API_TOKENS)?.into_iter().filter(|t| t.user == user).collect())
+    }
+
+    /// Audit entries in order, starting after `after_seq`.
+    pub fn audit_entries(&self, after_seq: u64) -> Result<Vec<crate::audit::AuditEntry>, ReadError> {
+        Ok(self
+            .reader
+            .scan(PREFIX_AUDIT)?
+            .into_iter()
+            .filter(|(key, _)| key[PREFIX_AUDIT.len()..].parse::<u64>().is_ok_and(|seq| seq > after_seq))
+            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .collect())
     }
 
     pub fn token_owner(&self, id: &str) -> Result<Option<String>, ReadError> {

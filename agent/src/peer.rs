@@ -45,6 +45,8 @@ impl Isolation {
 #[derive(Clone, Debug)]
 pub struct PeerIdentity {
     pub common_name: Option<String>,
+    /// The client's address.
+    pub remote_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why a peer call failed.

@@ -48,7 +48,7 @@ pub fn spawn(listener: TcpListener, mode: watch::Receiver<ServeMode>, what: &'st
                     let _ = stream.set_nodelay(true);
                     let current = mode.borrow().clone();
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, current).await {
+                        if let Err(e) = serve_connection(stream, remote, current).await {
                             tracing::debug!(%remote, listener = what, error = %e, "connection ended with an error");
                         }
                     });
@@ -60,12 +60,12 @@ pub fn spawn(listener: TcpListener, mode: watch::Receiver<ServeMode>, what: &'st
     })
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, mode: ServeMode) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_connection(stream: tokio::net::TcpStream, remote: std::net::SocketAddr, mode: ServeMode) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let builder = hyper::server::conn::http1::Builder::new();
     match mode {
         ServeMode::Closed => Ok(()),
         ServeMode::Plain(router) => {
-            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name: None })));
+            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name: None, remote_addr: Some(remote) })));
             Ok(builder.serve_connection(TokioIo::new(stream), service).await?)
         }
         ServeMode::Tls(config, router) => {
@@ -76,7 +76,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, mode: ServeMode) -> Res
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| crate::pki::peer_common_name(cert.as_ref()));
-            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name })));
+            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name, remote_addr: Some(remote) })));
             Ok(builder.serve_connection(TokioIo::new(tls), service).await?)
         }
     }

@@ -38,6 +38,7 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/users/{user}/tokens"), SelfOrAdmin),
         (("POST", "/v1/users/{user}/tokens"), SelfOrAdmin),
         (("DELETE", "/v1/tokens/{id}"), SelfOrAdmin),
+        (("GET", "/v1/audit"), AdminOnly),
     ])
 }
 
@@ -198,5 +199,61 @@ async fn tokens_are_shown_once_scoped_expiring_and_revocable_and_login_issues_on
     ok(admin.send(Method::DELETE, &format!("{base}/v1/projects/beta"), None).await.unwrap(), "delete").await;
     ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "beta" })).await.unwrap(), "recreate").await;
     assert_eq!(dana.project_names(&base).await, vec!["alpha"]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain() {
+    let cluster = TestCluster::start(3).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(1);
+    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "audited" })).await.unwrap(), "create").await;
+    let conflict = admin.post(&format!("{}/v1/projects", cluster.api_url(2)), json!({ "name": "audited" })).await.unwrap();
+    assert_eq!(conflict.status, 409);
+    let stranger = ApiClient::new(&cluster.ca_pem, "allod_not_a_token");
+    assert_eq!(stranger.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+    // Reads are not audited.
+    ok(admin.get(&format!("{base}/v1/projects/audited")).await.unwrap(), "read").await;
+
+    let mut entries = Vec::new();
+    // Two joins (this is a 3-node cluster), two creates, one failed authentication.
+    common::wait_for_async("five audit entries", std::time::Duration::from_secs(10), || {
+        let admin = admin.clone();
+        let base = base.clone();
+        async move { admin.get(&format!("{base}/v1/audit")).await.is_ok_and(|r| r.body.as_array().is_some_and(|a| a.len() >= 5)) }
+    })
+    .await;
+    let listed = ok(admin.get(&format!("{base}/v1/audit")).await.unwrap(), "audit").await;
+    for e in listed.as_array().unwrap() {
+        entries.push(serde_json::from_value::<agent::audit::AuditEntry>(e.clone()).unwrap());
+    }
+    assert_eq!(entries.len(), 5, "{listed}");
+    let actions: Vec<(String, String, u16)> = entries.iter().map(|e| (e.record.user.clone(), e.record.action.clone(), e.record.result)).collect();
+    assert!(actions.contains(&("admin".into(), "POST /v1/projects".into(), 201)), "{actions:?}");
+    assert!(actions.contains(&("admin".into(), "POST /v1/projects".into(), 409)), "{actions:?}");
+    assert!(actions.contains(&("-".into(), "GET /v1/projects".into(), 401)), "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == 200).count(), 2, "{actions:?}");
+    assert!(entries.iter().all(|e| e.record.source.starts_with("127.0.0.1:")));
+    assert_eq!(agent::audit::verify(&entries), Ok(5));
+
+    // Filters and the JSON-lines export.
+    let only_conflicts = ok(admin.get(&format!("{base}/v1/audit?user=admin&after=3")).await.unwrap(), "filter").await;
+    assert_eq!(only_conflicts.as_array().unwrap().len(), 1, "{only_conflicts}");
+    assert_eq!(only_conflicts[0]["result"], 409);
+    let export = admin.http.get(format!("{base}/v1/audit?format=jsonl")).bearer_auth(&admin.token).send().await.unwrap().text().await.unwrap();
+    assert_eq!(export.lines().count(), 5);
+
+    // A copy with an entry edited or removed no longer verifies.
+    let mut edited = entries.clone();
+    edited[2].record.user = "mallory".into();
+    assert!(agent::audit::verify(&edited).is_err());
+    let mut removed = entries.clone();
+    removed.remove(1);
+    assert!(agent::audit::verify(&removed).is_err());
+    // Only cluster admins read the log.
+    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": "nosy" })).await.unwrap(), "user").await;
+    let token = ok(admin.post(&format!("{base}/v1/users/nosy/tokens"), json!({})).await.unwrap(), "token").await;
+    let nosy = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
+    assert_eq!(nosy.get(&format!("{base}/v1/audit")).await.unwrap().status, 403);
     cluster.shutdown().await;
 }

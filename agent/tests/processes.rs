@@ -246,6 +246,23 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
     assert!(ok, "{stderr}");
     assert!(stdout.contains("proj-007") && !stdout.contains("proj-008"), "{stdout}");
 
+    // The audit log, from the CLI: listed, verified live, and a tampered export refused.
+    let (ok, stdout, stderr) = run_with(&admin_env, &["audit", "list", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let entries: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(entries.as_array().unwrap().iter().any(|e| e["action"] == "POST /v1/users" && e["user"] == "admin"), "{stdout}");
+    let (ok, stdout, stderr) = run_with(&admin_env, &["audit", "verify"]);
+    assert!(ok && stdout.contains("intact"), "{stdout}{stderr}");
+    let lines: Vec<String> = entries.as_array().unwrap().iter().map(|e| e.to_string()).collect();
+    let export = tmp.path().join("audit.jsonl");
+    std::fs::write(&export, lines.join("\n")).unwrap();
+    let (ok, stdout, stderr) = run_with(&[], &["audit", "verify", "--file", export.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    let tampered: Vec<String> = lines.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| l.clone()).collect();
+    std::fs::write(&export, tampered.join("\n")).unwrap();
+    let (ok, _, stderr) = run_with(&[], &["audit", "verify", "--file", export.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("broken"), "{stderr}");
+
     for p in &mut procs {
         let _ = p.child.kill();
         let _ = p.child.wait();
