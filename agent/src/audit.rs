@@ -43,6 +43,40 @@ pub struct AuditHead {
     pub hash: String,
 }
 
+/// Bounds how many authentication failures per second a node records, so a
+/// flood of bad tokens cannot turn into a flood of Raft writes. Failures
+/// beyond the budget are counted and the count is logged.
+pub struct FailureBudget {
+    window: std::sync::Mutex<(u64, u32, u64)>,
+    per_second: u32,
+}
+
+impl FailureBudget {
+    pub fn new(per_second: u32) -> Self {
+        Self { window: std::sync::Mutex::new((0, 0, 0)), per_second }
+    }
+
+    /// Whether a failure at `now_ms` may be recorded.
+    pub fn admit(&self, now_ms: u64) -> bool {
+        let mut window = self.window.lock().expect("failure budget");
+        let (second, used, dropped) = &mut *window;
+        if now_ms / 1000 != *second {
+            if *dropped > 0 {
+                tracing::warn!(dropped = *dropped, "authentication failures beyond the audit budget were not recorded");
+            }
+            *window = (now_ms / 1000, 0, 0);
+        }
+        let (_, used, dropped) = &mut *window;
+        if *used < self.per_second {
+            *used += 1;
+            true
+        } else {
+            *dropped += 1;
+            false
+        }
+    }
+}
+
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The hash of an entry: SHA-256 over the previous hash, the sequence
@@ -120,6 +154,14 @@ mod tests {
             entries.push(chain(head.as_ref(), record(i)));
         }
         entries
+    }
+
+    #[test]
+    fn the_failure_budget_resets_every_second() {
+        let budget = FailureBudget::new(2);
+        assert!(budget.admit(1_000) && budget.admit(1_500));
+        assert!(!budget.admit(1_999));
+        assert!(budget.admit(2_000));
     }
 
     #[test]

@@ -249,7 +249,8 @@ pub async fn authorize(
     let (response, principal) = authorize_inner(&node, &table, request, next).await;
     let status = response.status();
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if mutating || status == StatusCode::UNAUTHORIZED {
+    let record_failure = status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
+    if (mutating && status != StatusCode::UNAUTHORIZED) || record_failure {
         let record = crate::audit::AuditRecord {
             time_ms: now_ms(),
             user: principal.as_ref().map(|p| p.user.clone()).unwrap_or_else(|| "-".into()),

@@ -109,6 +109,8 @@ pub struct MemberView {
 pub struct ClusterNode {
     pub id: NodeId,
     proposer: Proposer,
+    /// Authentication failures this node may record per second.
+    pub audit_failures: crate::audit::FailureBudget,
     pub config: NodeConfig,
     pub raft: Raft,
     pub state: StateView,
@@ -144,7 +146,8 @@ impl ClusterNode {
         let network = NetworkFactory { client: peers.clone() };
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, state_machine).await?;
         let proposer = Proposer::spawn(raft.clone());
-        Ok(Arc::new(Self { id: config.node_id, proposer, config, raft, state, peers, tls, data_dir }))
+        let audit_failures = crate::audit::FailureBudget::new(50);
+        Ok(Arc::new(Self { id: config.node_id, proposer, audit_failures, config, raft, state, peers, tls, data_dir }))
     }
 
     pub fn member(&self) -> Member {
