@@ -22,8 +22,75 @@ pub struct AuditRecord {
     pub object: String,
     /// The classification zone of the object, once zones exist.
     pub zone: Option<String>,
-    /// The HTTP status answered.
-    pub result: u16,
+    /// `ok`, or the error code the caller got (`already_exists`,
+    /// `unauthenticated`, `forbidden`, ...).
+    pub result: String,
+}
+
+/// Who is acting and on what, known before the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditContext {
+    pub time_ms: u64,
+    pub user: String,
+    pub token_id: String,
+    pub source: String,
+    pub action: String,
+    pub object: String,
+    pub zone: Option<String>,
+}
+
+impl AuditContext {
+    pub fn with_result(self, result: impl Into<String>) -> AuditRecord {
+        AuditRecord {
+            time_ms: self.time_ms,
+            user: self.user,
+            token_id: self.token_id,
+            source: self.source,
+            action: self.action,
+            object: self.object,
+            zone: self.zone,
+            result: result.into(),
+        }
+    }
+}
+
+/// The audit context of the API request being handled. The first write a
+/// handler makes carries it into Raft, where the entry is appended in the
+/// same transaction as the change; `recorded` tells the middleware not to
+/// append a second one.
+pub struct RequestAudit {
+    pub context: std::sync::Mutex<AuditContext>,
+    pub recorded: std::sync::atomic::AtomicBool,
+}
+
+tokio::task_local! {
+    pub static REQUEST_AUDIT: std::sync::Arc<RequestAudit>;
+}
+
+/// Takes the current request's audit context for one write, once.
+pub fn take_request_context() -> Option<AuditContext> {
+    REQUEST_AUDIT
+        .try_with(|audit| {
+            (!audit.recorded.swap(true, std::sync::atomic::Ordering::SeqCst))
+                .then(|| audit.context.lock().expect("audit context").clone())
+        })
+        .ok()
+        .flatten()
+}
+
+/// The audit result for an HTTP status the middleware answered itself.
+pub fn result_for_status(status: u16) -> &'static str {
+    match status {
+        200..=299 => "ok",
+        400 => "invalid_argument",
+        401 => "unauthenticated",
+        403 => "forbidden",
+        404 => "not_found",
+        409 => "conflict",
+        413 => "payload_too_large",
+        503 => "unavailable",
+        _ => "error",
+    }
 }
 
 /// One link of the chain.
@@ -59,7 +126,7 @@ impl FailureBudget {
     /// Whether a failure at `now_ms` may be recorded.
     pub fn admit(&self, now_ms: u64) -> bool {
         let mut window = self.window.lock().expect("failure budget");
-        let (second, used, dropped) = &mut *window;
+        let (second, _, dropped) = &mut *window;
         if now_ms / 1000 != *second {
             if *dropped > 0 {
                 tracing::warn!(dropped = *dropped, "authentication failures beyond the audit budget were not recorded");
@@ -143,7 +210,7 @@ mod tests {
             action: "POST /v1/projects".into(),
             object: format!("/v1/projects/p{n}"),
             zone: None,
-            result: 201,
+            result: "ok".into(),
         }
     }
 
@@ -177,7 +244,7 @@ mod tests {
         assert_eq!(verify(&removed), Err(ChainBreak::Gap { seq: 4, expected: 3 }));
 
         let mut edited = log(5);
-        edited[1].record.result = 500;
+        edited[1].record.result = "forbidden".into();
         assert_eq!(verify(&edited), Err(ChainBreak::Altered { seq: 2 }));
 
         // Removing an entry and renumbering the rest still breaks the links.

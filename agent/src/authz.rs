@@ -238,7 +238,6 @@ pub async fn authorize(
     next: Next,
 ) -> Response {
     let method = request.method().clone();
-    let object = request.uri().path().to_string();
     let pattern = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
     let source = request
         .extensions()
@@ -246,24 +245,36 @@ pub async fn authorize(
         .and_then(|p| p.remote_addr)
         .map(|a| a.to_string())
         .unwrap_or_else(|| "-".into());
-    let (response, principal) = authorize_inner(&node, &table, request, next).await;
-    let status = response.status();
+    let context = crate::audit::AuditContext {
+        time_ms: now_ms(),
+        user: "-".into(),
+        token_id: "-".into(),
+        source,
+        action: format!("{method} {pattern}"),
+        object: request.uri().path().to_string(),
+        zone: None,
+    };
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let record_failure = status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
-    if (mutating && status != StatusCode::UNAUTHORIZED) || record_failure {
-        let record = crate::audit::AuditRecord {
-            time_ms: now_ms(),
-            user: principal.as_ref().map(|p| p.user.clone()).unwrap_or_else(|| "-".into()),
-            token_id: principal.as_ref().map(|p| p.token_id.clone()).unwrap_or_else(|| "-".into()),
-            source,
-            action: format!("{method} {pattern}"),
-            object,
-            zone: None,
-            result: status.as_u16(),
-        };
-        // Appended off the request's path: the answer does not wait for a
-        // second Raft commit. An entry can be lost only if this node dies in
-        // the few milliseconds before its batch commits.
+    let audit = Arc::new(crate::audit::RequestAudit {
+        context: std::sync::Mutex::new(context),
+        recorded: std::sync::atomic::AtomicBool::new(!mutating),
+    });
+    let (response, principal) =
+        crate::audit::REQUEST_AUDIT.scope(audit.clone(), authorize_inner(&node, &table, request, next, &audit)).await;
+    let status = response.status();
+    let recorded = audit.recorded.load(std::sync::atomic::Ordering::SeqCst);
+    // Calls refused before they reached Raft (bad input, 403, 404, 401)
+    // are recorded here, in an entry of their own.
+    let failed_authentication = status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
+    if (mutating && !recorded && status != StatusCode::UNAUTHORIZED) || failed_authentication {
+        let mut context = audit.context.lock().expect("audit context").clone();
+        if let Some(p) = &principal {
+            context.user = p.user.clone();
+            context.token_id = p.token_id.clone();
+        }
+        let record = context.with_result(crate::audit::result_for_status(status.as_u16()));
+        // Proposed after the answer is sent: a node that dies in the next
+        // milliseconds can lose an entry for a call that changed nothing.
         let node = node.clone();
         tokio::spawn(async move {
             match node.write(&crate::model::Command::AppendAudit { record }).await {
@@ -281,6 +292,7 @@ async fn authorize_inner(
     table: &PermissionTable,
     mut request: Request,
     next: Next,
+    audit: &crate::audit::RequestAudit,
 ) -> (Response, Option<Principal>) {
     let Some(pattern) = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
         return (next.run(request).await, None);
@@ -319,6 +331,11 @@ async fn authorize_inner(
     }
     match decide(permission, &principal, &params) {
         Decision::Allow => {
+            {
+                let mut context = audit.context.lock().expect("audit context");
+                context.user = principal.user.clone();
+                context.token_id = principal.token_id.clone();
+            }
             request.extensions_mut().insert(principal.clone());
             (next.run(request).await, Some(principal))
         }

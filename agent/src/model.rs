@@ -110,6 +110,9 @@ pub enum Command {
     CreateToken { id: String, secret_sha256: String, user: String, scope: TokenScope, now_ms: u64, expires_at_ms: Option<u64> },
     RevokeToken { id: String },
     AppendAudit { record: crate::audit::AuditRecord },
+    /// A command and its audit entry, applied in one transaction: the entry
+    /// records the command's outcome.
+    Audited { command: Box<Command>, audit: crate::audit::AuditContext },
 }
 
 /// A domain failure recorded as the outcome of a command.
@@ -192,6 +195,14 @@ pub fn validate_description(description: &str) -> Result<(), DomainError> {
         ));
     }
     Ok(())
+}
+
+fn append_audit(kv: &mut KvWrite<'_>, record: crate::audit::AuditRecord) -> Result<u64, allod_raft::KvError> {
+    let head: Option<crate::audit::AuditHead> = get_json(kv, KEY_AUDIT_HEAD)?;
+    let entry = crate::audit::chain(head.as_ref(), record);
+    put_json(kv, &format!("{PREFIX_AUDIT}{:020}", entry.seq), &entry)?;
+    put_json(kv, KEY_AUDIT_HEAD, &crate::audit::AuditHead { seq: entry.seq, hash: entry.hash.clone() })?;
+    Ok(entry.seq)
 }
 
 /// A user as the API shows it: never the password hash.
@@ -388,11 +399,17 @@ impl ClusterApply {
                 }
             }
             Command::AppendAudit { record } => {
-                let head: Option<crate::audit::AuditHead> = get_json(kv, KEY_AUDIT_HEAD)?;
-                let entry = crate::audit::chain(head.as_ref(), record);
-                put_json(kv, &format!("{PREFIX_AUDIT}{:020}", entry.seq), &entry)?;
-                put_json(kv, KEY_AUDIT_HEAD, &crate::audit::AuditHead { seq: entry.seq, hash: entry.hash.clone() })?;
-                Ok(serde_json::json!({ "seq": entry.seq }))
+                let seq = append_audit(kv, record)?;
+                Ok(serde_json::json!({ "seq": seq }))
+            }
+            Command::Audited { command, audit } => {
+                let outcome = Self::apply_command(kv, *command)?;
+                let result = match &outcome {
+                    Ok(_) => "ok",
+                    Err(e) => e.code.as_str(),
+                };
+                append_audit(kv, audit.with_result(result))?;
+                outcome
             }
             Command::RevokeToken { id } => match get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{id}"))? {
                 None => Err(domain(ErrorCode::NotFound, format!("token {id:?} does not exist"))),

@@ -183,7 +183,13 @@ impl ClusterNode {
     /// Commits `command` through Raft from any node, forwarding to the
     /// leader when needed, and returns its outcome.
     pub async fn write(&self, command: &Command) -> Result<Outcome, ClusterError> {
-        let value = serde_json::to_value(command).expect("commands serialise");
+        // Inside an API request, the first write carries the request's audit
+        // entry, so the change and its record commit together.
+        let value = match crate::audit::take_request_context() {
+            Some(audit) => serde_json::to_value(Command::Audited { command: Box::new(command.clone()), audit }),
+            None => serde_json::to_value(command),
+        }
+        .expect("commands serialise");
         let deadline = Instant::now() + OPERATION_TIMEOUT;
         loop {
             let attempt = timeout_at(deadline, self.proposer.propose(value.clone())).await;

@@ -228,18 +228,20 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
         entries.push(serde_json::from_value::<agent::audit::AuditEntry>(e.clone()).unwrap());
     }
     assert_eq!(entries.len(), 5, "{listed}");
-    let actions: Vec<(String, String, u16)> = entries.iter().map(|e| (e.record.user.clone(), e.record.action.clone(), e.record.result)).collect();
-    assert!(actions.contains(&("admin".into(), "POST /v1/projects".into(), 201)), "{actions:?}");
-    assert!(actions.contains(&("admin".into(), "POST /v1/projects".into(), 409)), "{actions:?}");
-    assert!(actions.contains(&("-".into(), "GET /v1/projects".into(), 401)), "{actions:?}");
-    assert_eq!(actions.iter().filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == 200).count(), 2, "{actions:?}");
+    let actions: Vec<(String, String, String)> =
+        entries.iter().map(|e| (e.record.user.clone(), e.record.action.clone(), e.record.result.clone())).collect();
+    let has = |user: &str, action: &str, result: &str| actions.contains(&(user.into(), action.into(), result.into()));
+    assert!(has("admin", "POST /v1/projects", "ok"), "{actions:?}");
+    assert!(has("admin", "POST /v1/projects", "already_exists"), "{actions:?}");
+    assert!(has("-", "GET /v1/projects", "unauthenticated"), "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == "ok").count(), 2, "{actions:?}");
     assert!(entries.iter().all(|e| e.record.source.starts_with("127.0.0.1:")));
     assert_eq!(agent::audit::verify(&entries), Ok(5));
 
     // Filters and the JSON-lines export.
     let only_conflicts = ok(admin.get(&format!("{base}/v1/audit?user=admin&after=3")).await.unwrap(), "filter").await;
     assert_eq!(only_conflicts.as_array().unwrap().len(), 1, "{only_conflicts}");
-    assert_eq!(only_conflicts[0]["result"], 409);
+    assert_eq!(only_conflicts[0]["result"], "already_exists");
     let export = admin.http.get(format!("{base}/v1/audit?format=jsonl")).bearer_auth(&admin.token).send().await.unwrap().text().await.unwrap();
     assert_eq!(export.lines().count(), 5);
 
