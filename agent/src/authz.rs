@@ -231,6 +231,13 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
     Ok(Principal { user: user.name, token_id: record.id, cluster_admin, project_roles })
 }
 
+fn clone_auth_error(e: &AuthError) -> AuthError {
+    match e {
+        AuthError::Missing => AuthError::Missing,
+        _ => AuthError::Malformed,
+    }
+}
+
 /// The one authorisation middleware.
 pub async fn authorize(
     State((node, table)): State<(Arc<ClusterNode>, Arc<PermissionTable>)>,
@@ -306,30 +313,40 @@ async fn authorize_inner(
         return (next.run(request).await, None);
     }
     let header = request.headers().get(axum::http::header::AUTHORIZATION).cloned();
-    let principal = match header {
+    let token: Result<String, AuthError> = match header {
         None => Err(AuthError::Missing),
-        Some(value) => match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-            None => Err(AuthError::Malformed),
-            Some(token) => resolve(&node.state, token, now_ms()),
-        },
+        Some(value) => value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::to_string).ok_or(AuthError::Malformed),
     };
-    let principal = match principal {
-        Ok(p) => p,
+    let params = path_params(&pattern, request.uri().path());
+    let evaluate = || -> Result<(Principal, Decision), AuthError> {
+        let principal = resolve(&node.state, token.as_ref().map_err(clone_auth_error)?, now_ms())?;
+        let mut params = params.clone();
+        if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
+            let id = params.get(param).cloned().unwrap_or_default();
+            if let Some(owner) = node.state.token_owner(&id)? {
+                params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
+            }
+        }
+        let decision = decide(permission, &principal, &params);
+        Ok((principal, decision))
+    };
+    let mut outcome = evaluate();
+    // A token, role or object created moments ago through another node may
+    // not be applied here yet: catch up with the leader once before refusing.
+    let refused = match &outcome {
+        Ok((_, decision)) => *decision != Decision::Allow,
+        Err(AuthError::Invalid) => true,
+        Err(_) => false,
+    };
+    if refused && node.linearizable_read().await.is_ok() {
+        outcome = evaluate();
+    }
+    let (principal, decision) = match outcome {
+        Ok(pair) => pair,
         Err(AuthError::Read(e)) => return (ApiError::from(e).into_response(), None),
         Err(e) => return (ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).into_response(), None),
     };
-    let mut params = path_params(&pattern, request.uri().path());
-    if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
-        let id = params.get(param).cloned().unwrap_or_default();
-        match node.state.token_owner(&id) {
-            Ok(Some(owner)) => {
-                params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
-            }
-            Ok(None) => {}
-            Err(e) => return (ApiError::from(e).into_response(), Some(principal)),
-        }
-    }
-    match decide(permission, &principal, &params) {
+    match decision {
         Decision::Allow => {
             {
                 let mut context = audit.context.lock().expect("audit context");

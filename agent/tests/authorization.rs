@@ -257,5 +257,18 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     let token = ok(admin.post(&format!("{base}/v1/users/nosy/tokens"), json!({})).await.unwrap(), "token").await;
     let nosy = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
     assert_eq!(nosy.get(&format!("{base}/v1/audit")).await.unwrap().status, 403);
+
+    // Read-your-writes across nodes: a role granted and a token created
+    // through one node work at once on another.
+    for i in 0..10 {
+        let name = format!("quick{i}");
+        let (a, b, c) = (cluster.api_url(i % 3), cluster.api_url((i + 1) % 3), cluster.api_url((i + 2) % 3));
+        ok(admin.post(&format!("{a}/v1/users"), json!({ "name": name })).await.unwrap(), "user").await;
+        ok(admin.post(&format!("{b}/v1/users/{name}/roles"), json!({ "role": "project-viewer", "project": "audited" })).await.unwrap(), "grant").await;
+        let token = ok(admin.post(&format!("{a}/v1/users/{name}/tokens"), json!({})).await.unwrap(), "token").await;
+        let quick = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
+        let reply = quick.get(&format!("{c}/v1/projects/audited")).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
     cluster.shutdown().await;
 }
