@@ -164,6 +164,8 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
         .add(Method::POST, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, create_token)
         .add(Method::DELETE, "/v1/tokens/{id}", TokenOwnerOrClusterAdmin { param: "id" }, revoke_token)
         .add(Method::GET, "/v1/audit", ClusterAdmin, audit_log)
+        .add(Method::GET, "/v1/zones", Authenticated, zones)
+        .add(Method::PUT, "/v1/nodes/{node}/zone", ClusterAdmin, set_node_zone)
 }
 
 pub fn router(node: Arc<ClusterNode>) -> Router {
@@ -238,6 +240,7 @@ pub struct NodeView {
     pub role: crate::node::MemberRole,
     pub is_leader: bool,
     pub joined_at_ms: Option<u64>,
+    pub zone: crate::zones::Zone,
 }
 
 async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeView>>> {
@@ -248,6 +251,7 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
             .into_iter()
             .map(|m| NodeView {
                 joined_at_ms: records.iter().find(|r| r.id == m.id).map(|r| r.joined_at_ms),
+                zone: records.iter().find(|r| r.id == m.id).map(|r| r.zone).unwrap_or_default(),
                 is_leader: leader == Some(m.id),
                 id: m.id,
                 name: m.name,
@@ -265,6 +269,15 @@ struct CreateProject {
     name: String,
     #[serde(default)]
     description: String,
+    /// OFFICIAL (default), OFFICIAL-SENSITIVE or SECRET; fixed for the project's life.
+    #[serde(default)]
+    zone: Option<String>,
+}
+
+fn parse_zone(text: &str) -> ApiResult<crate::zones::Zone> {
+    crate::zones::Zone::parse(text).ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"))
+    })
 }
 
 #[derive(Deserialize)]
@@ -290,8 +303,12 @@ async fn create_project(
 ) -> ApiResult<(StatusCode, Json<Project>)> {
     validate_name("project", &body.name)?;
     crate::model::validate_description(&body.description)?;
+    let zone = match body.zone.as_deref() {
+        Some(text) => parse_zone(text)?,
+        None => crate::zones::Zone::default(),
+    };
     let outcome = node
-        .write(&Command::CreateProject { name: body.name, description: body.description, now_ms: crate::join::now_ms() })
+        .write(&Command::CreateProject { name: body.name, description: body.description, now_ms: crate::join::now_ms(), zone })
         .await?;
     Ok((StatusCode::CREATED, Json(project_from(outcome?)?)))
 }
@@ -562,4 +579,23 @@ async fn audit_log(State(node): State<Arc<ClusterNode>>, axum::extract::Query(qu
         }
         Some(other) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("unknown format {other:?}; use json or jsonl"))),
     }
+}
+
+async fn zones() -> Json<Vec<crate::zones::ZonePolicy>> {
+    Json(crate::zones::policies())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetZone {
+    zone: String,
+}
+
+async fn set_node_zone(State(node): State<Arc<ClusterNode>>, Path(id): Path<String>, ApiJson(body): ApiJson<SetZone>) -> ApiResult<Json<serde_json::Value>> {
+    let zone = parse_zone(&body.zone)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("{id:?} is not a node id; `allod cluster status` lists them")))?;
+    let outcome = node.write(&Command::SetNodeZone { id, zone }).await?;
+    Ok(Json(outcome?))
 }

@@ -348,10 +348,15 @@ async fn authorize_inner(
     };
     match decision {
         Decision::Allow => {
+            let zone = params
+                .get("name")
+                .and_then(|name| node.state.project(name).ok().flatten())
+                .map(|project| project.zone.as_str().to_string());
             {
                 let mut context = audit.context.lock().expect("audit context");
                 context.user = principal.user.clone();
                 context.token_id = principal.token_id.clone();
+                context.zone = zone;
             }
             request.extensions_mut().insert(principal.clone());
             (next.run(request).await, Some(principal))

@@ -211,6 +211,9 @@ pub enum ProjectCommand {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// OFFICIAL (default), OFFICIAL-SENSITIVE or SECRET; fixed for the project's life.
+        #[arg(long)]
+        zone: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -395,9 +398,9 @@ fn text(value: &serde_json::Value) -> String {
 fn print_projects(projects: &[serde_json::Value]) {
     let rows: Vec<Vec<String>> = projects
         .iter()
-        .map(|p| vec![text(&p["name"]), text(&p["description"]), text(&p["generation"])])
+        .map(|p| vec![text(&p["name"]), text(&p["zone"]), text(&p["description"]), text(&p["generation"])])
         .collect();
-    print_table(&["NAME", "DESCRIPTION", "GENERATION"], &rows);
+    print_table(&["NAME", "ZONE", "DESCRIPTION", "GENERATION"], &rows);
 }
 
 fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
@@ -520,10 +523,10 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
 async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        ProjectCommand::Create { name, description, api } => {
+        ProjectCommand::Create { name, description, zone, api } => {
             let client = api.resolve()?;
             let project = client
-                .call(Method::POST, "/v1/projects", Some(serde_json::json!({ "name": name, "description": description })))
+                .call(Method::POST, "/v1/projects", Some(serde_json::json!({ "name": name, "description": description, "zone": zone })))
                 .await?;
             emit(api.output, &project, |p| println!("Created project {}.", text(&p["name"])));
         }

@@ -272,7 +272,7 @@ impl Agent {
                 created_at_ms: now,
                 ca_fingerprint: pki::pem_fingerprint(&ca.cert_pem)?,
             };
-            let first_node = NodeRecord { id: 1, name: self.name.clone(), joined_at_ms: now };
+            let first_node = NodeRecord { id: 1, name: self.name.clone(), joined_at_ms: now, zone: Default::default() };
             node.write(&Command::InitCluster { info, admin_token_sha256: sha256_hex(&admin_token), first_node }).await??;
             anyhow::Ok(())
         }

@@ -20,6 +20,7 @@ pub mod peer;
 pub mod pki;
 pub mod proposer;
 pub mod serve;
+pub mod zones;
 
 /// An error and all its sources, joined with ": ", for messages and logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

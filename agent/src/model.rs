@@ -40,6 +40,9 @@ pub struct ClusterInfo {
 pub struct Project {
     pub name: String,
     pub description: String,
+    /// Fixed at creation.
+    #[serde(default)]
+    pub zone: crate::zones::Zone,
     pub created_at_ms: u64,
     /// Bumped by every change, so clients can tell versions apart.
     pub generation: u64,
@@ -89,6 +92,9 @@ pub struct NodeRecord {
     pub id: NodeId,
     pub name: String,
     pub joined_at_ms: u64,
+    /// The one zone this node serves (OFFICIAL: the shared pool).
+    #[serde(default)]
+    pub zone: crate::zones::Zone,
 }
 
 /// Every change to the replicated state.
@@ -96,13 +102,20 @@ pub struct NodeRecord {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     InitCluster { info: ClusterInfo, admin_token_sha256: String, first_node: NodeRecord },
-    CreateProject { name: String, description: String, now_ms: u64 },
+    CreateProject {
+        name: String,
+        description: String,
+        now_ms: u64,
+        #[serde(default)]
+        zone: crate::zones::Zone,
+    },
     UpdateProject { name: String, description: String },
     DeleteProject { name: String },
     CreateJoinToken { id: String, secret_sha256: String, now_ms: u64, expires_at_ms: u64 },
     /// Spends a join token and allocates the joining node's id.
     ConsumeJoinToken { id: String, secret_sha256: String, now_ms: u64, node_name: String },
     ForgetNode { id: NodeId },
+    SetNodeZone { id: NodeId, zone: crate::zones::Zone },
     CreateUser { name: String, password_phc: Option<String>, now_ms: u64 },
     /// `cluster-admin` makes the user a cluster administrator; the other
     /// roles apply to `project`.
@@ -258,7 +271,7 @@ impl ClusterApply {
                     Ok(serde_json::to_value(&info).expect("serialisable"))
                 }
             }
-            Command::CreateProject { name, description, now_ms } => {
+            Command::CreateProject { name, description, now_ms, zone } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
                 match validate_name("project", &name).and_then(|_| validate_description(&description)) {
                     Err(e) => Err(e),
@@ -266,7 +279,7 @@ impl ClusterApply {
                         Err(domain(ErrorCode::AlreadyExists, format!("project {name:?} already exists")))
                     }
                     Ok(()) => {
-                        let project = Project { name, description, created_at_ms: now_ms, generation: 1 };
+                        let project = Project { name, description, zone, created_at_ms: now_ms, generation: 1 };
                         put_json(kv, &key, &project)?;
                         Ok(serde_json::to_value(&project).expect("serialisable"))
                     }
@@ -341,7 +354,7 @@ impl ClusterApply {
                         put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                         record.used_by = Some(node_id);
                         put_json(kv, &key, &record)?;
-                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms };
+                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default() };
                         put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                         Ok(serde_json::json!({ "node_id": node_id }))
                     }
@@ -350,6 +363,17 @@ impl ClusterApply {
             Command::ForgetNode { id } => {
                 kv.delete(&format!("{PREFIX_NODES}{id:020}"))?;
                 Ok(serde_json::Value::Null)
+            }
+            Command::SetNodeZone { id, zone } => {
+                let key = format!("{PREFIX_NODES}{id:020}");
+                match get_json::<NodeRecord>(kv, &key)? {
+                    None => Err(domain(ErrorCode::NotFound, format!("node {id} is not a member of this cluster"))),
+                    Some(mut node) => {
+                        node.zone = zone;
+                        put_json(kv, &key, &node)?;
+                        Ok(serde_json::to_value(&node).expect("serialisable"))
+                    }
+                }
             }
             Command::CreateUser { name, password_phc, now_ms } => {
                 let key = format!("{PREFIX_USERS}{name}");

@@ -39,6 +39,8 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("POST", "/v1/users/{user}/tokens"), SelfOrAdmin),
         (("DELETE", "/v1/tokens/{id}"), SelfOrAdmin),
         (("GET", "/v1/audit"), AdminOnly),
+        (("GET", "/v1/zones"), AnyAuthenticated),
+        (("PUT", "/v1/nodes/{node}/zone"), AdminOnly),
     ])
 }
 
@@ -106,13 +108,14 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let project = if own { &own_project } else { &other_project };
                 let target_user = if own { &user } else { &someone_else };
                 let token_id = if own { own_token["id"].as_str().unwrap() } else { victim_token["id"].as_str().unwrap() };
-                let path = pattern.replace("{name}", project).replace("{user}", target_user).replace("{id}", token_id);
+                let path = pattern.replace("{name}", project).replace("{user}", target_user).replace("{id}", token_id).replace("{node}", "1");
                 let body = match (method.as_str(), pattern) {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
                     ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
                     ("POST", "/v1/users/{user}/roles") => Some(json!({ "role": "project-viewer", "project": project })),
                     ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
+                    ("PUT", "/v1/nodes/{node}/zone") => Some(json!({ "zone": "OFFICIAL" })),
                     _ => None,
                 };
                 let reply = client.send(method.clone(), &format!("{base}{path}"), body).await.unwrap();
@@ -270,5 +273,48 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
         let reply = quick.get(&format!("{c}/v1/projects/audited")).await.unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_carry_a_fixed_zone_nodes_carry_a_zone_label_and_the_audit_names_the_zone() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    let policy = ok(admin.get(&format!("{base}/v1/zones")).await.unwrap(), "zones").await;
+    let names: Vec<&str> = policy.as_array().unwrap().iter().map(|z| z["zone"].as_str().unwrap()).collect();
+    assert_eq!(names, ["OFFICIAL", "OFFICIAL-SENSITIVE", "SECRET"]);
+
+    let secret = ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "vault", "zone": "SECRET" })).await.unwrap(), "create").await;
+    assert_eq!(secret["zone"], "SECRET");
+    let plain = ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "plain" })).await.unwrap(), "create").await;
+    assert_eq!(plain["zone"], "OFFICIAL");
+    let bad = admin.post(&format!("{base}/v1/projects"), json!({ "name": "odd", "zone": "TOP-SECRET" })).await.unwrap();
+    assert_eq!(bad.status, 400);
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("OFFICIAL-SENSITIVE"), "{}", bad.body);
+    // The zone cannot be changed afterwards.
+    let change = admin.send(Method::PATCH, &format!("{base}/v1/projects/vault"), Some(json!({ "zone": "OFFICIAL" }))).await.unwrap();
+    assert_eq!(change.status, 400);
+    assert_eq!(ok(admin.get(&format!("{base}/v1/projects/vault")).await.unwrap(), "show").await["zone"], "SECRET");
+
+    // Node labels.
+    let labelled = ok(admin.send(Method::PUT, &format!("{base}/v1/nodes/1/zone"), Some(json!({ "zone": "SECRET" }))).await.unwrap(), "label").await;
+    assert_eq!(labelled["zone"], "SECRET");
+    let nodes = ok(admin.get(&format!("{base}/v1/nodes")).await.unwrap(), "nodes").await;
+    assert_eq!(nodes[0]["zone"], "SECRET");
+    assert_eq!(admin.send(Method::PUT, &format!("{base}/v1/nodes/99/zone"), Some(json!({ "zone": "SECRET" }))).await.unwrap().status, 404);
+
+    // The audit entry of a change to the SECRET project names its zone.
+    ok(admin.send(Method::PATCH, &format!("{base}/v1/projects/vault"), Some(json!({ "description": "keys" }))).await.unwrap(), "patch").await;
+    common::wait_for_async("the audit entry of the change", std::time::Duration::from_secs(10), || {
+        let admin = admin.clone();
+        let base = base.clone();
+        async move {
+            admin.get(&format!("{base}/v1/audit?action=PATCH")).await.is_ok_and(|r| {
+                r.body.as_array().is_some_and(|a| a.iter().any(|e| e["zone"] == "SECRET" && e["object"] == "/v1/projects/vault" && e["result"] == "ok"))
+            })
+        }
+    })
+    .await;
     cluster.shutdown().await;
 }

@@ -139,7 +139,7 @@ async fn a_partitioned_minority_cannot_commit_and_its_reads_fail_instead_of_goin
     // The isolated node can neither commit nor serve a read that would miss it.
     let minority = cluster.node(leader);
     let write = minority
-        .write(&Command::CreateProject { name: "minority".into(), description: String::new(), now_ms: 0 })
+        .write(&Command::CreateProject { name: "minority".into(), description: String::new(), now_ms: 0, zone: Default::default() })
         .await;
     assert!(write.is_err(), "a minority committed a write: {write:?}");
     let read = minority.linearizable_read().await;
@@ -181,7 +181,7 @@ async fn a_node_that_fell_far_behind_catches_up_by_snapshot() {
     // Sequential writes: each is its own Raft entry.
     for i in 0..200 {
         writer
-            .write(&Command::CreateProject { name: format!("bulk-{i:03}"), description: String::new(), now_ms: 0 })
+            .write(&Command::CreateProject { name: format!("bulk-{i:03}"), description: String::new(), now_ms: 0, zone: Default::default() })
             .await
             .expect("write")
             .expect("created");
