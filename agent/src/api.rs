@@ -92,6 +92,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::NoLeader { .. } | ClusterError::NoQuorum | ClusterError::NotLeader { .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", crate::error_chain(&e))
             }
+            ClusterError::Unconfirmed { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
             ClusterError::Peer(_) | ClusterError::Leader { .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{}; the outcome is unknown, retry the request", crate::error_chain(&e)))
             }

@@ -85,6 +85,9 @@ pub struct Principal {
     pub cluster_admin: bool,
     /// Roles per project, already narrowed by the token's scope.
     pub project_roles: BTreeMap<String, Role>,
+    /// The token is scoped to one project: it may not manage tokens, or it
+    /// could mint itself a wider one.
+    pub project_scoped: bool,
 }
 
 impl Principal {
@@ -122,6 +125,9 @@ pub fn decide(permission: Permission, principal: &Principal, params: &HashMap<St
                     held.as_str()
                 )),
             }
+        }
+        Permission::SelfOrClusterAdmin { .. } | Permission::TokenOwnerOrClusterAdmin { .. } if principal.project_scoped => {
+            Decision::Forbidden("a project-scoped token cannot manage users' tokens; use a login session or a cluster-scoped token".into())
         }
         Permission::SelfOrClusterAdmin { param: name } => {
             if principal.cluster_admin || principal.user == param(name) {
@@ -219,6 +225,7 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
     }
     let user = state.user(&record.user)?.ok_or(AuthError::Invalid)?;
     let grants = state.grants_of(&user.name)?;
+    let project_scoped = matches!(record.scope, crate::model::TokenScope::Project { .. });
     let (cluster_admin, project_roles) = match &record.scope {
         crate::model::TokenScope::Cluster => (user.cluster_admin, grants),
         crate::model::TokenScope::Project { project, role } => {
@@ -228,7 +235,7 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
             (false, narrowed.map(|r| [(project.clone(), r)].into_iter().collect()).unwrap_or_default())
         }
     };
-    Ok(Principal { user: user.name, token_id: record.id, cluster_admin, project_roles })
+    Ok(Principal { user: user.name, token_id: record.id, cluster_admin, project_roles, project_scoped })
 }
 
 fn clone_auth_error(e: &AuthError) -> AuthError {
@@ -376,6 +383,7 @@ mod tests {
             token_id: "t".into(),
             cluster_admin: admin,
             project_roles: roles.iter().map(|(p, r)| (p.to_string(), *r)).collect(),
+            project_scoped: false,
         }
     }
 

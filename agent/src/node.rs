@@ -38,6 +38,8 @@ pub enum ClusterError {
     Peer(#[from] PeerCallError),
     #[error("the leader refused: {message}")]
     Leader { message: String },
+    #[error("the write was not confirmed within {}s; it may still commit, so check its effect before retrying", .waited.as_secs())]
+    Unconfirmed { waited: Duration },
     #[error("Raft failed: {message}")]
     Raft { message: String },
     #[error("cannot remove node {node_id}: {reason}")]
@@ -194,7 +196,7 @@ impl ClusterNode {
         loop {
             let attempt = timeout_at(deadline, self.proposer.propose(value.clone())).await;
             let Ok(result) = attempt else {
-                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+                return Err(ClusterError::Unconfirmed { waited: OPERATION_TIMEOUT });
             };
             match result {
                 Ok(outcome) => return Ok(outcome),

@@ -77,6 +77,12 @@ async fn run(raft: Raft, mut proposals: mpsc::Receiver<Proposal>) {
                 Err(_) => break,
             }
         }
+        // A caller that already gave up was told the outcome is unknown;
+        // not proposing its write keeps that answer as harmless as possible.
+        batch.retain(|proposal| !proposal.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let raft = raft.clone();
         tokio::spawn(async move {
             let _slot = slot;

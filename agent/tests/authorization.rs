@@ -180,6 +180,11 @@ async fn tokens_are_shown_once_scoped_expiring_and_revocable_and_login_issues_on
     assert_eq!(viewer.get(&format!("{base}/v1/projects/beta")).await.unwrap().status, 404);
     let patch = viewer.send(Method::PATCH, &format!("{base}/v1/projects/alpha"), Some(json!({ "description": "x" }))).await.unwrap();
     assert_eq!(patch.status, 403);
+    // Nor can it mint itself a wider token, or touch other tokens.
+    let mint = viewer.post(&format!("{base}/v1/users/dana/tokens"), json!({})).await.unwrap();
+    assert_eq!(mint.status, 403, "{}", mint.body);
+    let list = viewer.get(&format!("{base}/v1/users/dana/tokens")).await.unwrap();
+    assert_eq!(list.status, 403);
     // The secret is never listed again; only ids are.
     let listed = ok(dana.get(&format!("{base}/v1/users/dana/tokens")).await.unwrap(), "list").await;
     assert!(!listed.to_string().contains(scoped["token"].as_str().unwrap()));

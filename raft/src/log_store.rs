@@ -4,10 +4,17 @@
 //! entries and returns at once (the entries are readable from then on,
 //! from an in-memory tail); the thread commits everything that queued up
 //! meanwhile as one redb transaction with `Durability::Immediate` and only
-//! then tells openraft the entries are flushed. This is group commit: under
-//! load one fsync covers many client writes, and Raft's core never waits for
-//! the disk. Truncations and purges go through the same queue, so they
-//! happen in order with the appends around them.
+//! then tells openraft the entries are flushed. Truncations and purges go
+//! through the same queue, so they happen in order with the appends around
+//! them.
+//!
+//! openraft 0.9 waits for each append's flush before its next log operation,
+//! so today the queue never holds more than one append (batching happens a
+//! level up, in the agent's proposer). The code does not rely on that for
+//! ordering, but two shortcuts do: removing tail entries by index after a
+//! commit, and `truncate` clearing the tail before the queue reaches it,
+//! assume no append of the same indexes is still queued. A pipelining
+//! openraft would need a generation per tail entry here.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

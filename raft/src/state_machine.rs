@@ -252,14 +252,24 @@ impl StateMachineStore {
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 
+    /// Keeps a freshly built snapshot as the current one, unless a newer
+    /// one (installed from the leader while this one was being built) is
+    /// already there: the log before that one may be purged, so it must not
+    /// be replaced by an older snapshot.
     fn save_current_snapshot(&self, meta: &SnapshotMeta<NodeId, Member>, data: &[u8]) -> StoreResult<()> {
         let meta_bytes = serde_json::to_vec(meta).map_err(snapshot_err)?;
         let mut txn = self.db.begin_write().map_err(snapshot_err)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut table = txn.open_table(META).map_err(snapshot_err)?;
-            table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice()).map_err(snapshot_err)?;
-            table.insert(KEY_SNAPSHOT_DATA, data).map_err(snapshot_err)?;
+            let stored: Option<SnapshotMeta<NodeId, Member>> = match table.get(KEY_SNAPSHOT_META).map_err(snapshot_err)? {
+                Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
+                None => None,
+            };
+            if stored.is_none_or(|stored| stored.last_log_id <= meta.last_log_id) {
+                table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice()).map_err(snapshot_err)?;
+                table.insert(KEY_SNAPSHOT_DATA, data).map_err(snapshot_err)?;
+            }
         }
         txn.commit().map_err(snapshot_err)
     }
@@ -425,10 +435,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
         self.blocking(|this| {
-            let meta: Option<SnapshotMeta<NodeId, Member>> = this.meta(KEY_SNAPSHOT_META)?;
-            let Some(meta) = meta else { return Ok(None) };
+            // Metadata and data from one read transaction, so a snapshot
+            // saved meanwhile cannot pair one's label with the other's data.
             let txn = this.db.begin_read().map_err(sm_read_err)?;
             let table = txn.open_table(META).map_err(sm_read_err)?;
+            let Some(meta_bytes) = table.get(KEY_SNAPSHOT_META).map_err(sm_read_err)?.map(|v| v.value().to_vec()) else {
+                return Ok(None);
+            };
+            let meta: SnapshotMeta<NodeId, Member> = serde_json::from_slice(&meta_bytes).map_err(sm_read_err)?;
             let data = table.get(KEY_SNAPSHOT_DATA).map_err(sm_read_err)?.map(|v| v.value().to_vec()).unwrap_or_default();
             Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
         })
@@ -439,6 +453,35 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Nothing;
+
+    impl Apply for Nothing {
+        fn apply(&self, _: &mut KvWrite<'_>, _: &LogId<NodeId>, _: &serde_json::Value) -> Result<serde_json::Value, redb::StorageError> {
+            Ok(serde_json::Value::Null)
+        }
+    }
+
+    fn meta_at(index: u64) -> SnapshotMeta<NodeId, Member> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("s{index}"),
+        }
+    }
+
+    #[test]
+    fn an_older_build_never_replaces_a_newer_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateMachineStore::open(&dir.path().join("state.redb"), Arc::new(Nothing)).unwrap();
+        store.save_current_snapshot(&meta_at(500), b"new").unwrap();
+        store.save_current_snapshot(&meta_at(100), b"old").unwrap();
+        let kept: SnapshotMeta<NodeId, Member> = store.meta(KEY_SNAPSHOT_META).unwrap().unwrap();
+        assert_eq!(kept.snapshot_id, "s500");
+        store.save_current_snapshot(&meta_at(600), b"newer").unwrap();
+        let kept: SnapshotMeta<NodeId, Member> = store.meta(KEY_SNAPSHOT_META).unwrap().unwrap();
+        assert_eq!(kept.snapshot_id, "s600");
+    }
 
     #[test]
     fn snapshot_encoding_round_trips_and_rejects_truncation() {
