@@ -80,6 +80,7 @@ impl From<DomainError> for ApiError {
             ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorCode::TokenInvalid | ErrorCode::TokenExpired | ErrorCode::TokenUsed => StatusCode::FORBIDDEN,
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
         };
         Self::new(status, e.code.as_str(), e.message)
     }

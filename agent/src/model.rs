@@ -146,6 +146,7 @@ pub enum ErrorCode {
     TokenExpired,
     TokenUsed,
     FailedPrecondition,
+    Unauthenticated,
 }
 
 impl ErrorCode {
@@ -158,6 +159,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenUsed => "token_used",
             ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -208,6 +210,18 @@ pub fn validate_description(description: &str) -> Result<(), DomainError> {
         ));
     }
     Ok(())
+}
+
+fn token_still_valid(kv: &KvWrite<'_>, audit: &crate::audit::AuditContext) -> Result<Result<(), DomainError>, allod_raft::KvError> {
+    if audit.token_id == "-" {
+        return Ok(Ok(()));
+    }
+    let revoked = || domain(ErrorCode::Unauthenticated, "the token was revoked or has expired; nothing was changed");
+    let Some(sha) = get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{}", audit.token_id))? else { return Ok(Err(revoked())) };
+    match get_json::<ApiTokenRecord>(kv, &format!("{PREFIX_API_TOKENS}{sha}"))? {
+        Some(record) if record.expires_at_ms.is_none_or(|at| at > audit.time_ms) => Ok(Ok(())),
+        _ => Ok(Err(revoked())),
+    }
 }
 
 fn append_audit(kv: &mut KvWrite<'_>, record: crate::audit::AuditRecord) -> Result<u64, allod_raft::KvError> {
@@ -427,7 +441,13 @@ impl ClusterApply {
                 Ok(serde_json::json!({ "seq": seq }))
             }
             Command::Audited { command, audit } => {
-                let outcome = Self::apply_command(kv, *command)?;
+                // The node that authorised the call may have been a moment
+                // behind: a token revoked or expired by the time the change
+                // is applied in log order changes nothing.
+                let outcome = match token_still_valid(kv, &audit)? {
+                    Err(e) => Err(e),
+                    Ok(()) => Self::apply_command(kv, *command)?,
+                };
                 let result = match &outcome {
                     Ok(_) => "ok",
                     Err(e) => e.code.as_str(),

@@ -323,3 +323,41 @@ async fn projects_carry_a_fixed_zone_nodes_carry_a_zone_label_and_the_audit_name
     .await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() {
+    use agent::model::{Command, ErrorCode};
+    let cluster = TestCluster::start(1).await;
+    let node = cluster.node(0);
+    // As if authorised by a node that had not yet applied the revocation:
+    // the command reaches the log carrying a token id that no longer exists.
+    let audit = agent::audit::AuditContext {
+        time_ms: agent::join::now_ms(),
+        user: "dana".into(),
+        token_id: "revoked0".into(),
+        source: "127.0.0.1:1".into(),
+        action: "POST /v1/projects".into(),
+        object: "/v1/projects".into(),
+        zone: None,
+    };
+    let create = Command::CreateProject { name: "sneaky".into(), description: String::new(), now_ms: 0, zone: Default::default() };
+    let outcome = node.write(&Command::Audited { command: Box::new(create), audit }).await.unwrap();
+    assert_eq!(outcome.unwrap_err().code, ErrorCode::Unauthenticated);
+    assert!(node.state.project("sneaky").unwrap().is_none());
+    let entries = node.state.audit_entries(0).unwrap();
+    assert!(entries.iter().any(|e| e.record.token_id == "revoked0" && e.record.result == "unauthenticated"), "{entries:?}");
+    // With the live admin token the same change goes through.
+    let audit = agent::audit::AuditContext {
+        time_ms: agent::join::now_ms(),
+        user: "admin".into(),
+        token_id: "admin".into(),
+        source: "127.0.0.1:1".into(),
+        action: "POST /v1/projects".into(),
+        object: "/v1/projects".into(),
+        zone: None,
+    };
+    let create = Command::CreateProject { name: "fine".into(), description: String::new(), now_ms: 0, zone: Default::default() };
+    node.write(&Command::Audited { command: Box::new(create), audit }).await.unwrap().unwrap();
+    assert!(node.state.project("fine").unwrap().is_some());
+    cluster.shutdown().await;
+}
