@@ -565,8 +565,8 @@ async fn audit_log(State(node): State<Arc<ClusterNode>>, axum::extract::Query(qu
         .state
         .audit_entries(query.after.unwrap_or(0))?
         .into_iter()
-        .filter(|e| query.user.as_ref().is_none_or(|u| &e.record.user == u))
-        .filter(|e| query.action.as_ref().is_none_or(|a| e.record.action.contains(a.as_str())))
+        .filter(|e| query.user.as_ref().is_none_or(|u| &e.record.context.user == u))
+        .filter(|e| query.action.as_ref().is_none_or(|a| e.record.context.action.contains(a.as_str())))
         .take(query.limit.unwrap_or(usize::MAX))
         .collect();
     match query.format.as_deref() {

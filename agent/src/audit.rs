@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// What happened, as the API edge saw it.
+/// Who is acting and on what, known before the outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
+pub struct AuditContext {
     pub time_ms: u64,
     /// The authenticated user, or "-" when authentication failed.
     pub user: String,
@@ -20,37 +20,24 @@ pub struct AuditRecord {
     pub action: String,
     /// The concrete path, naming the object acted on.
     pub object: String,
-    /// The classification zone of the object, once zones exist.
+    /// The classification zone of the object, if it has one.
     pub zone: Option<String>,
+}
+
+/// What happened, as the API edge saw it: the context and its outcome.
+/// Serialised flat, fields in declaration order (the hash covers that JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    #[serde(flatten)]
+    pub context: AuditContext,
     /// `ok`, or the error code the caller got (`already_exists`,
     /// `unauthenticated`, `forbidden`, ...).
     pub result: String,
 }
 
-/// Who is acting and on what, known before the outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditContext {
-    pub time_ms: u64,
-    pub user: String,
-    pub token_id: String,
-    pub source: String,
-    pub action: String,
-    pub object: String,
-    pub zone: Option<String>,
-}
-
 impl AuditContext {
     pub fn with_result(self, result: impl Into<String>) -> AuditRecord {
-        AuditRecord {
-            time_ms: self.time_ms,
-            user: self.user,
-            token_id: self.token_id,
-            source: self.source,
-            action: self.action,
-            object: self.object,
-            zone: self.zone,
-            result: result.into(),
-        }
+        AuditRecord { context: self, result: result.into() }
     }
 }
 
@@ -202,7 +189,7 @@ mod tests {
     use super::*;
 
     fn record(n: u64) -> AuditRecord {
-        AuditRecord {
+        AuditContext {
             time_ms: n,
             user: "admin".into(),
             token_id: "admin".into(),
@@ -210,8 +197,17 @@ mod tests {
             action: "POST /v1/projects".into(),
             object: format!("/v1/projects/p{n}"),
             zone: None,
-            result: "ok".into(),
         }
+        .with_result("ok")
+    }
+
+    #[test]
+    fn records_serialise_flat_in_field_order() {
+        let json = serde_json::to_string(&record(7)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"time_ms":7,"user":"admin","token_id":"admin","source":"127.0.0.1:1","action":"POST /v1/projects","object":"/v1/projects/p7","zone":null,"result":"ok"}"#
+        );
     }
 
     fn log(n: u64) -> Vec<AuditEntry> {

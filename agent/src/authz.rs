@@ -355,8 +355,11 @@ async fn authorize_inner(
     };
     match decision {
         Decision::Allow => {
+            // Only an audited (mutating) call needs the project's zone.
+            let audited = !audit.recorded.load(std::sync::atomic::Ordering::SeqCst);
             let zone = params
                 .get("name")
+                .filter(|_| audited)
                 .and_then(|name| node.state.project(name).ok().flatten())
                 .map(|project| project.zone.as_str().to_string());
             {

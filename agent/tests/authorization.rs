@@ -237,13 +237,13 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     }
     assert_eq!(entries.len(), 5, "{listed}");
     let actions: Vec<(String, String, String)> =
-        entries.iter().map(|e| (e.record.user.clone(), e.record.action.clone(), e.record.result.clone())).collect();
+        entries.iter().map(|e| (e.record.context.user.clone(), e.record.context.action.clone(), e.record.result.clone())).collect();
     let has = |user: &str, action: &str, result: &str| actions.contains(&(user.into(), action.into(), result.into()));
     assert!(has("admin", "POST /v1/projects", "ok"), "{actions:?}");
     assert!(has("admin", "POST /v1/projects", "already_exists"), "{actions:?}");
     assert!(has("-", "GET /v1/projects", "unauthenticated"), "{actions:?}");
     assert_eq!(actions.iter().filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == "ok").count(), 2, "{actions:?}");
-    assert!(entries.iter().all(|e| e.record.source.starts_with("127.0.0.1:")));
+    assert!(entries.iter().all(|e| e.record.context.source.starts_with("127.0.0.1:")));
     assert_eq!(agent::audit::verify(&entries), Ok(5));
 
     // Filters and the JSON-lines export.
@@ -255,7 +255,7 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
 
     // A copy with an entry edited or removed no longer verifies.
     let mut edited = entries.clone();
-    edited[2].record.user = "mallory".into();
+    edited[2].record.context.user = "mallory".into();
     assert!(agent::audit::verify(&edited).is_err());
     let mut removed = entries.clone();
     removed.remove(1);
@@ -345,7 +345,7 @@ async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() 
     assert_eq!(outcome.unwrap_err().code, ErrorCode::Unauthenticated);
     assert!(node.state.project("sneaky").unwrap().is_none());
     let entries = node.state.audit_entries(0).unwrap();
-    assert!(entries.iter().any(|e| e.record.token_id == "revoked0" && e.record.result == "unauthenticated"), "{entries:?}");
+    assert!(entries.iter().any(|e| e.record.context.token_id == "revoked0" && e.record.result == "unauthenticated"), "{entries:?}");
     // With the live admin token the same change goes through.
     let audit = agent::audit::AuditContext {
         time_ms: agent::join::now_ms(),
