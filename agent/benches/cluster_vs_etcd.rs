@@ -33,7 +33,11 @@ impl Drop for Killer {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -46,7 +50,11 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn cli(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(out.status.success(), "allod {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "allod {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -60,8 +68,21 @@ fn spawn_allod(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let _ = std::fs::remove_file(dir.join("listen.json"));
     Command::new(BIN)
-        .args(["agent", "--data-dir", dir.to_str().unwrap(), "--api-listen", api, "--peer-listen", peer, "--name", name])
-        .env("ALLOD_LOG", std::env::var("ALLOD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+        .args([
+            "agent",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--api-listen",
+            api,
+            "--peer-listen",
+            peer,
+            "--name",
+            name,
+        ])
+        .env(
+            "ALLOD_LOG",
+            std::env::var("ALLOD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()
@@ -72,46 +93,93 @@ fn start_allod(root: &Path, killer: &mut Killer) -> Vec<AllodNode> {
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let dir = root.join(format!("allod{i}"));
-        let (api, peer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        killer.0.push(spawn_allod(&dir, &format!("n{i}"), &api, &peer));
-        wait_until("allod admin socket", Duration::from_secs(20), || dir.join("admin.sock").exists());
+        let (api, peer) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        killer
+            .0
+            .push(spawn_allod(&dir, &format!("n{i}"), &api, &peer));
+        wait_until("allod admin socket", Duration::from_secs(20), || {
+            dir.join("admin.sock").exists()
+        });
         nodes.push(AllodNode { dir, api, peer });
     }
-    cli(&["cluster", "init", "--data-dir", nodes[0].dir.to_str().unwrap()]);
+    cli(&[
+        "cluster",
+        "init",
+        "--data-dir",
+        nodes[0].dir.to_str().unwrap(),
+    ]);
     for node in &nodes[1..] {
-        let token = cli(&["cluster", "join-token", "--data-dir", nodes[0].dir.to_str().unwrap()]);
-        cli(&["cluster", "join", "--data-dir", node.dir.to_str().unwrap(), "--token", token.trim()]);
+        let token = cli(&[
+            "cluster",
+            "join-token",
+            "--data-dir",
+            nodes[0].dir.to_str().unwrap(),
+        ]);
+        cli(&[
+            "cluster",
+            "join",
+            "--data-dir",
+            node.dir.to_str().unwrap(),
+            "--token",
+            token.trim(),
+        ]);
     }
     nodes
 }
 
 fn start_etcd(root: &Path, killer: &mut Killer) -> (Vec<String>, String) {
     let ca = CertificateAuthority::create("etcd-bench").unwrap();
-    let (key, cert) = NodeKey::generate_signed(vec!["127.0.0.1".into(), "localhost".into()], &ca, 1).unwrap();
+    let (key, cert) =
+        NodeKey::generate_signed(vec!["127.0.0.1".into(), "localhost".into()], &ca, 1).unwrap();
     let tls = root.join("etcd-tls");
     std::fs::create_dir_all(&tls).unwrap();
     std::fs::write(tls.join("ca.pem"), &ca.cert_pem).unwrap();
     std::fs::write(tls.join("cert.pem"), &cert).unwrap();
     std::fs::write(tls.join("key.pem"), &key).unwrap();
-    let members: Vec<(String, u16, u16)> = (1..=3).map(|i| (format!("e{i}"), free_port(), free_port())).collect();
-    let initial: Vec<String> = members.iter().map(|(n, _, p)| format!("{n}=https://127.0.0.1:{p}")).collect();
+    let members: Vec<(String, u16, u16)> = (1..=3)
+        .map(|i| (format!("e{i}"), free_port(), free_port()))
+        .collect();
+    let initial: Vec<String> = members
+        .iter()
+        .map(|(n, _, p)| format!("{n}=https://127.0.0.1:{p}"))
+        .collect();
     let initial = initial.join(",");
     for (name, client, peer) in &members {
         let t = |f: &str| tls.join(f).to_str().unwrap().to_string();
         let child = Command::new("etcd")
             .args([
-                "--name", name,
-                "--data-dir", root.join(name).to_str().unwrap(),
-                "--listen-client-urls", &format!("https://127.0.0.1:{client}"),
-                "--advertise-client-urls", &format!("https://127.0.0.1:{client}"),
-                "--listen-peer-urls", &format!("https://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls", &format!("https://127.0.0.1:{peer}"),
-                "--initial-cluster", &initial,
-                "--initial-cluster-state", "new",
-                "--cert-file", &t("cert.pem"), "--key-file", &t("key.pem"),
-                "--peer-cert-file", &t("cert.pem"), "--peer-key-file", &t("key.pem"), "--peer-trusted-ca-file", &t("ca.pem"),
+                "--name",
+                name,
+                "--data-dir",
+                root.join(name).to_str().unwrap(),
+                "--listen-client-urls",
+                &format!("https://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("https://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("https://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("https://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--cert-file",
+                &t("cert.pem"),
+                "--key-file",
+                &t("key.pem"),
+                "--peer-cert-file",
+                &t("cert.pem"),
+                "--peer-key-file",
+                &t("key.pem"),
+                "--peer-trusted-ca-file",
+                &t("ca.pem"),
                 "--peer-client-cert-auth",
-                "--log-level", "error",
+                "--log-level",
+                "error",
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(root.join(format!("{name}.log"))).unwrap())
@@ -119,7 +187,10 @@ fn start_etcd(root: &Path, killer: &mut Killer) -> (Vec<String>, String) {
             .expect("etcd is installed (apt-get install etcd-server)");
         killer.0.push(child);
     }
-    let urls = members.iter().map(|(_, c, _)| format!("https://127.0.0.1:{c}")).collect();
+    let urls = members
+        .iter()
+        .map(|(_, c, _)| format!("https://127.0.0.1:{c}"))
+        .collect();
     (urls, ca.cert_pem)
 }
 
@@ -137,7 +208,15 @@ struct Measurement {
     errors: usize,
 }
 
-async fn drive(target: Target, urls: &[String], ca_pem: &str, token: &str, clients: usize, total: usize, tag: &str) -> Measurement {
+async fn drive(
+    target: Target,
+    urls: &[String],
+    ca_pem: &str,
+    token: &str,
+    clients: usize,
+    total: usize,
+    tag: &str,
+) -> Measurement {
     let http = reqwest::Client::builder()
         .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
         .pool_max_idle_per_host(clients)
@@ -148,7 +227,13 @@ async fn drive(target: Target, urls: &[String], ca_pem: &str, token: &str, clien
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, next, urls, token, tag) = (http.clone(), next.clone(), urls.to_vec(), token.to_string(), tag.to_string());
+        let (http, next, urls, token, tag) = (
+            http.clone(),
+            next.clone(),
+            urls.to_vec(),
+            token.to_string(),
+            tag.to_string(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
@@ -187,13 +272,28 @@ async fn drive(target: Target, urls: &[String], ca_pem: &str, token: &str, clien
     }
     let seconds = started.elapsed().as_secs_f64();
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
-    Measurement { ops: latencies.len(), seconds, p50_ms: pct(0.50), p99_ms: pct(0.99), errors }
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(f64::NAN)
+    };
+    Measurement {
+        ops: latencies.len(),
+        seconds,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
 }
 
 fn proc_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn proc_cpu_ticks(pid: u32) -> u64 {
@@ -208,28 +308,50 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
 
 fn main() {
     if Command::new("etcd").arg("--version").output().is_err() {
-        eprintln!("etcd is not installed; run `bash .ci/bench`, which installs Debian's etcd-server");
+        eprintln!(
+            "etcd is not installed; run `bash .ci/bench`, which installs Debian's etcd-server"
+        );
         std::process::exit(1);
     }
     // For profiling Allod alone: ALLOD_BENCH_ONLY=allod skips the etcd runs.
     let allod_only = std::env::var("ALLOD_BENCH_ONLY").is_ok_and(|v| v == "allod");
-    let scale: usize = std::env::var("ALLOD_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tmp = tempfile::Builder::new().prefix("allod-bench").tempdir().unwrap();
+    let scale: usize = std::env::var("ALLOD_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("allod-bench")
+        .tempdir()
+        .unwrap();
     eprintln!("agent logs: {}/allod*.log", tmp.path().display());
     let mut killer = Killer(Vec::new());
 
     let allod = start_allod(tmp.path(), &mut killer);
     let allod_urls: Vec<String> = allod.iter().map(|n| format!("https://{}", n.api)).collect();
     let allod_ca = std::fs::read_to_string(allod[0].dir.join("ca.pem")).unwrap();
-    let token = std::fs::read_to_string(allod[0].dir.join("admin.token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(allod[0].dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
     let (etcd_urls, etcd_ca) = start_etcd(tmp.path(), &mut killer);
     runtime.block_on(async {
-        let probe = reqwest::Client::builder().use_preconfigured_tls(agent::pki::ca_client_config(&etcd_ca).unwrap()).build().unwrap();
+        let probe = reqwest::Client::builder()
+            .use_preconfigured_tls(agent::pki::ca_client_config(&etcd_ca).unwrap())
+            .build()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last;
         loop {
-            let reply = probe.post(format!("{}/v3/kv/put", etcd_urls[0])).json(&json!({"key": "cHJvYmU=", "value": "MQ=="})).send().await;
+            let reply = probe
+                .post(format!("{}/v3/kv/put", etcd_urls[0]))
+                .json(&json!({"key": "cHJvYmU=", "value": "MQ=="}))
+                .send()
+                .await;
             match reply {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) => last = format!("HTTP {}", r.status()),
@@ -238,7 +360,10 @@ fn main() {
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(tmp.path().join("e1.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                panic!("etcd did not come up ({last}); the end of its log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                panic!(
+                    "etcd did not come up ({last}); the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -255,12 +380,18 @@ fn main() {
             }
             let tag = format!("c{clients}");
             let m = runtime.block_on(match target {
-                Target::Allod => drive(target, &allod_urls, &allod_ca, &token, clients, total, &tag),
+                Target::Allod => {
+                    drive(target, &allod_urls, &allod_ca, &token, clients, total, &tag)
+                }
                 Target::Etcd => drive(target, &etcd_urls, &etcd_ca, "", clients, total, &tag),
             });
             println!(
                 "| {clients} client(s) | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
-                m.ops, m.ops as f64 / m.seconds, m.p50_ms, m.p99_ms, m.errors
+                m.ops,
+                m.ops as f64 / m.seconds,
+                m.p50_ms,
+                m.p99_ms,
+                m.errors
             );
             pair.push(m);
         }
@@ -281,7 +412,15 @@ fn main() {
     let have: usize = results.iter().map(|(_, p)| p[0].ops).sum();
     let fill = 10_000usize.saturating_sub(have);
     if fill > 0 {
-        runtime.block_on(drive(Target::Allod, &allod_urls, &allod_ca, &token, 64, fill, "fill"));
+        runtime.block_on(drive(
+            Target::Allod,
+            &allod_urls,
+            &allod_ca,
+            &token,
+            64,
+            fill,
+            "fill",
+        ));
     }
     let pids: Vec<u32> = killer.0[..3].iter().map(|c| c.id()).collect();
     std::thread::sleep(Duration::from_secs(2));
@@ -291,25 +430,54 @@ fn main() {
     std::thread::sleep(idle_window);
     println!();
     for (i, &pid) in pids.iter().enumerate() {
-        let cpu = (proc_cpu_ticks(pid) - before[i]) as f64 / ticks_per_sec / idle_window.as_secs_f64() * 100.0;
+        let cpu =
+            (proc_cpu_ticks(pid) - before[i]) as f64 / ticks_per_sec / idle_window.as_secs_f64()
+                * 100.0;
         println!("agent n{}: idle CPU {:.2} % of a core over {}s, RSS {:.1} MiB (10,000+ projects in state)", i + 1, cpu, idle_window.as_secs(), proc_rss_kib(pid) as f64 / 1024.0);
     }
 
     // Restart to ready: SIGTERM a follower, start it again, time until
     // /readyz answers 200 and a linearizable list returns every object.
     let leader_api = runtime.block_on(async {
-        let http = reqwest::Client::builder().use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap()).build().unwrap();
-        let c: serde_json::Value = http.get(format!("{}/v1/cluster", allod_urls[0])).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap())
+            .build()
+            .unwrap();
+        let c: serde_json::Value = http
+            .get(format!("{}/v1/cluster", allod_urls[0]))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let leader = c["leader_id"].as_u64().unwrap();
-        c["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap()["api_addr"].as_str().unwrap().to_string()
+        c["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == leader)
+            .unwrap()["api_addr"]
+            .as_str()
+            .unwrap()
+            .to_string()
     });
     let victim = allod.iter().position(|n| n.api != leader_api).unwrap();
     let node = &allod[victim];
-    let status = Command::new("kill").args(["-TERM", &killer.0[victim].id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &killer.0[victim].id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     killer.0[victim].wait().unwrap();
     let t0 = Instant::now();
-    killer.0[victim] = spawn_allod(&node.dir, &format!("n{}", victim + 1), &node.api, &node.peer);
+    killer.0[victim] = spawn_allod(
+        &node.dir,
+        &format!("n{}", victim + 1),
+        &node.api,
+        &node.peer,
+    );
     let (ready, listed, count) = runtime.block_on(async {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap())
@@ -326,7 +494,15 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let ready = t0.elapsed();
-        let list: Vec<serde_json::Value> = http.get(format!("{url}/v1/projects")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let list: Vec<serde_json::Value> = http
+            .get(format!("{url}/v1/projects"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         (ready, t0.elapsed(), list.len())
     });
     println!(

@@ -41,9 +41,13 @@ pub fn spawn(agent: Arc<Agent>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))
+        }
     }
-    let listener = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
@@ -63,13 +67,17 @@ pub fn spawn(agent: Arc<Agent>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
 
 async fn handle(agent: Arc<Agent>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES as u64));
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(
+        read,
+        MAX_REQUEST_BYTES as u64,
+    ));
     let mut line = String::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<AdminEvent>();
     let request = match reader.read_line(&mut line).await {
         Ok(0) => return,
-        Ok(_) => serde_json::from_str::<AdminRequest>(&line)
-            .map_err(|e| format!("the admin request does not parse ({e}); use the `allod cluster` commands")),
+        Ok(_) => serde_json::from_str::<AdminRequest>(&line).map_err(|e| {
+            format!("the admin request does not parse ({e}); use the `allod cluster` commands")
+        }),
         Err(e) => Err(format!("cannot read the admin request: {e}")),
     };
     let worker = tokio::spawn(async move {
@@ -81,7 +89,9 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
             Err(message) => AdminEvent::Failed { message },
             Ok(request) => match execute(&agent, request, &progress).await {
                 Ok(result) => AdminEvent::Done { result },
-                Err(e) => AdminEvent::Failed { message: crate::error_chain_anyhow(&e) },
+                Err(e) => AdminEvent::Failed {
+                    message: crate::error_chain_anyhow(&e),
+                },
             },
         };
         let _ = tx.send(final_event);
@@ -104,22 +114,32 @@ async fn execute(
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> anyhow::Result<serde_json::Value> {
     match request {
-        AdminRequest::Init { cluster_name } => Ok(serde_json::to_value(agent.init(cluster_name).await?)?),
-        AdminRequest::Join { token } => Ok(serde_json::to_value(agent.join(&token, progress).await?)?),
+        AdminRequest::Init { cluster_name } => {
+            Ok(serde_json::to_value(agent.init(cluster_name).await?)?)
+        }
+        AdminRequest::Join { token } => {
+            Ok(serde_json::to_value(agent.join(&token, progress).await?)?)
+        }
         AdminRequest::JoinToken { ttl_secs } => {
-            let node = agent.node().ok_or(crate::daemon::SetupError::NotConfigured)?;
+            let node = agent
+                .node()
+                .ok_or(crate::daemon::SetupError::NotConfigured)?;
             if ttl_secs == 0 {
                 anyhow::bail!("a join token's lifetime must be at least one second");
             }
             let (token, text) = crate::join::create_token(&node, ttl_secs).await?;
-            Ok(serde_json::json!({ "token": text, "expires_at_ms": token.expires_at_ms, "ca_fingerprint": token.ca_fingerprint }))
+            Ok(
+                serde_json::json!({ "token": text, "expires_at_ms": token.expires_at_ms, "ca_fingerprint": token.ca_fingerprint }),
+            )
         }
         AdminRequest::Remove { node } => {
             let id = agent.remove(&node).await?;
             Ok(serde_json::json!({ "removed": id }))
         }
         AdminRequest::Status => match agent.node() {
-            None => Ok(serde_json::json!({ "configured": false, "api_addr": agent.api_addr, "peer_addr": agent.peer_addr })),
+            None => Ok(
+                serde_json::json!({ "configured": false, "api_addr": agent.api_addr, "peer_addr": agent.peer_addr }),
+            ),
             Some(node) => Ok(serde_json::json!({
                 "configured": true,
                 "cluster_id": node.config.cluster_id,
@@ -153,10 +173,19 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> anyhow::Result<
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    write.write_all(&line).await.context("cannot send the admin request")?;
+    write
+        .write_all(&line)
+        .await
+        .context("cannot send the admin request")?;
     let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await.context("cannot read the agent's answer")? {
-        match serde_json::from_str::<AdminEvent>(&line).context("the agent's answer does not parse")? {
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .context("cannot read the agent's answer")?
+    {
+        match serde_json::from_str::<AdminEvent>(&line)
+            .context("the agent's answer does not parse")?
+        {
             AdminEvent::Progress { message } => eprintln!("{message}"),
             AdminEvent::Done { result } => return Ok(result),
             AdminEvent::Failed { message } => anyhow::bail!("{message}"),

@@ -12,15 +12,15 @@ use std::time::Duration;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware;
-use axum::Extension;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::join::{sha256_hex, JoinRequest, JoinResponse};
 use crate::authz::{Principal, Role};
+use crate::join::{sha256_hex, JoinRequest, JoinResponse};
 use crate::model::{validate_name, Command, DomainError, ErrorCode, Project, TokenScope};
 use crate::node::{ClusterError, ClusterNode, MemberView};
 
@@ -48,7 +48,11 @@ struct ErrorDetail<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
@@ -67,7 +71,12 @@ impl IntoResponse for ApiError {
         if self.status.is_client_error() {
             tracing::debug!(code = self.code, message = %self.message, "request refused");
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.code, message: &self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -78,7 +87,9 @@ impl From<DomainError> for ApiError {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
-            ErrorCode::TokenInvalid | ErrorCode::TokenExpired | ErrorCode::TokenUsed => StatusCode::FORBIDDEN,
+            ErrorCode::TokenInvalid | ErrorCode::TokenExpired | ErrorCode::TokenUsed => {
+                StatusCode::FORBIDDEN
+            }
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
         };
@@ -90,14 +101,29 @@ impl From<ClusterError> for ApiError {
     fn from(e: ClusterError) -> Self {
         match e {
             ClusterError::Domain(d) => d.into(),
-            ClusterError::NoLeader { .. } | ClusterError::NoQuorum | ClusterError::NotLeader { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", crate::error_chain(&e))
+            ClusterError::NoLeader { .. }
+            | ClusterError::NoQuorum
+            | ClusterError::NotLeader { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                crate::error_chain(&e),
+            ),
+            ClusterError::Unconfirmed { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+            ClusterError::Peer(_) | ClusterError::Leader { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "{}; the outcome is unknown, retry the request",
+                    crate::error_chain(&e)
+                ),
+            ),
+            ClusterError::Membership { .. } => {
+                Self::new(StatusCode::CONFLICT, "failed_precondition", e.to_string())
             }
-            ClusterError::Unconfirmed { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-            ClusterError::Peer(_) | ClusterError::Leader { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{}; the outcome is unknown, retry the request", crate::error_chain(&e)))
-            }
-            ClusterError::Membership { .. } => Self::new(StatusCode::CONFLICT, "failed_precondition", e.to_string()),
             other => Self::internal(&other),
         }
     }
@@ -125,7 +151,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                     StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
                     other => other,
                 };
-                let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "payload_too_large"
+                } else {
+                    "invalid_request"
+                };
                 let hint = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     format!("request body is larger than {MAX_BODY_BYTES} bytes")
                 } else {
@@ -145,7 +175,10 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
     use crate::authz::Permission::*;
     use crate::authz::{Role, Routes};
     use axum::http::Method;
-    let project = |role| Project { param: "name", role };
+    let project = |role| Project {
+        param: "name",
+        role,
+    };
     Routes::default()
         .add(Method::GET, "/healthz", Public, healthz)
         .add(Method::GET, "/readyz", Public, readyz)
@@ -156,27 +189,73 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
         .add(Method::GET, "/v1/nodes", Authenticated, nodes)
         .add(Method::GET, "/v1/projects", Authenticated, list_projects)
         .add(Method::POST, "/v1/projects", ClusterAdmin, create_project)
-        .add(Method::GET, "/v1/projects/{name}", project(Role::ProjectViewer), show_project)
-        .add(Method::PATCH, "/v1/projects/{name}", project(Role::ProjectAdmin), update_project)
-        .add(Method::DELETE, "/v1/projects/{name}", project(Role::ClusterAdmin), delete_project)
+        .add(
+            Method::GET,
+            "/v1/projects/{name}",
+            project(Role::ProjectViewer),
+            show_project,
+        )
+        .add(
+            Method::PATCH,
+            "/v1/projects/{name}",
+            project(Role::ProjectAdmin),
+            update_project,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}",
+            project(Role::ClusterAdmin),
+            delete_project,
+        )
         .add(Method::GET, "/v1/users", ClusterAdmin, list_users)
         .add(Method::POST, "/v1/users", ClusterAdmin, create_user)
-        .add(Method::POST, "/v1/users/{user}/roles", ClusterAdmin, grant_role)
-        .add(Method::GET, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, list_tokens)
-        .add(Method::POST, "/v1/users/{user}/tokens", SelfOrClusterAdmin { param: "user" }, create_token)
-        .add(Method::DELETE, "/v1/tokens/{id}", TokenOwnerOrClusterAdmin { param: "id" }, revoke_token)
+        .add(
+            Method::POST,
+            "/v1/users/{user}/roles",
+            ClusterAdmin,
+            grant_role,
+        )
+        .add(
+            Method::GET,
+            "/v1/users/{user}/tokens",
+            SelfOrClusterAdmin { param: "user" },
+            list_tokens,
+        )
+        .add(
+            Method::POST,
+            "/v1/users/{user}/tokens",
+            SelfOrClusterAdmin { param: "user" },
+            create_token,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/tokens/{id}",
+            TokenOwnerOrClusterAdmin { param: "id" },
+            revoke_token,
+        )
         .add(Method::GET, "/v1/audit", ClusterAdmin, audit_log)
         .add(Method::GET, "/v1/zones", Authenticated, zones)
-        .add(Method::PUT, "/v1/nodes/{node}/zone", ClusterAdmin, set_node_zone)
+        .add(
+            Method::PUT,
+            "/v1/nodes/{node}/zone",
+            ClusterAdmin,
+            set_node_zone,
+        )
 }
 
 pub fn router(node: Arc<ClusterNode>) -> Router {
     let (router, table) = routes().finish();
     router
-        .route_layer(middleware::from_fn_with_state((node.clone(), table), crate::authz::authorize))
+        .route_layer(middleware::from_fn_with_state(
+            (node.clone(), table),
+            crate::authz::authorize,
+        ))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .with_state(node)
 }
 
@@ -192,7 +271,11 @@ pub fn unconfigured_router() -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route; see the README for the API's routes")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such API route; see the README for the API's routes",
+    )
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -201,13 +284,24 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(node): State<Arc<ClusterNode>>) -> Response {
     match node.leader() {
-        Some(leader) => Json(serde_json::json!({ "ready": true, "leader_id": leader })).into_response(),
-        None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no leader is known yet").into_response(),
+        Some(leader) => {
+            Json(serde_json::json!({ "ready": true, "leader_id": leader })).into_response()
+        }
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no leader is known yet",
+        )
+        .into_response(),
     }
 }
 
 async fn ca_certificate(State(node): State<Arc<ClusterNode>>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], node.tls.ca_pem.clone()).into_response()
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        node.tls.ca_pem.clone(),
+    )
+        .into_response()
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
@@ -252,8 +346,15 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
         node.members()
             .into_iter()
             .map(|m| NodeView {
-                joined_at_ms: records.iter().find(|r| r.id == m.id).map(|r| r.joined_at_ms),
-                zone: records.iter().find(|r| r.id == m.id).map(|r| r.zone).unwrap_or_default(),
+                joined_at_ms: records
+                    .iter()
+                    .find(|r| r.id == m.id)
+                    .map(|r| r.joined_at_ms),
+                zone: records
+                    .iter()
+                    .find(|r| r.id == m.id)
+                    .map(|r| r.zone)
+                    .unwrap_or_default(),
                 is_leader: leader == Some(m.id),
                 id: m.id,
                 name: m.name,
@@ -278,7 +379,11 @@ struct CreateProject {
 
 fn parse_zone(text: &str) -> ApiResult<crate::zones::Zone> {
     crate::zones::Zone::parse(text).ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"),
+        )
     })
 }
 
@@ -293,10 +398,18 @@ fn project_from(value: serde_json::Value) -> ApiResult<Project> {
 }
 
 /// Lists the projects the caller has a role in (all, for cluster admins).
-async fn list_projects(State(node): State<Arc<ClusterNode>>, Extension(caller): Extension<Principal>) -> ApiResult<Json<Vec<Project>>> {
+async fn list_projects(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+) -> ApiResult<Json<Vec<Project>>> {
     node.linearizable_read().await?;
     let projects = node.state.projects()?;
-    Ok(Json(projects.into_iter().filter(|p| caller.role_in(&p.name).is_some()).collect()))
+    Ok(Json(
+        projects
+            .into_iter()
+            .filter(|p| caller.role_in(&p.name).is_some())
+            .collect(),
+    ))
 }
 
 async fn create_project(
@@ -310,18 +423,33 @@ async fn create_project(
         None => crate::zones::Zone::default(),
     };
     let outcome = node
-        .write(&Command::CreateProject { name: body.name, description: body.description, now_ms: crate::join::now_ms(), zone })
+        .write(&Command::CreateProject {
+            name: body.name,
+            description: body.description,
+            now_ms: crate::join::now_ms(),
+            zone,
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(project_from(outcome?)?)))
 }
 
 fn project_not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("project {name:?} does not exist"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("project {name:?} does not exist"),
+    )
 }
 
-async fn show_project(State(node): State<Arc<ClusterNode>>, Path(name): Path<String>) -> ApiResult<Json<Project>> {
+async fn show_project(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Project>> {
     node.linearizable_read().await?;
-    node.state.project(&name)?.map(Json).ok_or_else(|| project_not_found(&name))
+    node.state
+        .project(&name)?
+        .map(Json)
+        .ok_or_else(|| project_not_found(&name))
 }
 
 async fn update_project(
@@ -330,27 +458,58 @@ async fn update_project(
     ApiJson(body): ApiJson<UpdateProject>,
 ) -> ApiResult<Json<Project>> {
     crate::model::validate_description(&body.description)?;
-    let outcome = node.write(&Command::UpdateProject { name, description: body.description }).await?;
+    let outcome = node
+        .write(&Command::UpdateProject {
+            name,
+            description: body.description,
+        })
+        .await?;
     Ok(Json(project_from(outcome?)?))
 }
 
-async fn delete_project(State(node): State<Arc<ClusterNode>>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_project(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     node.write(&Command::DeleteProject { name }).await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// A joining node spends its token here and receives its certificate.
-async fn join(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<JoinRequest>) -> ApiResult<Json<JoinResponse>> {
+async fn join(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<JoinRequest>,
+) -> ApiResult<Json<JoinResponse>> {
     validate_name("node", &body.name)?;
     for (what, addr) in [("api_addr", &body.api_addr), ("peer_addr", &body.peer_addr)] {
-        if addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("{what} {addr:?} is not HOST:PORT")));
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("{what} {addr:?} is not HOST:PORT"),
+            ));
         }
     }
-    crate::pki::check_csr(&body.csr_pem)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", crate::error_chain(&e)))?;
+    crate::pki::check_csr(&body.csr_pem).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            crate::error_chain(&e),
+        )
+    })?;
     if node.members().iter().any(|m| m.name == body.name) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "already_exists", format!("a member named {:?} already exists; pick another node name", body.name)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!(
+                "a member named {:?} already exists; pick another node name",
+                body.name
+            ),
+        ));
     }
     let outcome = node
         .write(&Command::ConsumeJoinToken {
@@ -360,12 +519,27 @@ async fn join(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<JoinR
             node_name: body.name,
         })
         .await??;
-    let node_id = outcome.get("node_id").and_then(|v| v.as_u64()).ok_or_else(|| ApiError::internal(&std::io::Error::other("join outcome has no node id")))?;
-    let ca_key_pem = std::fs::read_to_string(node.data_dir.ca_key()).map_err(|e| ApiError::internal(&e))?;
-    let cert_pem = crate::pki::CertificateAuthority::sign_node_csr(&node.tls.ca_pem, &ca_key_pem, &body.csr_pem, node_id)
-        .map_err(|e| ApiError::internal(&e))?;
+    let node_id = outcome
+        .get("node_id")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| ApiError::internal(&std::io::Error::other("join outcome has no node id")))?;
+    let ca_key_pem =
+        std::fs::read_to_string(node.data_dir.ca_key()).map_err(|e| ApiError::internal(&e))?;
+    let cert_pem = crate::pki::CertificateAuthority::sign_node_csr(
+        &node.tls.ca_pem,
+        &ca_key_pem,
+        &body.csr_pem,
+        node_id,
+    )
+    .map_err(|e| ApiError::internal(&e))?;
     tracing::info!(node_id, "issued a certificate to a joining node");
-    Ok(Json(JoinResponse { node_id, cluster_id: node.config.cluster_id.clone(), cert_pem, ca_pem: node.tls.ca_pem.clone(), ca_key_pem }))
+    Ok(Json(JoinResponse {
+        node_id,
+        cluster_id: node.config.cluster_id.clone(),
+        cert_pem,
+        ca_pem: node.tls.ca_pem.clone(),
+        ca_key_pem,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -383,7 +557,9 @@ async fn hash_password(password: String) -> ApiResult<String> {
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
         let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
     })
     .await
     .map_err(|e| ApiError::internal(&e))?
@@ -393,35 +569,58 @@ async fn hash_password(password: String) -> ApiResult<String> {
 async fn verify_password(password: String, phc: String) -> bool {
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{PasswordHash, PasswordVerifier};
-        PasswordHash::new(&phc).is_ok_and(|hash| argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
+        PasswordHash::new(&phc).is_ok_and(|hash| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &hash)
+                .is_ok()
+        })
     })
     .await
     .unwrap_or(false)
 }
 
-async fn list_users(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<serde_json::Value>>> {
+async fn list_users(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
     node.linearizable_read().await?;
     let mut users = Vec::new();
     for user in node.state.users()? {
         let mut view = crate::model::user_view(&user);
-        let grants: serde_json::Map<String, serde_json::Value> =
-            node.state.grants_of(&user.name)?.into_iter().map(|(p, r)| (p, r.as_str().into())).collect();
+        let grants: serde_json::Map<String, serde_json::Value> = node
+            .state
+            .grants_of(&user.name)?
+            .into_iter()
+            .map(|(p, r)| (p, r.as_str().into()))
+            .collect();
         view["projects"] = grants.into();
         users.push(view);
     }
     Ok(Json(users))
 }
 
-async fn create_user(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<CreateUser>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn create_user(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<CreateUser>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     validate_name("user", &body.name)?;
     let password_phc = match body.password {
         Some(p) if p.chars().count() < MIN_PASSWORD_CHARS => {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("the password must have at least {MIN_PASSWORD_CHARS} characters")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("the password must have at least {MIN_PASSWORD_CHARS} characters"),
+            ));
         }
         Some(p) => Some(hash_password(p).await?),
         None => None,
     };
-    let outcome = node.write(&Command::CreateUser { name: body.name, password_phc, now_ms: crate::join::now_ms() }).await?;
+    let outcome = node
+        .write(&Command::CreateUser {
+            name: body.name,
+            password_phc,
+            now_ms: crate::join::now_ms(),
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(outcome?)))
 }
 
@@ -443,9 +642,19 @@ fn parse_role(text: &str) -> ApiResult<Role> {
     })
 }
 
-async fn grant_role(State(node): State<Arc<ClusterNode>>, Path(user): Path<String>, ApiJson(body): ApiJson<GrantRole>) -> ApiResult<Json<serde_json::Value>> {
+async fn grant_role(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+    ApiJson(body): ApiJson<GrantRole>,
+) -> ApiResult<Json<serde_json::Value>> {
     let role = parse_role(&body.role)?;
-    let outcome = node.write(&Command::GrantRole { user, project: body.project, role }).await?;
+    let outcome = node
+        .write(&Command::GrantRole {
+            user,
+            project: body.project,
+            role,
+        })
+        .await?;
     Ok(Json(outcome?))
 }
 
@@ -470,7 +679,12 @@ struct NewToken {
     expires_at_ms: Option<u64>,
 }
 
-async fn issue_token(node: &ClusterNode, user: String, scope: TokenScope, expires_in_secs: Option<u64>) -> ApiResult<NewToken> {
+async fn issue_token(
+    node: &ClusterNode,
+    user: String,
+    scope: TokenScope,
+    expires_in_secs: Option<u64>,
+) -> ApiResult<NewToken> {
     let id = crate::join::random_hex(8);
     let token = format!("allod_{}", crate::join::random_hex(32));
     let now_ms = crate::join::now_ms();
@@ -484,7 +698,13 @@ async fn issue_token(node: &ClusterNode, user: String, scope: TokenScope, expire
         expires_at_ms,
     })
     .await??;
-    Ok(NewToken { id, token, user, scope, expires_at_ms })
+    Ok(NewToken {
+        id,
+        token,
+        user,
+        scope,
+        expires_at_ms,
+    })
 }
 
 async fn create_token(
@@ -498,28 +718,55 @@ async fn create_token(
         (Some(project), role) => {
             let role = parse_role(role.as_deref().unwrap_or("project-viewer"))?;
             if role == Role::ClusterAdmin {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "a project token cannot carry the cluster-admin role"));
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "a project token cannot carry the cluster-admin role",
+                ));
             }
             // Nobody learns of a project through a token request.
             if caller.role_in(&project).is_none() {
-                return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("project {project:?} does not exist")));
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("project {project:?} does not exist"),
+                ));
             }
             TokenScope::Project { project, role }
         }
-        (None, Some(_)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "a token role needs --project")),
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "a token role needs --project",
+            ))
+        }
     };
     if body.expires_in_secs == Some(0) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", "expires_in_secs must be more than zero"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "expires_in_secs must be more than zero",
+        ));
     }
-    Ok((StatusCode::CREATED, Json(issue_token(&node, user, scope, body.expires_in_secs).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(issue_token(&node, user, scope, body.expires_in_secs).await?),
+    ))
 }
 
-async fn list_tokens(State(node): State<Arc<ClusterNode>>, Path(user): Path<String>) -> ApiResult<Json<Vec<crate::model::ApiTokenRecord>>> {
+async fn list_tokens(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Vec<crate::model::ApiTokenRecord>>> {
     node.linearizable_read().await?;
     Ok(Json(node.state.tokens_of(&user)?))
 }
 
-async fn revoke_token(State(node): State<Arc<ClusterNode>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn revoke_token(
+    State(node): State<Arc<ClusterNode>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     node.write(&Command::RevokeToken { id }).await??;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -534,15 +781,34 @@ struct Login {
 /// Sessions from `allod login` last a day.
 const LOGIN_TOKEN_SECS: u64 = 24 * 3600;
 
-async fn login(State(node): State<Arc<ClusterNode>>, ApiJson(body): ApiJson<Login>) -> ApiResult<Json<NewToken>> {
-    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown user or wrong password");
+async fn login(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<Login>,
+) -> ApiResult<Json<NewToken>> {
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown user or wrong password",
+        )
+    };
     let user = node.state.user(&body.user)?.ok_or_else(refused)?;
-    let Some(phc) = user.password_phc else { return Err(refused()) };
+    let Some(phc) = user.password_phc else {
+        return Err(refused());
+    };
     if !verify_password(body.password, phc).await {
         tracing::info!(user = body.user, "login refused: wrong password");
         return Err(refused());
     }
-    Ok(Json(issue_token(&node, user.name, TokenScope::Cluster, Some(LOGIN_TOKEN_SECS)).await?))
+    Ok(Json(
+        issue_token(
+            &node,
+            user.name,
+            TokenScope::Cluster,
+            Some(LOGIN_TOKEN_SECS),
+        )
+        .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -559,14 +825,27 @@ struct AuditQuery {
     format: Option<String>,
 }
 
-async fn audit_log(State(node): State<Arc<ClusterNode>>, axum::extract::Query(query): axum::extract::Query<AuditQuery>) -> ApiResult<Response> {
+async fn audit_log(
+    State(node): State<Arc<ClusterNode>>,
+    axum::extract::Query(query): axum::extract::Query<AuditQuery>,
+) -> ApiResult<Response> {
     node.linearizable_read().await?;
     let entries: Vec<crate::audit::AuditEntry> = node
         .state
         .audit_entries(query.after.unwrap_or(0))?
         .into_iter()
-        .filter(|e| query.user.as_ref().is_none_or(|u| &e.record.context.user == u))
-        .filter(|e| query.action.as_ref().is_none_or(|a| e.record.context.action.contains(a.as_str())))
+        .filter(|e| {
+            query
+                .user
+                .as_ref()
+                .is_none_or(|u| &e.record.context.user == u)
+        })
+        .filter(|e| {
+            query
+                .action
+                .as_ref()
+                .is_none_or(|a| e.record.context.action.contains(a.as_str()))
+        })
         .take(query.limit.unwrap_or(usize::MAX))
         .collect();
     match query.format.as_deref() {
@@ -577,9 +856,17 @@ async fn audit_log(State(node): State<Arc<ClusterNode>>, axum::extract::Query(qu
                 body.push_str(&serde_json::to_string(entry).expect("entries serialise"));
                 body.push('\n');
             }
-            Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+            Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                body,
+            )
+                .into_response())
         }
-        Some(other) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("unknown format {other:?}; use json or jsonl"))),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("unknown format {other:?}; use json or jsonl"),
+        )),
     }
 }
 
@@ -593,11 +880,19 @@ struct SetZone {
     zone: String,
 }
 
-async fn set_node_zone(State(node): State<Arc<ClusterNode>>, Path(id): Path<String>, ApiJson(body): ApiJson<SetZone>) -> ApiResult<Json<serde_json::Value>> {
+async fn set_node_zone(
+    State(node): State<Arc<ClusterNode>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SetZone>,
+) -> ApiResult<Json<serde_json::Value>> {
     let zone = parse_zone(&body.zone)?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("{id:?} is not a node id; `allod cluster status` lists them")))?;
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("{id:?} is not a node id; `allod cluster status` lists them"),
+        )
+    })?;
     let outcome = node.write(&Command::SetNodeZone { id, zone }).await?;
     Ok(Json(outcome?))
 }

@@ -37,7 +37,10 @@ pub struct AuditRecord {
 
 impl AuditContext {
     pub fn with_result(self, result: impl Into<String>) -> AuditRecord {
-        AuditRecord { context: self, result: result.into() }
+        AuditRecord {
+            context: self,
+            result: result.into(),
+        }
     }
 }
 
@@ -58,8 +61,10 @@ tokio::task_local! {
 pub fn take_request_context() -> Option<AuditContext> {
     REQUEST_AUDIT
         .try_with(|audit| {
-            (!audit.recorded.swap(true, std::sync::atomic::Ordering::SeqCst))
-                .then(|| audit.context.lock().expect("audit context").clone())
+            (!audit
+                .recorded
+                .swap(true, std::sync::atomic::Ordering::SeqCst))
+            .then(|| audit.context.lock().expect("audit context").clone())
         })
         .ok()
         .flatten()
@@ -107,7 +112,10 @@ pub struct FailureBudget {
 
 impl FailureBudget {
     pub fn new(per_second: u32) -> Self {
-        Self { window: std::sync::Mutex::new((0, 0, 0)), per_second }
+        Self {
+            window: std::sync::Mutex::new((0, 0, 0)),
+            per_second,
+        }
     }
 
     /// Whether a failure at `now_ms` may be recorded.
@@ -116,7 +124,10 @@ impl FailureBudget {
         let (second, _, dropped) = &mut *window;
         if now_ms / 1000 != *second {
             if *dropped > 0 {
-                tracing::warn!(dropped = *dropped, "authentication failures beyond the audit budget were not recorded");
+                tracing::warn!(
+                    dropped = *dropped,
+                    "authentication failures beyond the audit budget were not recorded"
+                );
             }
             *window = (now_ms / 1000, 0, 0);
         }
@@ -152,7 +163,12 @@ pub fn chain(head: Option<&AuditHead>, record: AuditRecord) -> AuditEntry {
         None => (1, GENESIS_HASH.to_string()),
     };
     let hash = entry_hash(&prev_hash, seq, &record);
-    AuditEntry { seq, prev_hash, hash, record }
+    AuditEntry {
+        seq,
+        prev_hash,
+        hash,
+        record,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -171,7 +187,10 @@ pub fn verify(entries: &[AuditEntry]) -> Result<u64, ChainBreak> {
     for (i, entry) in entries.iter().enumerate() {
         let expected = i as u64 + 1;
         if entry.seq != expected {
-            return Err(ChainBreak::Gap { seq: entry.seq, expected });
+            return Err(ChainBreak::Gap {
+                seq: entry.seq,
+                expected,
+            });
         }
         if entry.prev_hash != prev_hash {
             return Err(ChainBreak::Link { seq: entry.seq });
@@ -213,7 +232,10 @@ mod tests {
     fn log(n: u64) -> Vec<AuditEntry> {
         let mut entries: Vec<AuditEntry> = Vec::new();
         for i in 0..n {
-            let head = entries.last().map(|e| AuditHead { seq: e.seq, hash: e.hash.clone() });
+            let head = entries.last().map(|e| AuditHead {
+                seq: e.seq,
+                hash: e.hash.clone(),
+            });
             entries.push(chain(head.as_ref(), record(i)));
         }
         entries
@@ -237,7 +259,13 @@ mod tests {
     fn removing_reordering_or_editing_an_entry_is_detected() {
         let mut removed = log(5);
         removed.remove(2);
-        assert_eq!(verify(&removed), Err(ChainBreak::Gap { seq: 4, expected: 3 }));
+        assert_eq!(
+            verify(&removed),
+            Err(ChainBreak::Gap {
+                seq: 4,
+                expected: 3
+            })
+        );
 
         let mut edited = log(5);
         edited[1].record.result = "forbidden".into();

@@ -54,7 +54,12 @@ impl Role {
         }
     }
 
-    pub const ALL: [Role; 4] = [Role::ClusterAdmin, Role::ProjectAdmin, Role::ProjectMember, Role::ProjectViewer];
+    pub const ALL: [Role; 4] = [
+        Role::ClusterAdmin,
+        Role::ProjectAdmin,
+        Role::ProjectMember,
+        Role::ProjectViewer,
+    ];
 }
 
 /// What a route needs.
@@ -108,7 +113,11 @@ pub enum Decision {
     Hidden(String),
 }
 
-pub fn decide(permission: Permission, principal: &Principal, params: &HashMap<String, String>) -> Decision {
+pub fn decide(
+    permission: Permission,
+    principal: &Principal,
+    params: &HashMap<String, String>,
+) -> Decision {
     let param = |name: &str| params.get(name).cloned().unwrap_or_default();
     match permission {
         Permission::Public | Permission::Authenticated => Decision::Allow,
@@ -154,12 +163,21 @@ pub struct Routes<S> {
 
 impl<S: Clone + Send + Sync + 'static> Default for Routes<S> {
     fn default() -> Self {
-        Self { router: Router::new(), table: HashMap::new() }
+        Self {
+            router: Router::new(),
+            table: HashMap::new(),
+        }
     }
 }
 
 impl<S: Clone + Send + Sync + 'static> Routes<S> {
-    pub fn add<H, T>(mut self, method: Method, path: &'static str, permission: Permission, handler: H) -> Self
+    pub fn add<H, T>(
+        mut self,
+        method: Method,
+        path: &'static str,
+        permission: Permission,
+        handler: H,
+    ) -> Self
     where
         H: axum::handler::Handler<T, S>,
         T: 'static,
@@ -183,12 +201,19 @@ pub struct PermissionTable {
 
 impl PermissionTable {
     pub fn get(&self, method: &Method, path: &str) -> Option<Permission> {
-        self.table.iter().find(|((m, p), _)| m == method && *p == path).map(|(_, perm)| *perm)
+        self.table
+            .iter()
+            .find(|((m, p), _)| m == method && *p == path)
+            .map(|(_, perm)| *perm)
     }
 
     /// Every registered route, for the authorisation matrix test.
     pub fn routes(&self) -> Vec<(Method, &'static str, Permission)> {
-        let mut all: Vec<_> = self.table.iter().map(|((m, p), perm)| (m.clone(), *p, *perm)).collect();
+        let mut all: Vec<_> = self
+            .table
+            .iter()
+            .map(|((m, p), perm)| (m.clone(), *p, *perm))
+            .collect();
         all.sort_by(|a, b| (a.1, a.0.as_str()).cmp(&(b.1, b.0.as_str())));
         all
     }
@@ -219,7 +244,9 @@ pub enum AuthError {
 
 /// Resolves a bearer token to who is calling and what they may do.
 pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal, AuthError> {
-    let record = state.api_token(&sha256_hex(token.trim()))?.ok_or(AuthError::Invalid)?;
+    let record = state
+        .api_token(&sha256_hex(token.trim()))?
+        .ok_or(AuthError::Invalid)?;
     if record.expires_at_ms.is_some_and(|at| at <= now_ms) {
         return Err(AuthError::Invalid);
     }
@@ -230,12 +257,27 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
         crate::model::TokenScope::Cluster => (user.cluster_admin, grants),
         crate::model::TokenScope::Project { project, role } => {
             // A project token never exceeds what its user holds there.
-            let held = if user.cluster_admin { Some(Role::ClusterAdmin) } else { grants.get(project).copied() };
+            let held = if user.cluster_admin {
+                Some(Role::ClusterAdmin)
+            } else {
+                grants.get(project).copied()
+            };
             let narrowed = held.map(|h| h.min(*role).min(Role::ProjectAdmin));
-            (false, narrowed.map(|r| [(project.clone(), r)].into_iter().collect()).unwrap_or_default())
+            (
+                false,
+                narrowed
+                    .map(|r| [(project.clone(), r)].into_iter().collect())
+                    .unwrap_or_default(),
+            )
         }
     };
-    Ok(Principal { user: user.name, token_id: record.id, cluster_admin, project_roles, project_scoped })
+    Ok(Principal {
+        user: user.name,
+        token_id: record.id,
+        cluster_admin,
+        project_roles,
+        project_scoped,
+    })
 }
 
 fn clone_auth_error(e: &AuthError) -> AuthError {
@@ -252,7 +294,11 @@ pub async fn authorize(
     next: Next,
 ) -> Response {
     let method = request.method().clone();
-    let pattern = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
+    let pattern = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
     let source = request
         .extensions()
         .get::<crate::peer::PeerIdentity>()
@@ -273,13 +319,18 @@ pub async fn authorize(
         context: std::sync::Mutex::new(context),
         recorded: std::sync::atomic::AtomicBool::new(!mutating),
     });
-    let (response, principal) =
-        crate::audit::REQUEST_AUDIT.scope(audit.clone(), authorize_inner(&node, &table, request, next, &audit)).await;
+    let (response, principal) = crate::audit::REQUEST_AUDIT
+        .scope(
+            audit.clone(),
+            authorize_inner(&node, &table, request, next, &audit),
+        )
+        .await;
     let status = response.status();
     let recorded = audit.recorded.load(std::sync::atomic::Ordering::SeqCst);
     // Calls refused before they reached Raft (bad input, 403, 404, 401)
     // are recorded here, in an entry of their own.
-    let failed_authentication = status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
+    let failed_authentication =
+        status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
     if (mutating && !recorded && status != StatusCode::UNAUTHORIZED) || failed_authentication {
         let mut context = audit.context.lock().expect("audit context").clone();
         if let Some(p) = &principal {
@@ -291,10 +342,15 @@ pub async fn authorize(
         // milliseconds can lose an entry for a call that changed nothing.
         let node = node.clone();
         tokio::spawn(async move {
-            match node.write(&crate::model::Command::AppendAudit { record }).await {
+            match node
+                .write(&crate::model::Command::AppendAudit { record })
+                .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "the audit log refused an entry"),
-                Err(e) => tracing::error!(error = %crate::error_chain(&e), "cannot append to the audit log"),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot append to the audit log")
+                }
             }
         });
     }
@@ -308,25 +364,49 @@ async fn authorize_inner(
     next: Next,
     audit: &crate::audit::RequestAudit,
 ) -> (Response, Option<Principal>) {
-    let Some(pattern) = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
+    let Some(pattern) = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+    else {
         return (next.run(request).await, None);
     };
     let Some(permission) = table.get(request.method(), &pattern) else {
         // Unreachable while every route goes through `Routes::add`.
         tracing::error!(method = %request.method(), pattern, "route has no declared permission; refusing");
-        return (ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this route declares no permission").into_response(), None);
+        return (
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this route declares no permission",
+            )
+            .into_response(),
+            None,
+        );
     };
     if permission == Permission::Public {
         return (next.run(request).await, None);
     }
-    let header = request.headers().get(axum::http::header::AUTHORIZATION).cloned();
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .cloned();
     let token: Result<String, AuthError> = match header {
         None => Err(AuthError::Missing),
-        Some(value) => value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::to_string).ok_or(AuthError::Malformed),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
+            .ok_or(AuthError::Malformed),
     };
     let params = path_params(&pattern, request.uri().path());
     let evaluate = || -> Result<(Principal, Decision), AuthError> {
-        let principal = resolve(&node.state, token.as_ref().map_err(clone_auth_error)?, now_ms())?;
+        let principal = resolve(
+            &node.state,
+            token.as_ref().map_err(clone_auth_error)?,
+            now_ms(),
+        )?;
         let mut params = params.clone();
         if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
             let id = params.get(param).cloned().unwrap_or_default();
@@ -351,7 +431,13 @@ async fn authorize_inner(
     let (principal, decision) = match outcome {
         Ok(pair) => pair,
         Err(AuthError::Read(e)) => return (ApiError::from(e).into_response(), None),
-        Err(e) => return (ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).into_response(), None),
+        Err(e) => {
+            return (
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+                    .into_response(),
+                None,
+            )
+        }
     };
     match decision {
         Decision::Allow => {
@@ -371,8 +457,14 @@ async fn authorize_inner(
             request.extensions_mut().insert(principal.clone());
             (next.run(request).await, Some(principal))
         }
-        Decision::Forbidden(message) => (ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(), Some(principal)),
-        Decision::Hidden(message) => (ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(), Some(principal)),
+        Decision::Forbidden(message) => (
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(),
+            Some(principal),
+        ),
+        Decision::Hidden(message) => (
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(),
+            Some(principal),
+        ),
     }
 }
 
@@ -391,24 +483,71 @@ mod tests {
     }
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn project_permissions_follow_the_role_order_and_hide_other_projects() {
-        let need_member = Permission::Project { param: "name", role: Role::ProjectMember };
+        let need_member = Permission::Project {
+            param: "name",
+            role: Role::ProjectMember,
+        };
         let p = params(&[("name", "alpha")]);
-        assert_eq!(decide(need_member, &principal(true, &[]), &p), Decision::Allow);
-        assert_eq!(decide(need_member, &principal(false, &[("alpha", Role::ProjectAdmin)]), &p), Decision::Allow);
-        assert_eq!(decide(need_member, &principal(false, &[("alpha", Role::ProjectMember)]), &p), Decision::Allow);
-        assert!(matches!(decide(need_member, &principal(false, &[("alpha", Role::ProjectViewer)]), &p), Decision::Forbidden(_)));
-        assert!(matches!(decide(need_member, &principal(false, &[("beta", Role::ProjectAdmin)]), &p), Decision::Hidden(_)));
-        assert!(matches!(decide(Permission::ClusterAdmin, &principal(false, &[("alpha", Role::ProjectAdmin)]), &p), Decision::Forbidden(_)));
+        assert_eq!(
+            decide(need_member, &principal(true, &[]), &p),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide(
+                need_member,
+                &principal(false, &[("alpha", Role::ProjectAdmin)]),
+                &p
+            ),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide(
+                need_member,
+                &principal(false, &[("alpha", Role::ProjectMember)]),
+                &p
+            ),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide(
+                need_member,
+                &principal(false, &[("alpha", Role::ProjectViewer)]),
+                &p
+            ),
+            Decision::Forbidden(_)
+        ));
+        assert!(matches!(
+            decide(
+                need_member,
+                &principal(false, &[("beta", Role::ProjectAdmin)]),
+                &p
+            ),
+            Decision::Hidden(_)
+        ));
+        assert!(matches!(
+            decide(
+                Permission::ClusterAdmin,
+                &principal(false, &[("alpha", Role::ProjectAdmin)]),
+                &p
+            ),
+            Decision::Forbidden(_)
+        ));
     }
 
     #[test]
     fn path_parameters_are_read_from_the_pattern() {
-        let p = path_params("/v1/projects/{name}/vms/{vm}", "/v1/projects/alpha/vms/web1");
+        let p = path_params(
+            "/v1/projects/{name}/vms/{vm}",
+            "/v1/projects/alpha/vms/web1",
+        );
         assert_eq!(p.get("name").map(String::as_str), Some("alpha"));
         assert_eq!(p.get("vm").map(String::as_str), Some("web1"));
     }

@@ -12,7 +12,11 @@ use crate::admin::{self, AdminRequest};
 use crate::daemon::{Agent, AgentOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "allod", version, about = "Allod: a sovereign cloud appliance in one binary")]
+#[command(
+    name = "allod",
+    version,
+    about = "Allod: a sovereign cloud appliance in one binary"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: TopCommand,
@@ -278,15 +282,23 @@ pub struct CliConfig {
 
 pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration; write e.g. 90s, 30m, 1h or 2d"))?;
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write e.g. 90s, 30m, 1h or 2d"))?;
     let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}; use s, m, h or d"
+            ))
+        }
     };
     if value == 0 {
         return Err("the duration must be more than zero".into());
@@ -314,46 +326,81 @@ impl ApiArgs {
         if let Some(dir) = &self.data_dir {
             let dd = crate::paths::DataDir::new(dir);
             if url.is_none() {
-                let text = std::fs::read_to_string(dd.node_config())
-                    .with_context(|| format!("{} is not a configured node's data directory", dir.display()))?;
+                let text = std::fs::read_to_string(dd.node_config()).with_context(|| {
+                    format!(
+                        "{} is not a configured node's data directory",
+                        dir.display()
+                    )
+                })?;
                 let config: crate::paths::NodeConfig = serde_json::from_str(&text)?;
                 url = Some(format!("https://{}", config.api_addr));
             }
             if token.is_none() {
-                token = Some(std::fs::read_to_string(dd.admin_token()).with_context(|| format!("cannot read {}", dd.admin_token().display()))?.trim().to_string());
+                token = Some(
+                    std::fs::read_to_string(dd.admin_token())
+                        .with_context(|| format!("cannot read {}", dd.admin_token().display()))?
+                        .trim()
+                        .to_string(),
+                );
             }
             ca = ca.or(Some(dd.ca_cert()));
         }
         let config_path = self.config.clone().or_else(default_config_path);
         if url.is_none() || token.is_none() || ca.is_none() {
             if let Some(path) = config_path.filter(|p| p.exists()) {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let config: CliConfig = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a valid CLI config (expected {{\"url\",\"token\",\"ca\"}})", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let config: CliConfig = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{} is not a valid CLI config (expected {{\"url\",\"token\",\"ca\"}})",
+                        path.display()
+                    )
+                })?;
                 url = url.or(config.url);
                 token = token.or(config.token);
                 ca = ca.or(config.ca);
             }
         }
-        let url = url.context("no API URL: pass --url, set ALLOD_URL, or write it to the CLI config file")?;
-        let token = token.context("no API token: pass --token, set ALLOD_TOKEN, or write it to the CLI config file")?;
-        let ca = ca.context("no CA certificate: pass --ca FILE, set ALLOD_CA, or write it to the CLI config file")?;
-        let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+        let url = url
+            .context("no API URL: pass --url, set ALLOD_URL, or write it to the CLI config file")?;
+        let token = token.context(
+            "no API token: pass --token, set ALLOD_TOKEN, or write it to the CLI config file",
+        )?;
+        let ca = ca.context(
+            "no CA certificate: pass --ca FILE, set ALLOD_CA, or write it to the CLI config file",
+        )?;
+        let ca_pem = std::fs::read_to_string(&ca)
+            .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(crate::pki::ca_client_config(&ca_pem)?)
             .timeout(std::time::Duration::from_secs(60))
             .build()?;
-        Ok(ApiClient { url: url.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+        Ok(ApiClient {
+            url: url.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http,
+        })
     }
 }
 
 impl ApiClient {
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
-        let mut request = self.http.request(method, format!("{}{}", self.url, path)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{}", self.url, path))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach the API at {}", self.url))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.url))?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -378,7 +425,11 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let text: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect();
+        let text: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect();
         println!("{}", text.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -398,14 +449,24 @@ fn text(value: &serde_json::Value) -> String {
 fn print_projects(projects: &[serde_json::Value]) {
     let rows: Vec<Vec<String>> = projects
         .iter()
-        .map(|p| vec![text(&p["name"]), text(&p["zone"]), text(&p["description"]), text(&p["generation"])])
+        .map(|p| {
+            vec![
+                text(&p["name"]),
+                text(&p["zone"]),
+                text(&p["description"]),
+                text(&p["generation"]),
+            ]
+        })
         .collect();
     print_table(&["NAME", "ZONE", "DESCRIPTION", "GENERATION"], &rows);
 }
 
 fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("JSON values print")),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("JSON values print")
+        ),
         Output::Table => table(value),
     }
 }
@@ -447,7 +508,12 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    let agent = Agent::start(AgentOptions::new(&args.data_dir, &args.api_listen, &args.peer_listen)).await?;
+    let agent = Agent::start(AgentOptions::new(
+        &args.data_dir,
+        &args.api_listen,
+        &args.peer_listen,
+    ))
+    .await?;
     if agent.node().is_none() {
         agent.init(None).await?;
     }
@@ -456,9 +522,18 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     println!("  API:          https://{}", agent.api_addr);
     println!("  Admin token:  {}", data_dir.join("admin.token").display());
     println!("  CA:           {}", data_dir.join("ca.pem").display());
-    println!("Try:  allod project create demo --data-dir {}", data_dir.display());
-    println!("      allod cluster status --data-dir {}", data_dir.display());
-    println!("Stop with Ctrl-C; the state stays in {}.", data_dir.display());
+    println!(
+        "Try:  allod project create demo --data-dir {}",
+        data_dir.display()
+    );
+    println!(
+        "      allod cluster status --data-dir {}",
+        data_dir.display()
+    );
+    println!(
+        "Stop with Ctrl-C; the state stays in {}.",
+        data_dir.display()
+    );
     wait_for_signal().await;
     agent.shutdown().await;
     Ok(())
@@ -472,7 +547,11 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
     match command {
         ClusterCommand::Init { data_dir, name } => {
             let result = admin(&data_dir, AdminRequest::Init { cluster_name: name }).await?;
-            println!("Created cluster {} (this node is node {}).", text(&result["cluster_id"]), text(&result["node_id"]));
+            println!(
+                "Created cluster {} (this node is node {}).",
+                text(&result["cluster_id"]),
+                text(&result["node_id"])
+            );
             println!("API:         {}", text(&result["api_url"]));
             println!("Admin token: {}", text(&result["admin_token_path"]));
             println!("CA:          {}", text(&result["ca_path"]));
@@ -483,7 +562,12 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Join { data_dir, token } => {
             let result = admin(&data_dir, AdminRequest::Join { token }).await?;
-            println!("Joined cluster {} as node {} ({}).", text(&result["cluster_id"]), text(&result["node_id"]), text(&result["role"]));
+            println!(
+                "Joined cluster {} as node {} ({}).",
+                text(&result["cluster_id"]),
+                text(&result["node_id"]),
+                text(&result["role"])
+            );
         }
         ClusterCommand::Remove { data_dir, node } => {
             let result = admin(&data_dir, AdminRequest::Remove { node }).await?;
@@ -491,9 +575,17 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Status(api) => {
             let client = api.resolve()?;
-            let cluster = client.call(reqwest::Method::GET, "/v1/cluster", None).await?;
+            let cluster = client
+                .call(reqwest::Method::GET, "/v1/cluster", None)
+                .await?;
             emit(api.output, &cluster, |c| {
-                println!("Cluster {} ({})  leader: node {}  term: {}", text(&c["name"]), text(&c["cluster_id"]), text(&c["leader_id"]), text(&c["term"]));
+                println!(
+                    "Cluster {} ({})  leader: node {}  term: {}",
+                    text(&c["name"]),
+                    text(&c["cluster_id"]),
+                    text(&c["leader_id"]),
+                    text(&c["term"])
+                );
                 let leader = c["leader_id"].as_u64();
                 let rows: Vec<Vec<String>> = c["members"]
                     .as_array()
@@ -505,7 +597,11 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                                 vec![
                                     text(&m["id"]),
                                     text(&m["name"]),
-                                    if is_leader { "leader".into() } else { text(&m["role"]) },
+                                    if is_leader {
+                                        "leader".into()
+                                    } else {
+                                        text(&m["role"])
+                                    },
                                     text(&m["api_addr"]),
                                     text(&m["peer_addr"]),
                                 ]
@@ -523,33 +619,58 @@ async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
 async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        ProjectCommand::Create { name, description, zone, api } => {
+        ProjectCommand::Create {
+            name,
+            description,
+            zone,
+            api,
+        } => {
             let client = api.resolve()?;
             let project = client
                 .call(Method::POST, "/v1/projects", Some(serde_json::json!({ "name": name, "description": description, "zone": zone })))
                 .await?;
-            emit(api.output, &project, |p| println!("Created project {}.", text(&p["name"])));
+            emit(api.output, &project, |p| {
+                println!("Created project {}.", text(&p["name"]))
+            });
         }
         ProjectCommand::List { api } => {
             let client = api.resolve()?;
             let projects = client.call(Method::GET, "/v1/projects", None).await?;
-            emit(api.output, &projects, |p| print_projects(p.as_array().map(Vec::as_slice).unwrap_or_default()));
+            emit(api.output, &projects, |p| {
+                print_projects(p.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
         }
         ProjectCommand::Show { name, api } => {
             let client = api.resolve()?;
-            let project = client.call(Method::GET, &format!("/v1/projects/{name}"), None).await?;
-            emit(api.output, &project, |p| print_projects(std::slice::from_ref(p)));
+            let project = client
+                .call(Method::GET, &format!("/v1/projects/{name}"), None)
+                .await?;
+            emit(api.output, &project, |p| {
+                print_projects(std::slice::from_ref(p))
+            });
         }
-        ProjectCommand::Update { name, description, api } => {
+        ProjectCommand::Update {
+            name,
+            description,
+            api,
+        } => {
             let client = api.resolve()?;
             let project = client
-                .call(Method::PATCH, &format!("/v1/projects/{name}"), Some(serde_json::json!({ "description": description })))
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/projects/{name}"),
+                    Some(serde_json::json!({ "description": description })),
+                )
                 .await?;
-            emit(api.output, &project, |p| print_projects(std::slice::from_ref(p)));
+            emit(api.output, &project, |p| {
+                print_projects(std::slice::from_ref(p))
+            });
         }
         ProjectCommand::Delete { name, api } => {
             let client = api.resolve()?;
-            client.call(Method::DELETE, &format!("/v1/projects/{name}"), None).await?;
+            client
+                .call(Method::DELETE, &format!("/v1/projects/{name}"), None)
+                .await?;
             if api.output == Output::Table {
                 println!("Deleted project {name}.");
             }
@@ -565,18 +686,36 @@ fn read_line(prompt: Option<&str>) -> anyhow::Result<String> {
         std::io::stderr().flush()?;
     }
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line).context("cannot read standard input")?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read standard input")?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 async fn run_user(command: UserCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        UserCommand::Create { name, password_stdin, api } => {
+        UserCommand::Create {
+            name,
+            password_stdin,
+            api,
+        } => {
             let client = api.resolve()?;
-            let password = if password_stdin { Some(read_line(None)?) } else { None };
-            let user = client.call(Method::POST, "/v1/users", Some(serde_json::json!({ "name": name, "password": password }))).await?;
-            emit(api.output, &user, |u| println!("Created user {}.", text(&u["name"])));
+            let password = if password_stdin {
+                Some(read_line(None)?)
+            } else {
+                None
+            };
+            let user = client
+                .call(
+                    Method::POST,
+                    "/v1/users",
+                    Some(serde_json::json!({ "name": name, "password": password })),
+                )
+                .await?;
+            emit(api.output, &user, |u| {
+                println!("Created user {}.", text(&u["name"]))
+            });
         }
         UserCommand::List { api } => {
             let client = api.resolve()?;
@@ -590,7 +729,12 @@ async fn run_user(command: UserCommand) -> anyhow::Result<()> {
                             .map(|u| {
                                 let projects = u["projects"]
                                     .as_object()
-                                    .map(|m| m.iter().map(|(p, r)| format!("{p}={}", text(r))).collect::<Vec<_>>().join(","))
+                                    .map(|m| {
+                                        m.iter()
+                                            .map(|(p, r)| format!("{p}={}", text(r)))
+                                            .collect::<Vec<_>>()
+                                            .join(",")
+                                    })
                                     .unwrap_or_default();
                                 vec![text(&u["name"]), text(&u["cluster_admin"]), projects]
                             })
@@ -605,13 +749,27 @@ async fn run_user(command: UserCommand) -> anyhow::Result<()> {
 }
 
 async fn run_role(command: RoleCommand) -> anyhow::Result<()> {
-    let RoleCommand::Grant { user, project, role, api } = command;
+    let RoleCommand::Grant {
+        user,
+        project,
+        role,
+        api,
+    } = command;
     let client = api.resolve()?;
     let result = client
-        .call(reqwest::Method::POST, &format!("/v1/users/{user}/roles"), Some(serde_json::json!({ "role": role, "project": project })))
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/users/{user}/roles"),
+            Some(serde_json::json!({ "role": role, "project": project })),
+        )
         .await?;
     emit(api.output, &result, |r| match r.get("project") {
-        Some(p) => println!("Granted {} in project {} to {}.", text(&r["role"]), text(p), text(&r["user"])),
+        Some(p) => println!(
+            "Granted {} in project {} to {}.",
+            text(&r["role"]),
+            text(p),
+            text(&r["user"])
+        ),
         None => println!("Granted {} to {}.", text(&r["role"]), text(&r["user"])),
     });
     Ok(())
@@ -620,18 +778,37 @@ async fn run_role(command: RoleCommand) -> anyhow::Result<()> {
 async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        TokenCommand::Create { user, project, role, expires, api } => {
+        TokenCommand::Create {
+            user,
+            project,
+            role,
+            expires,
+            api,
+        } => {
             let client = api.resolve()?;
-            let body = serde_json::json!({ "project": project, "role": role, "expires_in_secs": expires });
-            let token = client.call(Method::POST, &format!("/v1/users/{user}/tokens"), Some(body)).await?;
+            let body =
+                serde_json::json!({ "project": project, "role": role, "expires_in_secs": expires });
+            let token = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/users/{user}/tokens"),
+                    Some(body),
+                )
+                .await?;
             emit(api.output, &token, |t| {
-                println!("Token {} for {} (shown only now):", text(&t["id"]), text(&t["user"]));
+                println!(
+                    "Token {} for {} (shown only now):",
+                    text(&t["id"]),
+                    text(&t["user"])
+                );
                 println!("{}", text(&t["token"]));
             });
         }
         TokenCommand::Revoke { id, api } => {
             let client = api.resolve()?;
-            client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+            client
+                .call(Method::DELETE, &format!("/v1/tokens/{id}"), None)
+                .await?;
             if api.output == Output::Table {
                 println!("Revoked token {id}.");
             }
@@ -641,12 +818,17 @@ async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
 }
 
 async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
-    let ca_pem = std::fs::read_to_string(&args.ca).with_context(|| format!("cannot read the CA certificate {}", args.ca.display()))?;
+    let ca_pem = std::fs::read_to_string(&args.ca)
+        .with_context(|| format!("cannot read the CA certificate {}", args.ca.display()))?;
     let user = match args.user {
         Some(user) => user,
         None => read_line(Some("User: "))?,
     };
-    let password = if args.password_stdin { read_line(None)? } else { read_line(Some("Password: "))? };
+    let password = if args.password_stdin {
+        read_line(None)?
+    } else {
+        read_line(Some("Password: "))?
+    };
     let http = reqwest::Client::builder()
         .use_preconfigured_tls(crate::pki::ca_client_config(&ca_pem)?)
         .timeout(std::time::Duration::from_secs(30))
@@ -661,16 +843,31 @@ async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if !status.is_success() {
-        anyhow::bail!("{} (HTTP {})", body["error"]["message"].as_str().unwrap_or("login refused"), status.as_u16());
+        anyhow::bail!(
+            "{} (HTTP {})",
+            body["error"]["message"].as_str().unwrap_or("login refused"),
+            status.as_u16()
+        );
     }
-    let path = args.config.or_else(default_config_path).context("no config file location: set HOME or pass --config")?;
+    let path = args
+        .config
+        .or_else(default_config_path)
+        .context("no config file location: set HOME or pass --config")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let ca = std::fs::canonicalize(&args.ca).unwrap_or(args.ca);
-    let config = CliConfig { url: Some(url), token: body["token"].as_str().map(str::to_string), ca: Some(ca) };
-    crate::pki::write_private(&path, &serde_json::to_string_pretty(&config)?).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("Logged in as {user}; the session token (valid 24 h) is in {}.", path.display());
+    let config = CliConfig {
+        url: Some(url),
+        token: body["token"].as_str().map(str::to_string),
+        ca: Some(ca),
+    };
+    crate::pki::write_private(&path, &serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "Logged in as {user}; the session token (valid 24 h) is in {}.",
+        path.display()
+    );
     Ok(())
 }
 
@@ -685,7 +882,11 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             if let Some(action) = &action {
                 query.push(format!("action={action}"));
             }
-            let path = if query.is_empty() { "/v1/audit".to_string() } else { format!("/v1/audit?{}", query.join("&")) };
+            let path = if query.is_empty() {
+                "/v1/audit".to_string()
+            } else {
+                format!("/v1/audit?{}", query.join("&"))
+            };
             let entries = client.call(reqwest::Method::GET, &path, None).await?;
             emit(api.output, &entries, |e| {
                 let rows: Vec<Vec<String>> = e
@@ -693,29 +894,53 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                     .map(|entries| {
                         entries
                             .iter()
-                            .map(|e| vec![text(&e["seq"]), text(&e["time_ms"]), text(&e["user"]), text(&e["action"]), text(&e["object"]), text(&e["result"])])
+                            .map(|e| {
+                                vec![
+                                    text(&e["seq"]),
+                                    text(&e["time_ms"]),
+                                    text(&e["user"]),
+                                    text(&e["action"]),
+                                    text(&e["object"]),
+                                    text(&e["result"]),
+                                ]
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
-                print_table(&["SEQ", "TIME_MS", "USER", "ACTION", "OBJECT", "RESULT"], &rows);
+                print_table(
+                    &["SEQ", "TIME_MS", "USER", "ACTION", "OBJECT", "RESULT"],
+                    &rows,
+                );
             });
         }
         AuditCommand::Verify { file, api } => {
             let entries: Vec<crate::audit::AuditEntry> = match file {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
                     text.lines()
                         .filter(|l| !l.trim().is_empty())
                         .enumerate()
-                        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("line {} of {} is not an audit entry", i + 1, path.display())))
+                        .map(|(i, l)| {
+                            serde_json::from_str(l).with_context(|| {
+                                format!(
+                                    "line {} of {} is not an audit entry",
+                                    i + 1,
+                                    path.display()
+                                )
+                            })
+                        })
                         .collect::<anyhow::Result<_>>()?
                 }
                 None => {
                     let client = api.resolve()?;
-                    serde_json::from_value(client.call(reqwest::Method::GET, "/v1/audit", None).await?)?
+                    serde_json::from_value(
+                        client.call(reqwest::Method::GET, "/v1/audit", None).await?,
+                    )?
                 }
             };
-            let count = crate::audit::verify(&entries).map_err(|e| anyhow::anyhow!("the audit log is broken: {e}"))?;
+            let count = crate::audit::verify(&entries)
+                .map_err(|e| anyhow::anyhow!("the audit log is broken: {e}"))?;
             println!("The audit log is intact: {count} entries, chained from the first.");
         }
     }

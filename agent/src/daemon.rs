@@ -34,7 +34,11 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
-    pub fn new(data_dir: impl Into<std::path::PathBuf>, api_listen: &str, peer_listen: &str) -> Self {
+    pub fn new(
+        data_dir: impl Into<std::path::PathBuf>,
+        api_listen: &str,
+        peer_listen: &str,
+    ) -> Self {
         Self {
             data_dir: DataDir::new(data_dir),
             api_listen: api_listen.into(),
@@ -56,7 +60,11 @@ pub enum SetupError {
     #[error(transparent)]
     Token(#[from] crate::join::TokenError),
     #[error("the server at {addr} presents CA fingerprint {actual}, but the join token expects {expected}; it is not the cluster the token was issued for (or someone is intercepting the connection), so nothing was changed")]
-    FingerprintMismatch { addr: String, expected: String, actual: String },
+    FingerprintMismatch {
+        addr: String,
+        expected: String,
+        actual: String,
+    },
     #[error("no cluster member named in the token could be reached ({tried}); check that they are running and that this node can reach their API ports")]
     Unreachable { tried: String },
     #[error("the cluster refused to let this node join: {message}")]
@@ -104,7 +112,13 @@ pub fn default_node_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
     name = name.trim_matches('-').to_string();
@@ -128,26 +142,42 @@ fn advertised(explicit: &Option<String>, bound: SocketAddr) -> String {
 impl Agent {
     pub async fn start(options: AgentOptions) -> anyhow::Result<Arc<Agent>> {
         let data_dir = options.data_dir.clone();
-        std::fs::create_dir_all(data_dir.path())
-            .with_context(|| format!("cannot create the data directory {}", data_dir.path().display()))?;
+        std::fs::create_dir_all(data_dir.path()).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                data_dir.path().display()
+            )
+        })?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("cannot restrict the data directory {}", data_dir.path().display()))?;
+                .with_context(|| {
+                    format!(
+                        "cannot restrict the data directory {}",
+                        data_dir.path().display()
+                    )
+                })?;
         }
         let api_listener = TcpListener::bind(&options.api_listen)
             .await
             .with_context(|| format!("cannot listen on the API address {}", options.api_listen))?;
         let peer_listener = TcpListener::bind(&options.peer_listen)
             .await
-            .with_context(|| format!("cannot listen on the peer address {}", options.peer_listen))?;
+            .with_context(|| {
+                format!("cannot listen on the peer address {}", options.peer_listen)
+            })?;
         let api_bound = api_listener.local_addr()?;
         let peer_bound = peer_listener.local_addr()?;
-        let listen = ListenAddrs { api_addr: api_bound.to_string(), peer_addr: peer_bound.to_string(), pid: std::process::id() };
+        let listen = ListenAddrs {
+            api_addr: api_bound.to_string(),
+            peer_addr: peer_bound.to_string(),
+            pid: std::process::id(),
+        };
         std::fs::write(data_dir.listen_file(), serde_json::to_vec_pretty(&listen)?)
             .with_context(|| format!("cannot write {}", data_dir.listen_file().display()))?;
 
-        let (api_mode, api_rx) = watch::channel(ServeMode::Plain(crate::api::unconfigured_router()));
+        let (api_mode, api_rx) =
+            watch::channel(ServeMode::Plain(crate::api::unconfigured_router()));
         let (peer_mode, peer_rx) = watch::channel(ServeMode::Closed);
         let (node, _) = watch::channel(None);
         let agent = Arc::new(Agent {
@@ -166,7 +196,11 @@ impl Agent {
         let admin = crate::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
         let api = serve::spawn(api_listener, api_rx, "api");
         let peer = serve::spawn(peer_listener, peer_rx, "peer");
-        agent.tasks.lock().expect("task list").extend([admin, api, peer]);
+        agent
+            .tasks
+            .lock()
+            .expect("task list")
+            .extend([admin, api, peer]);
 
         if data_dir.node_config().exists() {
             let config: NodeConfig = read_json(&data_dir.node_config())?;
@@ -191,14 +225,26 @@ impl Agent {
         self.node.subscribe()
     }
 
-    async fn configure(&self, config: NodeConfig, tls: NodeTls) -> anyhow::Result<Arc<ClusterNode>> {
+    async fn configure(
+        &self,
+        config: NodeConfig,
+        tls: NodeTls,
+    ) -> anyhow::Result<Arc<ClusterNode>> {
         let api_tls = tls.api_server_config()?;
         let peer_tls = tls.peer_server_config()?;
-        let node = ClusterNode::start(self.data_dir.clone(), config, tls, &self.raft_options, self.isolation.clone())
-            .await
-            .context("cannot start this node's Raft instance")?;
-        self.peer_mode.send_replace(ServeMode::Tls(peer_tls, crate::peer::router(node.clone())));
-        self.api_mode.send_replace(ServeMode::Tls(api_tls, crate::api::router(node.clone())));
+        let node = ClusterNode::start(
+            self.data_dir.clone(),
+            config,
+            tls,
+            &self.raft_options,
+            self.isolation.clone(),
+        )
+        .await
+        .context("cannot start this node's Raft instance")?;
+        self.peer_mode
+            .send_replace(ServeMode::Tls(peer_tls, crate::peer::router(node.clone())));
+        self.api_mode
+            .send_replace(ServeMode::Tls(api_tls, crate::api::router(node.clone())));
         self.node.send_replace(Some(node.clone()));
         Ok(node)
     }
@@ -208,7 +254,8 @@ impl Agent {
             node.shutdown().await;
         }
         self.peer_mode.send_replace(ServeMode::Closed);
-        self.api_mode.send_replace(ServeMode::Plain(crate::api::unconfigured_router()));
+        self.api_mode
+            .send_replace(ServeMode::Plain(crate::api::unconfigured_router()));
         for path in [
             self.data_dir.node_config(),
             self.data_dir.raft_log(),
@@ -228,7 +275,10 @@ impl Agent {
 
     fn refuse_if_configured(&self) -> Result<(), SetupError> {
         match self.node() {
-            Some(node) => Err(SetupError::AlreadyConfigured { cluster_id: node.config.cluster_id.clone(), node_id: node.id }),
+            Some(node) => Err(SetupError::AlreadyConfigured {
+                cluster_id: node.config.cluster_id.clone(),
+                node_id: node.id,
+            }),
             None => Ok(()),
         }
     }
@@ -261,7 +311,11 @@ impl Agent {
             peer_addr: self.peer_addr.clone(),
         };
         write_public(&dir.node_config(), &serde_json::to_string_pretty(&config)?)?;
-        let tls = NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node_cert, key_pem: node_key };
+        let tls = NodeTls {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: node_cert,
+            key_pem: node_key,
+        };
         let result = async {
             let node = self.configure(config, tls).await?;
             node.initialize_single().await?;
@@ -272,8 +326,18 @@ impl Agent {
                 created_at_ms: now,
                 ca_fingerprint: pki::pem_fingerprint(&ca.cert_pem)?,
             };
-            let first_node = NodeRecord { id: 1, name: self.name.clone(), joined_at_ms: now, zone: Default::default() };
-            node.write(&Command::InitCluster { info, admin_token_sha256: sha256_hex(&admin_token), first_node }).await??;
+            let first_node = NodeRecord {
+                id: 1,
+                name: self.name.clone(),
+                joined_at_ms: now,
+                zone: Default::default(),
+            };
+            node.write(&Command::InitCluster {
+                info,
+                admin_token_sha256: sha256_hex(&admin_token),
+                first_node,
+            })
+            .await??;
             anyhow::Ok(())
         }
         .await;
@@ -293,11 +357,18 @@ impl Agent {
     }
 
     /// Joins an existing cluster with a join token, reporting each step.
-    pub async fn join(&self, token_text: &str, progress: &(dyn Fn(String) + Send + Sync)) -> anyhow::Result<JoinResult> {
+    pub async fn join(
+        &self,
+        token_text: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> anyhow::Result<JoinResult> {
         let _guard = self.setup_lock.lock().await;
         self.refuse_if_configured()?;
         let token = JoinToken::decode(token_text, now_ms())?;
-        progress(format!("Token for cluster {} with CA fingerprint {}", token.cluster_id, token.ca_fingerprint));
+        progress(format!(
+            "Token for cluster {} with CA fingerprint {}",
+            token.cluster_id, token.ca_fingerprint
+        ));
 
         // Find a member that answers and prove it holds the cluster's CA.
         let unverified = reqwest::Client::builder()
@@ -308,10 +379,16 @@ impl Agent {
         let mut tried = Vec::new();
         for member in &token.members {
             let url = format!("https://{}/v1/cluster/ca", member.api_addr);
-            match unverified.get(&url).send().await.and_then(|r| r.error_for_status()) {
+            match unverified
+                .get(&url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+            {
                 Ok(response) => {
                     let pem = response.text().await?;
-                    let actual = pki::pem_fingerprint(&pem).unwrap_or_else(|_| "(not a certificate)".into());
+                    let actual =
+                        pki::pem_fingerprint(&pem).unwrap_or_else(|_| "(not a certificate)".into());
                     if actual != token.ca_fingerprint {
                         return Err(SetupError::FingerprintMismatch {
                             addr: member.api_addr.clone(),
@@ -320,7 +397,10 @@ impl Agent {
                         }
                         .into());
                     }
-                    progress(format!("{} presents the expected CA certificate", member.api_addr));
+                    progress(format!(
+                        "{} presents the expected CA certificate",
+                        member.api_addr
+                    ));
                     contacted = Some((member.clone(), pem));
                     break;
                 }
@@ -328,7 +408,10 @@ impl Agent {
             }
         }
         let Some((member, ca_pem)) = contacted else {
-            return Err(SetupError::Unreachable { tried: tried.join("; ") }.into());
+            return Err(SetupError::Unreachable {
+                tried: tried.join("; "),
+            }
+            .into());
         };
 
         // Spend the token and get a certificate for a key that never leaves this node.
@@ -353,11 +436,20 @@ impl Agent {
             .with_context(|| format!("cannot reach {} to join", member.api_addr))?;
         if !response.status().is_success() {
             let body: serde_json::Value = response.json().await.unwrap_or_default();
-            let message = body["error"]["message"].as_str().unwrap_or("no reason given").to_string();
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_string();
             return Err(SetupError::Refused { message }.into());
         }
-        let joined: JoinResponse = response.json().await.context("the member's join answer does not parse")?;
-        progress(format!("The cluster assigned node id {}; starting Raft", joined.node_id));
+        let joined: JoinResponse = response
+            .json()
+            .await
+            .context("the member's join answer does not parse")?;
+        progress(format!(
+            "The cluster assigned node id {}; starting Raft",
+            joined.node_id
+        ));
 
         let dir = &self.data_dir;
         let config = NodeConfig {
@@ -373,14 +465,28 @@ impl Agent {
             write_public(&dir.node_cert(), &joined.cert_pem)?;
             pki::write_private(&dir.node_key(), &node_key.key_pem)?;
             write_public(&dir.node_config(), &serde_json::to_string_pretty(&config)?)?;
-            let tls = NodeTls { ca_pem: joined.ca_pem.clone(), cert_pem: joined.cert_pem.clone(), key_pem: node_key.key_pem.clone() };
+            let tls = NodeTls {
+                ca_pem: joined.ca_pem.clone(),
+                cert_pem: joined.cert_pem.clone(),
+                key_pem: node_key.key_pem.clone(),
+            };
             let node = self.configure(config.clone(), tls).await?;
             progress("Asking the leader to add this node as a learner and catch it up".to_string());
-            let add = AddMemberRequest { node_id: joined.node_id, member: node.member() };
+            let add = AddMemberRequest {
+                node_id: joined.node_id,
+                member: node.member(),
+            };
             let mut last_error = String::new();
             for member in &token.members {
-                let reply: Result<Result<MemberRole, ForwardFailure>, PeerCallError> =
-                    node.peers.call(&member.peer_addr, "/cluster/add-member", &add, std::time::Duration::from_secs(120)).await;
+                let reply: Result<Result<MemberRole, ForwardFailure>, PeerCallError> = node
+                    .peers
+                    .call(
+                        &member.peer_addr,
+                        "/cluster/add-member",
+                        &add,
+                        std::time::Duration::from_secs(120),
+                    )
+                    .await;
                 match reply {
                     Ok(Ok(role)) => return anyhow::Ok(role),
                     Ok(Err(failure)) => last_error = format!("{failure:?}"),
@@ -394,9 +500,16 @@ impl Agent {
             Ok(role) => {
                 progress(match role {
                     MemberRole::Voter => "Caught up and promoted to voter".to_string(),
-                    MemberRole::Learner => "Caught up; stays a learner because the cluster already has 5 voters".to_string(),
+                    MemberRole::Learner => {
+                        "Caught up; stays a learner because the cluster already has 5 voters"
+                            .to_string()
+                    }
                 });
-                Ok(JoinResult { cluster_id: joined.cluster_id, node_id: joined.node_id, role })
+                Ok(JoinResult {
+                    cluster_id: joined.cluster_id,
+                    node_id: joined.node_id,
+                    role,
+                })
             }
             Err(e) => {
                 self.unconfigure().await;
@@ -448,7 +561,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::
 fn write_public(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))

@@ -35,7 +35,9 @@ pub struct JoinToken {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
-    #[error("the join token is empty; pass the token printed by `allod cluster join-token` on a member")]
+    #[error(
+        "the join token is empty; pass the token printed by `allod cluster join-token` on a member"
+    )]
     Empty,
     #[error("the join token is malformed: it is not valid base64 ({reason}); it was probably truncated or mistyped, copy it again in full")]
     NotBase64 { reason: String },
@@ -48,7 +50,10 @@ pub enum TokenError {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -72,33 +77,63 @@ impl JoinToken {
         if text.is_empty() {
             return Err(TokenError::Empty);
         }
-        let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|e| TokenError::NotBase64 { reason: e.to_string() })?;
-        let token: JoinToken = serde_json::from_slice(&bytes).map_err(|e| TokenError::BadContents { reason: e.to_string() })?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|e| TokenError::NotBase64 {
+                reason: e.to_string(),
+            })?;
+        let token: JoinToken =
+            serde_json::from_slice(&bytes).map_err(|e| TokenError::BadContents {
+                reason: e.to_string(),
+            })?;
         if token.members.is_empty() {
             return Err(TokenError::NoMembers);
         }
         if token.expires_at_ms <= now_ms {
-            return Err(TokenError::Expired { ago_secs: (now_ms - token.expires_at_ms) / 1000 });
+            return Err(TokenError::Expired {
+                ago_secs: (now_ms - token.expires_at_ms) / 1000,
+            });
         }
         Ok(token)
     }
 }
 
 /// Issues a new single-use join token on a member.
-pub async fn create_token(node: &ClusterNode, ttl_secs: u64) -> Result<(JoinToken, String), ClusterError> {
-    let info = node.state.cluster()?.ok_or(ClusterError::Raft { message: "the cluster record is missing".into() })?;
+pub async fn create_token(
+    node: &ClusterNode,
+    ttl_secs: u64,
+) -> Result<(JoinToken, String), ClusterError> {
+    let info = node.state.cluster()?.ok_or(ClusterError::Raft {
+        message: "the cluster record is missing".into(),
+    })?;
     let id = random_hex(8);
     let secret = random_hex(32);
     let now = now_ms();
     let expires_at_ms = now + ttl_secs.saturating_mul(1000);
-    let command = crate::model::Command::CreateJoinToken { id: id.clone(), secret_sha256: sha256_hex(&secret), now_ms: now, expires_at_ms };
+    let command = crate::model::Command::CreateJoinToken {
+        id: id.clone(),
+        secret_sha256: sha256_hex(&secret),
+        now_ms: now,
+        expires_at_ms,
+    };
     node.write(&command).await??;
     let members = node
         .members()
         .into_iter()
-        .map(|m| TokenMember { name: m.name, api_addr: m.api_addr, peer_addr: m.peer_addr })
+        .map(|m| TokenMember {
+            name: m.name,
+            api_addr: m.api_addr,
+            peer_addr: m.peer_addr,
+        })
         .collect();
-    let token = JoinToken { cluster_id: info.cluster_id, ca_fingerprint: info.ca_fingerprint, members, id, secret, expires_at_ms };
+    let token = JoinToken {
+        cluster_id: info.cluster_id,
+        ca_fingerprint: info.ca_fingerprint,
+        members,
+        id,
+        secret,
+        expires_at_ms,
+    };
     let text = token.encode();
     Ok((token, text))
 }
@@ -135,7 +170,11 @@ mod tests {
         JoinToken {
             cluster_id: "c".into(),
             ca_fingerprint: "ab".repeat(32),
-            members: vec![TokenMember { name: "n1".into(), api_addr: "127.0.0.1:1".into(), peer_addr: "127.0.0.1:2".into() }],
+            members: vec![TokenMember {
+                name: "n1".into(),
+                api_addr: "127.0.0.1:1".into(),
+                peer_addr: "127.0.0.1:2".into(),
+            }],
             id: "id".into(),
             secret: "s".into(),
             expires_at_ms,
@@ -147,13 +186,28 @@ mod tests {
         let token = sample(2_000);
         let text = token.encode();
         assert_eq!(JoinToken::decode(&text, 1_000).unwrap(), token);
-        assert_eq!(JoinToken::decode(&format!("  {text}\n"), 1_000).unwrap(), token);
-        assert_eq!(JoinToken::decode(&text, 5_000), Err(TokenError::Expired { ago_secs: 3 }));
+        assert_eq!(
+            JoinToken::decode(&format!("  {text}\n"), 1_000).unwrap(),
+            token
+        );
+        assert_eq!(
+            JoinToken::decode(&text, 5_000),
+            Err(TokenError::Expired { ago_secs: 3 })
+        );
         assert_eq!(JoinToken::decode("", 0), Err(TokenError::Empty));
-        assert!(matches!(JoinToken::decode(&text[..text.len() / 2], 0), Err(TokenError::BadContents { .. } | TokenError::NotBase64 { .. })));
-        assert!(matches!(JoinToken::decode("!!!", 0), Err(TokenError::NotBase64 { .. })));
+        assert!(matches!(
+            JoinToken::decode(&text[..text.len() / 2], 0),
+            Err(TokenError::BadContents { .. } | TokenError::NotBase64 { .. })
+        ));
+        assert!(matches!(
+            JoinToken::decode("!!!", 0),
+            Err(TokenError::NotBase64 { .. })
+        ));
         let mut no_members = sample(2_000);
         no_members.members.clear();
-        assert_eq!(JoinToken::decode(&no_members.encode(), 0), Err(TokenError::NoMembers));
+        assert_eq!(
+            JoinToken::decode(&no_members.encode(), 0),
+            Err(TokenError::NoMembers)
+        );
     }
 }

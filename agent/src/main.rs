@@ -6,12 +6,16 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = agent::cli::Cli::parse();
-    let is_daemon = matches!(cli.command, agent::cli::TopCommand::Agent(_) | agent::cli::TopCommand::Up(_));
+    let is_daemon = matches!(
+        cli.command,
+        agent::cli::TopCommand::Agent(_) | agent::cli::TopCommand::Up(_)
+    );
     let default_filter = if is_daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ALLOD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_filter},openraft=warn"))),
+            tracing_subscriber::EnvFilter::try_from_env("ALLOD_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("{default_filter},openraft=warn"))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

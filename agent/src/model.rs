@@ -101,7 +101,11 @@ pub struct NodeRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    InitCluster { info: ClusterInfo, admin_token_sha256: String, first_node: NodeRecord },
+    InitCluster {
+        info: ClusterInfo,
+        admin_token_sha256: String,
+        first_node: NodeRecord,
+    },
     CreateProject {
         name: String,
         description: String,
@@ -109,23 +113,65 @@ pub enum Command {
         #[serde(default)]
         zone: crate::zones::Zone,
     },
-    UpdateProject { name: String, description: String },
-    DeleteProject { name: String },
-    CreateJoinToken { id: String, secret_sha256: String, now_ms: u64, expires_at_ms: u64 },
+    UpdateProject {
+        name: String,
+        description: String,
+    },
+    DeleteProject {
+        name: String,
+    },
+    CreateJoinToken {
+        id: String,
+        secret_sha256: String,
+        now_ms: u64,
+        expires_at_ms: u64,
+    },
     /// Spends a join token and allocates the joining node's id.
-    ConsumeJoinToken { id: String, secret_sha256: String, now_ms: u64, node_name: String },
-    ForgetNode { id: NodeId },
-    SetNodeZone { id: NodeId, zone: crate::zones::Zone },
-    CreateUser { name: String, password_phc: Option<String>, now_ms: u64 },
+    ConsumeJoinToken {
+        id: String,
+        secret_sha256: String,
+        now_ms: u64,
+        node_name: String,
+    },
+    ForgetNode {
+        id: NodeId,
+    },
+    SetNodeZone {
+        id: NodeId,
+        zone: crate::zones::Zone,
+    },
+    CreateUser {
+        name: String,
+        password_phc: Option<String>,
+        now_ms: u64,
+    },
     /// `cluster-admin` makes the user a cluster administrator; the other
     /// roles apply to `project`.
-    GrantRole { user: String, project: Option<String>, role: Role },
-    CreateToken { id: String, secret_sha256: String, user: String, scope: TokenScope, now_ms: u64, expires_at_ms: Option<u64> },
-    RevokeToken { id: String },
-    AppendAudit { record: crate::audit::AuditRecord },
+    GrantRole {
+        user: String,
+        project: Option<String>,
+        role: Role,
+    },
+    CreateToken {
+        id: String,
+        secret_sha256: String,
+        user: String,
+        scope: TokenScope,
+        now_ms: u64,
+        expires_at_ms: Option<u64>,
+    },
+    RevokeToken {
+        id: String,
+    },
+    AppendAudit {
+        record: crate::audit::AuditRecord,
+    },
     /// A command and its audit entry, applied in one transaction: the entry
     /// records the command's outcome.
-    Audited { command: Box<Command>, audit: crate::audit::AuditContext },
+    Audited {
+        command: Box<Command>,
+        audit: crate::audit::AuditContext,
+    },
 }
 
 /// A domain failure recorded as the outcome of a command.
@@ -165,7 +211,10 @@ impl ErrorCode {
 }
 
 fn domain(code: ErrorCode, message: impl Into<String>) -> DomainError {
-    DomainError { code, message: message.into() }
+    DomainError {
+        code,
+        message: message.into(),
+    }
 }
 
 /// The outcome of a command as it travels in the Raft response.
@@ -194,7 +243,10 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), DomainError> {
     if name.ends_with('-') {
         return Err(invalid("it must not end with '-'"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         return Err(invalid(&format!("it contains {c:?}")));
     }
     Ok(())
@@ -206,29 +258,53 @@ pub fn validate_description(description: &str) -> Result<(), DomainError> {
     if description.len() > MAX_DESCRIPTION_BYTES {
         return Err(domain(
             ErrorCode::InvalidArgument,
-            format!("description is {} bytes long; the limit is {MAX_DESCRIPTION_BYTES}", description.len()),
+            format!(
+                "description is {} bytes long; the limit is {MAX_DESCRIPTION_BYTES}",
+                description.len()
+            ),
         ));
     }
     Ok(())
 }
 
-fn token_still_valid(kv: &KvWrite<'_>, audit: &crate::audit::AuditContext) -> Result<Result<(), DomainError>, allod_raft::KvError> {
+fn token_still_valid(
+    kv: &KvWrite<'_>,
+    audit: &crate::audit::AuditContext,
+) -> Result<Result<(), DomainError>, allod_raft::KvError> {
     if audit.token_id == "-" {
         return Ok(Ok(()));
     }
-    let revoked = || domain(ErrorCode::Unauthenticated, "the token was revoked or has expired; nothing was changed");
-    let Some(sha) = get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{}", audit.token_id))? else { return Ok(Err(revoked())) };
+    let revoked = || {
+        domain(
+            ErrorCode::Unauthenticated,
+            "the token was revoked or has expired; nothing was changed",
+        )
+    };
+    let Some(sha) = get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{}", audit.token_id))?
+    else {
+        return Ok(Err(revoked()));
+    };
     match get_json::<ApiTokenRecord>(kv, &format!("{PREFIX_API_TOKENS}{sha}"))? {
         Some(record) if record.expires_at_ms.is_none_or(|at| at > audit.time_ms) => Ok(Ok(())),
         _ => Ok(Err(revoked())),
     }
 }
 
-fn append_audit(kv: &mut KvWrite<'_>, record: crate::audit::AuditRecord) -> Result<u64, allod_raft::KvError> {
+fn append_audit(
+    kv: &mut KvWrite<'_>,
+    record: crate::audit::AuditRecord,
+) -> Result<u64, allod_raft::KvError> {
     let head: Option<crate::audit::AuditHead> = get_json(kv, KEY_AUDIT_HEAD)?;
     let entry = crate::audit::chain(head.as_ref(), record);
     put_json(kv, &format!("{PREFIX_AUDIT}{:020}", entry.seq), &entry)?;
-    put_json(kv, KEY_AUDIT_HEAD, &crate::audit::AuditHead { seq: entry.seq, hash: entry.hash.clone() })?;
+    put_json(
+        kv,
+        KEY_AUDIT_HEAD,
+        &crate::audit::AuditHead {
+            seq: entry.seq,
+            hash: entry.hash.clone(),
+        },
+    )?;
     Ok(entry.seq)
 }
 
@@ -240,7 +316,10 @@ pub fn user_view(user: &User) -> serde_json::Value {
 /// The state machine's command interpreter.
 pub struct ClusterApply;
 
-fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Result<Option<T>, allod_raft::KvError> {
+fn get_json<T: serde::de::DeserializeOwned>(
+    kv: &impl KvRead,
+    key: &str,
+) -> Result<Option<T>, allod_raft::KvError> {
     match kv.get(key)? {
         // Values are only ever written by this module from these types; a
         // value that no longer parses is treated as absent and logged rather
@@ -256,20 +335,39 @@ fn get_json<T: serde::de::DeserializeOwned>(kv: &impl KvRead, key: &str) -> Resu
     }
 }
 
-fn put_json<T: Serialize>(kv: &mut KvWrite<'_>, key: &str, value: &T) -> Result<(), allod_raft::KvError> {
+fn put_json<T: Serialize>(
+    kv: &mut KvWrite<'_>,
+    key: &str,
+    value: &T,
+) -> Result<(), allod_raft::KvError> {
     let bytes = serde_json::to_vec(value).expect("model types always serialise");
     kv.put(key, &bytes)
 }
 
 impl ClusterApply {
-    fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allod_raft::KvError> {
+    fn apply_command(
+        kv: &mut KvWrite<'_>,
+        command: Command,
+    ) -> Result<Outcome, allod_raft::KvError> {
         Ok(match command {
-            Command::InitCluster { info, admin_token_sha256, first_node } => {
+            Command::InitCluster {
+                info,
+                admin_token_sha256,
+                first_node,
+            } => {
                 if kv.get(KEY_CLUSTER)?.is_some() {
-                    Err(domain(ErrorCode::FailedPrecondition, "the cluster is already initialised"))
+                    Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        "the cluster is already initialised",
+                    ))
                 } else {
                     put_json(kv, KEY_CLUSTER, &info)?;
-                    let admin = User { name: ADMIN_USER.into(), password_phc: None, cluster_admin: true, created_at_ms: info.created_at_ms };
+                    let admin = User {
+                        name: ADMIN_USER.into(),
+                        password_phc: None,
+                        cluster_admin: true,
+                        created_at_ms: info.created_at_ms,
+                    };
                     put_json(kv, &format!("{PREFIX_USERS}{ADMIN_USER}"), &admin)?;
                     let token = ApiTokenRecord {
                         id: "admin".into(),
@@ -278,22 +376,44 @@ impl ClusterApply {
                         created_at_ms: info.created_at_ms,
                         expires_at_ms: None,
                     };
-                    put_json(kv, &format!("{PREFIX_API_TOKENS}{admin_token_sha256}"), &token)?;
+                    put_json(
+                        kv,
+                        &format!("{PREFIX_API_TOKENS}{admin_token_sha256}"),
+                        &token,
+                    )?;
                     put_json(kv, &format!("{PREFIX_TOKEN_IDS}admin"), &admin_token_sha256)?;
-                    put_json(kv, &format!("{PREFIX_NODES}{:020}", first_node.id), &first_node)?;
+                    put_json(
+                        kv,
+                        &format!("{PREFIX_NODES}{:020}", first_node.id),
+                        &first_node,
+                    )?;
                     put_json(kv, KEY_NEXT_NODE_ID, &(first_node.id + 1))?;
                     Ok(serde_json::to_value(&info).expect("serialisable"))
                 }
             }
-            Command::CreateProject { name, description, now_ms, zone } => {
+            Command::CreateProject {
+                name,
+                description,
+                now_ms,
+                zone,
+            } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
-                match validate_name("project", &name).and_then(|_| validate_description(&description)) {
+                match validate_name("project", &name)
+                    .and_then(|_| validate_description(&description))
+                {
                     Err(e) => Err(e),
-                    Ok(()) if kv.get(&key)?.is_some() => {
-                        Err(domain(ErrorCode::AlreadyExists, format!("project {name:?} already exists")))
-                    }
+                    Ok(()) if kv.get(&key)?.is_some() => Err(domain(
+                        ErrorCode::AlreadyExists,
+                        format!("project {name:?} already exists"),
+                    )),
                     Ok(()) => {
-                        let project = Project { name, description, zone, created_at_ms: now_ms, generation: 1 };
+                        let project = Project {
+                            name,
+                            description,
+                            zone,
+                            created_at_ms: now_ms,
+                            generation: 1,
+                        };
                         put_json(kv, &key, &project)?;
                         Ok(serde_json::to_value(&project).expect("serialisable"))
                     }
@@ -301,9 +421,15 @@ impl ClusterApply {
             }
             Command::UpdateProject { name, description } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
-                match (validate_description(&description), get_json::<Project>(kv, &key)?) {
+                match (
+                    validate_description(&description),
+                    get_json::<Project>(kv, &key)?,
+                ) {
                     (Err(e), _) => Err(e),
-                    (Ok(()), None) => Err(domain(ErrorCode::NotFound, format!("project {name:?} does not exist"))),
+                    (Ok(()), None) => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("project {name:?} does not exist"),
+                    )),
                     (Ok(()), Some(mut project)) => {
                         project.description = description;
                         project.generation += 1;
@@ -315,7 +441,10 @@ impl ClusterApply {
             Command::DeleteProject { name } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
                 if kv.get(&key)?.is_none() {
-                    Err(domain(ErrorCode::NotFound, format!("project {name:?} does not exist")))
+                    Err(domain(
+                        ErrorCode::NotFound,
+                        format!("project {name:?} does not exist"),
+                    ))
                 } else {
                     kv.delete(&key)?;
                     // Roles in a deleted project go with it.
@@ -327,7 +456,12 @@ impl ClusterApply {
                     Ok(serde_json::Value::Null)
                 }
             }
-            Command::CreateJoinToken { id, secret_sha256, now_ms, expires_at_ms } => {
+            Command::CreateJoinToken {
+                id,
+                secret_sha256,
+                now_ms,
+                expires_at_ms,
+            } => {
                 // Expired tokens are dropped here, so the table cannot grow
                 // without bound.
                 for (key, bytes) in kv.scan(PREFIX_JOIN_TOKENS)? {
@@ -337,11 +471,22 @@ impl ClusterApply {
                         }
                     }
                 }
-                let record = JoinTokenRecord { id: id.clone(), secret_sha256, created_at_ms: now_ms, expires_at_ms, used_by: None };
+                let record = JoinTokenRecord {
+                    id: id.clone(),
+                    secret_sha256,
+                    created_at_ms: now_ms,
+                    expires_at_ms,
+                    used_by: None,
+                };
                 put_json(kv, &format!("{PREFIX_JOIN_TOKENS}{id}"), &record)?;
                 Ok(serde_json::json!({ "id": id, "expires_at_ms": expires_at_ms }))
             }
-            Command::ConsumeJoinToken { id, secret_sha256, now_ms, node_name } => {
+            Command::ConsumeJoinToken {
+                id,
+                secret_sha256,
+                now_ms,
+                node_name,
+            } => {
                 let key = format!("{PREFIX_JOIN_TOKENS}{id}");
                 match get_json::<JoinTokenRecord>(kv, &key)? {
                     None => Err(domain(
@@ -381,7 +526,10 @@ impl ClusterApply {
             Command::SetNodeZone { id, zone } => {
                 let key = format!("{PREFIX_NODES}{id:020}");
                 match get_json::<NodeRecord>(kv, &key)? {
-                    None => Err(domain(ErrorCode::NotFound, format!("node {id} is not a member of this cluster"))),
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("node {id} is not a member of this cluster"),
+                    )),
                     Some(mut node) => {
                         node.zone = zone;
                         put_json(kv, &key, &node)?;
@@ -389,30 +537,57 @@ impl ClusterApply {
                     }
                 }
             }
-            Command::CreateUser { name, password_phc, now_ms } => {
+            Command::CreateUser {
+                name,
+                password_phc,
+                now_ms,
+            } => {
                 let key = format!("{PREFIX_USERS}{name}");
                 match validate_name("user", &name) {
                     Err(e) => Err(e),
-                    Ok(()) if kv.get(&key)?.is_some() => Err(domain(ErrorCode::AlreadyExists, format!("user {name:?} already exists"))),
+                    Ok(()) if kv.get(&key)?.is_some() => Err(domain(
+                        ErrorCode::AlreadyExists,
+                        format!("user {name:?} already exists"),
+                    )),
                     Ok(()) => {
-                        let user = User { name, password_phc, cluster_admin: false, created_at_ms: now_ms };
+                        let user = User {
+                            name,
+                            password_phc,
+                            cluster_admin: false,
+                            created_at_ms: now_ms,
+                        };
                         put_json(kv, &key, &user)?;
                         Ok(user_view(&user))
                     }
                 }
             }
-            Command::GrantRole { user, project, role } => {
+            Command::GrantRole {
+                user,
+                project,
+                role,
+            } => {
                 let user_key = format!("{PREFIX_USERS}{user}");
                 match (get_json::<User>(kv, &user_key)?, role, project) {
-                    (None, _, _) => Err(domain(ErrorCode::NotFound, format!("user {user:?} does not exist"))),
+                    (None, _, _) => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("user {user:?} does not exist"),
+                    )),
                     (Some(mut record), Role::ClusterAdmin, _) => {
                         record.cluster_admin = true;
                         put_json(kv, &user_key, &record)?;
                         Ok(serde_json::json!({ "user": user, "role": role }))
                     }
-                    (Some(_), _, None) => Err(domain(ErrorCode::InvalidArgument, format!("the {} role needs a project", role.as_str()))),
-                    (Some(_), _, Some(project)) if kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none() => {
-                        Err(domain(ErrorCode::NotFound, format!("project {project:?} does not exist")))
+                    (Some(_), _, None) => Err(domain(
+                        ErrorCode::InvalidArgument,
+                        format!("the {} role needs a project", role.as_str()),
+                    )),
+                    (Some(_), _, Some(project))
+                        if kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none() =>
+                    {
+                        Err(domain(
+                            ErrorCode::NotFound,
+                            format!("project {project:?} does not exist"),
+                        ))
                     }
                     (Some(_), _, Some(project)) => {
                         put_json(kv, &format!("{PREFIX_USER_GRANTS}{user}/{project}"), &role)?;
@@ -420,17 +595,38 @@ impl ClusterApply {
                     }
                 }
             }
-            Command::CreateToken { id, secret_sha256, user, scope, now_ms, expires_at_ms } => {
+            Command::CreateToken {
+                id,
+                secret_sha256,
+                user,
+                scope,
+                now_ms,
+                expires_at_ms,
+            } => {
                 let project_missing = match &scope {
-                    TokenScope::Project { project, .. } => kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none(),
+                    TokenScope::Project { project, .. } => {
+                        kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none()
+                    }
                     TokenScope::Cluster => false,
                 };
                 if kv.get(&format!("{PREFIX_USERS}{user}"))?.is_none() {
-                    Err(domain(ErrorCode::NotFound, format!("user {user:?} does not exist")))
+                    Err(domain(
+                        ErrorCode::NotFound,
+                        format!("user {user:?} does not exist"),
+                    ))
                 } else if project_missing {
-                    Err(domain(ErrorCode::NotFound, "the token's project does not exist"))
+                    Err(domain(
+                        ErrorCode::NotFound,
+                        "the token's project does not exist",
+                    ))
                 } else {
-                    let record = ApiTokenRecord { id: id.clone(), user, scope, created_at_ms: now_ms, expires_at_ms };
+                    let record = ApiTokenRecord {
+                        id: id.clone(),
+                        user,
+                        scope,
+                        created_at_ms: now_ms,
+                        expires_at_ms,
+                    };
                     put_json(kv, &format!("{PREFIX_API_TOKENS}{secret_sha256}"), &record)?;
                     put_json(kv, &format!("{PREFIX_TOKEN_IDS}{id}"), &secret_sha256)?;
                     Ok(serde_json::to_value(&record).expect("serialisable"))
@@ -455,27 +651,39 @@ impl ClusterApply {
                 append_audit(kv, audit.with_result(result))?;
                 outcome
             }
-            Command::RevokeToken { id } => match get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{id}"))? {
-                None => Err(domain(ErrorCode::NotFound, format!("token {id:?} does not exist"))),
-                Some(sha) => {
-                    kv.delete(&format!("{PREFIX_API_TOKENS}{sha}"))?;
-                    kv.delete(&format!("{PREFIX_TOKEN_IDS}{id}"))?;
-                    Ok(serde_json::Value::Null)
+            Command::RevokeToken { id } => {
+                match get_json::<String>(kv, &format!("{PREFIX_TOKEN_IDS}{id}"))? {
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("token {id:?} does not exist"),
+                    )),
+                    Some(sha) => {
+                        kv.delete(&format!("{PREFIX_API_TOKENS}{sha}"))?;
+                        kv.delete(&format!("{PREFIX_TOKEN_IDS}{id}"))?;
+                        Ok(serde_json::Value::Null)
+                    }
                 }
-            },
+            }
         })
     }
 }
 
 impl ClusterApply {
-    fn apply_one(kv: &mut KvWrite<'_>, index: u64, command: &serde_json::Value) -> Result<Outcome, allod_raft::KvError> {
+    fn apply_one(
+        kv: &mut KvWrite<'_>,
+        index: u64,
+        command: &serde_json::Value,
+    ) -> Result<Outcome, allod_raft::KvError> {
         match serde_json::from_value::<Command>(command.clone()) {
             Ok(command) => Self::apply_command(kv, command),
             // A command from a newer or broken proposer: record the refusal,
             // change nothing.
             Err(e) => {
                 tracing::warn!(index, error = %e, "committed command does not parse; ignoring it");
-                Ok(Err(domain(ErrorCode::InvalidArgument, format!("command not understood: {e}"))))
+                Ok(Err(domain(
+                    ErrorCode::InvalidArgument,
+                    format!("command not understood: {e}"),
+                )))
             }
         }
     }
@@ -514,11 +722,19 @@ pub struct ReadError(#[from] allod_raft::StateMachineError);
 
 impl StateView {
     fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ReadError> {
-        Ok(self.reader.get(key)?.and_then(|b| serde_json::from_slice(&b).ok()))
+        Ok(self
+            .reader
+            .get(key)?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     fn list<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ReadError> {
-        Ok(self.reader.scan(prefix)?.into_iter().filter_map(|(_, b)| serde_json::from_slice(&b).ok()).collect())
+        Ok(self
+            .reader
+            .scan(prefix)?
+            .into_iter()
+            .filter_map(|(_, b)| serde_json::from_slice(&b).ok())
+            .collect())
     }
 
     pub fn cluster(&self) -> Result<Option<ClusterInfo>, ReadError> {
@@ -550,33 +766,54 @@ impl StateView {
     }
 
     /// The user's role in each project.
-    pub fn grants_of(&self, user: &str) -> Result<std::collections::BTreeMap<String, Role>, ReadError> {
+    pub fn grants_of(
+        &self,
+        user: &str,
+    ) -> Result<std::collections::BTreeMap<String, Role>, ReadError> {
         let prefix = format!("{PREFIX_USER_GRANTS}{user}/");
         Ok(self
             .reader
             .scan(&prefix)?
             .into_iter()
-            .filter_map(|(key, bytes)| Some((key[prefix.len()..].to_string(), serde_json::from_slice(&bytes).ok()?)))
+            .filter_map(|(key, bytes)| {
+                Some((
+                    key[prefix.len()..].to_string(),
+                    serde_json::from_slice(&bytes).ok()?,
+                ))
+            })
             .collect())
     }
 
     pub fn tokens_of(&self, user: &str) -> Result<Vec<ApiTokenRecord>, ReadError> {
-        Ok(self.list::<ApiTokenRecord>(PREFIX_API_TOKENS)?.into_iter().filter(|t| t.user == user).collect())
+        Ok(self
+            .list::<ApiTokenRecord>(PREFIX_API_TOKENS)?
+            .into_iter()
+            .filter(|t| t.user == user)
+            .collect())
     }
 
     /// Audit entries in order, starting after `after_seq`.
-    pub fn audit_entries(&self, after_seq: u64) -> Result<Vec<crate::audit::AuditEntry>, ReadError> {
+    pub fn audit_entries(
+        &self,
+        after_seq: u64,
+    ) -> Result<Vec<crate::audit::AuditEntry>, ReadError> {
         Ok(self
             .reader
             .scan(PREFIX_AUDIT)?
             .into_iter()
-            .filter(|(key, _)| key[PREFIX_AUDIT.len()..].parse::<u64>().is_ok_and(|seq| seq > after_seq))
+            .filter(|(key, _)| {
+                key[PREFIX_AUDIT.len()..]
+                    .parse::<u64>()
+                    .is_ok_and(|seq| seq > after_seq)
+            })
             .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
             .collect())
     }
 
     pub fn token_owner(&self, id: &str) -> Result<Option<String>, ReadError> {
-        let Some(sha) = self.get::<String>(&format!("{PREFIX_TOKEN_IDS}{id}"))? else { return Ok(None) };
+        let Some(sha) = self.get::<String>(&format!("{PREFIX_TOKEN_IDS}{id}"))? else {
+            return Ok(None);
+        };
         Ok(self.api_token(&sha)?.map(|t| t.user))
     }
 }
@@ -587,7 +824,11 @@ mod tests {
 
     #[test]
     fn names_follow_dns_label_rules() {
-        for good in ["a", "web-1", "a23456789012345678901234567890123456789012345678901234567890123"] {
+        for good in [
+            "a",
+            "web-1",
+            "a23456789012345678901234567890123456789012345678901234567890123",
+        ] {
             assert!(validate_name("project", good).is_ok(), "{good}");
         }
         for (bad, why) in [
@@ -597,7 +838,10 @@ mod tests {
             ("abc-", "end with '-'"),
             ("a_b", "contains '_'"),
             ("a.b", "contains '.'"),
-            ("a234567890123456789012345678901234567890123456789012345678901234", "longer than 63"),
+            (
+                "a234567890123456789012345678901234567890123456789012345678901234",
+                "longer than 63",
+            ),
         ] {
             let err = validate_name("project", bad).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidArgument);

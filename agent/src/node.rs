@@ -15,8 +15,8 @@ use tokio::time::{timeout_at, Instant};
 use crate::model::{ClusterApply, Command, DomainError, Outcome, StateView};
 use crate::paths::{DataDir, NodeConfig};
 use crate::peer::{
-    AddMemberRequest, ForwardFailure, ForwardedWrite, Isolation, NetworkFactory, PeerCallError, PeerClient,
-    RemoveMemberRequest,
+    AddMemberRequest, ForwardFailure, ForwardedWrite, Isolation, NetworkFactory, PeerCallError,
+    PeerClient, RemoveMemberRequest,
 };
 use crate::pki::NodeTls;
 use crate::proposer::{ProposeError, Proposer};
@@ -131,7 +131,9 @@ impl ClusterNode {
     ) -> Result<Arc<Self>, StartError> {
         let log = LogStore::open(&data_dir.raft_log())?;
         let state_machine = StateMachineStore::open(&data_dir.state_db(), Arc::new(ClusterApply))?;
-        let state = StateView { reader: state_machine.reader() };
+        let state = StateView {
+            reader: state_machine.reader(),
+        };
         let raft_config = Config {
             cluster_name: config.cluster_id.clone(),
             heartbeat_interval: options.heartbeat_ms,
@@ -145,26 +147,58 @@ impl ClusterNode {
         }
         .validate()?;
         let peers = PeerClient::new(tls.peer_client_config()?, isolation)?;
-        let network = NetworkFactory { client: peers.clone() };
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, state_machine).await?;
+        let network = NetworkFactory {
+            client: peers.clone(),
+        };
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log,
+            state_machine,
+        )
+        .await?;
         let proposer = Proposer::spawn(raft.clone());
         let audit_failures = crate::audit::FailureBudget::new(50);
-        Ok(Arc::new(Self { id: config.node_id, proposer, audit_failures, config, raft, state, peers, tls, data_dir }))
+        Ok(Arc::new(Self {
+            id: config.node_id,
+            proposer,
+            audit_failures,
+            config,
+            raft,
+            state,
+            peers,
+            tls,
+            data_dir,
+        }))
     }
 
     pub fn member(&self) -> Member {
-        Member { name: self.config.name.clone(), api_addr: self.config.api_addr.clone(), peer_addr: self.config.peer_addr.clone() }
+        Member {
+            name: self.config.name.clone(),
+            api_addr: self.config.api_addr.clone(),
+            peer_addr: self.config.peer_addr.clone(),
+        }
     }
 
     /// Makes this node the single voter of a new cluster.
     pub async fn initialize_single(&self) -> Result<(), ClusterError> {
-        let members = [(self.id, self.member())].into_iter().collect::<std::collections::BTreeMap<_, _>>();
-        self.raft.initialize(members).await.map_err(|e| ClusterError::Raft { message: e.to_string() })?;
+        let members = [(self.id, self.member())]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ClusterError::Raft {
+                message: e.to_string(),
+            })?;
         self.raft
             .wait(Some(OPERATION_TIMEOUT))
             .current_leader(self.id, "single-node cluster elects itself")
             .await
-            .map_err(|_| ClusterError::NoLeader { waited: OPERATION_TIMEOUT })?;
+            .map_err(|_| ClusterError::NoLeader {
+                waited: OPERATION_TIMEOUT,
+            })?;
         Ok(())
     }
 
@@ -173,13 +207,25 @@ impl ClusterNode {
     }
 
     fn leader_member(&self, leader: NodeId) -> Option<Member> {
-        self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned()
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
     }
 
     /// Waits (briefly) until the known leader differs from `previous`.
     async fn await_leader_change(&self, previous: Option<NodeId>, deadline: Instant) {
-        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(300));
-        let _changed = self.raft.wait(Some(wait)).metrics(move |m| m.current_leader != previous, "leader change").await;
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(300));
+        let _changed = self
+            .raft
+            .wait(Some(wait))
+            .metrics(move |m| m.current_leader != previous, "leader change")
+            .await;
     }
 
     /// Commits `command` through Raft from any node, forwarding to the
@@ -188,7 +234,10 @@ impl ClusterNode {
         // Inside an API request, the first write carries the request's audit
         // entry, so the change and its record commit together.
         let value = match crate::audit::take_request_context() {
-            Some(audit) => serde_json::to_value(Command::Audited { command: Box::new(command.clone()), audit }),
+            Some(audit) => serde_json::to_value(Command::Audited {
+                command: Box::new(command.clone()),
+                audit,
+            }),
             None => serde_json::to_value(command),
         }
         .expect("commands serialise");
@@ -196,44 +245,73 @@ impl ClusterNode {
         loop {
             let attempt = timeout_at(deadline, self.proposer.propose(value.clone())).await;
             let Ok(result) = attempt else {
-                return Err(ClusterError::Unconfirmed { waited: OPERATION_TIMEOUT });
+                return Err(ClusterError::Unconfirmed {
+                    waited: OPERATION_TIMEOUT,
+                });
             };
             match result {
                 Ok(outcome) => return Ok(outcome),
-                Err(ProposeError::ForwardToLeader { leader_id, leader_node }) => {
+                Err(ProposeError::ForwardToLeader {
+                    leader_id,
+                    leader_node,
+                }) => {
                     let leader = leader_id;
                     match leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
                         Some(node) if leader != Some(self.id) => {
                             let remaining = deadline.saturating_duration_since(Instant::now());
-                            let reply: Result<Result<Outcome, ForwardFailure>, PeerCallError> = self
-                                .peers
-                                .call(&node.peer_addr, "/cluster/write", &ForwardedWrite { command: value.clone() }, remaining)
-                                .await;
+                            let reply: Result<Result<Outcome, ForwardFailure>, PeerCallError> =
+                                self.peers
+                                    .call(
+                                        &node.peer_addr,
+                                        "/cluster/write",
+                                        &ForwardedWrite {
+                                            command: value.clone(),
+                                        },
+                                        remaining,
+                                    )
+                                    .await;
                             match reply {
                                 Ok(Ok(outcome)) => return Ok(outcome),
-                                Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
-                                Ok(Err(ForwardFailure::Failed { message })) => return Err(ClusterError::Leader { message }),
-                                Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                                Ok(Err(ForwardFailure::NotLeader { .. })) => {
+                                    self.await_leader_change(leader, deadline).await
+                                }
+                                Ok(Err(ForwardFailure::Failed { message })) => {
+                                    return Err(ClusterError::Leader { message })
+                                }
+                                Err(e) if e.never_sent() => {
+                                    self.await_leader_change(leader, deadline).await
+                                }
                                 Err(e) => return Err(e.into()),
                             }
                         }
                         _ => self.await_leader_change(leader, deadline).await,
                     }
                 }
-                Err(ProposeError::Failed { message }) => return Err(ClusterError::Raft { message }),
+                Err(ProposeError::Failed { message }) => {
+                    return Err(ClusterError::Raft { message })
+                }
             }
             if Instant::now() >= deadline {
-                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+                return Err(ClusterError::NoLeader {
+                    waited: OPERATION_TIMEOUT,
+                });
             }
         }
     }
 
     /// The leader's side of a forwarded write: never forwards again.
-    pub async fn write_as_leader(&self, command: serde_json::Value) -> Result<Outcome, ForwardFailure> {
+    pub async fn write_as_leader(
+        &self,
+        command: serde_json::Value,
+    ) -> Result<Outcome, ForwardFailure> {
         match tokio::time::timeout(OPERATION_TIMEOUT, self.proposer.propose(command)).await {
-            Err(_) => Err(ForwardFailure::Failed { message: "the write did not commit in time (no quorum?)".into() }),
+            Err(_) => Err(ForwardFailure::Failed {
+                message: "the write did not commit in time (no quorum?)".into(),
+            }),
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(ProposeError::ForwardToLeader { leader_id, .. })) => Err(ForwardFailure::NotLeader { leader: leader_id }),
+            Ok(Err(ProposeError::ForwardToLeader { leader_id, .. })) => {
+                Err(ForwardFailure::NotLeader { leader: leader_id })
+            }
             Ok(Err(ProposeError::Failed { message })) => Err(ForwardFailure::Failed { message }),
         }
     }
@@ -242,12 +320,18 @@ impl ClusterNode {
     /// and returns the log id a follower must have applied before reading.
     pub async fn read_index_as_leader(&self) -> Result<Option<LogId<NodeId>>, ForwardFailure> {
         match tokio::time::timeout(OPERATION_TIMEOUT, self.raft.get_read_log_id()).await {
-            Err(_) => Err(ForwardFailure::Failed { message: "leadership could not be confirmed in time".into() }),
+            Err(_) => Err(ForwardFailure::Failed {
+                message: "leadership could not be confirmed in time".into(),
+            }),
             Ok(Ok((read_log_id, _applied))) => Ok(read_log_id),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(ForwardFailure::NotLeader { leader: f.leader_id })
+                Err(ForwardFailure::NotLeader {
+                    leader: f.leader_id,
+                })
             }
-            Ok(Err(e)) => Err(ForwardFailure::Failed { message: e.to_string() }),
+            Ok(Err(e)) => Err(ForwardFailure::Failed {
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -263,36 +347,62 @@ impl ClusterNode {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
                     let leader = forward.leader_id;
-                    match forward.leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
+                    match forward
+                        .leader_node
+                        .or_else(|| leader.and_then(|l| self.leader_member(l)))
+                    {
                         Some(node) if leader != Some(self.id) => {
                             let remaining = deadline.saturating_duration_since(Instant::now());
-                            let reply: Result<Result<Option<LogId<NodeId>>, ForwardFailure>, PeerCallError> =
-                                self.peers.call(&node.peer_addr, "/cluster/read-index", &(), remaining).await;
+                            let reply: Result<
+                                Result<Option<LogId<NodeId>>, ForwardFailure>,
+                                PeerCallError,
+                            > = self
+                                .peers
+                                .call(&node.peer_addr, "/cluster/read-index", &(), remaining)
+                                .await;
                             match reply {
                                 Ok(Ok(read_log_id)) => {
-                                    let remaining = deadline.saturating_duration_since(Instant::now());
+                                    let remaining =
+                                        deadline.saturating_duration_since(Instant::now());
                                     return self
                                         .raft
                                         .wait(Some(remaining))
-                                        .applied_index_at_least(read_log_id.map(|l| l.index), "read index")
+                                        .applied_index_at_least(
+                                            read_log_id.map(|l| l.index),
+                                            "read index",
+                                        )
                                         .await
                                         .map(|_| ())
                                         .map_err(|_| ClusterError::NoQuorum);
                                 }
-                                Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
-                                Ok(Err(ForwardFailure::Failed { .. })) => return Err(ClusterError::NoQuorum),
-                                Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                                Ok(Err(ForwardFailure::NotLeader { .. })) => {
+                                    self.await_leader_change(leader, deadline).await
+                                }
+                                Ok(Err(ForwardFailure::Failed { .. })) => {
+                                    return Err(ClusterError::NoQuorum)
+                                }
+                                Err(e) if e.never_sent() => {
+                                    self.await_leader_change(leader, deadline).await
+                                }
                                 Err(e) => return Err(e.into()),
                             }
                         }
                         _ => self.await_leader_change(leader, deadline).await,
                     }
                 }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => return Err(ClusterError::NoQuorum),
-                Err(e) => return Err(ClusterError::Raft { message: e.to_string() }),
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                    return Err(ClusterError::NoQuorum)
+                }
+                Err(e) => {
+                    return Err(ClusterError::Raft {
+                        message: e.to_string(),
+                    })
+                }
             }
             if Instant::now() >= deadline {
-                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+                return Err(ClusterError::NoLeader {
+                    waited: OPERATION_TIMEOUT,
+                });
             }
         }
     }
@@ -308,18 +418,33 @@ impl ClusterNode {
                 name: member.name.clone(),
                 api_addr: member.api_addr.clone(),
                 peer_addr: member.peer_addr.clone(),
-                role: if voters.contains(id) { MemberRole::Voter } else { MemberRole::Learner },
+                role: if voters.contains(id) {
+                    MemberRole::Voter
+                } else {
+                    MemberRole::Learner
+                },
             })
             .collect()
     }
 
     pub fn is_member(&self, id: NodeId) -> bool {
-        self.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some()
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
     }
 
     /// Runs a membership operation on the leader: here if this node leads,
     /// otherwise on the leader through the peer port.
-    async fn on_leader<T, F, Fut>(&self, path: &str, body: &impl Serialize, local: F) -> Result<T, ClusterError>
+    async fn on_leader<T, F, Fut>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        local: F,
+    ) -> Result<T, ClusterError>
     where
         T: serde::de::DeserializeOwned,
         F: Fn() -> Fut,
@@ -330,7 +455,9 @@ impl ClusterNode {
             let leader = self.leader();
             match leader {
                 Some(l) if l == self.id => match local().await {
-                    Err(ClusterError::NotLeader { .. }) => self.await_leader_change(leader, deadline).await,
+                    Err(ClusterError::NotLeader { .. }) => {
+                        self.await_leader_change(leader, deadline).await
+                    }
                     other => return other,
                 },
                 Some(l) => {
@@ -340,42 +467,83 @@ impl ClusterNode {
                     };
                     // Membership changes wait for a learner to catch up, so
                     // they get a generous deadline.
-                    let reply: Result<Result<T, ForwardFailure>, PeerCallError> =
-                        self.peers.call(&node.peer_addr, path, body, Duration::from_secs(120)).await;
+                    let reply: Result<Result<T, ForwardFailure>, PeerCallError> = self
+                        .peers
+                        .call(&node.peer_addr, path, body, Duration::from_secs(120))
+                        .await;
                     match reply {
                         Ok(Ok(value)) => return Ok(value),
-                        Ok(Err(ForwardFailure::NotLeader { .. })) => self.await_leader_change(leader, deadline).await,
-                        Ok(Err(ForwardFailure::Failed { message })) => return Err(ClusterError::Leader { message }),
-                        Err(e) if e.never_sent() => self.await_leader_change(leader, deadline).await,
+                        Ok(Err(ForwardFailure::NotLeader { .. })) => {
+                            self.await_leader_change(leader, deadline).await
+                        }
+                        Ok(Err(ForwardFailure::Failed { message })) => {
+                            return Err(ClusterError::Leader { message })
+                        }
+                        Err(e) if e.never_sent() => {
+                            self.await_leader_change(leader, deadline).await
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
                 None => self.await_leader_change(None, deadline).await,
             }
             if Instant::now() >= deadline {
-                return Err(ClusterError::NoLeader { waited: OPERATION_TIMEOUT });
+                return Err(ClusterError::NoLeader {
+                    waited: OPERATION_TIMEOUT,
+                });
             }
         }
     }
 
     /// Adds a node as a learner, waits for it to catch up, and promotes it
     /// to voter while there are fewer than [`MAX_VOTERS`] voters.
-    pub async fn add_member(&self, node_id: NodeId, member: Member) -> Result<MemberRole, ClusterError> {
-        let request = AddMemberRequest { node_id, member: member.clone() };
-        self.on_leader("/cluster/add-member", &request, || self.add_member_locally(node_id, member.clone())).await
+    pub async fn add_member(
+        &self,
+        node_id: NodeId,
+        member: Member,
+    ) -> Result<MemberRole, ClusterError> {
+        let request = AddMemberRequest {
+            node_id,
+            member: member.clone(),
+        };
+        self.on_leader("/cluster/add-member", &request, || {
+            self.add_member_locally(node_id, member.clone())
+        })
+        .await
     }
 
-    async fn add_member_locally(&self, node_id: NodeId, member: Member) -> Result<MemberRole, ClusterError> {
+    async fn add_member_locally(
+        &self,
+        node_id: NodeId,
+        member: Member,
+    ) -> Result<MemberRole, ClusterError> {
         let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader { leader: f.leader_id },
-            other => ClusterError::Raft { message: other.to_string() },
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
+                leader: f.leader_id,
+            },
+            other => ClusterError::Raft {
+                message: other.to_string(),
+            },
         };
-        self.raft.add_learner(node_id, member, true).await.map_err(map_err)?;
-        let voters = self.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        self.raft
+            .add_learner(node_id, member, true)
+            .await
+            .map_err(map_err)?;
+        let voters = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
         if voters >= MAX_VOTERS {
             return Ok(MemberRole::Learner);
         }
-        self.raft.change_membership(ChangeMembers::AddVoterIds([node_id].into()), false).await.map_err(map_err)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds([node_id].into()), false)
+            .await
+            .map_err(map_err)?;
         Ok(MemberRole::Voter)
     }
 
@@ -383,31 +551,59 @@ impl ClusterNode {
     /// waiting, the learner takes its place.
     pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
         let request = RemoveMemberRequest { node_id };
-        self.on_leader("/cluster/remove-member", &request, || self.remove_member_locally(node_id)).await?;
-        self.write(&Command::ForgetNode { id: node_id }).await?.map(|_| ()).map_err(ClusterError::from)
+        self.on_leader("/cluster/remove-member", &request, || {
+            self.remove_member_locally(node_id)
+        })
+        .await?;
+        self.write(&Command::ForgetNode { id: node_id })
+            .await?
+            .map(|_| ())
+            .map_err(ClusterError::from)
     }
 
     async fn remove_member_locally(&self, node_id: NodeId) -> Result<(), ClusterError> {
         let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader { leader: f.leader_id },
-            other => ClusterError::Raft { message: other.to_string() },
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
+                leader: f.leader_id,
+            },
+            other => ClusterError::Raft {
+                message: other.to_string(),
+            },
         };
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
         let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.remove(&node_id) {
             if voters.is_empty() {
-                return Err(ClusterError::Membership { node_id, reason: "it is the only voter; the cluster would have no members left".into() });
+                return Err(ClusterError::Membership {
+                    node_id,
+                    reason: "it is the only voter; the cluster would have no members left".into(),
+                });
             }
             if voters.len() < MAX_VOTERS {
                 if let Some(learner) = membership.learner_ids().find(|l| *l != node_id) {
                     voters.insert(learner);
                 }
             }
-            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await.map_err(map_err)?;
+            self.raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+                .await
+                .map_err(map_err)?;
         } else if membership.get_node(&node_id).is_some() {
-            self.raft.change_membership(ChangeMembers::RemoveNodes([node_id].into()), false).await.map_err(map_err)?;
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes([node_id].into()), false)
+                .await
+                .map_err(map_err)?;
         } else {
-            return Err(ClusterError::Membership { node_id, reason: "it is not a member of this cluster".into() });
+            return Err(ClusterError::Membership {
+                node_id,
+                reason: "it is not a member of this cluster".into(),
+            });
         }
         Ok(())
     }

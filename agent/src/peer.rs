@@ -14,11 +14,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::LogId;
 use serde::de::DeserializeOwned;
@@ -67,14 +69,21 @@ pub enum PeerCallError {
         source: reqwest::Error,
     },
     #[error("peer {addr} refused the request ({status}): {message}")]
-    Refused { addr: String, status: u16, message: String },
+    Refused {
+        addr: String,
+        status: u16,
+        message: String,
+    },
     #[error("this node is isolated from its peers")]
     Isolated,
 }
 
 impl PeerCallError {
     pub fn never_sent(&self) -> bool {
-        matches!(self, PeerCallError::Connect { .. } | PeerCallError::Isolated)
+        matches!(
+            self,
+            PeerCallError::Connect { .. } | PeerCallError::Isolated
+        )
     }
 }
 
@@ -116,17 +125,30 @@ impl PeerClient {
             .await
             .map_err(|source| {
                 if source.is_connect() {
-                    PeerCallError::Connect { addr: addr.clone(), source }
+                    PeerCallError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    }
                 } else {
-                    PeerCallError::Transport { addr: addr.clone(), source }
+                    PeerCallError::Transport {
+                        addr: addr.clone(),
+                        source,
+                    }
                 }
             })?;
         let status = response.status();
         if !status.is_success() {
             let message = response.text().await.unwrap_or_default();
-            return Err(PeerCallError::Refused { addr, status: status.as_u16(), message });
+            return Err(PeerCallError::Refused {
+                addr,
+                status: status.as_u16(),
+                message,
+            });
         }
-        response.json().await.map_err(|source| PeerCallError::Transport { addr, source })
+        response
+            .json()
+            .await
+            .map_err(|source| PeerCallError::Transport { addr, source })
     }
 }
 
@@ -145,7 +167,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerConnection { client: self.client.clone(), target, addr: node.peer_addr.clone() }
+        PeerConnection {
+            client: self.client.clone(),
+            target,
+            addr: node.peer_addr.clone(),
+        }
     }
 }
 
@@ -161,8 +187,10 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let result: Result<Result<Resp, RaftError<NodeId, E>>, PeerCallError> =
-            self.client.call(&self.addr, path, req, option.hard_ttl()).await;
+        let result: Result<Result<Resp, RaftError<NodeId, E>>, PeerCallError> = self
+            .client
+            .call(&self.addr, path, req, option.hard_ttl())
+            .await;
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
@@ -181,7 +209,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let entries = rpc.entries.len();
         let started = std::time::Instant::now();
         let result = self.raft_call("/raft/append", &rpc, &option).await;
-        tracing::trace!(target = self.target, entries, elapsed_us = started.elapsed().as_micros() as u64, "append_entries sent");
+        tracing::trace!(
+            target = self.target,
+            entries,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "append_entries sent"
+        );
         result
     }
 
@@ -189,7 +222,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.raft_call("/raft/snapshot", &rpc, &option).await
     }
 
@@ -242,7 +278,10 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
 }
 
 fn isolated(node: &ClusterNode) -> Option<(StatusCode, &'static str)> {
-    node.peers.isolation.get().then_some((StatusCode::SERVICE_UNAVAILABLE, "node is isolated"))
+    node.peers
+        .isolation
+        .get()
+        .then_some((StatusCode::SERVICE_UNAVAILABLE, "node is isolated"))
 }
 
 type PeerReply<T> = Result<Json<T>, (StatusCode, &'static str)>;
@@ -257,7 +296,11 @@ async fn append(
     let entries = rpc.entries.len();
     let started = std::time::Instant::now();
     let result = node.raft.append_entries(rpc).await;
-    tracing::trace!(entries, elapsed_us = started.elapsed().as_micros() as u64, "append_entries handled");
+    tracing::trace!(
+        entries,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "append_entries handled"
+    );
     Ok(Json(result))
 }
 
@@ -312,11 +355,18 @@ async fn add_member(
     // names it); members may forward the request on its behalf.
     let caller = identity.common_name.unwrap_or_default();
     let allowed = caller == crate::pki::node_common_name(req.node_id)
-        || node.members().iter().any(|m| caller == crate::pki::node_common_name(m.id));
+        || node
+            .members()
+            .iter()
+            .any(|m| caller == crate::pki::node_common_name(m.id));
     if !allowed {
         return Err((StatusCode::FORBIDDEN, "a node can only ask to add itself"));
     }
-    Ok(Json(node.add_member(req.node_id, req.member).await.map_err(failure)))
+    Ok(Json(
+        node.add_member(req.node_id, req.member)
+            .await
+            .map_err(failure),
+    ))
 }
 
 async fn remove_member(
@@ -328,8 +378,15 @@ async fn remove_member(
         return Err(refusal);
     }
     let caller = identity.common_name.unwrap_or_default();
-    if !node.members().iter().any(|m| caller == crate::pki::node_common_name(m.id)) {
-        return Err((StatusCode::FORBIDDEN, "only cluster members may remove members"));
+    if !node
+        .members()
+        .iter()
+        .any(|m| caller == crate::pki::node_common_name(m.id))
+    {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "only cluster members may remove members",
+        ));
     }
     Ok(Json(node.remove_member(req.node_id).await.map_err(failure)))
 }
@@ -337,6 +394,8 @@ async fn remove_member(
 fn failure(e: ClusterError) -> ForwardFailure {
     match e {
         ClusterError::NotLeader { leader } => ForwardFailure::NotLeader { leader },
-        other => ForwardFailure::Failed { message: crate::error_chain(&other) },
+        other => ForwardFailure::Failed {
+            message: crate::error_chain(&other),
+        },
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -67,32 +67,72 @@ pub struct CertificateAuthority {
 
 impl CertificateAuthority {
     pub fn create(cluster_id: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate { what: "the CA key", source })?;
-        let mut params = CertificateParams::new(Vec::<String>::new())
-            .map_err(|source| PkiError::Generate { what: "the CA certificate", source })?;
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "the CA key",
+            source,
+        })?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(|source| PkiError::Generate {
+                what: "the CA certificate",
+                source,
+            })?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("Allod cluster CA {cluster_id}"));
         dn.push(DnType::OrganizationName, "Allod");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-        let cert = params.self_signed(&key).map_err(|source| PkiError::Generate { what: "the CA certificate", source })?;
-        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| PkiError::Generate {
+                what: "the CA certificate",
+                source,
+            })?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Signs a node certificate for `node_id` from the node's CSR. Only the
     /// CSR's public key and subject alternative names are taken from it; the
     /// CA decides the name, usage and lifetime.
-    pub fn sign_node_csr(ca_cert_pem: &str, ca_key_pem: &str, csr_pem: &str, node_id: u64) -> Result<String, PkiError> {
-        let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| PkiError::BadPem { what: "the CA key", reason: e.to_string() })?;
-        let ca_params = CertificateParams::from_ca_cert_pem(ca_cert_pem)
-            .map_err(|e| PkiError::BadPem { what: "the CA certificate", reason: e.to_string() })?;
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(|source| PkiError::Generate { what: "the CA issuer", source })?;
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|source| PkiError::BadCsr { source })?;
+    pub fn sign_node_csr(
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+        csr_pem: &str,
+        node_id: u64,
+    ) -> Result<String, PkiError> {
+        let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| PkiError::BadPem {
+            what: "the CA key",
+            reason: e.to_string(),
+        })?;
+        let ca_params =
+            CertificateParams::from_ca_cert_pem(ca_cert_pem).map_err(|e| PkiError::BadPem {
+                what: "the CA certificate",
+                reason: e.to_string(),
+            })?;
+        let ca_cert = ca_params
+            .self_signed(&ca_key)
+            .map_err(|source| PkiError::Generate {
+                what: "the CA issuer",
+                source,
+            })?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|source| PkiError::BadCsr { source })?;
         apply_node_profile(&mut csr.params, node_id);
-        let cert = csr.signed_by(&ca_cert, &ca_key).map_err(|source| PkiError::Generate { what: "the node certificate", source })?;
+        let cert = csr
+            .signed_by(&ca_cert, &ca_key)
+            .map_err(|source| PkiError::Generate {
+                what: "the node certificate",
+                source,
+            })?;
         Ok(cert.pem())
     }
 }
@@ -103,15 +143,23 @@ fn apply_node_profile(params: &mut CertificateParams, node_id: u64) {
     dn.push(DnType::OrganizationName, "Allod");
     params.distinguished_name = dn;
     params.is_ca = IsCa::NoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
 }
 
 /// Checks that a CSR parses and carries a valid self-signature.
 pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
-    CertificateSigningRequestParams::from_pem(csr_pem).map(|_| ()).map_err(|source| PkiError::BadCsr { source })
+    CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|source| PkiError::BadCsr { source })
 }
 
 pub fn node_common_name(node_id: u64) -> String {
@@ -121,13 +169,18 @@ pub fn node_common_name(node_id: u64) -> String {
 /// Names a node certificate must carry: the hosts of its addresses, plus
 /// loopback so local tools can reach it.
 pub fn subject_alt_names(addrs: &[&str]) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     for addr in addrs {
         let host = match addr.rsplit_once(':') {
             Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),
             None => addr,
         };
-        if !host.is_empty() && host != "0.0.0.0" && host != "::" && !names.iter().any(|n| n == host) {
+        if !host.is_empty() && host != "0.0.0.0" && host != "::" && !names.iter().any(|n| n == host)
+        {
             names.push(host.to_string());
         }
     }
@@ -142,35 +195,72 @@ pub struct NodeKey {
 
 impl NodeKey {
     pub fn generate(sans: Vec<String>) -> Result<Self, PkiError> {
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate { what: "the node key", source })?;
-        let params = CertificateParams::new(sans).map_err(|source| PkiError::Generate { what: "the node CSR", source })?;
-        let csr = params.serialize_request(&key).map_err(|source| PkiError::Generate { what: "the node CSR", source })?;
-        let csr_pem = csr.pem().map_err(|source| PkiError::Generate { what: "the node CSR", source })?;
-        Ok(Self { key_pem: key.serialize_pem(), csr_pem })
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "the node key",
+            source,
+        })?;
+        let params = CertificateParams::new(sans).map_err(|source| PkiError::Generate {
+            what: "the node CSR",
+            source,
+        })?;
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|source| PkiError::Generate {
+                what: "the node CSR",
+                source,
+            })?;
+        let csr_pem = csr.pem().map_err(|source| PkiError::Generate {
+            what: "the node CSR",
+            source,
+        })?;
+        Ok(Self {
+            key_pem: key.serialize_pem(),
+            csr_pem,
+        })
     }
 
     /// For the first node: the key and its CA-signed certificate in one go.
-    pub fn generate_signed(sans: Vec<String>, ca: &CertificateAuthority, node_id: u64) -> Result<(String, String), PkiError> {
+    pub fn generate_signed(
+        sans: Vec<String>,
+        ca: &CertificateAuthority,
+        node_id: u64,
+    ) -> Result<(String, String), PkiError> {
         let node = Self::generate(sans)?;
-        let cert = CertificateAuthority::sign_node_csr(&ca.cert_pem, &ca.key_pem, &node.csr_pem, node_id)?;
+        let cert =
+            CertificateAuthority::sign_node_csr(&ca.cert_pem, &ca.key_pem, &node.csr_pem, node_id)?;
         Ok((node.key_pem, cert))
     }
 }
 
-pub fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+pub fn parse_certs(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| PkiError::BadPem { what, reason: e.to_string() })?;
+        .map_err(|e| PkiError::BadPem {
+            what,
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(PkiError::BadPem { what, reason: "no CERTIFICATE block found".into() });
+        return Err(PkiError::BadPem {
+            what,
+            reason: "no CERTIFICATE block found".into(),
+        });
     }
     Ok(certs)
 }
 
 pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     rustls_pemfile::private_key(&mut pem.as_bytes())
-        .map_err(|e| PkiError::BadPem { what: "the node key", reason: e.to_string() })?
-        .ok_or(PkiError::BadPem { what: "the node key", reason: "no PRIVATE KEY block found".into() })
+        .map_err(|e| PkiError::BadPem {
+            what: "the node key",
+            reason: e.to_string(),
+        })?
+        .ok_or(PkiError::BadPem {
+            what: "the node key",
+            reason: "no PRIVATE KEY block found".into(),
+        })
 }
 
 fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
@@ -199,9 +289,12 @@ impl NodeTls {
     /// Server side of the peer port: only clients with a certificate from the
     /// cluster CA get through the handshake.
     pub fn peer_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider())
-            .build()
-            .map_err(|e| PkiError::Verifier { reason: e.to_string() })?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider())
+                .build()
+                .map_err(|e| PkiError::Verifier {
+                    reason: e.to_string(),
+                })?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|source| PkiError::Tls { source })?
@@ -281,7 +374,12 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -290,7 +388,12 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -303,7 +406,12 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -312,7 +420,13 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// The common name of the verified client certificate, if any.
 pub fn peer_common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     Some(cn)
 }
 
@@ -323,10 +437,15 @@ mod tests {
     #[test]
     fn node_certificate_is_signed_by_the_ca_and_named_after_the_node() {
         let ca = CertificateAuthority::create("c1").unwrap();
-        let (key, cert) = NodeKey::generate_signed(subject_alt_names(&["10.1.2.3:7443"]), &ca, 7).unwrap();
+        let (key, cert) =
+            NodeKey::generate_signed(subject_alt_names(&["10.1.2.3:7443"]), &ca, 7).unwrap();
         let der = parse_certs(&cert, "cert").unwrap();
         assert_eq!(peer_common_name(der[0].as_ref()).as_deref(), Some("node-7"));
-        let tls = NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: cert, key_pem: key };
+        let tls = NodeTls {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: cert,
+            key_pem: key,
+        };
         tls.peer_server_config().unwrap();
         tls.peer_client_config().unwrap();
         assert_eq!(pem_fingerprint(&ca.cert_pem).unwrap().len(), 64);
@@ -335,13 +454,15 @@ mod tests {
     #[test]
     fn garbage_csr_is_refused() {
         let ca = CertificateAuthority::create("c1").unwrap();
-        let err = CertificateAuthority::sign_node_csr(&ca.cert_pem, &ca.key_pem, "not a csr", 2).unwrap_err();
+        let err = CertificateAuthority::sign_node_csr(&ca.cert_pem, &ca.key_pem, "not a csr", 2)
+            .unwrap_err();
         assert!(matches!(err, PkiError::BadCsr { .. }), "{err}");
     }
 
     #[test]
     fn alt_names_include_advertised_hosts() {
-        let names = subject_alt_names(&["192.0.2.1:7000", "[2001:db8::1]:7001", "node-a.example:1"]);
+        let names =
+            subject_alt_names(&["192.0.2.1:7000", "[2001:db8::1]:7001", "node-a.example:1"]);
         assert!(names.contains(&"192.0.2.1".to_string()));
         assert!(names.contains(&"2001:db8::1".to_string()));
         assert!(names.contains(&"node-a.example".to_string()));

@@ -25,7 +25,10 @@ const QUEUE_DEPTH: usize = 4096;
 #[derive(Debug, Clone)]
 pub enum ProposeError {
     /// This node is not the leader; nothing was proposed.
-    ForwardToLeader { leader_id: Option<NodeId>, leader_node: Option<Member> },
+    ForwardToLeader {
+        leader_id: Option<NodeId>,
+        leader_node: Option<Member>,
+    },
     /// Raft failed or stopped; the outcome is unknown.
     Failed { message: String },
 }
@@ -52,8 +55,13 @@ impl Proposer {
     /// Commits one command (as part of a batch) and returns its outcome.
     pub async fn propose(&self, command: serde_json::Value) -> ProposeResult {
         let (reply, answer) = oneshot::channel();
-        let stopped = || ProposeError::Failed { message: "this node's Raft instance has stopped".into() };
-        self.queue.send(Proposal { command, reply }).await.map_err(|_| stopped())?;
+        let stopped = || ProposeError::Failed {
+            message: "this node's Raft instance has stopped".into(),
+        };
+        self.queue
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -68,8 +76,12 @@ async fn run(raft: Raft, mut proposals: mpsc::Receiver<Proposal>) {
     loop {
         // Take a slot before taking proposals, so that while all slots are
         // busy the queue fills up and becomes the next batch.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let Some(first) = proposals.recv().await else { return };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = proposals.recv().await else {
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match proposals.try_recv() {
@@ -86,25 +98,48 @@ async fn run(raft: Raft, mut proposals: mpsc::Receiver<Proposal>) {
         let raft = raft.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let count = commands.len();
-            let result = raft.client_write(RaftCommand(batch_command(commands))).await;
+            let result = raft
+                .client_write(RaftCommand(batch_command(commands)))
+                .await;
             let answers: Vec<ProposeResult> = match result {
                 Ok(response) => match serde_json::from_value::<Vec<Outcome>>(response.data.0) {
-                    Ok(outcomes) if outcomes.len() == count => outcomes.into_iter().map(Ok).collect(),
+                    Ok(outcomes) if outcomes.len() == count => {
+                        outcomes.into_iter().map(Ok).collect()
+                    }
                     Ok(outcomes) => vec![
                         Err(ProposeError::Failed {
-                            message: format!("a batch of {count} commands produced {} outcomes", outcomes.len())
+                            message: format!(
+                                "a batch of {count} commands produced {} outcomes",
+                                outcomes.len()
+                            )
                         });
                         count
                     ],
-                    Err(e) => vec![Err(ProposeError::Failed { message: format!("unreadable batch result: {e}") }); count],
+                    Err(e) => vec![
+                        Err(ProposeError::Failed {
+                            message: format!("unreadable batch result: {e}")
+                        });
+                        count
+                    ],
                 },
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => vec![
-                    Err(ProposeError::ForwardToLeader { leader_id: forward.leader_id, leader_node: forward.leader_node });
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    vec![
+                        Err(ProposeError::ForwardToLeader {
+                            leader_id: forward.leader_id,
+                            leader_node: forward.leader_node
+                        });
+                        count
+                    ]
+                }
+                Err(e) => vec![
+                    Err(ProposeError::Failed {
+                        message: e.to_string()
+                    });
                     count
                 ],
-                Err(e) => vec![Err(ProposeError::Failed { message: e.to_string() }); count],
             };
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // A caller that gave up (timed out) no longer listens.

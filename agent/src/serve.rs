@@ -31,7 +31,11 @@ pub enum ServeMode {
     Tls(Arc<ServerConfig>, Router),
 }
 
-pub fn spawn(listener: TcpListener, mode: watch::Receiver<ServeMode>, what: &'static str) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    listener: TcpListener,
+    mode: watch::Receiver<ServeMode>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut connections = JoinSet::new();
         loop {
@@ -60,13 +64,22 @@ pub fn spawn(listener: TcpListener, mode: watch::Receiver<ServeMode>, what: &'st
     })
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, remote: std::net::SocketAddr, mode: ServeMode) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    mode: ServeMode,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let builder = hyper::server::conn::http1::Builder::new();
     match mode {
         ServeMode::Closed => Ok(()),
         ServeMode::Plain(router) => {
-            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name: None, remote_addr: Some(remote) })));
-            Ok(builder.serve_connection(TokioIo::new(stream), service).await?)
+            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
+                common_name: None,
+                remote_addr: Some(remote),
+            })));
+            Ok(builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await?)
         }
         ServeMode::Tls(config, router) => {
             let tls = TlsAcceptor::from(config).accept(stream).await?;
@@ -76,7 +89,10 @@ async fn serve_connection(stream: tokio::net::TcpStream, remote: std::net::Socke
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| crate::pki::peer_common_name(cert.as_ref()));
-            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity { common_name, remote_addr: Some(remote) })));
+            let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
+                common_name,
+                remote_addr: Some(remote),
+            })));
             Ok(builder.serve_connection(TokioIo::new(tls), service).await?)
         }
     }

@@ -11,7 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub enum Zone {
     #[default]
     #[serde(rename = "OFFICIAL")]
@@ -34,7 +36,9 @@ impl Zone {
     }
 
     pub fn parse(text: &str) -> Option<Zone> {
-        Zone::ALL.into_iter().find(|z| z.as_str().eq_ignore_ascii_case(text))
+        Zone::ALL
+            .into_iter()
+            .find(|z| z.as_str().eq_ignore_ascii_case(text))
     }
 }
 
@@ -94,7 +98,11 @@ pub fn may_host(project_zone: Zone, node_zone: Zone) -> Result<(), String> {
             project_zone.as_str(),
             project_zone.as_str()
         ),
-        dedicated => format!("the node is dedicated to {}; it hosts nothing of {}", dedicated.as_str(), project_zone.as_str()),
+        dedicated => format!(
+            "the node is dedicated to {}; it hosts nothing of {}",
+            dedicated.as_str(),
+            project_zone.as_str()
+        ),
     })
 }
 
@@ -104,7 +112,11 @@ pub fn may_connect(a: Zone, b: Zone) -> Result<(), String> {
     if a == b {
         Ok(())
     } else {
-        Err(format!("{} and {} objects cannot be shared or attached across zones", a.as_str(), b.as_str()))
+        Err(format!(
+            "{} and {} objects cannot be shared or attached across zones",
+            a.as_str(),
+            b.as_str()
+        ))
     }
 }
 
@@ -145,6 +157,9 @@ mod tests {
         assert_eq!(Zone::parse("TOP-SECRET"), None);
         let covered: Vec<Zone> = policies().iter().map(|p| p.zone).collect();
         assert_eq!(covered, Zone::ALL.to_vec());
-        assert!(policies().iter().filter(|p| p.zone != Zone::Official).all(|p| p.dedicated_hosts && !p.shared_hosts));
+        assert!(policies()
+            .iter()
+            .filter(|p| p.zone != Zone::Official)
+            .all(|p| p.dedicated_hosts && !p.shared_hosts));
     }
 }

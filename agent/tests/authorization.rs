@@ -29,9 +29,18 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/nodes"), AnyAuthenticated),
         (("GET", "/v1/projects"), AnyAuthenticated),
         (("POST", "/v1/projects"), AdminOnly),
-        (("GET", "/v1/projects/{name}"), ProjectAtLeast(Role::ProjectViewer)),
-        (("PATCH", "/v1/projects/{name}"), ProjectAtLeast(Role::ProjectAdmin)),
-        (("DELETE", "/v1/projects/{name}"), ProjectAtLeast(Role::ClusterAdmin)),
+        (
+            ("GET", "/v1/projects/{name}"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("PATCH", "/v1/projects/{name}"),
+            ProjectAtLeast(Role::ProjectAdmin),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}"),
+            ProjectAtLeast(Role::ClusterAdmin),
+        ),
         (("GET", "/v1/users"), AdminOnly),
         (("POST", "/v1/users"), AdminOnly),
         (("POST", "/v1/users/{user}/roles"), AdminOnly),
@@ -45,7 +54,12 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
 }
 
 /// Roles in increasing power, for "at least".
-const LADDER: [Role; 4] = [Role::ProjectViewer, Role::ProjectMember, Role::ProjectAdmin, Role::ClusterAdmin];
+const LADDER: [Role; 4] = [
+    Role::ProjectViewer,
+    Role::ProjectMember,
+    Role::ProjectAdmin,
+    Role::ClusterAdmin,
+];
 
 fn at_least(held: Role, needed: Role) -> bool {
     LADDER.iter().position(|r| *r == held) >= LADDER.iter().position(|r| *r == needed)
@@ -53,11 +67,22 @@ fn at_least(held: Role, needed: Role) -> bool {
 
 /// Who calls: a role, or `None` for an authenticated user with no role at all.
 fn callers() -> Vec<Option<Role>> {
-    vec![Some(Role::ClusterAdmin), Some(Role::ProjectAdmin), Some(Role::ProjectMember), Some(Role::ProjectViewer), None]
+    vec![
+        Some(Role::ClusterAdmin),
+        Some(Role::ProjectAdmin),
+        Some(Role::ProjectMember),
+        Some(Role::ProjectViewer),
+        None,
+    ]
 }
 
 async fn ok(reply: common::Reply, what: &str) -> serde_json::Value {
-    assert!(reply.status < 300, "{what}: {} {}", reply.status, reply.body);
+    assert!(
+        reply.status < 300,
+        "{what}: {} {}",
+        reply.status,
+        reply.body
+    );
     reply.body
 }
 
@@ -77,7 +102,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
         }
         let rule = *expected
             .get(&(method.as_str(), pattern))
-            .unwrap_or_else(|| panic!("{method} {pattern} is not in the authorisation matrix; add its expectation"));
+            .unwrap_or_else(|| {
+                panic!("{method} {pattern} is not in the authorisation matrix; add its expectation")
+            });
         for caller in callers() {
             for own in [true, false] {
                 case += 1;
@@ -87,38 +114,92 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let user = format!("user{case}");
                 let someone_else = format!("else{case}");
                 for p in [&own_project, &other_project] {
-                    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": p })).await.unwrap(), "create project").await;
+                    ok(
+                        admin
+                            .post(&format!("{base}/v1/projects"), json!({ "name": p }))
+                            .await
+                            .unwrap(),
+                        "create project",
+                    )
+                    .await;
                 }
                 for u in [&user, &someone_else] {
-                    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": u })).await.unwrap(), "create user").await;
+                    ok(
+                        admin
+                            .post(&format!("{base}/v1/users"), json!({ "name": u }))
+                            .await
+                            .unwrap(),
+                        "create user",
+                    )
+                    .await;
                 }
                 if let Some(role) = caller {
                     let grant = match role {
                         Role::ClusterAdmin => json!({ "role": "cluster-admin" }),
                         r => json!({ "role": r.as_str(), "project": own_project }),
                     };
-                    ok(admin.post(&format!("{base}/v1/users/{user}/roles"), grant).await.unwrap(), "grant").await;
+                    ok(
+                        admin
+                            .post(&format!("{base}/v1/users/{user}/roles"), grant)
+                            .await
+                            .unwrap(),
+                        "grant",
+                    )
+                    .await;
                 }
-                let token = ok(admin.post(&format!("{base}/v1/users/{user}/tokens"), json!({})).await.unwrap(), "token").await;
+                let token = ok(
+                    admin
+                        .post(&format!("{base}/v1/users/{user}/tokens"), json!({}))
+                        .await
+                        .unwrap(),
+                    "token",
+                )
+                .await;
                 let client = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
-                let victim_token =
-                    ok(admin.post(&format!("{base}/v1/users/{someone_else}/tokens"), json!({})).await.unwrap(), "token").await;
-                let own_token = ok(admin.post(&format!("{base}/v1/users/{user}/tokens"), json!({})).await.unwrap(), "token").await;
+                let victim_token = ok(
+                    admin
+                        .post(&format!("{base}/v1/users/{someone_else}/tokens"), json!({}))
+                        .await
+                        .unwrap(),
+                    "token",
+                )
+                .await;
+                let own_token = ok(
+                    admin
+                        .post(&format!("{base}/v1/users/{user}/tokens"), json!({}))
+                        .await
+                        .unwrap(),
+                    "token",
+                )
+                .await;
 
                 let project = if own { &own_project } else { &other_project };
                 let target_user = if own { &user } else { &someone_else };
-                let token_id = if own { own_token["id"].as_str().unwrap() } else { victim_token["id"].as_str().unwrap() };
-                let path = pattern.replace("{name}", project).replace("{user}", target_user).replace("{id}", token_id).replace("{node}", "1");
+                let token_id = if own {
+                    own_token["id"].as_str().unwrap()
+                } else {
+                    victim_token["id"].as_str().unwrap()
+                };
+                let path = pattern
+                    .replace("{name}", project)
+                    .replace("{user}", target_user)
+                    .replace("{id}", token_id)
+                    .replace("{node}", "1");
                 let body = match (method.as_str(), pattern) {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
                     ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
-                    ("POST", "/v1/users/{user}/roles") => Some(json!({ "role": "project-viewer", "project": project })),
+                    ("POST", "/v1/users/{user}/roles") => {
+                        Some(json!({ "role": "project-viewer", "project": project }))
+                    }
                     ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
                     ("PUT", "/v1/nodes/{node}/zone") => Some(json!({ "zone": "OFFICIAL" })),
                     _ => None,
                 };
-                let reply = client.send(method.clone(), &format!("{base}{path}"), body).await.unwrap();
+                let reply = client
+                    .send(method.clone(), &format!("{base}{path}"), body)
+                    .await
+                    .unwrap();
 
                 let is_admin = caller == Some(Role::ClusterAdmin);
                 let expected_status: &[u16] = match rule {
@@ -127,7 +208,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     Rule::AdminOnly => &[403],
                     Rule::ProjectAtLeast(_) if is_admin => &[200, 201, 204],
                     Rule::ProjectAtLeast(_) if !own || caller.is_none() => &[404],
-                    Rule::ProjectAtLeast(needed) if at_least(caller.unwrap(), needed) => &[200, 201, 204],
+                    Rule::ProjectAtLeast(needed) if at_least(caller.unwrap(), needed) => {
+                        &[200, 201, 204]
+                    }
                     Rule::ProjectAtLeast(_) => &[403],
                     Rule::SelfOrAdmin if is_admin || own => &[200, 201, 204],
                     Rule::SelfOrAdmin => &[404],
@@ -143,9 +226,17 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
             }
         }
     }
-    let authenticated_routes = table.routes().iter().filter(|r| r.2 != agent::authz::Permission::Public).count();
+    let authenticated_routes = table
+        .routes()
+        .iter()
+        .filter(|r| r.2 != agent::authz::Permission::Public)
+        .count();
     assert_eq!(checked, authenticated_routes * 10);
-    assert_eq!(expected.len(), authenticated_routes, "the matrix lists routes the router does not have");
+    assert_eq!(
+        expected.len(),
+        authenticated_routes,
+        "the matrix lists routes the router does not have"
+    );
     cluster.shutdown().await;
 }
 
@@ -155,57 +246,214 @@ async fn tokens_are_shown_once_scoped_expiring_and_revocable_and_login_issues_on
     let admin = cluster.client();
     let base = cluster.api_url(0);
     for p in ["alpha", "beta"] {
-        ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": p })).await.unwrap(), "project").await;
+        ok(
+            admin
+                .post(&format!("{base}/v1/projects"), json!({ "name": p }))
+                .await
+                .unwrap(),
+            "project",
+        )
+        .await;
     }
-    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": "dana", "password": "correct horse" })).await.unwrap(), "user").await;
-    ok(admin.post(&format!("{base}/v1/users/dana/roles"), json!({ "role": "project-admin", "project": "alpha" })).await.unwrap(), "grant").await;
-    ok(admin.post(&format!("{base}/v1/users/dana/roles"), json!({ "role": "project-admin", "project": "beta" })).await.unwrap(), "grant").await;
+    ok(
+        admin
+            .post(
+                &format!("{base}/v1/users"),
+                json!({ "name": "dana", "password": "correct horse" }),
+            )
+            .await
+            .unwrap(),
+        "user",
+    )
+    .await;
+    ok(
+        admin
+            .post(
+                &format!("{base}/v1/users/dana/roles"),
+                json!({ "role": "project-admin", "project": "alpha" }),
+            )
+            .await
+            .unwrap(),
+        "grant",
+    )
+    .await;
+    ok(
+        admin
+            .post(
+                &format!("{base}/v1/users/dana/roles"),
+                json!({ "role": "project-admin", "project": "beta" }),
+            )
+            .await
+            .unwrap(),
+        "grant",
+    )
+    .await;
 
     // Login: a wrong password and an unknown user get the same answer.
     let anonymous = ApiClient::new(&cluster.ca_pem, "");
-    let wrong = anonymous.post(&format!("{base}/v1/login"), json!({ "user": "dana", "password": "nope" })).await.unwrap();
+    let wrong = anonymous
+        .post(
+            &format!("{base}/v1/login"),
+            json!({ "user": "dana", "password": "nope" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(wrong.status, 401);
-    let unknown = anonymous.post(&format!("{base}/v1/login"), json!({ "user": "nobody", "password": "nope" })).await.unwrap();
+    let unknown = anonymous
+        .post(
+            &format!("{base}/v1/login"),
+            json!({ "user": "nobody", "password": "nope" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(unknown.body, wrong.body);
-    let session = ok(anonymous.post(&format!("{base}/v1/login"), json!({ "user": "dana", "password": "correct horse" })).await.unwrap(), "login").await;
+    let session = ok(
+        anonymous
+            .post(
+                &format!("{base}/v1/login"),
+                json!({ "user": "dana", "password": "correct horse" }),
+            )
+            .await
+            .unwrap(),
+        "login",
+    )
+    .await;
     assert!(session["expires_at_ms"].as_u64().is_some());
     let dana = ApiClient::new(&cluster.ca_pem, session["token"].as_str().unwrap());
     let names: Vec<String> = dana.project_names(&base).await;
     assert_eq!(names, vec!["alpha", "beta"]);
 
     // A project token sees one project, at most with its role.
-    let scoped = ok(dana.post(&format!("{base}/v1/users/dana/tokens"), json!({ "project": "alpha", "role": "project-viewer" })).await.unwrap(), "scoped").await;
+    let scoped = ok(
+        dana.post(
+            &format!("{base}/v1/users/dana/tokens"),
+            json!({ "project": "alpha", "role": "project-viewer" }),
+        )
+        .await
+        .unwrap(),
+        "scoped",
+    )
+    .await;
     let viewer = ApiClient::new(&cluster.ca_pem, scoped["token"].as_str().unwrap());
     assert_eq!(viewer.project_names(&base).await, vec!["alpha"]);
-    assert_eq!(viewer.get(&format!("{base}/v1/projects/beta")).await.unwrap().status, 404);
-    let patch = viewer.send(Method::PATCH, &format!("{base}/v1/projects/alpha"), Some(json!({ "description": "x" }))).await.unwrap();
+    assert_eq!(
+        viewer
+            .get(&format!("{base}/v1/projects/beta"))
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    let patch = viewer
+        .send(
+            Method::PATCH,
+            &format!("{base}/v1/projects/alpha"),
+            Some(json!({ "description": "x" })),
+        )
+        .await
+        .unwrap();
     assert_eq!(patch.status, 403);
     // Nor can it mint itself a wider token, or touch other tokens.
-    let mint = viewer.post(&format!("{base}/v1/users/dana/tokens"), json!({})).await.unwrap();
+    let mint = viewer
+        .post(&format!("{base}/v1/users/dana/tokens"), json!({}))
+        .await
+        .unwrap();
     assert_eq!(mint.status, 403, "{}", mint.body);
-    let list = viewer.get(&format!("{base}/v1/users/dana/tokens")).await.unwrap();
+    let list = viewer
+        .get(&format!("{base}/v1/users/dana/tokens"))
+        .await
+        .unwrap();
     assert_eq!(list.status, 403);
     // The secret is never listed again; only ids are.
-    let listed = ok(dana.get(&format!("{base}/v1/users/dana/tokens")).await.unwrap(), "list").await;
-    assert!(!listed.to_string().contains(scoped["token"].as_str().unwrap()));
-    assert!(listed.as_array().unwrap().iter().any(|t| t["id"] == scoped["id"]));
+    let listed = ok(
+        dana.get(&format!("{base}/v1/users/dana/tokens"))
+            .await
+            .unwrap(),
+        "list",
+    )
+    .await;
+    assert!(!listed
+        .to_string()
+        .contains(scoped["token"].as_str().unwrap()));
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["id"] == scoped["id"]));
 
     // Revoked tokens stop working at once.
-    let revoke = dana.send(Method::DELETE, &format!("{base}/v1/tokens/{}", scoped["id"].as_str().unwrap()), None).await.unwrap();
+    let revoke = dana
+        .send(
+            Method::DELETE,
+            &format!("{base}/v1/tokens/{}", scoped["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(revoke.status, 204);
-    assert_eq!(viewer.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+    assert_eq!(
+        viewer
+            .get(&format!("{base}/v1/projects"))
+            .await
+            .unwrap()
+            .status,
+        401
+    );
 
     // Expired tokens too.
-    let short = ok(admin.post(&format!("{base}/v1/users/dana/tokens"), json!({ "expires_in_secs": 1 })).await.unwrap(), "short").await;
+    let short = ok(
+        admin
+            .post(
+                &format!("{base}/v1/users/dana/tokens"),
+                json!({ "expires_in_secs": 1 }),
+            )
+            .await
+            .unwrap(),
+        "short",
+    )
+    .await;
     let brief = ApiClient::new(&cluster.ca_pem, short["token"].as_str().unwrap());
-    assert_eq!(brief.get(&format!("{base}/v1/projects")).await.unwrap().status, 200);
+    assert_eq!(
+        brief
+            .get(&format!("{base}/v1/projects"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let expiry = short["expires_at_ms"].as_u64().unwrap();
-    common::wait_for("the token's expiry passes", std::time::Duration::from_secs(5), || agent::join::now_ms() > expiry).await;
-    assert_eq!(brief.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+    common::wait_for(
+        "the token's expiry passes",
+        std::time::Duration::from_secs(5),
+        || agent::join::now_ms() > expiry,
+    )
+    .await;
+    assert_eq!(
+        brief
+            .get(&format!("{base}/v1/projects"))
+            .await
+            .unwrap()
+            .status,
+        401
+    );
 
     // Deleting a project drops the roles in it.
-    ok(admin.send(Method::DELETE, &format!("{base}/v1/projects/beta"), None).await.unwrap(), "delete").await;
-    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "beta" })).await.unwrap(), "recreate").await;
+    ok(
+        admin
+            .send(Method::DELETE, &format!("{base}/v1/projects/beta"), None)
+            .await
+            .unwrap(),
+        "delete",
+    )
+    .await;
+    ok(
+        admin
+            .post(&format!("{base}/v1/projects"), json!({ "name": "beta" }))
+            .await
+            .unwrap(),
+        "recreate",
+    )
+    .await;
     assert_eq!(dana.project_names(&base).await, vec!["alpha"]);
     cluster.shutdown().await;
 }
@@ -215,42 +463,127 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     let cluster = TestCluster::start(3).await;
     let admin = cluster.client();
     let base = cluster.api_url(1);
-    ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "audited" })).await.unwrap(), "create").await;
-    let conflict = admin.post(&format!("{}/v1/projects", cluster.api_url(2)), json!({ "name": "audited" })).await.unwrap();
+    ok(
+        admin
+            .post(&format!("{base}/v1/projects"), json!({ "name": "audited" }))
+            .await
+            .unwrap(),
+        "create",
+    )
+    .await;
+    let conflict = admin
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(2)),
+            json!({ "name": "audited" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(conflict.status, 409);
     let stranger = ApiClient::new(&cluster.ca_pem, "allod_not_a_token");
-    assert_eq!(stranger.get(&format!("{base}/v1/projects")).await.unwrap().status, 401);
+    assert_eq!(
+        stranger
+            .get(&format!("{base}/v1/projects"))
+            .await
+            .unwrap()
+            .status,
+        401
+    );
     // Reads are not audited.
-    ok(admin.get(&format!("{base}/v1/projects/audited")).await.unwrap(), "read").await;
+    ok(
+        admin
+            .get(&format!("{base}/v1/projects/audited"))
+            .await
+            .unwrap(),
+        "read",
+    )
+    .await;
 
     let mut entries = Vec::new();
     // Two joins (this is a 3-node cluster), two creates, one failed authentication.
-    common::wait_for_async("five audit entries", std::time::Duration::from_secs(10), || {
-        let admin = admin.clone();
-        let base = base.clone();
-        async move { admin.get(&format!("{base}/v1/audit")).await.is_ok_and(|r| r.body.as_array().is_some_and(|a| a.len() >= 5)) }
-    })
+    common::wait_for_async(
+        "five audit entries",
+        std::time::Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            let base = base.clone();
+            async move {
+                admin
+                    .get(&format!("{base}/v1/audit"))
+                    .await
+                    .is_ok_and(|r| r.body.as_array().is_some_and(|a| a.len() >= 5))
+            }
+        },
+    )
     .await;
-    let listed = ok(admin.get(&format!("{base}/v1/audit")).await.unwrap(), "audit").await;
+    let listed = ok(
+        admin.get(&format!("{base}/v1/audit")).await.unwrap(),
+        "audit",
+    )
+    .await;
     for e in listed.as_array().unwrap() {
         entries.push(serde_json::from_value::<agent::audit::AuditEntry>(e.clone()).unwrap());
     }
     assert_eq!(entries.len(), 5, "{listed}");
-    let actions: Vec<(String, String, String)> =
-        entries.iter().map(|e| (e.record.context.user.clone(), e.record.context.action.clone(), e.record.result.clone())).collect();
-    let has = |user: &str, action: &str, result: &str| actions.contains(&(user.into(), action.into(), result.into()));
+    let actions: Vec<(String, String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.record.context.user.clone(),
+                e.record.context.action.clone(),
+                e.record.result.clone(),
+            )
+        })
+        .collect();
+    let has = |user: &str, action: &str, result: &str| {
+        actions.contains(&(user.into(), action.into(), result.into()))
+    };
     assert!(has("admin", "POST /v1/projects", "ok"), "{actions:?}");
-    assert!(has("admin", "POST /v1/projects", "already_exists"), "{actions:?}");
-    assert!(has("-", "GET /v1/projects", "unauthenticated"), "{actions:?}");
-    assert_eq!(actions.iter().filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == "ok").count(), 2, "{actions:?}");
-    assert!(entries.iter().all(|e| e.record.context.source.starts_with("127.0.0.1:")));
+    assert!(
+        has("admin", "POST /v1/projects", "already_exists"),
+        "{actions:?}"
+    );
+    assert!(
+        has("-", "GET /v1/projects", "unauthenticated"),
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| a.1 == "POST /v1/cluster/join" && a.2 == "ok")
+            .count(),
+        2,
+        "{actions:?}"
+    );
+    assert!(entries
+        .iter()
+        .all(|e| e.record.context.source.starts_with("127.0.0.1:")));
     assert_eq!(agent::audit::verify(&entries), Ok(5));
 
     // Filters and the JSON-lines export.
-    let only_conflicts = ok(admin.get(&format!("{base}/v1/audit?user=admin&after=3")).await.unwrap(), "filter").await;
-    assert_eq!(only_conflicts.as_array().unwrap().len(), 1, "{only_conflicts}");
+    let only_conflicts = ok(
+        admin
+            .get(&format!("{base}/v1/audit?user=admin&after=3"))
+            .await
+            .unwrap(),
+        "filter",
+    )
+    .await;
+    assert_eq!(
+        only_conflicts.as_array().unwrap().len(),
+        1,
+        "{only_conflicts}"
+    );
     assert_eq!(only_conflicts[0]["result"], "already_exists");
-    let export = admin.http.get(format!("{base}/v1/audit?format=jsonl")).bearer_auth(&admin.token).send().await.unwrap().text().await.unwrap();
+    let export = admin
+        .http
+        .get(format!("{base}/v1/audit?format=jsonl"))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(export.lines().count(), 5);
 
     // A copy with an entry edited or removed no longer verifies.
@@ -261,21 +594,69 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     removed.remove(1);
     assert!(agent::audit::verify(&removed).is_err());
     // Only cluster admins read the log.
-    ok(admin.post(&format!("{base}/v1/users"), json!({ "name": "nosy" })).await.unwrap(), "user").await;
-    let token = ok(admin.post(&format!("{base}/v1/users/nosy/tokens"), json!({})).await.unwrap(), "token").await;
+    ok(
+        admin
+            .post(&format!("{base}/v1/users"), json!({ "name": "nosy" }))
+            .await
+            .unwrap(),
+        "user",
+    )
+    .await;
+    let token = ok(
+        admin
+            .post(&format!("{base}/v1/users/nosy/tokens"), json!({}))
+            .await
+            .unwrap(),
+        "token",
+    )
+    .await;
     let nosy = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
-    assert_eq!(nosy.get(&format!("{base}/v1/audit")).await.unwrap().status, 403);
+    assert_eq!(
+        nosy.get(&format!("{base}/v1/audit")).await.unwrap().status,
+        403
+    );
 
     // Read-your-writes across nodes: a role granted and a token created
     // through one node work at once on another.
     for i in 0..10 {
         let name = format!("quick{i}");
-        let (a, b, c) = (cluster.api_url(i % 3), cluster.api_url((i + 1) % 3), cluster.api_url((i + 2) % 3));
-        ok(admin.post(&format!("{a}/v1/users"), json!({ "name": name })).await.unwrap(), "user").await;
-        ok(admin.post(&format!("{b}/v1/users/{name}/roles"), json!({ "role": "project-viewer", "project": "audited" })).await.unwrap(), "grant").await;
-        let token = ok(admin.post(&format!("{a}/v1/users/{name}/tokens"), json!({})).await.unwrap(), "token").await;
+        let (a, b, c) = (
+            cluster.api_url(i % 3),
+            cluster.api_url((i + 1) % 3),
+            cluster.api_url((i + 2) % 3),
+        );
+        ok(
+            admin
+                .post(&format!("{a}/v1/users"), json!({ "name": name }))
+                .await
+                .unwrap(),
+            "user",
+        )
+        .await;
+        ok(
+            admin
+                .post(
+                    &format!("{b}/v1/users/{name}/roles"),
+                    json!({ "role": "project-viewer", "project": "audited" }),
+                )
+                .await
+                .unwrap(),
+            "grant",
+        )
+        .await;
+        let token = ok(
+            admin
+                .post(&format!("{a}/v1/users/{name}/tokens"), json!({}))
+                .await
+                .unwrap(),
+            "token",
+        )
+        .await;
         let quick = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
-        let reply = quick.get(&format!("{c}/v1/projects/audited")).await.unwrap();
+        let reply = quick
+            .get(&format!("{c}/v1/projects/audited"))
+            .await
+            .unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
     cluster.shutdown().await;
@@ -286,40 +667,146 @@ async fn projects_carry_a_fixed_zone_nodes_carry_a_zone_label_and_the_audit_name
     let cluster = TestCluster::start(1).await;
     let admin = cluster.client();
     let base = cluster.api_url(0);
-    let policy = ok(admin.get(&format!("{base}/v1/zones")).await.unwrap(), "zones").await;
-    let names: Vec<&str> = policy.as_array().unwrap().iter().map(|z| z["zone"].as_str().unwrap()).collect();
+    let policy = ok(
+        admin.get(&format!("{base}/v1/zones")).await.unwrap(),
+        "zones",
+    )
+    .await;
+    let names: Vec<&str> = policy
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|z| z["zone"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["OFFICIAL", "OFFICIAL-SENSITIVE", "SECRET"]);
 
-    let secret = ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "vault", "zone": "SECRET" })).await.unwrap(), "create").await;
+    let secret = ok(
+        admin
+            .post(
+                &format!("{base}/v1/projects"),
+                json!({ "name": "vault", "zone": "SECRET" }),
+            )
+            .await
+            .unwrap(),
+        "create",
+    )
+    .await;
     assert_eq!(secret["zone"], "SECRET");
-    let plain = ok(admin.post(&format!("{base}/v1/projects"), json!({ "name": "plain" })).await.unwrap(), "create").await;
+    let plain = ok(
+        admin
+            .post(&format!("{base}/v1/projects"), json!({ "name": "plain" }))
+            .await
+            .unwrap(),
+        "create",
+    )
+    .await;
     assert_eq!(plain["zone"], "OFFICIAL");
-    let bad = admin.post(&format!("{base}/v1/projects"), json!({ "name": "odd", "zone": "TOP-SECRET" })).await.unwrap();
+    let bad = admin
+        .post(
+            &format!("{base}/v1/projects"),
+            json!({ "name": "odd", "zone": "TOP-SECRET" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(bad.status, 400);
-    assert!(bad.body["error"]["message"].as_str().unwrap().contains("OFFICIAL-SENSITIVE"), "{}", bad.body);
+    assert!(
+        bad.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("OFFICIAL-SENSITIVE"),
+        "{}",
+        bad.body
+    );
     // The zone cannot be changed afterwards.
-    let change = admin.send(Method::PATCH, &format!("{base}/v1/projects/vault"), Some(json!({ "zone": "OFFICIAL" }))).await.unwrap();
+    let change = admin
+        .send(
+            Method::PATCH,
+            &format!("{base}/v1/projects/vault"),
+            Some(json!({ "zone": "OFFICIAL" })),
+        )
+        .await
+        .unwrap();
     assert_eq!(change.status, 400);
-    assert_eq!(ok(admin.get(&format!("{base}/v1/projects/vault")).await.unwrap(), "show").await["zone"], "SECRET");
+    assert_eq!(
+        ok(
+            admin
+                .get(&format!("{base}/v1/projects/vault"))
+                .await
+                .unwrap(),
+            "show"
+        )
+        .await["zone"],
+        "SECRET"
+    );
 
     // Node labels.
-    let labelled = ok(admin.send(Method::PUT, &format!("{base}/v1/nodes/1/zone"), Some(json!({ "zone": "SECRET" }))).await.unwrap(), "label").await;
+    let labelled = ok(
+        admin
+            .send(
+                Method::PUT,
+                &format!("{base}/v1/nodes/1/zone"),
+                Some(json!({ "zone": "SECRET" })),
+            )
+            .await
+            .unwrap(),
+        "label",
+    )
+    .await;
     assert_eq!(labelled["zone"], "SECRET");
-    let nodes = ok(admin.get(&format!("{base}/v1/nodes")).await.unwrap(), "nodes").await;
+    let nodes = ok(
+        admin.get(&format!("{base}/v1/nodes")).await.unwrap(),
+        "nodes",
+    )
+    .await;
     assert_eq!(nodes[0]["zone"], "SECRET");
-    assert_eq!(admin.send(Method::PUT, &format!("{base}/v1/nodes/99/zone"), Some(json!({ "zone": "SECRET" }))).await.unwrap().status, 404);
+    assert_eq!(
+        admin
+            .send(
+                Method::PUT,
+                &format!("{base}/v1/nodes/99/zone"),
+                Some(json!({ "zone": "SECRET" }))
+            )
+            .await
+            .unwrap()
+            .status,
+        404
+    );
 
     // The audit entry of a change to the SECRET project names its zone.
-    ok(admin.send(Method::PATCH, &format!("{base}/v1/projects/vault"), Some(json!({ "description": "keys" }))).await.unwrap(), "patch").await;
-    common::wait_for_async("the audit entry of the change", std::time::Duration::from_secs(10), || {
-        let admin = admin.clone();
-        let base = base.clone();
-        async move {
-            admin.get(&format!("{base}/v1/audit?action=PATCH")).await.is_ok_and(|r| {
-                r.body.as_array().is_some_and(|a| a.iter().any(|e| e["zone"] == "SECRET" && e["object"] == "/v1/projects/vault" && e["result"] == "ok"))
-            })
-        }
-    })
+    ok(
+        admin
+            .send(
+                Method::PATCH,
+                &format!("{base}/v1/projects/vault"),
+                Some(json!({ "description": "keys" })),
+            )
+            .await
+            .unwrap(),
+        "patch",
+    )
+    .await;
+    common::wait_for_async(
+        "the audit entry of the change",
+        std::time::Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            let base = base.clone();
+            async move {
+                admin
+                    .get(&format!("{base}/v1/audit?action=PATCH"))
+                    .await
+                    .is_ok_and(|r| {
+                        r.body.as_array().is_some_and(|a| {
+                            a.iter().any(|e| {
+                                e["zone"] == "SECRET"
+                                    && e["object"] == "/v1/projects/vault"
+                                    && e["result"] == "ok"
+                            })
+                        })
+                    })
+            }
+        },
+    )
     .await;
     cluster.shutdown().await;
 }
@@ -340,12 +827,28 @@ async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() 
         object: "/v1/projects".into(),
         zone: None,
     };
-    let create = Command::CreateProject { name: "sneaky".into(), description: String::new(), now_ms: 0, zone: Default::default() };
-    let outcome = node.write(&Command::Audited { command: Box::new(create), audit }).await.unwrap();
+    let create = Command::CreateProject {
+        name: "sneaky".into(),
+        description: String::new(),
+        now_ms: 0,
+        zone: Default::default(),
+    };
+    let outcome = node
+        .write(&Command::Audited {
+            command: Box::new(create),
+            audit,
+        })
+        .await
+        .unwrap();
     assert_eq!(outcome.unwrap_err().code, ErrorCode::Unauthenticated);
     assert!(node.state.project("sneaky").unwrap().is_none());
     let entries = node.state.audit_entries(0).unwrap();
-    assert!(entries.iter().any(|e| e.record.context.token_id == "revoked0" && e.record.result == "unauthenticated"), "{entries:?}");
+    assert!(
+        entries.iter().any(
+            |e| e.record.context.token_id == "revoked0" && e.record.result == "unauthenticated"
+        ),
+        "{entries:?}"
+    );
     // With the live admin token the same change goes through.
     let audit = agent::audit::AuditContext {
         time_ms: agent::join::now_ms(),
@@ -356,8 +859,19 @@ async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() 
         object: "/v1/projects".into(),
         zone: None,
     };
-    let create = Command::CreateProject { name: "fine".into(), description: String::new(), now_ms: 0, zone: Default::default() };
-    node.write(&Command::Audited { command: Box::new(create), audit }).await.unwrap().unwrap();
+    let create = Command::CreateProject {
+        name: "fine".into(),
+        description: String::new(),
+        now_ms: 0,
+        zone: Default::default(),
+    };
+    node.write(&Command::Audited {
+        command: Box::new(create),
+        audit,
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(node.state.project("fine").unwrap().is_some());
     cluster.shutdown().await;
 }

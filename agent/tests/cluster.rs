@@ -11,34 +11,70 @@ use common::{wait_for, wait_for_async, TestCluster};
 use serde_json::json;
 
 fn roles(cluster: &TestCluster, via: usize) -> Vec<(u64, MemberRole)> {
-    cluster.node(via).members().into_iter().map(|m| (m.id, m.role)).collect()
+    cluster
+        .node(via)
+        .members()
+        .into_iter()
+        .map(|m| (m.id, m.role))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_form_and_writes_through_followers_are_visible_everywhere() {
     let cluster = TestCluster::start(3).await;
     let leader = cluster.leader().await;
-    assert_eq!(roles(&cluster, leader), vec![(1, MemberRole::Voter), (2, MemberRole::Voter), (3, MemberRole::Voter)]);
+    assert_eq!(
+        roles(&cluster, leader),
+        vec![
+            (1, MemberRole::Voter),
+            (2, MemberRole::Voter),
+            (3, MemberRole::Voter)
+        ]
+    );
 
     let client = cluster.client();
     // One project created through each node, followers included.
     for i in 0..3 {
-        let reply = client.post(&format!("{}/v1/projects", cluster.api_url(i)), json!({ "name": format!("p{i}") })).await.unwrap();
-        assert_eq!(reply.status, 201, "create through node {}: {}", i + 1, reply.body);
+        let reply = client
+            .post(
+                &format!("{}/v1/projects", cluster.api_url(i)),
+                json!({ "name": format!("p{i}") }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.status,
+            201,
+            "create through node {}: {}",
+            i + 1,
+            reply.body
+        );
         assert_eq!(reply.body["name"], format!("p{i}"));
     }
     // Reads are linearizable: every node sees all three at once.
     for i in 0..3 {
-        assert_eq!(client.project_names(&cluster.api_url(i)).await, vec!["p0", "p1", "p2"]);
+        assert_eq!(
+            client.project_names(&cluster.api_url(i)).await,
+            vec!["p0", "p1", "p2"]
+        );
     }
     // A duplicate through a follower is a conflict, not a second project.
     let follower = (leader + 1) % 3;
-    let reply = client.post(&format!("{}/v1/projects", cluster.api_url(follower)), json!({ "name": "p0" })).await.unwrap();
+    let reply = client
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(follower)),
+            json!({ "name": "p0" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 409);
     assert_eq!(reply.body["error"]["code"], "already_exists");
 
     // The cluster view names every member with its addresses and role.
-    let view = client.get(&format!("{}/v1/cluster", cluster.api_url(follower))).await.unwrap();
+    let view = client
+        .get(&format!("{}/v1/cluster", cluster.api_url(follower)))
+        .await
+        .unwrap();
     assert_eq!(view.status, 200);
     assert_eq!(view.body["leader_id"], cluster.node(leader).id);
     assert!(view.body["term"].as_u64().unwrap() >= 1);
@@ -50,10 +86,20 @@ async fn three_nodes_form_and_writes_through_followers_are_visible_everywhere() 
         assert!(m["peer_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
     // Delete through a follower; gone everywhere.
-    let reply = client.send(reqwest::Method::DELETE, &format!("{}/v1/projects/p1", cluster.api_url(follower)), None).await.unwrap();
+    let reply = client
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{}/v1/projects/p1", cluster.api_url(follower)),
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 204);
     for i in 0..3 {
-        assert_eq!(client.project_names(&cluster.api_url(i)).await, vec!["p0", "p2"]);
+        assert_eq!(
+            client.project_names(&cluster.api_url(i)).await,
+            vec!["p0", "p2"]
+        );
     }
     cluster.shutdown().await;
 }
@@ -63,25 +109,61 @@ async fn five_voters_at_most_then_learners_who_are_promoted_when_a_voter_leaves(
     let mut cluster = TestCluster::start(6).await;
     let leader = cluster.leader().await;
     let members = roles(&cluster, leader);
-    let voters: Vec<u64> = members.iter().filter(|(_, r)| *r == MemberRole::Voter).map(|(id, _)| *id).collect();
-    let learners: Vec<u64> = members.iter().filter(|(_, r)| *r == MemberRole::Learner).map(|(id, _)| *id).collect();
+    let voters: Vec<u64> = members
+        .iter()
+        .filter(|(_, r)| *r == MemberRole::Voter)
+        .map(|(id, _)| *id)
+        .collect();
+    let learners: Vec<u64> = members
+        .iter()
+        .filter(|(_, r)| *r == MemberRole::Learner)
+        .map(|(id, _)| *id)
+        .collect();
     assert_eq!(voters, vec![1, 2, 3, 4, 5]);
     assert_eq!(learners, vec![6]);
 
     // Remove a voter that is not the leader: the learner takes its place.
     let victim = (0..5).find(|&i| i != leader).unwrap();
     let victim_id = cluster.node(victim).id;
-    cluster.live(leader).agent.remove(&victim_id.to_string()).await.expect("remove");
+    cluster
+        .live(leader)
+        .agent
+        .remove(&victim_id.to_string())
+        .await
+        .expect("remove");
     let members = roles(&cluster, leader);
-    assert!(!members.iter().any(|(id, _)| *id == victim_id), "{members:?}");
-    assert!(members.contains(&(6, MemberRole::Voter)), "learner was not promoted: {members:?}");
-    assert_eq!(members.iter().filter(|(_, r)| *r == MemberRole::Voter).count(), 5);
+    assert!(
+        !members.iter().any(|(id, _)| *id == victim_id),
+        "{members:?}"
+    );
+    assert!(
+        members.contains(&(6, MemberRole::Voter)),
+        "learner was not promoted: {members:?}"
+    );
+    assert_eq!(
+        members
+            .iter()
+            .filter(|(_, r)| *r == MemberRole::Voter)
+            .count(),
+        5
+    );
     cluster.stop(victim).await;
 
     // The shrunken cluster still commits.
-    let reply = cluster.client().post(&format!("{}/v1/projects", cluster.api_url(5)), json!({ "name": "after-remove" })).await.unwrap();
+    let reply = cluster
+        .client()
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(5)),
+            json!({ "name": "after-remove" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201, "{}", reply.body);
-    let nodes = cluster.client().get(&format!("{}/v1/nodes", cluster.api_url(leader))).await.unwrap();
+    let nodes = cluster
+        .client()
+        .get(&format!("{}/v1/nodes", cluster.api_url(leader)))
+        .await
+        .unwrap();
     assert_eq!(nodes.body.as_array().unwrap().len(), 5, "{}", nodes.body);
     cluster.shutdown().await;
 }
@@ -91,33 +173,58 @@ async fn leader_kill_elects_a_new_leader_quickly_and_loses_no_acknowledged_write
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
     for i in 0..20 {
-        let reply = client.post(&format!("{}/v1/projects", cluster.api_url(i % 3)), json!({ "name": format!("before-{i}") })).await.unwrap();
+        let reply = client
+            .post(
+                &format!("{}/v1/projects", cluster.api_url(i % 3)),
+                json!({ "name": format!("before-{i}") }),
+            )
+            .await
+            .unwrap();
         assert_eq!(reply.status, 201);
     }
     let old_leader = cluster.leader().await;
     let killed_at = Instant::now();
     cluster.stop(old_leader).await;
     let survivors: Vec<usize> = cluster.live_indices();
-    let new_leader = cluster.leader_among(&survivors, Duration::from_secs(10)).await;
+    let new_leader = cluster
+        .leader_among(&survivors, Duration::from_secs(10))
+        .await;
     let failover = killed_at.elapsed();
     eprintln!("new leader elected {failover:?} after the old one was killed");
     assert_ne!(new_leader, old_leader);
     // "About a second": election timeouts are 0.5-0.9 s; allow for a loaded machine.
-    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
 
     let names = client.project_names(&cluster.api_url(survivors[0])).await;
     assert_eq!(names.len(), 20, "{names:?}");
-    let reply = client.post(&format!("{}/v1/projects", cluster.api_url(survivors[1])), json!({ "name": "after" })).await.unwrap();
+    let reply = client
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(survivors[1])),
+            json!({ "name": "after" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201);
 
     // The old leader comes back from its data directory and catches up.
     cluster.restart(old_leader).await;
     let restarted = cluster.node(old_leader);
-    wait_for("restarted node applies the write made while it was down", Duration::from_secs(20), || {
-        restarted.state.project("after").ok().flatten().is_some()
-    })
+    wait_for(
+        "restarted node applies the write made while it was down",
+        Duration::from_secs(20),
+        || restarted.state.project("after").ok().flatten().is_some(),
+    )
     .await;
-    assert_eq!(client.project_names(&cluster.api_url(old_leader)).await.len(), 21);
+    assert_eq!(
+        client
+            .project_names(&cluster.api_url(old_leader))
+            .await
+            .len(),
+        21
+    );
     cluster.shutdown().await;
 }
 
@@ -129,36 +236,65 @@ async fn a_partitioned_minority_cannot_commit_and_its_reads_fail_instead_of_goin
     // Cut the leader off: it is now a minority of one.
     cluster.live(leader).agent.isolation.set(true);
     let majority: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let new_leader = cluster.leader_among(&majority, Duration::from_secs(15)).await;
+    let new_leader = cluster
+        .leader_among(&majority, Duration::from_secs(15))
+        .await;
     assert_ne!(new_leader, leader);
 
     // The majority moves on.
-    let reply = client.post(&format!("{}/v1/projects", cluster.api_url(majority[0])), json!({ "name": "majority" })).await.unwrap();
+    let reply = client
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(majority[0])),
+            json!({ "name": "majority" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201, "{}", reply.body);
 
     // The isolated node can neither commit nor serve a read that would miss it.
     let minority = cluster.node(leader);
     let write = minority
-        .write(&Command::CreateProject { name: "minority".into(), description: String::new(), now_ms: 0, zone: Default::default() })
+        .write(&Command::CreateProject {
+            name: "minority".into(),
+            description: String::new(),
+            now_ms: 0,
+            zone: Default::default(),
+        })
         .await;
     assert!(write.is_err(), "a minority committed a write: {write:?}");
     let read = minority.linearizable_read().await;
     assert!(read.is_err(), "a minority served a linearizable read");
-    let reply = client.get(&format!("{}/v1/projects", cluster.api_url(leader))).await.unwrap();
+    let reply = client
+        .get(&format!("{}/v1/projects", cluster.api_url(leader)))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.body["error"]["code"], "unavailable");
 
     // Healed, it learns what the majority did, and its own write never happened.
     cluster.live(leader).agent.isolation.set(false);
-    wait_for_async("healed node serves the majority's write", Duration::from_secs(20), || async {
-        match client.get(&format!("{}/v1/projects", cluster.api_url(leader))).await {
-            Ok(reply) if reply.status == 200 => {
-                let names: Vec<&str> = reply.body.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
-                names == ["majority"]
+    wait_for_async(
+        "healed node serves the majority's write",
+        Duration::from_secs(20),
+        || async {
+            match client
+                .get(&format!("{}/v1/projects", cluster.api_url(leader)))
+                .await
+            {
+                Ok(reply) if reply.status == 200 => {
+                    let names: Vec<&str> = reply
+                        .body
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|p| p["name"].as_str())
+                        .collect();
+                    names == ["majority"]
+                }
+                _ => false,
             }
-            _ => false,
-        }
-    })
+        },
+    )
     .await;
     cluster.shutdown().await;
 }
@@ -181,26 +317,40 @@ async fn a_node_that_fell_far_behind_catches_up_by_snapshot() {
     // Sequential writes: each is its own Raft entry.
     for i in 0..200 {
         writer
-            .write(&Command::CreateProject { name: format!("bulk-{i:03}"), description: String::new(), now_ms: 0, zone: Default::default() })
+            .write(&Command::CreateProject {
+                name: format!("bulk-{i:03}"),
+                description: String::new(),
+                now_ms: 0,
+                zone: Default::default(),
+            })
             .await
             .expect("write")
             .expect("created");
     }
     // The leader snapshotted and purged the entries the laggard misses.
-    wait_for("leader purges its log after a snapshot", Duration::from_secs(20), || {
-        let metrics = writer.raft.metrics().borrow().clone();
-        metrics.purged.map(|p| p.index).unwrap_or(0) > 100
-    })
+    wait_for(
+        "leader purges its log after a snapshot",
+        Duration::from_secs(20),
+        || {
+            let metrics = writer.raft.metrics().borrow().clone();
+            metrics.purged.map(|p| p.index).unwrap_or(0) > 100
+        },
+    )
     .await;
 
     cluster.restart(laggard).await;
     let caught_up = cluster.node(laggard);
-    wait_for("laggard installs the snapshot and catches up", Duration::from_secs(30), || {
-        caught_up.state.projects().map(|p| p.len()).unwrap_or(0) == 200
-    })
+    wait_for(
+        "laggard installs the snapshot and catches up",
+        Duration::from_secs(30),
+        || caught_up.state.projects().map(|p| p.len()).unwrap_or(0) == 200,
+    )
     .await;
     let metrics = caught_up.raft.metrics().borrow().clone();
-    assert!(metrics.snapshot.is_some(), "the laggard caught up without a snapshot: {metrics:?}");
+    assert!(
+        metrics.snapshot.is_some(),
+        "the laggard caught up without a snapshot: {metrics:?}"
+    );
     cluster.shutdown().await;
 }
 
@@ -209,25 +359,44 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     let cluster = TestCluster::start(1).await;
     let tmp = tempfile::tempdir().unwrap();
     let options = RaftOptions::default();
-    let joiner = common::start_agent(&tmp.path().join("j"), "127.0.0.1:0", "127.0.0.1:0", "joiner", &options).await;
+    let joiner = common::start_agent(
+        &tmp.path().join("j"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "joiner",
+        &options,
+    )
+    .await;
     let node = cluster.node(0);
     let (token, text) = agent::join::create_token(&node, 3600).await.unwrap();
 
     let refuse = |result: anyhow::Result<agent::daemon::JoinResult>, expect: &str| {
         let message = format!("{:#}", result.expect_err("join should have been refused"));
-        assert!(message.contains(expect), "expected {expect:?} in: {message}");
+        assert!(
+            message.contains(expect),
+            "expected {expect:?} in: {message}"
+        );
     };
     // Truncated and damaged tokens are refused before anything is contacted.
-    refuse(joiner.join(&text[..text.len() / 2], &|_| {}).await, "malformed");
+    refuse(
+        joiner.join(&text[..text.len() / 2], &|_| {}).await,
+        "malformed",
+    );
     refuse(joiner.join("not-a-token!", &|_| {}).await, "malformed");
     // A forged secret.
     let mut forged = token.clone();
     forged.secret = "00".repeat(32);
-    refuse(joiner.join(&forged.encode(), &|_| {}).await, "secret does not match");
+    refuse(
+        joiner.join(&forged.encode(), &|_| {}).await,
+        "secret does not match",
+    );
     // A token pointing at a server with another CA.
     let mut wrong_ca = token.clone();
     wrong_ca.ca_fingerprint = "ab".repeat(32);
-    refuse(joiner.join(&wrong_ca.encode(), &|_| {}).await, "fingerprint");
+    refuse(
+        joiner.join(&wrong_ca.encode(), &|_| {}).await,
+        "fingerprint",
+    );
     // An expired token (issued with an expiry already in the past).
     let mut expired = token.clone();
     expired.expires_at_ms = agent::join::now_ms() - 1_000;
@@ -247,8 +416,16 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     .unwrap();
     let mut server_expired = token.clone();
     server_expired.id = short_id;
-    wait_for("the short-lived token passes its expiry", Duration::from_secs(5), || agent::join::now_ms() > server_expiry_ms).await;
-    refuse(joiner.join(&server_expired.encode(), &|_| {}).await, "expired");
+    wait_for(
+        "the short-lived token passes its expiry",
+        Duration::from_secs(5),
+        || agent::join::now_ms() > server_expiry_ms,
+    )
+    .await;
+    refuse(
+        joiner.join(&server_expired.encode(), &|_| {}).await,
+        "expired",
+    );
 
     // None of that configured the joiner or added a member.
     assert!(joiner.node().is_none());
@@ -256,12 +433,22 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     assert_eq!(node.members().len(), 1);
 
     // The real token works once...
-    let joined = joiner.join(&text, &|_| {}).await.expect("join with a good token");
+    let joined = joiner
+        .join(&text, &|_| {})
+        .await
+        .expect("join with a good token");
     assert_eq!(joined.role, MemberRole::Voter);
     assert_eq!(node.members().len(), 2);
     // ...and never again.
     let tmp2 = tempfile::tempdir().unwrap();
-    let second = common::start_agent(&tmp2.path().join("k"), "127.0.0.1:0", "127.0.0.1:0", "second", &options).await;
+    let second = common::start_agent(
+        &tmp2.path().join("k"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "second",
+        &options,
+    )
+    .await;
     refuse(second.join(&text, &|_| {}).await, "already used");
     assert!(second.node().is_none());
     second.shutdown().await;
@@ -277,34 +464,62 @@ async fn bad_api_input_gets_clear_errors_and_changes_nothing() {
     let projects = format!("{base}/v1/projects");
 
     let raw = |body: &'static str| {
-        client.http.post(&projects).bearer_auth(&client.token).header("content-type", "application/json").body(body).send()
+        client
+            .http
+            .post(&projects)
+            .bearer_auth(&client.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     let reply = raw("{\"name\": ").await.unwrap();
     assert_eq!(reply.status(), 400);
     let body: serde_json::Value = reply.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_request");
 
-    let reply = client.post(&projects, json!({ "name": "ok", "colour": "blue" })).await.unwrap();
+    let reply = client
+        .post(&projects, json!({ "name": "ok", "colour": "blue" }))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 400);
-    assert!(reply.body["error"]["message"].as_str().unwrap().contains("unknown field"), "{}", reply.body);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{}",
+        reply.body
+    );
 
-    let reply = client.post(&projects, json!({ "name": "Not_A_Label" })).await.unwrap();
+    let reply = client
+        .post(&projects, json!({ "name": "Not_A_Label" }))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 400);
     assert_eq!(reply.body["error"]["code"], "invalid_argument");
 
     let huge = "x".repeat(200 * 1024);
-    let reply = client.post(&projects, json!({ "name": "big", "description": huge })).await.unwrap();
+    let reply = client
+        .post(&projects, json!({ "name": "big", "description": huge }))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 413, "{}", reply.body);
     assert_eq!(reply.body["error"]["code"], "payload_too_large");
 
     let wrong = common::ApiClient::new(&cluster.ca_pem, "allod_wrong");
-    let reply = wrong.post(&projects, json!({ "name": "sneaky" })).await.unwrap();
+    let reply = wrong
+        .post(&projects, json!({ "name": "sneaky" }))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 401);
     assert_eq!(reply.body["error"]["code"], "unauthenticated");
     let reply = client.http.get(&projects).send().await.unwrap();
     assert_eq!(reply.status(), 401);
 
-    let reply = client.get(&format!("{base}/v1/projects/missing")).await.unwrap();
+    let reply = client
+        .get(&format!("{base}/v1/projects/missing"))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 404);
     assert_eq!(reply.body["error"]["code"], "not_found");
     let reply = client.get(&format!("{base}/v1/nope")).await.unwrap();
@@ -312,7 +527,10 @@ async fn bad_api_input_gets_clear_errors_and_changes_nothing() {
 
     // Nothing of that changed the state, and the node still serves.
     assert!(client.project_names(&base).await.is_empty());
-    let reply = client.post(&projects, json!({ "name": "fine" })).await.unwrap();
+    let reply = client
+        .post(&projects, json!({ "name": "fine" }))
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201);
     cluster.shutdown().await;
 }
@@ -328,29 +546,63 @@ async fn the_peer_port_refuses_clients_without_a_cluster_certificate_and_survive
         .use_preconfigured_tls(agent::pki::ca_client_config(&cluster.ca_pem).unwrap())
         .build()
         .unwrap();
-    let result = anonymous.post(format!("https://{peer}/raft/vote")).json(&json!({})).send().await;
-    assert!(result.is_err(), "peer port answered a client without a certificate: {result:?}");
+    let result = anonymous
+        .post(format!("https://{peer}/raft/vote"))
+        .json(&json!({}))
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "peer port answered a client without a certificate: {result:?}"
+    );
 
     // A certificate from another CA is refused too.
     let other_ca = agent::pki::CertificateAuthority::create("other").unwrap();
-    let (key, cert) = agent::pki::NodeKey::generate_signed(vec!["127.0.0.1".into()], &other_ca, 1).unwrap();
-    let foreign = agent::pki::NodeTls { ca_pem: cluster.ca_pem.clone(), cert_pem: cert, key_pem: key };
-    let impostor = reqwest::Client::builder().use_preconfigured_tls(foreign.peer_client_config().unwrap()).build().unwrap();
-    let result = impostor.post(format!("https://{peer}/raft/vote")).json(&json!({})).send().await;
-    assert!(result.is_err(), "peer port accepted a foreign certificate: {result:?}");
+    let (key, cert) =
+        agent::pki::NodeKey::generate_signed(vec!["127.0.0.1".into()], &other_ca, 1).unwrap();
+    let foreign = agent::pki::NodeTls {
+        ca_pem: cluster.ca_pem.clone(),
+        cert_pem: cert,
+        key_pem: key,
+    };
+    let impostor = reqwest::Client::builder()
+        .use_preconfigured_tls(foreign.peer_client_config().unwrap())
+        .build()
+        .unwrap();
+    let result = impostor
+        .post(format!("https://{peer}/raft/vote"))
+        .json(&json!({}))
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "peer port accepted a foreign certificate: {result:?}"
+    );
 
     // Garbage bytes instead of a TLS handshake.
     let mut stream = tokio::net::TcpStream::connect(&peer).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\x01\x02garbage").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\n\r\n\x00\x01\x02garbage")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
 
     // A member's own client gets through, and the node still works.
     let node = cluster.node(0);
-    let reply: Result<Result<Option<openraft::LogId<u64>>, agent::peer::ForwardFailure>, _> =
-        node.peers.call(&peer, "/cluster/read-index", &(), Duration::from_secs(5)).await;
+    let reply: Result<Result<Option<openraft::LogId<u64>>, agent::peer::ForwardFailure>, _> = node
+        .peers
+        .call(&peer, "/cluster/read-index", &(), Duration::from_secs(5))
+        .await;
     assert!(matches!(reply, Ok(Ok(_))), "{reply:?}");
-    let reply = cluster.client().post(&format!("{}/v1/projects", cluster.api_url(0)), json!({ "name": "still-up" })).await.unwrap();
+    let reply = cluster
+        .client()
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(0)),
+            json!({ "name": "still-up" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201);
     cluster.shutdown().await;
 }
@@ -360,25 +612,60 @@ async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socke
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("fresh");
-    let agent = common::start_agent(&dir, "127.0.0.1:0", "127.0.0.1:0", "fresh", &RaftOptions::default()).await;
-    let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+    let agent = common::start_agent(
+        &dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "fresh",
+        &RaftOptions::default(),
+    )
+    .await;
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("admin.sock"), 0o600);
 
     let plain = reqwest::Client::new();
-    let health = plain.get(format!("http://{}/healthz", agent.api_addr)).send().await.unwrap();
+    let health = plain
+        .get(format!("http://{}/healthz", agent.api_addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let other = plain.get(format!("http://{}/v1/projects", agent.api_addr)).send().await.unwrap();
+    let other = plain
+        .get(format!("http://{}/v1/projects", agent.api_addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(other.status(), 503);
     let body: serde_json::Value = other.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unconfigured");
     // The peer port accepts nothing yet.
-    let mut stream = tokio::net::TcpStream::connect(&agent.peer_addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(&agent.peer_addr)
+        .await
+        .unwrap();
     let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut stream, &mut buf)).await;
-    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "peer port of an unconfigured node answered: {read:?}");
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "peer port of an unconfigured node answered: {read:?}"
+    );
 
     // Over the admin socket, init configures it: secrets are owner-only.
-    let result = agent::admin::request(&dir, &agent::admin::AdminRequest::Init { cluster_name: None }).await.unwrap();
+    let result = agent::admin::request(
+        &dir,
+        &agent::admin::AdminRequest::Init { cluster_name: None },
+    )
+    .await
+    .unwrap();
     assert_eq!(result["node_id"], 1);
     assert_eq!(mode("admin.token"), 0o600);
     assert_eq!(mode("ca.key"), 0o600);
@@ -386,11 +673,21 @@ async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socke
     let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
     let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
     let client = common::ApiClient::new(&ca, token.trim());
-    let ready = client.get(&format!("https://{}/readyz", agent.api_addr)).await.unwrap();
+    let ready = client
+        .get(&format!("https://{}/readyz", agent.api_addr))
+        .await
+        .unwrap();
     assert_eq!(ready.status, 200, "{}", ready.body);
     // A second init is refused and changes nothing.
-    let again = agent::admin::request(&dir, &agent::admin::AdminRequest::Init { cluster_name: None }).await;
+    let again = agent::admin::request(
+        &dir,
+        &agent::admin::AdminRequest::Init { cluster_name: None },
+    )
+    .await;
     assert!(format!("{:#}", again.unwrap_err()).contains("already a member"));
-    assert_eq!(std::fs::read_to_string(dir.join("admin.token")).unwrap(), token);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("admin.token")).unwrap(),
+        token
+    );
     agent.shutdown().await;
 }

@@ -26,34 +26,60 @@ mod checker {
 
     #[test]
     fn sequential_history_is_linearizable() {
-        let h = [event(0, w("a"), 0, Some(10)), event(1, r(Some("a")), 20, Some(30)), event(0, w("b"), 40, Some(50)), event(1, r(Some("b")), 60, Some(70))];
+        let h = [
+            event(0, w("a"), 0, Some(10)),
+            event(1, r(Some("a")), 20, Some(30)),
+            event(0, w("b"), 40, Some(50)),
+            event(1, r(Some("b")), 60, Some(70)),
+        ];
         assert_eq!(check(&h), Verdict::Linearizable);
     }
 
     #[test]
     fn a_stale_read_after_a_completed_write_is_caught() {
-        let h = [event(0, w("a"), 0, Some(10)), event(1, r(None), 20, Some(30))];
+        let h = [
+            event(0, w("a"), 0, Some(10)),
+            event(1, r(None), 20, Some(30)),
+        ];
         assert_eq!(check(&h), Verdict::NotLinearizable);
-        let h = [event(0, w("a"), 0, Some(10)), event(0, w("b"), 20, Some(30)), event(1, r(Some("a")), 40, Some(50))];
+        let h = [
+            event(0, w("a"), 0, Some(10)),
+            event(0, w("b"), 20, Some(30)),
+            event(1, r(Some("a")), 40, Some(50)),
+        ];
         assert_eq!(check(&h), Verdict::NotLinearizable);
     }
 
     #[test]
     fn overlapping_operations_may_take_effect_in_either_order() {
-        let h = [event(0, w("a"), 0, Some(100)), event(1, r(None), 10, Some(20)), event(2, r(Some("a")), 30, Some(40))];
+        let h = [
+            event(0, w("a"), 0, Some(100)),
+            event(1, r(None), 10, Some(20)),
+            event(2, r(Some("a")), 30, Some(40)),
+        ];
         assert_eq!(check(&h), Verdict::Linearizable);
         // But once a read has seen the new value, a later read cannot see the old one.
-        let h = [event(0, w("a"), 0, Some(100)), event(1, r(Some("a")), 10, Some(20)), event(2, r(None), 30, Some(40))];
+        let h = [
+            event(0, w("a"), 0, Some(100)),
+            event(1, r(Some("a")), 10, Some(20)),
+            event(2, r(None), 30, Some(40)),
+        ];
         assert_eq!(check(&h), Verdict::NotLinearizable);
     }
 
     #[test]
     fn writes_with_unknown_outcome_may_or_may_not_have_happened() {
-        let happened = [event(0, w("a"), 0, None), event(1, r(Some("a")), 50, Some(60))];
+        let happened = [
+            event(0, w("a"), 0, None),
+            event(1, r(Some("a")), 50, Some(60)),
+        ];
         assert_eq!(check(&happened), Verdict::Linearizable);
         let never = [event(0, w("a"), 0, None), event(1, r(None), 50, Some(60))];
         assert_eq!(check(&never), Verdict::Linearizable);
-        let invented = [event(0, w("a"), 0, None), event(1, r(Some("z")), 50, Some(60))];
+        let invented = [
+            event(0, w("a"), 0, None),
+            event(1, r(Some("z")), 50, Some(60)),
+        ];
         assert_eq!(check(&invented), Verdict::NotLinearizable);
     }
 }
@@ -62,7 +88,13 @@ mod checker {
 async fn register_history_under_leader_kills_is_linearizable() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    let reply = client.post(&format!("{}/v1/projects", cluster.api_url(0)), json!({ "name": "reg" })).await.unwrap();
+    let reply = client
+        .post(
+            &format!("{}/v1/projects", cluster.api_url(0)),
+            json!({ "name": "reg" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 201);
 
     let origin = Instant::now();
@@ -82,15 +114,32 @@ async fn register_history_under_leader_kills_is_linearizable() {
                 let event = if is_write {
                     let value = format!("c{c}-{seq}");
                     let reply = client
-                        .send(reqwest::Method::PATCH, &format!("{url}/v1/projects/reg"), Some(json!({ "description": value })))
+                        .send(
+                            reqwest::Method::PATCH,
+                            &format!("{url}/v1/projects/reg"),
+                            Some(json!({ "description": value })),
+                        )
                         .await;
                     let done = matches!(&reply, Ok(r) if r.status == 200);
-                    Some(Event { client: c, op: Op::Write(value), call_ns, return_ns: done.then(|| origin.elapsed().as_nanos()) })
+                    Some(Event {
+                        client: c,
+                        op: Op::Write(value),
+                        call_ns,
+                        return_ns: done.then(|| origin.elapsed().as_nanos()),
+                    })
                 } else {
                     match client.get(&format!("{url}/v1/projects/reg")).await {
                         Ok(r) if r.status == 200 => {
-                            let seen = r.body["description"].as_str().filter(|s| !s.is_empty()).map(str::to_string);
-                            Some(Event { client: c, op: Op::Read(seen), call_ns, return_ns: Some(origin.elapsed().as_nanos()) })
+                            let seen = r.body["description"]
+                                .as_str()
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string);
+                            Some(Event {
+                                client: c,
+                                op: Op::Read(seen),
+                                call_ns,
+                                return_ns: Some(origin.elapsed().as_nanos()),
+                            })
                         }
                         // A failed read observed nothing.
                         _ => None,
@@ -111,7 +160,9 @@ async fn register_history_under_leader_kills_is_linearizable() {
         let leader = cluster.leader().await;
         cluster.stop(leader).await;
         let survivors = cluster.live_indices();
-        cluster.leader_among(&survivors, Duration::from_secs(15)).await;
+        cluster
+            .leader_among(&survivors, Duration::from_secs(15))
+            .await;
         cluster.restart(leader).await;
     }
     for c in clients {
@@ -119,9 +170,22 @@ async fn register_history_under_leader_kills_is_linearizable() {
     }
     let history = history.lock().await.clone();
     let completed = history.iter().filter(|e| e.return_ns.is_some()).count();
-    eprintln!("{} operations recorded, {completed} with a known outcome", history.len());
-    assert!(completed > 60, "too few operations completed to say anything: {completed}");
-    assert!(history.iter().any(|e| matches!(e.op, Op::Read(Some(_)))), "no read observed a write");
-    assert_eq!(check(&history), Verdict::Linearizable, "history: {history:#?}");
+    eprintln!(
+        "{} operations recorded, {completed} with a known outcome",
+        history.len()
+    );
+    assert!(
+        completed > 60,
+        "too few operations completed to say anything: {completed}"
+    );
+    assert!(
+        history.iter().any(|e| matches!(e.op, Op::Read(Some(_)))),
+        "no read observed a write"
+    );
+    assert_eq!(
+        check(&history),
+        Verdict::Linearizable,
+        "history: {history:#?}"
+    );
     cluster.shutdown().await;
 }

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 pub use log_store::{LogStore, LogStoreError};
 /// A failure of the key/value storage underneath the state machine.
 pub use redb::StorageError as KvError;
-pub use state_machine::{Apply, KvRead, KvWrite, StateMachineError, StateMachineStore, StateReader};
+pub use state_machine::{
+    Apply, KvRead, KvWrite, StateMachineError, StateMachineStore, StateReader,
+};
 
 /// A cluster member as Raft sees it: the addresses its peers and clients use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +38,11 @@ pub struct Member {
 
 impl fmt::Display for Member {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (peer {}, api {})", self.name, self.peer_addr, self.api_addr)
+        write!(
+            f,
+            "{} (peer {}, api {})",
+            self.name, self.peer_addr, self.api_addr
+        )
     }
 }
 

@@ -23,7 +23,9 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::{NodeId, TypeConfig};
@@ -65,9 +67,18 @@ fn vote_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 
 /// Work for the writer thread, in submission order.
 enum LogOp {
-    Append { entries: Vec<(u64, Vec<u8>)>, callback: LogFlushed<TypeConfig> },
-    Truncate { from_index: u64, done: tokio::sync::oneshot::Sender<StoreResult<()>> },
-    Purge { log_id: LogId<NodeId>, done: tokio::sync::oneshot::Sender<StoreResult<()>> },
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from_index: u64,
+        done: tokio::sync::oneshot::Sender<StoreResult<()>>,
+    },
+    Purge {
+        log_id: LogId<NodeId>,
+        done: tokio::sync::oneshot::Sender<StoreResult<()>>,
+    },
 }
 
 /// Appends the writer commits together, each with its flush callback.
@@ -94,15 +105,24 @@ impl LogStore {
     /// Opens (or creates) the log database at `path` and starts its writer.
     pub fn open(path: &Path) -> Result<Self, LogStoreError> {
         let open = || -> Result<Database, redb::Error> {
-            let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path)?;
+            let db = Database::builder()
+                .set_cache_size(LOG_CACHE_BYTES)
+                .create(path)?;
             let txn = db.begin_write()?;
             txn.open_table(LOG)?;
             txn.open_table(META)?;
             txn.commit()?;
             Ok(db)
         };
-        let db = open().map_err(|source| LogStoreError::Open { path: path.display().to_string(), source })?;
-        let shared = Arc::new(Shared { db, unflushed: Mutex::new(BTreeMap::new()), pending_committed: Mutex::new(None) });
+        let db = open().map_err(|source| LogStoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            db,
+            unflushed: Mutex::new(BTreeMap::new()),
+            pending_committed: Mutex::new(None),
+        });
         let (ops, queue) = mpsc::channel();
         let writer = shared.clone();
         std::thread::Builder::new()
@@ -116,7 +136,9 @@ impl LogStore {
         let txn = self.shared.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
-            Some(value) => Ok(Some(serde_json::from_slice(value.value()).map_err(read_err)?)),
+            Some(value) => Ok(Some(
+                serde_json::from_slice(value.value()).map_err(read_err)?,
+            )),
             None => Ok(None),
         }
     }
@@ -127,13 +149,21 @@ impl LogStore {
         F: FnOnce(LogStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(this)).await.map_err(write_err)?
+        tokio::task::spawn_blocking(move || f(this))
+            .await
+            .map_err(write_err)?
     }
 
-    async fn submit(&self, op: impl FnOnce(tokio::sync::oneshot::Sender<StoreResult<()>>) -> LogOp) -> StoreResult<()> {
+    async fn submit(
+        &self,
+        op: impl FnOnce(tokio::sync::oneshot::Sender<StoreResult<()>>) -> LogOp,
+    ) -> StoreResult<()> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.ops.send(op(done)).map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?;
-        wait.await.map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?
+        self.ops
+            .send(op(done))
+            .map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?;
+        wait.await
+            .map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))?
     }
 }
 
@@ -165,7 +195,12 @@ fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
                 let started = std::time::Instant::now();
                 let result = commit_appends(&shared, &batch);
                 let count: usize = batch.iter().map(|(e, _)| e.len()).sum();
-                tracing::trace!(appends = batch.len(), entries = count, elapsed_us = started.elapsed().as_micros() as u64, "committed to the Raft log");
+                tracing::trace!(
+                    appends = batch.len(),
+                    entries = count,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "committed to the Raft log"
+                );
                 {
                     let mut unflushed = shared.unflushed.lock().expect("unflushed tail");
                     for (entries, _) in &batch {
@@ -177,29 +212,44 @@ fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
                 for (_, callback) in batch {
                     match &result {
                         Ok(()) => callback.log_io_completed(Ok(())),
-                        Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+                        Err(e) => {
+                            callback.log_io_completed(Err(std::io::Error::other(e.to_string())))
+                        }
                     }
                 }
             }
             LogOp::Truncate { from_index, done } => {
-                let _ = done.send(remove_range(&shared, (Bound::Included(from_index), Bound::Unbounded), None));
+                let _ = done.send(remove_range(
+                    &shared,
+                    (Bound::Included(from_index), Bound::Unbounded),
+                    None,
+                ));
             }
             LogOp::Purge { log_id, done } => {
-                let _ = done.send(remove_range(&shared, (Bound::Unbounded, Bound::Included(log_id.index)), Some(log_id)));
+                let _ = done.send(remove_range(
+                    &shared,
+                    (Bound::Unbounded, Bound::Included(log_id.index)),
+                    Some(log_id),
+                ));
             }
         }
     }
 }
 
 fn commit_appends(shared: &Shared, batch: &AppendBatch) -> StoreResult<()> {
-    let committed = shared.pending_committed.lock().expect("pending committed").take();
+    let committed = shared
+        .pending_committed
+        .lock()
+        .expect("pending committed")
+        .take();
     let mut txn = shared.db.begin_write().map_err(write_err)?;
     txn.set_durability(Durability::Immediate);
     {
         if let Some(committed) = committed {
             let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
             let mut meta = txn.open_table(META).map_err(write_err)?;
-            meta.insert(KEY_COMMITTED, bytes.as_slice()).map_err(write_err)?;
+            meta.insert(KEY_COMMITTED, bytes.as_slice())
+                .map_err(write_err)?;
         }
         let mut table = txn.open_table(LOG).map_err(write_err)?;
         for (entries, _) in batch {
@@ -211,14 +261,19 @@ fn commit_appends(shared: &Shared, batch: &AppendBatch) -> StoreResult<()> {
     txn.commit().map_err(write_err)
 }
 
-fn remove_range(shared: &Shared, range: (Bound<u64>, Bound<u64>), purged: Option<LogId<NodeId>>) -> StoreResult<()> {
+fn remove_range(
+    shared: &Shared,
+    range: (Bound<u64>, Bound<u64>),
+    purged: Option<LogId<NodeId>>,
+) -> StoreResult<()> {
     let mut txn = shared.db.begin_write().map_err(write_err)?;
     txn.set_durability(Durability::Immediate);
     {
         if let Some(log_id) = purged {
             let bytes = serde_json::to_vec(&log_id).map_err(write_err)?;
             let mut meta = txn.open_table(META).map_err(write_err)?;
-            meta.insert(KEY_LAST_PURGED, bytes.as_slice()).map_err(write_err)?;
+            meta.insert(KEY_LAST_PURGED, bytes.as_slice())
+                .map_err(write_err)?;
         }
         let mut table = txn.open_table(LOG).map_err(write_err)?;
         let doomed: Vec<u64> = table
@@ -244,12 +299,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry<TypeConfig>>> {
-        let range: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let range: (Bound<u64>, Bound<u64>) =
+            (range.start_bound().cloned(), range.end_bound().cloned());
         // The tail first, then the database: an entry the writer moves from
         // one to the other in between is then seen in the database.
         let tail: Vec<(u64, Arc<Vec<u8>>)> = {
             let unflushed = self.shared.unflushed.lock().expect("unflushed tail");
-            unflushed.range(range).map(|(i, b)| (*i, b.clone())).collect()
+            unflushed
+                .range(range)
+                .map(|(i, b)| (*i, b.clone()))
+                .collect()
         };
         self.blocking(move |this| {
             let txn = this.shared.db.begin_read().map_err(read_err)?;
@@ -257,7 +316,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let mut merged: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
             for item in table.range::<u64>(range).map_err(read_err)? {
                 let (key, value) = item.map_err(read_err)?;
-                merged.insert(key.value(), serde_json::from_slice(value.value()).map_err(read_err)?);
+                merged.insert(
+                    key.value(),
+                    serde_json::from_slice(value.value()).map_err(read_err)?,
+                );
             }
             for (index, bytes) in tail {
                 merged.insert(index, serde_json::from_slice(&bytes).map_err(read_err)?);
@@ -283,15 +345,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => {
                     let txn = this.shared.db.begin_read().map_err(read_err)?;
                     let table = txn.open_table(LOG).map_err(read_err)?;
-                    let last = table.last().map_err(read_err)?.map(|(_, v)| v.value().to_vec());
+                    let last = table
+                        .last()
+                        .map_err(read_err)?
+                        .map(|(_, v)| v.value().to_vec());
                     last
                 }
             };
             let last = match last_bytes {
-                Some(bytes) => Some(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).map_err(read_err)?.log_id),
+                Some(bytes) => Some(
+                    serde_json::from_slice::<Entry<TypeConfig>>(&bytes)
+                        .map_err(read_err)?
+                        .log_id,
+                ),
                 None => None,
             };
-            Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id: last.or(last_purged_log_id),
+            })
         })
         .await
     }
@@ -324,15 +396,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // means re-learning it from the leader), and openraft reports it on
         // its hot path: keep it in memory and let the writer persist it with
         // the next batch of entries instead of taking the write lock here.
-        *self.shared.pending_committed.lock().expect("pending committed") = Some(committed);
+        *self
+            .shared
+            .pending_committed
+            .lock()
+            .expect("pending committed") = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
-        if let Some(pending) = *self.shared.pending_committed.lock().expect("pending committed") {
+        if let Some(pending) = *self
+            .shared
+            .pending_committed
+            .lock()
+            .expect("pending committed")
+        {
             return Ok(pending);
         }
-        self.blocking(|this| Ok(this.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())).await
+        self.blocking(|this| {
+            Ok(this
+                .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+                .flatten())
+        })
+        .await
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
@@ -342,7 +428,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for entry in entries {
-            encoded.push((entry.log_id.index, serde_json::to_vec(&entry).map_err(write_err)?));
+            encoded.push((
+                entry.log_id.index,
+                serde_json::to_vec(&entry).map_err(write_err)?,
+            ));
         }
         {
             let mut unflushed = self.shared.unflushed.lock().expect("unflushed tail");
@@ -351,14 +440,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         self.ops
-            .send(LogOp::Append { entries: encoded, callback })
+            .send(LogOp::Append {
+                entries: encoded,
+                callback,
+            })
             .map_err(|_| write_err(std::io::Error::other("the Raft log writer has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         // Entries not yet committed must disappear for readers at once.
-        self.shared.unflushed.lock().expect("unflushed tail").retain(|index, _| *index < log_id.index);
-        self.submit(|done| LogOp::Truncate { from_index: log_id.index, done }).await
+        self.shared
+            .unflushed
+            .lock()
+            .expect("unflushed tail")
+            .retain(|index, _| *index < log_id.index);
+        self.submit(|done| LogOp::Truncate {
+            from_index: log_id.index,
+            done,
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {

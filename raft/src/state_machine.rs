@@ -175,14 +175,19 @@ impl StateMachineStore {
     /// Opens (or creates) the state database at `path`.
     pub fn open(path: &Path, app: Arc<dyn Apply>) -> Result<Self, StateMachineError> {
         let open = || -> Result<Database, redb::Error> {
-            let db = Database::builder().set_cache_size(STATE_CACHE_BYTES).create(path)?;
+            let db = Database::builder()
+                .set_cache_size(STATE_CACHE_BYTES)
+                .create(path)?;
             let txn = db.begin_write()?;
             txn.open_table(KV)?;
             txn.open_table(META)?;
             txn.commit()?;
             Ok(db)
         };
-        let db = open().map_err(|source| StateMachineError::Open { path: path.display().to_string(), source })?;
+        let db = open().map_err(|source| StateMachineError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(Self {
             db: Arc::new(db),
             app,
@@ -193,14 +198,18 @@ impl StateMachineStore {
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { db: self.db.clone() }
+        StateReader {
+            db: self.db.clone(),
+        }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> StoreResult<Option<T>> {
         let txn = self.db.begin_read().map_err(sm_read_err)?;
         let table = txn.open_table(META).map_err(sm_read_err)?;
         match table.get(key).map_err(sm_read_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(sm_read_err)?)),
+            Some(v) => Ok(Some(
+                serde_json::from_slice(v.value()).map_err(sm_read_err)?,
+            )),
             None => Ok(None),
         }
     }
@@ -217,7 +226,9 @@ impl StateMachineStore {
         F: FnOnce(StateMachineStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(this)).await.map_err(sm_write_err)?
+        tokio::task::spawn_blocking(move || f(this))
+            .await
+            .map_err(sm_write_err)?
     }
 
     /// Serialises the whole key/value state with its metadata and keeps it as
@@ -226,7 +237,10 @@ impl StateMachineStore {
         let txn = self.db.begin_read().map_err(sm_read_err)?;
         let meta_table = txn.open_table(META).map_err(sm_read_err)?;
         let read_meta = |key: &str| -> StoreResult<Option<Vec<u8>>> {
-            Ok(meta_table.get(key).map_err(sm_read_err)?.map(|v| v.value().to_vec()))
+            Ok(meta_table
+                .get(key)
+                .map_err(sm_read_err)?
+                .map(|v| v.value().to_vec()))
         };
         let applied: Option<LogId<NodeId>> = match read_meta(KEY_APPLIED)? {
             Some(b) => serde_json::from_slice(&b).map_err(sm_read_err)?,
@@ -247,28 +261,44 @@ impl StateMachineStore {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, counter),
             None => format!("empty-{counter}"),
         };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
         self.save_current_snapshot(&meta, &data)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 
     /// Keeps a freshly built snapshot as the current one, unless a newer
     /// one (installed from the leader while this one was being built) is
     /// already there: the log before that one may be purged, so it must not
     /// be replaced by an older snapshot.
-    fn save_current_snapshot(&self, meta: &SnapshotMeta<NodeId, Member>, data: &[u8]) -> StoreResult<()> {
+    fn save_current_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        data: &[u8],
+    ) -> StoreResult<()> {
         let meta_bytes = serde_json::to_vec(meta).map_err(snapshot_err)?;
         let mut txn = self.db.begin_write().map_err(snapshot_err)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut table = txn.open_table(META).map_err(snapshot_err)?;
-            let stored: Option<SnapshotMeta<NodeId, Member>> = match table.get(KEY_SNAPSHOT_META).map_err(snapshot_err)? {
-                Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
-                None => None,
-            };
+            let stored: Option<SnapshotMeta<NodeId, Member>> =
+                match table.get(KEY_SNAPSHOT_META).map_err(snapshot_err)? {
+                    Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
+                    None => None,
+                };
             if stored.is_none_or(|stored| stored.last_log_id <= meta.last_log_id) {
-                table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice()).map_err(snapshot_err)?;
-                table.insert(KEY_SNAPSHOT_DATA, data).map_err(snapshot_err)?;
+                table
+                    .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
+                    .map_err(snapshot_err)?;
+                table
+                    .insert(KEY_SNAPSHOT_DATA, data)
+                    .map_err(snapshot_err)?;
             }
         }
         txn.commit().map_err(snapshot_err)
@@ -301,11 +331,17 @@ fn decode_pairs(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, CorruptSnapsh
     let take = |data: &mut &[u8]| -> Result<Vec<u8>, CorruptSnapshot> {
         let offset = total - data.len();
         if data.len() < 4 {
-            return Err(CorruptSnapshot { offset, reason: "truncated length" });
+            return Err(CorruptSnapshot {
+                offset,
+                reason: "truncated length",
+            });
         }
         let len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if data.len() < 4 + len {
-            return Err(CorruptSnapshot { offset, reason: "truncated field" });
+            return Err(CorruptSnapshot {
+                offset,
+                reason: "truncated field",
+            });
         }
         let field = data[4..4 + len].to_vec();
         *data = &data[4 + len..];
@@ -313,7 +349,10 @@ fn decode_pairs(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, CorruptSnapsh
     };
     while !data.is_empty() {
         let offset = total - data.len();
-        let key = String::from_utf8(take(&mut data)?).map_err(|_| CorruptSnapshot { offset, reason: "key is not UTF-8" })?;
+        let key = String::from_utf8(take(&mut data)?).map_err(|_| CorruptSnapshot {
+            offset,
+            reason: "key is not UTF-8",
+        })?;
         let value = take(&mut data)?;
         out.push((key, value));
     }
@@ -344,52 +383,70 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let count = entries.len();
         let started = std::time::Instant::now();
-        let applied = self.blocking(move |this| {
-            let mut txn = this.db.begin_write().map_err(sm_write_err)?;
-            // The log, not the state machine, is what makes a write durable:
-            // every applied entry is already fsynced in the log of a quorum.
-            // So applying does not wait for its own fsync: batches commit in
-            // memory, and about once a second one is committed to disk,
-            // which persists all before it. After a crash the state resumes
-            // at its last persisted batch (batch and applied id are one
-            // transaction, so they agree) and openraft re-applies the rest
-            // from the log, which is purged only up to a snapshot; snapshots
-            // are committed with `Immediate`.
-            let now_ms = this.opened.elapsed().as_millis() as u64;
-            let durable = now_ms.saturating_sub(this.last_durable_ms.load(Ordering::Relaxed)) >= DURABLE_EVERY_MS;
-            txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
-            let mut results = Vec::with_capacity(entries.len());
-            {
-                let mut meta = txn.open_table(META).map_err(sm_write_err)?;
-                let mut kv = KvWrite { table: txn.open_table(KV).map_err(sm_write_err)? };
-                let mut last = None;
-                for entry in &entries {
-                    last = Some(entry.log_id);
-                    match &entry.payload {
-                        EntryPayload::Blank => results.push(CommandResult::default()),
-                        EntryPayload::Normal(command) => {
-                            let value = this.app.apply(&mut kv, &entry.log_id, &command.0).map_err(sm_write_err)?;
-                            results.push(CommandResult(value));
-                        }
-                        EntryPayload::Membership(membership) => {
-                            let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
-                            let bytes = serde_json::to_vec(&stored).map_err(sm_write_err)?;
-                            meta.insert(KEY_MEMBERSHIP, bytes.as_slice()).map_err(sm_write_err)?;
-                            results.push(CommandResult::default());
+        let applied = self
+            .blocking(move |this| {
+                let mut txn = this.db.begin_write().map_err(sm_write_err)?;
+                // The log, not the state machine, is what makes a write durable:
+                // every applied entry is already fsynced in the log of a quorum.
+                // So applying does not wait for its own fsync: batches commit in
+                // memory, and about once a second one is committed to disk,
+                // which persists all before it. After a crash the state resumes
+                // at its last persisted batch (batch and applied id are one
+                // transaction, so they agree) and openraft re-applies the rest
+                // from the log, which is purged only up to a snapshot; snapshots
+                // are committed with `Immediate`.
+                let now_ms = this.opened.elapsed().as_millis() as u64;
+                let durable = now_ms.saturating_sub(this.last_durable_ms.load(Ordering::Relaxed))
+                    >= DURABLE_EVERY_MS;
+                txn.set_durability(if durable {
+                    Durability::Immediate
+                } else {
+                    Durability::None
+                });
+                let mut results = Vec::with_capacity(entries.len());
+                {
+                    let mut meta = txn.open_table(META).map_err(sm_write_err)?;
+                    let mut kv = KvWrite {
+                        table: txn.open_table(KV).map_err(sm_write_err)?,
+                    };
+                    let mut last = None;
+                    for entry in &entries {
+                        last = Some(entry.log_id);
+                        match &entry.payload {
+                            EntryPayload::Blank => results.push(CommandResult::default()),
+                            EntryPayload::Normal(command) => {
+                                let value = this
+                                    .app
+                                    .apply(&mut kv, &entry.log_id, &command.0)
+                                    .map_err(sm_write_err)?;
+                                results.push(CommandResult(value));
+                            }
+                            EntryPayload::Membership(membership) => {
+                                let stored =
+                                    StoredMembership::new(Some(entry.log_id), membership.clone());
+                                let bytes = serde_json::to_vec(&stored).map_err(sm_write_err)?;
+                                meta.insert(KEY_MEMBERSHIP, bytes.as_slice())
+                                    .map_err(sm_write_err)?;
+                                results.push(CommandResult::default());
+                            }
                         }
                     }
+                    let bytes = serde_json::to_vec(&last).map_err(sm_write_err)?;
+                    meta.insert(KEY_APPLIED, bytes.as_slice())
+                        .map_err(sm_write_err)?;
                 }
-                let bytes = serde_json::to_vec(&last).map_err(sm_write_err)?;
-                meta.insert(KEY_APPLIED, bytes.as_slice()).map_err(sm_write_err)?;
-            }
-            txn.commit().map_err(sm_write_err)?;
-            if durable {
-                this.last_durable_ms.store(now_ms, Ordering::Relaxed);
-            }
-            Ok(results)
-        })
-        .await;
-        tracing::trace!(entries = count, elapsed_us = started.elapsed().as_micros() as u64, "applied committed entries");
+                txn.commit().map_err(sm_write_err)?;
+                if durable {
+                    this.last_durable_ms.store(now_ms, Ordering::Relaxed);
+                }
+                Ok(results)
+            })
+            .await;
+        tracing::trace!(
+            entries = count,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "applied committed entries"
+        );
         applied
     }
 
@@ -409,7 +466,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let meta = meta.clone();
         self.blocking(move |this| {
             let data = snapshot.into_inner();
-            let pairs = decode_pairs(&data).map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
+            let pairs = decode_pairs(&data).map_err(|e| {
+                StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
+            })?;
             let mut txn = this.db.begin_write().map_err(snapshot_err)?;
             txn.set_durability(Durability::Immediate);
             {
@@ -417,16 +476,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 txn.delete_table(KV).map_err(snapshot_err)?;
                 let mut kv = txn.open_table(KV).map_err(snapshot_err)?;
                 for (key, value) in &pairs {
-                    kv.insert(key.as_str(), value.as_slice()).map_err(snapshot_err)?;
+                    kv.insert(key.as_str(), value.as_slice())
+                        .map_err(snapshot_err)?;
                 }
                 let mut table = txn.open_table(META).map_err(snapshot_err)?;
                 let applied = serde_json::to_vec(&meta.last_log_id).map_err(snapshot_err)?;
                 let membership = serde_json::to_vec(&meta.last_membership).map_err(snapshot_err)?;
                 let meta_bytes = serde_json::to_vec(&meta).map_err(snapshot_err)?;
-                table.insert(KEY_APPLIED, applied.as_slice()).map_err(snapshot_err)?;
-                table.insert(KEY_MEMBERSHIP, membership.as_slice()).map_err(snapshot_err)?;
-                table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice()).map_err(snapshot_err)?;
-                table.insert(KEY_SNAPSHOT_DATA, data.as_slice()).map_err(snapshot_err)?;
+                table
+                    .insert(KEY_APPLIED, applied.as_slice())
+                    .map_err(snapshot_err)?;
+                table
+                    .insert(KEY_MEMBERSHIP, membership.as_slice())
+                    .map_err(snapshot_err)?;
+                table
+                    .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
+                    .map_err(snapshot_err)?;
+                table
+                    .insert(KEY_SNAPSHOT_DATA, data.as_slice())
+                    .map_err(snapshot_err)?;
             }
             txn.commit().map_err(snapshot_err)
         })
@@ -439,12 +507,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // saved meanwhile cannot pair one's label with the other's data.
             let txn = this.db.begin_read().map_err(sm_read_err)?;
             let table = txn.open_table(META).map_err(sm_read_err)?;
-            let Some(meta_bytes) = table.get(KEY_SNAPSHOT_META).map_err(sm_read_err)?.map(|v| v.value().to_vec()) else {
+            let Some(meta_bytes) = table
+                .get(KEY_SNAPSHOT_META)
+                .map_err(sm_read_err)?
+                .map(|v| v.value().to_vec())
+            else {
                 return Ok(None);
             };
-            let meta: SnapshotMeta<NodeId, Member> = serde_json::from_slice(&meta_bytes).map_err(sm_read_err)?;
-            let data = table.get(KEY_SNAPSHOT_DATA).map_err(sm_read_err)?.map(|v| v.value().to_vec()).unwrap_or_default();
-            Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+            let meta: SnapshotMeta<NodeId, Member> =
+                serde_json::from_slice(&meta_bytes).map_err(sm_read_err)?;
+            let data = table
+                .get(KEY_SNAPSHOT_DATA)
+                .map_err(sm_read_err)?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default();
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
         })
         .await
     }
@@ -457,7 +537,12 @@ mod tests {
     struct Nothing;
 
     impl Apply for Nothing {
-        fn apply(&self, _: &mut KvWrite<'_>, _: &LogId<NodeId>, _: &serde_json::Value) -> Result<serde_json::Value, redb::StorageError> {
+        fn apply(
+            &self,
+            _: &mut KvWrite<'_>,
+            _: &LogId<NodeId>,
+            _: &serde_json::Value,
+        ) -> Result<serde_json::Value, redb::StorageError> {
             Ok(serde_json::Value::Null)
         }
     }
@@ -473,19 +558,25 @@ mod tests {
     #[test]
     fn an_older_build_never_replaces_a_newer_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateMachineStore::open(&dir.path().join("state.redb"), Arc::new(Nothing)).unwrap();
+        let store =
+            StateMachineStore::open(&dir.path().join("state.redb"), Arc::new(Nothing)).unwrap();
         store.save_current_snapshot(&meta_at(500), b"new").unwrap();
         store.save_current_snapshot(&meta_at(100), b"old").unwrap();
         let kept: SnapshotMeta<NodeId, Member> = store.meta(KEY_SNAPSHOT_META).unwrap().unwrap();
         assert_eq!(kept.snapshot_id, "s500");
-        store.save_current_snapshot(&meta_at(600), b"newer").unwrap();
+        store
+            .save_current_snapshot(&meta_at(600), b"newer")
+            .unwrap();
         let kept: SnapshotMeta<NodeId, Member> = store.meta(KEY_SNAPSHOT_META).unwrap().unwrap();
         assert_eq!(kept.snapshot_id, "s600");
     }
 
     #[test]
     fn snapshot_encoding_round_trips_and_rejects_truncation() {
-        let pairs = vec![("a".to_string(), b"1".to_vec()), ("projects/x".to_string(), vec![0; 300])];
+        let pairs = vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("projects/x".to_string(), vec![0; 300]),
+        ];
         let data = encode_pairs(&pairs);
         assert_eq!(decode_pairs(&data).unwrap(), pairs);
         let err = decode_pairs(&data[..data.len() - 1]).unwrap_err();

@@ -17,8 +17,10 @@ impl Apply for Journal {
         log_id: &LogId<NodeId>,
         command: &serde_json::Value,
     ) -> Result<serde_json::Value, redb::StorageError> {
-        let mut journal: Vec<serde_json::Value> =
-            kv.get("journal")?.map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or_default();
+        let mut journal: Vec<serde_json::Value> = kv
+            .get("journal")?
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or_default();
         journal.push(command.clone());
         kv.put("journal", &serde_json::to_vec(&journal).unwrap())?;
         Ok(serde_json::json!({ "index": log_id.index }))
@@ -28,10 +30,13 @@ impl Apply for Journal {
 struct RedbBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for RedbBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = LogStore::open(&dir.path().join("raft-log.redb")).expect("open log");
-        let sm = StateMachineStore::open(&dir.path().join("state.redb"), Arc::new(Journal)).expect("open state");
+        let sm = StateMachineStore::open(&dir.path().join("state.redb"), Arc::new(Journal))
+            .expect("open state");
         Ok((dir, log, sm))
     }
 }

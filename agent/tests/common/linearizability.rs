@@ -58,7 +58,9 @@ impl<'a> Checker<'a> {
         if self.steps > self.step_limit {
             return None;
         }
-        let pending: Vec<usize> = (0..self.events.len()).filter(|&i| !Self::done_mask_has(mask, i)).collect();
+        let pending: Vec<usize> = (0..self.events.len())
+            .filter(|&i| !Self::done_mask_has(mask, i))
+            .collect();
         if pending.iter().all(|&i| self.events[i].return_ns.is_none()) {
             return Some(true);
         }
@@ -67,7 +69,11 @@ impl<'a> Checker<'a> {
         }
         // An operation can take effect next only if it was called before
         // every other pending operation returned.
-        let earliest_return = pending.iter().filter_map(|&i| self.events[i].return_ns).min().unwrap_or(u128::MAX);
+        let earliest_return = pending
+            .iter()
+            .filter_map(|&i| self.events[i].return_ns)
+            .min()
+            .unwrap_or(u128::MAX);
         for &i in &pending {
             let event = &self.events[i];
             if event.call_ns > earliest_return {
@@ -91,7 +97,12 @@ impl<'a> Checker<'a> {
 }
 
 pub fn check(events: &[Event]) -> Verdict {
-    let mut checker = Checker { events, dead: HashSet::new(), steps: 0, step_limit: 5_000_000 };
+    let mut checker = Checker {
+        events,
+        dead: HashSet::new(),
+        steps: 0,
+        step_limit: 5_000_000,
+    };
     let mask = vec![0u64; events.len().div_ceil(64).max(1)];
     match checker.search(&mask, &None) {
         Some(true) => Verdict::Linearizable,
@@ -102,5 +113,10 @@ pub fn check(events: &[Event]) -> Verdict {
 
 #[cfg(test)]
 pub fn event(client: usize, op: Op, call_ns: u128, return_ns: Option<u128>) -> Event {
-    Event { client, op, call_ns, return_ns }
+    Event {
+        client,
+        op,
+        call_ns,
+        return_ns,
+    }
 }

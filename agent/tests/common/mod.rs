@@ -17,7 +17,10 @@ use agent::node::{ClusterNode, RaftOptions};
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut condition: F) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -30,7 +33,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -58,7 +64,13 @@ pub struct TestCluster {
     pub ca_pem: String,
 }
 
-pub async fn start_agent(dir: &std::path::Path, api: &str, peer: &str, name: &str, options: &RaftOptions) -> Arc<Agent> {
+pub async fn start_agent(
+    dir: &std::path::Path,
+    api: &str,
+    peer: &str,
+    name: &str,
+    options: &RaftOptions,
+) -> Arc<Agent> {
     let mut opts = AgentOptions::new(dir, api, peer);
     opts.name = Some(name.to_string());
     opts.raft = options.clone();
@@ -96,28 +108,53 @@ impl TestCluster {
         }
         let first = nodes[0].as_ref().unwrap();
         first.agent.init(Some("test".into())).await.expect("init");
-        let admin_token = std::fs::read_to_string(first.dir.join("admin.token")).unwrap().trim().to_string();
+        let admin_token = std::fs::read_to_string(first.dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
         let ca_pem = std::fs::read_to_string(first.dir.join("ca.pem")).unwrap();
-        let cluster = Self { tmp, nodes, addrs, options, admin_token, ca_pem };
+        let cluster = Self {
+            tmp,
+            nodes,
+            addrs,
+            options,
+            admin_token,
+            ca_pem,
+        };
         for i in 1..size {
-            cluster.join(i).await.unwrap_or_else(|e| panic!("node {} did not join: {e:#}", i + 1));
+            cluster
+                .join(i)
+                .await
+                .unwrap_or_else(|e| panic!("node {} did not join: {e:#}", i + 1));
         }
         cluster
     }
 
     pub async fn join_token(&self, via: usize) -> String {
         let node = self.live(via).node();
-        agent::join::create_token(&node, 3600).await.expect("join token").1
+        agent::join::create_token(&node, 3600)
+            .await
+            .expect("join token")
+            .1
     }
 
     pub async fn join(&self, index: usize) -> anyhow::Result<agent::daemon::JoinResult> {
-        let via = (0..self.nodes.len()).find(|&i| i != index && self.nodes[i].as_ref().is_some_and(|n| n.agent.node().is_some())).unwrap();
+        let via = (0..self.nodes.len())
+            .find(|&i| {
+                i != index
+                    && self.nodes[i]
+                        .as_ref()
+                        .is_some_and(|n| n.agent.node().is_some())
+            })
+            .unwrap();
         let token = self.join_token(via).await;
         self.live(index).agent.join(&token, &|_| {}).await
     }
 
     pub fn live(&self, index: usize) -> &TestNode {
-        self.nodes[index].as_ref().unwrap_or_else(|| panic!("node {} is stopped", index + 1))
+        self.nodes[index]
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {} is stopped", index + 1))
     }
 
     pub fn node(&self, index: usize) -> Arc<ClusterNode> {
@@ -125,7 +162,9 @@ impl TestCluster {
     }
 
     pub fn live_indices(&self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
     }
 
     /// Waits until every live node (or those in `among`) agrees on one
@@ -141,13 +180,17 @@ impl TestCluster {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "no agreed leader among {among:?} after {timeout:?}: {leaders:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among {among:?} after {timeout:?}: {leaders:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn leader(&self) -> usize {
-        self.leader_among(&self.live_indices(), Duration::from_secs(20)).await
+        self.leader_among(&self.live_indices(), Duration::from_secs(20))
+            .await
     }
 
     /// Stops a node as abruptly as this process allows: its servers and
@@ -202,10 +245,18 @@ impl ApiClient {
             .timeout(Duration::from_secs(15))
             .build()
             .unwrap();
-        Self { http, token: token.to_string() }
+        Self {
+            http,
+            token: token.to_string(),
+        }
     }
 
-    pub async fn send(&self, method: reqwest::Method, url: &str, body: Option<serde_json::Value>) -> Result<Reply, reqwest::Error> {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Reply, reqwest::Error> {
         let mut request = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -226,10 +277,18 @@ impl ApiClient {
     }
 
     pub async fn project_names(&self, base: &str) -> Vec<String> {
-        let reply = self.get(&format!("{base}/v1/projects")).await.expect("list projects");
+        let reply = self
+            .get(&format!("{base}/v1/projects"))
+            .await
+            .expect("list projects");
         assert_eq!(reply.status, 200, "{}", reply.body);
-        let mut names: Vec<String> =
-            reply.body.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+        let mut names: Vec<String> = reply
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect();
         names.sort();
         names
     }
