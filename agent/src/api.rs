@@ -19,10 +19,14 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditEntry;
 use crate::authz::{Principal, Role};
 use crate::join::{sha256_hex, JoinRequest, JoinResponse};
-use crate::model::{validate_name, Command, DomainError, ErrorCode, Project, TokenScope};
+use crate::model::{
+    validate_name, ApiTokenRecord, Command, DomainError, ErrorCode, NodeRecord, Project, TokenScope,
+};
 use crate::node::{ClusterError, ClusterNode, MemberView};
+use crate::zones::ZonePolicy;
 
 /// Largest request body the API accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -35,15 +39,19 @@ pub struct ApiError {
     message: String,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// Every error answer: `{"error":{"code":"...","message":"..."}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: `not_found`, `invalid_argument`,
+    /// `already_exists`, `unauthenticated`, `forbidden`, `unavailable`, ...
+    pub code: String,
+    /// What was wrong and how to fix it, in words.
+    pub message: String,
 }
 
 impl ApiError {
@@ -73,8 +81,8 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code,
-                message: &self.message,
+                code: self.code.to_string(),
+                message: self.message,
             },
         };
         (self.status, Json(body)).into_response()
@@ -142,28 +150,66 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => {
-                // A body that parses as JSON but not as the request type is
-                // as much a malformed request as one that does not parse.
-                let status = match rejection.status() {
-                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-                    other => other,
-                };
-                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "payload_too_large"
-                } else {
-                    "invalid_request"
-                };
-                let hint = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    format!("request body is larger than {MAX_BODY_BYTES} bytes")
-                } else {
-                    rejection.body_text()
-                };
-                Err(ApiError::new(status, code, hint))
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(value)) => value,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                ))
             }
+            Err(rejection) => {
+                return Err(ApiError::new(
+                    // A missing content type stays 415; everything else is 400.
+                    match rejection.status() {
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        _ => StatusCode::BAD_REQUEST,
+                    },
+                    "invalid_request",
+                    rejection.body_text(),
+                ));
+            }
+        };
+        // serde reads a struct from an array too; every request body of this
+        // API is an object, so anything else is refused.
+        if !value.is_object() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body must be a JSON object",
+            ));
         }
+        serde_json::from_value(value).map(ApiJson).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the request body does not fit this route: {e}"),
+            )
+        })
+    }
+}
+
+/// `Query` whose rejections use the API's error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| ApiQuery(value))
+            .map_err(|rejection| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    rejection.body_text(),
+                )
+            })
     }
 }
 
@@ -182,6 +228,7 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
     Routes::default()
         .add(Method::GET, "/healthz", Public, healthz)
         .add(Method::GET, "/readyz", Public, readyz)
+        .add(Method::GET, "/v1/openapi.json", Public, openapi_json)
         .add(Method::GET, "/v1/cluster/ca", Public, ca_certificate)
         .add(Method::POST, "/v1/cluster/join", Public, join)
         .add(Method::POST, "/v1/login", Public, login)
@@ -278,15 +325,35 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
 }
 
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    pub leader_id: u64,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "The node knows a leader and serves requests", body = Ready)))]
 async fn readyz(State(node): State<Arc<ClusterNode>>) -> Response {
     match node.leader() {
-        Some(leader) => {
-            Json(serde_json::json!({ "ready": true, "leader_id": leader })).into_response()
-        }
+        Some(leader) => Json(Ready {
+            ready: true,
+            leader_id: leader,
+        })
+        .into_response(),
         None => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
@@ -296,6 +363,8 @@ async fn readyz(State(node): State<Arc<ClusterNode>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/v1/cluster/ca", tag = "cluster",
+    responses((status = 200, description = "The cluster CA certificate (PEM)", body = String, content_type = "application/x-pem-file")))]
 async fn ca_certificate(State(node): State<Arc<ClusterNode>>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
@@ -304,7 +373,7 @@ async fn ca_certificate(State(node): State<Arc<ClusterNode>>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ClusterView {
     pub cluster_id: String,
     pub name: String,
@@ -314,6 +383,8 @@ pub struct ClusterView {
     pub members: Vec<MemberView>,
 }
 
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "The cluster, its leader and members", body = ClusterView)))]
 async fn cluster(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<ClusterView>> {
     let info = node.state.cluster()?;
     let metrics = node.raft.metrics().borrow().clone();
@@ -327,7 +398,7 @@ async fn cluster(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Cluster
     }))
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: u64,
     pub name: String,
@@ -339,6 +410,8 @@ pub struct NodeView {
     pub zone: crate::zones::Zone,
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
+    responses((status = 200, description = "Every member node", body = Vec<NodeView>)))]
 async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeView>>> {
     let records = node.state.nodes()?;
     let leader = node.leader();
@@ -366,14 +439,19 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateProject {
+pub struct CreateProject {
+    /// A DNS label: 1-63 lowercase letters, digits or '-', starting with a letter.
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
     name: String,
+    /// At most 1024 bytes.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     description: String,
     /// OFFICIAL (default), OFFICIAL-SENSITIVE or SECRET; fixed for the project's life.
     #[serde(default)]
+    #[schema(value_type = Option<crate::zones::Zone>)]
     zone: Option<String>,
 }
 
@@ -387,17 +465,16 @@ fn parse_zone(text: &str) -> ApiResult<crate::zones::Zone> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateProject {
+pub struct UpdateProject {
+    #[schema(max_length = 1024)]
     description: String,
 }
 
-fn project_from(value: serde_json::Value) -> ApiResult<Project> {
-    serde_json::from_value(value).map_err(|e| ApiError::internal(&e))
-}
-
 /// Lists the projects the caller has a role in (all, for cluster admins).
+#[utoipa::path(get, path = "/v1/projects", tag = "projects",
+    responses((status = 200, description = "The projects the caller has a role in", body = Vec<Project>)))]
 async fn list_projects(
     State(node): State<Arc<ClusterNode>>,
     Extension(caller): Extension<Principal>,
@@ -412,6 +489,8 @@ async fn list_projects(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProject,
+    responses((status = 201, description = "The new project", body = Project)))]
 async fn create_project(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<CreateProject>,
@@ -430,7 +509,7 @@ async fn create_project(
             zone,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(project_from(outcome?)?)))
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
 fn project_not_found(name: &str) -> ApiError {
@@ -441,6 +520,8 @@ fn project_not_found(name: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/v1/projects/{name}", tag = "projects", params(("name" = String, Path, description = "Project name")),
+    responses((status = 200, description = "The project", body = Project)))]
 async fn show_project(
     State(node): State<Arc<ClusterNode>>,
     Path(name): Path<String>,
@@ -452,6 +533,8 @@ async fn show_project(
         .ok_or_else(|| project_not_found(&name))
 }
 
+#[utoipa::path(patch, path = "/v1/projects/{name}", tag = "projects", params(("name" = String, Path, description = "Project name")), request_body = UpdateProject,
+    responses((status = 200, description = "The updated project", body = Project)))]
 async fn update_project(
     State(node): State<Arc<ClusterNode>>,
     Path(name): Path<String>,
@@ -464,9 +547,11 @@ async fn update_project(
             description: body.description,
         })
         .await?;
-    Ok(Json(project_from(outcome?)?))
+    Ok(Json(outcome_as(outcome?)?))
 }
 
+#[utoipa::path(delete, path = "/v1/projects/{name}", tag = "projects", params(("name" = String, Path, description = "Project name")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_project(
     State(node): State<Arc<ClusterNode>>,
     Path(name): Path<String>,
@@ -476,6 +561,8 @@ async fn delete_project(
 }
 
 /// A joining node spends its token here and receives its certificate.
+#[utoipa::path(post, path = "/v1/cluster/join", tag = "cluster", request_body = JoinRequest,
+    responses((status = 200, description = "The joining node's identity and certificate", body = JoinResponse)))]
 async fn join(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<JoinRequest>,
@@ -542,11 +629,14 @@ async fn join(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateUser {
+pub struct CreateUser {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
     name: String,
+    /// At least 8 characters; users without one log in only with tokens.
     #[serde(default)]
+    #[schema(min_length = 8)]
     password: Option<String>,
 }
 
@@ -579,29 +669,52 @@ async fn verify_password(password: String, phc: String) -> bool {
     .unwrap_or(false)
 }
 
-async fn list_users(
-    State(node): State<Arc<ClusterNode>>,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
+/// A user as the API shows it: never the password hash.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserView {
+    pub name: String,
+    pub cluster_admin: bool,
+    pub has_password: bool,
+    pub created_at_ms: u64,
+    /// The user's role in each project (only in listings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<std::collections::BTreeMap<String, Role>>,
+}
+
+/// What a role grant changed.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RoleGrant {
+    pub user: String,
+    /// Absent for `cluster-admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    pub role: Role,
+}
+
+/// Reads a command's outcome as the type the API answers with.
+fn outcome_as<T: DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    serde_json::from_value(value).map_err(|e| ApiError::internal(&e))
+}
+
+#[utoipa::path(get, path = "/v1/users", tag = "users",
+    responses((status = 200, description = "Every user with their project roles", body = Vec<UserView>)))]
+async fn list_users(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<UserView>>> {
     node.linearizable_read().await?;
     let mut users = Vec::new();
     for user in node.state.users()? {
-        let mut view = crate::model::user_view(&user);
-        let grants: serde_json::Map<String, serde_json::Value> = node
-            .state
-            .grants_of(&user.name)?
-            .into_iter()
-            .map(|(p, r)| (p, r.as_str().into()))
-            .collect();
-        view["projects"] = grants.into();
+        let mut view: UserView = outcome_as(crate::model::user_view(&user))?;
+        view.projects = Some(node.state.grants_of(&user.name)?.into_iter().collect());
         users.push(view);
     }
     Ok(Json(users))
 }
 
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUser,
+    responses((status = 201, description = "The new user", body = UserView)))]
 async fn create_user(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<CreateUser>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<UserView>)> {
     validate_name("user", &body.name)?;
     let password_phc = match body.password {
         Some(p) if p.chars().count() < MIN_PASSWORD_CHARS => {
@@ -621,12 +734,13 @@ async fn create_user(
             now_ms: crate::join::now_ms(),
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(outcome?)))
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct GrantRole {
+pub struct GrantRole {
+    #[schema(value_type = Role)]
     role: String,
     #[serde(default)]
     project: Option<String>,
@@ -642,11 +756,13 @@ fn parse_role(text: &str) -> ApiResult<Role> {
     })
 }
 
+#[utoipa::path(post, path = "/v1/users/{user}/roles", tag = "users", params(("user" = String, Path, description = "User name")), request_body = GrantRole,
+    responses((status = 200, description = "The role granted", body = RoleGrant)))]
 async fn grant_role(
     State(node): State<Arc<ClusterNode>>,
     Path(user): Path<String>,
     ApiJson(body): ApiJson<GrantRole>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<RoleGrant>> {
     let role = parse_role(&body.role)?;
     let outcome = node
         .write(&Command::GrantRole {
@@ -655,22 +771,27 @@ async fn grant_role(
             role,
         })
         .await?;
-    Ok(Json(outcome?))
+    Ok(Json(outcome_as(outcome?)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateToken {
+pub struct CreateToken {
+    /// Scope the token to this project (at most `role` there).
     #[serde(default)]
     project: Option<String>,
+    /// The role of a project token; `project-viewer` when absent.
     #[serde(default)]
+    #[schema(value_type = Option<Role>)]
     role: Option<String>,
+    /// Lifetime in seconds (1 to 10 years' worth); no expiry when absent.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
     expires_in_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct NewToken {
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewToken {
     id: String,
     /// The secret, shown only in this answer.
     token: String,
@@ -688,7 +809,7 @@ async fn issue_token(
     let id = crate::join::random_hex(8);
     let token = format!("allod_{}", crate::join::random_hex(32));
     let now_ms = crate::join::now_ms();
-    let expires_at_ms = expires_in_secs.map(|s| now_ms + s.saturating_mul(1000));
+    let expires_at_ms = expires_in_secs.map(|s| now_ms.saturating_add(s.saturating_mul(1000)));
     node.write(&Command::CreateToken {
         id: id.clone(),
         secret_sha256: crate::join::sha256_hex(&token),
@@ -707,6 +828,8 @@ async fn issue_token(
     })
 }
 
+#[utoipa::path(post, path = "/v1/users/{user}/tokens", tag = "tokens", params(("user" = String, Path, description = "User name")), request_body = CreateToken,
+    responses((status = 201, description = "The new token; its secret is shown only here", body = NewToken)))]
 async fn create_token(
     State(node): State<Arc<ClusterNode>>,
     Extension(caller): Extension<Principal>,
@@ -742,12 +865,17 @@ async fn create_token(
             ))
         }
     };
-    if body.expires_in_secs == Some(0) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "expires_in_secs must be more than zero",
-        ));
+    if let Some(secs) = body.expires_in_secs {
+        if secs == 0 || secs > MAX_TOKEN_SECS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!(
+                    "expires_in_secs must be between 1 and {MAX_TOKEN_SECS} (ten years); \
+                     leave it out for a token that does not expire"
+                ),
+            ));
+        }
     }
     Ok((
         StatusCode::CREATED,
@@ -755,14 +883,18 @@ async fn create_token(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/users/{user}/tokens", tag = "tokens", params(("user" = String, Path, description = "User name")),
+    responses((status = 200, description = "The user's tokens (never their secrets)", body = Vec<ApiTokenRecord>)))]
 async fn list_tokens(
     State(node): State<Arc<ClusterNode>>,
     Path(user): Path<String>,
-) -> ApiResult<Json<Vec<crate::model::ApiTokenRecord>>> {
+) -> ApiResult<Json<Vec<ApiTokenRecord>>> {
     node.linearizable_read().await?;
     Ok(Json(node.state.tokens_of(&user)?))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked")))]
 async fn revoke_token(
     State(node): State<Arc<ClusterNode>>,
     Path(id): Path<String>,
@@ -771,16 +903,21 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Login {
+pub struct Login {
     user: String,
     password: String,
 }
 
+/// The longest lifetime a token can be given.
+const MAX_TOKEN_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Sessions from `allod login` last a day.
 const LOGIN_TOKEN_SECS: u64 = 24 * 3600;
 
+#[utoipa::path(post, path = "/v1/login", tag = "tokens", request_body = Login,
+    responses((status = 200, description = "A cluster-scoped token valid for a day", body = NewToken)))]
 async fn login(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<Login>,
@@ -811,28 +948,53 @@ async fn login(
     ))
 }
 
-#[derive(Deserialize)]
+const MAX_AUDIT_LIMIT: usize = 1_000_000;
+
+#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    Json,
+    Jsonl,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
+pub struct AuditQuery {
     /// Only entries of this user.
     user: Option<String>,
     /// Only entries whose action contains this text (e.g. `DELETE`).
     action: Option<String>,
     /// Only entries after this sequence number.
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     after: Option<u64>,
+    /// At most this many entries (all when absent).
+    #[param(minimum = 0, maximum = 1_000_000)]
     limit: Option<usize>,
     /// `json` (default) or `jsonl` for an export, one entry per line.
-    format: Option<String>,
+    format: Option<AuditFormat>,
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, description = "Audit entries, oldest first (JSON array, or JSON lines with format=jsonl)", content(
+        (Vec<AuditEntry> = "application/json"),
+        (String = "application/x-ndjson")))))]
 async fn audit_log(
     State(node): State<Arc<ClusterNode>>,
-    axum::extract::Query(query): axum::extract::Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> ApiResult<Response> {
+    let after = query.after.unwrap_or(0);
+    if after > i64::MAX as u64 || query.limit.is_some_and(|l| l > MAX_AUDIT_LIMIT) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("`after` must be at most {} and `limit` at most {MAX_AUDIT_LIMIT}; page with `after` for more", i64::MAX),
+        ));
+    }
     node.linearizable_read().await?;
-    let entries: Vec<crate::audit::AuditEntry> = node
+    let entries: Vec<AuditEntry> = node
         .state
-        .audit_entries(query.after.unwrap_or(0))?
+        .audit_entries(after)?
         .into_iter()
         .filter(|e| {
             query
@@ -848,9 +1010,9 @@ async fn audit_log(
         })
         .take(query.limit.unwrap_or(usize::MAX))
         .collect();
-    match query.format.as_deref() {
-        None | Some("json") => Ok(Json(entries).into_response()),
-        Some("jsonl") => {
+    match query.format.unwrap_or(AuditFormat::Json) {
+        AuditFormat::Json => Ok(Json(entries).into_response()),
+        AuditFormat::Jsonl => {
             let mut body = String::new();
             for entry in &entries {
                 body.push_str(&serde_json::to_string(entry).expect("entries serialise"));
@@ -862,29 +1024,29 @@ async fn audit_log(
             )
                 .into_response())
         }
-        Some(other) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("unknown format {other:?}; use json or jsonl"),
-        )),
     }
 }
 
-async fn zones() -> Json<Vec<crate::zones::ZonePolicy>> {
+#[utoipa::path(get, path = "/v1/zones", tag = "zones",
+    responses((status = 200, description = "What each classification zone demands", body = Vec<ZonePolicy>)))]
+async fn zones() -> Json<Vec<ZonePolicy>> {
     Json(crate::zones::policies())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SetZone {
+pub struct SetZone {
+    #[schema(value_type = crate::zones::Zone)]
     zone: String,
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{node}/zone", tag = "cluster", params(("node" = u64, Path, description = "Node id")), request_body = SetZone,
+    responses((status = 200, description = "The node's record", body = NodeRecord)))]
 async fn set_node_zone(
     State(node): State<Arc<ClusterNode>>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<SetZone>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<NodeRecord>> {
     let zone = parse_zone(&body.zone)?;
     let id: u64 = id.parse().map_err(|_| {
         ApiError::new(
@@ -894,5 +1056,185 @@ async fn set_node_zone(
         )
     })?;
     let outcome = node.write(&Command::SetNodeZone { id, zone }).await?;
-    Ok(Json(outcome?))
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "health",
+    responses((status = 200, description = "This document", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let body = DOCUMENT.get_or_init(openapi_pretty);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.as_str(),
+    )
+        .into_response()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Allod API",
+        description = "The tenant and operator API of an Allod cluster. Every route but the \
+            public ones takes `Authorization: Bearer <token>`: an API token (`allod token \
+            create`, `allod login`) or an OIDC access token of a configured issuer. Errors are \
+            `{\"error\":{\"code\",\"message\"}}`."
+    ),
+    paths(
+        healthz,
+        readyz,
+        openapi_json,
+        ca_certificate,
+        join,
+        login,
+        cluster,
+        nodes,
+        set_node_zone,
+        zones,
+        list_projects,
+        create_project,
+        show_project,
+        update_project,
+        delete_project,
+        list_users,
+        create_user,
+        grant_role,
+        list_tokens,
+        create_token,
+        revoke_token,
+        audit_log
+    ),
+    components(schemas(ErrorBody, ErrorDetail, AuditFormat))
+)]
+struct ApiDoc;
+
+/// The API's OpenAPI 3 document. Which routes need a token comes from the
+/// same permission table the middleware enforces, and every operation
+/// documents the error body as its `default` answer.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    use utoipa::OpenApi as _;
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.info.license = Some(utoipa::openapi::License::new("Apache-2.0"));
+    let (_, table) = routes().finish();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        utoipa::openapi::security::SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some("An Allod API token or an OIDC access token"))
+                .build(),
+        ),
+    );
+    let error = ResponseBuilder::new()
+        .description("The request was refused or failed; the body says why")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            (axum::http::Method::GET, &mut item.get),
+            (axum::http::Method::POST, &mut item.post),
+            (axum::http::Method::PUT, &mut item.put),
+            (axum::http::Method::PATCH, &mut item.patch),
+            (axum::http::Method::DELETE, &mut item.delete),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let public = matches!(
+                table.get(&method, path),
+                Some(crate::authz::Permission::Public) | None
+            );
+            if !public {
+                operation.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+            }
+            operation
+                .responses
+                .responses
+                .insert("default".into(), RefOr::T(error.clone()));
+        }
+    }
+    doc
+}
+
+/// [`openapi`] as the pretty JSON that is served and committed.
+pub fn openapi_pretty() -> String {
+    let mut text = openapi().to_pretty_json().expect("the document serialises");
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route of the router is documented and nothing else is.
+    #[test]
+    fn openapi_documents_exactly_the_routes() {
+        let (_, table) = routes().finish();
+        let mut routed: Vec<String> = table
+            .routes()
+            .into_iter()
+            .map(|(method, path, _)| format!("{method} {path}"))
+            .collect();
+        routed.sort();
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        documented.sort();
+        assert_eq!(routed, documented);
+    }
+
+    /// The committed document is the one the code generates.
+    #[test]
+    fn committed_openapi_is_current() {
+        let committed = include_str!("../../docs/openapi.json");
+        assert!(
+            committed == openapi_pretty(),
+            "docs/openapi.json is out of date; regenerate it with \
+             `cargo run --bin allod -- openapi > docs/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn only_public_routes_go_without_a_token() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let public: Vec<String> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, op)| op.get("security").is_none())
+                    .map(move |(m, _)| format!("{} {path}", m.to_uppercase()))
+            })
+            .collect();
+        assert_eq!(
+            public,
+            [
+                "GET /healthz",
+                "GET /readyz",
+                "GET /v1/cluster/ca",
+                "POST /v1/cluster/join",
+                "POST /v1/login",
+                "GET /v1/openapi.json"
+            ]
+        );
+    }
 }

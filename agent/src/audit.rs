@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Who is acting and on what, known before the outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditContext {
     pub time_ms: u64,
     /// The authenticated user, or "-" when authentication failed.
@@ -26,7 +26,7 @@ pub struct AuditContext {
 
 /// What happened, as the API edge saw it: the context and its outcome.
 /// Serialised flat, fields in declaration order (the hash covers that JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     #[serde(flatten)]
     pub context: AuditContext,
@@ -86,7 +86,7 @@ pub fn result_for_status(status: u16) -> &'static str {
 }
 
 /// One link of the chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub seq: u64,
     pub prev_hash: String,

@@ -25,7 +25,19 @@ use crate::model::StateView;
 use crate::node::ClusterNode;
 
 /// Roles, from most to least powerful within a project.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     ProjectViewer,
@@ -207,6 +219,18 @@ impl PermissionTable {
             .map(|(_, perm)| *perm)
     }
 
+    /// The methods registered for a route pattern, sorted.
+    pub fn methods_of(&self, path: &str) -> Vec<&str> {
+        let mut methods: Vec<&str> = self
+            .table
+            .keys()
+            .filter(|(_, p)| *p == path)
+            .map(|(m, _)| m.as_str())
+            .collect();
+        methods.sort_unstable();
+        methods
+    }
+
     /// Every registered route, for the authorisation matrix test.
     pub fn routes(&self) -> Vec<(Method, &'static str, Permission)> {
         let mut all: Vec<_> = self
@@ -372,6 +396,23 @@ async fn authorize_inner(
         return (next.run(request).await, None);
     };
     let Some(permission) = table.get(request.method(), &pattern) else {
+        let allowed = table.methods_of(&pattern);
+        if !allowed.is_empty() {
+            let allow = allowed.join(", ");
+            let message = format!("{} is not supported here; use {allow}", request.method());
+            let mut response = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                message,
+            )
+            .into_response();
+            if let Ok(value) = axum::http::HeaderValue::from_str(&allow) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::ALLOW, value);
+            }
+            return (response, None);
+        }
         // Unreachable while every route goes through `Routes::add`.
         tracing::error!(method = %request.method(), pattern, "route has no declared permission; refusing");
         return (

@@ -48,6 +48,8 @@ pub enum TopCommand {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print the API's OpenAPI 3 document (also served at /v1/openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand, Debug)]
@@ -481,6 +483,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Role(command) => run_role(command).await,
         TopCommand::Token(command) => run_token(command).await,
         TopCommand::Login(args) => run_login(args).await,
+        TopCommand::Openapi => {
+            print!("{}", crate::api::openapi_pretty());
+            Ok(())
+        }
         TopCommand::Audit(command) => run_audit(command).await,
     }
 }

@@ -139,11 +139,13 @@ pub async fn create_token(
 }
 
 /// The request a joining node sends to a member's API.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     pub token_id: String,
     pub secret: String,
+    /// The joining node's name, a DNS label.
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     pub api_addr: String,
     pub peer_addr: String,
@@ -151,7 +153,7 @@ pub struct JoinRequest {
 }
 
 /// What the member answers: the new node's identity and credentials.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinResponse {
     pub node_id: u64,
     pub cluster_id: String,

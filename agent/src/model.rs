@@ -36,7 +36,7 @@ pub struct ClusterInfo {
     pub ca_fingerprint: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Project {
     pub name: String,
     pub description: String,
@@ -59,7 +59,7 @@ pub struct JoinTokenRecord {
 }
 
 /// An API token, stored under the SHA-256 of its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiTokenRecord {
     pub id: String,
     pub user: String,
@@ -68,7 +68,7 @@ pub struct ApiTokenRecord {
     pub expires_at_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TokenScope {
     /// Everything its user may do.
@@ -87,7 +87,7 @@ pub struct User {
 }
 
 /// What the cluster remembers of a node beyond its Raft membership.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRecord {
     pub id: NodeId,
     pub name: String,

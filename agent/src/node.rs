@@ -66,7 +66,7 @@ pub enum StartError {
     Raft(#[from] openraft::error::Fatal<NodeId>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberRole {
     Voter,
@@ -99,7 +99,7 @@ impl Default for RaftOptions {
 }
 
 /// One member of the cluster as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemberView {
     pub id: NodeId,
     pub name: String,
