@@ -282,6 +282,19 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
         )
         .add(Method::GET, "/v1/audit", ClusterAdmin, audit_log)
         .add(Method::GET, "/v1/zones", Authenticated, zones)
+        .add(Method::GET, "/v1/oidc/issuers", ClusterAdmin, list_issuers)
+        .add(
+            Method::PUT,
+            "/v1/oidc/issuers/{issuer}",
+            ClusterAdmin,
+            put_issuer,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/oidc/issuers/{issuer}",
+            ClusterAdmin,
+            delete_issuer,
+        )
         .add(
             Method::PUT,
             "/v1/nodes/{node}/zone",
@@ -847,12 +860,13 @@ async fn create_token(
                     "a project token cannot carry the cluster-admin role",
                 ));
             }
-            // Nobody learns of a project through a token request.
+            // Nobody learns of a project through a token request: a project
+            // that does not exist and one without a role look the same.
             if caller.role_in(&project).is_none() {
                 return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("project {project:?} does not exist"),
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    format!("project {project:?} does not exist or you have no role in it"),
                 ));
             }
             TokenScope::Project { project, role }
@@ -1059,6 +1073,65 @@ async fn set_node_zone(
     Ok(Json(outcome_as(outcome?)?))
 }
 
+/// An OIDC issuer as configured with `PUT /v1/oidc/issuers/{issuer}`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSpec {
+    /// The exact `iss` of its tokens (an https:// URL).
+    issuer: String,
+    /// The `aud` its tokens must carry.
+    audience: String,
+    /// The claim mapped to roles (default `groups`; dotted paths allowed).
+    #[serde(default)]
+    claim: Option<String>,
+    #[serde(default)]
+    mappings: Vec<crate::oidc::ClaimMapping>,
+    /// A CA certificate (PEM) to trust for the issuer's HTTPS.
+    #[serde(default)]
+    ca_pem: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/oidc/issuers", tag = "oidc",
+    responses((status = 200, description = "The OIDC issuers this cluster trusts", body = Vec<crate::oidc::OidcIssuer>)))]
+async fn list_issuers(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<Vec<crate::oidc::OidcIssuer>>> {
+    node.linearizable_read().await?;
+    Ok(Json(node.state.oidc_issuers()?))
+}
+
+#[utoipa::path(put, path = "/v1/oidc/issuers/{issuer}", tag = "oidc",
+    params(("issuer" = String, Path, description = "The issuer's name in Allod")), request_body = IssuerSpec,
+    responses((status = 200, description = "The issuer as stored", body = crate::oidc::OidcIssuer)))]
+async fn put_issuer(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<IssuerSpec>,
+) -> ApiResult<Json<crate::oidc::OidcIssuer>> {
+    let issuer = crate::oidc::OidcIssuer {
+        name,
+        issuer: body.issuer,
+        audience: body.audience,
+        claim: body.claim.unwrap_or_else(|| "groups".into()),
+        mappings: body.mappings,
+        ca_pem: body.ca_pem,
+    };
+    issuer.validate()?;
+    let outcome = node.write(&Command::PutOidcIssuer { issuer }).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/oidc/issuers/{issuer}", tag = "oidc",
+    params(("issuer" = String, Path, description = "The issuer's name in Allod")),
+    responses((status = 204, description = "Removed; its tokens are refused from now on")))]
+async fn delete_issuer(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteOidcIssuer { name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "health",
     responses((status = 200, description = "This document", body = Object)))]
 async fn openapi_json() -> Response {
@@ -1102,7 +1175,10 @@ async fn openapi_json() -> Response {
         list_tokens,
         create_token,
         revoke_token,
-        audit_log
+        audit_log,
+        list_issuers,
+        put_issuer,
+        delete_issuer
     ),
     components(schemas(ErrorBody, ErrorDetail, AuditFormat))
 )]

@@ -263,7 +263,19 @@ pub enum AuthError {
     #[error("the token is not valid for this cluster (unknown, revoked or expired); create a new one with `allod token create` or log in again")]
     Invalid,
     #[error(transparent)]
+    Oidc(#[from] crate::oidc::OidcError),
+    #[error(transparent)]
     Read(#[from] crate::model::ReadError),
+}
+
+/// Resolves an API token or an OIDC JWT to who is calling.
+pub async fn authenticate(node: &ClusterNode, token: &str) -> Result<Principal, AuthError> {
+    if crate::oidc::looks_like_jwt(token) {
+        let issuers = node.state.oidc_issuers()?;
+        Ok(node.oidc.verify(&issuers, token).await?)
+    } else {
+        resolve(&node.state, token, now_ms())
+    }
 }
 
 /// Resolves a bearer token to who is calling and what they may do.
@@ -442,12 +454,8 @@ async fn authorize_inner(
             .ok_or(AuthError::Malformed),
     };
     let params = path_params(&pattern, request.uri().path());
-    let evaluate = || -> Result<(Principal, Decision), AuthError> {
-        let principal = resolve(
-            &node.state,
-            token.as_ref().map_err(clone_auth_error)?,
-            now_ms(),
-        )?;
+    let evaluate = || async {
+        let principal = authenticate(node, token.as_ref().map_err(clone_auth_error)?).await?;
         let mut params = params.clone();
         if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
             let id = params.get(param).cloned().unwrap_or_default();
@@ -456,18 +464,19 @@ async fn authorize_inner(
             }
         }
         let decision = decide(permission, &principal, &params);
-        Ok((principal, decision))
+        Ok::<_, AuthError>((principal, decision))
     };
-    let mut outcome = evaluate();
+    let mut outcome = evaluate().await;
     // A token, role or object created moments ago through another node may
     // not be applied here yet: catch up with the leader once before refusing.
     let refused = match &outcome {
         Ok((_, decision)) => *decision != Decision::Allow,
-        Err(AuthError::Invalid) => true,
+        Err(AuthError::Invalid)
+        | Err(AuthError::Oidc(crate::oidc::OidcError::UnknownIssuer(_))) => true,
         Err(_) => false,
     };
     if refused && node.linearizable_read().await.is_ok() {
-        outcome = evaluate();
+        outcome = evaluate().await;
     }
     let (principal, decision) = match outcome {
         Ok(pair) => pair,

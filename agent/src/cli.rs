@@ -48,8 +48,49 @@ pub enum TopCommand {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Trust users of an OpenID Connect issuer (Keycloak, ...).
+    #[command(subcommand)]
+    Oidc(OidcCommand),
     /// Print the API's OpenAPI 3 document (also served at /v1/openapi.json).
     Openapi,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OidcCommand {
+    /// Add or replace an issuer whose bearer JWTs the API accepts.
+    Add {
+        /// The issuer's name in Allod.
+        name: String,
+        /// The exact `iss` of its tokens (https://...).
+        #[arg(long)]
+        issuer: String,
+        /// The `aud` its tokens must carry (usually the client id).
+        #[arg(long)]
+        audience: String,
+        /// The claim whose values map to roles; dotted paths reach into objects.
+        #[arg(long, default_value = "groups")]
+        claim: String,
+        /// VALUE=ROLE or VALUE=ROLE@PROJECT, e.g. `ops=cluster-admin`,
+        /// `web-devs=project-member@web`; repeat for more.
+        #[arg(long = "map", value_parser = crate::oidc::ClaimMapping::parse)]
+        mappings: Vec<crate::oidc::ClaimMapping>,
+        /// A CA certificate (PEM file) to trust for the issuer's HTTPS.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the issuers this cluster trusts.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop trusting an issuer; its tokens are refused at once.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -488,6 +529,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         TopCommand::Audit(command) => run_audit(command).await,
+        TopCommand::Oidc(command) => run_oidc(command).await,
     }
 }
 
@@ -817,6 +859,88 @@ async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 .await?;
             if api.output == Output::Table {
                 println!("Revoked token {id}.");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_oidc(command: OidcCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        OidcCommand::Add {
+            name,
+            issuer,
+            audience,
+            claim,
+            mappings,
+            ca,
+            api,
+        } => {
+            let ca_pem = match ca {
+                Some(path) => Some(std::fs::read_to_string(&path).with_context(|| {
+                    format!("cannot read the CA certificate {}", path.display())
+                })?),
+                None => None,
+            };
+            let client = api.resolve()?;
+            let body = serde_json::json!({
+                "issuer": issuer, "audience": audience, "claim": claim,
+                "mappings": mappings, "ca_pem": ca_pem,
+            });
+            let stored = client
+                .call(Method::PUT, &format!("/v1/oidc/issuers/{name}"), Some(body))
+                .await?;
+            emit(api.output, &stored, |i| {
+                println!(
+                    "Trusting {} as {} (audience {}, {} mapping(s) of claim {}).",
+                    text(&i["issuer"]),
+                    text(&i["name"]),
+                    text(&i["audience"]),
+                    i["mappings"].as_array().map_or(0, |m| m.len()),
+                    text(&i["claim"])
+                )
+            });
+        }
+        OidcCommand::List { api } => {
+            let client = api.resolve()?;
+            let issuers = client.call(Method::GET, "/v1/oidc/issuers", None).await?;
+            emit(api.output, &issuers, |list| {
+                let rows: Vec<Vec<String>> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        let mappings: Vec<String> = i["mappings"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|m| match m["project"].as_str() {
+                                Some(p) => {
+                                    format!("{}={}@{p}", text(&m["value"]), text(&m["role"]))
+                                }
+                                None => format!("{}={}", text(&m["value"]), text(&m["role"])),
+                            })
+                            .collect();
+                        vec![
+                            text(&i["name"]),
+                            text(&i["issuer"]),
+                            text(&i["audience"]),
+                            text(&i["claim"]),
+                            mappings.join(" "),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "ISSUER", "AUDIENCE", "CLAIM", "MAPPINGS"], &rows);
+            });
+        }
+        OidcCommand::Remove { name, api } => {
+            let client = api.resolve()?;
+            client
+                .call(Method::DELETE, &format!("/v1/oidc/issuers/{name}"), None)
+                .await?;
+            if api.output == Output::Table {
+                println!("No longer trusting issuer {name}.");
             }
         }
     }

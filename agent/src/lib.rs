@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod join;
 pub mod model;
 pub mod node;
+pub mod oidc;
 pub mod paths;
 pub mod peer;
 pub mod pki;

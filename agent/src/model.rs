@@ -22,6 +22,7 @@ pub const PREFIX_USERS: &str = "users/";
 pub const PREFIX_USER_GRANTS: &str = "user_grants/";
 pub const PREFIX_TOKEN_IDS: &str = "token_ids/";
 pub const PREFIX_AUDIT: &str = "audit/entries/";
+pub const PREFIX_OIDC_ISSUERS: &str = "oidc_issuers/";
 pub const KEY_AUDIT_HEAD: &str = "audit/head";
 
 /// The user `init` creates, holder of the first admin token.
@@ -139,6 +140,13 @@ pub enum Command {
     SetNodeZone {
         id: NodeId,
         zone: crate::zones::Zone,
+    },
+    /// Adds or replaces a trusted OIDC issuer (validated before proposing).
+    PutOidcIssuer {
+        issuer: crate::oidc::OidcIssuer,
+    },
+    DeleteOidcIssuer {
+        name: String,
     },
     CreateUser {
         name: String,
@@ -273,6 +281,16 @@ fn token_still_valid(
 ) -> Result<Result<(), DomainError>, allod_raft::KvError> {
     if audit.token_id == "-" {
         return Ok(Ok(()));
+    }
+    // An OIDC caller's trust ends when its issuer is removed.
+    if let Some(issuer) = audit.token_id.strip_prefix(crate::oidc::OIDC_TOKEN_PREFIX) {
+        return Ok(match kv.get(&format!("{PREFIX_OIDC_ISSUERS}{issuer}"))? {
+            Some(_) => Ok(()),
+            None => Err(domain(
+                ErrorCode::Unauthenticated,
+                "the token's OIDC issuer was removed; nothing was changed",
+            )),
+        });
     }
     let revoked = || {
         domain(
@@ -523,6 +541,40 @@ impl ClusterApply {
                 kv.delete(&format!("{PREFIX_NODES}{id:020}"))?;
                 Ok(serde_json::Value::Null)
             }
+            Command::PutOidcIssuer { issuer } => {
+                let key = format!("{PREFIX_OIDC_ISSUERS}{}", issuer.name);
+                let clash = kv
+                    .scan(PREFIX_OIDC_ISSUERS)?
+                    .into_iter()
+                    .filter(|(k, _)| *k != key)
+                    .filter_map(|(_, v)| serde_json::from_slice::<crate::oidc::OidcIssuer>(&v).ok())
+                    .find(|other| other.issuer == issuer.issuer);
+                match clash {
+                    Some(other) => Err(domain(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "issuer {:?} is already configured as {:?}; change that one instead",
+                            issuer.issuer, other.name
+                        ),
+                    )),
+                    None => {
+                        put_json(kv, &key, &issuer)?;
+                        Ok(serde_json::to_value(&issuer).expect("serialisable"))
+                    }
+                }
+            }
+            Command::DeleteOidcIssuer { name } => {
+                let key = format!("{PREFIX_OIDC_ISSUERS}{name}");
+                if kv.get(&key)?.is_none() {
+                    Err(domain(
+                        ErrorCode::NotFound,
+                        format!("OIDC issuer {name:?} does not exist"),
+                    ))
+                } else {
+                    kv.delete(&key)?;
+                    Ok(serde_json::Value::Null)
+                }
+            }
             Command::SetNodeZone { id, zone } => {
                 let key = format!("{PREFIX_NODES}{id:020}");
                 match get_json::<NodeRecord>(kv, &key)? {
@@ -585,8 +637,8 @@ impl ClusterApply {
                         if kv.get(&format!("{PREFIX_PROJECTS}{project}"))?.is_none() =>
                     {
                         Err(domain(
-                            ErrorCode::NotFound,
-                            format!("project {project:?} does not exist"),
+                            ErrorCode::InvalidArgument,
+                            format!("project {project:?} does not exist; create it first"),
                         ))
                     }
                     (Some(_), _, Some(project)) => {
@@ -616,7 +668,7 @@ impl ClusterApply {
                     ))
                 } else if project_missing {
                     Err(domain(
-                        ErrorCode::NotFound,
+                        ErrorCode::InvalidArgument,
                         "the token's project does not exist",
                     ))
                 } else {
@@ -751,6 +803,10 @@ impl StateView {
 
     pub fn api_token(&self, sha256_hex: &str) -> Result<Option<ApiTokenRecord>, ReadError> {
         self.get(&format!("{PREFIX_API_TOKENS}{sha256_hex}"))
+    }
+
+    pub fn oidc_issuers(&self) -> Result<Vec<crate::oidc::OidcIssuer>, ReadError> {
+        self.list(PREFIX_OIDC_ISSUERS)
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, ReadError> {

@@ -113,6 +113,8 @@ pub struct ClusterNode {
     proposer: Proposer,
     /// Authentication failures this node may record per second.
     pub audit_failures: crate::audit::FailureBudget,
+    /// Verifies bearer JWTs of the configured OIDC issuers.
+    pub oidc: crate::oidc::Verifier,
     pub config: NodeConfig,
     pub raft: Raft,
     pub state: StateView,
@@ -164,6 +166,7 @@ impl ClusterNode {
             id: config.node_id,
             proposer,
             audit_failures,
+            oidc: crate::oidc::Verifier::default(),
             config,
             raft,
             state,

@@ -50,6 +50,9 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/audit"), AdminOnly),
         (("GET", "/v1/zones"), AnyAuthenticated),
         (("PUT", "/v1/nodes/{node}/zone"), AdminOnly),
+        (("GET", "/v1/oidc/issuers"), AdminOnly),
+        (("PUT", "/v1/oidc/issuers/{issuer}"), AdminOnly),
+        (("DELETE", "/v1/oidc/issuers/{issuer}"), AdminOnly),
     ])
 }
 
@@ -184,7 +187,19 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .replace("{name}", project)
                     .replace("{user}", target_user)
                     .replace("{id}", token_id)
-                    .replace("{node}", "1");
+                    .replace("{node}", "1")
+                    .replace("{issuer}", &format!("idp{case}"));
+                if pattern.contains("{issuer}") {
+                    let reply = admin
+                        .send(
+                            Method::PUT,
+                            &format!("{base}/v1/oidc/issuers/idp{case}"),
+                            Some(json!({ "issuer": format!("https://idp{case}.example"), "audience": "allod" })),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "issuer").await;
+                }
                 let body = match (method.as_str(), pattern) {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
@@ -194,6 +209,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     }
                     ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
                     ("PUT", "/v1/nodes/{node}/zone") => Some(json!({ "zone": "OFFICIAL" })),
+                    ("PUT", "/v1/oidc/issuers/{issuer}") => Some(
+                        json!({ "issuer": format!("https://other{case}.example"), "audience": "allod" }),
+                    ),
                     _ => None,
                 };
                 let reply = client
