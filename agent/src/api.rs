@@ -319,6 +319,35 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         .with_state(node)
 }
 
+/// The API with no authentication or authorisation at all: every caller is
+/// a cluster administrator. It exists only in builds with the
+/// `bench-unauthenticated` feature, for the benchmark that measures what
+/// authentication costs; the `allod` binary never has it.
+#[cfg(feature = "bench-unauthenticated")]
+pub fn router_unauthenticated(node: Arc<ClusterNode>) -> Router {
+    let (router, _) = routes().finish();
+    router
+        .route_layer(middleware::from_fn(
+            |mut request: Request, next: middleware::Next| async move {
+                request.extensions_mut().insert(Principal {
+                    user: "benchmark".into(),
+                    token_id: "-".into(),
+                    cluster_admin: true,
+                    project_roles: Default::default(),
+                    project_scoped: false,
+                });
+                next.run(request).await
+            },
+        ))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(node)
+}
+
 /// What an unconfigured node serves on its API port.
 pub fn unconfigured_router() -> Router {
     Router::new().route("/healthz", get(healthz)).fallback(|| async {

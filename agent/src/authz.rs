@@ -203,19 +203,35 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
     }
 
     pub fn finish(self) -> (Router<S>, Arc<PermissionTable>) {
-        (self.router, Arc::new(PermissionTable { table: self.table }))
+        let mut by_path: HashMap<&'static str, Vec<(Method, Permission)>> = HashMap::new();
+        for ((method, path), permission) in &self.table {
+            by_path
+                .entry(path)
+                .or_default()
+                .push((method.clone(), *permission));
+        }
+        (
+            self.router,
+            Arc::new(PermissionTable {
+                table: self.table,
+                by_path,
+            }),
+        )
     }
 }
 
 pub struct PermissionTable {
     table: HashMap<(Method, &'static str), Permission>,
+    /// The same, by route pattern, for the per-request lookup.
+    by_path: HashMap<&'static str, Vec<(Method, Permission)>>,
 }
 
 impl PermissionTable {
     pub fn get(&self, method: &Method, path: &str) -> Option<Permission> {
-        self.table
+        self.by_path
+            .get(path)?
             .iter()
-            .find(|((m, p), _)| m == method && *p == path)
+            .find(|(m, _)| m == method)
             .map(|(_, perm)| *perm)
     }
 
@@ -268,18 +284,90 @@ pub enum AuthError {
     Read(#[from] crate::model::ReadError),
 }
 
+/// The longest a resolved principal is reused without reading the state.
+pub const AUTH_CACHE_TTL_MS: u64 = 60_000;
+const AUTH_CACHE_ENTRIES: usize = 10_000;
+
+/// Principals of recently seen bearer tokens, so the hot path neither reads
+/// the state nor checks a signature on every request. An entry is used only
+/// while nothing has been applied that could change it (the state's auth
+/// generation and the OIDC key generation are those it was resolved at),
+/// before its token expires, and for at most [`AUTH_CACHE_TTL_MS`].
+#[derive(Default)]
+pub struct AuthCache {
+    entries: std::sync::Mutex<HashMap<[u8; 32], CachedPrincipal>>,
+}
+
+struct CachedPrincipal {
+    principal: Principal,
+    generation: (u64, u64),
+    valid_until_ms: u64,
+}
+
+impl AuthCache {
+    fn get(&self, key: &[u8; 32], generation: (u64, u64), now_ms: u64) -> Option<Principal> {
+        let entries = self.entries.lock().expect("auth cache");
+        entries
+            .get(key)
+            .filter(|e| e.generation == generation && now_ms < e.valid_until_ms)
+            .map(|e| e.principal.clone())
+    }
+
+    fn put(&self, key: [u8; 32], entry: CachedPrincipal) {
+        let mut entries = self.entries.lock().expect("auth cache");
+        if entries.len() >= AUTH_CACHE_ENTRIES {
+            let now = now_ms();
+            entries.retain(|_, e| e.valid_until_ms > now);
+            if entries.len() >= AUTH_CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(key, entry);
+    }
+}
+
 /// Resolves an API token or an OIDC JWT to who is calling.
 pub async fn authenticate(node: &ClusterNode, token: &str) -> Result<Principal, AuthError> {
-    if crate::oidc::looks_like_jwt(token) {
-        let issuers = node.state.oidc_issuers()?;
-        Ok(node.oidc.verify(&issuers, token).await?)
-    } else {
-        resolve(&node.state, token, now_ms())
+    use sha2::Digest as _;
+    let key: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
+    // Read before resolving: a change applied meanwhile makes the entry stale.
+    let generation = (
+        node.auth_generation
+            .load(std::sync::atomic::Ordering::Acquire),
+        node.oidc.key_generation(),
+    );
+    let now = now_ms();
+    if let Some(principal) = node.auth_cache.get(&key, generation, now) {
+        return Ok(principal);
     }
+    let (principal, expires_ms) = if crate::oidc::looks_like_jwt(token) {
+        let issuers = node.state.oidc_issuers()?;
+        node.oidc.verify(&issuers, token).await?
+    } else {
+        resolve_until(&node.state, token, now)?
+    };
+    node.auth_cache.put(
+        key,
+        CachedPrincipal {
+            principal: principal.clone(),
+            generation,
+            valid_until_ms: expires_ms.min(now + AUTH_CACHE_TTL_MS),
+        },
+    );
+    Ok(principal)
 }
 
 /// Resolves a bearer token to who is calling and what they may do.
 pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal, AuthError> {
+    resolve_until(state, token, now_ms).map(|(principal, _)| principal)
+}
+
+/// [`resolve`], and until when the token is valid.
+fn resolve_until(
+    state: &StateView,
+    token: &str,
+    now_ms: u64,
+) -> Result<(Principal, u64), AuthError> {
     let record = state
         .api_token(&sha256_hex(token.trim()))?
         .ok_or(AuthError::Invalid)?;
@@ -307,13 +395,16 @@ pub fn resolve(state: &StateView, token: &str, now_ms: u64) -> Result<Principal,
             )
         }
     };
-    Ok(Principal {
-        user: user.name,
-        token_id: record.id,
-        cluster_admin,
-        project_roles,
-        project_scoped,
-    })
+    Ok((
+        Principal {
+            user: user.name,
+            token_id: record.id,
+            cluster_admin,
+            project_roles,
+            project_scoped,
+        },
+        record.expires_at_ms.unwrap_or(u64::MAX),
+    ))
 }
 
 fn clone_auth_error(e: &AuthError) -> AuthError {
@@ -330,45 +421,54 @@ pub async fn authorize(
     next: Next,
 ) -> Response {
     let method = request.method().clone();
-    let pattern = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_default();
-    let source = request
+    let pattern = request.extensions().get::<MatchedPath>().cloned();
+    let remote = request
         .extensions()
         .get::<crate::peer::PeerIdentity>()
-        .and_then(|p| p.remote_addr)
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "-".into());
-    let context = crate::audit::AuditContext {
+        .and_then(|p| p.remote_addr);
+    let uri = request.uri().clone();
+    let context = || crate::audit::AuditContext {
         time_ms: now_ms(),
         user: "-".into(),
         token_id: "-".into(),
-        source,
-        action: format!("{method} {pattern}"),
-        object: request.uri().path().to_string(),
+        source: remote.map_or_else(|| "-".into(), |a| a.to_string()),
+        action: format!("{method} {}", pattern.as_ref().map_or("", |p| p.as_str())),
+        object: uri.path().to_string(),
         zone: None,
     };
+    // Only a mutating call carries an audit context into Raft; reads are
+    // audited only when their authentication fails.
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let audit = Arc::new(crate::audit::RequestAudit {
-        context: std::sync::Mutex::new(context),
-        recorded: std::sync::atomic::AtomicBool::new(!mutating),
+    let audit = mutating.then(|| {
+        Arc::new(crate::audit::RequestAudit {
+            context: std::sync::Mutex::new(context()),
+            recorded: std::sync::atomic::AtomicBool::new(false),
+        })
     });
-    let (response, principal) = crate::audit::REQUEST_AUDIT
-        .scope(
-            audit.clone(),
-            authorize_inner(&node, &table, request, next, &audit),
-        )
-        .await;
+    let (response, principal) = match &audit {
+        Some(audit) => {
+            crate::audit::REQUEST_AUDIT
+                .scope(
+                    audit.clone(),
+                    authorize_inner(&node, &table, request, next, Some(audit)),
+                )
+                .await
+        }
+        None => authorize_inner(&node, &table, request, next, None).await,
+    };
     let status = response.status();
-    let recorded = audit.recorded.load(std::sync::atomic::Ordering::SeqCst);
+    let recorded = audit
+        .as_ref()
+        .is_none_or(|a| a.recorded.load(std::sync::atomic::Ordering::SeqCst));
     // Calls refused before they reached Raft (bad input, 403, 404, 401)
     // are recorded here, in an entry of their own.
     let failed_authentication =
         status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
     if (mutating && !recorded && status != StatusCode::UNAUTHORIZED) || failed_authentication {
-        let mut context = audit.context.lock().expect("audit context").clone();
+        let mut context = match &audit {
+            Some(audit) => audit.context.lock().expect("audit context").clone(),
+            None => context(),
+        };
         if let Some(p) = &principal {
             context.user = p.user.clone();
             context.token_id = p.token_id.clone();
@@ -398,7 +498,7 @@ async fn authorize_inner(
     table: &PermissionTable,
     mut request: Request,
     next: Next,
-    audit: &crate::audit::RequestAudit,
+    audit: Option<&crate::audit::RequestAudit>,
 ) -> (Response, Option<Principal>) {
     let Some(pattern) = request
         .extensions()
@@ -492,13 +592,11 @@ async fn authorize_inner(
     match decision {
         Decision::Allow => {
             // Only an audited (mutating) call needs the project's zone.
-            let audited = !audit.recorded.load(std::sync::atomic::Ordering::SeqCst);
-            let zone = params
-                .get("name")
-                .filter(|_| audited)
-                .and_then(|name| node.state.project(name).ok().flatten())
-                .map(|project| project.zone.as_str().to_string());
-            {
+            if let Some(audit) = audit {
+                let zone = params
+                    .get("name")
+                    .and_then(|name| node.state.project(name).ok().flatten())
+                    .map(|project| project.zone.as_str().to_string());
                 let mut context = audit.context.lock().expect("audit context");
                 context.user = principal.user.clone();
                 context.token_id = principal.token_id.clone();

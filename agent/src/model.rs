@@ -6,6 +6,9 @@
 //! the command. Domain failures (a duplicate name, a used join token) are part
 //! of the result, so every replica records the same outcome.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use allod_raft::{Apply, KvRead, KvWrite, NodeId, StateReader};
 use openraft::LogId;
 use serde::{Deserialize, Serialize};
@@ -332,7 +335,36 @@ pub fn user_view(user: &User) -> serde_json::Value {
 }
 
 /// The state machine's command interpreter.
-pub struct ClusterApply;
+#[derive(Default)]
+pub struct ClusterApply {
+    /// Bumped after a committed change could alter who a token resolves to
+    /// (revocations, grants, deleted projects, OIDC issuers, snapshots), so
+    /// that cached principals resolved before it are not used again.
+    pub auth_generation: Arc<AtomicU64>,
+    auth_changed: AtomicBool,
+}
+
+/// Whether applying `command` may change how some bearer token resolves.
+fn changes_authentication(command: &Command) -> bool {
+    match command {
+        Command::Audited { command, .. } => changes_authentication(command),
+        Command::InitCluster { .. }
+        | Command::DeleteProject { .. }
+        | Command::GrantRole { .. }
+        | Command::RevokeToken { .. }
+        | Command::PutOidcIssuer { .. }
+        | Command::DeleteOidcIssuer { .. } => true,
+        Command::CreateProject { .. }
+        | Command::UpdateProject { .. }
+        | Command::CreateJoinToken { .. }
+        | Command::ConsumeJoinToken { .. }
+        | Command::ForgetNode { .. }
+        | Command::SetNodeZone { .. }
+        | Command::CreateUser { .. }
+        | Command::CreateToken { .. }
+        | Command::AppendAudit { .. } => false,
+    }
+}
 
 fn get_json<T: serde::de::DeserializeOwned>(
     kv: &impl KvRead,
@@ -722,12 +754,18 @@ impl ClusterApply {
 
 impl ClusterApply {
     fn apply_one(
+        &self,
         kv: &mut KvWrite<'_>,
         index: u64,
         command: &serde_json::Value,
     ) -> Result<Outcome, allod_raft::KvError> {
         match serde_json::from_value::<Command>(command.clone()) {
-            Ok(command) => Self::apply_command(kv, command),
+            Ok(command) => {
+                if changes_authentication(&command) {
+                    self.auth_changed.store(true, Ordering::Relaxed);
+                }
+                Self::apply_command(kv, command)
+            }
             // A command from a newer or broken proposer: record the refusal,
             // change nothing.
             Err(e) => {
@@ -753,12 +791,20 @@ impl Apply for ClusterApply {
         if let Some(batch) = command.get("batch").and_then(|b| b.as_array()) {
             let mut outcomes = Vec::with_capacity(batch.len());
             for one in batch {
-                outcomes.push(Self::apply_one(kv, log_id.index, one)?);
+                outcomes.push(self.apply_one(kv, log_id.index, one)?);
             }
             return Ok(serde_json::to_value(outcomes).expect("outcomes serialise"));
         }
-        let outcome = Self::apply_one(kv, log_id.index, command)?;
+        let outcome = self.apply_one(kv, log_id.index, command)?;
         Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
+    }
+
+    fn committed(&self, replaced_all: bool) {
+        // After the commit, so a reader that sees the new generation also
+        // sees the new state.
+        if self.auth_changed.swap(false, Ordering::Relaxed) || replaced_all {
+            self.auth_generation.fetch_add(1, Ordering::Release);
+        }
     }
 }
 

@@ -115,6 +115,10 @@ pub struct ClusterNode {
     pub audit_failures: crate::audit::FailureBudget,
     /// Verifies bearer JWTs of the configured OIDC issuers.
     pub oidc: crate::oidc::Verifier,
+    /// Principals of recently seen bearer tokens.
+    pub auth_cache: crate::authz::AuthCache,
+    /// Moves on after every applied change that can alter a token's principal.
+    pub auth_generation: Arc<std::sync::atomic::AtomicU64>,
     pub config: NodeConfig,
     pub raft: Raft,
     pub state: StateView,
@@ -132,7 +136,9 @@ impl ClusterNode {
         isolation: Isolation,
     ) -> Result<Arc<Self>, StartError> {
         let log = LogStore::open(&data_dir.raft_log())?;
-        let state_machine = StateMachineStore::open(&data_dir.state_db(), Arc::new(ClusterApply))?;
+        let apply = Arc::new(ClusterApply::default());
+        let auth_generation = apply.auth_generation.clone();
+        let state_machine = StateMachineStore::open(&data_dir.state_db(), apply)?;
         let state = StateView {
             reader: state_machine.reader(),
         };
@@ -167,6 +173,8 @@ impl ClusterNode {
             proposer,
             audit_failures,
             oidc: crate::oidc::Verifier::default(),
+            auth_cache: crate::authz::AuthCache::default(),
+            auth_generation,
             config,
             raft,
             state,

@@ -222,12 +222,17 @@ struct KeyCache {
 
 struct IssuerClient {
     config: OidcIssuer,
+    /// The verifier's count of key-set changes, bumped on every change.
+    key_changes: Arc<std::sync::atomic::AtomicU64>,
     http: reqwest::Client,
     cache: tokio::sync::Mutex<KeyCache>,
 }
 
 impl IssuerClient {
-    fn new(config: OidcIssuer) -> Result<Self, OidcError> {
+    fn new(
+        config: OidcIssuer,
+        key_changes: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<Self, OidcError> {
         let mut builder = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .https_only(true)
@@ -242,6 +247,7 @@ impl IssuerClient {
                 .build()
                 .map_err(|e| OidcError::Fetch(e.to_string()))?,
             config,
+            key_changes,
             cache: tokio::sync::Mutex::new(KeyCache::default()),
         })
     }
@@ -307,6 +313,10 @@ impl IssuerClient {
             keys = keys.len() + anonymous.len(),
             "fetched the OIDC issuer's signing keys"
         );
+        if cache.keys != keys || cache.anonymous != anonymous {
+            self.key_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         cache.keys = keys;
         cache.anonymous = anonymous;
         cache.fetched_at = Some(Instant::now());
@@ -352,6 +362,9 @@ impl IssuerClient {
 #[derive(Default)]
 pub struct Verifier {
     clients: Mutex<HashMap<String, Arc<IssuerClient>>>,
+    /// Moves on whenever an issuer's published keys change, so principals
+    /// cached from tokens of a retired key are not used again.
+    key_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// True when a bearer token has the shape of a JWT rather than an Allod token.
@@ -380,17 +393,23 @@ impl Verifier {
                 return Ok(client.clone());
             }
         }
-        let client = Arc::new(IssuerClient::new(config.clone())?);
+        let client = Arc::new(IssuerClient::new(config.clone(), self.key_changes.clone())?);
         clients.insert(config.issuer.clone(), client.clone());
         Ok(client)
     }
 
-    /// Verifies `token` against `issuers` and says who is calling.
+    /// How many times any issuer's keys changed.
+    pub fn key_generation(&self) -> u64 {
+        self.key_changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Verifies `token` against `issuers` and says who is calling, and until
+    /// when (the token's `exp`, in milliseconds since the epoch).
     pub async fn verify(
         &self,
         issuers: &[OidcIssuer],
         token: &str,
-    ) -> Result<Principal, OidcError> {
+    ) -> Result<(Principal, u64), OidcError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::Json(_) => {
                 OidcError::Algorithm("in the header (none or unknown)".into())
@@ -431,7 +450,13 @@ impl Verifier {
             let key = DecodingKey::from_jwk(jwk)
                 .map_err(|e| OidcError::Invalid(format!("the issuer's key is unusable: {e}")))?;
             match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(data) => return Ok(self.principal(config, &data.claims)),
+                Ok(data) => {
+                    let expires_ms = data.claims["exp"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .saturating_mul(1000);
+                    return Ok((self.principal(config, &data.claims), expires_ms));
+                }
                 Err(e) => last_error = Some(e),
             }
         }

@@ -127,6 +127,13 @@ pub trait Apply: Send + Sync + 'static {
         log_id: &LogId<NodeId>,
         command: &serde_json::Value,
     ) -> Result<serde_json::Value, redb::StorageError>;
+
+    /// Called after the changes of applied entries became visible to
+    /// readers (their transaction committed); `replaced_all` when the whole
+    /// state was replaced by an installed snapshot.
+    fn committed(&self, replaced_all: bool) {
+        let _ = replaced_all;
+    }
 }
 
 /// The state machine handed to openraft.
@@ -436,6 +443,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         .map_err(sm_write_err)?;
                 }
                 txn.commit().map_err(sm_write_err)?;
+                this.app.committed(false);
                 if durable {
                     this.last_durable_ms.store(now_ms, Ordering::Relaxed);
                 }
@@ -496,7 +504,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     .insert(KEY_SNAPSHOT_DATA, data.as_slice())
                     .map_err(snapshot_err)?;
             }
-            txn.commit().map_err(snapshot_err)
+            txn.commit().map_err(snapshot_err)?;
+            this.app.committed(true);
+            Ok(())
         })
         .await
     }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod issuer;
 pub mod linearizability;
 
 use std::path::PathBuf;
