@@ -893,3 +893,99 @@ async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() 
     assert!(node.state.project("fine").unwrap().is_some());
     cluster.shutdown().await;
 }
+
+/// Principals are cached per token; a grant, a revocation or a deleted
+/// project must still take effect on the very next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_principals_follow_grants_revocations_and_deletions_at_once() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    for p in ["alpha", "beta"] {
+        ok(
+            admin
+                .post(&format!("{base}/v1/projects"), json!({ "name": p }))
+                .await
+                .unwrap(),
+            "project",
+        )
+        .await;
+    }
+    ok(
+        admin
+            .post(&format!("{base}/v1/users"), json!({ "name": "vera" }))
+            .await
+            .unwrap(),
+        "user",
+    )
+    .await;
+    for p in ["alpha", "beta"] {
+        ok(
+            admin
+                .post(
+                    &format!("{base}/v1/users/vera/roles"),
+                    json!({ "role": "project-viewer", "project": p }),
+                )
+                .await
+                .unwrap(),
+            "grant",
+        )
+        .await;
+    }
+    let token = ok(
+        admin
+            .post(&format!("{base}/v1/users/vera/tokens"), json!({}))
+            .await
+            .unwrap(),
+        "token",
+    )
+    .await;
+    let vera = ApiClient::new(&cluster.ca_pem, token["token"].as_str().unwrap());
+    let alpha = format!("{base}/v1/projects/alpha");
+    let patch = || {
+        vera.send(
+            Method::PATCH,
+            &alpha,
+            Some(json!({ "description": "by vera" })),
+        )
+    };
+    // Seen (and cached) as a viewer.
+    assert_eq!(vera.project_names(&base).await, ["alpha", "beta"]);
+    assert_eq!(patch().await.unwrap().status, 403);
+    ok(
+        admin
+            .post(
+                &format!("{base}/v1/users/vera/roles"),
+                json!({ "role": "project-admin", "project": "alpha" }),
+            )
+            .await
+            .unwrap(),
+        "grant",
+    )
+    .await;
+    assert_eq!(patch().await.unwrap().status, 200, "the grant counts");
+    let reply = admin
+        .send(Method::DELETE, &format!("{base}/v1/projects/beta"), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 204);
+    assert_eq!(vera.project_names(&base).await, ["alpha"]);
+    let reply = admin
+        .send(
+            Method::DELETE,
+            &format!("{base}/v1/tokens/{}", token["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 204);
+    assert_eq!(
+        vera.get(&format!("{base}/v1/projects"))
+            .await
+            .unwrap()
+            .status,
+        401,
+        "a revoked token is refused at once"
+    );
+    cluster.shutdown().await;
+}
