@@ -99,6 +99,7 @@ impl From<DomainError> for ApiError {
                 StatusCode::FORBIDDEN
             }
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorCode::QuotaExceeded => StatusCode::CONFLICT,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
         };
         Self::new(status, e.code.as_str(), e.message)
@@ -253,6 +254,36 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
             "/v1/projects/{name}",
             project(Role::ClusterAdmin),
             delete_project,
+        )
+        .add(
+            Method::PUT,
+            "/v1/projects/{name}/quota",
+            project(Role::ClusterAdmin),
+            set_quota,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/volumes",
+            project(Role::ProjectViewer),
+            list_volumes,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes",
+            project(Role::ProjectMember),
+            create_volume,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/volumes/{volume}",
+            project(Role::ProjectViewer),
+            show_volume,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/volumes/{volume}",
+            project(Role::ProjectMember),
+            delete_volume,
         )
         .add(Method::GET, "/v1/users", ClusterAdmin, list_users)
         .add(Method::POST, "/v1/users", ClusterAdmin, create_user)
@@ -599,6 +630,124 @@ async fn delete_project(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     node.write(&Command::DeleteProject { name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(put, path = "/v1/projects/{name}/quota", tag = "projects", params(("name" = String, Path, description = "Project name")),
+    request_body = crate::quota::Quota,
+    responses((status = 200, description = "The project with its new quota and current usage", body = Project)))]
+async fn set_quota(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+    ApiJson(quota): ApiJson<crate::quota::Quota>,
+) -> ApiResult<Json<Project>> {
+    quota
+        .validate()
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", why))?;
+    let outcome = node.write(&Command::SetQuota { project, quota }).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+/// Largest volume: 64 TiB.
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// Volumes are split into objects of this size.
+pub const OBJECT_SIZE_BYTES: u64 = 4 << 20;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    /// A multiple of 512, at most 64 TiB. Thin: costs nothing until written.
+    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
+    size_bytes: u64,
+    /// Copies of every byte, on distinct nodes; default 3.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3)]
+    replicas: Option<u8>,
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
+    responses((status = 200, description = "The project's volumes", body = Vec<crate::model::VolumeRecord>)))]
+async fn list_volumes(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<crate::model::VolumeRecord>>> {
+    node.linearizable_read().await?;
+    if node.state.project(&project)?.is_none() {
+        return Err(project_not_found(&project));
+    }
+    Ok(Json(node.state.volumes(&project)?))
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
+    request_body = CreateVolume,
+    responses((status = 201, description = "The volume, recorded and thin", body = crate::model::VolumeRecord)))]
+async fn create_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+    ApiJson(body): ApiJson<CreateVolume>,
+) -> ApiResult<(StatusCode, Json<crate::model::VolumeRecord>)> {
+    validate_name("volume", &body.name)?;
+    let invalid =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message);
+    if body.size_bytes == 0 || body.size_bytes % 512 != 0 || body.size_bytes > MAX_VOLUME_BYTES {
+        return Err(invalid(format!(
+            "size_bytes {} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)",
+            body.size_bytes
+        )));
+    }
+    let replicas = body.replicas.unwrap_or(3);
+    if !(1..=3).contains(&replicas) {
+        return Err(invalid(format!(
+            "replicas must be 1, 2 or 3, not {replicas}"
+        )));
+    }
+    let volume = crate::model::VolumeRecord {
+        id: crate::join::random_hex(8),
+        name: body.name,
+        project,
+        size_bytes: body.size_bytes,
+        replicas,
+        object_size_bytes: OBJECT_SIZE_BYTES,
+        state: "allocated".into(),
+        // The state machine sets it from the project.
+        zone: crate::zones::Zone::default(),
+        created_at_ms: crate::join::now_ms(),
+    };
+    let outcome = node.write(&Command::CreateVolume { volume }).await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name")),
+    responses((status = 200, description = "The volume", body = crate::model::VolumeRecord)))]
+async fn show_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<Json<crate::model::VolumeRecord>> {
+    node.linearizable_read().await?;
+    node.state
+        .volume(&project, &name)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("volume {name:?} does not exist in project {project:?}"),
+            )
+        })
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name")),
+    responses((status = 204, description = "Deleted; its quota is free again")))]
+async fn delete_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteVolume { project, name })
+        .await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1198,6 +1347,11 @@ async fn openapi_json() -> Response {
         show_project,
         update_project,
         delete_project,
+        set_quota,
+        list_volumes,
+        create_volume,
+        show_volume,
+        delete_volume,
         list_users,
         create_user,
         grant_role,

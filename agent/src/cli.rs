@@ -34,6 +34,9 @@ pub enum TopCommand {
     /// Manage projects.
     #[command(subcommand)]
     Project(ProjectCommand),
+    /// Manage block volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -285,6 +288,120 @@ pub enum ProjectCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Set a project's quotas (cluster admins); the flags given change,
+    /// the others stay. `unlimited` lifts a limit.
+    Quota {
+        name: String,
+        #[arg(long, value_parser = parse_count_limit)]
+        vcpus: Option<Limit>,
+        /// e.g. 64G
+        #[arg(long, value_parser = parse_size_limit)]
+        memory: Option<Limit>,
+        /// e.g. 2T
+        #[arg(long, value_parser = parse_size_limit)]
+        storage: Option<Limit>,
+        #[arg(long, value_parser = parse_count_limit)]
+        volumes: Option<Limit>,
+        #[arg(long, value_parser = parse_count_limit)]
+        vms: Option<Limit>,
+        #[arg(long, value_parser = parse_count_limit)]
+        floating_ips: Option<Limit>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long)]
+        project: String,
+        /// e.g. 20G (a multiple of 512 bytes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Copies of every byte on distinct nodes (1 to 3).
+        #[arg(long, default_value_t = 3)]
+        replicas: u8,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    List {
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Delete {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// A quota limit from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Unlimited,
+    At(u64),
+}
+
+fn parse_count_limit(text: &str) -> Result<Limit, String> {
+    match text {
+        "unlimited" => Ok(Limit::Unlimited),
+        _ => text
+            .parse()
+            .map(Limit::At)
+            .map_err(|_| format!("{text:?} is not a number or `unlimited`")),
+    }
+}
+
+fn parse_size_limit(text: &str) -> Result<Limit, String> {
+    match text {
+        "unlimited" => Ok(Limit::Unlimited),
+        _ => parse_size(text).map(Limit::At),
+    }
+}
+
+/// Parses a size such as `512`, `64K`, `20G`, `1.5T` or `2GiB` (powers of
+/// 1024 either way) into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}; use K, M, G, T or P (powers of 1024)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 20G or 512M"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !(bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -504,6 +621,33 @@ fn print_projects(projects: &[serde_json::Value]) {
     print_table(&["NAME", "ZONE", "DESCRIPTION", "GENERATION"], &rows);
 }
 
+/// One project with its quotas and usage.
+fn print_project_detail(p: &serde_json::Value) {
+    print_projects(std::slice::from_ref(p));
+    println!();
+    let rows: Vec<Vec<String>> = [
+        "vcpus",
+        "memory_bytes",
+        "storage_bytes",
+        "volumes",
+        "vms",
+        "floating_ips",
+    ]
+    .iter()
+    .map(|field| {
+        vec![
+            field.to_string(),
+            text(&p["usage"][field]).replace('-', "0"),
+            match &p["quota"][field] {
+                serde_json::Value::Null => "unlimited".into(),
+                limit => text(limit),
+            },
+        ]
+    })
+    .collect();
+    print_table(&["RESOURCE", "USED", "QUOTA"], &rows);
+}
+
 fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
     match output {
         Output::Json => println!(
@@ -520,6 +664,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Up(args) => run_up(args).await,
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
+        TopCommand::Volume(command) => run_volume(command).await,
         TopCommand::User(command) => run_user(command).await,
         TopCommand::Role(command) => run_role(command).await,
         TopCommand::Token(command) => run_token(command).await,
@@ -693,9 +838,49 @@ async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
             let project = client
                 .call(Method::GET, &format!("/v1/projects/{name}"), None)
                 .await?;
-            emit(api.output, &project, |p| {
-                print_projects(std::slice::from_ref(p))
-            });
+            emit(api.output, &project, print_project_detail);
+        }
+        ProjectCommand::Quota {
+            name,
+            vcpus,
+            memory,
+            storage,
+            volumes,
+            vms,
+            floating_ips,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let project = client
+                .call(Method::GET, &format!("/v1/projects/{name}"), None)
+                .await?;
+            let mut quota = project["quota"].as_object().cloned().unwrap_or_default();
+            for (field, limit) in [
+                ("vcpus", vcpus),
+                ("memory_bytes", memory),
+                ("storage_bytes", storage),
+                ("volumes", volumes),
+                ("vms", vms),
+                ("floating_ips", floating_ips),
+            ] {
+                match limit {
+                    None => {}
+                    Some(Limit::Unlimited) => {
+                        quota.remove(field);
+                    }
+                    Some(Limit::At(n)) => {
+                        quota.insert(field.into(), n.into());
+                    }
+                }
+            }
+            let project = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/projects/{name}/quota"),
+                    Some(serde_json::Value::Object(quota)),
+                )
+                .await?;
+            emit(api.output, &project, print_project_detail);
         }
         ProjectCommand::Update {
             name,
@@ -859,6 +1044,104 @@ async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 .await?;
             if api.output == Output::Table {
                 println!("Revoked token {id}.");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_volumes(volumes: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                text(&v["name"]),
+                text(&v["id"]),
+                human_size(v["size_bytes"].as_u64().unwrap_or(0)),
+                text(&v["replicas"]),
+                text(&v["state"]),
+                text(&v["zone"]),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "ID", "SIZE", "REPLICAS", "STATE", "ZONE"], &rows);
+}
+
+/// Bytes in the largest binary unit that keeps them whole or to one decimal.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        VolumeCommand::Create {
+            name,
+            project,
+            size,
+            replicas,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let volume = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/volumes"),
+                    Some(serde_json::json!({ "name": name, "size_bytes": size, "replicas": replicas })),
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_volumes(std::slice::from_ref(v))
+            });
+        }
+        VolumeCommand::List { project, api } => {
+            let client = api.resolve()?;
+            let volumes = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/projects/{project}/volumes"),
+                    None,
+                )
+                .await?;
+            emit(api.output, &volumes, |list| {
+                print_volumes(list.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
+        }
+        VolumeCommand::Show { name, project, api } => {
+            let client = api.resolve()?;
+            let volume = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/projects/{project}/volumes/{name}"),
+                    None,
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_volumes(std::slice::from_ref(v))
+            });
+        }
+        VolumeCommand::Delete { name, project, api } => {
+            let client = api.resolve()?;
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/projects/{project}/volumes/{name}"),
+                    None,
+                )
+                .await?;
+            if api.output == Output::Table {
+                println!("Deleted volume {name} of project {project}.");
             }
         }
     }
@@ -1075,4 +1358,26 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_and_print_in_binary_units() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert!(parse_size("1Q").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999P").is_err());
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(1536 << 20), "1.5 GiB");
+        assert_eq!(human_size(100), "100 B");
+        assert_eq!(parse_count_limit("unlimited"), Ok(Limit::Unlimited));
+        assert_eq!(parse_size_limit("1T"), Ok(Limit::At(1 << 40)));
+    }
 }

@@ -20,6 +20,7 @@ pub mod paths;
 pub mod peer;
 pub mod pki;
 pub mod proposer;
+pub mod quota;
 pub mod serve;
 pub mod zones;
 

@@ -26,6 +26,8 @@ pub const PREFIX_USER_GRANTS: &str = "user_grants/";
 pub const PREFIX_TOKEN_IDS: &str = "token_ids/";
 pub const PREFIX_AUDIT: &str = "audit/entries/";
 pub const PREFIX_OIDC_ISSUERS: &str = "oidc_issuers/";
+/// `volumes/<project>/<name>`.
+pub const PREFIX_VOLUMES: &str = "volumes/";
 pub const KEY_AUDIT_HEAD: &str = "audit/head";
 
 /// The user `init` creates, holder of the first admin token.
@@ -50,6 +52,41 @@ pub struct Project {
     pub created_at_ms: u64,
     /// Bumped by every change, so clients can tell versions apart.
     pub generation: u64,
+    /// Limits set by a cluster admin; absent ones are unlimited.
+    #[serde(default)]
+    pub quota: crate::quota::Quota,
+    /// What the project's objects use, kept with every change to them.
+    #[serde(default)]
+    pub usage: crate::quota::Usage,
+}
+
+/// A block volume's record: what the cluster knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeRecord {
+    /// Stable and unique in the cluster (the NBD export name).
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub size_bytes: u64,
+    /// Copies of every object, on distinct nodes (1 to 3).
+    pub replicas: u8,
+    /// The size of the objects a volume is split into.
+    pub object_size_bytes: u64,
+    /// `allocated`: recorded and thin; nothing written yet takes space.
+    pub state: String,
+    /// The project's zone, which the volume's replicas must honour.
+    pub zone: crate::zones::Zone,
+    pub created_at_ms: u64,
+}
+
+impl VolumeRecord {
+    pub fn usage(&self) -> crate::quota::Usage {
+        crate::quota::Usage {
+            storage_bytes: self.size_bytes,
+            volumes: 1,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +181,19 @@ pub enum Command {
         id: NodeId,
         zone: crate::zones::Zone,
     },
+    SetQuota {
+        project: String,
+        quota: crate::quota::Quota,
+    },
+    /// Records a volume (validated before proposing) if the project's quota
+    /// admits it.
+    CreateVolume {
+        volume: VolumeRecord,
+    },
+    DeleteVolume {
+        project: String,
+        name: String,
+    },
     /// Adds or replaces a trusted OIDC issuer (validated before proposing).
     PutOidcIssuer {
         issuer: crate::oidc::OidcIssuer,
@@ -204,6 +254,7 @@ pub enum ErrorCode {
     TokenUsed,
     FailedPrecondition,
     Unauthenticated,
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -217,6 +268,7 @@ impl ErrorCode {
             ErrorCode::TokenUsed => "token_used",
             ErrorCode::FailedPrecondition => "failed_precondition",
             ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -356,6 +408,9 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::DeleteOidcIssuer { .. } => true,
         Command::CreateProject { .. }
         | Command::UpdateProject { .. }
+        | Command::SetQuota { .. }
+        | Command::CreateVolume { .. }
+        | Command::DeleteVolume { .. }
         | Command::CreateJoinToken { .. }
         | Command::ConsumeJoinToken { .. }
         | Command::ForgetNode { .. }
@@ -463,6 +518,8 @@ impl ClusterApply {
                             zone,
                             created_at_ms: now_ms,
                             generation: 1,
+                            quota: Default::default(),
+                            usage: Default::default(),
                         };
                         put_json(kv, &key, &project)?;
                         Ok(serde_json::to_value(&project).expect("serialisable"))
@@ -490,10 +547,18 @@ impl ClusterApply {
             }
             Command::DeleteProject { name } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
+                let volumes = kv.scan(&format!("{PREFIX_VOLUMES}{name}/"))?.len();
                 if kv.get(&key)?.is_none() {
                     Err(domain(
                         ErrorCode::NotFound,
                         format!("project {name:?} does not exist"),
+                    ))
+                } else if volumes > 0 {
+                    Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "project {name:?} still has {volumes} volume(s); delete them first"
+                        ),
                     ))
                 } else {
                     kv.delete(&key)?;
@@ -572,6 +637,74 @@ impl ClusterApply {
             Command::ForgetNode { id } => {
                 kv.delete(&format!("{PREFIX_NODES}{id:020}"))?;
                 Ok(serde_json::Value::Null)
+            }
+            Command::SetQuota { project, quota } => {
+                let key = format!("{PREFIX_PROJECTS}{project}");
+                match get_json::<Project>(kv, &key)? {
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("project {project:?} does not exist"),
+                    )),
+                    Some(mut record) => {
+                        // Lowering a limit below the usage is allowed: what
+                        // exists stays, new objects are refused.
+                        record.quota = quota;
+                        record.generation += 1;
+                        put_json(kv, &key, &record)?;
+                        Ok(serde_json::to_value(&record).expect("serialisable"))
+                    }
+                }
+            }
+            Command::CreateVolume { volume } => {
+                let project_key = format!("{PREFIX_PROJECTS}{}", volume.project);
+                let key = format!("{PREFIX_VOLUMES}{}/{}", volume.project, volume.name);
+                match get_json::<Project>(kv, &project_key)? {
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("project {:?} does not exist", volume.project),
+                    )),
+                    Some(_) if kv.get(&key)?.is_some() => Err(domain(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "volume {:?} already exists in project {:?}",
+                            volume.name, volume.project
+                        ),
+                    )),
+                    Some(mut project) => {
+                        match project.quota.admits(&project.usage, &volume.usage()) {
+                            Err(why) => Err(domain(ErrorCode::QuotaExceeded, why)),
+                            Ok(()) => {
+                                project.usage = project.usage.plus(&volume.usage());
+                                let volume = VolumeRecord {
+                                    zone: project.zone,
+                                    ..volume
+                                };
+                                put_json(kv, &project_key, &project)?;
+                                put_json(kv, &key, &volume)?;
+                                Ok(serde_json::to_value(&volume).expect("serialisable"))
+                            }
+                        }
+                    }
+                }
+            }
+            Command::DeleteVolume { project, name } => {
+                let project_key = format!("{PREFIX_PROJECTS}{project}");
+                let key = format!("{PREFIX_VOLUMES}{project}/{name}");
+                match (
+                    get_json::<Project>(kv, &project_key)?,
+                    get_json::<VolumeRecord>(kv, &key)?,
+                ) {
+                    (Some(mut record), Some(volume)) => {
+                        record.usage = record.usage.minus(&volume.usage());
+                        put_json(kv, &project_key, &record)?;
+                        kv.delete(&key)?;
+                        Ok(serde_json::Value::Null)
+                    }
+                    _ => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("volume {name:?} does not exist in project {project:?}"),
+                    )),
+                }
             }
             Command::PutOidcIssuer { issuer } => {
                 let key = format!("{PREFIX_OIDC_ISSUERS}{}", issuer.name);
@@ -841,6 +974,14 @@ impl StateView {
 
     pub fn project(&self, name: &str) -> Result<Option<Project>, ReadError> {
         self.get(&format!("{PREFIX_PROJECTS}{name}"))
+    }
+
+    pub fn volumes(&self, project: &str) -> Result<Vec<VolumeRecord>, ReadError> {
+        self.list(&format!("{PREFIX_VOLUMES}{project}/"))
+    }
+
+    pub fn volume(&self, project: &str, name: &str) -> Result<Option<VolumeRecord>, ReadError> {
+        self.get(&format!("{PREFIX_VOLUMES}{project}/{name}"))
     }
 
     pub fn projects(&self) -> Result<Vec<Project>, ReadError> {

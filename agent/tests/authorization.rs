@@ -41,6 +41,26 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ("DELETE", "/v1/projects/{name}"),
             ProjectAtLeast(Role::ClusterAdmin),
         ),
+        (
+            ("PUT", "/v1/projects/{name}/quota"),
+            ProjectAtLeast(Role::ClusterAdmin),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/volumes"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/volumes"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/volumes/{volume}"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/volumes/{volume}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
         (("GET", "/v1/users"), AdminOnly),
         (("POST", "/v1/users"), AdminOnly),
         (("POST", "/v1/users/{user}/roles"), AdminOnly),
@@ -188,7 +208,18 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .replace("{user}", target_user)
                     .replace("{id}", token_id)
                     .replace("{node}", "1")
-                    .replace("{issuer}", &format!("idp{case}"));
+                    .replace("{issuer}", &format!("idp{case}"))
+                    .replace("{volume}", "disk");
+                if pattern.contains("{volume}") {
+                    let reply = admin
+                        .post(
+                            &format!("{base}/v1/projects/{project}/volumes"),
+                            json!({ "name": "disk", "size_bytes": 1 << 20 }),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "volume").await;
+                }
                 if pattern.contains("{issuer}") {
                     let reply = admin
                         .send(
@@ -203,6 +234,10 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let body = match (method.as_str(), pattern) {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
+                    ("PUT", "/v1/projects/{name}/quota") => Some(json!({ "volumes": 5 })),
+                    ("POST", "/v1/projects/{name}/volumes") => {
+                        Some(json!({ "name": format!("new{case}"), "size_bytes": 1 << 20 }))
+                    }
                     ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
                     ("POST", "/v1/users/{user}/roles") => {
                         Some(json!({ "role": "project-viewer", "project": project }))

@@ -293,6 +293,89 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
         stdout.starts_with("NAME") && stdout.contains("made by the CLI"),
         "table expected: {stdout}"
     );
+    // Quotas and volumes from the CLI, with human sizes.
+    let (ok, stdout, stderr) = run_with(
+        &env,
+        &[
+            "project",
+            "quota",
+            "from-env",
+            "--volumes",
+            "1",
+            "--storage",
+            "10G",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("volumes") && stdout.contains("10737418240"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run_with(
+        &env,
+        &[
+            "volume",
+            "create",
+            "disk",
+            "--project",
+            "from-env",
+            "--size",
+            "1G",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("1 GiB") && stdout.contains("allocated"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run_with(
+        &env,
+        &[
+            "volume",
+            "show",
+            "disk",
+            "--project",
+            "from-env",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let volume: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(volume["size_bytes"], 1u64 << 30);
+    assert_eq!(volume["replicas"], 3);
+    assert!(volume["id"].as_str().is_some_and(|id| !id.is_empty()));
+    let (ok, _, stderr) = run_with(
+        &env,
+        &[
+            "volume",
+            "create",
+            "more",
+            "--project",
+            "from-env",
+            "--size",
+            "1G",
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("volumes quota is 1"), "{stderr}");
+    let (ok, _, stderr) = run_with(
+        &env,
+        &[
+            "volume",
+            "create",
+            "bad",
+            "--project",
+            "from-env",
+            "--size",
+            "1Q",
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("unknown size unit"), "{stderr}");
+    let (ok, _, stderr) = run_with(&env, &["volume", "delete", "disk", "--project", "from-env"]);
+    assert!(ok, "{stderr}");
+
     let (ok, _, stderr) = run_with(&[], &["project", "list"]);
     assert!(!ok);
     assert!(stderr.contains("no API URL"), "{stderr}");
