@@ -285,6 +285,42 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
             project(Role::ProjectMember),
             delete_volume,
         )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/vms",
+            project(Role::ProjectViewer),
+            list_vms,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms",
+            project(Role::ProjectMember),
+            create_vm,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/vms/{vm}",
+            project(Role::ProjectViewer),
+            show_vm,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/vms/{vm}",
+            project(Role::ProjectMember),
+            delete_vm,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/volumes",
+            project(Role::ProjectMember),
+            attach_volume,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/vms/{vm}/volumes/{volume}",
+            project(Role::ProjectMember),
+            detach_volume,
+        )
         .add(Method::GET, "/v1/users", ClusterAdmin, list_users)
         .add(Method::POST, "/v1/users", ClusterAdmin, create_user)
         .add(
@@ -481,6 +517,9 @@ pub struct NodeView {
     pub is_leader: bool,
     pub joined_at_ms: Option<u64>,
     pub zone: crate::zones::Zone,
+    /// Capacity the node reported (0 until it has).
+    pub vcpus: u64,
+    pub memory_bytes: u64,
 }
 
 #[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
@@ -501,6 +540,11 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
                     .find(|r| r.id == m.id)
                     .map(|r| r.zone)
                     .unwrap_or_default(),
+                vcpus: records.iter().find(|r| r.id == m.id).map_or(0, |r| r.vcpus),
+                memory_bytes: records
+                    .iter()
+                    .find(|r| r.id == m.id)
+                    .map_or(0, |r| r.memory_bytes),
                 is_leader: leader == Some(m.id),
                 id: m.id,
                 name: m.name,
@@ -714,6 +758,7 @@ async fn create_volume(
         // The state machine sets it from the project.
         zone: crate::zones::Zone::default(),
         created_at_ms: crate::join::now_ms(),
+        attached_to: None,
     };
     let outcome = node.write(&Command::CreateVolume { volume }).await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
@@ -749,6 +794,220 @@ async fn delete_volume(
     node.write(&Command::DeleteVolume { project, name })
         .await??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+const MIN_VM_MEMORY: u64 = 64 << 20;
+const MAX_VM_MEMORY: u64 = 4 << 40;
+const MAX_VM_VCPUS: u64 = 256;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    #[schema(minimum = 1, maximum = 256)]
+    vcpus: u64,
+    /// A multiple of 1 MiB, from 64 MiB to 4 TiB.
+    #[schema(
+        minimum = 67_108_864,
+        maximum = 4_398_046_511_104_u64,
+        multiple_of = 1_048_576
+    )]
+    memory_bytes: u64,
+    /// VMs of one group never share a node.
+    #[serde(default)]
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    anti_affinity: Option<String>,
+}
+
+fn vm_not_found(project: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("VM {name:?} does not exist in project {project:?}"),
+    )
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/vms", tag = "vms", params(("name" = String, Path, description = "Project name")),
+    responses((status = 200, description = "The project's VMs", body = Vec<crate::model::VmRecord>)))]
+async fn list_vms(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<crate::model::VmRecord>>> {
+    node.linearizable_read().await?;
+    if node.state.project(&project)?.is_none() {
+        return Err(project_not_found(&project));
+    }
+    Ok(Json(node.state.vms(&project)?))
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/vms", tag = "vms", params(("name" = String, Path, description = "Project name")),
+    request_body = CreateVm,
+    responses((status = 201, description = "The VM, placed on a node of the project's zone", body = crate::model::VmRecord)))]
+async fn create_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+    ApiJson(body): ApiJson<CreateVm>,
+) -> ApiResult<(StatusCode, Json<crate::model::VmRecord>)> {
+    validate_name("VM", &body.name)?;
+    if let Some(group) = &body.anti_affinity {
+        validate_name("anti-affinity group", group)?;
+    }
+    let invalid =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message);
+    if body.vcpus == 0 || body.vcpus > MAX_VM_VCPUS {
+        return Err(invalid(format!(
+            "vcpus must be 1 to {MAX_VM_VCPUS}, not {}",
+            body.vcpus
+        )));
+    }
+    if body.memory_bytes < MIN_VM_MEMORY
+        || body.memory_bytes > MAX_VM_MEMORY
+        || body.memory_bytes % (1 << 20) != 0
+    {
+        return Err(invalid(format!(
+            "memory_bytes {} must be a multiple of 1 MiB from 64 MiB to 4 TiB (e.g. --memory 512M)",
+            body.memory_bytes
+        )));
+    }
+    let overcommit = crate::scheduler::Overcommit::default();
+    let vm = crate::model::VmRecord {
+        id: crate::join::random_hex(8),
+        name: body.name,
+        project,
+        // The state machine fills in the zone and the node it chose.
+        zone: crate::zones::Zone::default(),
+        vcpus: body.vcpus,
+        memory_bytes: body.memory_bytes,
+        anti_affinity: body.anti_affinity,
+        node_id: 0,
+        state: "pending".into(),
+        volumes: Vec::new(),
+        generation: 1,
+        created_at_ms: crate::join::now_ms(),
+    };
+    let outcome = node
+        .write(&Command::CreateVm {
+            vm,
+            overcommit_cpu_percent: (overcommit.cpu * 100.0) as u32,
+            overcommit_memory_percent: (overcommit.memory * 100.0) as u32,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The VM", body = crate::model::VmRecord)))]
+async fn show_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<Json<crate::model::VmRecord>> {
+    node.linearizable_read().await?;
+    node.state
+        .vm(&project, &name)?
+        .map(Json)
+        .ok_or_else(|| vm_not_found(&project, &name))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    responses((status = 204, description = "Deleted; its volumes stay, detached")))]
+async fn delete_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteVm { project, name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    /// The volume's name.
+    volume: String,
+    /// The volume's project when it is not the VM's (same zone only; the
+    /// caller needs the member role there).
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/volumes", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    request_body = AttachVolume,
+    responses((status = 200, description = "The VM with the volume attached", body = crate::model::VmRecord)))]
+async fn attach_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+    Path((project, vm)): Path<(String, String)>,
+    ApiJson(body): ApiJson<AttachVolume>,
+) -> ApiResult<Json<crate::model::VmRecord>> {
+    let volume_project = body.project.unwrap_or_else(|| project.clone());
+    if caller
+        .role_in(&volume_project)
+        .is_none_or(|role| role < Role::ProjectMember)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("project {volume_project:?} does not exist or you are not a member of it"),
+        ));
+    }
+    let outcome = node
+        .write(&Command::AttachVolume {
+            project,
+            vm,
+            volume_project,
+            volume: body.volume,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}/volumes/{volume}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name"),
+        ("volume" = String, Path, description = "The attached volume's name or id")),
+    responses((status = 200, description = "The VM without the volume", body = crate::model::VmRecord)))]
+async fn detach_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, vm, volume)): Path<(String, String, String)>,
+) -> ApiResult<Json<crate::model::VmRecord>> {
+    node.linearizable_read().await?;
+    let record = node
+        .state
+        .vm(&project, &vm)?
+        .ok_or_else(|| vm_not_found(&project, &vm))?;
+    let matches: Vec<_> = record
+        .volumes
+        .iter()
+        .filter(|a| a.volume == volume || a.volume_id == volume)
+        .collect();
+    let attachment = match matches.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no volume {volume:?} is attached to VM {vm:?}"),
+            ))
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "failed_precondition",
+                format!("several attached volumes are named {volume:?}; name it by its id"),
+            ))
+        }
+    };
+    let outcome = node
+        .write(&Command::DetachVolume {
+            project,
+            vm,
+            volume_project: attachment.project,
+            volume: attachment.volume,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
 }
 
 /// A joining node spends its token here and receives its certificate.
@@ -1352,6 +1611,12 @@ async fn openapi_json() -> Response {
         create_volume,
         show_volume,
         delete_volume,
+        list_vms,
+        create_vm,
+        show_vm,
+        delete_vm,
+        attach_volume,
+        detach_volume,
         list_users,
         create_user,
         grant_role,

@@ -37,6 +37,9 @@ pub enum TopCommand {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Manage virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -342,6 +345,66 @@ pub enum VolumeCommand {
     },
     Delete {
         name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Place a VM on a node of its project's zone.
+    Create {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u64,
+        /// e.g. 512M or 4G.
+        #[arg(long, value_parser = parse_size)]
+        memory: u64,
+        /// VMs of one group never share a node.
+        #[arg(long)]
+        anti_affinity: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    List {
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Delete {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Attach a volume (of this project, or of another with --volume-project).
+    Attach {
+        name: String,
+        volume: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        volume_project: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Detach a volume (by name or id).
+    Detach {
+        name: String,
+        volume: String,
         #[arg(long)]
         project: String,
         #[command(flatten)]
@@ -665,6 +728,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
         TopCommand::Volume(command) => run_volume(command).await,
+        TopCommand::Vm(command) => run_vm(command).await,
         TopCommand::User(command) => run_user(command).await,
         TopCommand::Role(command) => run_role(command).await,
         TopCommand::Token(command) => run_token(command).await,
@@ -1145,6 +1209,111 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn print_vms(vms: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                text(&v["name"]),
+                text(&v["state"]),
+                text(&v["node_id"]),
+                text(&v["vcpus"]),
+                human_size(v["memory_bytes"].as_u64().unwrap_or(0)),
+                text(&v["zone"]),
+                v["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| text(&a["volume"]))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "ZONE", "VOLUMES",
+        ],
+        &rows,
+    );
+}
+
+async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let (api, method, path, body) = match command {
+        VmCommand::Create {
+            name,
+            project,
+            vcpus,
+            memory,
+            anti_affinity,
+            api,
+        } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms"),
+            Some(serde_json::json!({
+                "name": name, "vcpus": vcpus, "memory_bytes": memory, "anti_affinity": anti_affinity,
+            })),
+        ),
+        VmCommand::List { project, api } => (
+            api,
+            Method::GET,
+            format!("/v1/projects/{project}/vms"),
+            None,
+        ),
+        VmCommand::Show { name, project, api } => (
+            api,
+            Method::GET,
+            format!("/v1/projects/{project}/vms/{name}"),
+            None,
+        ),
+        VmCommand::Delete { name, project, api } => (
+            api,
+            Method::DELETE,
+            format!("/v1/projects/{project}/vms/{name}"),
+            None,
+        ),
+        VmCommand::Attach {
+            name,
+            volume,
+            project,
+            volume_project,
+            api,
+        } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms/{name}/volumes"),
+            Some(serde_json::json!({ "volume": volume, "project": volume_project })),
+        ),
+        VmCommand::Detach {
+            name,
+            volume,
+            project,
+            api,
+        } => (
+            api,
+            Method::DELETE,
+            format!("/v1/projects/{project}/vms/{name}/volumes/{volume}"),
+            None,
+        ),
+    };
+    let client = api.resolve()?;
+    let deleting = method == Method::DELETE && !path.contains("/volumes/");
+    let answer = client.call(method, &path, body).await?;
+    if deleting {
+        if api.output == Output::Table {
+            println!("Deleted.");
+        }
+        return Ok(());
+    }
+    emit(api.output, &answer, |v| match v.as_array() {
+        Some(list) => print_vms(list),
+        None => print_vms(std::slice::from_ref(v)),
+    });
     Ok(())
 }
 

@@ -246,6 +246,7 @@ impl Agent {
         self.api_mode
             .send_replace(ServeMode::Tls(api_tls, crate::api::router(node.clone())));
         self.node.send_replace(Some(node.clone()));
+        tokio::spawn(report_capacity(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -331,6 +332,8 @@ impl Agent {
                 name: self.name.clone(),
                 joined_at_ms: now,
                 zone: Default::default(),
+                vcpus: 0,
+                memory_bytes: 0,
             };
             node.write(&Command::InitCluster {
                 info,
@@ -566,4 +569,54 @@ fn write_public(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// This machine's logical CPUs and memory, as the scheduler counts them.
+pub fn local_capacity() -> (u64, u64) {
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    (vcpus, memory_bytes)
+}
+
+/// Records this node's capacity in the cluster state once it differs from
+/// what is recorded, retrying while there is no leader.
+async fn report_capacity(node: std::sync::Weak<ClusterNode>) {
+    let (vcpus, memory_bytes) = local_capacity();
+    loop {
+        let Some(node) = node.upgrade() else { return };
+        let recorded = node
+            .state
+            .nodes()
+            .ok()
+            .and_then(|all| all.into_iter().find(|n| n.id == node.id));
+        match recorded {
+            Some(r) if r.vcpus == vcpus && r.memory_bytes == memory_bytes => return,
+            // Not applied here yet (a joiner catching up): wait.
+            None => {}
+            Some(_) => {
+                let command = Command::SetNodeCapacity {
+                    id: node.id,
+                    vcpus,
+                    memory_bytes,
+                };
+                match node.write(&command).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(vcpus, memory_bytes, "recorded this node's capacity");
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "capacity not recorded yet"),
+                    Err(e) => tracing::debug!(error = %e, "capacity not recorded yet"),
+                }
+            }
+        }
+        drop(node);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

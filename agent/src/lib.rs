@@ -11,6 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod authz;
 pub mod cli;
+pub mod compute;
 pub mod daemon;
 pub mod join;
 pub mod model;
@@ -21,6 +22,7 @@ pub mod peer;
 pub mod pki;
 pub mod proposer;
 pub mod quota;
+pub mod scheduler;
 pub mod serve;
 pub mod zones;
 

@@ -28,6 +28,8 @@ pub const PREFIX_AUDIT: &str = "audit/entries/";
 pub const PREFIX_OIDC_ISSUERS: &str = "oidc_issuers/";
 /// `volumes/<project>/<name>`.
 pub const PREFIX_VOLUMES: &str = "volumes/";
+/// `vms/<project>/<name>`.
+pub const PREFIX_VMS: &str = "vms/";
 pub const KEY_AUDIT_HEAD: &str = "audit/head";
 
 /// The user `init` creates, holder of the first admin token.
@@ -77,6 +79,9 @@ pub struct VolumeRecord {
     /// The project's zone, which the volume's replicas must honour.
     pub zone: crate::zones::Zone,
     pub created_at_ms: u64,
+    /// The id of the VM it is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<String>,
 }
 
 impl VolumeRecord {
@@ -136,6 +141,53 @@ pub struct NodeRecord {
     /// The one zone this node serves (OFFICIAL: the shared pool).
     #[serde(default)]
     pub zone: crate::zones::Zone,
+    /// What the node reported of itself; zero until it has.
+    #[serde(default)]
+    pub vcpus: u64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// A volume attached to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Attachment {
+    pub project: String,
+    pub volume: String,
+    pub volume_id: String,
+}
+
+/// A VM's record: its desired spec and where the scheduler put it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    /// The project's zone; the VM runs only on nodes of this zone.
+    pub zone: crate::zones::Zone,
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    /// VMs of one group never share a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    /// The node the scheduler chose (set when the create applies).
+    pub node_id: u64,
+    /// `pending`: placed, not yet started by its node.
+    pub state: String,
+    #[serde(default)]
+    pub volumes: Vec<Attachment>,
+    pub generation: u64,
+    pub created_at_ms: u64,
+}
+
+impl VmRecord {
+    pub fn usage(&self) -> crate::quota::Usage {
+        crate::quota::Usage {
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            vms: 1,
+            ..Default::default()
+        }
+    }
 }
 
 /// Every change to the replicated state.
@@ -193,6 +245,36 @@ pub enum Command {
     DeleteVolume {
         project: String,
         name: String,
+    },
+    /// What a node reports of its own capacity.
+    SetNodeCapacity {
+        id: NodeId,
+        vcpus: u64,
+        memory_bytes: u64,
+    },
+    /// Places and records a VM (validated before proposing) if its
+    /// project's quota admits it and some node can host it.
+    CreateVm {
+        vm: VmRecord,
+        /// vCPUs per 100 cores (400: four vCPUs per core).
+        overcommit_cpu_percent: u32,
+        overcommit_memory_percent: u32,
+    },
+    DeleteVm {
+        project: String,
+        name: String,
+    },
+    AttachVolume {
+        project: String,
+        vm: String,
+        volume_project: String,
+        volume: String,
+    },
+    DetachVolume {
+        project: String,
+        vm: String,
+        volume_project: String,
+        volume: String,
     },
     /// Adds or replaces a trusted OIDC issuer (validated before proposing).
     PutOidcIssuer {
@@ -273,7 +355,7 @@ impl ErrorCode {
     }
 }
 
-fn domain(code: ErrorCode, message: impl Into<String>) -> DomainError {
+pub(crate) fn domain(code: ErrorCode, message: impl Into<String>) -> DomainError {
     DomainError {
         code,
         message: message.into(),
@@ -411,6 +493,11 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::SetQuota { .. }
         | Command::CreateVolume { .. }
         | Command::DeleteVolume { .. }
+        | Command::SetNodeCapacity { .. }
+        | Command::CreateVm { .. }
+        | Command::DeleteVm { .. }
+        | Command::AttachVolume { .. }
+        | Command::DetachVolume { .. }
         | Command::CreateJoinToken { .. }
         | Command::ConsumeJoinToken { .. }
         | Command::ForgetNode { .. }
@@ -421,7 +508,7 @@ fn changes_authentication(command: &Command) -> bool {
     }
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
     kv: &impl KvRead,
     key: &str,
 ) -> Result<Option<T>, allod_raft::KvError> {
@@ -440,7 +527,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn put_json<T: Serialize>(
+pub(crate) fn put_json<T: Serialize>(
     kv: &mut KvWrite<'_>,
     key: &str,
     value: &T,
@@ -547,7 +634,8 @@ impl ClusterApply {
             }
             Command::DeleteProject { name } => {
                 let key = format!("{PREFIX_PROJECTS}{name}");
-                let volumes = kv.scan(&format!("{PREFIX_VOLUMES}{name}/"))?.len();
+                let volumes = kv.scan(&format!("{PREFIX_VOLUMES}{name}/"))?.len()
+                    + kv.scan(&format!("{PREFIX_VMS}{name}/"))?.len();
                 if kv.get(&key)?.is_none() {
                     Err(domain(
                         ErrorCode::NotFound,
@@ -557,7 +645,7 @@ impl ClusterApply {
                     Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
-                            "project {name:?} still has {volumes} volume(s); delete them first"
+                            "project {name:?} still has {volumes} VM(s) or volume(s); delete them first"
                         ),
                     ))
                 } else {
@@ -628,7 +716,7 @@ impl ClusterApply {
                         put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                         record.used_by = Some(node_id);
                         put_json(kv, &key, &record)?;
-                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default() };
+                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0 };
                         put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                         Ok(serde_json::json!({ "node_id": node_id }))
                     }
@@ -694,6 +782,10 @@ impl ClusterApply {
                     get_json::<Project>(kv, &project_key)?,
                     get_json::<VolumeRecord>(kv, &key)?,
                 ) {
+                    (Some(_), Some(volume)) if volume.attached_to.is_some() => Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!("volume {name:?} is attached to a VM; detach it first"),
+                    )),
                     (Some(mut record), Some(volume)) => {
                         record.usage = record.usage.minus(&volume.usage());
                         put_json(kv, &project_key, &record)?;
@@ -706,6 +798,50 @@ impl ClusterApply {
                     )),
                 }
             }
+            Command::SetNodeCapacity {
+                id,
+                vcpus,
+                memory_bytes,
+            } => {
+                let key = format!("{PREFIX_NODES}{id:020}");
+                match get_json::<NodeRecord>(kv, &key)? {
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("node {id} is not a member"),
+                    )),
+                    Some(mut node) => {
+                        node.vcpus = vcpus;
+                        node.memory_bytes = memory_bytes;
+                        put_json(kv, &key, &node)?;
+                        Ok(serde_json::to_value(&node).expect("serialisable"))
+                    }
+                }
+            }
+            Command::CreateVm {
+                vm,
+                overcommit_cpu_percent,
+                overcommit_memory_percent,
+            } => crate::compute::create_vm(
+                kv,
+                vm,
+                crate::scheduler::Overcommit {
+                    cpu: f64::from(overcommit_cpu_percent) / 100.0,
+                    memory: f64::from(overcommit_memory_percent) / 100.0,
+                },
+            )?,
+            Command::DeleteVm { project, name } => crate::compute::delete_vm(kv, &project, &name)?,
+            Command::AttachVolume {
+                project,
+                vm,
+                volume_project,
+                volume,
+            } => crate::compute::attach(kv, &project, &vm, &volume_project, &volume, true)?,
+            Command::DetachVolume {
+                project,
+                vm,
+                volume_project,
+                volume,
+            } => crate::compute::attach(kv, &project, &vm, &volume_project, &volume, false)?,
             Command::PutOidcIssuer { issuer } => {
                 let key = format!("{PREFIX_OIDC_ISSUERS}{}", issuer.name);
                 let clash = kv
@@ -748,9 +884,27 @@ impl ClusterApply {
                         format!("node {id} is not a member of this cluster"),
                     )),
                     Some(mut node) => {
-                        node.zone = zone;
-                        put_json(kv, &key, &node)?;
-                        Ok(serde_json::to_value(&node).expect("serialisable"))
+                        // A node never hosts another zone's VMs, so it keeps
+                        // its zone while it holds any.
+                        let foreign = kv
+                            .scan(PREFIX_VMS)?
+                            .into_iter()
+                            .filter_map(|(_, v)| serde_json::from_slice::<VmRecord>(&v).ok())
+                            .filter(|vm| vm.node_id == id && vm.zone != zone)
+                            .count();
+                        if foreign > 0 {
+                            Err(domain(
+                                ErrorCode::FailedPrecondition,
+                                format!(
+                                    "node {id} runs {foreign} VM(s) of the {} zone; move or delete them before relabelling it",
+                                    node.zone.as_str()
+                                ),
+                            ))
+                        } else {
+                            node.zone = zone;
+                            put_json(kv, &key, &node)?;
+                            Ok(serde_json::to_value(&node).expect("serialisable"))
+                        }
                     }
                 }
             }
@@ -974,6 +1128,14 @@ impl StateView {
 
     pub fn project(&self, name: &str) -> Result<Option<Project>, ReadError> {
         self.get(&format!("{PREFIX_PROJECTS}{name}"))
+    }
+
+    pub fn vms(&self, project: &str) -> Result<Vec<VmRecord>, ReadError> {
+        self.list(&format!("{PREFIX_VMS}{project}/"))
+    }
+
+    pub fn vm(&self, project: &str, name: &str) -> Result<Option<VmRecord>, ReadError> {
+        self.get(&format!("{PREFIX_VMS}{project}/{name}"))
     }
 
     pub fn volumes(&self, project: &str) -> Result<Vec<VolumeRecord>, ReadError> {

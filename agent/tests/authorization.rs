@@ -61,6 +61,30 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ("DELETE", "/v1/projects/{name}/volumes/{volume}"),
             ProjectAtLeast(Role::ProjectMember),
         ),
+        (
+            ("GET", "/v1/projects/{name}/vms"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/vms"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/vms/{vm}"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/vms/{vm}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/vms/{vm}/volumes"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/vms/{vm}/volumes/{volume}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
         (("GET", "/v1/users"), AdminOnly),
         (("POST", "/v1/users"), AdminOnly),
         (("POST", "/v1/users/{user}/roles"), AdminOnly),
@@ -116,6 +140,19 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
     let base = cluster.api_url(0);
     let (_, table) = agent::api::routes().finish();
     let expected = expectations();
+    common::wait_for_async(
+        "the node's capacity",
+        std::time::Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            let base = base.clone();
+            async move {
+                let nodes = admin.get(&format!("{base}/v1/nodes")).await.unwrap().body;
+                nodes[0]["vcpus"].as_u64() > Some(0)
+            }
+        },
+    )
+    .await;
     let mut case = 0;
     let mut checked = 0;
 
@@ -209,8 +246,19 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .replace("{id}", token_id)
                     .replace("{node}", "1")
                     .replace("{issuer}", &format!("idp{case}"))
-                    .replace("{volume}", "disk");
-                if pattern.contains("{volume}") {
+                    .replace("{volume}", "disk")
+                    .replace("{vm}", "box");
+                if pattern.contains("{vm}") {
+                    let reply = admin
+                        .post(
+                            &format!("{base}/v1/projects/{project}/vms"),
+                            json!({ "name": "box", "vcpus": 1, "memory_bytes": 64 << 20 }),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "vm").await;
+                }
+                if pattern.contains("{volume}") || pattern.ends_with("{vm}/volumes") {
                     let reply = admin
                         .post(
                             &format!("{base}/v1/projects/{project}/volumes"),
@@ -219,6 +267,16 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         .await
                         .unwrap();
                     ok(reply, "volume").await;
+                }
+                if pattern.contains("{vm}") && pattern.contains("{volume}") {
+                    let reply = admin
+                        .post(
+                            &format!("{base}/v1/projects/{project}/vms/box/volumes"),
+                            json!({ "volume": "disk" }),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "attach").await;
                 }
                 if pattern.contains("{issuer}") {
                     let reply = admin
@@ -235,6 +293,12 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
                     ("PUT", "/v1/projects/{name}/quota") => Some(json!({ "volumes": 5 })),
+                    ("POST", "/v1/projects/{name}/vms") => Some(
+                        json!({ "name": format!("new{case}"), "vcpus": 1, "memory_bytes": 64 << 20 }),
+                    ),
+                    ("POST", "/v1/projects/{name}/vms/{vm}/volumes") => {
+                        Some(json!({ "volume": "disk" }))
+                    }
                     ("POST", "/v1/projects/{name}/volumes") => {
                         Some(json!({ "name": format!("new{case}"), "size_bytes": 1 << 20 }))
                     }
@@ -276,6 +340,18 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     reply.body
                 );
                 checked += 1;
+                // Free the node for the next cases.
+                for p in [&own_project, &other_project] {
+                    for vm in ["box".to_string(), format!("new{case}")] {
+                        let _ = admin
+                            .send(
+                                Method::DELETE,
+                                &format!("{base}/v1/projects/{p}/vms/{vm}"),
+                                None,
+                            )
+                            .await;
+                    }
+                }
             }
         }
     }
