@@ -87,12 +87,19 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
         };
         let final_event = match request {
             Err(message) => AdminEvent::Failed { message },
-            Ok(request) => match execute(&agent, request, &progress).await {
-                Ok(result) => AdminEvent::Done { result },
-                Err(e) => AdminEvent::Failed {
-                    message: crate::error_chain_anyhow(&e),
-                },
-            },
+            Ok(request) => {
+                let action = request.audit_action();
+                let outcome = execute(&agent, request, &progress).await;
+                if let Some((action, object)) = action {
+                    audit(&agent, action, object, outcome.is_ok());
+                }
+                match outcome {
+                    Ok(result) => AdminEvent::Done { result },
+                    Err(e) => AdminEvent::Failed {
+                        message: crate::error_chain_anyhow(&e),
+                    },
+                }
+            }
         };
         let _ = tx.send(final_event);
     });
@@ -106,6 +113,52 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
         }
     }
     let _ = worker.await;
+}
+
+impl AdminRequest {
+    /// What the audit log calls this request, if it changes anything.
+    fn audit_action(&self) -> Option<(&'static str, String)> {
+        match self {
+            AdminRequest::Init { .. } => Some(("ADMIN cluster init", "cluster".into())),
+            AdminRequest::Join { .. } => Some(("ADMIN cluster join", "cluster".into())),
+            AdminRequest::JoinToken { .. } => {
+                Some(("ADMIN cluster join-token", "join-token".into()))
+            }
+            AdminRequest::Remove { node } => Some(("ADMIN cluster remove", format!("node {node}"))),
+            AdminRequest::Status => None,
+        }
+    }
+}
+
+/// Appends an entry for an operator action taken on this node's admin
+/// socket (local root), once the node is part of a cluster.
+fn audit(agent: &Agent, action: &str, object: String, ok: bool) {
+    let Some(node) = agent.node() else {
+        tracing::info!(
+            action,
+            ok,
+            "admin action on an unconfigured node; nothing to audit into"
+        );
+        return;
+    };
+    let record = crate::audit::AuditContext {
+        time_ms: crate::join::now_ms(),
+        user: "local-admin".into(),
+        token_id: "-".into(),
+        source: format!("admin.sock of node {}", node.id),
+        action: action.into(),
+        object,
+        zone: None,
+    }
+    .with_result(if ok { "ok" } else { "failed" });
+    tokio::spawn(async move {
+        if let Err(e) = node
+            .write(&crate::model::Command::AppendAudit { record })
+            .await
+        {
+            tracing::error!(error = %crate::error_chain(&e), "cannot append an admin action to the audit log");
+        }
+    });
 }
 
 async fn execute(

@@ -557,6 +557,23 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
             .any(|e| e["action"] == "POST /v1/users" && e["user"] == "admin"),
         "{stdout}"
     );
+    // Operator actions on the admin socket are in the log too.
+    for action in [
+        "ADMIN cluster init",
+        "ADMIN cluster join-token",
+        "ADMIN cluster join",
+    ] {
+        assert!(
+            entries
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == action
+                    && e["user"] == "local-admin"
+                    && e["result"] == "ok"),
+            "{action} missing: {stdout}"
+        );
+    }
     let (ok, stdout, stderr) = run_with(&admin_env, &["audit", "verify"]);
     assert!(ok && stdout.contains("intact"), "{stdout}{stderr}");
     let lines: Vec<String> = entries
