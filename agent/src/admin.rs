@@ -201,6 +201,7 @@ async fn execute(
                 "api_addr": node.config.api_addr,
                 "peer_addr": node.config.peer_addr,
                 "members": node.members(),
+                "ca_fingerprint": crate::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
             })),
         },
     }
@@ -209,6 +210,15 @@ async fn execute(
 /// Sends one request to the agent owning `data_dir`, printing progress to
 /// stderr, and returns the final result.
 pub async fn request(data_dir: &Path, request: &AdminRequest) -> anyhow::Result<serde_json::Value> {
+    request_with(data_dir, request, |message| eprintln!("{message}")).await
+}
+
+/// [`request`], handing each progress message to `progress`.
+pub async fn request_with(
+    data_dir: &Path,
+    request: &AdminRequest,
+    mut progress: impl FnMut(String),
+) -> anyhow::Result<serde_json::Value> {
     let path = data_dir.join("admin.sock");
     let stream = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
@@ -239,7 +249,7 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> anyhow::Result<
         match serde_json::from_str::<AdminEvent>(&line)
             .context("the agent's answer does not parse")?
         {
-            AdminEvent::Progress { message } => eprintln!("{message}"),
+            AdminEvent::Progress { message } => progress(message),
             AdminEvent::Done { result } => return Ok(result),
             AdminEvent::Failed { message } => anyhow::bail!("{message}"),
         }

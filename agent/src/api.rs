@@ -438,6 +438,9 @@ async fn not_found() -> ApiError {
 pub struct Health {
     /// Always `ok`.
     pub status: String,
+    /// This node's clock, in milliseconds since the epoch (joining nodes
+    /// compare theirs with it).
+    pub time_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
@@ -451,6 +454,7 @@ pub struct Ready {
 async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        time_ms: crate::join::now_ms(),
     })
 }
 

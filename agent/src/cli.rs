@@ -59,6 +59,35 @@ pub enum TopCommand {
     Oidc(OidcCommand),
     /// Print the API's OpenAPI 3 document (also served at /v1/openapi.json).
     Openapi,
+    /// The node's console: set it up, create or join a cluster, watch it.
+    Console {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Set this node up without the console.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Create a cluster (--create) or join one (--join TOKEN) after the same
+    /// pre-flight checks as the console; refuses to join if any fails.
+    Setup {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, conflicts_with = "join")]
+        create: bool,
+        /// Name of the new cluster (with --create).
+        #[arg(long, requires = "create")]
+        name: Option<String>,
+        /// Join with this token.
+        #[arg(long)]
+        join: Option<String>,
+        /// Only run the pre-flight checks for --join; change nothing.
+        #[arg(long, requires = "join")]
+        check_only: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -733,6 +762,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Role(command) => run_role(command).await,
         TopCommand::Token(command) => run_token(command).await,
         TopCommand::Login(args) => run_login(args).await,
+        TopCommand::Console { data_dir } => crate::console::run(data_dir).await,
+        TopCommand::Node(NodeCommand::Setup {
+            data_dir,
+            create,
+            name,
+            join,
+            check_only,
+        }) => run_node_setup(data_dir, create, name, join, check_only).await,
         TopCommand::Openapi => {
             print!("{}", crate::api::openapi_pretty());
             Ok(())
@@ -1314,6 +1351,63 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
         Some(list) => print_vms(list),
         None => print_vms(std::slice::from_ref(v)),
     });
+    Ok(())
+}
+
+async fn run_node_setup(
+    data_dir: PathBuf,
+    create: bool,
+    name: Option<String>,
+    join: Option<String>,
+    check_only: bool,
+) -> anyhow::Result<()> {
+    use crate::console::app::Verdict;
+    match (create, join) {
+        (true, _) => {
+            let result = admin(&data_dir, AdminRequest::Init { cluster_name: name }).await?;
+            println!(
+                "Created cluster {} (this node is node {}).",
+                text(&result["cluster_id"]),
+                text(&result["node_id"])
+            );
+        }
+        (false, Some(raw)) => {
+            let token = crate::join::JoinToken::decode(&raw, 0).map_err(anyhow::Error::new)?;
+            println!(
+                "Cluster {} (CA SHA-256 {})",
+                token.cluster_id, token.ca_fingerprint
+            );
+            let checks = crate::console::preflight::run(&token, &data_dir).await;
+            for check in &checks {
+                let mark = match check.verdict {
+                    Verdict::Pass => "ok  ",
+                    Verdict::Warn => "warn",
+                    Verdict::Fail => "FAIL",
+                };
+                println!("[{mark}] {}: {}", check.name, check.detail);
+                if check.verdict != Verdict::Pass && !check.fix.is_empty() {
+                    println!("       fix: {}", check.fix);
+                }
+            }
+            let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} pre-flight check(s) failed; nothing was changed on this node"
+                );
+            }
+            if check_only {
+                return Ok(());
+            }
+            let result = admin(&data_dir, AdminRequest::Join { token: raw }).await?;
+            println!(
+                "Joined cluster {} as node {} ({}).",
+                text(&result["cluster_id"]),
+                text(&result["node_id"]),
+                text(&result["role"])
+            );
+        }
+        (false, None) => anyhow::bail!("say --create or --join TOKEN"),
+    }
     Ok(())
 }
 

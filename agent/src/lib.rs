@@ -12,6 +12,7 @@ pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod compute;
+pub mod console;
 pub mod daemon;
 pub mod join;
 pub mod model;
