@@ -21,10 +21,22 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
-    Init { cluster_name: Option<String> },
-    JoinToken { ttl_secs: u64 },
-    Join { token: String },
-    Remove { node: String },
+    Init {
+        cluster_name: Option<String>,
+    },
+    JoinToken {
+        ttl_secs: u64,
+    },
+    Join {
+        token: String,
+    },
+    Remove {
+        node: String,
+    },
+    /// Puts this node into maintenance (no new VMs) or takes it out.
+    Maintenance {
+        on: bool,
+    },
     Status,
 }
 
@@ -125,6 +137,14 @@ impl AdminRequest {
                 Some(("ADMIN cluster join-token", "join-token".into()))
             }
             AdminRequest::Remove { node } => Some(("ADMIN cluster remove", format!("node {node}"))),
+            AdminRequest::Maintenance { on } => Some((
+                if *on {
+                    "ADMIN node maintenance on"
+                } else {
+                    "ADMIN node maintenance off"
+                },
+                "this node".into(),
+            )),
             AdminRequest::Status => None,
         }
     }
@@ -189,6 +209,18 @@ async fn execute(
             let id = agent.remove(&node).await?;
             Ok(serde_json::json!({ "removed": id }))
         }
+        AdminRequest::Maintenance { on } => {
+            let node = agent
+                .node()
+                .ok_or(crate::daemon::SetupError::NotConfigured)?;
+            node.write(&crate::model::Command::SetNodeMaintenance {
+                id: node.id,
+                maintenance: on,
+            })
+            .await?
+            .map_err(anyhow::Error::new)?;
+            Ok(serde_json::json!({ "maintenance": on }))
+        }
         AdminRequest::Status => match agent.node() {
             None => Ok(
                 serde_json::json!({ "configured": false, "api_addr": agent.api_addr, "peer_addr": agent.peer_addr }),
@@ -202,9 +234,23 @@ async fn execute(
                 "peer_addr": node.config.peer_addr,
                 "members": node.members(),
                 "ca_fingerprint": crate::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
+                "node": node.state.nodes().ok().and_then(|all| all.into_iter().find(|n| n.id == node.id)),
+                "vms": local_vms(&node),
+                "log_tail": crate::logring::tail(20),
             })),
         },
     }
+}
+
+/// The VMs placed on this node, as the console lists them.
+fn local_vms(node: &crate::node::ClusterNode) -> Vec<serde_json::Value> {
+    let projects = node.state.projects().unwrap_or_default();
+    projects
+        .iter()
+        .flat_map(|p| node.state.vms(&p.name).unwrap_or_default())
+        .filter(|vm| vm.node_id == node.id)
+        .map(|vm| serde_json::json!({ "project": vm.project, "name": vm.name, "vcpus": vm.vcpus, "memory_bytes": vm.memory_bytes, "state": vm.state }))
+        .collect()
 }
 
 /// Sends one request to the agent owning `data_dir`, printing progress to

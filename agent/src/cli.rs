@@ -88,6 +88,13 @@ pub enum NodeCommand {
         #[arg(long, requires = "join")]
         check_only: bool,
     },
+    /// Put this node into maintenance (it takes no new VMs), or take it out.
+    Maintenance {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -770,6 +777,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             join,
             check_only,
         }) => run_node_setup(data_dir, create, name, join, check_only).await,
+        TopCommand::Node(NodeCommand::Maintenance { data_dir, state }) => {
+            let on = state == "on";
+            admin(&data_dir, AdminRequest::Maintenance { on }).await?;
+            println!(
+                "{}",
+                if on {
+                    "This node is in maintenance: it takes no new VMs."
+                } else {
+                    "This node takes new VMs again."
+                }
+            );
+            Ok(())
+        }
         TopCommand::Openapi => {
             print!("{}", crate::api::openapi_pretty());
             Ok(())

@@ -334,6 +334,7 @@ impl Agent {
                 zone: Default::default(),
                 vcpus: 0,
                 memory_bytes: 0,
+                maintenance: false,
             };
             node.write(&Command::InitCluster {
                 info,

@@ -15,6 +15,7 @@ pub mod compute;
 pub mod console;
 pub mod daemon;
 pub mod join;
+pub mod logring;
 pub mod model;
 pub mod node;
 pub mod oidc;

@@ -10,6 +10,18 @@ fn main() -> std::process::ExitCode {
         cli.command,
         agent::cli::TopCommand::Agent(_) | agent::cli::TopCommand::Up(_)
     );
+    if !is_daemon {
+        // A client printing into a closed pipe (`allod ... | head`) should
+        // end quietly, as other command-line tools do, not panic.
+        // SAFETY: restoring the default disposition of SIGPIPE, before any
+        // other thread exists, installs no handler code at all.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let default_filter = if is_daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -17,7 +29,7 @@ fn main() -> std::process::ExitCode {
                 tracing_subscriber::EnvFilter::new(format!("{default_filter},openraft=warn"))
             }),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| agent::logring::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Small daemon, small runtime: two workers are plenty for the control plane.

@@ -146,6 +146,9 @@ pub struct NodeRecord {
     pub vcpus: u64,
     #[serde(default)]
     pub memory_bytes: u64,
+    /// A node in maintenance takes no new VMs.
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// A volume attached to a VM.
@@ -245,6 +248,10 @@ pub enum Command {
     DeleteVolume {
         project: String,
         name: String,
+    },
+    SetNodeMaintenance {
+        id: NodeId,
+        maintenance: bool,
     },
     /// What a node reports of its own capacity.
     SetNodeCapacity {
@@ -494,6 +501,7 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::CreateVolume { .. }
         | Command::DeleteVolume { .. }
         | Command::SetNodeCapacity { .. }
+        | Command::SetNodeMaintenance { .. }
         | Command::CreateVm { .. }
         | Command::DeleteVm { .. }
         | Command::AttachVolume { .. }
@@ -716,7 +724,7 @@ impl ClusterApply {
                         put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                         record.used_by = Some(node_id);
                         put_json(kv, &key, &record)?;
-                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0 };
+                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false };
                         put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                         Ok(serde_json::json!({ "node_id": node_id }))
                     }
@@ -796,6 +804,20 @@ impl ClusterApply {
                         ErrorCode::NotFound,
                         format!("volume {name:?} does not exist in project {project:?}"),
                     )),
+                }
+            }
+            Command::SetNodeMaintenance { id, maintenance } => {
+                let key = format!("{PREFIX_NODES}{id:020}");
+                match get_json::<NodeRecord>(kv, &key)? {
+                    None => Err(domain(
+                        ErrorCode::NotFound,
+                        format!("node {id} is not a member"),
+                    )),
+                    Some(mut node) => {
+                        node.maintenance = maintenance;
+                        put_json(kv, &key, &node)?;
+                        Ok(serde_json::to_value(&node).expect("serialisable"))
+                    }
                 }
             }
             Command::SetNodeCapacity {

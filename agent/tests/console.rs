@@ -208,6 +208,11 @@ fn two_consoles_create_and_join_and_preflight_stops_bad_tokens() {
     tmux.keys("c1", &["Enter"]);
     let dashboard = tmux.wait_for("c1", "Members (2)");
     assert!(dashboard.contains("beta"), "{dashboard}");
+    // Maintenance, behind a confirmation.
+    tmux.keys("c1", &["m"]);
+    tmux.wait_for("c1", "Put this node into maintenance?");
+    tmux.keys("c1", &["y"]);
+    tmux.wait_for("c1", "[MAINTENANCE]");
     // Ctrl-C leaves the console; the agent keeps running.
     tmux.keys("c1", &["C-c"]);
 }

@@ -195,5 +195,24 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
         .find(|e| e["object"] == "/v1/projects/vault/vms" && e["result"] == "ok")
         .expect("the VM create is audited");
     assert_eq!(entry["zone"], "SECRET");
+
+    // A node in maintenance takes no new VMs.
+    agent::admin::request(
+        &cluster.live(0).dir,
+        &agent::admin::AdminRequest::Maintenance { on: true },
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        let reply = admin
+            .post(
+                &format!("{base}/v1/projects/shop/vms"),
+                vm(&format!("m{i}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        assert_eq!(reply.body["node_id"], 2, "node 1 is in maintenance");
+    }
     cluster.shutdown().await;
 }

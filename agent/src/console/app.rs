@@ -25,6 +25,7 @@ pub enum Effect {
     Join { token: String },
     CreateJoinToken,
     Leave,
+    Maintenance { on: bool },
     Quit,
 }
 
@@ -57,6 +58,8 @@ pub enum Event {
     Done(serde_json::Value),
     Failed(String),
     JoinToken(String),
+    /// Something worth telling the operator.
+    Note(String),
 }
 
 /// The local agent as its admin socket describes it.
@@ -69,6 +72,14 @@ pub struct AgentStatus {
     pub leader_id: Option<u64>,
     pub ca_fingerprint: String,
     pub members: Vec<Member>,
+    pub maintenance: bool,
+    /// This node's capacity.
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    /// The VMs placed on this node.
+    pub vms: Vec<LocalVm>,
+    /// The agent's newest log lines.
+    pub log_tail: Vec<String>,
     /// When the admin socket cannot be reached, why.
     pub error: Option<String>,
 }
@@ -81,6 +92,15 @@ pub struct Member {
     pub peer_addr: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalVm {
+    pub project: String,
+    pub name: String,
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    pub state: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Create,
@@ -91,6 +111,7 @@ pub enum Choice {
 pub enum Confirm {
     JoinToken,
     Leave,
+    Maintenance { on: bool },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -322,11 +343,18 @@ impl App {
                 (Screen::Confirming(Confirm::JoinToken), None)
             }
             (Screen::Dashboard, Key::Char('l' | 'L')) => (Screen::Confirming(Confirm::Leave), None),
+            (Screen::Dashboard, Key::Char('m' | 'M')) => (
+                Screen::Confirming(Confirm::Maintenance {
+                    on: !self.status.maintenance,
+                }),
+                None,
+            ),
             (Screen::Dashboard, Key::Char('q' | 'Q')) => (Screen::Dashboard, Some(Effect::Quit)),
             (Screen::Confirming(what), Key::Char('y' | 'Y')) => {
                 let effect = match what {
                     Confirm::JoinToken => Effect::CreateJoinToken,
                     Confirm::Leave => Effect::Leave,
+                    Confirm::Maintenance { on } => Effect::Maintenance { on },
                 };
                 (Screen::Dashboard, Some(effect))
             }
@@ -393,6 +421,10 @@ impl App {
                 } else {
                     self.note = Some(message);
                 }
+            }
+            Event::Note(note) => {
+                self.log_tail.push(note.clone());
+                self.note = Some(note);
             }
             Event::JoinToken(token) => {
                 self.log_tail.push("Created a join token".into());
@@ -616,6 +648,17 @@ mod tests {
         app.on_key(Key::Enter);
         app.on_key(Key::Char('l'));
         assert_eq!(app.on_key(Key::Char('y')), Some(Effect::Leave));
+        app.on_key(Key::Char('m'));
+        assert_eq!(
+            app.on_key(Key::Char('y')),
+            Some(Effect::Maintenance { on: true })
+        );
+        app.status.maintenance = true;
+        app.on_key(Key::Char('m'));
+        assert_eq!(
+            app.on_key(Key::Char('y')),
+            Some(Effect::Maintenance { on: false })
+        );
         assert_eq!(app.on_key(Key::Interrupt), Some(Effect::Quit));
     }
 }

@@ -11,7 +11,7 @@ pub mod view;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use app::{AgentStatus, App, Effect, Event, Key, Member};
+use app::{AgentStatus, App, Effect, Event, Key, LocalVm, Member};
 use tokio::sync::mpsc;
 
 use crate::admin::AdminRequest;
@@ -41,6 +41,27 @@ pub async fn agent_status(data_dir: &Path) -> AgentStatus {
                     role: m["role"].as_str().unwrap_or_default().into(),
                     peer_addr: m["peer_addr"].as_str().unwrap_or_default().into(),
                 })
+                .collect(),
+            maintenance: status["node"]["maintenance"].as_bool().unwrap_or(false),
+            vcpus: status["node"]["vcpus"].as_u64().unwrap_or(0),
+            memory_bytes: status["node"]["memory_bytes"].as_u64().unwrap_or(0),
+            vms: status["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| LocalVm {
+                    project: v["project"].as_str().unwrap_or_default().into(),
+                    name: v["name"].as_str().unwrap_or_default().into(),
+                    vcpus: v["vcpus"].as_u64().unwrap_or(0),
+                    memory_bytes: v["memory_bytes"].as_u64().unwrap_or(0),
+                    state: v["state"].as_str().unwrap_or_default().into(),
+                })
+                .collect(),
+            log_tail: status["log_tail"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_str().map(str::to_string))
                 .collect(),
             error: None,
         },
@@ -114,6 +135,14 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
                     Err(e) => send(Event::Failed(format!("{e:#}"))),
                 }
             }
+            Effect::Maintenance { on } => match admin(AdminRequest::Maintenance { on }).await {
+                Ok(_) => send(Event::Note(if on {
+                    "this node is in maintenance: it takes no new VMs".into()
+                } else {
+                    "this node takes VMs again".into()
+                })),
+                Err(e) => send(Event::Failed(format!("{e:#}"))),
+            },
             Effect::Leave => {
                 let status = agent_status(&data_dir).await;
                 match admin(AdminRequest::Remove {
@@ -121,9 +150,7 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
                 })
                 .await
                 {
-                    Ok(_) => send(Event::Failed(
-                        "this node was removed from the cluster".into(),
-                    )),
+                    Ok(_) => send(Event::Note("this node was removed from the cluster".into())),
                     Err(e) => send(Event::Failed(format!("{e:#}"))),
                 }
             }

@@ -152,6 +152,12 @@ pub fn render(frame: &mut Frame, app: &App) {
                     "Create a single-use join token (valid for 1 hour) for the next node?"
                 }
                 Confirm::Leave => "Remove this node from the cluster? Its VMs must be moved first.",
+                Confirm::Maintenance { on: true } => {
+                    "Put this node into maintenance? It takes no new VMs until taken out."
+                }
+                Confirm::Maintenance { on: false } => {
+                    "Take this node out of maintenance? It takes new VMs again."
+                }
             };
             (
                 "Confirm",
@@ -192,6 +198,14 @@ fn shorten(text: &str, max: usize) -> String {
         text.to_string()
     } else {
         format!("...{}", &text[text.len() - (max - 3)..])
+    }
+}
+
+fn shorten_end(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        format!("{}...", text.chars().take(max - 3).collect::<String>())
     }
 }
 
@@ -339,7 +353,6 @@ fn preflight(checks: &[Check]) -> (&'static str, Vec<Line<'static>>, &'static st
 fn dashboard(app: &App) -> (&'static str, Vec<Line<'static>>, &'static str) {
     let mut lines = identity(app);
     lines.push(agent_line(app));
-    lines.push(Line::from(""));
     let status = &app.status;
     if !status.ca_fingerprint.is_empty() {
         let rows = fingerprint_rows(&status.ca_fingerprint);
@@ -359,7 +372,7 @@ fn dashboard(app: &App) -> (&'static str, Vec<Line<'static>>, &'static str) {
             .leader_id
             .map_or("none known".to_string(), |l| format!("node {l}"))
     ))));
-    for member in status.members.iter().take(8) {
+    for member in status.members.iter().take(5) {
         lines.push(Line::from(format!(
             "  {:<3} {:<16} {:<8} {}{}",
             member.id,
@@ -373,17 +386,55 @@ fn dashboard(app: &App) -> (&'static str, Vec<Line<'static>>, &'static str) {
             }
         )));
     }
-    if !app.log_tail.is_empty() {
-        lines.push(Line::from(""));
-        lines.push(Line::from(bold("Recent")));
-        for line in app.log_tail.iter().rev().take(4).rev() {
+    let used_vcpus: u64 = status.vms.iter().map(|v| v.vcpus).sum();
+    let used_memory: u64 = status.vms.iter().map(|v| v.memory_bytes).sum();
+    lines.push(Line::from(format!(
+        "This node: {} VM(s), {used_vcpus} of {} vCPUs, {} of {} memory{}",
+        status.vms.len(),
+        status.vcpus,
+        size(used_memory),
+        size(status.memory_bytes),
+        if status.maintenance {
+            "  [MAINTENANCE]"
+        } else {
+            ""
+        }
+    )));
+    for vm in status.vms.iter().take(3) {
+        lines.push(Line::from(format!(
+            "  {}/{} {} vCPU {} {}",
+            vm.project,
+            vm.name,
+            vm.vcpus,
+            size(vm.memory_bytes),
+            vm.state
+        )));
+    }
+    if status.vms.len() > 3 {
+        lines.push(Line::from(format!(
+            "  ... and {} more",
+            status.vms.len() - 3
+        )));
+    }
+    let recent: Vec<&String> = app.log_tail.iter().rev().take(2).collect();
+    if !recent.is_empty() {
+        lines.push(Line::from(bold("Recent on this console")));
+        for line in recent.into_iter().rev() {
             lines.push(Line::from(format!("  {line}")));
+        }
+    }
+    if !status.log_tail.is_empty() {
+        lines.push(Line::from(bold("Agent log")));
+        for line in status.log_tail.iter().rev().take(3).rev() {
+            // The timestamp's date is noise on a console.
+            let line = line.get(11..).unwrap_or(line);
+            lines.push(Line::from(format!("  {}", shorten_end(line, 74))));
         }
     }
     (
         "Allod node dashboard",
         lines,
-        "T join token for a new node, L leave the cluster, Ctrl-C leave the console",
+        "T join token, M maintenance, L leave the cluster, Ctrl-C leave the console",
     )
 }
 
@@ -409,7 +460,7 @@ pub fn render_to_text(app: &App, width: u16, height: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::app::{AgentStatus, Event, Member};
+    use super::super::app::{AgentStatus, Event, LocalVm, Member};
     use super::super::facts::{Disk, Interface, NodeFacts};
     use super::*;
     use crate::join::{JoinToken, TokenMember};
@@ -501,6 +552,23 @@ mod tests {
                     peer_addr: format!("10.0.0.{id}:7444"),
                 })
                 .collect(),
+            maintenance: false,
+            vcpus: 64,
+            memory_bytes: 512 << 30,
+            vms: ["web1", "web2", "db1", "db2"]
+                .iter()
+                .map(|name| LocalVm {
+                    project: "shop".into(),
+                    name: name.to_string(),
+                    vcpus: 2,
+                    memory_bytes: 4 << 30,
+                    state: "pending".into(),
+                })
+                .collect(),
+            log_tail: vec![
+                "2026-11-26T05:31:02.113Z  INFO agent::daemon: joined the cluster node_id=2".into(),
+                "2026-11-26T05:31:05.400Z  INFO agent::daemon: recorded this node's capacity vcpus=64 memory_bytes=549755813888".into(),
+            ],
             error: None,
         };
         app
@@ -704,6 +772,13 @@ mod tests {
             &configured(Screen::ShowToken {
                 token: token().encode(),
             }),
+        );
+        let mut maintenance = configured(Screen::Dashboard);
+        maintenance.status.maintenance = true;
+        snapshot("dashboard_maintenance", &maintenance);
+        snapshot(
+            "confirm_maintenance",
+            &configured(Screen::Confirming(Confirm::Maintenance { on: true })),
         );
         let mut note = configured(Screen::Dashboard);
         note.note =
