@@ -633,6 +633,14 @@ async fn create_project(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
+/// A linearizable read of a project, or 404 when it does not exist.
+async fn read_project(node: &ClusterNode, name: &str) -> ApiResult<Project> {
+    node.linearizable_read().await?;
+    node.state
+        .project(name)?
+        .ok_or_else(|| project_not_found(name))
+}
+
 fn project_not_found(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -647,11 +655,7 @@ async fn show_project(
     State(node): State<Arc<ClusterNode>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Project>> {
-    node.linearizable_read().await?;
-    node.state
-        .project(&name)?
-        .map(Json)
-        .ok_or_else(|| project_not_found(&name))
+    read_project(&node, &name).await.map(Json)
 }
 
 #[utoipa::path(patch, path = "/v1/projects/{name}", tag = "projects", params(("name" = String, Path, description = "Project name")), request_body = UpdateProject,
@@ -721,10 +725,7 @@ async fn list_volumes(
     State(node): State<Arc<ClusterNode>>,
     Path(project): Path<String>,
 ) -> ApiResult<Json<Vec<crate::model::VolumeRecord>>> {
-    node.linearizable_read().await?;
-    if node.state.project(&project)?.is_none() {
-        return Err(project_not_found(&project));
-    }
+    read_project(&node, &project).await?;
     Ok(Json(node.state.volumes(&project)?))
 }
 
@@ -838,10 +839,7 @@ async fn list_vms(
     State(node): State<Arc<ClusterNode>>,
     Path(project): Path<String>,
 ) -> ApiResult<Json<Vec<crate::model::VmRecord>>> {
-    node.linearizable_read().await?;
-    if node.state.project(&project)?.is_none() {
-        return Err(project_not_found(&project));
-    }
+    read_project(&node, &project).await?;
     Ok(Json(node.state.vms(&project)?))
 }
 

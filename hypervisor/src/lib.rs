@@ -7,5 +7,8 @@
 //! It touches only domains whose metadata marks them as Allod's and names this
 //! node. libvirt (and the LGPL-2.1 `virt` bindings) enter the workspace here.
 //!
-//! Nothing is implemented yet; the compute capability is tracked as its own
-//! piece of work.
+//! Built so far: [`spec`], the typed domain specification and its XML
+//! (checked against libvirt's schema). The lifecycle through `virt` and the
+//! per-node reconciler come next.
+
+pub mod spec;
