@@ -500,15 +500,12 @@ async fn authorize_inner(
     next: Next,
     audit: Option<&crate::audit::RequestAudit>,
 ) -> (Response, Option<Principal>) {
-    let Some(pattern) = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-    else {
+    let Some(matched) = request.extensions().get::<MatchedPath>().cloned() else {
         return (next.run(request).await, None);
     };
-    let Some(permission) = table.get(request.method(), &pattern) else {
-        let allowed = table.methods_of(&pattern);
+    let pattern = matched.as_str();
+    let Some(permission) = table.get(request.method(), pattern) else {
+        let allowed = table.methods_of(pattern);
         if !allowed.is_empty() {
             let allow = allowed.join(", ");
             let message = format!("{} is not supported here; use {allow}", request.method());
@@ -553,14 +550,18 @@ async fn authorize_inner(
             .map(str::to_string)
             .ok_or(AuthError::Malformed),
     };
-    let params = path_params(&pattern, request.uri().path());
+    // Only permissions that name a path parameter need them.
+    let params = match permission {
+        Permission::Public | Permission::Authenticated | Permission::ClusterAdmin => HashMap::new(),
+        _ => path_params(pattern, request.uri().path()),
+    };
     let evaluate = || async {
         let principal = authenticate(node, token.as_ref().map_err(clone_auth_error)?).await?;
-        let mut params = params.clone();
+        let mut params = std::borrow::Cow::Borrowed(&params);
         if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
             let id = params.get(param).cloned().unwrap_or_default();
             if let Some(owner) = node.state.token_owner(&id)? {
-                params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
+                params.to_mut().insert(TOKEN_OWNER_PARAM.to_string(), owner);
             }
         }
         let decision = decide(permission, &principal, &params);
