@@ -438,6 +438,22 @@ impl ClusterNode {
             .collect()
     }
 
+    /// On the leader: how many log entries each member is behind (`None`
+    /// for a member it has not heard from). Empty on other nodes.
+    pub fn replication_lag(&self) -> std::collections::BTreeMap<NodeId, Option<u64>> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let last = metrics.last_log_index.unwrap_or(0);
+        metrics
+            .replication
+            .map(|replication| {
+                replication
+                    .into_iter()
+                    .map(|(id, matched)| (id, matched.map(|m| last.saturating_sub(m.index))))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn is_member(&self, id: NodeId) -> bool {
         self.raft
             .metrics()

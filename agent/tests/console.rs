@@ -208,6 +208,8 @@ fn two_consoles_create_and_join_and_preflight_stops_bad_tokens() {
     tmux.keys("c1", &["Enter"]);
     let dashboard = tmux.wait_for("c1", "Members (2)");
     assert!(dashboard.contains("beta"), "{dashboard}");
+    // The leader's dashboard shows the new member replicating.
+    tmux.wait_for("c1", "in sync");
     // Maintenance, behind a confirmation.
     tmux.keys("c1", &["m"]);
     tmux.wait_for("c1", "Put this node into maintenance?");

@@ -90,6 +90,9 @@ pub struct Member {
     pub name: String,
     pub role: String,
     pub peer_addr: String,
+    /// Entries behind the leader, as the leader sees it (`None`: unknown
+    /// here, or not heard from).
+    pub lag: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -40,6 +40,7 @@ pub async fn agent_status(data_dir: &Path) -> AgentStatus {
                     name: m["name"].as_str().unwrap_or_default().into(),
                     role: m["role"].as_str().unwrap_or_default().into(),
                     peer_addr: m["peer_addr"].as_str().unwrap_or_default().into(),
+                    lag: status["lag"][m["id"].as_u64().unwrap_or(0).to_string()].as_u64(),
                 })
                 .collect(),
             maintenance: status["node"]["maintenance"].as_bool().unwrap_or(false),

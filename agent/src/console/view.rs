@@ -372,18 +372,22 @@ fn dashboard(app: &App) -> (&'static str, Vec<Line<'static>>, &'static str) {
             .leader_id
             .map_or("none known".to_string(), |l| format!("node {l}"))
     ))));
+    let leading = status.leader_id == Some(status.node_id);
     for member in status.members.iter().take(5) {
-        lines.push(Line::from(format!(
-            "  {:<3} {:<16} {:<8} {}{}",
-            member.id,
-            member.name,
-            member.role,
-            member.peer_addr,
-            if Some(member.id) == status.leader_id {
-                "  (leader)"
-            } else {
-                ""
+        let health = if Some(member.id) == status.leader_id {
+            "leader".to_string()
+        } else if !leading {
+            "-".to_string()
+        } else {
+            match member.lag {
+                Some(0) => "in sync".to_string(),
+                Some(n) => format!("{n} behind"),
+                None => "not answering".to_string(),
             }
+        };
+        lines.push(Line::from(format!(
+            "  {:<3} {:<16} {:<8} {:<22} {}",
+            member.id, member.name, member.role, member.peer_addr, health
         )));
     }
     let used_vcpus: u64 = status.vms.iter().map(|v| v.vcpus).sum();
@@ -550,6 +554,7 @@ mod tests {
                     name: format!("rack1-node{id}"),
                     role: if id < 3 { "voter" } else { "learner" }.into(),
                     peer_addr: format!("10.0.0.{id}:7444"),
+                    lag: None,
                 })
                 .collect(),
             maintenance: false,
@@ -773,6 +778,12 @@ mod tests {
                 token: token().encode(),
             }),
         );
+        let mut leader = configured(Screen::Dashboard);
+        leader.status.node_id = 1;
+        leader.status.members[1].lag = Some(0);
+        leader.status.members[2].lag = Some(42);
+        leader.status.vms.clear();
+        snapshot("dashboard_leader", &leader);
         let mut maintenance = configured(Screen::Dashboard);
         maintenance.status.maintenance = true;
         snapshot("dashboard_maintenance", &maintenance);
