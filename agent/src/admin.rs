@@ -37,6 +37,12 @@ pub enum AdminRequest {
     Maintenance {
         on: bool,
     },
+    /// Applies a node setup (validated as a whole first) and keeps it.
+    Setup {
+        setup: crate::setup::NodeSetup,
+        #[serde(default)]
+        wipe: Vec<String>,
+    },
     Status,
 }
 
@@ -145,6 +151,7 @@ impl AdminRequest {
                 },
                 "this node".into(),
             )),
+            AdminRequest::Setup { .. } => Some(("ADMIN node setup", "this node".into())),
             AdminRequest::Status => None,
         }
     }
@@ -220,6 +227,16 @@ async fn execute(
             .await?
             .map_err(anyhow::Error::new)?;
             Ok(serde_json::json!({ "maintenance": on }))
+        }
+        AdminRequest::Setup { setup, wipe } => {
+            let plan = setup.plan(&wipe).map_err(anyhow::Error::msg)?;
+            progress("The setup is valid; applying it".into());
+            crate::setup::apply(&plan, progress).await?;
+            let path = crate::setup::path(&agent.data_dir.root);
+            std::fs::write(&path, serde_json::to_vec_pretty(&setup)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(format!("Setup kept in {}", path.display()));
+            Ok(serde_json::to_value(&setup)?)
         }
         AdminRequest::Status => match agent.node() {
             None => Ok(

@@ -71,11 +71,14 @@ pub enum TopCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Create a cluster (--create) or join one (--join TOKEN) after the same
-    /// pre-flight checks as the console; refuses to join if any fails.
+    /// Set the node up (host name, management network, NTP, storage disks)
+    /// and then create a cluster (--create) or join one (--join TOKEN) after
+    /// the same pre-flight checks as the console; refuses to join if any fails.
     Setup {
         #[arg(long)]
         data_dir: PathBuf,
+        #[command(flatten)]
+        node: Box<SetupArgs>,
         #[arg(long, conflicts_with = "join")]
         create: bool,
         /// Name of the new cluster (with --create).
@@ -448,6 +451,61 @@ pub enum VmCommand {
     },
 }
 
+/// The node-setup flags of `allod node setup`.
+#[derive(Args, Debug, Default)]
+pub struct SetupArgs {
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// The management interface.
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// Address the management interface by DHCP.
+    #[arg(long, requires = "interface")]
+    pub dhcp: bool,
+    /// Static address, ADDRESS/PREFIX.
+    #[arg(long, requires = "interface")]
+    pub address: Option<String>,
+    #[arg(long, requires = "address")]
+    pub gateway: Option<String>,
+    #[arg(long, requires = "interface")]
+    pub dns: Vec<String>,
+    #[arg(long)]
+    pub ntp: Vec<String>,
+    /// A whole disk Allod may use for volumes (repeat for more).
+    #[arg(long)]
+    pub storage_disk: Vec<String>,
+    /// Erase this storage disk's partition table and signatures first.
+    #[arg(long)]
+    pub wipe: Vec<String>,
+}
+
+impl SetupArgs {
+    fn is_empty(&self) -> bool {
+        self.hostname.is_none()
+            && self.interface.is_none()
+            && self.ntp.is_empty()
+            && self.storage_disk.is_empty()
+    }
+
+    fn to_setup(&self) -> crate::setup::NodeSetup {
+        crate::setup::NodeSetup {
+            hostname: self.hostname.clone(),
+            management: self
+                .interface
+                .as_ref()
+                .map(|interface| crate::setup::Management {
+                    interface: interface.clone(),
+                    dhcp: self.dhcp,
+                    address: self.address.clone(),
+                    gateway: self.gateway.clone(),
+                    dns: self.dns.clone(),
+                }),
+            ntp: self.ntp.clone(),
+            storage_disks: self.storage_disk.clone(),
+        }
+    }
+}
+
 /// A quota limit from the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
@@ -772,11 +830,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Console { data_dir } => crate::console::run(data_dir).await,
         TopCommand::Node(NodeCommand::Setup {
             data_dir,
+            node,
             create,
             name,
             join,
             check_only,
-        }) => run_node_setup(data_dir, create, name, join, check_only).await,
+        }) => {
+            if !node.is_empty() {
+                let wipe = node.wipe.clone();
+                let result = admin(
+                    &data_dir,
+                    AdminRequest::Setup {
+                        setup: node.to_setup(),
+                        wipe,
+                    },
+                )
+                .await?;
+                println!("Node set up: {result}");
+                if !create && join.is_none() {
+                    return Ok(());
+                }
+            }
+            run_node_setup(data_dir, create, name, join, check_only).await
+        }
         TopCommand::Node(NodeCommand::Maintenance { data_dir, state }) => {
             let on = state == "on";
             admin(&data_dir, AdminRequest::Maintenance { on }).await?;

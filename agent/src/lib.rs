@@ -26,6 +26,7 @@ pub mod proposer;
 pub mod quota;
 pub mod scheduler;
 pub mod serve;
+pub mod setup;
 pub mod zones;
 
 /// An error and all its sources, joined with ": ", for messages and logs.
