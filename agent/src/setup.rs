@@ -202,7 +202,7 @@ impl NodeSetup {
                 wiped.push(Path::new("/dev").join(disk));
             } else if data {
                 return Err(format!(
-                    "{device} holds data (partitions or a file system); confirm with --wipe {device} to erase it"
+                    "{device} holds data (partitions or a file system); to erase it, list it to wipe too (--wipe {device})"
                 ));
             }
         }

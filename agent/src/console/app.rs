@@ -20,12 +20,24 @@ pub enum Key {
 /// [`Event`]s.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    CreateCluster { name: Option<String> },
-    RunPreflight { token: JoinToken },
-    Join { token: String },
+    CreateCluster {
+        name: Option<String>,
+    },
+    RunPreflight {
+        token: JoinToken,
+    },
+    Join {
+        token: String,
+    },
     CreateJoinToken,
     Leave,
-    Maintenance { on: bool },
+    Maintenance {
+        on: bool,
+    },
+    Setup {
+        setup: crate::setup::NodeSetup,
+        wipe: Vec<String>,
+    },
     Quit,
 }
 
@@ -108,6 +120,76 @@ pub struct LocalVm {
 pub enum Choice {
     Create,
     Join,
+    Setup,
+}
+
+/// The node-setup form, field by field, as typed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SetupForm {
+    pub hostname: String,
+    pub interface: String,
+    pub dhcp: bool,
+    pub address: String,
+    pub gateway: String,
+    pub dns: String,
+    pub ntp: String,
+    pub disks: String,
+    pub wipe: String,
+}
+
+/// The form's rows: its fields, then "Apply".
+pub const SETUP_ROWS: [&str; 10] = [
+    "Host name",
+    "Interface",
+    "Addressing",
+    "Address/prefix",
+    "Gateway",
+    "DNS servers",
+    "NTP servers",
+    "Storage disks",
+    "Wipe disks",
+    "Apply",
+];
+
+fn list(text: &str) -> Vec<String> {
+    text.split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl SetupForm {
+    fn field(&mut self, row: usize) -> Option<&mut String> {
+        Some(match row {
+            0 => &mut self.hostname,
+            1 => &mut self.interface,
+            3 => &mut self.address,
+            4 => &mut self.gateway,
+            5 => &mut self.dns,
+            6 => &mut self.ntp,
+            7 => &mut self.disks,
+            8 => &mut self.wipe,
+            _ => return None,
+        })
+    }
+
+    /// The setup the agent is asked for (it validates it as a whole).
+    pub fn to_setup(&self) -> (crate::setup::NodeSetup, Vec<String>) {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let setup = crate::setup::NodeSetup {
+            hostname: some(&self.hostname),
+            management: some(&self.interface).map(|interface| crate::setup::Management {
+                interface,
+                dhcp: self.dhcp,
+                address: if self.dhcp { None } else { some(&self.address) },
+                gateway: if self.dhcp { None } else { some(&self.gateway) },
+                dns: list(&self.dns),
+            }),
+            ntp: list(&self.ntp),
+            storage_disks: list(&self.disks),
+        };
+        (setup, list(&self.wipe))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +224,11 @@ pub enum Screen {
         raw: String,
         token: JoinToken,
         checks: Vec<Check>,
+    },
+    /// The node's own setup, row `cursor` selected.
+    Setup {
+        form: SetupForm,
+        cursor: usize,
     },
     /// Creating or joining: steps so far, and how it ended.
     Working {
@@ -208,12 +295,30 @@ impl App {
 
     fn step(&mut self, screen: Screen, key: Key) -> (Screen, Option<Effect>) {
         match (screen, key) {
-            (Screen::Welcome { selected }, Key::Up | Key::Down) => (
+            (Screen::Welcome { selected }, Key::Down) => (
                 Screen::Welcome {
                     selected: match selected {
                         Choice::Create => Choice::Join,
-                        Choice::Join => Choice::Create,
+                        Choice::Join => Choice::Setup,
+                        Choice::Setup => Choice::Create,
                     },
+                },
+                None,
+            ),
+            (Screen::Welcome { selected }, Key::Up) => (
+                Screen::Welcome {
+                    selected: match selected {
+                        Choice::Create => Choice::Setup,
+                        Choice::Join => Choice::Create,
+                        Choice::Setup => Choice::Join,
+                    },
+                },
+                None,
+            ),
+            (Screen::Welcome { .. }, Key::Char('s' | 'S')) => (
+                Screen::Setup {
+                    form: SetupForm::default(),
+                    cursor: 0,
                 },
                 None,
             ),
@@ -244,7 +349,71 @@ impl App {
                     },
                     None,
                 ),
+                Choice::Setup => (
+                    Screen::Setup {
+                        form: SetupForm::default(),
+                        cursor: 0,
+                    },
+                    None,
+                ),
             },
+
+            (Screen::Setup { form, cursor }, Key::Down) => (
+                Screen::Setup {
+                    form,
+                    cursor: (cursor + 1) % SETUP_ROWS.len(),
+                },
+                None,
+            ),
+            (Screen::Setup { form, cursor }, Key::Up) => (
+                Screen::Setup {
+                    form,
+                    cursor: (cursor + SETUP_ROWS.len() - 1) % SETUP_ROWS.len(),
+                },
+                None,
+            ),
+            (
+                Screen::Setup {
+                    mut form,
+                    cursor: 2,
+                },
+                Key::Char(' '),
+            ) => {
+                form.dhcp = !form.dhcp;
+                (Screen::Setup { form, cursor: 2 }, None)
+            }
+            (Screen::Setup { mut form, cursor }, Key::Char(c)) => {
+                if let Some(field) = form.field(cursor) {
+                    if field.len() < 200 {
+                        field.push(c);
+                    }
+                }
+                (Screen::Setup { form, cursor }, None)
+            }
+            (Screen::Setup { mut form, cursor }, Key::Backspace) => {
+                if let Some(field) = form.field(cursor) {
+                    field.pop();
+                }
+                (Screen::Setup { form, cursor }, None)
+            }
+            (Screen::Setup { form, cursor }, Key::Enter) if cursor == SETUP_ROWS.len() - 1 => {
+                let (setup, wipe) = form.to_setup();
+                (
+                    Screen::Working {
+                        title: "Setting up this node".into(),
+                        steps: Vec::new(),
+                        outcome: None,
+                    },
+                    Some(Effect::Setup { setup, wipe }),
+                )
+            }
+            (Screen::Setup { form, cursor }, Key::Enter) => (
+                Screen::Setup {
+                    form,
+                    cursor: cursor + 1,
+                },
+                None,
+            ),
             (Screen::Welcome { .. }, Key::Char('q' | 'Q')) => (self.home(), Some(Effect::Quit)),
 
             (Screen::CreateName { mut name }, Key::Char(c)) => {
@@ -368,6 +537,7 @@ impl App {
             // the setup flows (a running operation cannot be cancelled).
             (
                 Screen::CreateName { .. }
+                | Screen::Setup { .. }
                 | Screen::TokenEntry { .. }
                 | Screen::ConfirmFingerprint { .. }
                 | Screen::Preflight { .. },
@@ -565,6 +735,50 @@ mod tests {
     }
 
     #[test]
+    fn setup_form_asks_the_agent_for_the_whole_setup() {
+        let mut app = App::new();
+        app.on_key(Key::Char('s'));
+        typed(&mut app, "node7");
+        app.on_key(Key::Down);
+        typed(&mut app, "eno1");
+        app.on_key(Key::Down);
+        app.on_key(Key::Char(' '));
+        app.on_key(Key::Char(' '));
+        app.on_key(Key::Enter);
+        typed(&mut app, "10.0.0.7/24");
+        app.on_key(Key::Down);
+        typed(&mut app, "10.0.0.1");
+        app.on_key(Key::Down);
+        typed(&mut app, "10.0.0.1, 9.9.9.9");
+        app.on_key(Key::Down);
+        app.on_key(Key::Down);
+        typed(&mut app, "/dev/sdb /dev/sdc");
+        app.on_key(Key::Down);
+        typed(&mut app, "/dev/sdc");
+        app.on_key(Key::Up);
+        app.on_key(Key::Down);
+        app.on_key(Key::Down);
+        let Some(Effect::Setup { setup, wipe }) = app.on_key(Key::Enter) else {
+            panic!("{:?}", app.screen)
+        };
+        assert_eq!(setup.hostname.as_deref(), Some("node7"));
+        let m = setup.management.unwrap();
+        assert_eq!(
+            (
+                m.interface.as_str(),
+                m.dhcp,
+                m.address.as_deref(),
+                m.gateway.as_deref()
+            ),
+            ("eno1", false, Some("10.0.0.7/24"), Some("10.0.0.1"))
+        );
+        assert_eq!(m.dns, ["10.0.0.1", "9.9.9.9"]);
+        assert_eq!(setup.storage_disks, ["/dev/sdb", "/dev/sdc"]);
+        assert_eq!(wipe, ["/dev/sdc"]);
+        assert!(matches!(app.screen, Screen::Working { .. }));
+    }
+
+    #[test]
     fn a_bad_token_is_explained_and_can_be_corrected() {
         let mut app = App::new();
         app.on_key(Key::Char('j'));
@@ -591,6 +805,7 @@ mod tests {
             vec![Key::Char('c'), Key::Char('x')],
             vec![Key::Char('j')],
             vec![Key::Char('j'), Key::Char('a')],
+            vec![Key::Char('s'), Key::Char('x'), Key::Down, Key::Char('y')],
             raw.chars()
                 .map(Key::Char)
                 .chain([Key::Enter])
@@ -602,7 +817,7 @@ mod tests {
         ];
         for (i, keys) in flows.into_iter().enumerate() {
             let mut app = App::new();
-            if i >= 4 {
+            if i >= 5 {
                 app.on_key(Key::Char('j'));
             }
             let mut effects = Vec::new();

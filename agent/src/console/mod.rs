@@ -136,6 +136,11 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
                     Err(e) => send(Event::Failed(format!("{e:#}"))),
                 }
             }
+            Effect::Setup { setup, wipe } => match admin(AdminRequest::Setup { setup, wipe }).await
+            {
+                Ok(_) => send(Event::Done(serde_json::json!({}))),
+                Err(e) => send(Event::Failed(format!("{e:#}"))),
+            },
             Effect::Maintenance { on } => match admin(AdminRequest::Maintenance { on }).await {
                 Ok(_) => send(Event::Note(if on {
                     "this node is in maintenance: it takes no new VMs".into()

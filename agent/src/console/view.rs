@@ -9,7 +9,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::app::{App, Check, Choice, Confirm, Screen, Verdict};
+use super::app::{App, Check, Choice, Confirm, Screen, SetupForm, Verdict, SETUP_ROWS};
 
 const ASCII: border::Set = border::Set {
     top_left: "+",
@@ -109,6 +109,7 @@ pub fn render(frame: &mut Frame, app: &App) {
             )
         }
         Screen::Preflight { checks, .. } => preflight(checks),
+        Screen::Setup { form, cursor } => setup_form(app, form, *cursor),
         Screen::Working {
             title,
             steps,
@@ -295,6 +296,7 @@ fn welcome(app: &App, selected: Choice) -> (&'static str, Vec<Line<'static>>, &'
     for (choice, text) in [
         (Choice::Create, "Create a new cluster"),
         (Choice::Join, "Join an existing cluster"),
+        (Choice::Setup, "Set up this node (network, time, disks)"),
     ] {
         lines.push(if choice == selected {
             Line::from(Span::styled(
@@ -308,7 +310,77 @@ fn welcome(app: &App, selected: Choice) -> (&'static str, Vec<Line<'static>>, &'
     (
         "Allod node setup",
         lines,
-        "Up/Down choose, Enter select, C create, J join, Ctrl-C leave the console",
+        "Up/Down choose, Enter select, C create, J join, S set up, Ctrl-C leave the console",
+    )
+}
+
+fn setup_form(
+    app: &App,
+    form: &SetupForm,
+    cursor: usize,
+) -> (&'static str, Vec<Line<'static>>, &'static str) {
+    let interfaces: Vec<String> = app
+        .facts
+        .as_ref()
+        .map(|f| f.interfaces.iter().map(|i| i.name.clone()).collect())
+        .unwrap_or_default();
+    let disks: Vec<String> = app
+        .facts
+        .as_ref()
+        .map(|f| {
+            f.disks
+                .iter()
+                .map(|d| format!("/dev/{} {}", d.name, size(d.size_bytes)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut lines = vec![
+        Line::from("Nothing changes until Apply; the agent checks the whole setup first."),
+        Line::from(format!("Interfaces: {}", interfaces.join(" "))),
+        Line::from(format!("Disks: {}", disks.join(", "))),
+        Line::from(""),
+    ];
+    let addressing = if form.dhcp { "DHCP" } else { "static" }.to_string();
+    let values = [
+        form.hostname.clone(),
+        form.interface.clone(),
+        addressing,
+        form.address.clone(),
+        form.gateway.clone(),
+        form.dns.clone(),
+        form.ntp.clone(),
+        form.disks.clone(),
+        form.wipe.clone(),
+        String::new(),
+    ];
+    for (row, (label, value)) in SETUP_ROWS.iter().zip(values).enumerate() {
+        let text = if row == SETUP_ROWS.len() - 1 {
+            "[ Apply ]".to_string()
+        } else {
+            let shown = if row == cursor && row != 2 {
+                format!("{value}_")
+            } else {
+                value
+            };
+            format!("{label:<15} {shown}")
+        };
+        lines.push(if row == cursor {
+            Line::from(Span::styled(
+                format!("> {text}"),
+                Style::default().add_modifier(Modifier::REVERSED),
+            ))
+        } else {
+            Line::from(format!("  {text}"))
+        });
+    }
+    lines.push(Line::from(""));
+    lines.push(Line::from(
+        "A disk with data on it is used only if it is also listed under Wipe disks.",
+    ));
+    (
+        "Set up this node",
+        lines,
+        "Up/Down field, type to edit, Space DHCP/static, Enter on Apply, Esc back",
     )
 }
 
@@ -639,6 +711,30 @@ mod tests {
             &app(Screen::ConfirmFingerprint {
                 raw: String::new(),
                 token: token(),
+            }),
+        );
+    }
+
+    #[test]
+    fn setup_form_screen() {
+        let form = SetupForm {
+            hostname: "rack1-node7".into(),
+            interface: "eno1".into(),
+            dhcp: false,
+            address: "10.0.0.7/24".into(),
+            gateway: "10.0.0.1".into(),
+            dns: "10.0.0.1".into(),
+            ntp: "ntp1.example.org".into(),
+            disks: "/dev/nvme0n1".into(),
+            wipe: String::new(),
+        };
+        snapshot("setup_form", &app(Screen::Setup { form, cursor: 3 }));
+        snapshot(
+            "setup_failed",
+            &app(Screen::Working {
+                title: "Setting up this node".into(),
+                steps: vec![],
+                outcome: Some(Err("/dev/nvme0n1 holds data (partitions or a file system); to erase it, list it to wipe too (--wipe /dev/nvme0n1)".into())),
             }),
         );
     }
