@@ -252,6 +252,7 @@ async fn execute(
                 "members": node.members(),
                 "ca_fingerprint": crate::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
                 "node": node.state.nodes().ok().and_then(|all| all.into_iter().find(|n| n.id == node.id)),
+                "cluster_name": node.state.cluster().ok().flatten().map(|c| c.name).unwrap_or_default(),
                 "vms": local_vms(&node),
                 "lag": node.replication_lag(),
                 "log_tail": crate::logring::tail(20),

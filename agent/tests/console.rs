@@ -164,7 +164,8 @@ fn two_consoles_create_and_join_and_preflight_stops_bad_tokens() {
     tmux.keys("c1", &["Enter"]);
     tmux.wait_for("c1", "Done: this node is node 1");
     tmux.keys("c1", &["Enter"]);
-    tmux.wait_for("c1", "Members (1)");
+    let dashboard = tmux.wait_for("c1", "Members (1)");
+    assert!(dashboard.contains("of cluster demo"), "{dashboard}");
     tmux.keys("c1", &["t"]);
     tmux.wait_for("c1", "Create a single-use join token");
     tmux.keys("c1", &["y"]);

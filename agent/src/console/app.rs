@@ -80,6 +80,7 @@ pub struct AgentStatus {
     pub reachable: bool,
     pub configured: bool,
     pub cluster_id: String,
+    pub cluster_name: String,
     pub node_id: u64,
     pub leader_id: Option<u64>,
     pub ca_fingerprint: String,

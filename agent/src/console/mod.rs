@@ -28,6 +28,7 @@ pub async fn agent_status(data_dir: &Path) -> AgentStatus {
             reachable: true,
             configured: status["configured"].as_bool().unwrap_or(false),
             cluster_id: status["cluster_id"].as_str().unwrap_or_default().into(),
+            cluster_name: status["cluster_name"].as_str().unwrap_or_default().into(),
             node_id: status["node_id"].as_u64().unwrap_or(0),
             leader_id: status["leader_id"].as_u64(),
             ca_fingerprint: status["ca_fingerprint"].as_str().unwrap_or_default().into(),

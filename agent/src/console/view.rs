@@ -279,6 +279,11 @@ fn agent_line(app: &App) -> Line<'static> {
             "Agent: not reachable ({}); start it with `allod agent --data-dir DIR`",
             status.error.as_deref().unwrap_or("no answer")
         )
+    } else if status.configured && !status.cluster_name.is_empty() {
+        format!(
+            "Agent: running, node {} of cluster {} ({})",
+            status.node_id, status.cluster_name, status.cluster_id
+        )
     } else if status.configured {
         format!(
             "Agent: running, node {} of cluster {}",
@@ -617,6 +622,7 @@ mod tests {
             reachable: true,
             configured: true,
             cluster_id: "9f2c4e1a7b3d5c60".into(),
+            cluster_name: "prod".into(),
             node_id: 2,
             leader_id: Some(1),
             ca_fingerprint: token().ca_fingerprint,
