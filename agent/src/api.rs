@@ -633,6 +633,35 @@ async fn create_project(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
+/// The name of a volume given by name or by id (after a linearizable read);
+/// an unknown key comes back unchanged, to be refused by whoever uses it.
+async fn volume_name(node: &ClusterNode, project: &str, key: String) -> ApiResult<String> {
+    node.linearizable_read().await?;
+    if node.state.volume(project, &key)?.is_some() {
+        return Ok(key);
+    }
+    Ok(node
+        .state
+        .volumes(project)?
+        .into_iter()
+        .find(|v| v.id == key)
+        .map_or(key, |v| v.name))
+}
+
+/// The name of a VM given by name or by id, as [`volume_name`].
+async fn vm_name(node: &ClusterNode, project: &str, key: String) -> ApiResult<String> {
+    node.linearizable_read().await?;
+    if node.state.vm(project, &key)?.is_some() {
+        return Ok(key);
+    }
+    Ok(node
+        .state
+        .vms(project)?
+        .into_iter()
+        .find(|v| v.id == key)
+        .map_or(key, |v| v.name))
+}
+
 /// A linearizable read of a project, or 404 when it does not exist.
 async fn read_project(node: &ClusterNode, name: &str) -> ApiResult<Project> {
     node.linearizable_read().await?;
@@ -770,13 +799,13 @@ async fn create_volume(
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
-    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name")),
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
     responses((status = 200, description = "The volume", body = crate::model::VolumeRecord)))]
 async fn show_volume(
     State(node): State<Arc<ClusterNode>>,
     Path((project, name)): Path<(String, String)>,
 ) -> ApiResult<Json<crate::model::VolumeRecord>> {
-    node.linearizable_read().await?;
+    let name = volume_name(&node, &project, name).await?;
     node.state
         .volume(&project, &name)?
         .map(Json)
@@ -790,12 +819,13 @@ async fn show_volume(
 }
 
 #[utoipa::path(delete, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
-    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name")),
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
     responses((status = 204, description = "Deleted; its quota is free again")))]
 async fn delete_volume(
     State(node): State<Arc<ClusterNode>>,
     Path((project, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let name = volume_name(&node, &project, name).await?;
     node.write(&Command::DeleteVolume { project, name })
         .await??;
     Ok(StatusCode::NO_CONTENT)
@@ -899,13 +929,13 @@ async fn create_vm(
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
-    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
     responses((status = 200, description = "The VM", body = crate::model::VmRecord)))]
 async fn show_vm(
     State(node): State<Arc<ClusterNode>>,
     Path((project, name)): Path<(String, String)>,
 ) -> ApiResult<Json<crate::model::VmRecord>> {
-    node.linearizable_read().await?;
+    let name = vm_name(&node, &project, name).await?;
     node.state
         .vm(&project, &name)?
         .map(Json)
@@ -913,12 +943,13 @@ async fn show_vm(
 }
 
 #[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
-    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
     responses((status = 204, description = "Deleted; its volumes stay, detached")))]
 async fn delete_vm(
     State(node): State<Arc<ClusterNode>>,
     Path((project, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let name = vm_name(&node, &project, name).await?;
     node.write(&Command::DeleteVm { project, name }).await??;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -935,7 +966,7 @@ pub struct AttachVolume {
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/volumes", tag = "vms",
-    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name")),
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
     request_body = AttachVolume,
     responses((status = 200, description = "The VM with the volume attached", body = crate::model::VmRecord)))]
 async fn attach_volume(
@@ -944,6 +975,7 @@ async fn attach_volume(
     Path((project, vm)): Path<(String, String)>,
     ApiJson(body): ApiJson<AttachVolume>,
 ) -> ApiResult<Json<crate::model::VmRecord>> {
+    let vm = vm_name(&node, &project, vm).await?;
     let volume_project = body.project.unwrap_or_else(|| project.clone());
     if caller
         .role_in(&volume_project)
@@ -967,14 +999,14 @@ async fn attach_volume(
 }
 
 #[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}/volumes/{volume}", tag = "vms",
-    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name"),
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id"),
         ("volume" = String, Path, description = "The attached volume's name or id")),
     responses((status = 200, description = "The VM without the volume", body = crate::model::VmRecord)))]
 async fn detach_volume(
     State(node): State<Arc<ClusterNode>>,
     Path((project, vm, volume)): Path<(String, String, String)>,
 ) -> ApiResult<Json<crate::model::VmRecord>> {
-    node.linearizable_read().await?;
+    let vm = vm_name(&node, &project, vm).await?;
     let record = node
         .state
         .vm(&project, &vm)?

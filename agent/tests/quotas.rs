@@ -106,6 +106,13 @@ async fn fifty_parallel_creates_through_three_nodes_against_a_quota_of_ten_leave
     assert_eq!(reply.status, 201, "{}", reply.body);
     assert_eq!(reply.body["zone"], "OFFICIAL");
     assert_eq!(reply.body["state"], "allocated");
+    // A volume answers to its id as well as its name.
+    let id = reply.body["id"].as_str().unwrap().to_string();
+    let by_id = admin
+        .get(&format!("{base}/v1/projects/web/volumes/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(by_id.body["name"], "last", "{}", by_id.body);
 
     // A project with volumes is not deleted from under them.
     let reply = admin
