@@ -534,27 +534,20 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
     Ok(Json(
         node.members()
             .into_iter()
-            .map(|m| NodeView {
-                joined_at_ms: records
-                    .iter()
-                    .find(|r| r.id == m.id)
-                    .map(|r| r.joined_at_ms),
-                zone: records
-                    .iter()
-                    .find(|r| r.id == m.id)
-                    .map(|r| r.zone)
-                    .unwrap_or_default(),
-                vcpus: records.iter().find(|r| r.id == m.id).map_or(0, |r| r.vcpus),
-                memory_bytes: records
-                    .iter()
-                    .find(|r| r.id == m.id)
-                    .map_or(0, |r| r.memory_bytes),
-                is_leader: leader == Some(m.id),
-                id: m.id,
-                name: m.name,
-                api_addr: m.api_addr,
-                peer_addr: m.peer_addr,
-                role: m.role,
+            .map(|m| {
+                let record = records.iter().find(|r| r.id == m.id);
+                NodeView {
+                    joined_at_ms: record.map(|r| r.joined_at_ms),
+                    zone: record.map(|r| r.zone).unwrap_or_default(),
+                    vcpus: record.map_or(0, |r| r.vcpus),
+                    memory_bytes: record.map_or(0, |r| r.memory_bytes),
+                    is_leader: leader == Some(m.id),
+                    id: m.id,
+                    name: m.name,
+                    api_addr: m.api_addr,
+                    peer_addr: m.peer_addr,
+                    role: m.role,
+                }
             })
             .collect(),
     ))

@@ -535,6 +535,30 @@ pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Reads a node's record, lets `change` refuse or change it, stores it and
+/// answers with it; an unknown node is refused.
+fn update_node(
+    kv: &mut KvWrite<'_>,
+    id: NodeId,
+    change: impl FnOnce(
+        &KvWrite<'_>,
+        &mut NodeRecord,
+    ) -> Result<Result<(), DomainError>, allod_raft::KvError>,
+) -> Result<Outcome, allod_raft::KvError> {
+    let key = format!("{PREFIX_NODES}{id:020}");
+    let Some(mut node) = get_json::<NodeRecord>(kv, &key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("node {id} is not a member of this cluster"),
+        )));
+    };
+    if let Err(refused) = change(kv, &mut node)? {
+        return Ok(Err(refused));
+    }
+    put_json(kv, &key, &node)?;
+    Ok(Ok(serde_json::to_value(&node).expect("serialisable")))
+}
+
 pub(crate) fn put_json<T: Serialize>(
     kv: &mut KvWrite<'_>,
     key: &str,
@@ -806,39 +830,19 @@ impl ClusterApply {
                     )),
                 }
             }
-            Command::SetNodeMaintenance { id, maintenance } => {
-                let key = format!("{PREFIX_NODES}{id:020}");
-                match get_json::<NodeRecord>(kv, &key)? {
-                    None => Err(domain(
-                        ErrorCode::NotFound,
-                        format!("node {id} is not a member"),
-                    )),
-                    Some(mut node) => {
-                        node.maintenance = maintenance;
-                        put_json(kv, &key, &node)?;
-                        Ok(serde_json::to_value(&node).expect("serialisable"))
-                    }
-                }
-            }
+            Command::SetNodeMaintenance { id, maintenance } => update_node(kv, id, |_, node| {
+                node.maintenance = maintenance;
+                Ok(Ok(()))
+            })?,
             Command::SetNodeCapacity {
                 id,
                 vcpus,
                 memory_bytes,
-            } => {
-                let key = format!("{PREFIX_NODES}{id:020}");
-                match get_json::<NodeRecord>(kv, &key)? {
-                    None => Err(domain(
-                        ErrorCode::NotFound,
-                        format!("node {id} is not a member"),
-                    )),
-                    Some(mut node) => {
-                        node.vcpus = vcpus;
-                        node.memory_bytes = memory_bytes;
-                        put_json(kv, &key, &node)?;
-                        Ok(serde_json::to_value(&node).expect("serialisable"))
-                    }
-                }
-            }
+            } => update_node(kv, id, |_, node| {
+                node.vcpus = vcpus;
+                node.memory_bytes = memory_bytes;
+                Ok(Ok(()))
+            })?,
             Command::CreateVm {
                 vm,
                 overcommit_cpu_percent,
@@ -898,38 +902,27 @@ impl ClusterApply {
                     Ok(serde_json::Value::Null)
                 }
             }
-            Command::SetNodeZone { id, zone } => {
-                let key = format!("{PREFIX_NODES}{id:020}");
-                match get_json::<NodeRecord>(kv, &key)? {
-                    None => Err(domain(
-                        ErrorCode::NotFound,
-                        format!("node {id} is not a member of this cluster"),
-                    )),
-                    Some(mut node) => {
-                        // A node never hosts another zone's VMs, so it keeps
-                        // its zone while it holds any.
-                        let foreign = kv
-                            .scan(PREFIX_VMS)?
-                            .into_iter()
-                            .filter_map(|(_, v)| serde_json::from_slice::<VmRecord>(&v).ok())
-                            .filter(|vm| vm.node_id == id && vm.zone != zone)
-                            .count();
-                        if foreign > 0 {
-                            Err(domain(
-                                ErrorCode::FailedPrecondition,
-                                format!(
-                                    "node {id} runs {foreign} VM(s) of the {} zone; move or delete them before relabelling it",
-                                    node.zone.as_str()
-                                ),
-                            ))
-                        } else {
-                            node.zone = zone;
-                            put_json(kv, &key, &node)?;
-                            Ok(serde_json::to_value(&node).expect("serialisable"))
-                        }
-                    }
+            Command::SetNodeZone { id, zone } => update_node(kv, id, |kv, node| {
+                // A node never hosts another zone's VMs, so it keeps its
+                // zone while it holds any.
+                let foreign = kv
+                    .scan(PREFIX_VMS)?
+                    .into_iter()
+                    .filter_map(|(_, v)| serde_json::from_slice::<VmRecord>(&v).ok())
+                    .filter(|vm| vm.node_id == id && vm.zone != zone)
+                    .count();
+                if foreign > 0 {
+                    return Ok(Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "node {id} runs {foreign} VM(s) of the {} zone; move or delete them before relabelling it",
+                            node.zone.as_str()
+                        ),
+                    )));
                 }
-            }
+                node.zone = zone;
+                Ok(Ok(()))
+            })?,
             Command::CreateUser {
                 name,
                 password_phc,

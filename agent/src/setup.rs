@@ -197,10 +197,9 @@ impl NodeSetup {
         }
         for device in &self.storage_disks {
             let disk = device.strip_prefix("/dev/").unwrap_or(device);
-            let data = has_data(disk).map_err(|e| format!("cannot read {device}: {e}"))?;
             if wipe.contains(device) {
                 wiped.push(Path::new("/dev").join(disk));
-            } else if data {
+            } else if has_data(disk).map_err(|e| format!("cannot read {device}: {e}"))? {
                 return Err(format!(
                     "{device} holds data (partitions or a file system); to erase it, list it to wipe too (--wipe {device})"
                 ));
