@@ -5,4 +5,15 @@
 //! nodes; and the NBD server through which QEMU reaches a volume.
 //!
 //! It knows nothing of Raft: the agent hands it the storage map and the
-//! volume records. Nothing is implemented yet.
+//! volume records.
+
+pub mod nbd;
+pub mod placement;
+pub mod proto;
+pub mod store;
+pub mod transport;
+pub mod volume;
+
+pub use placement::{MapNode, StorageMap};
+pub use store::ObjectStore;
+pub use volume::{ParentSpec, Storage, VolumeHandle, VolumeSpec};

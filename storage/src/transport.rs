@@ -1,0 +1,352 @@
+//! Serving the object store to other nodes, and calling theirs: the framed
+//! protocol of [`crate::proto`] over mutual TLS, pipelined (a connection
+//! carries many requests at once; answers come back as they finish).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::{DecodeError, ErrorKind, Request, Response, MAX_FRAME};
+use crate::store::{ObjectStore, StoreError};
+
+/// How long a peer may take to answer one request.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Answers one request from the local store.
+pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
+    let result = match req {
+        Request::Write {
+            volume,
+            index,
+            offset,
+            seq,
+            epoch,
+            data,
+        } => store
+            .write(&volume, index, u64::from(offset), &data, seq, epoch)
+            .map(|()| Response::Done),
+        Request::Zero {
+            volume,
+            index,
+            offset,
+            len,
+            punch,
+            seq,
+            epoch,
+        } => store
+            .zero(
+                &volume,
+                index,
+                u64::from(offset),
+                u64::from(len),
+                punch,
+                seq,
+                epoch,
+            )
+            .map(|()| Response::Done),
+        Request::Read {
+            volume,
+            index,
+            snap,
+            offset,
+            len,
+        } => store
+            .read(&volume, index, snap, u64::from(offset), u64::from(len))
+            .map(|d| d.map_or(Response::Absent, Response::Data)),
+        Request::Exists { volume, index } => store.exists(&volume, index).map(Response::Bool),
+        Request::List { volume } => store.list(&volume).map(Response::Objects),
+        slow => {
+            // fsync and directory walks do not belong on the async workers.
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || handle_slow(&store, slow)).await {
+                Ok(r) => r,
+                Err(e) => Err(StoreError::Invalid(format!("storage task failed: {e}"))),
+            }
+        }
+    };
+    match result {
+        Ok(r) => r,
+        Err(e) => Response::Error {
+            kind: match e {
+                StoreError::StaleEpoch { .. } => ErrorKind::StaleEpoch,
+                StoreError::Checksum { .. } => ErrorKind::Checksum,
+                StoreError::Invalid(_) => ErrorKind::Invalid,
+                StoreError::Io { .. } => ErrorKind::Io,
+            },
+            message: e.to_string(),
+        },
+    }
+}
+
+fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError> {
+    match req {
+        Request::Flush { volume } => store.flush(&volume).map(|()| Response::Done),
+        Request::Rollback {
+            volume,
+            snap,
+            seq,
+            epoch,
+        } => store
+            .rollback(&volume, snap, seq, epoch)
+            .map(|()| Response::Done),
+        Request::DeleteVolume { volume } => store.delete_volume(&volume).map(|()| Response::Done),
+        Request::TrimSnapshots { volume, live } => {
+            store.trim_snapshots(&volume, &live).map(|_| Response::Done)
+        }
+        other => Err(StoreError::Invalid(format!(
+            "not a slow request: {other:?}"
+        ))),
+    }
+}
+
+/// Accepts storage connections (mutual TLS with the cluster CA) until the
+/// listener fails.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, store: Arc<ObjectStore>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("storage port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    if let Err(e) = serve_connection(tls, store).await {
+                        tracing::info!("storage connection from {from} closed: {e}");
+                    }
+                }
+                Ok(Err(e)) => tracing::info!("storage connection from {from} refused: {e}"),
+                Err(_) => tracing::info!(
+                    "storage connection from {from} refused: no TLS handshake in 10 s"
+                ),
+            }
+        });
+    }
+}
+
+/// Serves one connection: requests are handled concurrently, answers are
+/// written in the order they finish.
+pub async fn serve_connection<S>(stream: S, store: Arc<ObjectStore>) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(write_frames(wr, rx));
+    let result = loop {
+        let body = match read_frame(&mut rd).await {
+            Ok(Some(b)) => b,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let (id, req) = match Request::decode(&body) {
+            Ok(r) => r,
+            Err(DecodeError(why)) => break Err(format!("malformed request: {why}")),
+        };
+        let store = store.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = handle(&store, req).await;
+            let _ = tx.send(resp.encode(id));
+        });
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(frame) = rx.recv().await {
+        wr.write_all(&frame).await?;
+        // Gather whatever else is ready into the same flush.
+        while let Ok(more) = rx.try_recv() {
+            wr.write_all(&more).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Vec<u8>>, String> {
+    let mut len = [0u8; 4];
+    match rd.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if !(9..=MAX_FRAME).contains(&len) {
+        return Err(format!("frame of {len} bytes (must be 9 to {MAX_FRAME})"));
+    }
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Ok(Some(body))
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("storage node {node}: {message}")]
+pub struct PeerError {
+    pub node: u64,
+    pub message: String,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<(u64, Vec<u8>, oneshot::Sender<Response>)>,
+    alive: Arc<AtomicBool>,
+}
+
+/// Connections to the other storage nodes, one per node, made on first use
+/// and again after a failure.
+pub struct Peers {
+    tls: Arc<rustls::ClientConfig>,
+    addrs: RwLock<HashMap<u64, String>>,
+    conns: tokio::sync::Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl Peers {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls,
+            addrs: RwLock::new(HashMap::new()),
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Sets where each node's storage port is.
+    pub fn set_addresses(&self, addrs: HashMap<u64, String>) {
+        *self.addrs.write().unwrap() = addrs;
+    }
+
+    pub fn address(&self, node: u64) -> Option<String> {
+        self.addrs.read().unwrap().get(&node).cloned()
+    }
+
+    pub async fn call(&self, node: u64, req: &Request) -> Result<Response, PeerError> {
+        let err = |message: String| PeerError { node, message };
+        let conn = self.connection(node).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        if conn.tx.send((id, req.encode(id), done)).is_err() {
+            conn.alive.store(false, Ordering::Release);
+            return Err(err("connection closed".into()));
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(err("connection lost before it answered".into())),
+            Err(_) => Err(err(format!("no answer in {} s", CALL_TIMEOUT.as_secs()))),
+        }
+    }
+
+    async fn connection(&self, node: u64) -> Result<Arc<Conn>, PeerError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&node) {
+            if c.alive.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let addr = self.address(node).ok_or_else(|| PeerError {
+            node,
+            message: "its storage address is not known yet".into(),
+        })?;
+        let conn =
+            Arc::new(
+                connect(&addr, self.tls.clone())
+                    .await
+                    .map_err(|message| PeerError {
+                        node,
+                        message: format!("cannot connect to {addr}: {message}"),
+                    })?,
+            );
+        conns.insert(node, conn.clone());
+        Ok(conn)
+    }
+}
+
+async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Conn, String> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let name =
+        ServerName::try_from(host.to_owned()).map_err(|e| format!("bad host {host:?}: {e}"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS handshake: {e}"))?;
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Vec<u8>, oneshot::Sender<Response>)>();
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let alive = Arc::new(AtomicBool::new(true));
+    let (p, a) = (pending.clone(), alive.clone());
+    tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(256 << 10, wr);
+        'outer: while let Some((id, frame, done)) = rx.recv().await {
+            if !a.load(Ordering::Acquire) {
+                break;
+            }
+            p.lock().unwrap().insert(id, done);
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+            while let Ok((id, frame, done)) = rx.try_recv() {
+                p.lock().unwrap().insert(id, done);
+                if wr.write_all(&frame).await.is_err() {
+                    break 'outer;
+                }
+            }
+            if wr.flush().await.is_err() {
+                break;
+            }
+        }
+        a.store(false, Ordering::Release);
+        p.lock().unwrap().clear();
+    });
+    let (p, a) = (pending, alive.clone());
+    tokio::spawn(async move {
+        loop {
+            let body = match read_frame(&mut rd).await {
+                Ok(Some(b)) => b,
+                _ => break,
+            };
+            let Ok((id, resp)) = Response::decode(&body) else {
+                break;
+            };
+            if let Some(done) = p.lock().unwrap().remove(&id) {
+                let _ = done.send(resp);
+            }
+        }
+        a.store(false, Ordering::Release);
+        // Dropping the senders tells every waiting caller the connection is gone.
+        p.lock().unwrap().clear();
+    });
+    Ok(Conn { tx, alive })
+}
