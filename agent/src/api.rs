@@ -28,6 +28,9 @@ use crate::model::{
 use crate::node::{ClusterError, ClusterNode, MemberView};
 use crate::zones::ZonePolicy;
 
+mod volumes;
+use volumes::create_volume;
+
 /// Largest request body the API accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -286,6 +289,66 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
             delete_volume,
         )
         .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes/{volume}/resize",
+            project(Role::ProjectMember),
+            volumes::resize_volume,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/volumes/{volume}/snapshots",
+            project(Role::ProjectViewer),
+            volumes::list_snapshots,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes/{volume}/snapshots",
+            project(Role::ProjectMember),
+            volumes::create_snapshot,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/volumes/{volume}/snapshots/{snapshot}",
+            project(Role::ProjectMember),
+            volumes::delete_snapshot,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes/{volume}/rollback",
+            project(Role::ProjectMember),
+            volumes::rollback_volume,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes/{volume}/clone",
+            project(Role::ProjectMember),
+            volumes::clone_volume,
+        )
+        .add(
+            Method::GET,
+            "/v1/images",
+            Authenticated,
+            volumes::list_images,
+        )
+        .add(
+            Method::POST,
+            "/v1/images",
+            ClusterAdmin,
+            volumes::import_image,
+        )
+        .add(
+            Method::GET,
+            "/v1/images/{image}",
+            Authenticated,
+            volumes::show_image,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/images/{image}",
+            ClusterAdmin,
+            volumes::delete_image,
+        )
+        .add(
             Method::GET,
             "/v1/projects/{name}/vms",
             project(Role::ProjectViewer),
@@ -379,11 +442,28 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         ))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
+        .layer(middleware::from_fn(time_limit))
         .with_state(node)
+}
+
+/// Every request but an image upload (which takes as long as the image
+/// takes to send) gets [`REQUEST_TIMEOUT`].
+async fn time_limit(req: Request, next: middleware::Next) -> Response {
+    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/images" {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the request took longer than {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// The API with no authentication or authorisation at all: every caller is
@@ -524,6 +604,10 @@ pub struct NodeView {
     /// Capacity the node reported (0 until it has).
     pub vcpus: u64,
     pub memory_bytes: u64,
+    /// The node's block store: address, capacity, use, failure domain
+    /// (absent until it has registered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::volumes::NodeStorage>,
 }
 
 #[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
@@ -541,6 +625,7 @@ async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeV
                     zone: record.map(|r| r.zone).unwrap_or_default(),
                     vcpus: record.map_or(0, |r| r.vcpus),
                     memory_bytes: record.map_or(0, |r| r.memory_bytes),
+                    storage: record.and_then(|r| r.storage.clone()),
                     is_leader: leader == Some(m.id),
                     id: m.id,
                     name: m.name,
@@ -727,20 +812,6 @@ pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 /// Volumes are split into objects of this size.
 pub const OBJECT_SIZE_BYTES: u64 = 4 << 20;
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// A multiple of 512, at most 64 TiB. Thin: costs nothing until written.
-    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
-    size_bytes: u64,
-    /// Copies of every byte, on distinct nodes; default 3.
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 3)]
-    replicas: Option<u8>,
-}
-
 #[utoipa::path(get, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
     responses((status = 200, description = "The project's volumes", body = Vec<crate::model::VolumeRecord>)))]
 async fn list_volumes(
@@ -749,46 +820,6 @@ async fn list_volumes(
 ) -> ApiResult<Json<Vec<crate::model::VolumeRecord>>> {
     read_project(&node, &project).await?;
     Ok(Json(node.state.volumes(&project)?))
-}
-
-#[utoipa::path(post, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
-    request_body = CreateVolume,
-    responses((status = 201, description = "The volume, recorded and thin", body = crate::model::VolumeRecord)))]
-async fn create_volume(
-    State(node): State<Arc<ClusterNode>>,
-    Path(project): Path<String>,
-    ApiJson(body): ApiJson<CreateVolume>,
-) -> ApiResult<(StatusCode, Json<crate::model::VolumeRecord>)> {
-    validate_name("volume", &body.name)?;
-    let invalid =
-        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message);
-    if body.size_bytes == 0 || body.size_bytes % 512 != 0 || body.size_bytes > MAX_VOLUME_BYTES {
-        return Err(invalid(format!(
-            "size_bytes {} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)",
-            body.size_bytes
-        )));
-    }
-    let replicas = body.replicas.unwrap_or(3);
-    if !(1..=3).contains(&replicas) {
-        return Err(invalid(format!(
-            "replicas must be 1, 2 or 3, not {replicas}"
-        )));
-    }
-    let volume = crate::model::VolumeRecord {
-        id: crate::join::random_hex(8),
-        name: body.name,
-        project,
-        size_bytes: body.size_bytes,
-        replicas,
-        object_size_bytes: OBJECT_SIZE_BYTES,
-        state: "allocated".into(),
-        // The state machine sets it from the project.
-        zone: crate::zones::Zone::default(),
-        created_at_ms: crate::join::now_ms(),
-        attached_to: None,
-    };
-    let outcome = node.write(&Command::CreateVolume { volume }).await?;
-    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
@@ -1635,9 +1666,19 @@ async fn openapi_json() -> Response {
         delete_project,
         set_quota,
         list_volumes,
-        create_volume,
+        volumes::create_volume,
         show_volume,
         delete_volume,
+        volumes::resize_volume,
+        volumes::list_snapshots,
+        volumes::create_snapshot,
+        volumes::delete_snapshot,
+        volumes::rollback_volume,
+        volumes::clone_volume,
+        volumes::import_image,
+        volumes::list_images,
+        volumes::show_image,
+        volumes::delete_image,
         list_vms,
         create_vm,
         show_vm,

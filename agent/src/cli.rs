@@ -37,6 +37,9 @@ pub enum TopCommand {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The image catalog: disk images that volumes and VMs clone from.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -250,6 +253,21 @@ pub struct AgentArgs {
     /// Node name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// HOST:PORT for block-storage traffic between nodes (mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:7445")]
+    pub storage_listen: String,
+    /// Storage address other nodes use to reach this node (default: --storage-listen).
+    #[arg(long)]
+    pub storage_advertise: Option<String>,
+    /// Directory for this node's volume objects (default: DATA_DIR/storage).
+    #[arg(long)]
+    pub storage_dir: Option<PathBuf>,
+    /// Failure domain (rack, room) for replica placement (default: the node name).
+    #[arg(long)]
+    pub failure_domain: Option<String>,
+    /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -260,6 +278,11 @@ pub struct UpArgs {
     pub api_listen: String,
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub peer_listen: String,
+    #[arg(long, default_value = "127.0.0.1:7445")]
+    pub storage_listen: String,
+    /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,17 +378,21 @@ pub enum ProjectCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Create a thin volume.
+    /// Create a thin volume, or a copy-on-write clone of an image.
     Create {
         name: String,
         #[arg(long)]
         project: String,
-        /// e.g. 20G (a multiple of 512 bytes).
+        /// e.g. 20G (a multiple of 512 bytes); default with --image: the image's size.
         #[arg(long, value_parser = parse_size)]
-        size: u64,
-        /// Copies of every byte on distinct nodes (1 to 3).
-        #[arg(long, default_value_t = 3)]
-        replicas: u8,
+        size: Option<u64>,
+        /// Copies of every byte on distinct nodes (1 to 3; default 3, or
+        /// every storage node when there are fewer).
+        #[arg(long)]
+        replicas: Option<u8>,
+        /// Clone this image (instant, whatever its size).
+        #[arg(long)]
+        image: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -386,6 +413,99 @@ pub enum VolumeCommand {
         name: String,
         #[arg(long)]
         project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Grow a volume (clients see the new size when they reconnect).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take a snapshot (copy-on-write, instant).
+    Snapshot {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List a volume's snapshots.
+    Snapshots {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a snapshot (refused while clones read through to it).
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Return a (detached) volume to a snapshot's content.
+    Rollback {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make a new volume from a snapshot (copy-on-write, instant).
+    Clone {
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+        /// The new volume's name.
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Upload a raw or qcow2 disk image (the format is detected) into the catalog.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The file's SHA-256 as published; computed here when omitted.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Private to this project (default: public).
+        #[arg(long)]
+        project: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete an image (refused while volumes are cloned from it).
+    Delete {
+        name: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -701,6 +821,52 @@ impl ApiArgs {
 }
 
 impl ApiClient {
+    /// Streams a file as the body of a POST, with a progress bar.
+    pub async fn upload(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        len: u64,
+    ) -> anyhow::Result<serde_json::Value> {
+        use futures_util::StreamExt;
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot open {}", file.display()))?;
+        let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::new("uploading", len)));
+        let p = progress.clone();
+        let stream = tokio_util_reader(f).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                p.lock().expect("progress").add(c.len() as u64);
+            }
+            chunk
+        });
+        let response = self
+            .http
+            .post(format!("{}{}", self.url, path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(std::time::Duration::from_secs(7 * 24 * 3600))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.url))?;
+        progress.lock().expect("progress").finish();
+        if len > 0 {
+            eprintln!("uploaded; the server is storing the image...");
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            anyhow::bail!("{message} (HTTP {})", status.as_u16());
+        }
+        serde_json::from_str(&text).context("the API's answer is not JSON")
+    }
+
     pub async fn call(
         &self,
         method: reqwest::Method,
@@ -822,6 +988,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
         TopCommand::Volume(command) => run_volume(command).await,
+        TopCommand::Image(command) => run_image(command).await,
         TopCommand::Vm(command) => run_vm(command).await,
         TopCommand::User(command) => run_user(command).await,
         TopCommand::Role(command) => run_role(command).await,
@@ -890,6 +1057,11 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     options.api_advertise = args.api_advertise;
     options.peer_advertise = args.peer_advertise;
     options.name = args.name;
+    options.storage_listen = args.storage_listen;
+    options.storage_advertise = args.storage_advertise;
+    options.blocks.dir = args.storage_dir;
+    options.blocks.failure_domain = args.failure_domain;
+    options.blocks.nbd_listen = args.nbd_listen;
     let agent = Agent::start(options).await?;
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -898,12 +1070,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    let agent = Agent::start(AgentOptions::new(
-        &args.data_dir,
-        &args.api_listen,
-        &args.peer_listen,
-    ))
-    .await?;
+    let mut options = AgentOptions::new(&args.data_dir, &args.api_listen, &args.peer_listen);
+    options.storage_listen = args.storage_listen;
+    options.blocks.nbd_listen = args.nbd_listen;
+    let agent = Agent::start(options).await?;
     if agent.node().is_none() {
         agent.init(None).await?;
     }
@@ -912,6 +1082,7 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     println!("  API:          https://{}", agent.api_addr);
     println!("  Admin token:  {}", data_dir.join("admin.token").display());
     println!("  CA:           {}", data_dir.join("ca.pem").display());
+    println!("  NBD:          {}", data_dir.join("nbd.sock").display());
     println!(
         "Try:  allod project create demo --data-dir {}",
         data_dir.display()
@@ -1288,14 +1459,142 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             size,
             replicas,
+            image,
+            api,
+        } => {
+            if size.is_none() && image.is_none() {
+                anyhow::bail!("give --size (e.g. --size 20G), or --image to clone an image");
+            }
+            let client = api.resolve()?;
+            let mut body = serde_json::json!({ "name": name });
+            if let Some(size) = size {
+                body["size_bytes"] = size.into();
+            }
+            if let Some(r) = replicas {
+                body["replicas"] = r.into();
+            }
+            if let Some(i) = image {
+                body["from_image"] = i.into();
+            }
+            let volume = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/volumes"),
+                    Some(body),
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_volumes(std::slice::from_ref(v))
+            });
+        }
+        VolumeCommand::Resize {
+            name,
+            size,
+            project,
             api,
         } => {
             let client = api.resolve()?;
             let volume = client
                 .call(
                     Method::POST,
-                    &format!("/v1/projects/{project}/volumes"),
-                    Some(serde_json::json!({ "name": name, "size_bytes": size, "replicas": replicas })),
+                    &format!("/v1/projects/{project}/volumes/{name}/resize"),
+                    Some(serde_json::json!({ "size_bytes": size })),
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_volumes(std::slice::from_ref(v))
+            });
+        }
+        VolumeCommand::Snapshot {
+            name,
+            snapshot,
+            project,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let volume = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
+                    Some(serde_json::json!({ "name": snapshot })),
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_snapshots(
+                    v["snapshots"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                )
+            });
+        }
+        VolumeCommand::Snapshots { name, project, api } => {
+            let client = api.resolve()?;
+            let list = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
+                    None,
+                )
+                .await?;
+            emit(api.output, &list, |l| {
+                print_snapshots(l.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
+        }
+        VolumeCommand::SnapshotDelete {
+            name,
+            snapshot,
+            project,
+            api,
+        } => {
+            let client = api.resolve()?;
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/projects/{project}/volumes/{name}/snapshots/{snapshot}"),
+                    None,
+                )
+                .await?;
+            if api.output == Output::Table {
+                println!("Deleted snapshot {snapshot} of volume {name}.");
+            }
+        }
+        VolumeCommand::Rollback {
+            name,
+            snapshot,
+            project,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let volume = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/volumes/{name}/rollback"),
+                    Some(serde_json::json!({ "snapshot": snapshot })),
+                )
+                .await?;
+            emit(api.output, &volume, |v| {
+                print_volumes(std::slice::from_ref(v))
+            });
+        }
+        VolumeCommand::Clone {
+            name,
+            snapshot,
+            to,
+            size,
+            project,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let mut body = serde_json::json!({ "snapshot": snapshot, "name": to });
+            if let Some(size) = size {
+                body["size_bytes"] = size.into();
+            }
+            let volume = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/volumes/{name}/clone"),
+                    Some(body),
                 )
                 .await?;
             emit(api.output, &volume, |v| {
@@ -1339,6 +1638,186 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 .await?;
             if api.output == Output::Table {
                 println!("Deleted volume {name} of project {project}.");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file as a stream of 1 MiB chunks.
+fn tokio_util_reader(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
+
+fn print_snapshots(snapshots: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                text(&s["name"]),
+                text(&s["id"]),
+                s["clones"].as_array().map_or(0, Vec::len).to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "ID", "CLONES"], &rows);
+}
+
+fn print_images(images: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            vec![
+                text(&i["name"]),
+                human_size(i["size_bytes"].as_u64().unwrap_or(0)),
+                text(&i["format"]),
+                i["project"].as_str().unwrap_or("(public)").to_string(),
+                text(&i["state"]),
+                i["sha256"]
+                    .as_str()
+                    .map_or(String::new(), |h| h.chars().take(16).collect()),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "SIZE", "FORMAT", "PROJECT", "STATE", "SHA256"],
+        &rows,
+    );
+}
+
+/// A progress bar on stderr when it is a terminal; silence otherwise.
+pub struct Progress {
+    what: String,
+    total: u64,
+    done: u64,
+    shown: u64,
+    tty: bool,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new(what: impl Into<String>, total: u64) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            what: what.into(),
+            total: total.max(1),
+            done: 0,
+            shown: u64::MAX,
+            tty: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.done = (self.done + n).min(self.total);
+        let permille = self.done * 1000 / self.total;
+        if self.tty && permille != self.shown {
+            self.shown = permille;
+            let width = 30;
+            let filled = (permille * width / 1000) as usize;
+            let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+            eprint!(
+                "\r{} [{}{}] {:>5.1}% {} of {} ({}/s)  ",
+                self.what,
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                permille as f64 / 10.0,
+                human_size(self.done),
+                human_size(self.total),
+                human_size(rate as u64)
+            );
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+async fn sha256_file(path: &std::path::Path, len: u64) -> anyhow::Result<String> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut progress = Progress::new("checksumming", len);
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        progress.add(n as u64);
+    }
+    progress.finish();
+    Ok(hex::encode(hasher.finalize()))
+}
+
+async fn run_image(command: ImageCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        ImageCommand::Import {
+            file,
+            name,
+            sha256,
+            project,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            let sha256 = match sha256 {
+                Some(h) => h,
+                None => sha256_file(&file, len).await?,
+            };
+            let mut path = format!("/v1/images?name={name}&sha256={sha256}");
+            if let Some(p) = &project {
+                path.push_str(&format!("&project={p}"));
+            }
+            let image = client.upload(&path, &file, len).await?;
+            emit(api.output, &image, |i| {
+                print_images(std::slice::from_ref(i))
+            });
+        }
+        ImageCommand::List { api } => {
+            let client = api.resolve()?;
+            let list = client.call(Method::GET, "/v1/images", None).await?;
+            emit(api.output, &list, |l| {
+                print_images(l.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
+        }
+        ImageCommand::Show { name, api } => {
+            let client = api.resolve()?;
+            let image = client
+                .call(Method::GET, &format!("/v1/images/{name}"), None)
+                .await?;
+            emit(api.output, &image, |i| {
+                print_images(std::slice::from_ref(i))
+            });
+        }
+        ImageCommand::Delete { name, api } => {
+            let client = api.resolve()?;
+            client
+                .call(Method::DELETE, &format!("/v1/images/{name}"), None)
+                .await?;
+            if api.output == Output::Table {
+                println!("Deleted image {name}.");
             }
         }
     }

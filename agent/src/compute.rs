@@ -119,6 +119,7 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
         );
         if let Some(mut volume) = get_json::<VolumeRecord>(kv, &volume_key)? {
             volume.attached_to = None;
+            volume.state = "available".into();
             put_json(kv, &volume_key, &volume)?;
         }
     }
@@ -174,6 +175,7 @@ pub fn attach(
             None => {}
         }
         volume.attached_to = Some(vm.id.clone());
+        volume.state = "in-use".into();
         vm.volumes.push(Attachment {
             project: volume_project.to_string(),
             volume: volume_name.to_string(),
@@ -187,6 +189,7 @@ pub fn attach(
             )));
         }
         volume.attached_to = None;
+        volume.state = "available".into();
         vm.volumes.retain(|a| a.volume_id != volume.id);
     }
     vm.generation += 1;

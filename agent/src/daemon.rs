@@ -31,6 +31,10 @@ pub struct AgentOptions {
     pub peer_advertise: Option<String>,
     pub name: Option<String>,
     pub raft: RaftOptions,
+    /// HOST:PORT for block-storage traffic between nodes (mutual TLS).
+    pub storage_listen: String,
+    pub storage_advertise: Option<String>,
+    pub blocks: crate::blockstore::BlockOptions,
 }
 
 impl AgentOptions {
@@ -47,6 +51,14 @@ impl AgentOptions {
             peer_advertise: None,
             name: None,
             raft: RaftOptions::default(),
+            // Port 0 unless asked: in-process clusters share one machine.
+            storage_listen: "127.0.0.1:0".into(),
+            storage_advertise: None,
+            blocks: crate::blockstore::BlockOptions {
+                dir: None,
+                failure_domain: None,
+                nbd_listen: None,
+            },
         }
     }
 }
@@ -103,6 +115,9 @@ pub struct Agent {
     pub isolation: Isolation,
     raft_options: RaftOptions,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub storage_addr: String,
+    storage_listener: Mutex<Option<TcpListener>>,
+    block_options: crate::blockstore::BlockOptions,
 }
 
 /// The host name, made into a valid node name.
@@ -166,11 +181,21 @@ impl Agent {
             .with_context(|| {
                 format!("cannot listen on the peer address {}", options.peer_listen)
             })?;
+        let storage_listener = TcpListener::bind(&options.storage_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on the storage address {}",
+                    options.storage_listen
+                )
+            })?;
         let api_bound = api_listener.local_addr()?;
         let peer_bound = peer_listener.local_addr()?;
+        let storage_bound = storage_listener.local_addr()?;
         let listen = ListenAddrs {
             api_addr: api_bound.to_string(),
             peer_addr: peer_bound.to_string(),
+            storage_addr: storage_bound.to_string(),
             pid: std::process::id(),
         };
         std::fs::write(data_dir.listen_file(), serde_json::to_vec_pretty(&listen)?)
@@ -192,6 +217,9 @@ impl Agent {
             isolation: Isolation::default(),
             raft_options: options.raft.clone(),
             tasks: Mutex::new(Vec::new()),
+            storage_addr: advertised(&options.storage_advertise, storage_bound),
+            storage_listener: Mutex::new(Some(storage_listener)),
+            block_options: options.blocks.clone(),
         });
         let admin = crate::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
         let api = serve::spawn(api_listener, api_rx, "api");
@@ -247,6 +275,22 @@ impl Agent {
             .send_replace(ServeMode::Tls(api_tls, crate::api::router(node.clone())));
         self.node.send_replace(Some(node.clone()));
         tokio::spawn(report_capacity(Arc::downgrade(&node)));
+        let listener = self.storage_listener.lock().expect("listener").take();
+        match listener {
+            Some(listener) => {
+                let blocks = crate::blockstore::BlockStore::start(
+                    &node,
+                    listener,
+                    self.storage_addr.clone(),
+                    &self.block_options,
+                )
+                .await?;
+                let _ = node.blocks.set(blocks);
+            }
+            None => tracing::warn!(
+                "the storage port was already handed to an earlier configuration; restart the agent to serve block storage"
+            ),
+        }
         Ok(node)
     }
 
@@ -335,6 +379,7 @@ impl Agent {
                 vcpus: 0,
                 memory_bytes: 0,
                 maintenance: false,
+                storage: None,
             };
             node.write(&Command::InitCluster {
                 info,

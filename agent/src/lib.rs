@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod authz;
+pub mod blockstore;
 pub mod cli;
 pub mod compute;
 pub mod console;
@@ -27,6 +28,7 @@ pub mod quota;
 pub mod scheduler;
 pub mod serve;
 pub mod setup;
+pub mod volumes;
 pub mod zones;
 
 /// An error and all its sources, joined with ": ", for messages and logs.

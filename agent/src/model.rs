@@ -74,7 +74,8 @@ pub struct VolumeRecord {
     pub replicas: u8,
     /// The size of the objects a volume is split into.
     pub object_size_bytes: u64,
-    /// `allocated`: recorded and thin; nothing written yet takes space.
+    /// `available`; `in-use` while attached to a VM; `importing` for an
+    /// image's base volume until its import finishes.
     pub state: String,
     /// The project's zone, which the volume's replicas must honour.
     pub zone: crate::zones::Zone,
@@ -82,6 +83,23 @@ pub struct VolumeRecord {
     /// The id of the VM it is attached to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
+    /// The storage map (by epoch) its objects are placed with.
+    #[serde(default)]
+    pub map_epoch: u64,
+    /// The newest snapshot's id (0: none yet); writes carry it.
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub snapshots: Vec<crate::volumes::SnapshotRecord>,
+    /// For a clone: the snapshot it reads through to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<crate::volumes::ParentRef>,
+    /// The node that may write it, and the epoch that fences older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::volumes::Lease>,
+    /// An image's base volume: read-only once imported.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 impl VolumeRecord {
@@ -149,6 +167,9 @@ pub struct NodeRecord {
     /// A node in maintenance takes no new VMs.
     #[serde(default)]
     pub maintenance: bool,
+    /// The node's block store, once it has registered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::volumes::NodeStorage>,
 }
 
 /// A volume attached to a VM.
@@ -241,12 +262,56 @@ pub enum Command {
         quota: crate::quota::Quota,
     },
     /// Records a volume (validated before proposing) if the project's quota
-    /// admits it.
+    /// admits it, placing it on the current storage map; a clone also
+    /// registers with the snapshot it reads through to.
     CreateVolume {
         volume: VolumeRecord,
+        #[serde(default)]
+        source: Option<crate::volumes::VolumeSource>,
     },
     DeleteVolume {
         project: String,
+        name: String,
+    },
+    ResizeVolume {
+        project: String,
+        name: String,
+        size_bytes: u64,
+    },
+    CreateSnapshot {
+        project: String,
+        volume: String,
+        name: String,
+        now_ms: u64,
+    },
+    DeleteSnapshot {
+        project: String,
+        volume: String,
+        name: String,
+    },
+    /// Makes `node` the volume's one writer with a new epoch (unless it
+    /// already is).
+    AcquireLease {
+        volume_id: String,
+        node: NodeId,
+    },
+    /// A node registers (or updates) its block store.
+    SetNodeStorage {
+        id: NodeId,
+        storage: crate::volumes::NodeStorage,
+    },
+    /// Records an image being imported, with its base volume.
+    CreateImage {
+        image: crate::volumes::ImageRecord,
+        volume: VolumeRecord,
+    },
+    /// The import finished: the base volume becomes read-only with one
+    /// snapshot that clones use.
+    FinishImage {
+        name: String,
+        now_ms: u64,
+    },
+    DeleteImage {
         name: String,
     },
     SetNodeMaintenance {
@@ -483,6 +548,8 @@ pub struct ClusterApply {
     /// that cached principals resolved before it are not used again.
     pub auth_generation: Arc<AtomicU64>,
     auth_changed: AtomicBool,
+    /// Woken after every commit (the block store follows volume records).
+    pub applied: Arc<tokio::sync::Notify>,
 }
 
 /// Whether applying `command` may change how some bearer token resolves.
@@ -500,6 +567,14 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::SetQuota { .. }
         | Command::CreateVolume { .. }
         | Command::DeleteVolume { .. }
+        | Command::ResizeVolume { .. }
+        | Command::CreateSnapshot { .. }
+        | Command::DeleteSnapshot { .. }
+        | Command::AcquireLease { .. }
+        | Command::SetNodeStorage { .. }
+        | Command::CreateImage { .. }
+        | Command::FinishImage { .. }
+        | Command::DeleteImage { .. }
         | Command::SetNodeCapacity { .. }
         | Command::SetNodeMaintenance { .. }
         | Command::CreateVm { .. }
@@ -537,7 +612,7 @@ pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
 
 /// Reads a node's record, lets `change` refuse or change it, stores it and
 /// answers with it; an unknown node is refused.
-fn update_node(
+pub(crate) fn update_node(
     kv: &mut KvWrite<'_>,
     id: NodeId,
     change: impl FnOnce(
@@ -748,7 +823,7 @@ impl ClusterApply {
                         put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                         record.used_by = Some(node_id);
                         put_json(kv, &key, &record)?;
-                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false };
+                        let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None };
                         put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                         Ok(serde_json::json!({ "node_id": node_id }))
                     }
@@ -775,61 +850,41 @@ impl ClusterApply {
                     }
                 }
             }
-            Command::CreateVolume { volume } => {
-                let project_key = format!("{PREFIX_PROJECTS}{}", volume.project);
-                let key = format!("{PREFIX_VOLUMES}{}/{}", volume.project, volume.name);
-                match get_json::<Project>(kv, &project_key)? {
-                    None => Err(domain(
-                        ErrorCode::NotFound,
-                        format!("project {:?} does not exist", volume.project),
-                    )),
-                    Some(_) if kv.get(&key)?.is_some() => Err(domain(
-                        ErrorCode::AlreadyExists,
-                        format!(
-                            "volume {:?} already exists in project {:?}",
-                            volume.name, volume.project
-                        ),
-                    )),
-                    Some(mut project) => {
-                        match project.quota.admits(&project.usage, &volume.usage()) {
-                            Err(why) => Err(domain(ErrorCode::QuotaExceeded, why)),
-                            Ok(()) => {
-                                project.usage = project.usage.plus(&volume.usage());
-                                let volume = VolumeRecord {
-                                    zone: project.zone,
-                                    ..volume
-                                };
-                                put_json(kv, &project_key, &project)?;
-                                put_json(kv, &key, &volume)?;
-                                Ok(serde_json::to_value(&volume).expect("serialisable"))
-                            }
-                        }
-                    }
-                }
+            Command::CreateVolume { volume, source } => {
+                crate::volumes::create_volume(kv, volume, source)?
             }
             Command::DeleteVolume { project, name } => {
-                let project_key = format!("{PREFIX_PROJECTS}{project}");
-                let key = format!("{PREFIX_VOLUMES}{project}/{name}");
-                match (
-                    get_json::<Project>(kv, &project_key)?,
-                    get_json::<VolumeRecord>(kv, &key)?,
-                ) {
-                    (Some(_), Some(volume)) if volume.attached_to.is_some() => Err(domain(
-                        ErrorCode::FailedPrecondition,
-                        format!("volume {name:?} is attached to a VM; detach it first"),
-                    )),
-                    (Some(mut record), Some(volume)) => {
-                        record.usage = record.usage.minus(&volume.usage());
-                        put_json(kv, &project_key, &record)?;
-                        kv.delete(&key)?;
-                        Ok(serde_json::Value::Null)
-                    }
-                    _ => Err(domain(
-                        ErrorCode::NotFound,
-                        format!("volume {name:?} does not exist in project {project:?}"),
-                    )),
-                }
+                crate::volumes::delete_volume(kv, &project, &name)?
             }
+            Command::ResizeVolume {
+                project,
+                name,
+                size_bytes,
+            } => crate::volumes::resize_volume(kv, &project, &name, size_bytes)?,
+            Command::CreateSnapshot {
+                project,
+                volume,
+                name,
+                now_ms,
+            } => crate::volumes::create_snapshot(kv, &project, &volume, &name, now_ms)?,
+            Command::DeleteSnapshot {
+                project,
+                volume,
+                name,
+            } => crate::volumes::delete_snapshot(kv, &project, &volume, &name)?,
+            Command::AcquireLease { volume_id, node } => {
+                crate::volumes::acquire_lease(kv, &volume_id, node)?
+            }
+            Command::SetNodeStorage { id, storage } => {
+                crate::volumes::set_node_storage(kv, id, storage)?
+            }
+            Command::CreateImage { image, volume } => {
+                crate::volumes::create_image(kv, image, volume)?
+            }
+            Command::FinishImage { name, now_ms } => {
+                crate::volumes::finish_image(kv, &name, now_ms)?
+            }
+            Command::DeleteImage { name } => crate::volumes::delete_image(kv, &name)?,
             Command::SetNodeMaintenance { id, maintenance } => update_node(kv, id, |_, node| {
                 node.maintenance = maintenance;
                 Ok(Ok(()))
@@ -1107,6 +1162,7 @@ impl Apply for ClusterApply {
         if self.auth_changed.swap(false, Ordering::Relaxed) || replaced_all {
             self.auth_generation.fetch_add(1, Ordering::Release);
         }
+        self.applied.notify_one();
     }
 }
 
@@ -1121,14 +1177,20 @@ pub struct StateView {
 pub struct ReadError(#[from] allod_raft::StateMachineError);
 
 impl StateView {
-    fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ReadError> {
+    pub(crate) fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, ReadError> {
         Ok(self
             .reader
             .get(key)?
             .and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
-    fn list<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ReadError> {
+    pub(crate) fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, ReadError> {
         Ok(self
             .reader
             .scan(prefix)?

@@ -125,6 +125,10 @@ pub struct ClusterNode {
     pub peers: PeerClient,
     pub tls: NodeTls,
     pub data_dir: DataDir,
+    /// Woken after every commit.
+    pub applied: Arc<tokio::sync::Notify>,
+    /// This node's block store, once it is serving.
+    pub blocks: std::sync::OnceLock<Arc<crate::blockstore::BlockStore>>,
 }
 
 impl ClusterNode {
@@ -138,6 +142,7 @@ impl ClusterNode {
         let log = LogStore::open(&data_dir.raft_log())?;
         let apply = Arc::new(ClusterApply::default());
         let auth_generation = apply.auth_generation.clone();
+        let applied = apply.applied.clone();
         let state_machine = StateMachineStore::open(&data_dir.state_db(), apply)?;
         let state = StateView {
             reader: state_machine.reader(),
@@ -181,6 +186,8 @@ impl ClusterNode {
             peers,
             tls,
             data_dir,
+            applied,
+            blocks: std::sync::OnceLock::new(),
         }))
     }
 

@@ -68,5 +68,7 @@ pub struct NodeConfig {
 pub struct ListenAddrs {
     pub api_addr: String,
     pub peer_addr: String,
+    #[serde(default)]
+    pub storage_addr: String,
     pub pid: u32,
 }

@@ -325,7 +325,7 @@ async fn three_agent_processes_lose_no_acknowledged_create_across_a_leader_sigki
     );
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("1 GiB") && stdout.contains("allocated"),
+        stdout.contains("1 GiB") && stdout.contains("available"),
         "{stdout}"
     );
     let (ok, stdout, stderr) = run_with(

@@ -105,7 +105,7 @@ async fn fifty_parallel_creates_through_three_nodes_against_a_quota_of_ten_leave
         .unwrap();
     assert_eq!(reply.status, 201, "{}", reply.body);
     assert_eq!(reply.body["zone"], "OFFICIAL");
-    assert_eq!(reply.body["state"], "allocated");
+    assert_eq!(reply.body["state"], "available");
     // A volume answers to its id as well as its name.
     let id = reply.body["id"].as_str().unwrap().to_string();
     let by_id = admin

@@ -102,6 +102,16 @@ impl Storage {
         Ok(())
     }
 
+    /// Every volume some connection on this node has open.
+    pub fn open_handles(&self) -> Vec<Arc<VolumeHandle>> {
+        self.handles
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
     /// The open handle for a volume, if any connection still uses one.
     pub fn handle(&self, id: &str) -> Option<Arc<VolumeHandle>> {
         self.handles.lock().unwrap().get(id).and_then(Weak::upgrade)
@@ -259,6 +269,11 @@ impl VolumeHandle {
             }
             *cur = Arc::new(spec);
         }
+    }
+
+    /// Forgets which objects exist (after a rollback removed some).
+    pub fn forget_present(&self) {
+        self.present.lock().unwrap().clear();
     }
 
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {

@@ -1,0 +1,599 @@
+//! Volume, snapshot, clone and image routes.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use super::{
+    outcome_as, read_project, volume_name, ApiError, ApiJson, ApiQuery, ApiResult,
+    MAX_VOLUME_BYTES, OBJECT_SIZE_BYTES,
+};
+use crate::authz::Principal;
+use crate::model::{validate_name, Command, VolumeRecord};
+use crate::node::ClusterNode;
+use crate::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+}
+
+fn check_size(size: u64) -> ApiResult<()> {
+    if size == 0 || size % 512 != 0 || size > MAX_VOLUME_BYTES {
+        return Err(invalid(format!(
+            "size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)"
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot of another volume of the same project.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    volume: String,
+    snapshot: String,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    /// A multiple of 512, at most 64 TiB. Thin: costs nothing until written.
+    /// Optional for clones (default: the source's size).
+    #[serde(default)]
+    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
+    size_bytes: Option<u64>,
+    /// Copies of every byte, on distinct nodes; default 3 (or as many
+    /// storage nodes as there are, when fewer).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3)]
+    replicas: Option<u8>,
+    /// Clone an image (copy-on-write: instant, whatever its size).
+    #[serde(default)]
+    from_image: Option<String>,
+    /// Clone a snapshot of a volume of this project.
+    #[serde(default)]
+    from_snapshot: Option<SnapshotRef>,
+}
+
+fn new_volume(
+    project: String,
+    name: String,
+    size: u64,
+    replicas: Option<u8>,
+) -> ApiResult<VolumeRecord> {
+    validate_name("volume", &name)?;
+    if let Some(r) = replicas {
+        if !(1..=3).contains(&r) {
+            return Err(invalid(format!("replicas must be 1, 2 or 3, not {r}")));
+        }
+    }
+    Ok(VolumeRecord {
+        id: crate::join::random_hex(8),
+        name,
+        project,
+        size_bytes: size,
+        // 0: as many as the storage map allows, up to 3 (decided when applied).
+        replicas: replicas.unwrap_or(0),
+        object_size_bytes: OBJECT_SIZE_BYTES,
+        state: "available".into(),
+        // The state machine sets it from the project.
+        zone: crate::zones::Zone::default(),
+        created_at_ms: crate::join::now_ms(),
+        attached_to: None,
+        map_epoch: 0,
+        seq: 0,
+        snapshots: Vec::new(),
+        parent: None,
+        lease: None,
+        read_only: false,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
+    request_body = CreateVolume,
+    responses((status = 201, description = "The volume: thin, or a copy-on-write clone", body = VolumeRecord)))]
+pub(super) async fn create_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+    ApiJson(body): ApiJson<CreateVolume>,
+) -> ApiResult<(StatusCode, Json<VolumeRecord>)> {
+    let source = match (body.from_image, body.from_snapshot) {
+        (Some(_), Some(_)) => return Err(invalid("give from_image or from_snapshot, not both")),
+        (Some(name), None) => Some(VolumeSource::Image { name }),
+        (None, Some(s)) => Some(VolumeSource::Snapshot {
+            volume: s.volume,
+            snapshot: s.snapshot,
+        }),
+        (None, None) => None,
+    };
+    match (body.size_bytes, &source) {
+        (Some(size), _) => check_size(size)?,
+        (None, None) => return Err(invalid("size_bytes is required (e.g. --size 20G)")),
+        (None, Some(_)) => {}
+    }
+    let volume = new_volume(
+        project,
+        body.name,
+        body.size_bytes.unwrap_or(0),
+        body.replicas,
+    )?;
+    let outcome = node
+        .write(&Command::CreateVolume { volume, source })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+async fn volume_record(node: &ClusterNode, project: &str, key: String) -> ApiResult<VolumeRecord> {
+    let name = volume_name(node, project, key).await?;
+    node.state.volume(project, &name)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("volume {name:?} does not exist in project {project:?}"),
+        )
+    })
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resize {
+    /// The new size: larger than the current one (volumes only grow).
+    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
+    size_bytes: u64,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/resize", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    request_body = Resize,
+    responses((status = 200, description = "The volume at its new size (clients see it when they reconnect)", body = VolumeRecord)))]
+pub(super) async fn resize_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Resize>,
+) -> ApiResult<Json<VolumeRecord>> {
+    check_size(body.size_bytes)?;
+    let name = volume_name(&node, &project, key).await?;
+    let outcome = node
+        .write(&Command::ResizeVolume {
+            project,
+            name,
+            size_bytes: body.size_bytes,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}/snapshots", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    responses((status = 200, description = "The volume's snapshots, oldest first", body = Vec<SnapshotRecord>)))]
+pub(super) async fn list_snapshots(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<SnapshotRecord>>> {
+    Ok(Json(volume_record(&node, &project, key).await?.snapshots))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/snapshots", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    request_body = CreateSnapshot,
+    responses((status = 201, description = "The volume with its new snapshot (crash-consistent; copy-on-write, instant)", body = VolumeRecord)))]
+pub(super) async fn create_snapshot(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<CreateSnapshot>,
+) -> ApiResult<(StatusCode, Json<VolumeRecord>)> {
+    validate_name("snapshot", &body.name)?;
+    let volume = volume_name(&node, &project, key).await?;
+    let outcome = node
+        .write(&Command::CreateSnapshot {
+            project,
+            volume,
+            name: body.name,
+            now_ms: crate::join::now_ms(),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/volumes/{volume}/snapshots/{snapshot}", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id"), ("snapshot" = String, Path, description = "Snapshot name")),
+    responses((status = 204, description = "Deleted; its copies are freed in the background")))]
+pub(super) async fn delete_snapshot(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key, snapshot)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let volume = volume_name(&node, &project, key).await?;
+    node.write(&Command::DeleteSnapshot {
+        project,
+        volume,
+        name: snapshot,
+    })
+    .await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    snapshot: String,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/rollback", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    request_body = Rollback,
+    responses((status = 200, description = "The volume, back at the snapshot's content (newer snapshots are kept)", body = VolumeRecord)))]
+pub(super) async fn rollback_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Rollback>,
+) -> ApiResult<Json<VolumeRecord>> {
+    let volume = volume_record(&node, &project, key).await?;
+    let Some(snap) = volume.snapshots.iter().find(|s| s.name == body.snapshot) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "volume {:?} has no snapshot {:?}",
+                volume.name, body.snapshot
+            ),
+        ));
+    };
+    if volume.attached_to.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "failed_precondition",
+            format!("volume {:?} is attached to a VM; stop the VM and detach the volume before rolling it back", volume.name),
+        ));
+    }
+    if volume.read_only {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "failed_precondition",
+            format!("volume {:?} is read-only", volume.name),
+        ));
+    }
+    let blocks = blocks(&node)?;
+    blocks
+        .rollback(&volume.id, snap.id)
+        .await
+        .map_err(block_error)?;
+    node.linearizable_read().await?;
+    Ok(Json(
+        node.state.volume(&project, &volume.name)?.unwrap_or(volume),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVolume {
+    snapshot: String,
+    /// The new volume's name.
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    /// Default: the source's size; may be larger.
+    #[serde(default)]
+    size_bytes: Option<u64>,
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3)]
+    replicas: Option<u8>,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/clone", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    request_body = CloneVolume,
+    responses((status = 201, description = "The clone: copy-on-write, created without copying data", body = VolumeRecord)))]
+pub(super) async fn clone_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<CloneVolume>,
+) -> ApiResult<(StatusCode, Json<VolumeRecord>)> {
+    if let Some(size) = body.size_bytes {
+        check_size(size)?;
+    }
+    let source = volume_name(&node, &project, key).await?;
+    let volume = new_volume(
+        project,
+        body.name,
+        body.size_bytes.unwrap_or(0),
+        body.replicas,
+    )?;
+    let outcome = node
+        .write(&Command::CreateVolume {
+            volume,
+            source: Some(VolumeSource::Snapshot {
+                volume: source,
+                snapshot: body.snapshot,
+            }),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+fn blocks(node: &ClusterNode) -> ApiResult<Arc<crate::blockstore::BlockStore>> {
+    node.blocks.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this node's block store is not running; try another node",
+        )
+    })
+}
+
+fn block_error(e: crate::blockstore::BlockError) -> ApiError {
+    use crate::blockstore::BlockError;
+    match e {
+        BlockError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+        BlockError::Refused(m) => ApiError::new(StatusCode::CONFLICT, "failed_precondition", m),
+        BlockError::Unavailable(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ImportImage {
+    /// The image's name (a DNS label).
+    name: String,
+    /// SHA-256 of the uploaded bytes, in hex; the import fails if they differ.
+    sha256: String,
+    /// Make the image private to this project (default: public).
+    #[serde(default)]
+    project: Option<String>,
+}
+
+/// Removes a temporary file however the import ends.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[utoipa::path(post, path = "/v1/images", tag = "images", params(ImportImage),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The disk image: raw or qcow2 (detected)"),
+    responses((status = 201, description = "The imported image, ready to clone", body = ImageRecord)))]
+pub(super) async fn import_image(
+    State(node): State<Arc<ClusterNode>>,
+    ApiQuery(q): ApiQuery<ImportImage>,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<ImageRecord>)> {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    validate_name("image", &q.name)?;
+    let want = q.sha256.to_ascii_lowercase();
+    if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "sha256 must be 64 hexadecimal digits (sha256sum prints them)",
+        ));
+    }
+    if let Some(p) = &q.project {
+        read_project(&node, p).await?;
+    }
+    node.linearizable_read().await?;
+    if node.state.image(&q.name)?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("image {:?} already exists", q.name),
+        ));
+    }
+    let blocks = blocks(&node)?;
+    // The upload goes to a file first: it is checked before anything is stored.
+    let tmp = TempFile(
+        node.data_dir
+            .path()
+            .join(format!("import-{}.part", crate::join::random_hex(6))),
+    );
+    let mut file = tokio::fs::File::create(&tmp.0)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut total: u64 = 0;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| invalid(format!("the upload broke off after {total} bytes: {e}")))?;
+        total += chunk.len() as u64;
+        if total > MAX_VOLUME_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "images are at most 64 TiB",
+            ));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+    }
+    file.flush().await.map_err(|e| ApiError::internal(&e))?;
+    drop(file);
+    let got = hex::encode(hasher.finalize());
+    if got != want {
+        return Err(invalid(format!(
+            "the upload's SHA-256 is {got}, not the {want} given: the file changed or was damaged on the way; nothing was stored"
+        )));
+    }
+    if total == 0 {
+        return Err(invalid("the upload is empty; nothing was stored"));
+    }
+    let (format, size) = probe_image(&tmp.0, total).await?;
+    let size_bytes = size.div_ceil(512) * 512;
+    let volume = new_volume(IMAGE_PROJECT.into(), q.name.clone(), size_bytes, None)?;
+    let volume = VolumeRecord {
+        state: "importing".into(),
+        ..volume
+    };
+    let image = ImageRecord {
+        name: q.name.clone(),
+        project: q.project.clone(),
+        size_bytes: size,
+        format: format.to_string(),
+        sha256: got,
+        state: "importing".into(),
+        volume_id: volume.id.clone(),
+        created_at_ms: crate::join::now_ms(),
+    };
+    let volume_id = volume.id.clone();
+    node.write(&Command::CreateImage { image, volume })
+        .await??;
+    let target = format!(
+        "nbd+unix:///{volume_id}?socket={}",
+        blocks.nbd_socket.display()
+    );
+    let converted = tokio::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-f",
+            format,
+            "-O",
+            "raw",
+        ])
+        .arg(&tmp.0)
+        .arg(&target)
+        .output()
+        .await;
+    let failure = match converted {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run qemu-img (install qemu-utils): {e}")),
+    };
+    if let Some(why) = failure {
+        let _ = node
+            .write(&Command::DeleteImage {
+                name: q.name.clone(),
+            })
+            .await;
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "import_failed",
+            format!("{why}; nothing was kept"),
+        ));
+    }
+    let outcome = node
+        .write(&Command::FinishImage {
+            name: q.name,
+            now_ms: crate::join::now_ms(),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+/// The format (from the content) and the disk size a VM sees.
+async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<(&'static str, u64)> {
+    let mut magic = [0u8; 4];
+    {
+        use tokio::io::AsyncReadExt;
+        let mut f = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        let _ = f.read(&mut magic).await;
+    }
+    if magic != *b"QFI\xfb" {
+        return Ok(("raw", len));
+    }
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    if !out.status.success() {
+        return Err(invalid(format!(
+            "the upload starts like a qcow2 image but is not a valid one: {}; nothing was stored",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| ApiError::internal(&e))?;
+    if info.get("backing-filename").is_some() {
+        return Err(invalid("qcow2 images with a backing file cannot be imported (it would read a file of the server); flatten it with `qemu-img convert` first"));
+    }
+    if info.pointer("/format-specific/data/data-file").is_some() {
+        return Err(invalid(
+            "qcow2 images with an external data file cannot be imported; convert it first",
+        ));
+    }
+    let size = info
+        .get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|s| *s > 0 && *s <= MAX_VOLUME_BYTES)
+        .ok_or_else(|| invalid("the qcow2 image has no usable virtual size (1 byte to 64 TiB)"))?;
+    Ok(("qcow2", size))
+}
+
+fn visible(caller: &Principal, image: &ImageRecord) -> bool {
+    image
+        .project
+        .as_ref()
+        .is_none_or(|p| caller.role_in(p).is_some())
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "Public images and those of the caller's projects", body = Vec<ImageRecord>)))]
+pub(super) async fn list_images(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+) -> ApiResult<Json<Vec<ImageRecord>>> {
+    node.linearizable_read().await?;
+    Ok(Json(
+        node.state
+            .images()?
+            .into_iter()
+            .filter(|i| visible(&caller, i))
+            .collect(),
+    ))
+}
+
+fn image_not_found(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("image {name:?} does not exist"),
+    )
+}
+
+#[utoipa::path(get, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Image name")),
+    responses((status = 200, description = "The image", body = ImageRecord)))]
+pub(super) async fn show_image(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ImageRecord>> {
+    node.linearizable_read().await?;
+    match node.state.image(&name)? {
+        Some(i) if visible(&caller, &i) => Ok(Json(i)),
+        _ => Err(image_not_found(&name)),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Image name")),
+    responses((status = 204, description = "Deleted (refused while volumes are cloned from it)")))]
+pub(super) async fn delete_image(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteImage { name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,451 @@
+//! This node's part of block storage: its object store served to the other
+//! nodes on the storage port, the NBD server (`DATA_DIR/nbd.sock`, optional
+//! TCP), and the link between the cluster state and `storage/`: the storage
+//! map, volume specs, writer leases, and clean-up of deleted volumes and
+//! snapshots.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use storage::nbd::{self, BoxFuture, Export, Exports};
+use storage::transport::{self, Peers};
+use storage::{ObjectStore, ParentSpec, Storage, StorageMap, VolumeHandle, VolumeSpec};
+
+use crate::model::{Command, VolumeRecord};
+use crate::node::ClusterNode;
+use crate::volumes::NodeStorage;
+
+/// How the block store is set up on this node.
+#[derive(Debug, Clone)]
+pub struct BlockOptions {
+    /// Where objects live (default `DATA_DIR/storage`).
+    pub dir: Option<PathBuf>,
+    /// Replicas go to distinct failure domains first (default: the node name).
+    pub failure_domain: Option<String>,
+    /// Also serve NBD on this TCP address (tools; no authentication, so bind
+    /// it to a trusted network only).
+    pub nbd_listen: Option<String>,
+}
+
+pub struct BlockStore {
+    pub storage: Arc<Storage>,
+    node: Weak<ClusterNode>,
+    pub addr: String,
+    pub failure_domain: String,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl BlockStore {
+    /// Opens the store, starts serving it and NBD, and starts the task that
+    /// keeps this node's registration, peer addresses and open volumes
+    /// current.
+    pub async fn start(
+        node: &Arc<ClusterNode>,
+        listener: tokio::net::TcpListener,
+        advertise: String,
+        options: &BlockOptions,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let dir = options
+            .dir
+            .clone()
+            .unwrap_or_else(|| node.data_dir.path().join("storage"));
+        let store = Arc::new(
+            ObjectStore::open(&dir)
+                .with_context(|| format!("cannot open the block store in {}", dir.display()))?,
+        );
+        let alpn = b"allod-storage/1".to_vec();
+        let server_tls = {
+            let mut c = (*node.tls.peer_server_config()?).clone();
+            c.alpn_protocols = vec![alpn.clone()];
+            Arc::new(c)
+        };
+        let client_tls = {
+            let mut c = node.tls.peer_client_config()?;
+            c.alpn_protocols = vec![alpn];
+            Arc::new(c)
+        };
+        tokio::spawn(transport::serve(listener, server_tls, store.clone()));
+        let storage = Storage::new(node.id, store, Peers::new(client_tls));
+        let nbd_socket = node.data_dir.path().join("nbd.sock");
+        let _ = std::fs::remove_file(&nbd_socket);
+        let unix = tokio::net::UnixListener::bind(&nbd_socket)
+            .with_context(|| format!("cannot listen on {}", nbd_socket.display()))?;
+        share_with_qemu(node.data_dir.path(), &nbd_socket);
+        let nbd_tcp = match &options.nbd_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+                Some((l.local_addr()?.to_string(), l))
+            }
+            None => None,
+        };
+        let blocks = Arc::new(Self {
+            storage,
+            node: Arc::downgrade(node),
+            addr: advertise,
+            failure_domain: options
+                .failure_domain
+                .clone()
+                .unwrap_or_else(|| node.config.name.clone()),
+            nbd_socket,
+            nbd_tcp: nbd_tcp.as_ref().map(|(a, _)| a.clone()),
+        });
+        let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
+        tokio::spawn(nbd::serve_unix(unix, exports.clone()));
+        if let Some((_, l)) = nbd_tcp {
+            tokio::spawn(nbd::serve_tcp(l, exports));
+        }
+        tokio::spawn(maintain(Arc::downgrade(&blocks), node.applied.clone()));
+        Ok(blocks)
+    }
+
+    fn node(&self) -> Result<Arc<ClusterNode>, BlockError> {
+        self.node
+            .upgrade()
+            .ok_or_else(|| BlockError::Unavailable("this node is shutting down".into()))
+    }
+
+    /// Everything `storage/` needs to reach a volume's bytes.
+    pub fn spec(&self, volume: &VolumeRecord) -> Result<VolumeSpec, BlockError> {
+        let node = self.node()?;
+        let mut chain = Vec::new();
+        let mut cur = volume.clone();
+        while let Some(parent) = cur.parent.clone() {
+            if chain.len() > 32 {
+                return Err(BlockError::Refused(format!(
+                    "volume {} has more than 32 ancestors",
+                    volume.id
+                )));
+            }
+            let p = node
+                .state
+                .volume_by_id(&parent.volume_id)
+                .map_err(|e| BlockError::Unavailable(e.to_string()))?
+                .ok_or_else(|| {
+                    BlockError::NotFound(format!(
+                        "volume {} lost its parent {}",
+                        cur.id, parent.volume_id
+                    ))
+                })?;
+            chain.push((parent, cur));
+            cur = p;
+        }
+        let mut spec = self.bare_spec(&node, &cur)?;
+        while let Some((parent, child)) = chain.pop() {
+            let mut s = self.bare_spec(&node, &child)?;
+            s.parent = Some(Arc::new(ParentSpec {
+                volume: spec,
+                snap: parent.snapshot_id,
+                overlap: parent.overlap_bytes,
+            }));
+            spec = s;
+        }
+        Ok(spec)
+    }
+
+    fn bare_spec(&self, node: &ClusterNode, v: &VolumeRecord) -> Result<VolumeSpec, BlockError> {
+        let map = node
+            .state
+            .storage_map(v.map_epoch)
+            .map_err(|e| BlockError::Unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                BlockError::NotFound(format!(
+                    "storage map {} of volume {} is gone",
+                    v.map_epoch, v.id
+                ))
+            })?;
+        Ok(VolumeSpec {
+            id: v.id.clone(),
+            size: v.size_bytes,
+            object_size: v.object_size_bytes,
+            replicas: usize::from(v.replicas),
+            seq: v.seq,
+            epoch: v
+                .lease
+                .as_ref()
+                .filter(|l| l.node == node.id)
+                .map_or(0, |l| l.epoch),
+            map: Arc::new(map),
+            parent: None,
+        })
+    }
+
+    /// Makes this node the volume's writer (a new epoch fences any other)
+    /// and opens it.
+    pub async fn open_for_write(
+        &self,
+        volume_id: &str,
+    ) -> Result<(VolumeRecord, Arc<VolumeHandle>), BlockError> {
+        let node = self.node()?;
+        node.linearizable_read()
+            .await
+            .map_err(|e| BlockError::Unavailable(e.to_string()))?;
+        let volume = node
+            .state
+            .volume_by_id(volume_id)
+            .map_err(|e| BlockError::Unavailable(e.to_string()))?
+            .ok_or_else(|| BlockError::NotFound(format!("no volume has the id {volume_id:?}")))?;
+        let volume = if volume.lease.as_ref().is_some_and(|l| l.node == node.id) {
+            volume
+        } else {
+            let outcome = node
+                .write(&Command::AcquireLease {
+                    volume_id: volume_id.to_string(),
+                    node: node.id,
+                })
+                .await
+                .map_err(|e| BlockError::Unavailable(e.to_string()))?
+                .map_err(|e| BlockError::Refused(e.message))?;
+            serde_json::from_value(outcome).map_err(|e| BlockError::Unavailable(e.to_string()))?
+        };
+        let spec = self.spec(&volume)?;
+        let handle = self.storage.open(spec);
+        Ok((volume, handle))
+    }
+
+    /// Returns every object of the volume to a snapshot's content.
+    pub async fn rollback(&self, volume_id: &str, snapshot_id: u64) -> Result<(), BlockError> {
+        let (volume, handle) = self.open_for_write(volume_id).await?;
+        let spec = handle.spec();
+        self.storage
+            .broadcast(
+                &spec.map,
+                storage::proto::Request::Rollback {
+                    volume: volume.id.clone(),
+                    snap: snapshot_id,
+                    seq: volume.seq,
+                    epoch: spec.epoch,
+                },
+            )
+            .await
+            .map_err(|e| {
+                BlockError::Unavailable(format!("rollback did not reach every storage node: {e}"))
+            })?;
+        handle.forget_present();
+        Ok(())
+    }
+
+    /// Bytes of a volume as it is now (for checks and exports).
+    pub async fn read(
+        &self,
+        volume: &VolumeRecord,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BlockError> {
+        let spec = self.spec(volume)?;
+        self.storage
+            .read(&spec, None, offset, len)
+            .await
+            .map_err(|e| BlockError::Unavailable(e.to_string()))
+    }
+}
+
+/// Lets QEMU (user libvirt-qemu) reach the NBD socket: the data directory
+/// becomes traversable by that user's group only, the socket read-writable
+/// by it. Without such a user (no libvirt here) nothing changes.
+fn share_with_qemu(data_dir: &std::path::Path, socket: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(Some(user)) = nix::unistd::User::from_name("libvirt-qemu") else {
+        return;
+    };
+    let gid = Some(user.gid);
+    let shared = nix::unistd::chown(data_dir, None, gid)
+        .and_then(|()| nix::unistd::chown(socket, None, gid))
+        .map_err(std::io::Error::from)
+        .and_then(|()| std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o710)))
+        .and_then(|()| std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)));
+    if let Err(e) = shared {
+        tracing::warn!(
+            "cannot share the NBD socket with libvirt-qemu: {e}; guests will not reach their disks"
+        );
+    }
+}
+
+struct AgentExports(Weak<BlockStore>);
+
+impl Exports for AgentExports {
+    fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>> {
+        Box::pin(async move {
+            let blocks = self.0.upgrade().ok_or("this node is shutting down")?;
+            let (volume, handle) = blocks
+                .open_for_write(name)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Export {
+                handle,
+                read_only: volume.read_only,
+            })
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let Some(node) = self.0.upgrade().and_then(|b| b.node.upgrade()) else {
+                return Vec::new();
+            };
+            node.state
+                .all_volumes()
+                .map(|vs| vs.into_iter().map(|v| v.id).collect())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// Keeps this node registered in the storage map with its current use,
+/// peers' storage addresses current, open volumes' specs current, and
+/// removes what deleted volumes and snapshots left on this node.
+async fn maintain(blocks: Weak<BlockStore>, applied: Arc<tokio::sync::Notify>) {
+    let mut last_report: Option<(NodeStorage, std::time::Instant)> = None;
+    let mut last_gc = std::time::Instant::now() - Duration::from_secs(50);
+    let unknown: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    loop {
+        let Some(b) = blocks.upgrade() else { return };
+        let Ok(node) = b.node() else { return };
+        // Peer addresses.
+        if let Ok(nodes) = node.state.nodes() {
+            let addrs: HashMap<u64, String> = nodes
+                .iter()
+                .filter_map(|n| n.storage.as_ref().map(|s| (n.id, s.addr.clone())))
+                .collect();
+            b.storage.peers.set_addresses(addrs);
+            // Registration and use, reported when they change (use: at most
+            // once a minute).
+            let (capacity, free) = disk_space(b.storage.store.root());
+            let mine = NodeStorage {
+                addr: b.addr.clone(),
+                capacity_bytes: capacity,
+                used_bytes: capacity.saturating_sub(free),
+                failure_domain: b.failure_domain.clone(),
+            };
+            let recorded = nodes
+                .iter()
+                .find(|n| n.id == node.id)
+                .and_then(|n| n.storage.clone());
+            let due = match (&recorded, &last_report) {
+                (None, _) => nodes.iter().any(|n| n.id == node.id),
+                (Some(r), _) if r.addr != mine.addr || r.failure_domain != mine.failure_domain => {
+                    true
+                }
+                (Some(r), Some((_, at))) => {
+                    r.used_bytes != mine.used_bytes && at.elapsed() > Duration::from_secs(60)
+                }
+                (Some(r), None) => r.used_bytes != mine.used_bytes,
+            };
+            if due {
+                match node
+                    .write(&Command::SetNodeStorage {
+                        id: node.id,
+                        storage: mine.clone(),
+                    })
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        if recorded.is_none() {
+                            tracing::info!(addr = %mine.addr, domain = %mine.failure_domain, "registered this node's block store");
+                        }
+                        last_report = Some((mine, std::time::Instant::now()));
+                    }
+                    Ok(Err(e)) => tracing::debug!("block store not registered yet: {e}"),
+                    Err(e) => tracing::debug!("block store not registered yet: {e}"),
+                }
+            }
+        }
+        // Open volumes follow their records (snapshots, resizes, leases).
+        for handle in b.storage.open_handles() {
+            let id = handle.spec().id.clone();
+            if let Ok(Some(v)) = node.state.volume_by_id(&id) {
+                if let Ok(spec) = b.spec(&v) {
+                    handle.update(spec);
+                }
+            }
+        }
+        if last_gc.elapsed() > Duration::from_secs(60) {
+            last_gc = std::time::Instant::now();
+            collect_garbage(&b, &node, &unknown).await;
+        }
+        drop(node);
+        drop(b);
+        let _ = tokio::time::timeout(Duration::from_secs(2), applied.notified()).await;
+    }
+}
+
+/// Deletes the objects of volumes the cluster no longer has (seen missing
+/// on two passes a minute apart, so a create still on its way here is not
+/// mistaken for a delete), and snapshot copies no live snapshot needs.
+async fn collect_garbage(b: &BlockStore, node: &ClusterNode, unknown: &Mutex<HashSet<String>>) {
+    if node.linearizable_read().await.is_err() {
+        return;
+    }
+    let store = b.storage.store.clone();
+    let mut missing = HashSet::new();
+    let mut trims = Vec::new();
+    for id in store.volumes() {
+        match node.state.volume_by_id(&id) {
+            Ok(None) => {
+                missing.insert(id);
+            }
+            Ok(Some(v)) => trims.push((id, v.snapshots.iter().map(|s| s.id).collect::<Vec<_>>())),
+            Err(_) => return,
+        }
+    }
+    let doomed: Vec<String> = {
+        let mut seen = unknown.lock().unwrap();
+        let doomed = missing.intersection(&seen).cloned().collect();
+        *seen = missing;
+        doomed
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        for id in doomed {
+            match store.delete_volume(&id) {
+                Ok(()) => tracing::info!(volume = %id, "removed the objects of a deleted volume"),
+                Err(e) => {
+                    tracing::warn!(volume = %id, "cannot remove a deleted volume's objects: {e}")
+                }
+            }
+        }
+        for (id, live) in trims {
+            match store.trim_snapshots(&id, &live) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(volume = %id, "removed {n} snapshot copies no snapshot needs")
+                }
+                Err(e) => tracing::warn!(volume = %id, "cannot trim snapshot copies: {e}"),
+            }
+        }
+    })
+    .await;
+}
+
+/// (capacity, free) bytes of the file system holding `path`.
+pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(s) => {
+            let f = s.fragment_size();
+            (s.blocks() * f, s.blocks_available() * f)
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+/// The storage map a volume created now would use (for display).
+pub fn current_map(node: &ClusterNode) -> Option<StorageMap> {
+    node.state
+        .get(crate::volumes::KEY_STORAGE_MAP)
+        .ok()
+        .flatten()
+}
