@@ -22,6 +22,10 @@ enum Rule {
     SelfOrAdmin,
 }
 
+/// SHA-256 of the two bytes `{}`: the image the matrix uploads.
+const EMPTY_OBJECT_SHA256: &str =
+    "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+
 fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
     use Rule::*;
     HashMap::from([
@@ -61,6 +65,34 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ("DELETE", "/v1/projects/{name}/volumes/{volume}"),
             ProjectAtLeast(Role::ProjectMember),
         ),
+        (
+            ("POST", "/v1/projects/{name}/volumes/{volume}/resize"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/volumes/{volume}/snapshots"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/volumes/{volume}/snapshots"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/volumes/{volume}/snapshots/{snapshot}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/volumes/{volume}/rollback"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/volumes/{volume}/clone"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (("GET", "/v1/images"), AnyAuthenticated),
+        (("POST", "/v1/images"), AdminOnly),
+        (("GET", "/v1/images/{image}"), AnyAuthenticated),
+        (("DELETE", "/v1/images/{image}"), AdminOnly),
         (
             ("GET", "/v1/projects/{name}/vms"),
             ProjectAtLeast(Role::ProjectViewer),
@@ -148,7 +180,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
             let base = base.clone();
             async move {
                 let nodes = admin.get(&format!("{base}/v1/nodes")).await.unwrap().body;
-                nodes[0]["vcpus"].as_u64() > Some(0)
+                nodes[0]["vcpus"].as_u64() > Some(0) && nodes[0]["storage"].is_object()
             }
         },
     )
@@ -247,7 +279,25 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .replace("{node}", "1")
                     .replace("{issuer}", &format!("idp{case}"))
                     .replace("{volume}", "disk")
+                    .replace("{snapshot}", "snap")
+                    .replace("{image}", &format!("img{case}"))
                     .replace("{vm}", "box");
+                // An image upload: the body's bytes are the image ("{}").
+                let path = if (method.as_str(), pattern) == ("POST", "/v1/images") {
+                    format!("{path}?name=new{case}&sha256={EMPTY_OBJECT_SHA256}")
+                } else {
+                    path
+                };
+                if pattern.contains("{image}") {
+                    let reply = admin
+                        .post(
+                            &format!("{base}/v1/images?name=img{case}&sha256={EMPTY_OBJECT_SHA256}"),
+                            json!({}),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "image").await;
+                }
                 if pattern.contains("{vm}") {
                     let reply = admin
                         .post(
@@ -267,6 +317,14 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         .await
                         .unwrap();
                     ok(reply, "volume").await;
+                    let reply = admin
+                        .post(
+                            &format!("{base}/v1/projects/{project}/volumes/disk/snapshots"),
+                            json!({ "name": "snap" }),
+                        )
+                        .await
+                        .unwrap();
+                    ok(reply, "snapshot").await;
                 }
                 if pattern.contains("{vm}") && pattern.contains("{volume}") {
                     let reply = admin
@@ -303,6 +361,19 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         Some(json!({ "name": format!("new{case}"), "size_bytes": 1 << 20 }))
                     }
                     ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
+                    ("POST", "/v1/projects/{name}/volumes/{volume}/resize") => {
+                        Some(json!({ "size_bytes": 2 << 20 }))
+                    }
+                    ("POST", "/v1/projects/{name}/volumes/{volume}/snapshots") => {
+                        Some(json!({ "name": format!("s{case}") }))
+                    }
+                    ("POST", "/v1/projects/{name}/volumes/{volume}/rollback") => {
+                        Some(json!({ "snapshot": "snap" }))
+                    }
+                    ("POST", "/v1/projects/{name}/volumes/{volume}/clone") => {
+                        Some(json!({ "snapshot": "snap", "name": format!("c{case}") }))
+                    }
+                    ("POST", "/v1/images") => Some(json!({})),
                     ("POST", "/v1/users/{user}/roles") => {
                         Some(json!({ "role": "project-viewer", "project": project }))
                     }

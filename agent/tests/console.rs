@@ -37,6 +37,7 @@ fn agent(dir: &Path, name: &str) -> Agent {
         .args(["agent", "--data-dir", dir.to_str().unwrap(), "--name", name])
         .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--storage-listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -46,6 +46,8 @@ fn spawn_agent(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
             api,
             "--peer-listen",
             peer,
+            "--storage-listen",
+            "127.0.0.1:0",
             "--name",
             name,
         ])
