@@ -74,6 +74,11 @@ pub enum TopCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
+    /// List the cluster's nodes: role, zone, capacity and block storage.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Set the node up (host name, management network, NTP, storage disks)
     /// and then create a cluster (--create) or join one (--join TOKEN) after
     /// the same pre-flight checks as the console; refuses to join if any fails.
@@ -1019,6 +1024,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             run_node_setup(data_dir, create, name, join, check_only).await
+        }
+        TopCommand::Node(NodeCommand::List { api }) => {
+            let client = api.resolve()?;
+            let nodes = client.call(reqwest::Method::GET, "/v1/nodes", None).await?;
+            emit(api.output, &nodes, |list| {
+                let rows: Vec<Vec<String>> = list
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| {
+                        let s = &n["storage"];
+                        vec![
+                            text(&n["id"]),
+                            text(&n["name"]),
+                            text(&n["role"]),
+                            text(&n["zone"]),
+                            text(&n["vcpus"]),
+                            human_size(n["memory_bytes"].as_u64().unwrap_or(0)),
+                            match (s["used_bytes"].as_u64(), s["capacity_bytes"].as_u64()) {
+                                (Some(u), Some(c)) => {
+                                    format!("{} / {}", human_size(u), human_size(c))
+                                }
+                                _ => "-".into(),
+                            },
+                            s["failure_domain"].as_str().unwrap_or("-").to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "ROLE",
+                        "ZONE",
+                        "VCPUS",
+                        "MEMORY",
+                        "STORAGE USED",
+                        "DOMAIN",
+                    ],
+                    &rows,
+                );
+            });
+            Ok(())
         }
         TopCommand::Node(NodeCommand::Maintenance { data_dir, state }) => {
             let on = state == "on";

@@ -78,7 +78,10 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ProjectAtLeast(Role::ProjectMember),
         ),
         (
-            ("DELETE", "/v1/projects/{name}/volumes/{volume}/snapshots/{snapshot}"),
+            (
+                "DELETE",
+                "/v1/projects/{name}/volumes/{volume}/snapshots/{snapshot}",
+            ),
             ProjectAtLeast(Role::ProjectMember),
         ),
         (
@@ -291,7 +294,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 if pattern.contains("{image}") {
                     let reply = admin
                         .post(
-                            &format!("{base}/v1/images?name=img{case}&sha256={EMPTY_OBJECT_SHA256}"),
+                            &format!(
+                                "{base}/v1/images?name=img{case}&sha256={EMPTY_OBJECT_SHA256}"
+                            ),
                             json!({}),
                         )
                         .await
