@@ -494,7 +494,15 @@ async fn volumes_snapshots_clones_and_images_across_three_nodes() {
 }
 
 async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: &mut Cluster) {
-    let v = c.json(&["volume", "create", "survivor", "--project", "p", "--size", "16M"]);
+    let v = c.json(&[
+        "volume",
+        "create",
+        "survivor",
+        "--project",
+        "p",
+        "--size",
+        "16M",
+    ]);
     let id = v["id"].as_str().unwrap().to_string();
     qemu_io(&c.uri(0, &id), &["write -P 0x61 0 8M", "flush"]);
     // The third node dies (two of three keep the cluster's quorum).
@@ -504,8 +512,15 @@ async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: 
         .args(["-f", "raw", "-c", "write -P 0x62 0 1M", &c.uri(0, &id)])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("Input/output error"), "a write needing the dead replica must fail: {text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Input/output error"),
+        "a write needing the dead replica must fail: {text}"
+    );
     // What was acknowledged before is all there, from the surviving replicas,
     // through either live node.
     qemu_io(&c.uri(1, &id), &["read -P 0x61 1M 7M"]);
@@ -573,7 +588,17 @@ fn build_boot_disk(dir: &Path) -> PathBuf {
     let d = disk.to_str().unwrap();
     run("mkfs.vfat", &["-C", d, "32768"]);
     run("syslinux", &["--install", d]);
-    run("mcopy", &["-i", d, kit.join("vmlinuz").to_str().unwrap(), initrd.to_str().unwrap(), cfg.to_str().unwrap(), "::/"]);
+    run(
+        "mcopy",
+        &[
+            "-i",
+            d,
+            kit.join("vmlinuz").to_str().unwrap(),
+            initrd.to_str().unwrap(),
+            cfg.to_str().unwrap(),
+            "::/",
+        ],
+    );
     run("truncate", &["-s", "64M", d]);
     disk
 }
@@ -583,20 +608,38 @@ struct Domain(String);
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        let _ = Command::new("virsh").args(["-c", "qemu:///system", "destroy", &self.0]).output();
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", "destroy", &self.0])
+            .output();
     }
 }
 
 async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
-    let version = Command::new("virsh").args(["-c", "qemu:///system", "version"]).output();
+    let version = Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output();
     assert!(
         version.as_ref().is_ok_and(|o| o.status.success()),
         "libvirt is not reachable at qemu:///system (start virtlogd and libvirtd; .ci/test does): {version:?}"
     );
     let tmp = tempfile::tempdir().unwrap();
     let disk = build_boot_disk(tmp.path());
-    c.allod_ok(&["image", "import", disk.to_str().unwrap(), "--name", "bootable"]);
-    let vol = c.json(&["volume", "create", "guestdisk", "--project", "p", "--image", "bootable"]);
+    c.allod_ok(&[
+        "image",
+        "import",
+        disk.to_str().unwrap(),
+        "--name",
+        "bootable",
+    ]);
+    let vol = c.json(&[
+        "volume",
+        "create",
+        "guestdisk",
+        "--project",
+        "p",
+        "--image",
+        "bootable",
+    ]);
     let id = vol["id"].as_str().unwrap().to_string();
     // QEMU runs as libvirt-qemu: it must reach the node's NBD socket and
     // write the console log.
@@ -623,24 +666,46 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
     };
     let xml = spec.to_xml().unwrap().replace(
         "<serial type='pty'>\n",
-        &format!("<serial type='pty'>\n      <log file='{}' append='off'/>\n", console.display()),
+        &format!(
+            "<serial type='pty'>\n      <log file='{}' append='off'/>\n",
+            console.display()
+        ),
     );
     let xml_path = tmp.path().join("domain.xml");
     std::fs::write(&xml_path, xml).unwrap();
     let domain = Domain(spec.domain_name());
-    run("virsh", &["-c", "qemu:///system", "create", xml_path.to_str().unwrap()]);
-    common::wait_for("the guest to boot and write (TCG)", Duration::from_secs(240), || {
-        std::fs::read_to_string(&console).is_ok_and(|t| t.contains("ALLOD-GUEST-WROTE"))
-    })
+    run(
+        "virsh",
+        &["-c", "qemu:///system", "create", xml_path.to_str().unwrap()],
+    );
+    common::wait_for(
+        "the guest to boot and write (TCG)",
+        Duration::from_secs(240),
+        || std::fs::read_to_string(&console).is_ok_and(|t| t.contains("ALLOD-GUEST-WROTE")),
+    )
     .await;
     common::wait_for("the guest to power off", Duration::from_secs(60), || {
-        let out = Command::new("virsh").args(["-c", "qemu:///system", "domstate", &domain.0]).output().unwrap();
+        let out = Command::new("virsh")
+            .args(["-c", "qemu:///system", "domstate", &domain.0])
+            .output()
+            .unwrap();
         !out.status.success() || String::from_utf8_lossy(&out.stdout).contains("shut off")
     })
     .await;
     // What the guest wrote, read through another node's NBD socket.
     qemu_io(&c.uri(2, &id), &["read -P 0x41 48M 4k", "read -P 0 52M 4k"]);
     // The image itself is untouched: a fresh clone has zeros there.
-    let again = c.json(&["volume", "create", "guestdisk2", "--project", "p", "--image", "bootable"]);
-    qemu_io(&c.uri(1, again["id"].as_str().unwrap()), &["read -P 0 48M 4k"]);
+    let again = c.json(&[
+        "volume",
+        "create",
+        "guestdisk2",
+        "--project",
+        "p",
+        "--image",
+        "bootable",
+    ]);
+    qemu_io(
+        &c.uri(1, again["id"].as_str().unwrap()),
+        &["read -P 0 48M 4k"],
+    );
 }
