@@ -21,7 +21,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 }
 
 fn check_size(size: u64) -> ApiResult<()> {
-    if size == 0 || size % 512 != 0 || size > MAX_VOLUME_BYTES {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
         return Err(invalid(format!(
             "size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)"
         )));
