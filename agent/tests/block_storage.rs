@@ -471,6 +471,11 @@ async fn volumes_snapshots_clones_and_images_across_three_nodes() {
         .map(|i| i["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["rawdisk", "tiny"]);
+    // Images' base volumes are reached through the image routes only.
+    let err = c.allod_fails(&["volume", "delete", "tiny", "--project", "_images"]);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = c.allod_fails(&["volume", "create", "sneak", "--project", "_images", "--size", "1M"]);
+    assert!(err.contains("does not exist"), "{err}");
     let err = c.allod_fails(&["image", "delete", "tiny"]);
     assert!(err.contains("used by 1 volume"), "{err}");
     let err = c.allod_fails(&["volume", "create", "x", "--project", "p", "--image", "nope"]);

@@ -84,6 +84,8 @@ struct Head {
 #[derive(Debug, Default)]
 struct ObjState {
     loaded: bool,
+    /// Clone files found by name when the store was opened, headers unread.
+    found_clones: Vec<u64>,
     head: Option<Head>,
     /// hi → lo.
     clones: BTreeMap<u64, u64>,
@@ -617,22 +619,8 @@ impl ObjectStore {
             }
         }
         st.clones.clear();
-        let prefix = format!("{index:016x}.");
-        for entry in
-            fs::read_dir(&vol.dir).map_err(io_err(format!("reading {}", vol.dir.display())))?
-        {
-            let entry = entry.map_err(io_err("reading a volume directory"))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name
-                .strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix(".clone"))
-            else {
-                continue;
-            };
-            let Ok(hi) = u64::from_str_radix(rest, 16) else {
-                continue;
-            };
-            let path = entry.path();
+        for hi in std::mem::take(&mut st.found_clones) {
+            let path = clone_path(&vol.dir, index, hi);
             let f = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
             let h = read_header(&f, &path)?;
             st.clones.insert(hi, h.lo);
@@ -780,22 +768,32 @@ impl Vol {
                 let _ = fs::remove_file(entry.path());
                 continue;
             }
-            let Some(idx) = name
-                .split('.')
-                .next()
-                .filter(|_| name.ends_with(".head") || name.ends_with(".clone"))
-            else {
-                continue;
+            let parts: Vec<&str> = name.split('.').collect();
+            let (index, clone) = match parts.as_slice() {
+                [idx, "head"] => (u64::from_str_radix(idx, 16), None),
+                [idx, hi, "clone"] => (
+                    u64::from_str_radix(idx, 16),
+                    u64::from_str_radix(hi, 16).ok(),
+                ),
+                _ => continue,
             };
-            let Ok(index) = u64::from_str_radix(idx, 16) else {
-                continue;
-            };
-            objects.entry(index).or_insert_with(|| {
-                Arc::new(Obj {
-                    state: RwLock::new(ObjState::default()),
-                })
-            });
+            let Ok(index) = index else { continue };
+            let state = objects.entry(index).or_insert_with(ObjState::default);
+            if let Some(hi) = clone {
+                state.found_clones.push(hi);
+            }
         }
+        let objects = objects
+            .into_iter()
+            .map(|(i, state)| {
+                (
+                    i,
+                    Arc::new(Obj {
+                        state: RwLock::new(state),
+                    }),
+                )
+            })
+            .collect();
         let epoch = fs::read_to_string(dir.join("epoch"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
