@@ -714,6 +714,7 @@ async fn create_project(
 /// The name of a volume given by name or by id (after a linearizable read);
 /// an unknown key comes back unchanged, to be refused by whoever uses it.
 async fn volume_name(node: &ClusterNode, project: &str, key: String) -> ApiResult<String> {
+    internal_project(project)?;
     node.linearizable_read().await?;
     if node.state.volume(project, &key)?.is_some() {
         return Ok(key);
@@ -738,6 +739,15 @@ async fn vm_name(node: &ClusterNode, project: &str, key: String) -> ApiResult<St
         .into_iter()
         .find(|v| v.id == key)
         .map_or(key, |v| v.name))
+}
+
+/// Images' base volumes live in a pseudo-project whose name no project can
+/// have; the volume routes do not reach it (the image routes do).
+fn internal_project(project: &str) -> ApiResult<()> {
+    if project.starts_with('_') {
+        return Err(project_not_found(project));
+    }
+    Ok(())
 }
 
 /// A linearizable read of a project, or 404 when it does not exist.

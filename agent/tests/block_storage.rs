@@ -474,7 +474,15 @@ async fn volumes_snapshots_clones_and_images_across_three_nodes() {
     // Images' base volumes are reached through the image routes only.
     let err = c.allod_fails(&["volume", "delete", "tiny", "--project", "_images"]);
     assert!(err.contains("does not exist"), "{err}");
-    let err = c.allod_fails(&["volume", "create", "sneak", "--project", "_images", "--size", "1M"]);
+    let err = c.allod_fails(&[
+        "volume",
+        "create",
+        "sneak",
+        "--project",
+        "_images",
+        "--size",
+        "1M",
+    ]);
     assert!(err.contains("does not exist"), "{err}");
     let err = c.allod_fails(&["image", "delete", "tiny"]);
     assert!(err.contains("used by 1 volume"), "{err}");

@@ -8,8 +8,8 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::{
-    outcome_as, read_project, volume_name, ApiError, ApiJson, ApiQuery, ApiResult,
-    MAX_VOLUME_BYTES, OBJECT_SIZE_BYTES,
+    internal_project, outcome_as, read_project, volume_name, ApiError, ApiJson, ApiQuery,
+    ApiResult, MAX_VOLUME_BYTES, OBJECT_SIZE_BYTES,
 };
 use crate::authz::Principal;
 use crate::model::{validate_name, Command, VolumeRecord};
@@ -102,6 +102,7 @@ pub(super) async fn create_volume(
     Path(project): Path<String>,
     ApiJson(body): ApiJson<CreateVolume>,
 ) -> ApiResult<(StatusCode, Json<VolumeRecord>)> {
+    internal_project(&project)?;
     let source = match (body.from_image, body.from_snapshot) {
         (Some(_), Some(_)) => return Err(invalid("give from_image or from_snapshot, not both")),
         (Some(name), None) => Some(VolumeSource::Image { name }),
