@@ -1500,6 +1500,21 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// Calls the API and prints the volume it answers with.
+async fn volume_action(
+    api: &ApiArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let client = api.resolve()?;
+    let volume = client.call(method, path, body).await?;
+    emit(api.output, &volume, |v| {
+        print_volumes(std::slice::from_ref(v))
+    });
+    Ok(())
+}
+
 async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
@@ -1542,17 +1557,13 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let client = api.resolve()?;
-            let volume = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/projects/{project}/volumes/{name}/resize"),
-                    Some(serde_json::json!({ "size_bytes": size })),
-                )
-                .await?;
-            emit(api.output, &volume, |v| {
-                print_volumes(std::slice::from_ref(v))
-            });
+            volume_action(
+                &api,
+                Method::POST,
+                &format!("/v1/projects/{project}/volumes/{name}/resize"),
+                Some(serde_json::json!({ "size_bytes": size })),
+            )
+            .await?;
         }
         VolumeCommand::Snapshot {
             name,
@@ -1614,17 +1625,13 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let client = api.resolve()?;
-            let volume = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/projects/{project}/volumes/{name}/rollback"),
-                    Some(serde_json::json!({ "snapshot": snapshot })),
-                )
-                .await?;
-            emit(api.output, &volume, |v| {
-                print_volumes(std::slice::from_ref(v))
-            });
+            volume_action(
+                &api,
+                Method::POST,
+                &format!("/v1/projects/{project}/volumes/{name}/rollback"),
+                Some(serde_json::json!({ "snapshot": snapshot })),
+            )
+            .await?;
         }
         VolumeCommand::Clone {
             name,
@@ -1664,17 +1671,13 @@ async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             });
         }
         VolumeCommand::Show { name, project, api } => {
-            let client = api.resolve()?;
-            let volume = client
-                .call(
-                    Method::GET,
-                    &format!("/v1/projects/{project}/volumes/{name}"),
-                    None,
-                )
-                .await?;
-            emit(api.output, &volume, |v| {
-                print_volumes(std::slice::from_ref(v))
-            });
+            volume_action(
+                &api,
+                Method::GET,
+                &format!("/v1/projects/{project}/volumes/{name}"),
+                None,
+            )
+            .await?;
         }
         VolumeCommand::Delete { name, project, api } => {
             let client = api.resolve()?;

@@ -179,6 +179,10 @@ impl ObjectStore {
 
     /// Refuses writers older than the newest one seen; remembers newer ones.
     fn check_epoch(vol: &Vol, epoch: u64) -> Result<(), StoreError> {
+        if epoch == vol.epoch.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _guard = vol.epoch_lock.lock().unwrap();
         let current = vol.epoch.load(Ordering::Acquire);
         if epoch < current {
             return Err(StoreError::StaleEpoch {
@@ -187,24 +191,14 @@ impl ObjectStore {
             });
         }
         if epoch > current {
-            let _guard = vol.epoch_lock.lock().unwrap();
-            let current = vol.epoch.load(Ordering::Acquire);
-            if epoch < current {
-                return Err(StoreError::StaleEpoch {
-                    got: epoch,
-                    current,
-                });
-            }
-            if epoch > current {
-                let path = vol.dir.join("epoch");
-                let tmp = vol.dir.join("epoch.tmp");
-                let f = File::create(&tmp).map_err(io_err("recording the writer epoch"))?;
-                f.write_all_at(epoch.to_string().as_bytes(), 0)
-                    .and_then(|()| f.sync_all())
-                    .map_err(io_err("recording the writer epoch"))?;
-                fs::rename(&tmp, &path).map_err(io_err("recording the writer epoch"))?;
-                vol.epoch.store(epoch, Ordering::Release);
-            }
+            let path = vol.dir.join("epoch");
+            let tmp = vol.dir.join("epoch.tmp");
+            let f = File::create(&tmp).map_err(io_err("recording the writer epoch"))?;
+            f.write_all_at(epoch.to_string().as_bytes(), 0)
+                .and_then(|()| f.sync_all())
+                .map_err(io_err("recording the writer epoch"))?;
+            fs::rename(&tmp, &path).map_err(io_err("recording the writer epoch"))?;
+            vol.epoch.store(epoch, Ordering::Release);
         }
         Ok(())
     }
