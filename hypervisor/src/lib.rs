@@ -7,8 +7,9 @@
 //! It touches only domains whose metadata marks them as Allod's and names this
 //! node. libvirt (and the LGPL-2.1 `virt` bindings) enter the workspace here.
 //!
-//! Built so far: [`spec`], the typed domain specification and its XML
-//! (checked against libvirt's schema). The lifecycle through `virt` and the
-//! per-node reconciler come next.
+//! [`spec`] is the typed domain specification and its XML (checked against
+//! libvirt's schema); [`lifecycle`] drives libvirt. The per-node reconciler
+//! that decides what to call lives in the agent.
 
+pub mod lifecycle;
 pub mod spec;

@@ -68,6 +68,11 @@ pub struct DomainSpec {
     /// The project and VM name, for operators reading `virsh dumpxml`.
     pub project: String,
     pub name: String,
+    /// The desired spec's generation, kept in the metadata so a node can
+    /// tell whether a defined domain is current.
+    pub generation: u64,
+    /// A file the serial console is also written to (by virtlogd).
+    pub console_log: Option<String>,
 }
 
 /// Why a spec cannot be rendered.
@@ -202,11 +207,12 @@ impl DomainSpec {
         let _ = writeln!(x, "  <metadata>");
         let _ = writeln!(
             x,
-            "    <allod:instance xmlns:allod='{METADATA_NS}' id='{}' project='{}' name='{}' node='{}'/>",
+            "    <allod:instance xmlns:allod='{METADATA_NS}' id='{}' project='{}' name='{}' node='{}' generation='{}'/>",
             escape(&self.id),
             escape(&self.project),
             escape(&self.name),
-            escape(&self.node)
+            escape(&self.node),
+            self.generation
         );
         let _ = writeln!(x, "  </metadata>");
         let _ = writeln!(x, "  <memory unit='KiB'>{memory_kib}</memory>");
@@ -269,6 +275,9 @@ impl DomainSpec {
             let _ = writeln!(x, "    </interface>");
         }
         let _ = writeln!(x, "    <serial type='pty'>");
+        if let Some(log) = &self.console_log {
+            let _ = writeln!(x, "      <log file='{}' append='on'/>", escape(log));
+        }
         let _ = writeln!(x, "      <target type='isa-serial' port='0'/>");
         let _ = writeln!(x, "    </serial>");
         let _ = writeln!(x, "    <console type='pty'>");
@@ -285,7 +294,7 @@ impl DomainSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(virt_type: VirtType) -> DomainSpec {
@@ -317,6 +326,9 @@ mod tests {
             node: "rack1-node2".into(),
             project: "shop".into(),
             name: "web<1>".into(),
+            generation: 3,
+            console_log: (virt_type == VirtType::Qemu)
+                .then(|| "/var/lib/allod/console/9c1d2e3f4a5b6c7d.log".into()),
         }
     }
 
