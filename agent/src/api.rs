@@ -28,6 +28,7 @@ use crate::model::{
 use crate::node::{ClusterError, ClusterNode, MemberView};
 use crate::zones::ZonePolicy;
 
+mod vms;
 mod volumes;
 use volumes::create_volume;
 
@@ -377,6 +378,42 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
             "/v1/projects/{name}/vms/{vm}/volumes",
             project(Role::ProjectMember),
             attach_volume,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/start",
+            project(Role::ProjectMember),
+            vms::start_vm,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/stop",
+            project(Role::ProjectMember),
+            vms::stop_vm,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/force-stop",
+            project(Role::ProjectMember),
+            vms::force_stop_vm,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/reboot",
+            project(Role::ProjectMember),
+            vms::reboot_vm,
+        )
+        .add(
+            Method::PATCH,
+            "/v1/projects/{name}/vms/{vm}",
+            project(Role::ProjectMember),
+            vms::update_vm,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/vms/{vm}/console",
+            project(Role::ProjectMember),
+            vms::console,
         )
         .add(
             Method::DELETE,
@@ -887,6 +924,13 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
     anti_affinity: Option<String>,
+    /// Boot from a new volume cloned from this image (instant).
+    #[serde(default)]
+    image: Option<String>,
+    /// The boot volume's size (default: the image's; a multiple of 512).
+    #[serde(default)]
+    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
+    disk_size_bytes: Option<u64>,
 }
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
@@ -937,8 +981,31 @@ async fn create_vm(
         )));
     }
     let overcommit = crate::scheduler::Overcommit::default();
+    if body.disk_size_bytes.is_some() && body.image.is_none() {
+        return Err(invalid(
+            "disk_size_bytes needs an image to clone (--image)".into(),
+        ));
+    }
+    if let Some(size) = body.disk_size_bytes {
+        if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
+            return Err(invalid(format!(
+                "disk_size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --disk-size 10G)"
+            )));
+        }
+    }
+    let vm_id = crate::join::random_hex(8);
+    let boot = body.image.map(|image| crate::compute::BootDisk {
+        volume: volumes::new_volume(
+            project.clone(),
+            format!("{}-boot", body.name.chars().take(58).collect::<String>()),
+            body.disk_size_bytes.unwrap_or(0),
+            None,
+        )
+        .expect("a VM name makes a valid volume name"),
+        image,
+    });
     let vm = crate::model::VmRecord {
-        id: crate::join::random_hex(8),
+        id: vm_id,
         name: body.name,
         project,
         // The state machine fills in the zone and the node it chose.
@@ -947,16 +1014,23 @@ async fn create_vm(
         memory_bytes: body.memory_bytes,
         anti_affinity: body.anti_affinity,
         node_id: 0,
-        state: "pending".into(),
+        state: "creating".into(),
+        reason: None,
         volumes: Vec::new(),
         generation: 1,
         created_at_ms: crate::join::now_ms(),
+        power: "running".into(),
+        force_stop: false,
+        reboots: 0,
+        boot_volume: None,
+        observed_generation: 0,
     };
     let outcome = node
         .write(&Command::CreateVm {
             vm,
             overcommit_cpu_percent: (overcommit.cpu * 100.0) as u32,
             overcommit_memory_percent: (overcommit.memory * 100.0) as u32,
+            boot,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
@@ -1695,6 +1769,12 @@ async fn openapi_json() -> Response {
         delete_vm,
         attach_volume,
         detach_volume,
+        vms::start_vm,
+        vms::stop_vm,
+        vms::force_stop_vm,
+        vms::reboot_vm,
+        vms::update_vm,
+        vms::console,
         list_users,
         create_user,
         grant_role,

@@ -110,7 +110,7 @@ impl BlockStore {
         if let Some((_, l)) = nbd_tcp {
             tokio::spawn(nbd::serve_tcp(l, exports));
         }
-        tokio::spawn(maintain(Arc::downgrade(&blocks), node.applied.clone()));
+        tokio::spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
         Ok(blocks)
     }
 
@@ -309,7 +309,7 @@ impl Exports for AgentExports {
 /// Keeps this node registered in the storage map with its current use,
 /// peers' storage addresses current, open volumes' specs current, and
 /// removes what deleted volumes and snapshots left on this node.
-async fn maintain(blocks: Weak<BlockStore>, applied: Arc<tokio::sync::Notify>) {
+async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Receiver<u64>) {
     let mut last_report: Option<(NodeStorage, std::time::Instant)> = None;
     let mut last_gc = std::time::Instant::now() - Duration::from_secs(50);
     let unknown: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
@@ -380,7 +380,7 @@ async fn maintain(blocks: Weak<BlockStore>, applied: Arc<tokio::sync::Notify>) {
         }
         drop(node);
         drop(b);
-        let _ = tokio::time::timeout(Duration::from_secs(2), applied.notified()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), applied.changed()).await;
     }
 }
 

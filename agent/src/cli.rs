@@ -273,6 +273,34 @@ pub struct AgentArgs {
     /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
     #[arg(long)]
     pub nbd_listen: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// How this node runs VMs.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// `kvm` on hardware with virtualisation, `qemu` (TCG emulation) where
+    /// KVM cannot run guests.
+    #[arg(long, default_value = "kvm", value_parser = ["kvm", "qemu"])]
+    pub virt_type: String,
+    /// libvirt connection URI; `none` runs no VMs on this node.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// Seconds a guest gets to power off after an ACPI request before it is
+    /// forced off.
+    #[arg(long, default_value_t = 60)]
+    pub stop_timeout: u64,
+}
+
+impl ComputeArgs {
+    pub fn options(&self) -> Option<crate::reconciler::ComputeOptions> {
+        (self.libvirt_uri != "none").then(|| crate::reconciler::ComputeOptions {
+            virt_type: hypervisor::spec::VirtType::parse(&self.virt_type).expect("checked by clap"),
+            libvirt_uri: self.libvirt_uri.clone(),
+            stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -288,6 +316,8 @@ pub struct UpArgs {
     /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
     #[arg(long)]
     pub nbd_listen: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -531,6 +561,67 @@ pub enum VmCommand {
         /// VMs of one group never share a node.
         #[arg(long)]
         anti_affinity: Option<String>,
+        /// Boot from a new volume cloned from this image.
+        #[arg(long)]
+        image: Option<String>,
+        /// The boot volume's size (default: the image's), e.g. 10G.
+        #[arg(long, value_parser = parse_size)]
+        disk_size: Option<u64>,
+        /// Wait until the VM runs (or fails, saying why).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Power on a stopped VM.
+    Start {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Ask the guest to power off (ACPI); it is forced off after the node's stop timeout.
+    Stop {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Power off at once.
+    ForceStop {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Reset a running VM.
+    Reboot {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change vCPUs or memory of a stopped VM.
+    Update {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        vcpus: Option<u64>,
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Attach this terminal to the VM's serial console (Ctrl-] leaves).
+    Console {
+        name: String,
+        #[arg(long)]
+        project: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -758,7 +849,8 @@ fn default_config_path() -> Option<PathBuf> {
 /// A resolved API endpoint.
 pub struct ApiClient {
     pub url: String,
-    token: String,
+    pub token: String,
+    pub ca_pem: String,
     http: reqwest::Client,
 }
 
@@ -820,6 +912,7 @@ impl ApiArgs {
         Ok(ApiClient {
             url: url.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
+            ca_pem,
             http,
         })
     }
@@ -1111,6 +1204,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     options.blocks.dir = args.storage_dir;
     options.blocks.failure_domain = args.failure_domain;
     options.blocks.nbd_listen = args.nbd_listen;
+    options.compute = args.compute.options();
     let agent = Agent::start(options).await?;
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -1122,6 +1216,7 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let mut options = AgentOptions::new(&args.data_dir, &args.api_listen, &args.peer_listen);
     options.storage_listen = args.storage_listen;
     options.blocks.nbd_listen = args.nbd_listen;
+    options.compute = args.compute.options();
     let agent = Agent::start(options).await?;
     if agent.node().is_none() {
         agent.init(None).await?;
@@ -1883,7 +1978,7 @@ fn print_vms(vms: &[serde_json::Value]) {
             vec![
                 text(&v["name"]),
                 text(&v["state"]),
-                text(&v["node_id"]),
+                text(&v["node"]),
                 text(&v["vcpus"]),
                 human_size(v["memory_bytes"].as_u64().unwrap_or(0)),
                 text(&v["zone"]),
@@ -1905,6 +2000,35 @@ fn print_vms(vms: &[serde_json::Value]) {
     );
 }
 
+/// Polls a new VM until it runs or fails.
+async fn wait_for_vm(
+    client: &ApiClient,
+    project: &str,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let vm = client
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/projects/{project}/vms/{name}"),
+                None,
+            )
+            .await?;
+        match vm["state"].as_str() {
+            Some("running") => return Ok(vm),
+            Some("failed") => anyhow::bail!(
+                "VM {name} failed: {}",
+                vm["reason"].as_str().unwrap_or("no reason given")
+            ),
+            _ if started.elapsed() > std::time::Duration::from_secs(600) => {
+                anyhow::bail!("VM {name} is still {} after 10 minutes", text(&vm["state"]))
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+}
+
 async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     let (api, method, path, body) = match command {
@@ -1914,15 +2038,73 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             vcpus,
             memory,
             anti_affinity,
+            image,
+            disk_size,
+            wait,
+            api,
+        } => {
+            let mut body = serde_json::json!({
+                "name": name, "vcpus": vcpus, "memory_bytes": memory, "anti_affinity": anti_affinity,
+            });
+            if let Some(i) = image {
+                body["image"] = i.into();
+            }
+            if let Some(d) = disk_size {
+                body["disk_size_bytes"] = d.into();
+            }
+            let client = api.resolve()?;
+            let mut vm = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/vms"),
+                    Some(body),
+                )
+                .await?;
+            if wait {
+                vm = wait_for_vm(&client, &project, &name).await?;
+            }
+            emit(api.output, &vm, |v| print_vms(std::slice::from_ref(v)));
+            return Ok(());
+        }
+        VmCommand::Start { name, project, api } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms/{name}/start"),
+            None,
+        ),
+        VmCommand::Stop { name, project, api } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms/{name}/stop"),
+            None,
+        ),
+        VmCommand::ForceStop { name, project, api } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms/{name}/force-stop"),
+            None,
+        ),
+        VmCommand::Reboot { name, project, api } => (
+            api,
+            Method::POST,
+            format!("/v1/projects/{project}/vms/{name}/reboot"),
+            None,
+        ),
+        VmCommand::Update {
+            name,
+            project,
+            vcpus,
+            memory,
             api,
         } => (
             api,
-            Method::POST,
-            format!("/v1/projects/{project}/vms"),
-            Some(serde_json::json!({
-                "name": name, "vcpus": vcpus, "memory_bytes": memory, "anti_affinity": anti_affinity,
-            })),
+            Method::PATCH,
+            format!("/v1/projects/{project}/vms/{name}"),
+            Some(serde_json::json!({ "vcpus": vcpus, "memory_bytes": memory })),
         ),
+        VmCommand::Console { name, project, api } => {
+            return crate::console_client::attach(&api, &project, &name).await;
+        }
         VmCommand::List { project, api } => (
             api,
             Method::GET,

@@ -52,7 +52,20 @@ fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
     Ok(nodes.into_values().collect())
 }
 
-pub fn create_vm(kv: &mut KvWrite<'_>, vm: VmRecord, overcommit: Overcommit) -> KvResult<Outcome> {
+/// The boot disk a VM is created with: a clone of an image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootDisk {
+    /// The new volume (id and name chosen by the proposer).
+    pub volume: VolumeRecord,
+    pub image: String,
+}
+
+pub fn create_vm(
+    kv: &mut KvWrite<'_>,
+    vm: VmRecord,
+    overcommit: Overcommit,
+    boot: Option<BootDisk>,
+) -> KvResult<Outcome> {
     let project_key = format!("{PREFIX_PROJECTS}{}", vm.project);
     let key = format!("{PREFIX_VMS}{}/{}", vm.project, vm.name);
     let Some(mut project) = get_json::<Project>(kv, &project_key)? else {
@@ -88,11 +101,36 @@ pub fn create_vm(kv: &mut KvWrite<'_>, vm: VmRecord, overcommit: Overcommit) -> 
             )))
         }
     };
-    let vm = VmRecord {
+    let mut vm = VmRecord {
         zone: project.zone,
         node_id,
         ..vm
     };
+    if let Some(boot) = boot {
+        let mut volume = boot.volume;
+        volume.attached_to = Some(vm.id.clone());
+        volume.state = "in-use".into();
+        let created = crate::volumes::create_volume(
+            kv,
+            volume,
+            Some(crate::volumes::VolumeSource::Image { name: boot.image }),
+        )?;
+        let volume: VolumeRecord = match created {
+            Ok(v) => serde_json::from_value(v).expect("a volume record"),
+            Err(refused) => return Ok(Err(refused)),
+        };
+        vm.volumes.insert(
+            0,
+            Attachment {
+                project: volume.project.clone(),
+                volume: volume.name.clone(),
+                volume_id: volume.id.clone(),
+            },
+        );
+        vm.boot_volume = Some(volume.id);
+        // The volume's usage is in the project now.
+        project = get_json::<Project>(kv, &project_key)?.expect("still there");
+    }
     project.usage = project.usage.plus(&vm.usage());
     put_json(kv, &project_key, &project)?;
     put_json(kv, &key, &vm)?;
@@ -111,7 +149,9 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
             format!("VM {name:?} does not exist in project {project:?}"),
         )));
     };
-    // Its volumes stay, detached.
+    // Its boot volume goes with it; other volumes stay, detached.
+    record.usage = record.usage.minus(&vm.usage());
+    put_json(kv, &project_key, &record)?;
     for attachment in &vm.volumes {
         let volume_key = format!(
             "{PREFIX_VOLUMES}{}/{}",
@@ -121,10 +161,15 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
             volume.attached_to = None;
             volume.state = "available".into();
             put_json(kv, &volume_key, &volume)?;
+            if vm.boot_volume.as_deref() == Some(volume.id.as_str()) {
+                let deleted =
+                    crate::volumes::delete_volume(kv, &attachment.project, &attachment.volume)?;
+                if let Err(e) = deleted {
+                    tracing::warn!(volume = %volume.id, "boot volume kept: {e}");
+                }
+            }
         }
     }
-    record.usage = record.usage.minus(&vm.usage());
-    put_json(kv, &project_key, &record)?;
     kv.delete(&key)?;
     Ok(Ok(serde_json::Value::Null))
 }
@@ -196,4 +241,107 @@ pub fn attach(
     put_json(kv, &volume_key, &volume)?;
     put_json(kv, &vm_key, &vm)?;
     Ok(Ok(serde_json::to_value(&vm).expect("serialisable")))
+}
+
+/// Changes a VM's record (bumping nothing: callers decide what changes).
+pub fn update_vm(
+    kv: &mut KvWrite<'_>,
+    project: &str,
+    name: &str,
+    change: impl FnOnce(&mut VmRecord) -> Result<(), crate::model::DomainError>,
+) -> KvResult<Outcome> {
+    let key = format!("{PREFIX_VMS}{project}/{name}");
+    let Some(mut vm) = get_json::<VmRecord>(kv, &key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("VM {name:?} does not exist in project {project:?}"),
+        )));
+    };
+    if let Err(refused) = change(&mut vm) {
+        return Ok(Err(refused));
+    }
+    put_json(kv, &key, &vm)?;
+    Ok(Ok(serde_json::to_value(&vm).expect("serialisable")))
+}
+
+/// New vCPUs and memory for a stopped VM, within its project's quota and
+/// its node's capacity.
+pub fn resize_vm(
+    kv: &mut KvWrite<'_>,
+    project: &str,
+    name: &str,
+    vcpus: Option<u64>,
+    memory_bytes: Option<u64>,
+) -> KvResult<Outcome> {
+    let key = format!("{PREFIX_VMS}{project}/{name}");
+    let project_key = format!("{PREFIX_PROJECTS}{project}");
+    let (Some(mut vm), Some(mut record)) = (
+        get_json::<VmRecord>(kv, &key)?,
+        get_json::<Project>(kv, &project_key)?,
+    ) else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("VM {name:?} does not exist in project {project:?}"),
+        )));
+    };
+    if vm.power != "stopped" || vm.state != "stopped" {
+        return Ok(Err(domain(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "VM {name:?} must be stopped to change its vCPUs or memory (it is {})",
+                vm.state
+            ),
+        )));
+    }
+    let before = vm.usage();
+    vm.vcpus = vcpus.unwrap_or(vm.vcpus);
+    vm.memory_bytes = memory_bytes.unwrap_or(vm.memory_bytes);
+    let after = vm.usage();
+    let without = record.usage.minus(&before);
+    if let Err(why) = record.quota.admits(&without, &after) {
+        return Ok(Err(domain(ErrorCode::QuotaExceeded, why)));
+    }
+    let candidates = candidates(kv)?;
+    if let Some(node) = candidates.iter().find(|c| c.id == vm.node_id) {
+        let free_cpu = (node.vcpus as f64 * 4.0) as u64 + before.vcpus;
+        let free_mem = node.memory_bytes + before.memory_bytes;
+        if node.used_vcpus + after.vcpus > free_cpu
+            || node.used_memory_bytes + after.memory_bytes > free_mem
+        {
+            return Ok(Err(domain(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "node {} has no room for {} vCPUs and {} bytes of memory",
+                    node.name, vm.vcpus, vm.memory_bytes
+                ),
+            )));
+        }
+    }
+    record.usage = without.plus(&after);
+    vm.generation += 1;
+    put_json(kv, &project_key, &record)?;
+    put_json(kv, &key, &vm)?;
+    Ok(Ok(serde_json::to_value(&vm).expect("serialisable")))
+}
+
+/// Records what the VM's node observed; reports from any other node (one
+/// the VM has left) are ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn report_vm(
+    kv: &mut KvWrite<'_>,
+    project: &str,
+    name: &str,
+    node: u64,
+    state: String,
+    reason: Option<String>,
+    generation: u64,
+) -> KvResult<Outcome> {
+    update_vm(kv, project, name, |vm| {
+        if vm.node_id == node {
+            vm.state = state;
+            vm.reason = reason;
+            vm.observed_generation = generation;
+        }
+        Ok(())
+    })
 }

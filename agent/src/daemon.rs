@@ -35,6 +35,8 @@ pub struct AgentOptions {
     pub storage_listen: String,
     pub storage_advertise: Option<String>,
     pub blocks: crate::blockstore::BlockOptions,
+    /// Run VMs through libvirt (`None`: this node runs none).
+    pub compute: Option<crate::reconciler::ComputeOptions>,
 }
 
 impl AgentOptions {
@@ -59,6 +61,7 @@ impl AgentOptions {
                 failure_domain: None,
                 nbd_listen: None,
             },
+            compute: None,
         }
     }
 }
@@ -118,6 +121,7 @@ pub struct Agent {
     pub storage_addr: String,
     storage_listener: Mutex<Option<TcpListener>>,
     block_options: crate::blockstore::BlockOptions,
+    compute: Option<crate::reconciler::ComputeOptions>,
 }
 
 /// The host name, made into a valid node name.
@@ -220,6 +224,7 @@ impl Agent {
             storage_addr: advertised(&options.storage_advertise, storage_bound),
             storage_listener: Mutex::new(Some(storage_listener)),
             block_options: options.blocks.clone(),
+            compute: options.compute.clone(),
         });
         let admin = crate::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
         let api = serve::spawn(api_listener, api_rx, "api");
@@ -286,6 +291,13 @@ impl Agent {
                 )
                 .await?;
                 let _ = node.blocks.set(blocks);
+                if let Some(compute) = &self.compute {
+                    let _ = node.compute.set(compute.clone());
+                    tokio::spawn(crate::reconciler::run(
+                        Arc::downgrade(&node),
+                        compute.clone(),
+                    ));
+                }
             }
             None => tracing::warn!(
                 "the storage port was already handed to an earlier configuration; restart the agent to serve block storage"

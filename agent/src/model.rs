@@ -194,13 +194,39 @@ pub struct VmRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_affinity: Option<String>,
     /// The node the scheduler chose (set when the create applies).
+    #[serde(rename = "node", alias = "node_id")]
     pub node_id: u64,
-    /// `pending`: placed, not yet started by its node.
+    /// What its node last saw: `creating`, `running`, `stopping`,
+    /// `stopped`, `paused`, `crashed`, or `failed` (with `reason`).
     pub state: String,
+    /// Why it failed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// In boot order: the first is the boot disk.
     #[serde(default)]
     pub volumes: Vec<Attachment>,
+    /// Bumped by every change to the spec (vCPUs, memory, disks).
     pub generation: u64,
     pub created_at_ms: u64,
+    /// What the owner wants: `running` or `stopped`.
+    #[serde(default = "default_power")]
+    pub power: String,
+    /// A stop that pulls the plug instead of asking the guest.
+    #[serde(default)]
+    pub force_stop: bool,
+    /// Bumped by every reboot request.
+    #[serde(default)]
+    pub reboots: u64,
+    /// The boot volume made with the VM (deleted with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_volume: Option<String>,
+    /// The spec generation its node last defined.
+    #[serde(default)]
+    pub observed_generation: u64,
+}
+
+fn default_power() -> String {
+    "running".into()
 }
 
 impl VmRecord {
@@ -331,10 +357,40 @@ pub enum Command {
         /// vCPUs per 100 cores (400: four vCPUs per core).
         overcommit_cpu_percent: u32,
         overcommit_memory_percent: u32,
+        /// A boot volume cloned from an image, made in the same step.
+        #[serde(default)]
+        boot: Option<crate::compute::BootDisk>,
     },
     DeleteVm {
         project: String,
         name: String,
+    },
+    /// Desired power: `running` or `stopped` (`force`: no ACPI request).
+    SetVmPower {
+        project: String,
+        name: String,
+        power: String,
+        force: bool,
+    },
+    RebootVm {
+        project: String,
+        name: String,
+    },
+    /// New vCPUs / memory for a stopped VM.
+    ResizeVm {
+        project: String,
+        name: String,
+        vcpus: Option<u64>,
+        memory_bytes: Option<u64>,
+    },
+    /// What a node observed of one of its VMs.
+    ReportVmState {
+        project: String,
+        name: String,
+        node: NodeId,
+        state: String,
+        reason: Option<String>,
+        generation: u64,
     },
     AttachVolume {
         project: String,
@@ -541,7 +597,6 @@ pub fn user_view(user: &User) -> serde_json::Value {
 }
 
 /// The state machine's command interpreter.
-#[derive(Default)]
 pub struct ClusterApply {
     /// Bumped after a committed change could alter who a token resolves to
     /// (revocations, grants, deleted projects, OIDC issuers, snapshots), so
@@ -549,7 +604,17 @@ pub struct ClusterApply {
     pub auth_generation: Arc<AtomicU64>,
     auth_changed: AtomicBool,
     /// Woken after every commit (the block store follows volume records).
-    pub applied: Arc<tokio::sync::Notify>,
+    pub applied: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ClusterApply {
+    fn default() -> Self {
+        Self {
+            auth_generation: Default::default(),
+            auth_changed: Default::default(),
+            applied: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 /// Whether applying `command` may change how some bearer token resolves.
@@ -579,6 +644,10 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::SetNodeMaintenance { .. }
         | Command::CreateVm { .. }
         | Command::DeleteVm { .. }
+        | Command::SetVmPower { .. }
+        | Command::RebootVm { .. }
+        | Command::ResizeVm { .. }
+        | Command::ReportVmState { .. }
         | Command::AttachVolume { .. }
         | Command::DetachVolume { .. }
         | Command::CreateJoinToken { .. }
@@ -902,6 +971,7 @@ impl ClusterApply {
                 vm,
                 overcommit_cpu_percent,
                 overcommit_memory_percent,
+                boot,
             } => crate::compute::create_vm(
                 kv,
                 vm,
@@ -909,7 +979,44 @@ impl ClusterApply {
                     cpu: f64::from(overcommit_cpu_percent) / 100.0,
                     memory: f64::from(overcommit_memory_percent) / 100.0,
                 },
+                boot,
             )?,
+            Command::SetVmPower {
+                project,
+                name,
+                power,
+                force,
+            } => crate::compute::update_vm(kv, &project, &name, |vm| {
+                vm.power = power;
+                vm.force_stop = force;
+                Ok(())
+            })?,
+            Command::RebootVm { project, name } => {
+                crate::compute::update_vm(kv, &project, &name, |vm| {
+                    if vm.power != "running" {
+                        return Err(domain(
+                            ErrorCode::FailedPrecondition,
+                            format!("VM {name:?} is stopped; start it instead"),
+                        ));
+                    }
+                    vm.reboots += 1;
+                    Ok(())
+                })?
+            }
+            Command::ResizeVm {
+                project,
+                name,
+                vcpus,
+                memory_bytes,
+            } => crate::compute::resize_vm(kv, &project, &name, vcpus, memory_bytes)?,
+            Command::ReportVmState {
+                project,
+                name,
+                node,
+                state,
+                reason,
+                generation,
+            } => crate::compute::report_vm(kv, &project, &name, node, state, reason, generation)?,
             Command::DeleteVm { project, name } => crate::compute::delete_vm(kv, &project, &name)?,
             Command::AttachVolume {
                 project,
@@ -1162,7 +1269,7 @@ impl Apply for ClusterApply {
         if self.auth_changed.swap(false, Ordering::Relaxed) || replaced_all {
             self.auth_generation.fetch_add(1, Ordering::Release);
         }
-        self.applied.notify_one();
+        self.applied.send_modify(|n| *n += 1);
     }
 }
 

@@ -126,7 +126,9 @@ pub struct ClusterNode {
     pub tls: NodeTls,
     pub data_dir: DataDir,
     /// Woken after every commit.
-    pub applied: Arc<tokio::sync::Notify>,
+    pub applied: Arc<tokio::sync::watch::Sender<u64>>,
+    /// How this node runs VMs, when it does.
+    pub compute: std::sync::OnceLock<crate::reconciler::ComputeOptions>,
     /// This node's block store, once it is serving.
     pub blocks: std::sync::OnceLock<Arc<crate::blockstore::BlockStore>>,
 }
@@ -188,6 +190,7 @@ impl ClusterNode {
             data_dir,
             applied,
             blocks: std::sync::OnceLock::new(),
+            compute: std::sync::OnceLock::new(),
         }))
     }
 

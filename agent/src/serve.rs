@@ -79,6 +79,7 @@ async fn serve_connection(
             })));
             Ok(builder
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await?)
         }
         ServeMode::Tls(config, router) => {
@@ -93,7 +94,10 @@ async fn serve_connection(
                 common_name,
                 remote_addr: Some(remote),
             })));
-            Ok(builder.serve_connection(TokioIo::new(tls), service).await?)
+            Ok(builder
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
+                .await?)
         }
     }
 }

@@ -74,17 +74,14 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
             .await
             .unwrap();
         assert_eq!(reply.status, 201, "{}", reply.body);
-        assert_eq!(
-            reply.body["node_id"], 3,
-            "SECRET VM placed on a shared node"
-        );
+        assert_eq!(reply.body["node"], 3, "SECRET VM placed on a shared node");
         assert_eq!(reply.body["zone"], "SECRET");
         let reply = admin
             .post(&format!("{url}/v1/projects/shop/vms"), vm(&format!("o{i}")))
             .await
             .unwrap();
         assert_eq!(reply.status, 201, "{}", reply.body);
-        assert_ne!(reply.body["node_id"], 3, "OFFICIAL VM on a SECRET node");
+        assert_ne!(reply.body["node"], 3, "OFFICIAL VM on a SECRET node");
     }
     // Spread over the shared pool.
     let shop = admin
@@ -96,7 +93,7 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|v| v["node_id"] == 1)
+        .filter(|v| v["node"] == 1)
         .count();
     assert_eq!(on_one, 3, "{shop}");
     // A dedicated node holding SECRET VMs cannot be relabelled under them.
@@ -212,7 +209,7 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
             .await
             .unwrap();
         assert_eq!(reply.status, 201, "{}", reply.body);
-        assert_eq!(reply.body["node_id"], 2, "node 1 is in maintenance");
+        assert_eq!(reply.body["node"], 2, "node 1 is in maintenance");
     }
     cluster.shutdown().await;
 }

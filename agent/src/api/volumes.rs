@@ -60,7 +60,7 @@ pub struct CreateVolume {
     from_snapshot: Option<SnapshotRef>,
 }
 
-fn new_volume(
+pub(super) fn new_volume(
     project: String,
     name: String,
     size: u64,
