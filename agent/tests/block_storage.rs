@@ -4,243 +4,12 @@
 //! stores checked on disk against the placement function.
 
 mod common;
+mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use storage::{MapNode, ObjectStore, StorageMap};
-
-const BIN: &str = env!("CARGO_BIN_EXE_allod");
-
-struct Cluster {
-    _tmp: tempfile::TempDir,
-    dirs: Vec<PathBuf>,
-    children: Vec<Child>,
-    env: Vec<(String, String)>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut dirs = Vec::new();
-        let mut children = Vec::new();
-        for i in 1..=3 {
-            let dir = tmp.path().join(format!("n{i}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-            children.push(
-                Command::new(BIN)
-                    .args([
-                        "agent",
-                        "--data-dir",
-                        dir.to_str().unwrap(),
-                        "--name",
-                        &format!("n{i}"),
-                    ])
-                    .args([
-                        "--api-listen",
-                        "127.0.0.1:0",
-                        "--peer-listen",
-                        "127.0.0.1:0",
-                    ])
-                    .args(["--storage-listen", "127.0.0.1:0"])
-                    .env("RUST_LOG", "info")
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap(),
-            );
-            let sock = dir.join("admin.sock");
-            common::wait_for("admin socket", Duration::from_secs(20), || sock.exists()).await;
-            dirs.push(dir);
-        }
-        let d = |i: usize| dirs[i].to_str().unwrap().to_string();
-        run(BIN, &["cluster", "init", "--data-dir", &d(0)]);
-        for i in 1..3 {
-            let token = run(BIN, &["cluster", "join-token", "--data-dir", &d(0)])
-                .trim()
-                .to_string();
-            run(
-                BIN,
-                &["cluster", "join", "--data-dir", &d(i), "--token", &token],
-            );
-        }
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dirs[0].join("node.json")).unwrap())
-                .unwrap();
-        let env = vec![
-            (
-                "ALLOD_URL".to_string(),
-                format!("https://{}", config["api_addr"].as_str().unwrap()),
-            ),
-            (
-                "ALLOD_TOKEN".to_string(),
-                std::fs::read_to_string(dirs[0].join("admin.token"))
-                    .unwrap()
-                    .trim()
-                    .to_string(),
-            ),
-            (
-                "ALLOD_CA".to_string(),
-                dirs[0].join("ca.pem").to_str().unwrap().to_string(),
-            ),
-        ];
-        let cluster = Cluster {
-            _tmp: tmp,
-            dirs,
-            children,
-            env,
-        };
-        common::wait_for(
-            "three registered block stores",
-            Duration::from_secs(30),
-            || {
-                let nodes: serde_json::Value =
-                    serde_json::from_str(&cluster.allod_ok(&["node", "list", "--output", "json"]))
-                        .unwrap();
-                nodes
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|n| n["storage"].is_object())
-                    .count()
-                    == 3
-            },
-        )
-        .await;
-        cluster
-    }
-
-    fn allod(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .args(args)
-            .envs(self.env.iter().cloned())
-            .output()
-            .unwrap()
-    }
-
-    fn allod_ok(&self, args: &[&str]) -> String {
-        let out = self.allod(args);
-        assert!(
-            out.status.success(),
-            "allod {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn allod_fails(&self, args: &[&str]) -> String {
-        let out = self.allod(args);
-        assert!(
-            !out.status.success(),
-            "allod {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["--output", "json"]);
-        serde_json::from_str(&self.allod_ok(&all)).unwrap()
-    }
-
-    fn volume_id(&self, name: &str) -> String {
-        self.json(&["volume", "show", name, "--project", "p"])["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    /// The export of a volume on node `i` (0-based).
-    fn uri(&self, i: usize, id: &str) -> String {
-        format!(
-            "nbd+unix:///{id}?socket={}",
-            self.dirs[i].join("nbd.sock").display()
-        )
-    }
-
-    /// The storage map as the nodes registered it.
-    fn map(&self) -> StorageMap {
-        let nodes = self.json(&["node", "list"]);
-        let mut map = StorageMap {
-            epoch: 0,
-            nodes: Vec::new(),
-        };
-        for n in nodes.as_array().unwrap() {
-            let s = &n["storage"];
-            map.nodes.push(MapNode {
-                node: n["id"].as_u64().unwrap(),
-                weight: (s["capacity_bytes"].as_u64().unwrap() >> 30).max(1),
-                failure_domain: s["failure_domain"].as_str().unwrap().to_string(),
-            });
-        }
-        map
-    }
-
-    /// Node id of the process with data directory index `i`.
-    fn node_id(&self, i: usize) -> u64 {
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(self.dirs[i].join("node.json")).unwrap())
-                .unwrap();
-        config["node_id"].as_u64().unwrap()
-    }
-
-    /// Object indexes with data of their own in the volume on node `i`.
-    fn objects_on(&self, i: usize, volume: &str) -> Vec<u64> {
-        let store = ObjectStore::open(&self.dirs[i].join("storage")).unwrap();
-        store
-            .list(volume)
-            .unwrap()
-            .into_iter()
-            .filter(|o| o.head)
-            .map(|o| o.index)
-            .collect()
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd} {args:?} failed:\n{text}");
-    text
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(uri);
-    let text = run("qemu-io", &args);
-    assert!(!text.contains("Pattern verification failed"), "{text}");
-    text
-}
-
-fn sha256(path: &Path) -> String {
-    run("sha256sum", &[path.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
+use support::{build_boot_disk, qemu_io, run, sha256, Cluster, Domain};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_snapshots_clones_and_images_across_three_nodes() {
@@ -541,92 +310,6 @@ async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: 
 }
 
 /// Where `.ci/guest-kit` put the kernel, virtio modules and busybox.
-fn guest_kit() -> PathBuf {
-    let kit = std::env::var_os("ALLOD_GUEST_KIT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-kit"));
-    assert!(
-        kit.join("vmlinuz").exists() && kit.join("busybox").exists(),
-        "no guest kit in {}: run .ci/guest-kit (it downloads a Debian kernel and busybox)",
-        kit.display()
-    );
-    kit
-}
-
-/// A 64 MiB raw disk that SeaBIOS boots: FAT with syslinux, a Debian
-/// kernel and a busybox initramfs whose init says it booted, writes 4 KiB
-/// of 'A' at 48 MiB (past the file system) and powers off.
-fn build_boot_disk(dir: &Path) -> PathBuf {
-    let kit = guest_kit();
-    let ir = dir.join("initramfs");
-    for d in ["bin", "lib/modules", "dev", "proc", "sys", "tmp"] {
-        std::fs::create_dir_all(ir.join(d)).unwrap();
-    }
-    std::fs::copy(kit.join("busybox"), ir.join("bin/busybox")).unwrap();
-    for entry in std::fs::read_dir(kit.join("modules")).unwrap() {
-        let e = entry.unwrap();
-        std::fs::copy(e.path(), ir.join("lib/modules").join(e.file_name())).unwrap();
-    }
-    let init = "#!/bin/busybox sh\n\
-        /bin/busybox --install -s /bin\n\
-        mount -t proc proc /proc\n\
-        mount -t sysfs sys /sys\n\
-        mount -t devtmpfs dev /dev\n\
-        for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done\n\
-        echo ALLOD-GUEST-BOOTED > /dev/ttyS0\n\
-        yes A | tr -d '\\n' | head -c 4096 > /tmp/mark\n\
-        dd if=/tmp/mark of=/dev/vda bs=4096 seek=12288 conv=fsync && echo ALLOD-GUEST-WROTE > /dev/ttyS0\n\
-        sync\n\
-        poweroff -f\n";
-    std::fs::write(ir.join("init"), init).unwrap();
-    run("chmod", &["755", ir.join("init").to_str().unwrap()]);
-    let initrd = dir.join("initrd.gz");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | ./bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > {}",
-            ir.display(),
-            initrd.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let cfg = dir.join("syslinux.cfg");
-    std::fs::write(
-        &cfg,
-        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.gz\n  APPEND console=ttyS0 rdinit=/init panic=-1 quiet\n",
-    )
-    .unwrap();
-    let disk = dir.join("boot.img");
-    let d = disk.to_str().unwrap();
-    run("mkfs.vfat", &["-C", d, "32768"]);
-    run("syslinux", &["--install", d]);
-    run(
-        "mcopy",
-        &[
-            "-i",
-            d,
-            kit.join("vmlinuz").to_str().unwrap(),
-            initrd.to_str().unwrap(),
-            cfg.to_str().unwrap(),
-            "::/",
-        ],
-    );
-    run("truncate", &["-s", "64M", d]);
-    disk
-}
-
-/// Removes the test domain however the test ends.
-struct Domain(String);
-
-impl Drop for Domain {
-    fn drop(&mut self) {
-        let _ = Command::new("virsh")
-            .args(["-c", "qemu:///system", "destroy", &self.0])
-            .output();
-    }
-}
-
 async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
     let version = Command::new("virsh")
         .args(["-c", "qemu:///system", "version"])
@@ -636,7 +319,14 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
         "libvirt is not reachable at qemu:///system (start virtlogd and libvirtd; .ci/test does): {version:?}"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let disk = build_boot_disk(tmp.path());
+    // Writes 4 KiB of 'A' at 48 MiB (past the file system), then powers off.
+    let disk = build_boot_disk(
+        tmp.path(),
+        "yes A | tr -d '\\n' | head -c 4096 > /tmp/mark\n\
+         dd if=/tmp/mark of=/dev/vda bs=4096 seek=12288 conv=fsync && echo ALLOD-GUEST-WROTE > /dev/ttyS0\n\
+         sync\n\
+         poweroff -f",
+    );
     c.allod_ok(&[
         "image",
         "import",
@@ -656,7 +346,7 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
     let id = vol["id"].as_str().unwrap().to_string();
     // QEMU runs as libvirt-qemu: it must reach the node's NBD socket and
     // write the console log.
-    for dir in [c._tmp.path(), tmp.path()] {
+    for dir in [c.tmp.path(), tmp.path()] {
         run("chmod", &["755", dir.to_str().unwrap()]);
     }
     let console = tmp.path().join("console.log");
@@ -673,17 +363,14 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
             read_only: false,
         }],
         nics: Vec::new(),
-        node: c.node_id(0).to_string(),
+        // Not a node id: the agents' reconcilers must leave this domain alone.
+        node: "test".into(),
         project: "p".into(),
         name: "guest".into(),
+        generation: 1,
+        console_log: Some(console.display().to_string()),
     };
-    let xml = spec.to_xml().unwrap().replace(
-        "<serial type='pty'>\n",
-        &format!(
-            "<serial type='pty'>\n      <log file='{}' append='off'/>\n",
-            console.display()
-        ),
-    );
+    let xml = spec.to_xml().unwrap();
     let xml_path = tmp.path().join("domain.xml");
     std::fs::write(&xml_path, xml).unwrap();
     let domain = Domain(spec.domain_name());
