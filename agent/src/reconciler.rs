@@ -27,6 +27,13 @@ pub struct ComputeOptions {
     pub stop_timeout: Duration,
 }
 
+/// How this node names itself in domain metadata: cluster and node id, so
+/// that nodes of different clusters sharing one libvirtd (as in tests) never
+/// take each other's domains for their own.
+pub fn node_key(node: &ClusterNode) -> String {
+    format!("{}-{}", node.config.cluster_id, node.id)
+}
+
 /// The domain a VM record asks for on this node.
 pub fn domain_spec(node: &ClusterNode, vm: &VmRecord, virt_type: VirtType) -> DomainSpec {
     use sha2::Digest;
@@ -59,7 +66,7 @@ pub fn domain_spec(node: &ClusterNode, vm: &VmRecord, virt_type: VirtType) -> Do
             })
             .collect(),
         nics: Vec::new(),
-        node: node.id.to_string(),
+        node: node_key(node),
         project: vm.project.clone(),
         name: vm.name.clone(),
         generation: vm.generation,
@@ -91,7 +98,7 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     let Some(n) = node.upgrade() else { return };
     let mut applied = n.applied.subscribe();
     let _ = std::fs::create_dir_all(n.data_dir.path().join("console"));
-    let me = n.id.to_string();
+    let me = node_key(&n);
     drop(n);
     let mut hv: Option<Arc<Mutex<Hypervisor>>> = None;
     let mut memory = Memory::default();

@@ -168,7 +168,7 @@ pub(super) async fn console(
     };
     let (uri, me, id) = (
         compute.libvirt_uri.clone(),
-        node.id.to_string(),
+        crate::reconciler::node_key(&node),
         vm.id.clone(),
     );
     let pty = tokio::task::spawn_blocking(move || {
