@@ -927,6 +927,9 @@ pub struct CreateVm {
     /// Boot from a new volume cloned from this image (instant).
     #[serde(default)]
     image: Option<String>,
+    /// Start it once created (default true); false only defines it.
+    #[serde(default)]
+    start: Option<bool>,
     /// The boot volume's size (default: the image's; a multiple of 512).
     #[serde(default)]
     #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
@@ -1019,7 +1022,12 @@ async fn create_vm(
         volumes: Vec::new(),
         generation: 1,
         created_at_ms: crate::join::now_ms(),
-        power: "running".into(),
+        power: if body.start == Some(false) {
+            "stopped"
+        } else {
+            "running"
+        }
+        .into(),
         force_stop: false,
         reboots: 0,
         boot_volume: None,

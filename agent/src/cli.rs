@@ -570,6 +570,9 @@ pub enum VmCommand {
         /// Wait until the VM runs (or fails, saying why).
         #[arg(long)]
         wait: bool,
+        /// Only define it; start it later with `allod vm start`.
+        #[arg(long, conflicts_with = "wait")]
+        no_start: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -2041,11 +2044,15 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             image,
             disk_size,
             wait,
+            no_start,
             api,
         } => {
             let mut body = serde_json::json!({
                 "name": name, "vcpus": vcpus, "memory_bytes": memory, "anti_affinity": anti_affinity,
             });
+            if no_start {
+                body["start"] = false.into();
+            }
             if let Some(i) = image {
                 body["image"] = i.into();
             }

@@ -41,6 +41,10 @@ fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
         let Ok(vm) = serde_json::from_slice::<VmRecord>(&bytes) else {
             continue;
         };
+        // A stopped VM reserves nothing; starting it checks for room.
+        if vm.power == "stopped" {
+            continue;
+        }
         if let Some(node) = nodes.get_mut(&vm.node_id) {
             node.used_vcpus += vm.vcpus;
             node.used_memory_bytes += vm.memory_bytes;
@@ -301,22 +305,6 @@ pub fn resize_vm(
     if let Err(why) = record.quota.admits(&without, &after) {
         return Ok(Err(domain(ErrorCode::QuotaExceeded, why)));
     }
-    let candidates = candidates(kv)?;
-    if let Some(node) = candidates.iter().find(|c| c.id == vm.node_id) {
-        let free_cpu = (node.vcpus as f64 * 4.0) as u64 + before.vcpus;
-        let free_mem = node.memory_bytes + before.memory_bytes;
-        if node.used_vcpus + after.vcpus > free_cpu
-            || node.used_memory_bytes + after.memory_bytes > free_mem
-        {
-            return Ok(Err(domain(
-                ErrorCode::FailedPrecondition,
-                format!(
-                    "node {} has no room for {} vCPUs and {} bytes of memory",
-                    node.name, vm.vcpus, vm.memory_bytes
-                ),
-            )));
-        }
-    }
     record.usage = without.plus(&after);
     vm.generation += 1;
     put_json(kv, &project_key, &record)?;
@@ -342,6 +330,44 @@ pub fn report_vm(
             vm.reason = reason;
             vm.observed_generation = generation;
         }
+        Ok(())
+    })
+}
+
+/// Starting a stopped VM: its node must have room for it again.
+pub fn start_vm(
+    kv: &mut KvWrite<'_>,
+    project: &str,
+    name: &str,
+    overcommit: Overcommit,
+) -> KvResult<Outcome> {
+    let key = format!("{PREFIX_VMS}{project}/{name}");
+    let Some(vm) = get_json::<VmRecord>(kv, &key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("VM {name:?} does not exist in project {project:?}"),
+        )));
+    };
+    if vm.power == "stopped" {
+        let nodes = candidates(kv)?;
+        if let Some(node) = nodes.iter().find(|n| n.id == vm.node_id) {
+            let cpu = ((node.vcpus as f64 * overcommit.cpu) as u64).saturating_sub(node.used_vcpus);
+            let memory = ((node.memory_bytes as f64 * overcommit.memory) as u64)
+                .saturating_sub(node.used_memory_bytes);
+            if cpu < vm.vcpus || memory < vm.memory_bytes {
+                return Ok(Err(domain(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "node {} has no room to start VM {name:?} ({cpu} vCPUs and {memory} bytes of memory free); stop another VM there first",
+                        node.name
+                    ),
+                )));
+            }
+        }
+    }
+    update_vm(kv, project, name, |vm| {
+        vm.power = "running".into();
+        vm.force_stop = false;
         Ok(())
     })
 }

@@ -985,6 +985,17 @@ impl ClusterApply {
                 project,
                 name,
                 power,
+                force: _,
+            } if power == "running" => crate::compute::start_vm(
+                kv,
+                &project,
+                &name,
+                crate::scheduler::Overcommit::default(),
+            )?,
+            Command::SetVmPower {
+                project,
+                name,
+                power,
                 force,
             } => crate::compute::update_vm(kv, &project, &name, |vm| {
                 vm.power = power;
