@@ -1981,6 +1981,10 @@ fn print_vms(vms: &[serde_json::Value]) {
             vec![
                 text(&v["name"]),
                 text(&v["state"]),
+                match v["reason"].as_str() {
+                    Some(r) => format!("({r})"),
+                    None => text(&v["power"]),
+                },
                 text(&v["node"]),
                 text(&v["vcpus"]),
                 human_size(v["memory_bytes"].as_u64().unwrap_or(0)),
@@ -1997,7 +2001,7 @@ fn print_vms(vms: &[serde_json::Value]) {
         .collect();
     print_table(
         &[
-            "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "ZONE", "VOLUMES",
+            "NAME", "STATE", "WANTED", "NODE", "VCPUS", "MEMORY", "ZONE", "VOLUMES",
         ],
         &rows,
     );

@@ -205,8 +205,13 @@ impl Agent {
         std::fs::write(data_dir.listen_file(), serde_json::to_vec_pretty(&listen)?)
             .with_context(|| format!("cannot write {}", data_dir.listen_file().display()))?;
 
-        let (api_mode, api_rx) =
-            watch::channel(ServeMode::Plain(crate::api::unconfigured_router()));
+        // A configured node answers nothing until it serves TLS: a client
+        // must never meet plain HTTP on a member's API port.
+        let (api_mode, api_rx) = watch::channel(if data_dir.node_config().exists() {
+            ServeMode::Closed
+        } else {
+            ServeMode::Plain(crate::api::unconfigured_router())
+        });
         let (peer_mode, peer_rx) = watch::channel(ServeMode::Closed);
         let (node, _) = watch::channel(None);
         let agent = Arc::new(Agent {

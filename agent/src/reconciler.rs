@@ -100,26 +100,22 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     let _ = std::fs::create_dir_all(n.data_dir.path().join("console"));
     let me = node_key(&n);
     drop(n);
-    let mut hv: Option<Arc<Mutex<Hypervisor>>> = None;
-    let mut memory = Memory::default();
+    let mut hv: Option<Arc<Hypervisor>> = None;
+    let memory = Mutex::new(Memory::default());
     loop {
         let Some(n) = node.upgrade() else { return };
-        if hv.as_ref().is_none_or(|h| !h.lock().unwrap().alive()) {
+        if hv.as_ref().is_none_or(|h| !h.alive()) {
             let (uri, me) = (options.libvirt_uri.clone(), me.clone());
             match tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, &me)).await {
                 Ok(Ok(h)) => {
                     tracing::info!(uri = %options.libvirt_uri, "connected to libvirt");
-                    hv = Some(Arc::new(Mutex::new(h)));
+                    hv = Some(Arc::new(h));
                 }
                 Ok(Err(e)) => {
                     hv = None;
                     tracing::warn!("{e}; VMs on this node cannot run until it answers");
-                    report_all_failed(
-                        &n,
-                        &format!("this node cannot reach libvirt: {e}"),
-                        &mut memory,
-                    )
-                    .await;
+                    report_all_failed(&n, &format!("this node cannot reach libvirt: {e}"), &memory)
+                        .await;
                     drop(n);
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     continue;
@@ -128,7 +124,7 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
             }
         }
         let h = hv.clone().expect("connected");
-        let busy = pass(&n, &h, &options, &mut memory).await;
+        let busy = pass(&n, &h, &options, &memory).await;
         drop(n);
         let wait = if busy {
             Duration::from_millis(500)
@@ -140,11 +136,11 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
 }
 
 async fn blocking<T: Send + 'static>(
-    hv: &Arc<Mutex<Hypervisor>>,
+    hv: &Arc<Hypervisor>,
     f: impl FnOnce(&Hypervisor) -> Result<T, HvError> + Send + 'static,
 ) -> Result<T, String> {
     let hv = hv.clone();
-    match tokio::task::spawn_blocking(move || f(&hv.lock().unwrap())).await {
+    match tokio::task::spawn_blocking(move || f(&hv)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("libvirt call failed: {e}")),
     }
@@ -162,9 +158,9 @@ fn my_vms(node: &ClusterNode) -> Vec<VmRecord> {
 /// One reconciliation pass; true while something is in transition.
 async fn pass(
     node: &ClusterNode,
-    hv: &Arc<Mutex<Hypervisor>>,
+    hv: &Arc<Hypervisor>,
     options: &ComputeOptions,
-    memory: &mut Memory,
+    memory: &Mutex<Memory>,
 ) -> bool {
     let desired = my_vms(node);
     let observed: HashMap<String, Observed> = match blocking(hv, |h| h.list()).await {
@@ -174,14 +170,14 @@ async fn pass(
             return true;
         }
     };
-    let mut busy = false;
-    for vm in &desired {
-        let (state, reason) = converge(node, hv, options, memory, vm, observed.get(&vm.id)).await;
-        if state != "running" && state != "stopped" && state != "failed" {
-            busy = true;
-        }
-        report(node, memory, vm, state, reason).await;
-    }
+    // VMs converge side by side (libvirt starts domains in parallel).
+    let work = desired
+        .iter()
+        .map(|vm| converge_and_report(node, hv, options, memory, vm, observed.get(&vm.id)));
+    let busy = futures_util::future::join_all(work)
+        .await
+        .into_iter()
+        .any(|b| b);
     // Domains whose VM was deleted or went elsewhere.
     let wanted: HashSet<&str> = desired.iter().map(|v| v.id.as_str()).collect();
     for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
@@ -192,18 +188,33 @@ async fn pass(
             }
             Err(e) => tracing::warn!(vm = %id, "cannot remove a domain: {e}"),
         }
-        memory.seen_running.remove(id);
-        memory.stop_asked.remove(id);
-        memory.reboots_seen.remove(id);
+        memory.lock().unwrap().seen_running.remove(id);
+        memory.lock().unwrap().stop_asked.remove(id);
+        memory.lock().unwrap().reboots_seen.remove(id);
     }
     busy
 }
 
+/// Converges one VM and reports it; true while it is in transition.
+async fn converge_and_report(
+    node: &ClusterNode,
+    hv: &Arc<Hypervisor>,
+    options: &ComputeOptions,
+    memory: &Mutex<Memory>,
+    vm: &VmRecord,
+    observed: Option<&Observed>,
+) -> bool {
+    let (state, reason) = converge(node, hv, options, memory, vm, observed).await;
+    let transient = state != "running" && state != "stopped" && state != "failed";
+    report(node, memory, vm, state, reason).await;
+    transient
+}
+
 async fn converge(
     node: &ClusterNode,
-    hv: &Arc<Mutex<Hypervisor>>,
+    hv: &Arc<Hypervisor>,
     options: &ComputeOptions,
-    memory: &mut Memory,
+    memory: &Mutex<Memory>,
     vm: &VmRecord,
     observed: Option<&Observed>,
 ) -> (String, Option<String>) {
@@ -223,14 +234,23 @@ async fn converge(
         Ok(None) => return ("creating".into(), None),
         Err(e) => return ("failed".into(), Some(e)),
     };
-    let seen = *memory.reboots_seen.entry(id.clone()).or_insert(vm.reboots);
+    let seen = *memory
+        .lock()
+        .unwrap()
+        .reboots_seen
+        .entry(id.clone())
+        .or_insert(vm.reboots);
     if vm.power == "running" {
-        memory.stop_asked.remove(&id);
+        memory.lock().unwrap().stop_asked.remove(&id);
         match power {
             Power::Running => {
-                memory.seen_running.insert(id.clone());
+                memory.lock().unwrap().seen_running.insert(id.clone());
                 if vm.reboots > seen {
-                    memory.reboots_seen.insert(id.clone(), vm.reboots);
+                    memory
+                        .lock()
+                        .unwrap()
+                        .reboots_seen
+                        .insert(id.clone(), vm.reboots);
                     let id2 = id.clone();
                     if let Err(e) = blocking(hv, move |h| h.reboot(&id2)).await {
                         return ("failed".into(), Some(format!("cannot reboot: {e}")));
@@ -239,7 +259,7 @@ async fn converge(
                 }
                 ("running".into(), None)
             }
-            Power::Stopped | Power::Crashed if memory.seen_running.remove(&id) => {
+            Power::Stopped | Power::Crashed if memory.lock().unwrap().seen_running.remove(&id) => {
                 // It stopped by itself (the guest powered off): it stays off.
                 tracing::info!(vm = %id, "the guest powered itself off");
                 let _ = node
@@ -253,12 +273,16 @@ async fn converge(
                 ("stopped".into(), None)
             }
             Power::Stopped | Power::Crashed => {
-                memory.reboots_seen.insert(id.clone(), vm.reboots);
+                memory
+                    .lock()
+                    .unwrap()
+                    .reboots_seen
+                    .insert(id.clone(), vm.reboots);
                 let id2 = id.clone();
                 match blocking(hv, move |h| h.start(&id2)).await {
                     Ok(_) => {
                         tracing::info!(vm = %id, "started");
-                        memory.seen_running.insert(id.clone());
+                        memory.lock().unwrap().seen_running.insert(id.clone());
                         ("running".into(), None)
                     }
                     Err(e) => ("failed".into(), Some(format!("cannot start: {e}"))),
@@ -268,14 +292,16 @@ async fn converge(
             Power::Paused => ("paused".into(), None),
         }
     } else {
-        memory.seen_running.remove(&id);
+        memory.lock().unwrap().seen_running.remove(&id);
         match power {
             Power::Stopped | Power::Crashed => {
-                memory.stop_asked.remove(&id);
+                memory.lock().unwrap().stop_asked.remove(&id);
                 ("stopped".into(), None)
             }
             _ => {
                 let asked = *memory
+                    .lock()
+                    .unwrap()
                     .stop_asked
                     .entry(id.clone())
                     .or_insert_with(Instant::now);
@@ -306,7 +332,7 @@ async fn converge(
 /// second per VM).
 async fn report(
     node: &ClusterNode,
-    memory: &mut Memory,
+    memory: &Mutex<Memory>,
     vm: &VmRecord,
     state: String,
     reason: Option<String>,
@@ -320,13 +346,19 @@ async fn report(
         return;
     }
     if memory
+        .lock()
+        .unwrap()
         .reported
         .get(&vm.id)
         .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
     {
         return;
     }
-    memory.reported.insert(vm.id.clone(), Instant::now());
+    memory
+        .lock()
+        .unwrap()
+        .reported
+        .insert(vm.id.clone(), Instant::now());
     if let Some(r) = &reason {
         tracing::warn!(vm = %vm.id, name = %vm.name, "VM failed: {r}");
     }
@@ -343,7 +375,7 @@ async fn report(
     }
 }
 
-async fn report_all_failed(node: &ClusterNode, why: &str, memory: &mut Memory) {
+async fn report_all_failed(node: &ClusterNode, why: &str, memory: &Mutex<Memory>) {
     for vm in my_vms(node) {
         report(node, memory, &vm, "failed".into(), Some(why.to_string())).await;
     }

@@ -53,7 +53,13 @@ fn domain_states(id: &str) -> Vec<String> {
 async fn wait_state(c: &Cluster, vm: &str, want: &str) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     for _ in 0..600 {
-        last = c.json(&["vm", "show", vm, "--project", "p"]);
+        // A node may be restarting: keep asking.
+        let out = c.allod(&["vm", "show", vm, "--project", "p", "--output", "json"]);
+        if !out.status.success() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        last = serde_json::from_slice(&out.stdout).unwrap();
         if last["state"] == want {
             return last;
         }
