@@ -92,6 +92,10 @@ struct Memory {
     stop_asked: HashMap<String, Instant>,
     seen_running: HashSet<String>,
     reported: HashMap<String, Instant>,
+    /// VMs whose converge task is running.
+    in_flight: HashSet<String>,
+    /// VMs last seen in transition (starting, stopping).
+    transient: HashSet<String>,
 }
 
 pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
@@ -101,7 +105,7 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     let me = node_key(&n);
     drop(n);
     let mut hv: Option<Arc<Hypervisor>> = None;
-    let memory = Mutex::new(Memory::default());
+    let memory = Arc::new(Mutex::new(Memory::default()));
     loop {
         let Some(n) = node.upgrade() else { return };
         if hv.as_ref().is_none_or(|h| !h.alive()) {
@@ -157,10 +161,10 @@ fn my_vms(node: &ClusterNode) -> Vec<VmRecord> {
 
 /// One reconciliation pass; true while something is in transition.
 async fn pass(
-    node: &ClusterNode,
+    node: &Arc<ClusterNode>,
     hv: &Arc<Hypervisor>,
     options: &ComputeOptions,
-    memory: &Mutex<Memory>,
+    memory: &Arc<Mutex<Memory>>,
 ) -> bool {
     let desired = my_vms(node);
     let observed: HashMap<String, Observed> = match blocking(hv, |h| h.list()).await {
@@ -170,17 +174,33 @@ async fn pass(
             return true;
         }
     };
-    // VMs converge side by side (libvirt starts domains in parallel).
-    let work = desired
-        .iter()
-        .map(|vm| converge_and_report(node, hv, options, memory, vm, observed.get(&vm.id)));
-    let busy = futures_util::future::join_all(work)
-        .await
-        .into_iter()
-        .any(|b| b);
+    // Each VM converges in a task of its own, so a slow start of one never
+    // holds up another; a VM whose task still runs is left to it.
+    for vm in &desired {
+        if !memory.lock().unwrap().in_flight.insert(vm.id.clone()) {
+            continue;
+        }
+        let (node, hv, options, memory) =
+            (node.clone(), hv.clone(), options.clone(), memory.clone());
+        let (vm, observed) = (vm.clone(), observed.get(&vm.id).cloned());
+        tokio::spawn(async move {
+            let transient =
+                converge_and_report(&node, &hv, &options, &memory, &vm, observed.as_ref()).await;
+            let mut m = memory.lock().unwrap();
+            m.in_flight.remove(&vm.id);
+            if transient {
+                m.transient.insert(vm.id.clone());
+            } else {
+                m.transient.remove(&vm.id);
+            }
+        });
+    }
     // Domains whose VM was deleted or went elsewhere.
     let wanted: HashSet<&str> = desired.iter().map(|v| v.id.as_str()).collect();
     for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
+        if memory.lock().unwrap().in_flight.contains(id) {
+            continue;
+        }
         let id2 = id.clone();
         match blocking(hv, move |h| h.undefine(&id2)).await {
             Ok(()) => {
@@ -188,11 +208,14 @@ async fn pass(
             }
             Err(e) => tracing::warn!(vm = %id, "cannot remove a domain: {e}"),
         }
-        memory.lock().unwrap().seen_running.remove(id);
-        memory.lock().unwrap().stop_asked.remove(id);
-        memory.lock().unwrap().reboots_seen.remove(id);
+        let mut m = memory.lock().unwrap();
+        m.seen_running.remove(id);
+        m.stop_asked.remove(id);
+        m.reboots_seen.remove(id);
+        m.transient.remove(id);
     }
-    busy
+    let m = memory.lock().unwrap();
+    !m.in_flight.is_empty() || !m.transient.is_empty()
 }
 
 /// Converges one VM and reports it; true while it is in transition.
