@@ -365,6 +365,7 @@ fn fio_verifies_random_writes_through_the_nbd_engine() {
             "--io_size=8M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--output-format=terse",
         ],

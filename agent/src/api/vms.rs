@@ -136,8 +136,18 @@ pub(super) async fn update_vm(
 pub(super) async fn console(
     State(node): State<Arc<ClusterNode>>,
     Path((project, vm)): Path<(String, String)>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            "upgrade_required",
+            format!(
+                "this route is a websocket ({}); connect with a websocket client, e.g. `allod vm console`",
+                rejection.body_text()
+            ),
+        )
+    })?;
     let name = vm_name(&node, &project, vm).await?;
     let vm = node
         .state
