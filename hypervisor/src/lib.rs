@@ -1,7 +1,8 @@
 //! Compute on one node: a typed domain specification (vCPUs, memory, NBD
 //! disks, bridged NICs, serial console, Allod's metadata tag), its libvirt
-//! XML, and lifecycle calls through libvirt (define, start, ACPI shutdown with
-//! a deadline, destroy, reboot, undefine, migrate, console stream).
+//! XML, and lifecycle calls through libvirt (define, start, ACPI shutdown,
+//! destroy, reset, undefine, state, the serial console's pty). Migration is
+//! not built yet.
 //!
 //! It takes plain specs and knows nothing of Raft or of the cluster's state.
 //! It touches only domains whose metadata marks them as Allod's and names this
