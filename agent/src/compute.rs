@@ -96,7 +96,15 @@ pub fn create_vm(
         memory_bytes: vm.memory_bytes,
         anti_affinity: vm.anti_affinity.clone(),
     };
-    let node_id = match crate::scheduler::place(&candidates(kv)?, &request, overcommit) {
+    let mut nodes = candidates(kv)?;
+    if vm.power == "stopped" {
+        // Only defined: it must fit a node, but reserves room only when started.
+        for n in &mut nodes {
+            n.used_vcpus = 0;
+            n.used_memory_bytes = 0;
+        }
+    }
+    let node_id = match crate::scheduler::place(&nodes, &request, overcommit) {
         Ok(id) => id,
         Err(refusal) => {
             return Ok(Err(domain(

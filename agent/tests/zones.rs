@@ -213,3 +213,70 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
     }
     cluster.shutdown().await;
 }
+
+/// A stopped VM holds no capacity; starting it takes its node's room again,
+/// and is refused with the reason when there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_vms_reserve_nothing_and_starting_one_needs_room() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    let vcpus = {
+        let mut v = 0;
+        for _ in 0..150 {
+            let nodes = admin.get(&format!("{base}/v1/nodes")).await.unwrap().body;
+            v = nodes[0]["vcpus"].as_u64().unwrap_or(0);
+            if v > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        v
+    };
+    assert!(vcpus > 0, "the node never reported its capacity");
+    // Four vCPUs per core: one VM takes the whole node.
+    let whole = vcpus * 4;
+    let reply = admin
+        .post(&format!("{base}/v1/projects"), json!({ "name": "p" }))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let vm = |name: &str, start: bool| json!({ "name": name, "vcpus": whole, "memory_bytes": 64u64 << 20, "start": start });
+    let reply = admin
+        .post(&format!("{base}/v1/projects/p/vms"), vm("big", true))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    // The node is full, yet a VM that is only defined fits.
+    let reply = admin
+        .post(&format!("{base}/v1/projects/p/vms"), vm("spare", false))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(reply.body["power"], "stopped");
+    let reply = admin
+        .post(&format!("{base}/v1/projects/p/vms"), vm("third", true))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    // Starting it needs room: refused, saying why, until the first stops.
+    let start = format!("{base}/v1/projects/p/vms/spare/start");
+    let reply = admin.post(&start, json!({})).await.unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no room"),
+        "{}",
+        reply.body
+    );
+    let reply = admin
+        .post(&format!("{base}/v1/projects/p/vms/big/stop"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = admin.post(&start, json!({})).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["power"], "running");
+}
