@@ -132,8 +132,10 @@ impl Drop for Console {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_boot_from_images_and_obey_their_owners_across_three_nodes() {
-    let mut c = Cluster::start_with(&["--virt-type", "qemu", "--stop-timeout", "3"]).await;
+    // Declared first, dropped last: the agents are gone before their domains
+    // are removed, so no reconciler defines them again.
     let mut made = Domains(Vec::new());
+    let mut c = Cluster::start_with(&["--virt-type", "qemu", "--stop-timeout", "3"]).await;
     // QEMU runs as libvirt-qemu and must reach the nodes' NBD sockets.
     run("chmod", &["755", c.tmp.path().to_str().unwrap()]);
     c.allod_ok(&["project", "create", "p"]);
