@@ -394,13 +394,7 @@ impl ObjectStore {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(());
         };
-        let objects: Vec<(u64, Arc<Obj>)> = vol
-            .objects
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(i, o)| (*i, o.clone()))
-            .collect();
+        let objects = vol.objects_now();
         for (index, obj) in objects {
             let (file, version) = {
                 let mut st = obj.state.write().unwrap();
@@ -443,63 +437,61 @@ impl ObjectStore {
             return Ok(());
         };
         Self::check_epoch(&vol, epoch)?;
-        let objects: Vec<(u64, Arc<Obj>)> = vol
-            .objects
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(i, o)| (*i, o.clone()))
-            .collect();
+        let objects = vol.objects_now();
         for (index, obj) in objects {
             let mut st = obj.state.write().unwrap();
             self.load(&vol, index, &mut st)?;
             match resolve(&st, Some(snap)) {
                 Source::Head => {}
                 Source::Clone(hi) => {
-                    self.preserve(&vol, index, &mut st, seq)?;
-                    self.drop_head_file(&mut st);
-                    let head = head_path(&vol.dir, index);
-                    let tmp = vol.dir.join(format!("{index:016x}.rollback"));
-                    fs::copy(clone_path(&vol.dir, index, hi), &tmp)
-                        .map_err(io_err("copying a snapshot's object back"))?;
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&tmp)
-                        .map_err(io_err("rolling back"))?;
-                    let version = st.head.as_ref().map_or(0, |h| h.version) + 1;
-                    write_header(&f, KIND_HEAD, version, seq, 0, false)?;
-                    f.sync_all().map_err(io_err("rolling back"))?;
-                    fs::rename(&tmp, &head).map_err(io_err("rolling back"))?;
-                    st.head = Some(Head {
-                        seq,
-                        version,
-                        absent: false,
-                        file: None,
-                    });
+                    self.replace_head(&vol, index, &mut st, seq, Some(hi))?;
                 }
                 Source::Absent => {
                     if st.head.as_ref().is_some_and(|h| h.absent && h.seq == seq) {
                         continue;
                     }
-                    self.preserve(&vol, index, &mut st, seq)?;
-                    self.drop_head_file(&mut st);
-                    let version = st.head.as_ref().map_or(0, |h| h.version) + 1;
-                    let head = head_path(&vol.dir, index);
-                    let tmp = vol.dir.join(format!("{index:016x}.rollback"));
-                    let f = File::create(&tmp).map_err(io_err("rolling back"))?;
-                    write_header(&f, KIND_HEAD, version, seq, 0, true)?;
-                    f.sync_all().map_err(io_err("rolling back"))?;
-                    fs::rename(&tmp, &head).map_err(io_err("rolling back"))?;
-                    st.head = Some(Head {
-                        seq,
-                        version,
-                        absent: true,
-                        file: None,
-                    });
+                    self.replace_head(&vol, index, &mut st, seq, None)?;
                 }
             }
         }
         sync_dir(&vol.dir)
+    }
+
+    /// Rollback of one object: preserves the head for newer snapshots, then
+    /// makes a new head (under `seq`) from the clone file `from`, or an
+    /// absent one, durably, replacing the old by rename.
+    fn replace_head(
+        &self,
+        vol: &Vol,
+        index: u64,
+        st: &mut ObjState,
+        seq: u64,
+        from: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.preserve(vol, index, st, seq)?;
+        self.drop_head_file(st);
+        let version = st.head.as_ref().map_or(0, |h| h.version) + 1;
+        let tmp = vol.dir.join(format!("{index:016x}.rollback"));
+        let f = match from {
+            Some(hi) => {
+                fs::copy(clone_path(&vol.dir, index, hi), &tmp)
+                    .map_err(io_err("copying a snapshot's object back"))?;
+                OpenOptions::new().write(true).open(&tmp)
+            }
+            None => File::create(&tmp),
+        }
+        .map_err(io_err("rolling back"))?;
+        let absent = from.is_none();
+        write_header(&f, KIND_HEAD, version, seq, 0, absent)?;
+        f.sync_all().map_err(io_err("rolling back"))?;
+        fs::rename(&tmp, head_path(&vol.dir, index)).map_err(io_err("rolling back"))?;
+        st.head = Some(Head {
+            seq,
+            version,
+            absent,
+            file: None,
+        });
+        Ok(())
     }
 
     /// Deletes clone files that no live snapshot needs any more.
@@ -507,13 +499,7 @@ impl ObjectStore {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(0);
         };
-        let objects: Vec<(u64, Arc<Obj>)> = vol
-            .objects
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(i, o)| (*i, o.clone()))
-            .collect();
+        let objects = vol.objects_now();
         let mut removed = 0;
         for (index, obj) in objects {
             let mut st = obj.state.write().unwrap();
@@ -555,13 +541,7 @@ impl ObjectStore {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(Vec::new());
         };
-        let objects: Vec<(u64, Arc<Obj>)> = vol
-            .objects
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(i, o)| (*i, o.clone()))
-            .collect();
+        let objects = vol.objects_now();
         let mut out = Vec::with_capacity(objects.len());
         for (index, obj) in objects {
             let mut st = obj.state.write().unwrap();
@@ -752,6 +732,17 @@ impl ObjectStore {
 }
 
 impl Vol {
+    /// The volume's objects as they are now (the map is not held while
+    /// they are worked on).
+    fn objects_now(&self) -> Vec<(u64, Arc<Obj>)> {
+        self.objects
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(i, o)| (*i, o.clone()))
+            .collect()
+    }
+
     fn scan(dir: PathBuf) -> Result<Self, StoreError> {
         let mut objects = HashMap::new();
         for entry in fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
