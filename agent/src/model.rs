@@ -603,8 +603,11 @@ pub struct ClusterApply {
     /// that cached principals resolved before it are not used again.
     pub auth_generation: Arc<AtomicU64>,
     auth_changed: AtomicBool,
-    /// Woken after every commit (the block store follows volume records).
+    /// Moves on after a commit that changed VMs, volumes, images or nodes
+    /// (or replaced the whole state): the block store and the compute
+    /// reconciler follow it, and writes of other kinds do not wake them.
     pub applied: Arc<tokio::sync::watch::Sender<u64>>,
+    resources_changed: AtomicBool,
 }
 
 impl Default for ClusterApply {
@@ -613,6 +616,7 @@ impl Default for ClusterApply {
             auth_generation: Default::default(),
             auth_changed: Default::default(),
             applied: Arc::new(tokio::sync::watch::channel(0).0),
+            resources_changed: Default::default(),
         }
     }
 }
@@ -654,6 +658,50 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::ConsumeJoinToken { .. }
         | Command::ForgetNode { .. }
         | Command::SetNodeZone { .. }
+        | Command::CreateUser { .. }
+        | Command::CreateToken { .. }
+        | Command::AppendAudit { .. } => false,
+    }
+}
+
+/// Whether applying `command` may change what a node's block store or
+/// compute reconciler must do.
+fn changes_resources(command: &Command) -> bool {
+    match command {
+        Command::Audited { command, .. } => changes_resources(command),
+        Command::InitCluster { .. }
+        | Command::CreateVolume { .. }
+        | Command::DeleteVolume { .. }
+        | Command::ResizeVolume { .. }
+        | Command::CreateSnapshot { .. }
+        | Command::DeleteSnapshot { .. }
+        | Command::AcquireLease { .. }
+        | Command::SetNodeStorage { .. }
+        | Command::CreateImage { .. }
+        | Command::FinishImage { .. }
+        | Command::DeleteImage { .. }
+        | Command::CreateVm { .. }
+        | Command::DeleteVm { .. }
+        | Command::SetVmPower { .. }
+        | Command::RebootVm { .. }
+        | Command::ResizeVm { .. }
+        | Command::ReportVmState { .. }
+        | Command::AttachVolume { .. }
+        | Command::DetachVolume { .. }
+        | Command::ConsumeJoinToken { .. }
+        | Command::ForgetNode { .. } => true,
+        Command::CreateProject { .. }
+        | Command::UpdateProject { .. }
+        | Command::DeleteProject { .. }
+        | Command::SetQuota { .. }
+        | Command::SetNodeCapacity { .. }
+        | Command::SetNodeMaintenance { .. }
+        | Command::SetNodeZone { .. }
+        | Command::CreateJoinToken { .. }
+        | Command::GrantRole { .. }
+        | Command::RevokeToken { .. }
+        | Command::PutOidcIssuer { .. }
+        | Command::DeleteOidcIssuer { .. }
         | Command::CreateUser { .. }
         | Command::CreateToken { .. }
         | Command::AppendAudit { .. } => false,
@@ -1239,6 +1287,9 @@ impl ClusterApply {
                 if changes_authentication(&command) {
                     self.auth_changed.store(true, Ordering::Relaxed);
                 }
+                if changes_resources(&command) {
+                    self.resources_changed.store(true, Ordering::Relaxed);
+                }
                 Self::apply_command(kv, command)
             }
             // A command from a newer or broken proposer: record the refusal,
@@ -1280,7 +1331,9 @@ impl Apply for ClusterApply {
         if self.auth_changed.swap(false, Ordering::Relaxed) || replaced_all {
             self.auth_generation.fetch_add(1, Ordering::Release);
         }
-        self.applied.send_modify(|n| *n += 1);
+        if self.resources_changed.swap(false, Ordering::Relaxed) || replaced_all {
+            self.applied.send_modify(|n| *n += 1);
+        }
     }
 }
 

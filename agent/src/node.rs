@@ -125,7 +125,7 @@ pub struct ClusterNode {
     pub peers: PeerClient,
     pub tls: NodeTls,
     pub data_dir: DataDir,
-    /// Woken after every commit.
+    /// Moves on after commits that change VMs, volumes, images or nodes.
     pub applied: Arc<tokio::sync::watch::Sender<u64>>,
     /// How this node runs VMs, when it does.
     pub compute: std::sync::OnceLock<crate::reconciler::ComputeOptions>,
