@@ -155,12 +155,17 @@ impl Fixture {
             map: self.map.clone(),
             parent: None,
         };
+        self.publish(&spec);
+        spec
+    }
+
+    /// Makes the NBD server open the volume as `spec` says from now on.
+    fn publish(&self, spec: &VolumeSpec) {
         self.exports
             .volumes
             .lock()
             .unwrap()
-            .insert(id.into(), spec.clone());
-        spec
+            .insert(spec.id.clone(), spec.clone());
     }
 
     fn uri(&self, id: &str) -> String {
@@ -381,11 +386,7 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x01 0 6M", &uri]);
     // Snapshot 1: writes now carry sequence 1.
     spec.seq = 1;
-    f.exports
-        .volumes
-        .lock()
-        .unwrap()
-        .insert(spec.id.clone(), spec.clone());
+    f.publish(&spec);
     run(
         "qemu-io",
         &[
@@ -415,11 +416,7 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
         ..spec.clone()
     };
     let clone = VolumeSpec { seq: 0, ..clone };
-    f.exports
-        .volumes
-        .lock()
-        .unwrap()
-        .insert(clone.id.clone(), clone.clone());
+    f.publish(&clone);
     let curi = f.uri("vol-clone");
     run(
         "qemu-io",
@@ -488,11 +485,7 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
         },
     ))
     .unwrap();
-    f.exports
-        .volumes
-        .lock()
-        .unwrap()
-        .insert(spec.id.clone(), spec.clone());
+    f.publish(&spec);
     run(
         "qemu-io",
         &[
