@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use storage::nbd::{self, BoxFuture, Export, Exports};
 use storage::transport::{self, Peers};
-use storage::{ObjectStore, ParentSpec, Storage, StorageMap, VolumeHandle, VolumeSpec};
+use storage::{ObjectStore, ParentSpec, Storage, VolumeHandle, VolumeSpec};
 
 use crate::model::{Command, VolumeRecord};
 use crate::node::ClusterNode;
@@ -239,20 +239,6 @@ impl BlockStore {
         handle.forget_present();
         Ok(())
     }
-
-    /// Bytes of a volume as it is now (for checks and exports).
-    pub async fn read(
-        &self,
-        volume: &VolumeRecord,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BlockError> {
-        let spec = self.spec(volume)?;
-        self.storage
-            .read(&spec, None, offset, len)
-            .await
-            .map_err(|e| BlockError::Unavailable(e.to_string()))
-    }
 }
 
 /// Lets QEMU (user libvirt-qemu) reach the NBD socket: the data directory
@@ -440,12 +426,4 @@ pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
         }
         Err(_) => (0, 0),
     }
-}
-
-/// The storage map a volume created now would use (for display).
-pub fn current_map(node: &ClusterNode) -> Option<StorageMap> {
-    node.state
-        .get(crate::volumes::KEY_STORAGE_MAP)
-        .ok()
-        .flatten()
 }

@@ -106,10 +106,6 @@ impl Hypervisor {
         })
     }
 
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     /// Whether the connection still answers (libvirtd may have restarted).
     pub fn alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)

@@ -112,11 +112,6 @@ impl Storage {
             .collect()
     }
 
-    /// The open handle for a volume, if any connection still uses one.
-    pub fn handle(&self, id: &str) -> Option<Arc<VolumeHandle>> {
-        self.handles.lock().unwrap().get(id).and_then(Weak::upgrade)
-    }
-
     /// Opens a volume for I/O (sharing the handle with every other user on
     /// this node, so a flush on one connection covers writes on all).
     pub fn open(self: &Arc<Self>, spec: VolumeSpec) -> Arc<VolumeHandle> {
@@ -283,7 +278,7 @@ impl VolumeHandle {
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let spec = self.spec();
-        check_write(&spec, offset, data.len() as u64)?;
+        check_range(&spec, offset, data.len() as u64)?;
         let pieces = split(spec.object_size, offset, data.len() as u64);
         let mut at = 0usize;
         let mut writes = Vec::with_capacity(pieces.len());
@@ -298,7 +293,7 @@ impl VolumeHandle {
     /// Zeroes a range; `punch` lets whole blocks become holes.
     pub async fn zero(&self, offset: u64, len: u64, punch: bool) -> Result<(), IoError> {
         let spec = self.spec();
-        check_write(&spec, offset, len)?;
+        check_range(&spec, offset, len)?;
         let writes = split(spec.object_size, offset, len)
             .into_iter()
             .map(|(idx, off, n)| self.mutate(&spec, idx, off, Mutation::Zero { len: n, punch }));
@@ -447,10 +442,6 @@ fn check_range(spec: &VolumeSpec, offset: u64, len: u64) -> Result<(), IoError> 
         )));
     }
     Ok(())
-}
-
-fn check_write(spec: &VolumeSpec, offset: u64, len: u64) -> Result<(), IoError> {
-    check_range(spec, offset, len)
 }
 
 /// Splits a byte range into (object index, offset in object, length).
