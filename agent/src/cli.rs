@@ -956,16 +956,7 @@ impl ApiClient {
         if len > 0 {
             eprintln!("uploaded; the server is storing the image...");
         }
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            anyhow::bail!("{message} (HTTP {})", status.as_u16());
-        }
-        serde_json::from_str(&text).context("the API's answer is not JSON")
+        answer(response).await
     }
 
     pub async fn call(
@@ -985,20 +976,29 @@ impl ApiClient {
             .send()
             .await
             .with_context(|| format!("cannot reach the API at {}", self.url))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            anyhow::bail!("{message} (HTTP {})", status.as_u16());
-        }
-        if text.is_empty() {
-            return Ok(serde_json::Value::Null);
-        }
-        serde_json::from_str(&text).context("the API's answer is not JSON")
+        answer(response).await
     }
+}
+
+/// An API answer as JSON (`null` when empty), or its error's message.
+async fn answer(response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{} (HTTP {})", error_message(&text), status.as_u16());
+    }
+    if text.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(&text).context("the API's answer is not JSON")
+}
+
+/// The `error.message` of an API error body, or the body itself.
+pub fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {

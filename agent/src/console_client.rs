@@ -68,10 +68,7 @@ pub async fn connect(
                 .as_deref()
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_else(|| body.to_string());
+            let message = crate::cli::error_message(&body);
             anyhow::anyhow!("{message} (HTTP {})", response.status().as_u16())
         }
         other => anyhow::anyhow!("cannot open the console at {url}: {other}"),
