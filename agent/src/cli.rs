@@ -275,6 +275,45 @@ pub struct AgentArgs {
     pub nbd_listen: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// How this node builds tenant networks.
+#[derive(Args, Debug, Clone)]
+pub struct NetworkArgs {
+    /// `off`: this node builds no tenant networks (it hosts no VPC ports).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub network_fabric: String,
+    /// This node's VXLAN endpoint address (default: the peer address's IP).
+    #[arg(long)]
+    pub underlay_address: Option<std::net::Ipv4Addr>,
+    /// Interface for egress NAT and floating IPs (default: the default
+    /// route's; `none`: no outside access from this node's VPCs).
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// Where router namespaces are pinned (as `ip netns` does).
+    #[arg(long, default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
+}
+
+impl NetworkArgs {
+    pub fn options(&self) -> Option<crate::netnode::NetworkOptions> {
+        if self.network_fabric == "off" {
+            return None;
+        }
+        let uplink = match self.uplink.as_deref() {
+            Some("none") => None,
+            Some(i) => Some(i.to_string()),
+            None => crate::netnode::default_route_interface(),
+        };
+        Some(crate::netnode::NetworkOptions {
+            underlay: self.underlay_address,
+            underlay_mtu: crate::netnode::interface_mtu(uplink.as_deref()),
+            uplink,
+            netns_dir: self.netns_dir.clone(),
+        })
+    }
 }
 
 /// How this node runs VMs.
@@ -318,6 +357,8 @@ pub struct UpArgs {
     pub nbd_listen: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1208,6 +1249,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     options.blocks.failure_domain = args.failure_domain;
     options.blocks.nbd_listen = args.nbd_listen;
     options.compute = args.compute.options();
+    options.network = args.network.options();
     let agent = Agent::start(options).await?;
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -1220,6 +1262,7 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     options.storage_listen = args.storage_listen;
     options.blocks.nbd_listen = args.nbd_listen;
     options.compute = args.compute.options();
+    options.network = args.network.options();
     let agent = Agent::start(options).await?;
     if agent.node().is_none() {
         agent.init(None).await?;

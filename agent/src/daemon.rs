@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub blocks: crate::blockstore::BlockOptions,
     /// Run VMs through libvirt (`None`: this node runs none).
     pub compute: Option<crate::reconciler::ComputeOptions>,
+    /// Build tenant networks on this node (`None`: it hosts no VPC ports).
+    pub network: Option<crate::netnode::NetworkOptions>,
 }
 
 impl AgentOptions {
@@ -62,6 +64,7 @@ impl AgentOptions {
                 nbd_listen: None,
             },
             compute: None,
+            network: None,
         }
     }
 }
@@ -122,6 +125,7 @@ pub struct Agent {
     storage_listener: Mutex<Option<TcpListener>>,
     block_options: crate::blockstore::BlockOptions,
     compute: Option<crate::reconciler::ComputeOptions>,
+    network: Option<crate::netnode::NetworkOptions>,
 }
 
 /// The host name, made into a valid node name.
@@ -230,6 +234,7 @@ impl Agent {
             storage_listener: Mutex::new(Some(storage_listener)),
             block_options: options.blocks.clone(),
             compute: options.compute.clone(),
+            network: options.network.clone(),
         });
         let admin = crate::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
         let api = serve::spawn(api_listener, api_rx, "api");
@@ -307,6 +312,21 @@ impl Agent {
             None => tracing::warn!(
                 "the storage port was already handed to an earlier configuration; restart the agent to serve block storage"
             ),
+        }
+        if let Some(network) = &self.network {
+            let peer_ip = self
+                .peer_addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .and_then(|a| match a.ip() {
+                    std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+                    _ => None,
+                });
+            tokio::spawn(crate::netnode::run(
+                Arc::downgrade(&node),
+                network.clone(),
+                peer_ip,
+            ));
         }
         Ok(node)
     }

@@ -19,6 +19,8 @@ pub mod daemon;
 pub mod join;
 pub mod logring;
 pub mod model;
+pub mod netnode;
+pub mod network;
 pub mod node;
 pub mod oidc;
 pub mod paths;

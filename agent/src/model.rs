@@ -434,6 +434,10 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// VPCs, subnets, security groups, ports, IP pools, floating IPs.
+    Network {
+        command: crate::network::NetCommand,
+    },
     AppendAudit {
         record: crate::audit::AuditRecord,
     },
@@ -660,6 +664,7 @@ fn changes_authentication(command: &Command) -> bool {
         | Command::SetNodeZone { .. }
         | Command::CreateUser { .. }
         | Command::CreateToken { .. }
+        | Command::Network { .. }
         | Command::AppendAudit { .. } => false,
     }
 }
@@ -689,6 +694,7 @@ fn changes_resources(command: &Command) -> bool {
         | Command::AttachVolume { .. }
         | Command::DetachVolume { .. }
         | Command::ConsumeJoinToken { .. }
+        | Command::Network { .. }
         | Command::ForgetNode { .. } => true,
         Command::CreateProject { .. }
         | Command::UpdateProject { .. }
@@ -967,6 +973,7 @@ impl ClusterApply {
                     }
                 }
             }
+            Command::Network { command } => crate::network::apply(kv, command)?,
             Command::CreateVolume { volume, source } => {
                 crate::volumes::create_volume(kv, volume, source)?
             }
