@@ -156,6 +156,23 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/oidc/issuers"), AdminOnly),
         (("PUT", "/v1/oidc/issuers/{issuer}"), AdminOnly),
         (("DELETE", "/v1/oidc/issuers/{issuer}"), AdminOnly),
+        (("GET", "/v1/ip-pools"), AnyAuthenticated),
+        (("POST", "/v1/ip-pools"), AdminOnly),
+        (("GET", "/v1/projects/{name}/vpcs"), ProjectAtLeast(Role::ProjectViewer)),
+        (("POST", "/v1/projects/{name}/vpcs"), ProjectAtLeast(Role::ProjectMember)),
+        (("DELETE", "/v1/projects/{name}/vpcs/{vpc}"), ProjectAtLeast(Role::ProjectMember)),
+        (("GET", "/v1/projects/{name}/vpcs/{vpc}/subnets"), ProjectAtLeast(Role::ProjectViewer)),
+        (("POST", "/v1/projects/{name}/vpcs/{vpc}/subnets"), ProjectAtLeast(Role::ProjectMember)),
+        (("GET", "/v1/projects/{name}/security-groups"), ProjectAtLeast(Role::ProjectViewer)),
+        (("POST", "/v1/projects/{name}/security-groups"), ProjectAtLeast(Role::ProjectMember)),
+        (("POST", "/v1/projects/{name}/security-groups/{sg}/rules"), ProjectAtLeast(Role::ProjectMember)),
+        (("GET", "/v1/projects/{name}/ports"), ProjectAtLeast(Role::ProjectViewer)),
+        (("POST", "/v1/projects/{name}/ports"), ProjectAtLeast(Role::ProjectMember)),
+        (("DELETE", "/v1/projects/{name}/ports/{port}"), ProjectAtLeast(Role::ProjectMember)),
+        (("GET", "/v1/projects/{name}/floating-ips"), ProjectAtLeast(Role::ProjectViewer)),
+        (("POST", "/v1/projects/{name}/floating-ips"), ProjectAtLeast(Role::ProjectMember)),
+        (("POST", "/v1/projects/{name}/floating-ips/{ip}/bind"), ProjectAtLeast(Role::ProjectMember)),
+        (("DELETE", "/v1/projects/{name}/floating-ips/{ip}"), ProjectAtLeast(Role::ProjectMember)),
     ])
 }
 
@@ -299,7 +316,51 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 } else {
                     victim_token["id"].as_str().unwrap()
                 };
+                // Network fixtures: a VPC, a subnet with a port, a group,
+                // and a pool of this case's own with an allocated address.
+                let post = |url: String, body: serde_json::Value| {
+                    let admin = &admin;
+                    async move { ok(admin.post(&url, body).await.unwrap(), "network fixture").await }
+                };
+                let pool_net = format!("100.{}.{}", 64 + case / 256, case % 256);
+                let needs_subnet = pattern.contains("{port}") || pattern.ends_with("/ports");
+                if pattern.contains("{vpc}") || needs_subnet {
+                    post(format!("{base}/v1/projects/{project}/vpcs"), json!({ "name": "net" })).await;
+                }
+                if needs_subnet {
+                    post(
+                        format!("{base}/v1/projects/{project}/vpcs/net/subnets"),
+                        json!({ "name": "sn", "cidr": "10.0.0.0/24" }),
+                    )
+                    .await;
+                }
+                if pattern.contains("{port}") {
+                    post(
+                        format!("{base}/v1/projects/{project}/ports"),
+                        json!({ "name": "nic", "subnet": "sn", "security_groups": [] }),
+                    )
+                    .await;
+                }
+                if pattern.contains("{sg}") {
+                    post(format!("{base}/v1/projects/{project}/security-groups"), json!({ "name": "web" })).await;
+                }
+                let mut fip = String::new();
+                if pattern.contains("floating-ips") {
+                    post(
+                        format!("{base}/v1/ip-pools"),
+                        json!({ "name": format!("pool{case}"), "cidr": format!("{pool_net}.0/28") }),
+                    )
+                    .await;
+                }
+                if pattern.contains("{ip}") {
+                    let allocated = post(format!("{base}/v1/projects/{project}/floating-ips"), json!({})).await;
+                    fip = allocated["ip"].as_str().unwrap().to_string();
+                }
                 let path = pattern
+                    .replace("{vpc}", "net")
+                    .replace("{sg}", "web")
+                    .replace("{port}", "nic")
+                    .replace("{ip}", &fip)
                     .replace("{name}", project)
                     .replace("{user}", target_user)
                     .replace("{id}", token_id)
@@ -391,6 +452,24 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         Some(json!({ "name": format!("new{case}"), "size_bytes": 1 << 20 }))
                     }
                     ("POST", "/v1/users") => Some(json!({ "name": format!("new{case}") })),
+                    ("POST", "/v1/ip-pools") => Some(
+                        json!({ "name": format!("new{case}"), "cidr": format!("{pool_net}.16/28") }),
+                    ),
+                    ("POST", "/v1/projects/{name}/vpcs") => Some(json!({ "name": format!("new{case}") })),
+                    ("POST", "/v1/projects/{name}/vpcs/{vpc}/subnets") => {
+                        Some(json!({ "name": format!("s{case}"), "cidr": "10.9.0.0/24" }))
+                    }
+                    ("POST", "/v1/projects/{name}/security-groups") => {
+                        Some(json!({ "name": format!("new{case}") }))
+                    }
+                    ("POST", "/v1/projects/{name}/security-groups/{sg}/rules") => Some(
+                        json!({ "direction": "ingress", "protocol": "tcp", "port_min": 22, "cidr": "192.0.2.0/24" }),
+                    ),
+                    ("POST", "/v1/projects/{name}/ports") => Some(
+                        json!({ "name": format!("p{case}"), "subnet": "sn", "security_groups": [] }),
+                    ),
+                    ("POST", "/v1/projects/{name}/floating-ips") => Some(json!({})),
+                    ("POST", "/v1/projects/{name}/floating-ips/{ip}/bind") => Some(json!({ "port": null })),
                     ("POST", "/v1/projects/{name}/volumes/{volume}/resize") => {
                         Some(json!({ "size_bytes": 2 << 20 }))
                     }
