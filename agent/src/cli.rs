@@ -43,6 +43,24 @@ pub enum TopCommand {
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Tenant VPCs (isolated networks).
+    #[command(subcommand)]
+    Vpc(crate::cli_network::VpcCommand),
+    /// Subnets of a VPC.
+    #[command(subcommand)]
+    Subnet(crate::cli_network::SubnetCommand),
+    /// Security groups and their rules.
+    #[command(subcommand)]
+    Sg(crate::cli_network::SgCommand),
+    /// Ports (NICs) on subnets.
+    #[command(subcommand)]
+    Port(crate::cli_network::PortCommand),
+    /// Floating IPs.
+    #[command(subcommand)]
+    Fip(crate::cli_network::FipCommand),
+    /// Floating-IP pools (cluster admins).
+    #[command(subcommand)]
+    IpPool(crate::cli_network::IpPoolCommand),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -1042,7 +1060,7 @@ pub fn error_message(body: &str) -> String {
         .unwrap_or_else(|| body.to_string())
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -1063,7 +1081,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn text(value: &serde_json::Value) -> String {
+pub(crate) fn text(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
@@ -1113,7 +1131,7 @@ fn print_project_detail(p: &serde_json::Value) {
     print_table(&["RESOURCE", "USED", "QUOTA"], &rows);
 }
 
-fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
+pub(crate) fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
     match output {
         Output::Json => println!(
             "{}",
@@ -1130,6 +1148,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
         TopCommand::Volume(command) => run_volume(command).await,
+        TopCommand::Vpc(command) => crate::cli_network::run_vpc(command).await,
+        TopCommand::Subnet(command) => crate::cli_network::run_subnet(command).await,
+        TopCommand::Sg(command) => crate::cli_network::run_sg(command).await,
+        TopCommand::Port(command) => crate::cli_network::run_port(command).await,
+        TopCommand::Fip(command) => crate::cli_network::run_fip(command).await,
+        TopCommand::IpPool(command) => crate::cli_network::run_pool(command).await,
         TopCommand::Image(command) => run_image(command).await,
         TopCommand::Vm(command) => run_vm(command).await,
         TopCommand::User(command) => run_user(command).await,

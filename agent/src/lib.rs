@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod join;
 pub mod logring;
 pub mod model;
+pub mod cli_network;
 pub mod netnode;
 pub mod network;
 pub mod node;
