@@ -73,8 +73,16 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
         }
         match n.state.node_network(me, options.underlay_mtu, options.uplink.clone()) {
             Ok(network) => {
+                // VM taps come and go without a commit (libvirt makes them
+                // when a VM starts): with local ports, look every 5 s.
+                let has_ports = network.vpcs.iter().any(|v| {
+                    v.ports
+                        .iter()
+                        .any(|p| matches!(p.location, netfabric::Location::Local { .. }))
+                });
+                let every = if has_ports { 5 } else { 30 };
                 let due = last.as_ref() != Some(&network)
-                    || last_full.elapsed() > Duration::from_secs(30);
+                    || last_full.elapsed() > Duration::from_secs(every);
                 if due {
                     match fabric.apply(&network).await {
                         Ok(report) => {
@@ -108,7 +116,7 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
         let wait = if last.is_none() {
             Duration::from_secs(2)
         } else {
-            Duration::from_secs(10)
+            Duration::from_secs(5)
         };
         let _ = tokio::time::timeout(wait, applied.changed()).await;
     }

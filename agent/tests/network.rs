@@ -1,0 +1,217 @@
+//! Tenant networks end to end on one node in a network namespace: the CLI
+//! of the interface contract, refusals of bad input that leave the kernel
+//! untouched, a "VM" namespace on a port getting its address by DHCP, and
+//! an agent restart that changes nothing in the kernel.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_allod");
+const NS: &str = "anet-node";
+const VM: &str = "anet-vm";
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Node {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+            eprintln!("agent log:\n{log}");
+        }
+        for ns in [NS, VM] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn start(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    // nsenter, not `ip netns exec`: the latter gives the agent a mount
+    // namespace of its own, and the router namespaces it pins would die
+    // with it; a node's agent runs in the host's mount namespace.
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{NS}"))
+        .args([BIN, "up", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--libvirt-uri", "none", "--uplink", "none"])
+        .args(["--underlay-address", "10.98.0.1", "--netns-dir"])
+        .arg(dir.join("pins"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn allod(node: &Node, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", NS, BIN])
+        .args(args)
+        .arg("--data-dir")
+        .arg(node.dir.path().join("data"))
+        .output()
+        .unwrap()
+}
+
+fn json(node: &Node, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let out = allod(node, &all);
+    assert!(
+        out.status.success(),
+        "allod {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn refused(node: &Node, args: &[&str], says: &str) {
+    let out = allod(node, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "allod {args:?} was accepted");
+    assert!(stderr.contains(says), "allod {args:?} said {stderr:?}, not {says:?}");
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What restarting must not change: links with their indexes, and the
+/// rules with their handles.
+fn kernel_state() -> String {
+    let links = sh(&format!("ip -n {NS} -o link show"));
+    let links: Vec<&str> = links.lines().map(|l| l.split('\\').next().unwrap()).collect();
+    format!("{}\n{}", links.join("\n"), sh(&format!("ip netns exec {NS} nft -a list ruleset")))
+}
+
+#[test]
+fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
+    for ns in [NS, VM] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+    }
+    sh(&format!(
+        "ip -n {NS} link add eth0 type veth peer name eth1 && ip -n {NS} link set eth0 up && \
+         ip -n {NS} link set eth1 up && ip -n {NS} addr add 10.98.0.1/24 dev eth0"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node {
+        child: start(dir.path()),
+        dir,
+    };
+    eventually("the node answers", || {
+        allod(&node, &["project", "create", "p"]).status.success()
+    });
+
+    let vpc = json(&node, &["vpc", "create", "web", "--project", "p"]);
+    let vni = vpc["vni"].as_u64().expect("a VNI");
+    let subnet = json(
+        &node,
+        &["subnet", "create", "front", "--vpc", "web", "--cidr", "10.0.0.0/24", "--project", "p", "--dns", "192.0.2.53"],
+    );
+    assert_eq!(subnet["gateway"], "10.0.0.1");
+    json(&node, &["sg", "create", "ssh", "--project", "p"]);
+    let sg = json(
+        &node,
+        &["sg", "rule", "add", "ssh", "--project", "p", "--direction", "ingress", "--protocol", "tcp", "--port", "22", "--cidr", "192.0.2.0/24"],
+    );
+    assert_eq!(sg["rules"][0]["port_min"], 22);
+    json(&node, &["ip-pool", "create", "public", "--cidr", "198.51.100.0/28"]);
+    let fip = json(&node, &["fip", "allocate", "--project", "p"]);
+    assert_eq!(fip["ip"], "198.51.100.1");
+
+    // Bad input: clear refusals, nothing built.
+    let before = kernel_state();
+    refused(
+        &node,
+        &["subnet", "create", "half", "--vpc", "web", "--cidr", "10.0.0.128/25", "--project", "p"],
+        "overlaps subnet \"front\"",
+    );
+    refused(
+        &node,
+        &["subnet", "create", "back", "--vpc", "web", "--cidr", "10.0.1.0/24", "--gateway", "10.0.2.1", "--project", "p"],
+        "is not a host address of 10.0.1.0/24",
+    );
+    refused(
+        &node,
+        &["sg", "rule", "add", "ssh", "--project", "p", "--port", "70000", "--cidr", "0.0.0.0/0"],
+        "port 70000 is out of range",
+    );
+    refused(
+        &node,
+        &["ip-pool", "create", "clash", "--cidr", "10.0.0.0/16"],
+        "overlaps subnet \"front\"",
+    );
+    assert_eq!(kernel_state(), before, "a refused request changed the kernel");
+    assert!(!before.contains("albr-"), "no port yet, yet a bridge exists");
+
+    // A port, and a "VM" on its host interface asking DHCP.
+    let port = json(&node, &["port", "create", "vm1", "--subnet", "front", "--project", "p"]);
+    assert_eq!(port["ip"], "10.0.0.2");
+    let tap = port["host_interface"].as_str().unwrap();
+    let mac = port["mac"].as_str().unwrap();
+    sh(&format!(
+        "ip link add {tap} netns {NS} type veth peer name eth0 netns {VM} && \
+         ip -n {VM} link set eth0 address {mac} up"
+    ));
+    eventually("the port is on the VPC's bridge", || {
+        sh(&format!("ip -n {NS} link show {tap}")).contains(&format!("master albr-{vni}"))
+    });
+    let script = node.dir.path().join("udhcpc.sh");
+    let lease = node.dir.path().join("lease");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip/$mask via $router dns $dns mtu $mtu\" > {}\nexit 0\n",
+            lease.display()
+        ),
+    )
+    .unwrap();
+    sh(&format!("chmod +x {}", script.display()));
+    sh(&format!(
+        "ip netns exec {VM} busybox udhcpc -i eth0 -n -q -f -t 10 -T 1 -O mtu -s {}",
+        script.display()
+    ));
+    assert_eq!(
+        std::fs::read_to_string(&lease).unwrap().trim(),
+        "10.0.0.2/24 via 10.0.0.1 dns 192.0.2.53 mtu 1450"
+    );
+    sh(&format!("ip -n {VM} addr add 10.0.0.2/24 dev eth0"));
+    sh(&format!("ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"));
+
+    // Restart with the state unchanged: the kernel keeps every link and rule.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = kernel_state();
+    let _ = node.child.kill();
+    let _ = node.child.wait();
+    node.child = start(node.dir.path());
+    eventually("the restarted node answers", || {
+        allod(&node, &["vpc", "list", "--project", "p"]).status.success()
+    });
+    // Let the reconciler pass at least once.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(node.dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("registered this node's underlay address"));
+    assert_eq!(kernel_state(), before, "the restart changed the kernel");
+    sh(&format!("ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"));
+}
