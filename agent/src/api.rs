@@ -28,8 +28,8 @@ use crate::model::{
 use crate::node::{ClusterError, ClusterNode, MemberView};
 use crate::zones::ZonePolicy;
 
-mod vms;
 mod network;
+mod vms;
 mod volumes;
 use volumes::create_volume;
 
@@ -240,23 +240,108 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
         .add(Method::POST, "/v1/login", Public, login)
         .add(Method::GET, "/v1/cluster", Authenticated, cluster)
         .add(Method::GET, "/v1/nodes", Authenticated, nodes)
-        .add(Method::GET, "/v1/ip-pools", Authenticated, network::list_pools)
-        .add(Method::POST, "/v1/ip-pools", ClusterAdmin, network::create_pool)
-        .add(Method::GET, "/v1/projects/{name}/vpcs", project(Role::ProjectViewer), network::list_vpcs)
-        .add(Method::POST, "/v1/projects/{name}/vpcs", project(Role::ProjectMember), network::create_vpc)
-        .add(Method::DELETE, "/v1/projects/{name}/vpcs/{vpc}", project(Role::ProjectMember), network::delete_vpc)
-        .add(Method::GET, "/v1/projects/{name}/vpcs/{vpc}/subnets", project(Role::ProjectViewer), network::list_subnets)
-        .add(Method::POST, "/v1/projects/{name}/vpcs/{vpc}/subnets", project(Role::ProjectMember), network::create_subnet)
-        .add(Method::GET, "/v1/projects/{name}/security-groups", project(Role::ProjectViewer), network::list_security_groups)
-        .add(Method::POST, "/v1/projects/{name}/security-groups", project(Role::ProjectMember), network::create_security_group)
-        .add(Method::POST, "/v1/projects/{name}/security-groups/{sg}/rules", project(Role::ProjectMember), network::add_rule)
-        .add(Method::GET, "/v1/projects/{name}/ports", project(Role::ProjectViewer), network::list_ports)
-        .add(Method::POST, "/v1/projects/{name}/ports", project(Role::ProjectMember), network::create_port)
-        .add(Method::DELETE, "/v1/projects/{name}/ports/{port}", project(Role::ProjectMember), network::delete_port)
-        .add(Method::GET, "/v1/projects/{name}/floating-ips", project(Role::ProjectViewer), network::list_fips)
-        .add(Method::POST, "/v1/projects/{name}/floating-ips", project(Role::ProjectMember), network::allocate_fip)
-        .add(Method::POST, "/v1/projects/{name}/floating-ips/{ip}/bind", project(Role::ProjectMember), network::bind_fip)
-        .add(Method::DELETE, "/v1/projects/{name}/floating-ips/{ip}", project(Role::ProjectMember), network::release_fip)
+        .add(
+            Method::GET,
+            "/v1/ip-pools",
+            Authenticated,
+            network::list_pools,
+        )
+        .add(
+            Method::POST,
+            "/v1/ip-pools",
+            ClusterAdmin,
+            network::create_pool,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/vpcs",
+            project(Role::ProjectViewer),
+            network::list_vpcs,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vpcs",
+            project(Role::ProjectMember),
+            network::create_vpc,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/vpcs/{vpc}",
+            project(Role::ProjectMember),
+            network::delete_vpc,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/vpcs/{vpc}/subnets",
+            project(Role::ProjectViewer),
+            network::list_subnets,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vpcs/{vpc}/subnets",
+            project(Role::ProjectMember),
+            network::create_subnet,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/security-groups",
+            project(Role::ProjectViewer),
+            network::list_security_groups,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/security-groups",
+            project(Role::ProjectMember),
+            network::create_security_group,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/security-groups/{sg}/rules",
+            project(Role::ProjectMember),
+            network::add_rule,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/ports",
+            project(Role::ProjectViewer),
+            network::list_ports,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/ports",
+            project(Role::ProjectMember),
+            network::create_port,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/ports/{port}",
+            project(Role::ProjectMember),
+            network::delete_port,
+        )
+        .add(
+            Method::GET,
+            "/v1/projects/{name}/floating-ips",
+            project(Role::ProjectViewer),
+            network::list_fips,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/floating-ips",
+            project(Role::ProjectMember),
+            network::allocate_fip,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/floating-ips/{ip}/bind",
+            project(Role::ProjectMember),
+            network::bind_fip,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/floating-ips/{ip}",
+            project(Role::ProjectMember),
+            network::release_fip,
+        )
         .add(Method::GET, "/v1/projects", Authenticated, list_projects)
         .add(Method::POST, "/v1/projects", ClusterAdmin, create_project)
         .add(

@@ -1131,7 +1131,11 @@ fn print_project_detail(p: &serde_json::Value) {
     print_table(&["RESOURCE", "USED", "QUOTA"], &rows);
 }
 
-pub(crate) fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
+pub(crate) fn emit(
+    output: Output,
+    value: &serde_json::Value,
+    table: impl FnOnce(&serde_json::Value),
+) {
     match output {
         Output::Json => println!(
             "{}",

@@ -246,7 +246,14 @@ pub async fn run_vpc(command: VpcCommand) -> anyhow::Result<()> {
     match command {
         VpcCommand::Create { name, project, api } => {
             let path = format!("/v1/projects/{project}/vpcs");
-            call(&api, Method::POST, &path, Some(json!({ "name": name })), VPC).await
+            call(
+                &api,
+                Method::POST,
+                &path,
+                Some(json!({ "name": name })),
+                VPC,
+            )
+            .await
         }
         VpcCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/vpcs");
@@ -400,7 +407,14 @@ pub async fn run_fip(command: FipCommand) -> anyhow::Result<()> {
             api,
         } => {
             let path = format!("/v1/projects/{project}/floating-ips/{ip}/bind");
-            call(&api, Method::POST, &path, Some(json!({ "port": port })), FIP).await
+            call(
+                &api,
+                Method::POST,
+                &path,
+                Some(json!({ "port": port })),
+                FIP,
+            )
+            .await
         }
         FipCommand::Release { ip, project, api } => {
             let path = format!("/v1/projects/{project}/floating-ips/{ip}");

@@ -71,7 +71,10 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
                 }
             }
         }
-        match n.state.node_network(me, options.underlay_mtu, options.uplink.clone()) {
+        match n
+            .state
+            .node_network(me, options.underlay_mtu, options.uplink.clone())
+        {
             Ok(network) => {
                 // VM taps come and go without a commit (libvirt makes them
                 // when a VM starts): with local ports, look every 5 s.

@@ -125,23 +125,69 @@ pub struct FloatingIpRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "net", rename_all = "snake_case")]
 pub enum NetCommand {
-    CreateVpc { vpc: VpcRecord },
-    DeleteVpc { project: String, name: String },
-    CreateSubnet { subnet: SubnetRecord },
-    DeleteSubnet { project: String, vpc: String, name: String },
-    CreateSecurityGroup { group: SecurityGroupRecord },
-    DeleteSecurityGroup { project: String, name: String },
-    AddRule { project: String, group: String, rule: RuleRecord },
-    DeleteRule { project: String, group: String, rule: String },
+    CreateVpc {
+        vpc: VpcRecord,
+    },
+    DeleteVpc {
+        project: String,
+        name: String,
+    },
+    CreateSubnet {
+        subnet: SubnetRecord,
+    },
+    DeleteSubnet {
+        project: String,
+        vpc: String,
+        name: String,
+    },
+    CreateSecurityGroup {
+        group: SecurityGroupRecord,
+    },
+    DeleteSecurityGroup {
+        project: String,
+        name: String,
+    },
+    AddRule {
+        project: String,
+        group: String,
+        rule: RuleRecord,
+    },
+    DeleteRule {
+        project: String,
+        group: String,
+        rule: String,
+    },
     /// `ip` unspecified: the lowest free address of the subnet.
-    CreatePort { port: PortRecord },
-    DeletePort { project: String, name: String },
-    CreatePool { pool: IpPoolRecord },
-    DeletePool { name: String },
-    AllocateFip { project: String, pool: Option<String> },
-    BindFip { project: String, ip: Ipv4Addr, port: Option<String> },
-    ReleaseFip { project: String, ip: Ipv4Addr },
-    SetUnderlay { node: NodeId, address: Ipv4Addr },
+    CreatePort {
+        port: PortRecord,
+    },
+    DeletePort {
+        project: String,
+        name: String,
+    },
+    CreatePool {
+        pool: IpPoolRecord,
+    },
+    DeletePool {
+        name: String,
+    },
+    AllocateFip {
+        project: String,
+        pool: Option<String>,
+    },
+    BindFip {
+        project: String,
+        ip: Ipv4Addr,
+        port: Option<String>,
+    },
+    ReleaseFip {
+        project: String,
+        ip: Ipv4Addr,
+    },
+    SetUnderlay {
+        node: NodeId,
+        address: Ipv4Addr,
+    },
 }
 
 fn value<T: Serialize>(v: &T) -> serde_json::Value {
@@ -220,12 +266,18 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 return Ok(Err(e));
             }
             if kv.get(&format!("projects/{}", vpc.project))?.is_none() {
-                return Ok(Err(not_found(format!("project {:?} does not exist", vpc.project))));
+                return Ok(Err(not_found(format!(
+                    "project {:?} does not exist",
+                    vpc.project
+                ))));
             }
             if kv.get(&key)?.is_some() {
                 return Ok(Err(domain(
                     ErrorCode::AlreadyExists,
-                    format!("VPC {:?} already exists in project {:?}", vpc.name, vpc.project),
+                    format!(
+                        "VPC {:?} already exists in project {:?}",
+                        vpc.name, vpc.project
+                    ),
                 )));
             }
             let used: BTreeSet<u32> = kv
@@ -271,7 +323,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     "VPC {name:?} does not exist in project {project:?}"
                 ))));
             };
-            let subnets = kv.scan(&format!("{PREFIX_SUBNETS}{project}/{name}/"))?.len();
+            let subnets = kv
+                .scan(&format!("{PREFIX_SUBNETS}{project}/{name}/"))?
+                .len();
             if subnets > 0 {
                 return Ok(Err(domain(
                     ErrorCode::FailedPrecondition,
@@ -319,11 +373,19 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             if kv.get(&key)?.is_some() {
                 return Ok(Err(domain(
                     ErrorCode::AlreadyExists,
-                    format!("subnet {:?} already exists in VPC {:?}", subnet.name, subnet.vpc),
+                    format!(
+                        "subnet {:?} already exists in VPC {:?}",
+                        subnet.name, subnet.vpc
+                    ),
                 )));
             }
-            for other in list::<SubnetRecord>(kv, &format!("{PREFIX_SUBNETS}{}/{}/", subnet.project, subnet.vpc))? {
-                if other.cidr.contains(&subnet.cidr.network()) || subnet.cidr.contains(&other.cidr.network()) {
+            for other in list::<SubnetRecord>(
+                kv,
+                &format!("{PREFIX_SUBNETS}{}/{}/", subnet.project, subnet.vpc),
+            )? {
+                if other.cidr.contains(&subnet.cidr.network())
+                    || subnet.cidr.contains(&other.cidr.network())
+                {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
@@ -334,7 +396,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 }
             }
             for pool in list::<IpPoolRecord>(kv, PREFIX_POOLS)? {
-                if pool.cidr.contains(&subnet.cidr.network()) || subnet.cidr.contains(&pool.cidr.network()) {
+                if pool.cidr.contains(&subnet.cidr.network())
+                    || subnet.cidr.contains(&pool.cidr.network())
+                {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
@@ -372,7 +436,10 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 return Ok(Err(e));
             }
             if kv.get(&format!("projects/{}", group.project))?.is_none() {
-                return Ok(Err(not_found(format!("project {:?} does not exist", group.project))));
+                return Ok(Err(not_found(format!(
+                    "project {:?} does not exist",
+                    group.project
+                ))));
             }
             let key = format!("{PREFIX_SGS}{}/{}", group.project, group.name);
             if kv.get(&key)?.is_some() {
@@ -387,7 +454,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         NetCommand::DeleteSecurityGroup { project, name } => {
             let key = format!("{PREFIX_SGS}{project}/{name}");
             if kv.get(&key)?.is_none() {
-                return Ok(Err(not_found(format!("security group {name:?} does not exist"))));
+                return Ok(Err(not_found(format!(
+                    "security group {name:?} does not exist"
+                ))));
             }
             let users = list::<PortRecord>(kv, &format!("{PREFIX_PORTS}{project}/"))?
                 .into_iter()
@@ -402,16 +471,25 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             kv.delete(&key)?;
             Ok(serde_json::Value::Null)
         }
-        NetCommand::AddRule { project, group, rule } => {
+        NetCommand::AddRule {
+            project,
+            group,
+            rule,
+        } => {
             let key = format!("{PREFIX_SGS}{project}/{group}");
             let Some(mut sg) = get_json::<SecurityGroupRecord>(kv, &key)? else {
-                return Ok(Err(not_found(format!("security group {group:?} does not exist"))));
+                return Ok(Err(not_found(format!(
+                    "security group {group:?} does not exist"
+                ))));
             };
             if let Err(e) = check_rule(&rule) {
                 return Ok(Err(e));
             }
             if let Some(remote) = &rule.remote_group {
-                if kv.get(&format!("{PREFIX_SGS}{project}/{remote}"))?.is_none() {
+                if kv
+                    .get(&format!("{PREFIX_SGS}{project}/{remote}"))?
+                    .is_none()
+                {
                     return Ok(Err(not_found(format!(
                         "security group {remote:?} named as the rule's peer does not exist"
                     ))));
@@ -428,7 +506,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         } => {
             let key = format!("{PREFIX_SGS}{project}/{group}");
             let Some(mut sg) = get_json::<SecurityGroupRecord>(kv, &key)? else {
-                return Ok(Err(not_found(format!("security group {group:?} does not exist"))));
+                return Ok(Err(not_found(format!(
+                    "security group {group:?} does not exist"
+                ))));
             };
             let before = sg.rules.len();
             sg.rules.retain(|r| r.id != rule);
@@ -510,14 +590,20 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             Ok(serde_json::Value::Null)
         }
         NetCommand::AllocateFip { project, pool } => {
-            let Some(mut record) = get_json::<crate::model::Project>(kv, &format!("projects/{project}"))? else {
-                return Ok(Err(not_found(format!("project {project:?} does not exist"))));
+            let Some(mut record) =
+                get_json::<crate::model::Project>(kv, &format!("projects/{project}"))?
+            else {
+                return Ok(Err(not_found(format!(
+                    "project {project:?} does not exist"
+                ))));
             };
             if let Some(limit) = record.quota.floating_ips {
                 if record.usage.floating_ips >= limit {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
-                        format!("project {project:?} has all {limit} floating IPs its quota allows"),
+                        format!(
+                            "project {project:?} has all {limit} floating IPs its quota allows"
+                        ),
                     )));
                 }
             }
@@ -530,7 +616,8 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     Some(n) => not_found(format!("IP pool {n:?} does not exist")),
                     None => domain(
                         ErrorCode::FailedPrecondition,
-                        "no IP pool exists; a cluster admin creates one (allod ip-pool create)".to_string(),
+                        "no IP pool exists; a cluster admin creates one (allod ip-pool create)"
+                            .to_string(),
                     ),
                 }));
             }
@@ -558,7 +645,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         }
         NetCommand::BindFip { project, ip, port } => {
             let key = format!("{PREFIX_FIPS}{ip}");
-            let Some(mut fip) = get_json::<FloatingIpRecord>(kv, &key)?.filter(|f| f.project == project) else {
+            let Some(mut fip) =
+                get_json::<FloatingIpRecord>(kv, &key)?.filter(|f| f.project == project)
+            else {
                 return Ok(Err(not_found(format!(
                     "floating IP {ip} is not allocated to project {project:?}"
                 ))));
@@ -573,7 +662,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             if let Some(name) = &port {
                 let pkey = format!("{PREFIX_PORTS}{project}/{name}");
                 let Some(mut p) = get_json::<PortRecord>(kv, &pkey)? else {
-                    return Ok(Err(not_found(format!("port {name:?} does not exist in project {project:?}"))));
+                    return Ok(Err(not_found(format!(
+                        "port {name:?} does not exist in project {project:?}"
+                    ))));
                 };
                 if let Some(other) = p.floating_ip.filter(|o| *o != ip) {
                     return Ok(Err(domain(
@@ -590,7 +681,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         }
         NetCommand::ReleaseFip { project, ip } => {
             let key = format!("{PREFIX_FIPS}{ip}");
-            let Some(fip) = get_json::<FloatingIpRecord>(kv, &key)?.filter(|f| f.project == project) else {
+            let Some(fip) =
+                get_json::<FloatingIpRecord>(kv, &key)?.filter(|f| f.project == project)
+            else {
                 return Ok(Err(not_found(format!(
                     "floating IP {ip} is not allocated to project {project:?}"
                 ))));
@@ -603,14 +696,19 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 }
             }
             kv.delete(&key)?;
-            if let Some(mut record) = get_json::<crate::model::Project>(kv, &format!("projects/{project}"))? {
+            if let Some(mut record) =
+                get_json::<crate::model::Project>(kv, &format!("projects/{project}"))?
+            {
                 record.usage.floating_ips = record.usage.floating_ips.saturating_sub(1);
                 put_json(kv, &format!("projects/{project}"), &record)?;
             }
             Ok(serde_json::Value::Null)
         }
         NetCommand::SetUnderlay { node, address } => {
-            kv.put(&format!("{PREFIX_UNDERLAY}{node:020}"), address.to_string().as_bytes())?;
+            kv.put(
+                &format!("{PREFIX_UNDERLAY}{node:020}"),
+                address.to_string().as_bytes(),
+            )?;
             Ok(serde_json::Value::Null)
         }
     })
@@ -625,17 +723,19 @@ pub fn create_port(kv: &mut KvWrite<'_>, mut port: PortRecord) -> KvResult<Outco
     if kv.get(&key)?.is_some() {
         return Ok(Err(domain(
             ErrorCode::AlreadyExists,
-            format!("port {:?} already exists in project {:?}", port.name, port.project),
+            format!(
+                "port {:?} already exists in project {:?}",
+                port.name, port.project
+            ),
         )));
     }
     // The subnet is named alone when the project has one subnet of that
     // name, or as VPC/subnet.
-    let subnets: Vec<SubnetRecord> = list::<SubnetRecord>(kv, &format!("{PREFIX_SUBNETS}{}/", port.project))?
-        .into_iter()
-        .filter(|s| {
-            s.name == port.subnet && (port.vpc.is_empty() || s.vpc == port.vpc)
-        })
-        .collect();
+    let subnets: Vec<SubnetRecord> =
+        list::<SubnetRecord>(kv, &format!("{PREFIX_SUBNETS}{}/", port.project))?
+            .into_iter()
+            .filter(|s| s.name == port.subnet && (port.vpc.is_empty() || s.vpc == port.vpc))
+            .collect();
     let subnet = match subnets.as_slice() {
         [one] => one.clone(),
         [] => {
@@ -653,7 +753,10 @@ pub fn create_port(kv: &mut KvWrite<'_>, mut port: PortRecord) -> KvResult<Outco
     };
     port.vpc = subnet.vpc.clone();
     for group in &port.security_groups {
-        if kv.get(&format!("{PREFIX_SGS}{}/{group}", port.project))?.is_none() {
+        if kv
+            .get(&format!("{PREFIX_SGS}{}/{group}", port.project))?
+            .is_none()
+        {
             return Ok(Err(not_found(format!(
                 "security group {group:?} does not exist in project {:?}",
                 port.project
@@ -672,7 +775,10 @@ pub fn create_port(kv: &mut KvWrite<'_>, mut port: PortRecord) -> KvResult<Outco
             None => {
                 return Ok(Err(domain(
                     ErrorCode::FailedPrecondition,
-                    format!("subnet {:?} ({}) has no free address", subnet.name, subnet.cidr),
+                    format!(
+                        "subnet {:?} ({}) has no free address",
+                        subnet.name, subnet.cidr
+                    ),
                 )))
             }
         }
@@ -696,28 +802,50 @@ impl crate::model::StateView {
     pub fn vpcs(&self, project: &str) -> Result<Vec<VpcRecord>, crate::model::ReadError> {
         self.list(&format!("{PREFIX_VPCS}{project}/"))
     }
-    pub fn vpc(&self, project: &str, name: &str) -> Result<Option<VpcRecord>, crate::model::ReadError> {
+    pub fn vpc(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<Option<VpcRecord>, crate::model::ReadError> {
         self.get(&format!("{PREFIX_VPCS}{project}/{name}"))
     }
-    pub fn subnets(&self, project: &str, vpc: &str) -> Result<Vec<SubnetRecord>, crate::model::ReadError> {
+    pub fn subnets(
+        &self,
+        project: &str,
+        vpc: &str,
+    ) -> Result<Vec<SubnetRecord>, crate::model::ReadError> {
         self.list(&format!("{PREFIX_SUBNETS}{project}/{vpc}/"))
     }
-    pub fn security_groups(&self, project: &str) -> Result<Vec<SecurityGroupRecord>, crate::model::ReadError> {
+    pub fn security_groups(
+        &self,
+        project: &str,
+    ) -> Result<Vec<SecurityGroupRecord>, crate::model::ReadError> {
         self.list(&format!("{PREFIX_SGS}{project}/"))
     }
-    pub fn security_group(&self, project: &str, name: &str) -> Result<Option<SecurityGroupRecord>, crate::model::ReadError> {
+    pub fn security_group(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<Option<SecurityGroupRecord>, crate::model::ReadError> {
         self.get(&format!("{PREFIX_SGS}{project}/{name}"))
     }
     pub fn ports(&self, project: &str) -> Result<Vec<PortRecord>, crate::model::ReadError> {
         self.list(&format!("{PREFIX_PORTS}{project}/"))
     }
-    pub fn port(&self, project: &str, name: &str) -> Result<Option<PortRecord>, crate::model::ReadError> {
+    pub fn port(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<Option<PortRecord>, crate::model::ReadError> {
         self.get(&format!("{PREFIX_PORTS}{project}/{name}"))
     }
     pub fn ip_pools(&self) -> Result<Vec<IpPoolRecord>, crate::model::ReadError> {
         self.list(PREFIX_POOLS)
     }
-    pub fn floating_ips(&self, project: &str) -> Result<Vec<FloatingIpRecord>, crate::model::ReadError> {
+    pub fn floating_ips(
+        &self,
+        project: &str,
+    ) -> Result<Vec<FloatingIpRecord>, crate::model::ReadError> {
         Ok(self
             .list::<FloatingIpRecord>(PREFIX_FIPS)?
             .into_iter()
@@ -755,7 +883,10 @@ impl crate::model::StateView {
         };
         let mut by_vpc: BTreeMap<(String, String), Vec<&PortRecord>> = BTreeMap::new();
         for p in &ports {
-            by_vpc.entry((p.project.clone(), p.vpc.clone())).or_default().push(p);
+            by_vpc
+                .entry((p.project.clone(), p.vpc.clone()))
+                .or_default()
+                .push(p);
         }
         for ((project, vpc_name), members) in by_vpc {
             if !members.iter().any(|p| p.node == me) {
@@ -768,11 +899,17 @@ impl crate::model::StateView {
             let mut vpc_ports = Vec::new();
             let mut vteps = BTreeSet::new();
             for p in members {
-                let Some(mac) = netfabric::parse_mac(&p.mac) else { continue };
+                let Some(mac) = netfabric::parse_mac(&p.mac) else {
+                    continue;
+                };
                 let location = if p.node == me {
                     netfabric::Location::Local {
                         ifname: p.host_interface.clone(),
-                        security_groups: p.security_groups.iter().map(|g| group_id(&project, g)).collect(),
+                        security_groups: p
+                            .security_groups
+                            .iter()
+                            .map(|g| group_id(&project, g))
+                            .collect(),
                         floating_ip: p.floating_ip,
                         hostname: p.vm.clone().unwrap_or_else(|| p.name.clone()),
                     }
@@ -847,12 +984,19 @@ impl crate::model::StateView {
 
 /// The host interface name of port `id`: `alp` and 12 hex digits.
 pub fn host_interface(id: &str) -> String {
-    let hex: String = id.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
+    let hex: String = id
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(12)
+        .collect();
     format!("alp{hex}")
 }
 
 /// A random locally administered MAC in QEMU's range.
 pub fn random_mac() -> String {
     let bytes: [u8; 3] = rand::random();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", bytes[0], bytes[1], bytes[2])
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        bytes[0], bytes[1], bytes[2]
+    )
 }

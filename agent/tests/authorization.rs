@@ -158,21 +158,66 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("DELETE", "/v1/oidc/issuers/{issuer}"), AdminOnly),
         (("GET", "/v1/ip-pools"), AnyAuthenticated),
         (("POST", "/v1/ip-pools"), AdminOnly),
-        (("GET", "/v1/projects/{name}/vpcs"), ProjectAtLeast(Role::ProjectViewer)),
-        (("POST", "/v1/projects/{name}/vpcs"), ProjectAtLeast(Role::ProjectMember)),
-        (("DELETE", "/v1/projects/{name}/vpcs/{vpc}"), ProjectAtLeast(Role::ProjectMember)),
-        (("GET", "/v1/projects/{name}/vpcs/{vpc}/subnets"), ProjectAtLeast(Role::ProjectViewer)),
-        (("POST", "/v1/projects/{name}/vpcs/{vpc}/subnets"), ProjectAtLeast(Role::ProjectMember)),
-        (("GET", "/v1/projects/{name}/security-groups"), ProjectAtLeast(Role::ProjectViewer)),
-        (("POST", "/v1/projects/{name}/security-groups"), ProjectAtLeast(Role::ProjectMember)),
-        (("POST", "/v1/projects/{name}/security-groups/{sg}/rules"), ProjectAtLeast(Role::ProjectMember)),
-        (("GET", "/v1/projects/{name}/ports"), ProjectAtLeast(Role::ProjectViewer)),
-        (("POST", "/v1/projects/{name}/ports"), ProjectAtLeast(Role::ProjectMember)),
-        (("DELETE", "/v1/projects/{name}/ports/{port}"), ProjectAtLeast(Role::ProjectMember)),
-        (("GET", "/v1/projects/{name}/floating-ips"), ProjectAtLeast(Role::ProjectViewer)),
-        (("POST", "/v1/projects/{name}/floating-ips"), ProjectAtLeast(Role::ProjectMember)),
-        (("POST", "/v1/projects/{name}/floating-ips/{ip}/bind"), ProjectAtLeast(Role::ProjectMember)),
-        (("DELETE", "/v1/projects/{name}/floating-ips/{ip}"), ProjectAtLeast(Role::ProjectMember)),
+        (
+            ("GET", "/v1/projects/{name}/vpcs"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/vpcs"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/vpcs/{vpc}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/vpcs/{vpc}/subnets"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/vpcs/{vpc}/subnets"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/security-groups"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/security-groups"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/security-groups/{sg}/rules"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/ports"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/ports"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/ports/{port}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("GET", "/v1/projects/{name}/floating-ips"),
+            ProjectAtLeast(Role::ProjectViewer),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/floating-ips"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("POST", "/v1/projects/{name}/floating-ips/{ip}/bind"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            ("DELETE", "/v1/projects/{name}/floating-ips/{ip}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
     ])
 }
 
@@ -325,7 +370,11 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let pool_net = format!("100.{}.{}", 64 + case / 256, case % 256);
                 let needs_subnet = pattern.contains("{port}") || pattern.ends_with("/ports");
                 if pattern.contains("{vpc}") || needs_subnet {
-                    post(format!("{base}/v1/projects/{project}/vpcs"), json!({ "name": "net" })).await;
+                    post(
+                        format!("{base}/v1/projects/{project}/vpcs"),
+                        json!({ "name": "net" }),
+                    )
+                    .await;
                 }
                 if needs_subnet {
                     post(
@@ -342,7 +391,11 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .await;
                 }
                 if pattern.contains("{sg}") {
-                    post(format!("{base}/v1/projects/{project}/security-groups"), json!({ "name": "web" })).await;
+                    post(
+                        format!("{base}/v1/projects/{project}/security-groups"),
+                        json!({ "name": "web" }),
+                    )
+                    .await;
                 }
                 let mut fip = String::new();
                 if pattern.contains("floating-ips") {
@@ -353,7 +406,11 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .await;
                 }
                 if pattern.contains("{ip}") {
-                    let allocated = post(format!("{base}/v1/projects/{project}/floating-ips"), json!({})).await;
+                    let allocated = post(
+                        format!("{base}/v1/projects/{project}/floating-ips"),
+                        json!({}),
+                    )
+                    .await;
                     fip = allocated["ip"].as_str().unwrap().to_string();
                 }
                 let path = pattern
@@ -455,7 +512,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     ("POST", "/v1/ip-pools") => Some(
                         json!({ "name": format!("new{case}"), "cidr": format!("{pool_net}.16/28") }),
                     ),
-                    ("POST", "/v1/projects/{name}/vpcs") => Some(json!({ "name": format!("new{case}") })),
+                    ("POST", "/v1/projects/{name}/vpcs") => {
+                        Some(json!({ "name": format!("new{case}") }))
+                    }
                     ("POST", "/v1/projects/{name}/vpcs/{vpc}/subnets") => {
                         Some(json!({ "name": format!("s{case}"), "cidr": "10.9.0.0/24" }))
                     }
@@ -469,7 +528,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         json!({ "name": format!("p{case}"), "subnet": "sn", "security_groups": [] }),
                     ),
                     ("POST", "/v1/projects/{name}/floating-ips") => Some(json!({})),
-                    ("POST", "/v1/projects/{name}/floating-ips/{ip}/bind") => Some(json!({ "port": null })),
+                    ("POST", "/v1/projects/{name}/floating-ips/{ip}/bind") => {
+                        Some(json!({ "port": null }))
+                    }
                     ("POST", "/v1/projects/{name}/volumes/{volume}/resize") => {
                         Some(json!({ "size_bytes": 2 << 20 }))
                     }

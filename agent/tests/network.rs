@@ -13,7 +13,11 @@ const VM: &str = "anet-vm";
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -27,7 +31,8 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
             eprintln!("agent log:\n{log}");
         }
         for ns in [NS, VM] {
@@ -85,7 +90,10 @@ fn refused(node: &Node, args: &[&str], says: &str) {
     let out = allod(node, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "allod {args:?} was accepted");
-    assert!(stderr.contains(says), "allod {args:?} said {stderr:?}, not {says:?}");
+    assert!(
+        stderr.contains(says),
+        "allod {args:?} said {stderr:?}, not {says:?}"
+    );
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -100,8 +108,15 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 /// rules with their handles.
 fn kernel_state() -> String {
     let links = sh(&format!("ip -n {NS} -o link show"));
-    let links: Vec<&str> = links.lines().map(|l| l.split('\\').next().unwrap()).collect();
-    format!("{}\n{}", links.join("\n"), sh(&format!("ip netns exec {NS} nft -a list ruleset")))
+    let links: Vec<&str> = links
+        .lines()
+        .map(|l| l.split('\\').next().unwrap())
+        .collect();
+    format!(
+        "{}\n{}",
+        links.join("\n"),
+        sh(&format!("ip netns exec {NS} nft -a list ruleset"))
+    )
 }
 
 #[test]
@@ -127,16 +142,46 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
     let vni = vpc["vni"].as_u64().expect("a VNI");
     let subnet = json(
         &node,
-        &["subnet", "create", "front", "--vpc", "web", "--cidr", "10.0.0.0/24", "--project", "p", "--dns", "192.0.2.53"],
+        &[
+            "subnet",
+            "create",
+            "front",
+            "--vpc",
+            "web",
+            "--cidr",
+            "10.0.0.0/24",
+            "--project",
+            "p",
+            "--dns",
+            "192.0.2.53",
+        ],
     );
     assert_eq!(subnet["gateway"], "10.0.0.1");
     json(&node, &["sg", "create", "ssh", "--project", "p"]);
     let sg = json(
         &node,
-        &["sg", "rule", "add", "ssh", "--project", "p", "--direction", "ingress", "--protocol", "tcp", "--port", "22", "--cidr", "192.0.2.0/24"],
+        &[
+            "sg",
+            "rule",
+            "add",
+            "ssh",
+            "--project",
+            "p",
+            "--direction",
+            "ingress",
+            "--protocol",
+            "tcp",
+            "--port",
+            "22",
+            "--cidr",
+            "192.0.2.0/24",
+        ],
     );
     assert_eq!(sg["rules"][0]["port_min"], 22);
-    json(&node, &["ip-pool", "create", "public", "--cidr", "198.51.100.0/28"]);
+    json(
+        &node,
+        &["ip-pool", "create", "public", "--cidr", "198.51.100.0/28"],
+    );
     let fip = json(&node, &["fip", "allocate", "--project", "p"]);
     assert_eq!(fip["ip"], "198.51.100.1");
 
@@ -144,17 +189,50 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
     let before = kernel_state();
     refused(
         &node,
-        &["subnet", "create", "half", "--vpc", "web", "--cidr", "10.0.0.128/25", "--project", "p"],
+        &[
+            "subnet",
+            "create",
+            "half",
+            "--vpc",
+            "web",
+            "--cidr",
+            "10.0.0.128/25",
+            "--project",
+            "p",
+        ],
         "overlaps subnet \"front\"",
     );
     refused(
         &node,
-        &["subnet", "create", "back", "--vpc", "web", "--cidr", "10.0.1.0/24", "--gateway", "10.0.2.1", "--project", "p"],
+        &[
+            "subnet",
+            "create",
+            "back",
+            "--vpc",
+            "web",
+            "--cidr",
+            "10.0.1.0/24",
+            "--gateway",
+            "10.0.2.1",
+            "--project",
+            "p",
+        ],
         "is not a host address of 10.0.1.0/24",
     );
     refused(
         &node,
-        &["sg", "rule", "add", "ssh", "--project", "p", "--port", "70000", "--cidr", "0.0.0.0/0"],
+        &[
+            "sg",
+            "rule",
+            "add",
+            "ssh",
+            "--project",
+            "p",
+            "--port",
+            "70000",
+            "--cidr",
+            "0.0.0.0/0",
+        ],
         "port 70000 is out of range",
     );
     refused(
@@ -162,11 +240,29 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
         &["ip-pool", "create", "clash", "--cidr", "10.0.0.0/16"],
         "overlaps subnet \"front\"",
     );
-    assert_eq!(kernel_state(), before, "a refused request changed the kernel");
-    assert!(!before.contains("albr-"), "no port yet, yet a bridge exists");
+    assert_eq!(
+        kernel_state(),
+        before,
+        "a refused request changed the kernel"
+    );
+    assert!(
+        !before.contains("albr-"),
+        "no port yet, yet a bridge exists"
+    );
 
     // A port, and a "VM" on its host interface asking DHCP.
-    let port = json(&node, &["port", "create", "vm1", "--subnet", "front", "--project", "p"]);
+    let port = json(
+        &node,
+        &[
+            "port",
+            "create",
+            "vm1",
+            "--subnet",
+            "front",
+            "--project",
+            "p",
+        ],
+    );
     assert_eq!(port["ip"], "10.0.0.2");
     let tap = port["host_interface"].as_str().unwrap();
     let mac = port["mac"].as_str().unwrap();
@@ -197,7 +293,9 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
         "10.0.0.2/24 via 10.0.0.1 dns 192.0.2.53 mtu 1450"
     );
     sh(&format!("ip -n {VM} addr add 10.0.0.2/24 dev eth0"));
-    sh(&format!("ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"));
+    sh(&format!(
+        "ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"
+    ));
 
     // Restart with the state unchanged: the kernel keeps every link and rule.
     std::thread::sleep(Duration::from_secs(1));
@@ -206,12 +304,16 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
     let _ = node.child.wait();
     node.child = start(node.dir.path());
     eventually("the restarted node answers", || {
-        allod(&node, &["vpc", "list", "--project", "p"]).status.success()
+        allod(&node, &["vpc", "list", "--project", "p"])
+            .status
+            .success()
     });
     // Let the reconciler pass at least once.
     std::thread::sleep(Duration::from_secs(3));
     let log = std::fs::read_to_string(node.dir.path().join("agent.log")).unwrap();
     assert!(log.contains("registered this node's underlay address"));
     assert_eq!(kernel_state(), before, "the restart changed the kernel");
-    sh(&format!("ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"));
+    sh(&format!(
+        "ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"
+    ));
 }

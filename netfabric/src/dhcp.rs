@@ -100,9 +100,12 @@ impl Dhcp {
             match open(&names::bridge(*vni)) {
                 Ok(socket) => {
                     let rx = self.leases.subscribe();
-                    self.servers.insert(*vni, tokio::spawn(serve(*vni, socket, rx)));
+                    self.servers
+                        .insert(*vni, tokio::spawn(serve(*vni, socket, rx)));
                 }
-                Err(e) => tracing::warn!(vni, error = %e, "cannot listen for DHCP on the VPC bridge; will retry"),
+                Err(e) => {
+                    tracing::warn!(vni, error = %e, "cannot listen for DHCP on the VPC bridge; will retry")
+                }
             }
         }
         self.leases.send_replace(Arc::new(leases));
@@ -171,11 +174,17 @@ pub fn answer(request: &Message, leases: Option<&HashMap<Mac, Lease>>) -> Option
     let kind = match request.opts().msg_type()? {
         MessageType::Discover => MessageType::Offer,
         MessageType::Request => {
-            let asked = match request.opts().get(dhcproto::v4::OptionCode::RequestedIpAddress) {
+            let asked = match request
+                .opts()
+                .get(dhcproto::v4::OptionCode::RequestedIpAddress)
+            {
                 Some(DhcpOption::RequestedIpAddress(ip)) => *ip,
                 _ => request.ciaddr(),
             };
-            let server = match request.opts().get(dhcproto::v4::OptionCode::ServerIdentifier) {
+            let server = match request
+                .opts()
+                .get(dhcproto::v4::OptionCode::ServerIdentifier)
+            {
                 Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
                 _ => None,
             };
@@ -205,7 +214,9 @@ pub fn answer(request: &Message, leases: Option<&HashMap<Mac, Lease>>) -> Option
     if kind != MessageType::Nak {
         if request.opts().msg_type() != Some(MessageType::Inform) {
             reply.set_yiaddr(lease.ip);
-            reply.opts_mut().insert(DhcpOption::AddressLeaseTime(LEASE_SECONDS));
+            reply
+                .opts_mut()
+                .insert(DhcpOption::AddressLeaseTime(LEASE_SECONDS));
         }
         let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - lease.prefix as u32).unwrap_or(0));
         let opts = reply.opts_mut();

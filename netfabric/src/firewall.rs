@@ -30,8 +30,8 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    format_mac, gateway_mac, names, netns, Direction, Error, Location, NodeNetwork, Peer,
-    Protocol, SecurityGroup, TRANSIT_NODE,
+    format_mac, gateway_mac, names, netns, Direction, Error, Location, NodeNetwork, Peer, Protocol,
+    SecurityGroup, TRANSIT_NODE,
 };
 
 /// Marks carried from the bridge to the IPv4 hooks: this base plus the
@@ -189,10 +189,8 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
         "  chain forward {{\n    type filter hook forward priority -200; policy accept;\n    iifname \"alvx-*\" ether saddr @gateway_macs ether type arp drop\n    oifname \"alvx-*\" ether saddr @gateway_macs ether type arp drop\n    meta mark set 0\n    meta mark set oifname map @port_mark\n  }}"
     );
     let _ = writeln!(s, "}}");
-    out.sets.insert(
-        "bridge allod gateway_macs".into(),
-        gateways,
-    );
+    out.sets
+        .insert("bridge allod gateway_macs".into(), gateways);
     out.sets.insert(
         "bridge allod port_mark".into(),
         ports
@@ -273,7 +271,11 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
                         "    ip {field} . meta l4proto @{} accept",
                         rule_sets_name(n, direction, "p")
                     );
-                    let _ = writeln!(s, "    ip {field} @{} accept", rule_sets_name(n, direction, "a"));
+                    let _ = writeln!(
+                        s,
+                        "    ip {field} @{} accept",
+                        rule_sets_name(n, direction, "a")
+                    );
                 }
                 let _ = writeln!(s, "    counter drop");
             }
@@ -303,7 +305,10 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
 
     out.sets.insert(
         "inet allod zone".into(),
-        zones.iter().map(|(i, z)| format!("\"{i}\" : {z}")).collect(),
+        zones
+            .iter()
+            .map(|(i, z)| format!("\"{i}\" : {z}"))
+            .collect(),
     );
     out.sets.insert(
         "inet allod egress".into(),
@@ -357,12 +362,18 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
                     }
                 }
             }
-            out.sets
-                .insert(format!("inet allod {}", rule_sets_name(*n, direction, "pp")), pp);
-            out.sets
-                .insert(format!("inet allod {}", rule_sets_name(*n, direction, "p")), p);
-            out.sets
-                .insert(format!("inet allod {}", rule_sets_name(*n, direction, "a")), a);
+            out.sets.insert(
+                format!("inet allod {}", rule_sets_name(*n, direction, "pp")),
+                pp,
+            );
+            out.sets.insert(
+                format!("inet allod {}", rule_sets_name(*n, direction, "p")),
+                p,
+            );
+            out.sets.insert(
+                format!("inet allod {}", rule_sets_name(*n, direction, "a")),
+                a,
+            );
         }
     }
     Some(out)
@@ -471,7 +482,11 @@ impl Firewall {
         Ok(changed)
     }
 
-    async fn apply_scope(&mut self, scope: &Scope, wanted: Option<Rendered>) -> Result<bool, Error> {
+    async fn apply_scope(
+        &mut self,
+        scope: &Scope,
+        wanted: Option<Rendered>,
+    ) -> Result<bool, Error> {
         let path = scope
             .namespace
             .as_ref()

@@ -109,7 +109,14 @@ pub fn desired(network: &NodeNetwork) -> KernelState {
                 },
             );
         };
-        link(&None, bridge.clone(), LinkKind::Bridge, None, Some(mtu), None);
+        link(
+            &None,
+            bridge.clone(),
+            LinkKind::Bridge,
+            None,
+            Some(mtu),
+            None,
+        );
         link(
             &None,
             names::vxlan(v),
@@ -152,11 +159,25 @@ pub fn desired(network: &NodeNetwork) -> KernelState {
             None,
             None,
         );
-        link(&ns, names::router_transit(v), LinkKind::VethPeer, None, None, None);
+        link(
+            &ns,
+            names::router_transit(v),
+            LinkKind::VethPeer,
+            None,
+            None,
+            None,
+        );
         link(&ns, "lo".into(), LinkKind::Foreign, None, None, None);
         for port in &local_ports {
             if let Location::Local { ifname, .. } = &port.location {
-                link(&None, ifname.clone(), LinkKind::Foreign, Some(bridge.clone()), None, None);
+                link(
+                    &None,
+                    ifname.clone(),
+                    LinkKind::Foreign,
+                    Some(bridge.clone()),
+                    None,
+                    None,
+                );
             }
         }
         if let Some(l) = state.links.get_mut(&(None, names::vxlan(v))) {
@@ -204,12 +225,9 @@ pub fn desired(network: &NodeNetwork) -> KernelState {
         ));
 
         for port in &vpc.ports {
-            state.neighbours.insert((
-                ns.clone(),
-                names::router_gateway(v),
-                port.ip,
-                port.mac,
-            ));
+            state
+                .neighbours
+                .insert((ns.clone(), names::router_gateway(v), port.ip, port.mac));
             match &port.location {
                 Location::Remote { vtep } => {
                     state.fdb.insert((names::vxlan(v), port.mac, *vtep));

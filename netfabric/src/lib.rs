@@ -179,9 +179,10 @@ pub mod names {
     /// Whether `name` is one of the links this crate creates and may delete
     /// (VM taps, named by the agent, are only ever attached).
     pub fn owned_link(name: &str) -> bool {
-        ["albr-", "alvx-", "algw-", "alex-"]
-            .iter()
-            .any(|p| name.strip_prefix(p).is_some_and(|v| v.parse::<u32>().is_ok()))
+        ["albr-", "alvx-", "algw-", "alex-"].iter().any(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|v| v.parse::<u32>().is_ok())
+        })
     }
     pub fn vni_of_namespace(name: &str) -> Option<u32> {
         name.strip_prefix("alrt-")?.parse().ok()

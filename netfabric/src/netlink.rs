@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -106,7 +108,9 @@ impl Connections {
             let name_of = |index: u32| by_index.get(&index).and_then(|l| link_name(l));
             let mine = |name: &str| ns.is_some() || name.starts_with("al");
             for message in &links {
-                let Some(name) = link_name(message) else { continue };
+                let Some(name) = link_name(message) else {
+                    continue;
+                };
                 if !mine(&name) {
                     continue;
                 }
@@ -145,7 +149,9 @@ impl Connections {
                 .await
                 .map_err(nl("list addresses"))?;
             for a in addresses {
-                let Some(dev) = name_of(a.header.index) else { continue };
+                let Some(dev) = name_of(a.header.index) else {
+                    continue;
+                };
                 if !mine(&dev) || dev == "lo" {
                     continue;
                 }
@@ -190,7 +196,14 @@ impl Connections {
                 if let Ok(destination) =
                     Ipv4Net::new(destination, r.header.destination_prefix_length)
                 {
-                    state.routes.insert((ns.clone(), Route { destination, via, dev }));
+                    state.routes.insert((
+                        ns.clone(),
+                        Route {
+                            destination,
+                            via,
+                            dev,
+                        },
+                    ));
                 }
             }
 
@@ -199,14 +212,19 @@ impl Connections {
                     if n.header.state != NeighbourState::Permanent {
                         continue;
                     }
-                    let Some(dev) = name_of(n.header.ifindex) else { continue };
-                    if let (Some(IpAddr::V4(ip)), Some(mac)) = (neighbour_ip(&n), neighbour_mac(&n)) {
+                    let Some(dev) = name_of(n.header.ifindex) else {
+                        continue;
+                    };
+                    if let (Some(IpAddr::V4(ip)), Some(mac)) = (neighbour_ip(&n), neighbour_mac(&n))
+                    {
                         state.neighbours.insert((ns.clone(), dev, ip, mac));
                     }
                 }
             } else {
                 for n in dump_neighbours(&handle, AddressFamily::Bridge, false).await? {
-                    let Some(dev) = name_of(n.header.ifindex) else { continue };
+                    let Some(dev) = name_of(n.header.ifindex) else {
+                        continue;
+                    };
                     if !dev.starts_with("alvx-") {
                         continue;
                     }
@@ -216,8 +234,7 @@ impl Connections {
                         }
                         (None, Some(mac))
                             if n.header.state == NeighbourState::Noarp
-                                && n
-                                    .attributes
+                                && n.attributes
                                     .iter()
                                     .any(|a| matches!(a, NeighbourAttribute::Controller(_))) =>
                         {
@@ -246,7 +263,11 @@ impl Connections {
     async fn index(&mut self, ns: &Ns, name: &str) -> Result<u32, Error> {
         let handle = self.handle(ns)?;
         let mut links = handle.link().get().match_name(name.to_string()).execute();
-        match links.try_next().await.map_err(nl(format!("find link {name}")))? {
+        match links
+            .try_next()
+            .await
+            .map_err(nl(format!("find link {name}")))?
+        {
             Some(link) => Ok(link.header.index),
             None => Err(Error::Netlink {
                 what: format!("find link {name}"),
@@ -276,20 +297,30 @@ impl Connections {
                     LinkKind::Veth { peer, .. } => LinkVeth::new(name, peer).build(),
                     LinkKind::VethPeer | LinkKind::Foreign => return Ok(()),
                 };
-                handle.link().add(message).execute().await.map_err(nl(&what))?;
+                handle
+                    .link()
+                    .add(message)
+                    .execute()
+                    .await
+                    .map_err(nl(&what))?;
                 if let LinkKind::Veth { peer, peer_ns } = kind {
                     let index = self.index(&None, peer).await?;
-                    let file = std::fs::File::open(netns::path(&self.dir, peer_ns)).map_err(|e| {
-                        Error::Namespace {
-                            name: peer_ns.clone(),
-                            what: "cannot open",
-                            source: e,
-                        }
-                    })?;
+                    let file =
+                        std::fs::File::open(netns::path(&self.dir, peer_ns)).map_err(|e| {
+                            Error::Namespace {
+                                name: peer_ns.clone(),
+                                what: "cannot open",
+                                source: e,
+                            }
+                        })?;
                     use std::os::fd::AsRawFd;
                     handle
                         .link()
-                        .set(LinkUnspec::new_with_index(index).setns_by_fd(file.as_raw_fd()).build())
+                        .set(
+                            LinkUnspec::new_with_index(index)
+                                .setns_by_fd(file.as_raw_fd())
+                                .build(),
+                        )
                         .execute()
                         .await
                         .map_err(nl(&what))?;
@@ -298,7 +329,12 @@ impl Connections {
             Action::DeleteLink { ns, name } => {
                 let index = self.index(ns, name).await?;
                 let handle = self.handle(ns)?;
-                handle.link().del(index).execute().await.map_err(nl(&what))?;
+                handle
+                    .link()
+                    .del(index)
+                    .execute()
+                    .await
+                    .map_err(nl(&what))?;
             }
             Action::SetLink {
                 ns,
@@ -323,12 +359,22 @@ impl Connections {
                 }
                 builder = if *up { builder.up() } else { builder.down() };
                 let handle = self.handle(ns)?;
-                handle.link().set(builder.build()).execute().await.map_err(nl(&what))?;
+                handle
+                    .link()
+                    .set(builder.build())
+                    .execute()
+                    .await
+                    .map_err(nl(&what))?;
                 if let Some(learning) = learning {
                     let port = rtnetlink::LinkBridgePort::new(index)
                         .append_info_data(InfoBridgePort::Learning(*learning))
                         .build();
-                    handle.link().set_port(port).execute().await.map_err(nl(&what))?;
+                    handle
+                        .link()
+                        .set_port(port)
+                        .execute()
+                        .await
+                        .map_err(nl(&what))?;
                 }
             }
             Action::AddAddress { ns, dev, address } => {
@@ -351,7 +397,12 @@ impl Connections {
                     .set_address_filter(IpAddr::V4(address.addr()))
                     .execute();
                 while let Some(message) = found.try_next().await.map_err(nl(&what))? {
-                    handle.address().del(message).execute().await.map_err(nl(&what))?;
+                    handle
+                        .address()
+                        .del(message)
+                        .execute()
+                        .await
+                        .map_err(nl(&what))?;
                 }
             }
             Action::AddRoute { ns, route } | Action::DeleteRoute { ns, route } => {
@@ -366,7 +417,12 @@ impl Connections {
                 };
                 let handle = self.handle(ns)?;
                 if matches!(action, Action::AddRoute { .. }) {
-                    handle.route().add(builder.build()).replace().execute().await
+                    handle
+                        .route()
+                        .add(builder.build())
+                        .replace()
+                        .execute()
+                        .await
                 } else {
                     handle.route().del(builder.build()).execute().await
                 }
@@ -394,7 +450,12 @@ impl Connections {
                     .attributes
                     .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
                 let handle = self.handle(ns)?;
-                handle.neighbours().del(message).execute().await.map_err(nl(&what))?;
+                handle
+                    .neighbours()
+                    .del(message)
+                    .execute()
+                    .await
+                    .map_err(nl(&what))?;
             }
             Action::AddFdb { dev, mac, vtep } => {
                 let index = self.index(&None, dev).await?;
@@ -429,11 +490,15 @@ impl Connections {
                 if matches!(action, Action::AddBridgeFdb { .. }) {
                     let mut request =
                         NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(message));
-                    request.header.flags =
-                        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+                    request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
                     send(handle, request, &what).await?;
                 } else {
-                    handle.neighbours().del(message).execute().await.map_err(nl(&what))?;
+                    handle
+                        .neighbours()
+                        .del(message)
+                        .execute()
+                        .await
+                        .map_err(nl(&what))?;
                 }
             }
             Action::AddProxy { dev, ip } => {
@@ -458,7 +523,12 @@ impl Connections {
                     .attributes
                     .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
                 let handle = self.handle(&None)?;
-                handle.neighbours().del(message).execute().await.map_err(nl(&what))?;
+                handle
+                    .neighbours()
+                    .del(message)
+                    .execute()
+                    .await
+                    .map_err(nl(&what))?;
             }
         }
         Ok(())
@@ -478,7 +548,7 @@ impl Connections {
             path: FORWARD.into(),
             source,
         };
-        if network.uplink.is_some() && network.vpcs.iter().any(|v| has_local(v)) {
+        if network.uplink.is_some() && network.vpcs.iter().any(has_local) {
             set(FORWARD).map_err(sysctl)?;
         }
         for name in netns::list(&self.dir) {
@@ -536,7 +606,9 @@ fn fdb_message(index: u32, mac: &Mac, vtep: Ipv4Addr) -> NeighbourMessage {
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     message
         .attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(vtep)));
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            vtep,
+        )));
     message
 }
 

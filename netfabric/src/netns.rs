@@ -37,7 +37,10 @@ fn is_pinned(path: &Path) -> bool {
     // A pinned namespace file is on the nsfs filesystem: its device differs
     // from the directory's.
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+    match (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) {
         (Ok(file), Some(Ok(dir))) => file.dev() != dir.dev(),
         _ => false,
     }
@@ -45,7 +48,8 @@ fn is_pinned(path: &Path) -> bool {
 
 /// Creates and pins a new network namespace at `dir/name`.
 pub fn create(dir: &Path, name: &str) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| ns_error(name, "cannot create the pin directory", e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ns_error(name, "cannot create the pin directory", e))?;
     let path = dir.join(name);
     if !path.exists() {
         File::create(&path).map_err(|e| ns_error(name, "cannot create the pin file", e))?;

@@ -13,8 +13,15 @@ use crate::{format_mac, names, Ipv4Net, Mac};
 pub enum Action {
     CreateNamespace(String),
     DeleteNamespace(String),
-    CreateLink { ns: Ns, name: String, kind: LinkKind },
-    DeleteLink { ns: Ns, name: String },
+    CreateLink {
+        ns: Ns,
+        name: String,
+        kind: LinkKind,
+    },
+    DeleteLink {
+        ns: Ns,
+        name: String,
+    },
     /// Brings attributes in line; `None` fields are left alone.
     SetLink {
         ns: Ns,
@@ -25,18 +32,62 @@ pub enum Action {
         learning: Option<bool>,
         up: bool,
     },
-    AddAddress { ns: Ns, dev: String, address: Ipv4Net },
-    DeleteAddress { ns: Ns, dev: String, address: Ipv4Net },
-    AddRoute { ns: Ns, route: Route },
-    DeleteRoute { ns: Ns, route: Route },
-    AddNeighbour { ns: Ns, dev: String, ip: Ipv4Addr, mac: Mac },
-    DeleteNeighbour { ns: Ns, dev: String, ip: Ipv4Addr, mac: Mac },
-    AddFdb { dev: String, mac: Mac, vtep: Ipv4Addr },
-    DeleteFdb { dev: String, mac: Mac, vtep: Ipv4Addr },
-    AddBridgeFdb { port: String, mac: Mac },
-    DeleteBridgeFdb { port: String, mac: Mac },
-    AddProxy { dev: String, ip: Ipv4Addr },
-    DeleteProxy { dev: String, ip: Ipv4Addr },
+    AddAddress {
+        ns: Ns,
+        dev: String,
+        address: Ipv4Net,
+    },
+    DeleteAddress {
+        ns: Ns,
+        dev: String,
+        address: Ipv4Net,
+    },
+    AddRoute {
+        ns: Ns,
+        route: Route,
+    },
+    DeleteRoute {
+        ns: Ns,
+        route: Route,
+    },
+    AddNeighbour {
+        ns: Ns,
+        dev: String,
+        ip: Ipv4Addr,
+        mac: Mac,
+    },
+    DeleteNeighbour {
+        ns: Ns,
+        dev: String,
+        ip: Ipv4Addr,
+        mac: Mac,
+    },
+    AddFdb {
+        dev: String,
+        mac: Mac,
+        vtep: Ipv4Addr,
+    },
+    DeleteFdb {
+        dev: String,
+        mac: Mac,
+        vtep: Ipv4Addr,
+    },
+    AddBridgeFdb {
+        port: String,
+        mac: Mac,
+    },
+    DeleteBridgeFdb {
+        port: String,
+        mac: Mac,
+    },
+    AddProxy {
+        dev: String,
+        ip: Ipv4Addr,
+    },
+    DeleteProxy {
+        dev: String,
+        ip: Ipv4Addr,
+    },
 }
 
 fn ns_name(ns: &Ns) -> &str {
@@ -82,7 +133,9 @@ impl fmt::Display for Action {
             Action::DeleteAddress { ns, dev, address } => {
                 write!(f, "delete address {address} from {dev} in {}", ns_name(ns))
             }
-            Action::AddRoute { ns, route } => write!(f, "add route {} in {}", show_route(route), ns_name(ns)),
+            Action::AddRoute { ns, route } => {
+                write!(f, "add route {} in {}", show_route(route), ns_name(ns))
+            }
             Action::DeleteRoute { ns, route } => {
                 write!(f, "delete route {} in {}", show_route(route), ns_name(ns))
             }
@@ -321,7 +374,11 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Vec<Action> {
     // Objects on a link just made are gone with the old one: add them all.
     let on_fresh = |ns: &Ns, dev: &String| fresh.contains(&(ns.clone(), dev.clone()));
     for (ns, dev, address) in &desired.addresses {
-        if !observed.addresses.contains(&(ns.clone(), dev.clone(), *address)) || on_fresh(ns, dev) {
+        if !observed
+            .addresses
+            .contains(&(ns.clone(), dev.clone(), *address))
+            || on_fresh(ns, dev)
+        {
             actions.push(Action::AddAddress {
                 ns: ns.clone(),
                 dev: dev.clone(),
@@ -378,4 +435,155 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Vec<Action> {
         }
     }
     actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::desired;
+    use crate::{Location, NodeNetwork, Port, Subnet, Vpc};
+
+    fn network(remote_vtep: &str, with_port: bool) -> NodeNetwork {
+        let mut ports = vec![Port {
+            id: "b".into(),
+            mac: [2, 0, 0, 0, 0, 2],
+            ip: "10.0.0.3".parse().unwrap(),
+            location: Location::Remote {
+                vtep: remote_vtep.parse().unwrap(),
+            },
+        }];
+        if with_port {
+            ports.push(Port {
+                id: "a".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+                ip: "10.0.0.2".parse().unwrap(),
+                location: Location::Local {
+                    ifname: "alpa".into(),
+                    security_groups: vec![],
+                    floating_ip: None,
+                    hostname: "a".into(),
+                },
+            });
+        }
+        NodeNetwork {
+            underlay: Some("192.0.2.1".parse().unwrap()),
+            underlay_mtu: 1500,
+            vpcs: vec![Vpc {
+                vni: 7,
+                subnets: vec![Subnet {
+                    cidr: "10.0.0.0/24".parse().unwrap(),
+                    gateway: "10.0.0.1".parse().unwrap(),
+                    dns: vec![],
+                }],
+                remote_vteps: vec![remote_vtep.parse().unwrap()],
+                ports,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// What the kernel looks like once `state` was built (the tap exists).
+    fn built(state: &KernelState) -> KernelState {
+        state.clone()
+    }
+
+    fn check(desired: &KernelState, observed: &KernelState, expect: &[&str]) {
+        let got: Vec<String> = plan(desired, observed)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn an_empty_node_gets_everything_in_order() {
+        let got: Vec<String> = plan(
+            &desired(&network("192.0.2.2", true)),
+            &KernelState::default(),
+        )
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let position = |prefix: &str| {
+            got.iter()
+                .position(|a| a.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in {got:#?}"))
+        };
+        assert_eq!(got[0], "create namespace alrt-7");
+        assert!(position("create Bridge albr-7") < position("create Vxlan"));
+        assert!(
+            position("create Vxlan") < position("set alvx-7 in node: learning off master albr-7")
+        );
+        assert!(
+            position("add route 169.254.0.1/32 dev alrx-7") < position("add route 0.0.0.0/0 via")
+        );
+        assert!(got.contains(&"add fdb 00:00:00:00:00:00 dst 192.0.2.2 on alvx-7".to_string()));
+        assert!(got.contains(&"add fdb 02:00:00:00:00:02 dst 192.0.2.2 on alvx-7".to_string()));
+        assert!(got.contains(
+            &"add neighbour 10.0.0.3 lladdr 02:00:00:00:00:02 on alrg-7 in alrt-7".to_string()
+        ));
+        assert!(got.contains(&"add address 10.0.0.1/24 to alrg-7 in alrt-7".to_string()));
+    }
+
+    #[test]
+    fn a_built_node_needs_nothing() {
+        let want = desired(&network("192.0.2.2", true));
+        check(&want, &built(&want), &[]);
+    }
+
+    #[test]
+    fn a_remote_port_that_moves_changes_only_its_forwarding_entries() {
+        let before = desired(&network("192.0.2.2", true));
+        let after = desired(&network("192.0.2.3", true));
+        check(
+            &after,
+            &built(&before),
+            &[
+                "delete fdb 00:00:00:00:00:00 dst 192.0.2.2 on alvx-7",
+                "delete fdb 02:00:00:00:00:02 dst 192.0.2.2 on alvx-7",
+                "add fdb 00:00:00:00:00:00 dst 192.0.2.3 on alvx-7",
+                "add fdb 02:00:00:00:00:02 dst 192.0.2.3 on alvx-7",
+            ],
+        );
+    }
+
+    #[test]
+    fn the_last_local_port_going_takes_the_vpc_off_the_node() {
+        let before = desired(&network("192.0.2.2", true));
+        let after = desired(&network("192.0.2.2", false));
+        let got: Vec<String> = plan(&after, &built(&before))
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert!(
+            got.contains(&"delete namespace alrt-7".to_string()),
+            "{got:#?}"
+        );
+        assert!(got.contains(&"delete link albr-7 in node".to_string()));
+        // The tap is the VM's: detached by libvirt, never deleted here.
+        assert!(!got.iter().any(|a| a.contains("alpa")), "{got:#?}");
+        // Bridge ports go before the bridge.
+        let bridge = got
+            .iter()
+            .position(|a| a == "delete link albr-7 in node")
+            .unwrap();
+        let vxlan = got
+            .iter()
+            .position(|a| a == "delete link alvx-7 in node")
+            .unwrap();
+        assert!(vxlan < bridge);
+    }
+
+    #[test]
+    fn a_tap_not_there_yet_is_waited_for_and_attached_when_it_appears() {
+        let want = desired(&network("192.0.2.2", true));
+        let mut observed = built(&want);
+        observed.links.remove(&(None, "alpa".to_string()));
+        check(&want, &observed, &[]);
+        let mut tap = want.links[&(None, "alpa".to_string())].clone();
+        tap.master = None;
+        tap.up = false;
+        observed.links.insert((None, "alpa".into()), tap);
+        check(&want, &observed, &["set alpa in node: master albr-7 up"]);
+    }
 }

@@ -16,7 +16,11 @@ use netfabric::{
 };
 
 fn sh(args: &str) {
-    let out = Command::new("sh").arg("-c").arg(args).output().expect("sh runs");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(args)
+        .output()
+        .expect("sh runs");
     assert!(
         out.status.success(),
         "{args}: {}",
@@ -52,7 +56,11 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     .unwrap()
 }
 
-type Job = (NodeNetwork, bool, std::sync::mpsc::Sender<Result<Report, String>>);
+type Job = (
+    NodeNetwork,
+    bool,
+    std::sync::mpsc::Sender<Result<Report, String>>,
+);
 
 /// A node: its namespace and a fabric running inside it.
 struct Node {
@@ -149,7 +157,9 @@ impl World {
     fn ns(&mut self, name: &str) -> String {
         let full = format!("{}-{name}", self.prefix);
         let _ = Command::new("ip").args(["netns", "del", &full]).output();
-        sh(&format!("ip netns add {full} && ip -n {full} link set lo up"));
+        sh(&format!(
+            "ip netns add {full} && ip -n {full} link set lo up"
+        ));
         self.namespaces.push(full.clone());
         full
     }
@@ -165,7 +175,14 @@ impl World {
 
     /// A "VM" on node `node` (0-based): a namespace whose `eth0` has `mac`
     /// and, unless it is to ask DHCP, `addr`; the node side is `ifname`.
-    fn vm(&mut self, name: &str, node: usize, ifname: &str, mac: &str, addr: Option<(&str, &str)>) -> String {
+    fn vm(
+        &mut self,
+        name: &str,
+        node: usize,
+        ifname: &str,
+        mac: &str,
+        addr: Option<(&str, &str)>,
+    ) -> String {
         let vm = self.ns(name);
         let node_ns = format!("{}-n{}", self.prefix, node + 1);
         sh(&format!(
@@ -228,14 +245,19 @@ fn connect(ns: &str, to: &str, port: u16, source: Option<&str>) -> Option<(Strin
     let to: SocketAddr = format!("{to}:{port}").parse().unwrap();
     let source: Option<SocketAddr> = source.map(|s| format!("{s}:0").parse().unwrap());
     let stream = in_ns(ns, move || -> Option<TcpStream> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
         if let Some(source) = source {
             socket.bind(&source.into()).ok()?;
         }
-        socket.connect_timeout(&to.into(), Duration::from_secs(2)).ok()?;
+        socket
+            .connect_timeout(&to.into(), Duration::from_secs(2))
+            .ok()?;
         Some(socket.into())
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut greeting = String::new();
     reader.read_line(&mut greeting).ok()?;
@@ -250,7 +272,15 @@ fn echo(stream: &mut TcpStream, text: &str) -> bool {
     stream.read_exact(&mut buf).is_ok() && buf.starts_with(text.as_bytes())
 }
 
-fn port(id: &str, mac: &str, addr: &str, here: bool, node: &Node, groups: &[&str], fip: Option<&str>) -> Port {
+fn port(
+    id: &str,
+    mac: &str,
+    addr: &str,
+    here: bool,
+    node: &Node,
+    groups: &[&str],
+    fip: Option<&str>,
+) -> Port {
     Port {
         id: id.into(),
         mac: netfabric::parse_mac(mac).unwrap(),
@@ -263,7 +293,9 @@ fn port(id: &str, mac: &str, addr: &str, here: bool, node: &Node, groups: &[&str
                 hostname: id.into(),
             }
         } else {
-            Location::Remote { vtep: node.underlay }
+            Location::Remote {
+                vtep: node.underlay,
+            }
         },
     }
 }
@@ -280,12 +312,23 @@ fn allow_all(cidr: &str) -> SecurityGroup {
     }
 }
 
+/// (VNI, id, MAC, address, node, security groups, floating IP).
+type PortSpec<'a> = (
+    u32,
+    &'a str,
+    &'a str,
+    &'a str,
+    usize,
+    &'a [&'a str],
+    Option<&'a str>,
+);
+
 /// The network of node `me` given every VPC's ports as (VPC, port, node).
 fn network_for(
     world: &World,
     me: usize,
     vpcs: &[(u32, Vec<Subnet>)],
-    ports: &[(u32, &str, &str, &str, usize, &[&str], Option<&str>)],
+    ports: &[PortSpec],
     groups: &BTreeMap<String, SecurityGroup>,
 ) -> NodeNetwork {
     NodeNetwork {
@@ -327,7 +370,8 @@ fn subnet(cidr: &str, gateway: &str) -> Subnet {
 #[test]
 fn same_subnet_works_across_nodes_and_equal_vpcs_stay_apart() {
     let mut w = World::new("nfa");
-    let g: BTreeMap<String, SecurityGroup> = [("open".to_string(), allow_all("10.0.0.0/24"))].into();
+    let g: BTreeMap<String, SecurityGroup> =
+        [("open".to_string(), allow_all("10.0.0.0/24"))].into();
     let vpcs = vec![
         (10, vec![subnet("10.0.0.0/24", "10.0.0.1")]),
         (11, vec![subnet("10.0.0.0/24", "10.0.0.1")]),
@@ -348,25 +392,43 @@ fn same_subnet_works_across_nodes_and_equal_vpcs_stay_apart() {
         ("b2", 1, "02:00:00:00:0b:02", "10.0.0.3/24"),
         ("b3", 1, "02:00:00:00:0b:03", "10.0.0.4/24"),
     ] {
-        w.vm(name, node, &format!("alp{name}"), mac, Some((addr, "10.0.0.1")));
+        w.vm(
+            name,
+            node,
+            &format!("alp{name}"),
+            mac,
+            Some((addr, "10.0.0.1")),
+        );
     }
     for me in 0..2 {
         let n = network_for(&w, me, &vpcs, &ports, &g);
         w.nodes[me].apply(&n);
     }
     let ns = |n: &str| format!("nfa-{n}");
-    eventually("a1 pings a2 on the other node", || ping(&ns("a1"), "10.0.0.3"));
+    eventually("a1 pings a2 on the other node", || {
+        ping(&ns("a1"), "10.0.0.3")
+    });
     assert!(ping(&ns("b1"), "10.0.0.3"), "b1 pings b2");
     serve(&ns("a2"), 7000, "a2");
     serve(&ns("b2"), 7000, "b2");
-    let (greeting, mut stream) = connect(&ns("a1"), "10.0.0.3", 7000, None).expect("a1 reaches a2 over TCP");
+    let (greeting, mut stream) =
+        connect(&ns("a1"), "10.0.0.3", 7000, None).expect("a1 reaches a2 over TCP");
     assert_eq!(greeting, "a2 10.0.0.2");
-    assert!(echo(&mut stream, &"x".repeat(1400)), "a full-size segment crosses the overlay");
+    assert!(
+        echo(&mut stream, &"x".repeat(1400)),
+        "a full-size segment crosses the overlay"
+    );
     let (greeting, _) = connect(&ns("b1"), "10.0.0.3", 7000, None).expect("b1 reaches b2");
-    assert_eq!(greeting, "b2 10.0.0.2", "VPC 11 reaches its own 10.0.0.3, never VPC 10's");
+    assert_eq!(
+        greeting, "b2 10.0.0.2",
+        "VPC 11 reaches its own 10.0.0.3, never VPC 10's"
+    );
     // 10.0.0.4 exists only in VPC 11: VPC 10 cannot reach it, either way.
     assert!(ping(&ns("b1"), "10.0.0.4"));
-    assert!(!ping(&ns("a1"), "10.0.0.4"), "VPC 10 reaches a VM of VPC 11");
+    assert!(
+        !ping(&ns("a1"), "10.0.0.4"),
+        "VPC 10 reaches a VM of VPC 11"
+    );
     // b3 reaches 10.0.0.2 of its own VPC (b1), never a1.
     serve(&ns("a1"), 7001, "a1");
     serve(&ns("b1"), 7001, "b1");
@@ -377,29 +439,67 @@ fn same_subnet_works_across_nodes_and_equal_vpcs_stay_apart() {
     for me in 0..2 {
         let n = network_for(&w, me, &vpcs, &ports, &g);
         let report = w.nodes[me].restart_and_apply(&n);
-        assert!(report.actions.is_empty(), "node {me} after restart: {:?}", report.actions);
-        assert_eq!(report.firewall_changes, 0, "node {me} firewall after restart");
+        assert!(
+            report.actions.is_empty(),
+            "node {me} after restart: {:?}",
+            report.actions
+        );
+        assert_eq!(
+            report.firewall_changes, 0,
+            "node {me} firewall after restart"
+        );
     }
-    assert!(echo(&mut stream, "still here"), "the connection outlives a restart");
+    assert!(
+        echo(&mut stream, "still here"),
+        "the connection outlives a restart"
+    );
 }
 
 #[test]
 fn routes_between_subnets_nats_egress_and_serves_floating_ips() {
     let mut w = World::new("nfb");
     let g: BTreeMap<String, SecurityGroup> = [("open".to_string(), allow_all("0.0.0.0/0"))].into();
-    let vpcs = vec![(20, vec![subnet("10.1.1.0/24", "10.1.1.1"), subnet("10.1.2.0/24", "10.1.2.1")])];
+    let vpcs = vec![(
+        20,
+        vec![
+            subnet("10.1.1.0/24", "10.1.1.1"),
+            subnet("10.1.2.0/24", "10.1.2.1"),
+        ],
+    )];
     let open: &[&str] = &["open"];
     let ports = [
         (20, "x", "02:00:00:00:01:01", "10.1.1.10", 0, open, None),
-        (20, "y", "02:00:00:00:01:02", "10.1.2.10", 1, open, Some("10.99.0.201")),
+        (
+            20,
+            "y",
+            "02:00:00:00:01:02",
+            "10.1.2.10",
+            1,
+            open,
+            Some("10.99.0.201"),
+        ),
     ];
-    w.vm("x", 0, "alpx", "02:00:00:00:01:01", Some(("10.1.1.10/24", "10.1.1.1")));
-    w.vm("y", 1, "alpy", "02:00:00:00:01:02", Some(("10.1.2.10/24", "10.1.2.1")));
+    w.vm(
+        "x",
+        0,
+        "alpx",
+        "02:00:00:00:01:01",
+        Some(("10.1.1.10/24", "10.1.1.1")),
+    );
+    w.vm(
+        "y",
+        1,
+        "alpy",
+        "02:00:00:00:01:02",
+        Some(("10.1.2.10/24", "10.1.2.1")),
+    );
     for me in 0..2 {
         let n = network_for(&w, me, &vpcs, &ports, &g);
         w.nodes[me].apply(&n);
     }
-    eventually("x reaches y in another subnet on another node", || ping("nfb-x", "10.1.2.10"));
+    eventually("x reaches y in another subnet on another node", || {
+        ping("nfb-x", "10.1.2.10")
+    });
     serve("nfb-y", 7000, "y");
     serve("nfb-out", 7000, "out");
     let (greeting, _) = connect("nfb-x", "10.1.2.10", 7000, None).expect("routed TCP");
@@ -408,16 +508,27 @@ fn routes_between_subnets_nats_egress_and_serves_floating_ips() {
     let (greeting, _) = connect("nfb-x", OUTSIDE, 7000, None).expect("x reaches the outside");
     assert_eq!(greeting, "out 10.99.0.1");
     // A floating IP: reachable from outside, and y's own traffic leaves from it.
-    let (greeting, mut stream) = connect("nfb-out", "10.99.0.201", 7000, None).expect("the floating IP answers");
+    let (greeting, mut stream) =
+        connect("nfb-out", "10.99.0.201", 7000, None).expect("the floating IP answers");
     assert_eq!(greeting, format!("y {OUTSIDE}"), "y sees the real client");
     assert!(echo(&mut stream, "through the floating IP"));
     let local = stream.peer_addr().unwrap();
-    assert_eq!(local.ip().to_string(), "10.99.0.201", "the reply comes from the floating IP");
+    assert_eq!(
+        local.ip().to_string(),
+        "10.99.0.201",
+        "the reply comes from the floating IP"
+    );
     let (greeting, _) = connect("nfb-y", OUTSIDE, 7000, None).expect("y reaches the outside");
-    assert_eq!(greeting, "out 10.99.0.201", "y's egress leaves from its floating IP");
+    assert_eq!(
+        greeting, "out 10.99.0.201",
+        "y's egress leaves from its floating IP"
+    );
 
     // Moving the floating IP away stops it answering.
-    let ports2 = [ports[0], (20, "y", "02:00:00:00:01:02", "10.1.2.10", 1, open, None)];
+    let ports2 = [
+        ports[0],
+        (20, "y", "02:00:00:00:01:02", "10.1.2.10", 1, open, None),
+    ];
     for me in 0..2 {
         let n = network_for(&w, me, &vpcs, &ports2, &g);
         w.nodes[me].apply(&n);
@@ -437,16 +548,62 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
         }],
         members: vec![],
     };
-    let mut g: BTreeMap<String, SecurityGroup> = [("ssh".to_string(), ssh), ("none".to_string(), SecurityGroup::default())].into();
+    let mut g: BTreeMap<String, SecurityGroup> = [
+        ("ssh".to_string(), ssh),
+        ("none".to_string(), SecurityGroup::default()),
+    ]
+    .into();
     let vpcs = vec![(30, vec![subnet("10.2.0.0/24", "10.2.0.1")])];
     let ports = [
-        (30, "s", "02:00:00:00:02:01", "10.2.0.2", 1, &["ssh"][..], None),
-        (30, "c1", "02:00:00:00:02:05", "10.2.0.5", 0, &["none"][..], None),
-        (30, "c2", "02:00:00:00:02:20", "10.2.0.20", 0, &["none"][..], None),
+        (
+            30,
+            "s",
+            "02:00:00:00:02:01",
+            "10.2.0.2",
+            1,
+            &["ssh"][..],
+            None,
+        ),
+        (
+            30,
+            "c1",
+            "02:00:00:00:02:05",
+            "10.2.0.5",
+            0,
+            &["none"][..],
+            None,
+        ),
+        (
+            30,
+            "c2",
+            "02:00:00:00:02:20",
+            "10.2.0.20",
+            0,
+            &["none"][..],
+            None,
+        ),
     ];
-    w.vm("s", 1, "alps", "02:00:00:00:02:01", Some(("10.2.0.2/24", "10.2.0.1")));
-    w.vm("c1", 0, "alpc1", "02:00:00:00:02:05", Some(("10.2.0.5/24", "10.2.0.1")));
-    w.vm("c2", 0, "alpc2", "02:00:00:00:02:20", Some(("10.2.0.20/24", "10.2.0.1")));
+    w.vm(
+        "s",
+        1,
+        "alps",
+        "02:00:00:00:02:01",
+        Some(("10.2.0.2/24", "10.2.0.1")),
+    );
+    w.vm(
+        "c1",
+        0,
+        "alpc1",
+        "02:00:00:00:02:05",
+        Some(("10.2.0.5/24", "10.2.0.1")),
+    );
+    w.vm(
+        "c2",
+        0,
+        "alpc2",
+        "02:00:00:00:02:20",
+        Some(("10.2.0.20/24", "10.2.0.1")),
+    );
     let apply = |w: &World, g: &BTreeMap<String, SecurityGroup>| {
         for me in 0..2 {
             let n = network_for(w, me, &vpcs, &ports, g);
@@ -463,12 +620,21 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
         held.is_some()
     });
     let (_, mut held) = held.unwrap();
-    assert!(connect("nfc-c2", "10.2.0.2", 22, None).is_none(), "c2 is outside the rule's CIDR");
-    assert!(connect("nfc-c1", "10.2.0.2", 23, None).is_none(), "tcp/23 is not open");
+    assert!(
+        connect("nfc-c2", "10.2.0.2", 22, None).is_none(),
+        "c2 is outside the rule's CIDR"
+    );
+    assert!(
+        connect("nfc-c1", "10.2.0.2", 23, None).is_none(),
+        "tcp/23 is not open"
+    );
     assert!(!ping("nfc-c1", "10.2.0.2"), "ICMP is not open");
     // Ingress is denied by default: s cannot open a connection to c1, though
     // c1 answered s's... replies to s's own connections pass.
-    assert!(connect("nfc-s", "10.2.0.5", 22, None).is_none(), "c1 takes nothing in");
+    assert!(
+        connect("nfc-s", "10.2.0.5", 22, None).is_none(),
+        "c1 takes nothing in"
+    );
     // A spoofed source inside the allowed CIDR is dropped at c1's port.
     sh("ip -n nfc-c1 addr add 10.2.0.6/24 dev eth0");
     assert!(
@@ -484,19 +650,37 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
     });
     apply(&w, &g);
     assert!(echo(&mut held, "after a rule was added"));
-    assert!(connect("nfc-c2", "10.2.0.2", 23, None).is_some(), "the new rule lets c2 in on 23");
+    assert!(
+        connect("nfc-c2", "10.2.0.2", 23, None).is_some(),
+        "the new rule lets c2 in on 23"
+    );
     g.get_mut("ssh").unwrap().rules.remove(0);
     apply(&w, &g);
-    assert!(echo(&mut held, "after its own rule was removed"), "established connections stay");
-    assert!(connect("nfc-c1", "10.2.0.2", 22, None).is_none(), "new connections follow the new rules");
+    assert!(
+        echo(&mut held, "after its own rule was removed"),
+        "established connections stay"
+    );
+    assert!(
+        connect("nfc-c1", "10.2.0.2", 22, None).is_none(),
+        "new connections follow the new rules"
+    );
 }
 
 #[test]
 fn dhcp_hands_out_the_ipam_address_router_dns_and_mtu() {
     let mut w = World::new("nfd");
-    let g: BTreeMap<String, SecurityGroup> = [("none".to_string(), SecurityGroup::default())].into();
+    let g: BTreeMap<String, SecurityGroup> =
+        [("none".to_string(), SecurityGroup::default())].into();
     let vpcs = vec![(40, vec![subnet("10.3.0.0/24", "10.3.0.1")])];
-    let ports = [(40, "d", "02:00:00:00:03:07", "10.3.0.7", 0, &["none"][..], None)];
+    let ports = [(
+        40,
+        "d",
+        "02:00:00:00:03:07",
+        "10.3.0.7",
+        0,
+        &["none"][..],
+        None,
+    )];
     let vm = w.vm("d", 0, "alpd", "02:00:00:00:03:07", None);
     let n = network_for(&w, 0, &vpcs, &ports, &g);
     w.nodes[0].apply(&n);

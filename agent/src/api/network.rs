@@ -20,7 +20,10 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
-async fn net<T: serde::de::DeserializeOwned>(node: &ClusterNode, command: NetCommand) -> ApiResult<T> {
+async fn net<T: serde::de::DeserializeOwned>(
+    node: &ClusterNode,
+    command: NetCommand,
+) -> ApiResult<T> {
     let outcome = node.write(&Command::Network { command }).await?;
     outcome_as(outcome?)
 }
@@ -236,11 +239,23 @@ pub(super) async fn add_rule(
         protocol: body.protocol,
         port_min,
         port_max,
-        cidr: body.cidr.as_deref().map(|c| parse_cidr(c, "cidr")).transpose()?,
+        cidr: body
+            .cidr
+            .as_deref()
+            .map(|c| parse_cidr(c, "cidr"))
+            .transpose()?,
         remote_group: body.remote_group,
     };
     check_rule(&rule)?;
-    let group = net(&node, NetCommand::AddRule { project, group, rule }).await?;
+    let group = net(
+        &node,
+        NetCommand::AddRule {
+            project,
+            group,
+            rule,
+        },
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(group)))
 }
 
@@ -284,9 +299,15 @@ pub(super) async fn create_port(
     crate::model::validate_name("port", &body.name)?;
     let nodes = node.state.nodes()?;
     let host = match body.node {
-        Some(id) => nodes.iter().find(|n| n.id == id).map(|n| n.id).ok_or_else(|| {
-            invalid(format!("node {id} is not a member of this cluster (see allod node list)"))
-        })?,
+        Some(id) => nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.id)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "node {id} is not a member of this cluster (see allod node list)"
+                ))
+            })?,
         None => nodes.first().map(|n| n.id).unwrap_or(1),
     };
     let (vpc, subnet) = match body.subnet.split_once('/') {
@@ -306,7 +327,9 @@ pub(super) async fn create_port(
             Some(ip) => parse_ip(ip, "ip")?,
             None => Ipv4Addr::UNSPECIFIED,
         },
-        security_groups: body.security_groups.unwrap_or_else(|| vec!["default".into()]),
+        security_groups: body
+            .security_groups
+            .unwrap_or_else(|| vec!["default".into()]),
         node: host,
         vm: None,
         floating_ip: None,
@@ -423,7 +446,9 @@ pub struct CreatePool {
 
 #[utoipa::path(get, path = "/v1/ip-pools", tag = "network",
     responses((status = 200, description = "Floating-IP pools", body = Vec<IpPoolRecord>)))]
-pub(super) async fn list_pools(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<IpPoolRecord>>> {
+pub(super) async fn list_pools(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<Vec<IpPoolRecord>>> {
     Ok(Json(node.state.ip_pools()?))
 }
 
