@@ -101,13 +101,10 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
                             last_full = Instant::now();
                         }
                         Err(e) => {
-                            let mut text = e.to_string();
-                            let mut source = std::error::Error::source(&e);
-                            while let Some(s) = source {
-                                text.push_str(&format!(": {s}"));
-                                source = s.source();
-                            }
-                            tracing::warn!("cannot bring the network in line, retrying: {text}");
+                            tracing::warn!(
+                                "cannot bring the network in line, retrying: {}",
+                                crate::error_chain(&e)
+                            );
                             last = None;
                         }
                     }

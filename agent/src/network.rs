@@ -214,6 +214,11 @@ fn all_subnets(kv: &impl KvRead) -> KvResult<Vec<SubnetRecord>> {
     list(kv, PREFIX_SUBNETS)
 }
 
+/// Whether two networks share an address (one holds the other's start).
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 /// Usable host addresses of `net`, lowest first.
 fn hosts(net: &Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
     let small = net.prefix_len() >= 31;
@@ -383,9 +388,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 kv,
                 &format!("{PREFIX_SUBNETS}{}/{}/", subnet.project, subnet.vpc),
             )? {
-                if other.cidr.contains(&subnet.cidr.network())
-                    || subnet.cidr.contains(&other.cidr.network())
-                {
+                if overlaps(&other.cidr, &subnet.cidr) {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
@@ -396,9 +399,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 }
             }
             for pool in list::<IpPoolRecord>(kv, PREFIX_POOLS)? {
-                if pool.cidr.contains(&subnet.cidr.network())
-                    || subnet.cidr.contains(&pool.cidr.network())
-                {
+                if overlaps(&pool.cidr, &subnet.cidr) {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
@@ -549,7 +550,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             }
             let cidr = pool.cidr.trunc();
             for subnet in all_subnets(kv)? {
-                if subnet.cidr.contains(&cidr.network()) || cidr.contains(&subnet.cidr.network()) {
+                if overlaps(&subnet.cidr, &cidr) {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
@@ -560,7 +561,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 }
             }
             for other in list::<IpPoolRecord>(kv, PREFIX_POOLS)? {
-                if other.cidr.contains(&cidr.network()) || cidr.contains(&other.cidr.network()) {
+                if overlaps(&other.cidr, &cidr) {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!("{cidr} overlaps IP pool {:?} ({})", other.name, other.cidr),
