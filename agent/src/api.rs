@@ -1037,7 +1037,14 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
     disk_size_bytes: Option<u64>,
+    /// NICs on the project's subnets, eth0 first; each gets a port named
+    /// `<vm>-nic<N>`, deleted with the VM.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    nics: Vec<network::VmNicRequest>,
 }
+
+const MAX_VM_NICS: usize = 8;
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
     ApiError::new(
@@ -1099,6 +1106,28 @@ async fn create_vm(
             )));
         }
     }
+    if body.nics.len() > MAX_VM_NICS {
+        return Err(invalid(format!(
+            "a VM has at most {MAX_VM_NICS} NICs, not {}",
+            body.nics.len()
+        )));
+    }
+    let stem: String = body.name.chars().take(58).collect();
+    let nics = body
+        .nics
+        .into_iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            network::new_port(
+                project.clone(),
+                format!("{stem}-nic{i}"),
+                &nic.subnet,
+                nic.ip.as_deref(),
+                nic.security_groups,
+                0,
+            )
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
     let vm_id = crate::join::random_hex(8);
     let boot = body.image.map(|image| crate::compute::BootDisk {
         volume: volumes::new_volume(
@@ -1135,6 +1164,7 @@ async fn create_vm(
         reboots: 0,
         boot_volume: None,
         observed_generation: 0,
+        nics: Vec::new(),
     };
     let outcome = node
         .write(&Command::CreateVm {
@@ -1142,6 +1172,7 @@ async fn create_vm(
             overcommit_cpu_percent: (overcommit.cpu * 100.0) as u32,
             overcommit_memory_percent: (overcommit.memory * 100.0) as u32,
             boot,
+            nics,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))

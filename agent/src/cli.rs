@@ -626,6 +626,10 @@ pub enum VmCommand {
         /// The boot volume's size (default: the image's), e.g. 10G.
         #[arg(long, value_parser = parse_size)]
         disk_size: Option<u64>,
+        /// A NIC, repeatable (eth0 first): `subnet=web,sg=default`; more
+        /// `sg=` for more security groups, `ip=` for a fixed address.
+        #[arg(long = "nic", value_parser = parse_nic)]
+        nics: Vec<serde_json::Value>,
         /// Wait until the VM runs (or fails, saying why).
         #[arg(long)]
         wait: bool,
@@ -2045,6 +2049,36 @@ async fn run_image(command: ImageCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `subnet=web,sg=default,sg=ssh,ip=10.0.0.5` as the API's NIC object.
+fn parse_nic(text: &str) -> Result<serde_json::Value, String> {
+    let mut subnet = None;
+    let mut groups = Vec::new();
+    let mut ip = None;
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("subnet", v)) if !v.is_empty() => subnet = Some(v.to_string()),
+            Some(("sg", v)) if !v.is_empty() => groups.push(v.to_string()),
+            Some(("ip", v)) if !v.is_empty() => ip = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "{pair:?} is not subnet=NAME, sg=GROUP or ip=ADDRESS (e.g. --nic subnet=web,sg=default)"
+                ))
+            }
+        }
+    }
+    let Some(subnet) = subnet else {
+        return Err("a NIC needs subnet=NAME (e.g. --nic subnet=web,sg=default)".into());
+    };
+    let mut nic = serde_json::json!({ "subnet": subnet });
+    if !groups.is_empty() {
+        nic["security_groups"] = groups.into();
+    }
+    if let Some(ip) = ip {
+        nic["ip"] = ip.into();
+    }
+    Ok(nic)
+}
+
 fn print_vms(vms: &[serde_json::Value]) {
     let rows: Vec<Vec<String>> = vms
         .iter()
@@ -2067,12 +2101,27 @@ fn print_vms(vms: &[serde_json::Value]) {
                     .map(|a| text(&a["volume"]))
                     .collect::<Vec<_>>()
                     .join(","),
+                v["nics"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| text(&n["ip"]))
+                    .collect::<Vec<_>>()
+                    .join(","),
             ]
         })
         .collect();
     print_table(
         &[
-            "NAME", "STATE", "WANTED", "NODE", "VCPUS", "MEMORY", "ZONE", "VOLUMES",
+            "NAME",
+            "STATE",
+            "WANTED",
+            "NODE",
+            "VCPUS",
+            "MEMORY",
+            "ZONE",
+            "VOLUMES",
+            "ADDRESSES",
         ],
         &rows,
     );
@@ -2118,6 +2167,7 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             anti_affinity,
             image,
             disk_size,
+            nics,
             wait,
             no_start,
             api,
@@ -2133,6 +2183,9 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             }
             if let Some(d) = disk_size {
                 body["disk_size_bytes"] = d.into();
+            }
+            if !nics.is_empty() {
+                body["nics"] = nics.into();
             }
             let client = api.resolve()?;
             let mut vm = client

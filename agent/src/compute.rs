@@ -69,6 +69,7 @@ pub fn create_vm(
     vm: VmRecord,
     overcommit: Overcommit,
     boot: Option<BootDisk>,
+    nics: Vec<crate::network::PortRecord>,
 ) -> KvResult<Outcome> {
     let project_key = format!("{PREFIX_PROJECTS}{}", vm.project);
     let key = format!("{PREFIX_VMS}{}/{}", vm.project, vm.name);
@@ -116,8 +117,38 @@ pub fn create_vm(
     let mut vm = VmRecord {
         zone: project.zone,
         node_id,
+        nics: Vec::new(),
         ..vm
     };
+    // Its ports live where it runs. Nothing is rolled back by the log, so a
+    // refusal undoes the ports made before it.
+    let undo = |kv: &mut KvWrite<'_>, vm: &VmRecord| -> KvResult<()> {
+        for nic in &vm.nics {
+            crate::network::delete_port(kv, &vm.project, &nic.port)?;
+        }
+        Ok(())
+    };
+    for mut port in nics {
+        port.node = node_id;
+        port.vm = Some(vm.name.clone());
+        match crate::network::create_port(kv, port)? {
+            Ok(v) => {
+                let port: crate::network::PortRecord =
+                    serde_json::from_value(v).expect("a port record");
+                vm.nics.push(crate::model::VmNic {
+                    port: port.name,
+                    vpc: port.vpc,
+                    subnet: port.subnet,
+                    mac: port.mac,
+                    ip: port.ip.to_string(),
+                });
+            }
+            Err(refused) => {
+                undo(kv, &vm)?;
+                return Ok(Err(refused));
+            }
+        }
+    }
     if let Some(boot) = boot {
         let mut volume = boot.volume;
         volume.attached_to = Some(vm.id.clone());
@@ -129,7 +160,10 @@ pub fn create_vm(
         )?;
         let volume: VolumeRecord = match created {
             Ok(v) => serde_json::from_value(v).expect("a volume record"),
-            Err(refused) => return Ok(Err(refused)),
+            Err(refused) => {
+                undo(kv, &vm)?;
+                return Ok(Err(refused));
+            }
         };
         vm.volumes.insert(
             0,
@@ -161,9 +195,12 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
             format!("VM {name:?} does not exist in project {project:?}"),
         )));
     };
-    // Its boot volume goes with it; other volumes stay, detached.
+    // Its boot volume and its NICs go with it; other volumes stay, detached.
     record.usage = record.usage.minus(&vm.usage());
     put_json(kv, &project_key, &record)?;
+    for nic in &vm.nics {
+        crate::network::delete_port(kv, project, &nic.port)?;
+    }
     for attachment in &vm.volumes {
         let volume_key = format!(
             "{PREFIX_VOLUMES}{}/{}",

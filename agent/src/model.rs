@@ -180,6 +180,18 @@ pub struct Attachment {
     pub volume_id: String,
 }
 
+/// A VM's NIC: the port made for it with the VM (deleted with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmNic {
+    /// The port's name (`<vm>-nic<N>`), e.g. for `allod fip bind --port`.
+    pub port: String,
+    pub vpc: String,
+    pub subnet: String,
+    pub mac: String,
+    /// The address IPAM gave it; the guest gets it by DHCP.
+    pub ip: String,
+}
+
 /// A VM's record: its desired spec and where the scheduler put it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmRecord {
@@ -223,6 +235,9 @@ pub struct VmRecord {
     /// The spec generation its node last defined.
     #[serde(default)]
     pub observed_generation: u64,
+    /// Its NICs, in the guest's order (eth0 first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<VmNic>,
 }
 
 fn default_power() -> String {
@@ -360,6 +375,9 @@ pub enum Command {
         /// A boot volume cloned from an image, made in the same step.
         #[serde(default)]
         boot: Option<crate::compute::BootDisk>,
+        /// Ports for its NICs (their node is set where the VM is placed).
+        #[serde(default)]
+        nics: Vec<crate::network::PortRecord>,
     },
     DeleteVm {
         project: String,
@@ -1027,6 +1045,7 @@ impl ClusterApply {
                 overcommit_cpu_percent,
                 overcommit_memory_percent,
                 boot,
+                nics,
             } => crate::compute::create_vm(
                 kv,
                 vm,
@@ -1035,6 +1054,7 @@ impl ClusterApply {
                     memory: f64::from(overcommit_memory_percent) / 100.0,
                 },
                 boot,
+                nics,
             )?,
             Command::SetVmPower {
                 project,

@@ -527,14 +527,13 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             let Some(port) = get_json::<PortRecord>(kv, &key)? else {
                 return Ok(Err(not_found(format!("port {name:?} does not exist"))));
             };
-            if let Some(fip) = port.floating_ip {
-                let fkey = format!("{PREFIX_FIPS}{fip}");
-                if let Some(mut f) = get_json::<FloatingIpRecord>(kv, &fkey)? {
-                    f.port = None;
-                    put_json(kv, &fkey, &f)?;
-                }
+            if let Some(vm) = port.vm {
+                return Ok(Err(domain(
+                    ErrorCode::FailedPrecondition,
+                    format!("port {name:?} is a NIC of VM {vm:?}; it goes when the VM is deleted"),
+                )));
             }
-            kv.delete(&key)?;
+            delete_port(kv, &project, &name)?;
             Ok(serde_json::Value::Null)
         }
         NetCommand::CreatePool { pool } => {
@@ -713,6 +712,22 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             Ok(serde_json::Value::Null)
         }
     })
+}
+
+/// Deletes a port if it exists; its floating IP stays allocated, unbound.
+pub fn delete_port(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<()> {
+    let key = format!("{PREFIX_PORTS}{project}/{name}");
+    let Some(port) = get_json::<PortRecord>(kv, &key)? else {
+        return Ok(());
+    };
+    if let Some(fip) = port.floating_ip {
+        let fkey = format!("{PREFIX_FIPS}{fip}");
+        if let Some(mut f) = get_json::<FloatingIpRecord>(kv, &fkey)? {
+            f.port = None;
+            put_json(kv, &fkey, &f)?;
+        }
+    }
+    kv.delete(&key)
 }
 
 /// Creates a port: checks its subnet and groups, assigns its address.

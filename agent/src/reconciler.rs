@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hypervisor::lifecycle::{HvError, Hypervisor, Observed, Power};
-use hypervisor::spec::{Disk, DomainSpec, VirtType};
+use hypervisor::spec::{Disk, DomainSpec, Nic, VirtType};
 
 use crate::model::{Command, VmRecord, PREFIX_VMS};
 use crate::node::ClusterNode;
@@ -34,8 +34,14 @@ pub fn node_key(node: &ClusterNode) -> String {
     format!("{}-{}", node.config.cluster_id, node.id)
 }
 
-/// The domain a VM record asks for on this node.
-pub fn domain_spec(node: &ClusterNode, vm: &VmRecord, virt_type: VirtType) -> DomainSpec {
+/// The domain a VM record asks for on this node, with `nics` resolved by
+/// [`nics_of`].
+pub fn domain_spec(
+    node: &ClusterNode,
+    vm: &VmRecord,
+    nics: Vec<Nic>,
+    virt_type: VirtType,
+) -> DomainSpec {
     use sha2::Digest;
     let h = hex::encode(sha2::Sha256::digest(vm.id.as_bytes()));
     let uuid = format!(
@@ -65,13 +71,49 @@ pub fn domain_spec(node: &ClusterNode, vm: &VmRecord, virt_type: VirtType) -> Do
                 read_only: false,
             })
             .collect(),
-        nics: Vec::new(),
+        nics,
         node: node_key(node),
         project: vm.project.clone(),
         name: vm.name.clone(),
         generation: vm.generation,
         console_log: Some(console_log(node, &vm.id).display().to_string()),
     }
+}
+
+/// A VM's NICs as libvirt must plug them: each port's tap on its VPC's
+/// bridge. Refused while a bridge is missing (the network reconciler builds
+/// it once the port is in the state), so a guest never starts without a
+/// NIC it was given.
+pub fn nics_of(node: &ClusterNode, vm: &VmRecord) -> Result<Vec<Nic>, String> {
+    let mut nics = Vec::new();
+    for nic in &vm.nics {
+        let port = node
+            .state
+            .port(&vm.project, &nic.port)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("its port {:?} is gone", nic.port))?;
+        let vpc = node
+            .state
+            .vpc(&vm.project, &port.vpc)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the VPC {:?} of its port is gone", port.vpc))?;
+        let bridge = netfabric::names::bridge(vpc.vni);
+        if !std::path::Path::new("/sys/class/net")
+            .join(&bridge)
+            .exists()
+        {
+            return Err(format!(
+                "waiting for the network fabric to build bridge {bridge} for VPC {:?} on this node",
+                port.vpc
+            ));
+        }
+        nics.push(Nic {
+            bridge,
+            tap: port.host_interface,
+            mac: port.mac,
+        });
+    }
+    Ok(nics)
 }
 
 /// The data directory as an absolute path (QEMU resolves paths itself).
@@ -243,7 +285,11 @@ async fn converge(
 ) -> (String, Option<String>) {
     let id = vm.id.clone();
     if observed.is_none_or(|o| o.generation != vm.generation) {
-        let spec = domain_spec(node, vm, options.virt_type);
+        let nics = match nics_of(node, vm) {
+            Ok(nics) => nics,
+            Err(waiting) => return ("creating".into(), Some(waiting)),
+        };
+        let spec = domain_spec(node, vm, nics, options.virt_type);
         if let Err(e) = blocking(hv, move |h| h.define(&spec)).await {
             return (
                 "failed".into(),

@@ -1,7 +1,12 @@
 //! Tenant networks end to end on one node in a network namespace: the CLI
 //! of the interface contract, refusals of bad input that leave the kernel
 //! untouched, a "VM" namespace on a port getting its address by DHCP, and
-//! an agent restart that changes nothing in the kernel.
+//! an agent restart that changes nothing in the kernel. Then a real guest
+//! under libvirt (TCG) with a NIC on a subnet, on a node in the host's own
+//! namespace (where libvirt makes its taps).
+
+mod common;
+mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -24,6 +29,8 @@ fn sh(cmd: &str) -> String {
 struct Node {
     child: Child,
     dir: tempfile::TempDir,
+    /// The node's namespace; None: the host's.
+    netns: Option<&'static str>,
 }
 
 impl Drop for Node {
@@ -35,8 +42,10 @@ impl Drop for Node {
                 std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
             eprintln!("agent log:\n{log}");
         }
-        for ns in [NS, VM] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        if self.netns.is_some() {
+            for ns in [NS, VM] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
         }
     }
 }
@@ -65,8 +74,15 @@ fn start(dir: &Path) -> Child {
 }
 
 fn allod(node: &Node, args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(["netns", "exec", NS, BIN])
+    let mut command = match node.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    command
         .args(args)
         .arg("--data-dir")
         .arg(node.dir.path().join("data"))
@@ -133,6 +149,7 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
     let mut node = Node {
         child: start(dir.path()),
         dir,
+        netns: Some(NS),
     };
     eventually("the node answers", || {
         allod(&node, &["project", "create", "p"]).status.success()
@@ -316,4 +333,228 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
     sh(&format!(
         "ip netns exec {VM} busybox ping -c 1 -W 2 10.0.0.1"
     ));
+}
+
+/// Removes what the host-namespace node built, however the test ends: the
+/// domain, then the VPC's links, the router namespace pin and the tables.
+struct HostNetwork {
+    vni: Option<u64>,
+    domain: Option<String>,
+    pins: std::path::PathBuf,
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        if let Some(d) = &self.domain {
+            for verb in ["destroy", "undefine"] {
+                let _ = Command::new("virsh")
+                    .args(["-c", "qemu:///system", verb, d])
+                    .output();
+            }
+        }
+        if let Some(vni) = self.vni {
+            for link in ["albr", "alvx", "algw", "alex"] {
+                let _ = Command::new("ip")
+                    .args(["link", "del", &format!("{link}-{vni}")])
+                    .output();
+            }
+            let pin = self.pins.join(format!("alrt-{vni}"));
+            let _ = Command::new("umount").arg(&pin).output();
+        }
+        for family in ["bridge", "inet"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, "allod"])
+                .output();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_guest_under_libvirt_gets_its_nic_address_by_dhcp_and_reaches_its_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU runs as libvirt-qemu and must reach the node's NBD socket.
+    sh(&format!("chmod 755 {}", dir.path().display()));
+    let mut host = HostNetwork {
+        vni: None,
+        domain: None,
+        pins: dir.path().join("pins"),
+    };
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["up", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--storage-listen", "127.0.0.1:0"])
+        .args(["--virt-type", "qemu", "--uplink", "none"])
+        // No other node: the VXLAN device needs a source address only.
+        .args(["--underlay-address", "10.98.1.1", "--netns-dir"])
+        .arg(&host.pins)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let node = Node {
+        child,
+        dir,
+        netns: None,
+    };
+    eventually("the node answers", || {
+        allod(&node, &["project", "create", "p"]).status.success()
+    });
+    let vpc = json(&node, &["vpc", "create", "v", "--project", "p"]);
+    let vni = vpc["vni"].as_u64().unwrap();
+    host.vni = Some(vni);
+    json(
+        &node,
+        &[
+            "subnet",
+            "create",
+            "web",
+            "--vpc",
+            "v",
+            "--cidr",
+            "10.77.0.0/24",
+            "--project",
+            "p",
+            "--dns",
+            "192.0.2.53",
+        ],
+    );
+    // The guest asks for a lease, says what it got on its serial console,
+    // takes the address and pings its gateway.
+    let kit = tempfile::tempdir().unwrap();
+    let disk = support::build_boot_disk(
+        kit.path(),
+        "printf '#!/bin/sh\n[ \"$1\" = bound ] && echo \"LEASE $ip/$mask via $router dns $dns mtu $mtu\" > /dev/ttyS0 && ip addr add $ip/$mask dev $interface\nexit 0\n' > /bin/lease\n\
+         chmod 755 /bin/lease\n\
+         ip link set lo up\n\
+         ip link set eth0 up\n\
+         udhcpc -i eth0 -n -q -f -t 20 -T 2 -O mtu -s /bin/lease\n\
+         ping -c 3 -W 5 10.77.0.1 > /dev/null && echo GATEWAY-ANSWERS > /dev/ttyS0\n\
+         while true; do sleep 60; done",
+    );
+    let image = allod(
+        &node,
+        &["image", "import", disk.to_str().unwrap(), "--name", "tiny"],
+    );
+    assert!(
+        image.status.success(),
+        "{}",
+        String::from_utf8_lossy(&image.stderr)
+    );
+    refused(
+        &node,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--project",
+            "p",
+            "--memory",
+            "256M",
+            "--nic",
+            "sg=default",
+        ],
+        "a NIC needs subnet=NAME",
+    );
+    refused(
+        &node,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--project",
+            "p",
+            "--memory",
+            "256M",
+            "--image",
+            "tiny",
+            "--nic",
+            "subnet=nowhere",
+        ],
+        "subnet \"nowhere\" does not exist",
+    );
+    assert_eq!(
+        json(&node, &["port", "list", "--project", "p"]),
+        serde_json::json!([]),
+        "a refused VM left a port behind"
+    );
+    let vm = json(
+        &node,
+        &[
+            "vm",
+            "create",
+            "g1",
+            "--project",
+            "p",
+            "--memory",
+            "256M",
+            "--image",
+            "tiny",
+            "--nic",
+            "subnet=web,sg=default",
+        ],
+    );
+    let id = vm["id"].as_str().unwrap().to_string();
+    host.domain = Some(format!("allod-{id}"));
+    assert_eq!(vm["nics"][0]["port"], "g1-nic0");
+    assert_eq!(vm["nics"][0]["ip"], "10.77.0.2");
+    let ports = json(&node, &["port", "list", "--project", "p"]);
+    let port = &ports[0];
+    assert_eq!(port["name"], "g1-nic0");
+    assert_eq!(port["vm"], "g1");
+    assert_eq!(port["mac"], vm["nics"][0]["mac"]);
+    let tap = port["host_interface"].as_str().unwrap().to_string();
+    refused(
+        &node,
+        &["port", "delete", "g1-nic0", "--project", "p"],
+        "is a NIC of VM \"g1\"",
+    );
+
+    let console = node.dir.path().join(format!("data/console/{id}.log"));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("GATEWAY-ANSWERS") {
+            assert!(
+                text.contains("LEASE 10.77.0.2/24 via 10.77.0.1 dns 192.0.2.53 mtu 1450"),
+                "the guest's lease: {text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not reach its gateway in 240 s; its console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        sh(&format!("ip link show {tap}")).contains(&format!("master albr-{vni}")),
+        "libvirt's tap is not on the VPC's bridge"
+    );
+
+    // Deleting the VM deletes its port; the VPC leaves the node.
+    let out = allod(&node, &["vm", "delete", "g1", "--project", "p"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json(&node, &["port", "list", "--project", "p"]),
+        serde_json::json!([])
+    );
+    eventually("the VPC's links are gone from the node", || {
+        !sh("ip -o link show").contains(&format!("albr-{vni}"))
+    });
 }

@@ -50,6 +50,10 @@ fn spawn_agent(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
             "127.0.0.1:0",
             "--name",
             name,
+            // Agents sharing the host's network namespace would each own
+            // its `al*` links; this test needs none.
+            "--network-fabric",
+            "off",
         ])
         .stdout(Stdio::null())
         .stderr(log)

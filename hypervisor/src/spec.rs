@@ -270,7 +270,7 @@ impl DomainSpec {
             let _ = writeln!(x, "    <interface type='bridge'>");
             let _ = writeln!(x, "      <mac address='{}'/>", nic.mac.to_ascii_lowercase());
             let _ = writeln!(x, "      <source bridge='{}'/>", escape(&nic.bridge));
-            let _ = writeln!(x, "      <target dev='{}' managed='no'/>", escape(&nic.tap));
+            let _ = writeln!(x, "      <target dev='{}'/>", escape(&nic.tap));
             let _ = writeln!(x, "      <model type='virtio'/>");
             let _ = writeln!(x, "    </interface>");
         }

@@ -277,6 +277,59 @@ pub struct CreatePort {
     ip: Option<String>,
 }
 
+/// A NIC of a new VM: a port made with the VM, on the VM's node.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNicRequest {
+    /// Subnet name, or VPC/SUBNET when several VPCs have one of that name.
+    pub subnet: String,
+    /// Default: `["default"]`.
+    #[serde(default)]
+    pub security_groups: Option<Vec<String>>,
+    /// Default: the lowest free address of the subnet.
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+/// A port record as the API makes it: a fresh id, MAC and host interface;
+/// the address is assigned where the create applies.
+pub(crate) fn new_port(
+    project: String,
+    name: String,
+    subnet: &str,
+    ip: Option<&str>,
+    security_groups: Option<Vec<String>>,
+    node: u64,
+) -> ApiResult<PortRecord> {
+    let (vpc, subnet) = match subnet.split_once('/') {
+        Some((v, s)) => (v.to_string(), s.to_string()),
+        None => (String::new(), subnet.to_string()),
+    };
+    if subnet.is_empty() {
+        return Err(invalid(
+            "a NIC needs a subnet (e.g. --nic subnet=web,sg=default)",
+        ));
+    }
+    let id = crate::join::random_hex(8);
+    Ok(PortRecord {
+        host_interface: crate::network::host_interface(&id),
+        id,
+        name,
+        project,
+        vpc,
+        subnet,
+        mac: crate::network::random_mac(),
+        ip: match ip {
+            Some(ip) => parse_ip(ip, "ip")?,
+            None => Ipv4Addr::UNSPECIFIED,
+        },
+        security_groups: security_groups.unwrap_or_else(|| vec!["default".into()]),
+        node,
+        vm: None,
+        floating_ip: None,
+    })
+}
+
 #[utoipa::path(get, path = "/v1/projects/{name}/ports", tag = "network",
     params(("name" = String, Path, description = "Project name")),
     responses((status = 200, description = "The project's ports (VM NICs)", body = Vec<PortRecord>)))]
@@ -310,30 +363,14 @@ pub(super) async fn create_port(
             })?,
         None => nodes.first().map(|n| n.id).unwrap_or(1),
     };
-    let (vpc, subnet) = match body.subnet.split_once('/') {
-        Some((v, s)) => (v.to_string(), s.to_string()),
-        None => (String::new(), body.subnet.clone()),
-    };
-    let id = crate::join::random_hex(8);
-    let port = PortRecord {
-        host_interface: crate::network::host_interface(&id),
-        id,
-        name: body.name,
+    let port = new_port(
         project,
-        vpc,
-        subnet,
-        mac: crate::network::random_mac(),
-        ip: match &body.ip {
-            Some(ip) => parse_ip(ip, "ip")?,
-            None => Ipv4Addr::UNSPECIFIED,
-        },
-        security_groups: body
-            .security_groups
-            .unwrap_or_else(|| vec!["default".into()]),
-        node: host,
-        vm: None,
-        floating_ip: None,
-    };
+        body.name,
+        &body.subnet,
+        body.ip.as_deref(),
+        body.security_groups,
+        host,
+    )?;
     let port = net(&node, NetCommand::CreatePort { port }).await?;
     Ok((StatusCode::CREATED, Json(port)))
 }

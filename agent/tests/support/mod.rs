@@ -50,6 +50,13 @@ fn spawn(dir: &Path, name: &str, ports: (u16, u16), extra: &[String]) -> Child {
         .args(["--peer-listen", &format!("127.0.0.1:{}", ports.1)])
         .args(["--storage-listen", "127.0.0.1:0"])
         .args(extra)
+        // Agents sharing the host's network namespace would each own its
+        // `al*` links and `allod` tables: one at most builds networks.
+        .args(if extra.iter().any(|a| a == "--network-fabric") {
+            &[][..]
+        } else {
+            &["--network-fabric", "off"][..]
+        })
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
