@@ -172,12 +172,18 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
     for p in &ports {
         let _ = writeln!(s, "  chain spoof-{} {{", p.ifname);
         let mac = format_mac(&p.mac);
+        // Every frame of the port passes here: the common case (IPv4 from
+        // its own address) leaves at the second rule; what no rule allows
+        // (other sources, IPv6, VLAN tags, other protocols) is dropped.
         let _ = writeln!(s, "    ether saddr != {mac} drop");
-        let _ = writeln!(s, "    arp saddr ether != {mac} drop");
-        let _ = writeln!(s, "    arp saddr ip != {{ 0.0.0.0, {} }} drop", p.ip);
+        let _ = writeln!(s, "    ip saddr {} accept", p.ip);
         let _ = writeln!(s, "    ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept");
-        let _ = writeln!(s, "    ip saddr != {} drop", p.ip);
-        let _ = writeln!(s, "    ether type ip6 drop");
+        let _ = writeln!(
+            s,
+            "    arp saddr ether {mac} arp saddr ip {{ 0.0.0.0, {} }} accept",
+            p.ip
+        );
+        let _ = writeln!(s, "    drop");
         let _ = writeln!(s, "  }}");
     }
     let _ = writeln!(
@@ -186,7 +192,7 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
     );
     let _ = writeln!(
         s,
-        "  chain forward {{\n    type filter hook forward priority -200; policy accept;\n    iifname \"alvx-*\" ether saddr @gateway_macs ether type arp drop\n    oifname \"alvx-*\" ether saddr @gateway_macs ether type arp drop\n    meta mark set 0\n    meta mark set oifname map @port_mark\n  }}"
+        "  chain forward {{\n    type filter hook forward priority -200; policy accept;\n    ether type arp ether saddr @gateway_macs iifname \"alvx-*\" drop\n    ether type arp ether saddr @gateway_macs oifname \"alvx-*\" drop\n    meta mark set 0\n    meta mark set oifname map @port_mark\n  }}"
     );
     let _ = writeln!(s, "}}");
     out.sets
@@ -240,10 +246,10 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
                 Direction::Egress => (format!("out-{}", p.ifname), "daddr"),
             };
             let _ = writeln!(s, "  chain {chain} {{");
+            let _ = writeln!(s, "    ct state established,related accept");
             if direction == Direction::Egress {
                 let _ = writeln!(s, "    udp sport 68 udp dport 67 accept");
             }
-            let _ = writeln!(s, "    ct state established,related accept");
             let _ = writeln!(s, "    ct state invalid drop");
             let restricted = direction == Direction::Ingress
                 || p.groups.iter().any(|g| {
