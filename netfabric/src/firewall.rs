@@ -5,16 +5,22 @@
 //! In the node's namespace:
 //! - `bridge allod` drops frames a port sends from a MAC or IPv4 address
 //!   that is not its own, keeps each node's gateway frames off the overlay,
-//!   and marks frames with the port they are bridged to;
-//! - `inet allod` (bridged IPv4 reaches it through br_netfilter) puts each
-//!   VPC in its own conntrack zone, sends traffic from a port to the port's
-//!   egress chain and traffic to a port (by mark) to its ingress chain, and
-//!   masquerades router namespaces' traffic leaving by the uplink.
+//!   and marks frames with the port they come from, then with the port they
+//!   are bridged to;
+//! - `inet allod` (bridged IPv4 reaches it through br_netfilter, which
+//!   shows the bridge, not the port, as the interface) puts each VPC's
+//!   bridge in its own conntrack zone, sends traffic from a port (by the
+//!   first mark) to the port's egress chain and traffic to a port (by the
+//!   second) to its ingress chain, and masquerades router namespaces'
+//!   traffic leaving by the uplink.
 //!
-//! Rules are not chains of statements: each security group is three sets
-//! (address . protocol . port range, address . protocol, address), so a
-//! port's chain has three lookups per group whatever the number of rules,
-//! and a rule change is a set-element change, not a new ruleset.
+//! Rules are not chains of statements: each security group is three kinds
+//! of set (address . protocol . port range, address . protocol, address),
+//! so a port's chain has a fixed number of lookups per group whatever the
+//! number of rules (and only for a connection's first packet), and a rule
+//! change is a set-element change, not a new ruleset. The two concatenated
+//! kinds are split into [`SHARDS`] sets by a hash of the element: deleting
+//! from such a set costs the kernel time in proportion to its size.
 //!
 //! In each router namespace, `ip allod` holds the floating IPs' DNAT and
 //! SNAT and masquerades everything else leaving for the node.
@@ -26,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -37,6 +44,24 @@ use crate::{
 /// Marks carried from the bridge to the IPv4 hooks: this base plus the
 /// port's number, so marks others use are never mistaken for a port.
 const MARK_BASE: u32 = 0xa100_0000;
+
+/// The mark of frames a port sends (the n-th local port, from 0); frames
+/// bridged to it get [`MARK_BASE`] + n + 1.
+fn source_mark(n: usize) -> u32 {
+    MARK_BASE + 0x0080_0000 + n as u32 + 1
+}
+
+/// Sets each concatenated rule kind of a group is split into.
+pub const SHARDS: usize = 8;
+
+/// The shard of a set element: FNV-1a of its text, stable across runs.
+fn shard(element: &str) -> usize {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in element.bytes() {
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    hash as usize % SHARDS
+}
 
 /// A rendered scope: tables without their sets' elements, and the elements.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -91,8 +116,14 @@ struct Scope {
 /// Applies the firewall scopes, remembering what it applied.
 pub struct Firewall {
     netns_dir: PathBuf,
-    applied: HashMap<Option<String>, Rendered>,
+    /// What each scope holds, as last applied or found, and when the
+    /// kernel last confirmed it.
+    applied: HashMap<Option<String>, (Rendered, Instant)>,
 }
+
+/// How long a scope found or made current is trusted without asking the
+/// kernel again (drift is mended on the first pass after this).
+const TRUSTED_FOR: Duration = Duration::from_secs(4);
 
 fn rule_sets_name(sg: usize, direction: Direction, kind: &str) -> String {
     let d = match direction {
@@ -144,17 +175,15 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
         }
         if any {
             gateways.insert(format_mac(&gateway_mac(vpc.vni)));
-            zones.push((names::vxlan(vpc.vni), vpc.vni));
-            zones.push((names::gateway_leg(vpc.vni), vpc.vni));
+            // Bridged IPv4 reaches the inet hooks with the bridge as its
+            // input interface (br_netfilter), whichever port it came by.
+            zones.push((names::bridge(vpc.vni), vpc.vni));
         }
     }
     if ports.is_empty() {
         return None;
     }
     ports.sort_by(|a, b| a.ifname.cmp(b.ifname));
-    for p in &ports {
-        zones.push((p.ifname.to_string(), p.vni));
-    }
 
     // Security groups get small numbers for their set names.
     let used: BTreeSet<&String> = ports.iter().flat_map(|p| p.groups.iter()).collect();
@@ -169,12 +198,15 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
     let _ = writeln!(s, "  set gateway_macs {{ type ether_addr; }}");
     let _ = writeln!(s, "  map port_mark {{ type ifname : mark; }}");
     let _ = writeln!(s, "  map spoof {{ type ifname : verdict; }}");
-    for p in &ports {
+    for (i, p) in ports.iter().enumerate() {
         let _ = writeln!(s, "  chain spoof-{} {{", p.ifname);
         let mac = format_mac(&p.mac);
         // Every frame of the port passes here: the common case (IPv4 from
-        // its own address) leaves at the second rule; what no rule allows
+        // its own address) leaves at the third rule; what no rule allows
         // (other sources, IPv6, VLAN tags, other protocols) is dropped.
+        // The mark names the port the frame came from, for the inet
+        // table's egress chains (its hooks see only the bridge).
+        let _ = writeln!(s, "    meta mark set {:#x}", source_mark(i));
         let _ = writeln!(s, "    ether saddr != {mac} drop");
         let _ = writeln!(s, "    ip saddr {} accept", p.ip);
         let _ = writeln!(s, "    ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept");
@@ -217,21 +249,23 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
     let _ = writeln!(s, "table inet allod {{");
     let _ = writeln!(s, "  set fingerprint {{ type ifname; }}");
     let _ = writeln!(s, "  map zone {{ typeof iifname : ct zone; }}");
-    let _ = writeln!(s, "  map egress {{ type ifname : verdict; }}");
+    let _ = writeln!(s, "  map egress {{ type mark : verdict; }}");
     let _ = writeln!(s, "  map ingress {{ type mark : verdict; }}");
     for (group, n) in &numbers {
         let _ = group;
         for direction in [Direction::Ingress, Direction::Egress] {
-            let _ = writeln!(
-                s,
-                "  set {} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}",
-                rule_sets_name(*n, direction, "pp")
-            );
-            let _ = writeln!(
-                s,
-                "  set {} {{ type ipv4_addr . inet_proto; flags interval; }}",
-                rule_sets_name(*n, direction, "p")
-            );
+            for k in 0..SHARDS {
+                let _ = writeln!(
+                    s,
+                    "  set {} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}",
+                    rule_sets_name(*n, direction, &format!("pp{k}"))
+                );
+                let _ = writeln!(
+                    s,
+                    "  set {} {{ type ipv4_addr . inet_proto; flags interval; }}",
+                    rule_sets_name(*n, direction, &format!("p{k}"))
+                );
+            }
             let _ = writeln!(
                 s,
                 "  set {} {{ type ipv4_addr; flags interval; auto-merge; }}",
@@ -267,16 +301,20 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
             } else {
                 for g in p.groups {
                     let n = numbers[g];
-                    let _ = writeln!(
-                        s,
-                        "    ip {field} . meta l4proto . th dport @{} accept",
-                        rule_sets_name(n, direction, "pp")
-                    );
-                    let _ = writeln!(
-                        s,
-                        "    ip {field} . meta l4proto @{} accept",
-                        rule_sets_name(n, direction, "p")
-                    );
+                    for k in 0..SHARDS {
+                        let _ = writeln!(
+                            s,
+                            "    ip {field} . meta l4proto . th dport @{} accept",
+                            rule_sets_name(n, direction, &format!("pp{k}"))
+                        );
+                    }
+                    for k in 0..SHARDS {
+                        let _ = writeln!(
+                            s,
+                            "    ip {field} . meta l4proto @{} accept",
+                            rule_sets_name(n, direction, &format!("p{k}"))
+                        );
+                    }
                     let _ = writeln!(
                         s,
                         "    ip {field} @{} accept",
@@ -294,7 +332,7 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
     );
     let _ = writeln!(
         s,
-        "  chain prerouting {{\n    type filter hook prerouting priority 0; policy accept;\n    iifname vmap @egress\n  }}"
+        "  chain prerouting {{\n    type filter hook prerouting priority 0; policy accept;\n    meta mark vmap @egress\n  }}"
     );
     let _ = writeln!(
         s,
@@ -320,7 +358,8 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
         "inet allod egress".into(),
         ports
             .iter()
-            .map(|p| format!("\"{0}\" : jump out-{0}", p.ifname))
+            .enumerate()
+            .map(|(i, p)| format!("{:#x} : jump out-{}", source_mark(i), p.ifname))
             .collect(),
     );
     out.sets.insert(
@@ -368,14 +407,21 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
                     }
                 }
             }
-            out.sets.insert(
-                format!("inet allod {}", rule_sets_name(*n, direction, "pp")),
-                pp,
-            );
-            out.sets.insert(
-                format!("inet allod {}", rule_sets_name(*n, direction, "p")),
-                p,
-            );
+            for (kind, elements) in [("pp", pp), ("p", p)] {
+                let mut shards = vec![BTreeSet::new(); SHARDS];
+                for e in elements {
+                    shards[shard(&e)].insert(e);
+                }
+                for (k, elements) in shards.into_iter().enumerate() {
+                    out.sets.insert(
+                        format!(
+                            "inet allod {}",
+                            rule_sets_name(*n, direction, &format!("{kind}{k}"))
+                        ),
+                        elements,
+                    );
+                }
+            }
             out.sets.insert(
                 format!("inet allod {}", rule_sets_name(*n, direction, "a")),
                 a,
@@ -515,24 +561,16 @@ impl Firewall {
             return Ok(true);
         };
         let fingerprint = wanted.fingerprint();
-        let current = nft(
-            path.as_deref(),
-            &format!("list set {} fingerprint\n", scope.fingerprint_table),
-            &label,
-        )
-        .await
-        .ok();
-        let up_to_date = current
-            .as_deref()
-            .is_some_and(|text| text.contains(&format!("\"{fingerprint}\"")));
-        if up_to_date {
-            self.applied.insert(scope.namespace.clone(), wanted);
-            return Ok(false);
-        }
         let fingerprint_set = format!("{} fingerprint", scope.fingerprint_table);
-        let script = match self.applied.get(&scope.namespace) {
-            // Same tables, same chains: change only set elements.
-            Some(before) if before.structure == wanted.structure && current.is_some() => {
+        if let Some((before, confirmed)) = self.applied.get(&scope.namespace) {
+            if *before == wanted && confirmed.elapsed() < TRUSTED_FOR {
+                return Ok(false);
+            }
+            if before.structure == wanted.structure && *before != wanted {
+                // Same tables and chains: change only set elements, in one
+                // transaction that also swaps the fingerprint. Deleting the
+                // old fingerprint fails the whole transaction if the tables
+                // are not what this fabric left, and then they are replaced.
                 let mut script = String::new();
                 for (set, elements) in &wanted.sets {
                     let old = before.sets.get(set).cloned().unwrap_or_default();
@@ -545,16 +583,46 @@ impl Firewall {
                         let _ = writeln!(script, "add element {set} {{ {} }}", new.join(", "));
                     }
                 }
-                script
+                let _ = writeln!(
+                    script,
+                    "delete element {fingerprint_set} {{ \"{}\" }}\nadd element {fingerprint_set} {{ \"{fingerprint}\" }}",
+                    before.fingerprint()
+                );
+                match nft(path.as_deref(), &script, &label).await {
+                    Ok(_) => {
+                        self.applied
+                            .insert(scope.namespace.clone(), (wanted, Instant::now()));
+                        return Ok(true);
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            scope = %label,
+                            "the firewall tables were changed outside Allod; replacing them ({e})"
+                        );
+                    }
+                }
             }
-            _ => wanted.full_script(&scope.tables),
-        };
-        let script = format!(
-            "{script}flush set {fingerprint_set}\nadd element {fingerprint_set} {{ \"{fingerprint}\" }}\n"
-        );
-        nft(path.as_deref(), &script, &label).await?;
-        self.applied.insert(scope.namespace.clone(), wanted);
-        Ok(true)
+        }
+        let current = nft(
+            path.as_deref(),
+            &format!("list set {fingerprint_set}\n"),
+            &label,
+        )
+        .await
+        .ok();
+        let up_to_date = current
+            .as_deref()
+            .is_some_and(|text| text.contains(&format!("\"{fingerprint}\"")));
+        if !up_to_date {
+            let script = format!(
+                "{}add element {fingerprint_set} {{ \"{fingerprint}\" }}\n",
+                wanted.full_script(&scope.tables)
+            );
+            nft(path.as_deref(), &script, &label).await?;
+        }
+        self.applied
+            .insert(scope.namespace.clone(), (wanted, Instant::now()));
+        Ok(!up_to_date)
     }
 }
 

@@ -664,6 +664,52 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
         connect("nfc-c1", "10.2.0.2", 22, None).is_none(),
         "new connections follow the new rules"
     );
+
+    // A rule naming another group lets that group's members in, and no one
+    // else.
+    g.insert(
+        "peers".into(),
+        SecurityGroup {
+            rules: vec![],
+            members: vec![ip("10.2.0.20")],
+        },
+    );
+    g.get_mut("ssh").unwrap().rules.push(Rule {
+        direction: Direction::Ingress,
+        protocol: Protocol::Tcp,
+        ports: Some((24, 24)),
+        peer: Peer::Group("peers".into()),
+    });
+    serve("nfc-s", 24, "s24");
+    apply(&w, &g);
+    assert_eq!(
+        connect("nfc-c2", "10.2.0.2", 24, None).map(|c| c.0),
+        Some("s24 10.2.0.20".to_string()),
+        "a member of the peer group is let in"
+    );
+    assert!(
+        connect("nfc-c1", "10.2.0.2", 24, None).is_none(),
+        "c1 is not a member of the peer group"
+    );
+
+    // Egress is open until a group restricts it, then only what its rules
+    // allow leaves the port.
+    assert!(connect("nfc-c2", "10.2.0.2", 23, None).is_some());
+    g.get_mut("none").unwrap().rules.push(Rule {
+        direction: Direction::Egress,
+        protocol: Protocol::Tcp,
+        ports: Some((24, 24)),
+        peer: Peer::Cidr(net("10.2.0.2/32")),
+    });
+    apply(&w, &g);
+    assert!(
+        connect("nfc-c2", "10.2.0.2", 24, None).is_some(),
+        "the egress rule allows tcp/24 to s"
+    );
+    assert!(
+        connect("nfc-c2", "10.2.0.2", 23, None).is_none(),
+        "egress to tcp/23 is no longer allowed"
+    );
 }
 
 #[test]
