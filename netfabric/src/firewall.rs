@@ -149,7 +149,6 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
         mac: crate::Mac,
         ip: std::net::Ipv4Addr,
         groups: &'a [String],
-        vni: u32,
     }
     let mut ports = Vec::new();
     let mut gateways = BTreeSet::new();
@@ -169,7 +168,6 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
                     mac: port.mac,
                     ip: port.ip,
                     groups: security_groups,
-                    vni: vpc.vni,
                 });
             }
         }
