@@ -216,13 +216,17 @@ pub fn render_node(network: &NodeNetwork) -> Option<Rendered> {
         let _ = writeln!(s, "    drop");
         let _ = writeln!(s, "  }}");
     }
+    // A host interface named like a port but unknown to this fabric (a
+    // port deleted, a tap made by hand) gets nothing in or out: no chain
+    // would filter it. (This kernel has no `meta ibrname` to tell which
+    // bridge a frame is on.)
     let _ = writeln!(
         s,
-        "  chain prerouting {{\n    type filter hook prerouting priority -200; policy accept;\n    iifname vmap @spoof\n  }}"
+        "  chain prerouting {{\n    type filter hook prerouting priority -200; policy accept;\n    iifname vmap @spoof\n    iifname \"alp*\" drop\n  }}"
     );
     let _ = writeln!(
         s,
-        "  chain forward {{\n    type filter hook forward priority -200; policy accept;\n    ether type arp ether saddr @gateway_macs iifname \"alvx-*\" drop\n    ether type arp ether saddr @gateway_macs oifname \"alvx-*\" drop\n    meta mark set 0\n    meta mark set oifname map @port_mark\n  }}"
+        "  chain forward {{\n    type filter hook forward priority -200; policy accept;\n    ether type arp ether saddr @gateway_macs iifname \"alvx-*\" drop\n    ether type arp ether saddr @gateway_macs oifname \"alvx-*\" drop\n    meta mark set oifname map @port_mark accept\n    oifname \"alp*\" drop\n  }}"
     );
     let _ = writeln!(s, "}}");
     out.sets

@@ -635,6 +635,20 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
         connect("nfc-s", "10.2.0.5", 22, None).is_none(),
         "c1 takes nothing in"
     );
+    // An interface on the VPC's bridge that is no port of Allod's (here an
+    // address the rule would let in) gets nothing through.
+    w.vm(
+        "x",
+        0,
+        "alpzz",
+        "02:00:00:00:02:09",
+        Some(("10.2.0.9/24", "10.2.0.1")),
+    );
+    sh("ip -n nfc-n1 link set alpzz master albr-30");
+    assert!(
+        connect("nfc-x", "10.2.0.2", 22, None).is_none(),
+        "an unknown interface on the bridge reached s"
+    );
     // A spoofed source inside the allowed CIDR is dropped at c1's port.
     sh("ip -n nfc-c1 addr add 10.2.0.6/24 dev eth0");
     assert!(
