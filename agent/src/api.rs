@@ -295,10 +295,22 @@ pub fn routes() -> crate::authz::Routes<Arc<ClusterNode>> {
             network::create_security_group,
         )
         .add(
+            Method::DELETE,
+            "/v1/projects/{name}/security-groups/{sg}",
+            project(Role::ProjectMember),
+            network::delete_security_group,
+        )
+        .add(
             Method::POST,
             "/v1/projects/{name}/security-groups/{sg}/rules",
             project(Role::ProjectMember),
             network::add_rule,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/projects/{name}/security-groups/{sg}/rules/{rule}",
+            project(Role::ProjectMember),
+            network::delete_rule,
         )
         .add(
             Method::GET,
@@ -1936,7 +1948,9 @@ async fn openapi_json() -> Response {
         network::create_subnet,
         network::list_security_groups,
         network::create_security_group,
+        network::delete_security_group,
         network::add_rule,
+        network::delete_rule,
         network::list_ports,
         network::create_port,
         network::delete_port,

@@ -78,6 +78,14 @@ pub enum SgCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Delete a group no port carries and no rule names.
+    Delete {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Rules of a group.
     #[command(subcommand)]
     Rule(RuleCommand),
@@ -104,6 +112,16 @@ pub enum RuleCommand {
         /// Peer: the ports of this security group.
         #[arg(long, conflicts_with = "cidr")]
         remote_group: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove a rule (by the id `allod sg list` shows); connections it let
+    /// in stay up, new ones follow the remaining rules.
+    Delete {
+        sg: String,
+        rule: String,
+        #[arg(long)]
+        project: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -317,6 +335,19 @@ pub async fn run_sg(command: SgCommand) -> anyhow::Result<()> {
         SgCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/security-groups");
             call(&api, Method::GET, &path, None, SG).await
+        }
+        SgCommand::Delete { name, project, api } => {
+            let path = format!("/v1/projects/{project}/security-groups/{name}");
+            call(&api, Method::DELETE, &path, None, SG).await
+        }
+        SgCommand::Rule(RuleCommand::Delete {
+            sg,
+            rule,
+            project,
+            api,
+        }) => {
+            let path = format!("/v1/projects/{project}/security-groups/{sg}/rules/{rule}");
+            call(&api, Method::DELETE, &path, None, SG).await
         }
         SgCommand::Rule(RuleCommand::Add {
             sg,

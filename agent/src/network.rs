@@ -20,6 +20,10 @@ type KvResult<T> = Result<T, allod_raft::KvError>;
 const PREFIX_VPCS: &str = "net/vpcs/";
 const PREFIX_SUBNETS: &str = "net/subnets/";
 const PREFIX_SGS: &str = "net/sgs/";
+/// Security-group rules, each a record of its own so that a rule change
+/// writes one small record whatever the group holds:
+/// `net/sg-rules/<project>/<group>/<rule id>`.
+const PREFIX_SG_RULES: &str = "net/sg-rules/";
 const PREFIX_PORTS: &str = "net/ports/";
 const PREFIX_POOLS: &str = "net/pools/";
 const PREFIX_FIPS: &str = "net/fips/";
@@ -77,7 +81,43 @@ pub struct SecurityGroupRecord {
     pub id: String,
     pub name: String,
     pub project: String,
+    /// Stored apart (see [`PREFIX_SG_RULES`]); filled in when read.
+    #[serde(default)]
     pub rules: Vec<RuleRecord>,
+}
+
+fn rules_prefix(project: &str, group: &str) -> String {
+    format!("{PREFIX_SG_RULES}{project}/{group}/")
+}
+
+/// Writes a group, its rules as records of their own.
+fn put_group(kv: &mut KvWrite<'_>, group: &SecurityGroupRecord) -> KvResult<()> {
+    let bare = SecurityGroupRecord {
+        rules: Vec::new(),
+        ..group.clone()
+    };
+    put_json(
+        kv,
+        &format!("{PREFIX_SGS}{}/{}", group.project, group.name),
+        &bare,
+    )?;
+    for rule in &group.rules {
+        put_json(
+            kv,
+            &format!("{}{}", rules_prefix(&group.project, &group.name), rule.id),
+            rule,
+        )?;
+    }
+    Ok(())
+}
+
+/// A group as stored, with its rules.
+fn with_rules(kv: &impl KvRead, mut group: SecurityGroupRecord) -> KvResult<SecurityGroupRecord> {
+    group.rules.extend(list::<RuleRecord>(
+        kv,
+        &rules_prefix(&group.project, &group.name),
+    )?);
+    Ok(group)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -317,7 +357,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                         remote_group: Some("default".into()),
                     }],
                 };
-                put_json(kv, &default_key, &group)?;
+                put_group(kv, &group)?;
             }
             Ok(value(&vpc))
         }
@@ -449,7 +489,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     format!("security group {:?} already exists", group.name),
                 )));
             }
-            put_json(kv, &key, &group)?;
+            put_group(kv, &group)?;
             Ok(value(&group))
         }
         NetCommand::DeleteSecurityGroup { project, name } => {
@@ -469,7 +509,27 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     format!("security group {name:?} is used by {users} port(s)"),
                 )));
             }
+            let groups: Vec<SecurityGroupRecord> = list(kv, &format!("{PREFIX_SGS}{project}/"))?;
+            for other in groups.into_iter().filter(|g| g.name != name) {
+                let other = with_rules(kv, other)?;
+                if other
+                    .rules
+                    .iter()
+                    .any(|r| r.remote_group.as_deref() == Some(name.as_str()))
+                {
+                    return Ok(Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "security group {name:?} is named by a rule of group {:?}; delete that rule first",
+                            other.name
+                        ),
+                    )));
+                }
+            }
             kv.delete(&key)?;
+            for (rule_key, _) in kv.scan(&rules_prefix(&project, &name))? {
+                kv.delete(&rule_key)?;
+            }
             Ok(serde_json::Value::Null)
         }
         NetCommand::AddRule {
@@ -478,7 +538,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             rule,
         } => {
             let key = format!("{PREFIX_SGS}{project}/{group}");
-            let Some(mut sg) = get_json::<SecurityGroupRecord>(kv, &key)? else {
+            let Some(sg) = get_json::<SecurityGroupRecord>(kv, &key)? else {
                 return Ok(Err(not_found(format!(
                     "security group {group:?} does not exist"
                 ))));
@@ -496,9 +556,15 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     ))));
                 }
             }
-            sg.rules.push(rule);
-            put_json(kv, &key, &sg)?;
-            Ok(value(&sg))
+            let rule_key = format!("{}{}", rules_prefix(&project, &group), rule.id);
+            if kv.get(&rule_key)?.is_some() {
+                return Ok(Err(domain(
+                    ErrorCode::AlreadyExists,
+                    format!("security group {group:?} already has a rule {:?}", rule.id),
+                )));
+            }
+            put_json(kv, &rule_key, &rule)?;
+            Ok(value(&with_rules(kv, sg)?))
         }
         NetCommand::DeleteRule {
             project,
@@ -511,15 +577,20 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                     "security group {group:?} does not exist"
                 ))));
             };
+            let rule_key = format!("{}{rule}", rules_prefix(&project, &group));
             let before = sg.rules.len();
+            // Groups written before rules had records of their own.
             sg.rules.retain(|r| r.id != rule);
-            if sg.rules.len() == before {
+            if sg.rules.len() < before {
+                put_json(kv, &key, &sg)?;
+            } else if kv.get(&rule_key)?.is_some() {
+                kv.delete(&rule_key)?;
+            } else {
                 return Ok(Err(not_found(format!(
                     "security group {group:?} has no rule {rule:?}"
                 ))));
             }
-            put_json(kv, &key, &sg)?;
-            Ok(value(&sg))
+            Ok(value(&with_rules(kv, sg)?))
         }
         NetCommand::CreatePort { port } => create_port(kv, port)?,
         NetCommand::DeletePort { project, name } => {
@@ -836,14 +907,28 @@ impl crate::model::StateView {
         &self,
         project: &str,
     ) -> Result<Vec<SecurityGroupRecord>, crate::model::ReadError> {
-        self.list(&format!("{PREFIX_SGS}{project}/"))
+        self.list::<SecurityGroupRecord>(&format!("{PREFIX_SGS}{project}/"))?
+            .into_iter()
+            .map(|g| self.group_rules(g))
+            .collect()
+    }
+    fn group_rules(
+        &self,
+        mut group: SecurityGroupRecord,
+    ) -> Result<SecurityGroupRecord, crate::model::ReadError> {
+        group
+            .rules
+            .extend(self.list::<RuleRecord>(&rules_prefix(&group.project, &group.name))?);
+        Ok(group)
     }
     pub fn security_group(
         &self,
         project: &str,
         name: &str,
     ) -> Result<Option<SecurityGroupRecord>, crate::model::ReadError> {
-        self.get(&format!("{PREFIX_SGS}{project}/{name}"))
+        self.get::<SecurityGroupRecord>(&format!("{PREFIX_SGS}{project}/{name}"))?
+            .map(|g| self.group_rules(g))
+            .transpose()
     }
     pub fn ports(&self, project: &str) -> Result<Vec<PortRecord>, crate::model::ReadError> {
         self.list(&format!("{PREFIX_PORTS}{project}/"))
@@ -887,7 +972,28 @@ impl crate::model::StateView {
             })
             .collect();
         let ports: Vec<PortRecord> = self.list(PREFIX_PORTS)?;
-        let groups: Vec<SecurityGroupRecord> = self.list(PREFIX_SGS)?;
+        let mut groups: Vec<SecurityGroupRecord> = self.list(PREFIX_SGS)?;
+        // Every rule in one scan, to its group by the key's path.
+        let mut rules: BTreeMap<(String, String), Vec<RuleRecord>> = BTreeMap::new();
+        for (key, bytes) in self.reader.scan(PREFIX_SG_RULES)? {
+            let mut path = key.strip_prefix(PREFIX_SG_RULES).unwrap_or("").split('/');
+            let (Some(project), Some(group), Ok(rule)) = (
+                path.next(),
+                path.next(),
+                serde_json::from_slice::<RuleRecord>(&bytes),
+            ) else {
+                continue;
+            };
+            rules
+                .entry((project.to_string(), group.to_string()))
+                .or_default()
+                .push(rule);
+        }
+        for g in &mut groups {
+            if let Some(more) = rules.remove(&(g.project.clone(), g.name.clone())) {
+                g.rules.extend(more);
+            }
+        }
         let group_id = |project: &str, name: &str| format!("{project}/{name}");
         let mut network = netfabric::NodeNetwork {
             underlay: underlays.get(&me).copied(),

@@ -187,7 +187,18 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ProjectAtLeast(Role::ProjectMember),
         ),
         (
+            ("DELETE", "/v1/projects/{name}/security-groups/{sg}"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
             ("POST", "/v1/projects/{name}/security-groups/{sg}/rules"),
+            ProjectAtLeast(Role::ProjectMember),
+        ),
+        (
+            (
+                "DELETE",
+                "/v1/projects/{name}/security-groups/{sg}/rules/{rule}",
+            ),
             ProjectAtLeast(Role::ProjectMember),
         ),
         (
@@ -397,6 +408,15 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     )
                     .await;
                 }
+                let mut rule_id = String::new();
+                if pattern.contains("{rule}") {
+                    let group = post(
+                        format!("{base}/v1/projects/{project}/security-groups/web/rules"),
+                        json!({ "direction": "ingress", "protocol": "tcp", "port_min": 22, "cidr": "192.0.2.0/24" }),
+                    )
+                    .await;
+                    rule_id = group["rules"][0]["id"].as_str().unwrap().to_string();
+                }
                 let mut fip = String::new();
                 if pattern.contains("floating-ips") {
                     post(
@@ -416,6 +436,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let path = pattern
                     .replace("{vpc}", "net")
                     .replace("{sg}", "web")
+                    .replace("{rule}", &rule_id)
                     .replace("{port}", "nic")
                     .replace("{ip}", &fip)
                     .replace("{name}", project)

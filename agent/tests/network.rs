@@ -195,6 +195,48 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
         ],
     );
     assert_eq!(sg["rules"][0]["port_min"], 22);
+    // A rule goes by its id; a group goes when nothing uses it.
+    let id = sg["rules"][0]["id"].as_str().unwrap().to_string();
+    let sg = json(
+        &node,
+        &["sg", "rule", "delete", "ssh", &id, "--project", "p"],
+    );
+    assert_eq!(sg["rules"], serde_json::json!([]));
+    refused(
+        &node,
+        &["sg", "rule", "delete", "ssh", &id, "--project", "p"],
+        "has no rule",
+    );
+    json(&node, &["sg", "create", "tmp", "--project", "p"]);
+    json(
+        &node,
+        &[
+            "sg",
+            "rule",
+            "add",
+            "tmp",
+            "--project",
+            "p",
+            "--protocol",
+            "any",
+            "--remote-group",
+            "ssh",
+        ],
+    );
+    refused(
+        &node,
+        &["sg", "delete", "ssh", "--project", "p"],
+        "is named by a rule of group \"tmp\"",
+    );
+    assert!(allod(&node, &["sg", "delete", "tmp", "--project", "p"])
+        .status
+        .success());
+    assert!(allod(&node, &["sg", "delete", "ssh", "--project", "p"])
+        .status
+        .success());
+    let groups = json(&node, &["sg", "list", "--project", "p"]);
+    assert_eq!(groups.as_array().unwrap().len(), 1, "{groups}");
+    assert_eq!(groups[0]["name"], "default");
     json(
         &node,
         &["ip-pool", "create", "public", "--cidr", "198.51.100.0/28"],
@@ -242,7 +284,7 @@ fn the_cli_builds_a_vpc_a_vm_gets_its_address_and_a_restart_changes_nothing() {
             "sg",
             "rule",
             "add",
-            "ssh",
+            "default",
             "--project",
             "p",
             "--port",

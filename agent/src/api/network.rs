@@ -190,6 +190,39 @@ pub(super) async fn create_security_group(
     Ok((StatusCode::CREATED, Json(group)))
 }
 
+#[utoipa::path(delete, path = "/v1/projects/{name}/security-groups/{sg}", tag = "network",
+    params(("name" = String, Path, description = "Project name"), ("sg" = String, Path, description = "Security group name")),
+    responses((status = 204, description = "Deleted; refused while a port carries it or a rule names it")))]
+pub(super) async fn delete_security_group(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::Network {
+        command: NetCommand::DeleteSecurityGroup { project, name },
+    })
+    .await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/security-groups/{sg}/rules/{rule}", tag = "network",
+    params(("name" = String, Path, description = "Project name"), ("sg" = String, Path, description = "Security group name"), ("rule" = String, Path, description = "Rule id")),
+    responses((status = 200, description = "The group without the rule (established connections stay)", body = SecurityGroupRecord)))]
+pub(super) async fn delete_rule(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, group, rule)): Path<(String, String, String)>,
+) -> ApiResult<Json<SecurityGroupRecord>> {
+    let group = net(
+        &node,
+        NetCommand::DeleteRule {
+            project,
+            group,
+            rule,
+        },
+    )
+    .await?;
+    Ok(Json(group))
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddRule {
@@ -234,7 +267,7 @@ pub(super) async fn add_rule(
     let port_min = port(body.port_min)?;
     let port_max = port(body.port_max)?.or(port_min);
     let rule = RuleRecord {
-        id: crate::join::random_hex(4),
+        id: crate::join::random_hex(6),
         direction: body.direction,
         protocol: body.protocol,
         port_min,
