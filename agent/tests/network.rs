@@ -411,14 +411,6 @@ impl Drop for HostNetwork {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn a_guest_under_libvirt_gets_its_nic_address_by_dhcp_and_reaches_its_gateway() {
     let dir = tempfile::tempdir().unwrap();
@@ -433,8 +425,8 @@ fn a_guest_under_libvirt_gets_its_nic_address_by_dhcp_and_reaches_its_gateway() 
     let child = Command::new(BIN)
         .args(["up", "--data-dir"])
         .arg(dir.path().join("data"))
-        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-listen", &format!("127.0.0.1:{}", support::free_port())])
+        .args(["--peer-listen", &format!("127.0.0.1:{}", support::free_port())])
         .args(["--storage-listen", "127.0.0.1:0"])
         .args(["--virt-type", "qemu", "--uplink", "none"])
         // No other node: the VXLAN device needs a source address only.
