@@ -52,6 +52,7 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
     let mut last: Option<netfabric::NodeNetwork> = None;
     let mut last_full = Instant::now();
     let mut registered = false;
+    let mut checked = false;
     loop {
         let Some(n) = node.upgrade() else { return };
         if !registered {
@@ -94,6 +95,13 @@ pub async fn run(node: Weak<ClusterNode>, options: NetworkOptions, peer_address:
                                     actions = report.actions.len(),
                                     firewall = report.firewall_changes,
                                     "network brought in line"
+                                );
+                            }
+                            if !checked {
+                                checked = true;
+                                tracing::info!(
+                                    changes = report.actions.len() + report.firewall_changes,
+                                    "network checked against the kernel after start"
                                 );
                             }
                             dhcp.update(&network);
