@@ -111,13 +111,15 @@ impl Connections {
                 let Some(name) = link_name(message) else {
                     continue;
                 };
-                if !mine(&name) {
-                    continue;
-                }
                 let master = message.attributes.iter().find_map(|a| match a {
                     LinkAttribute::Controller(i) => name_of(*i),
                     _ => None,
                 });
+                // Links of Allod's, and whatever is plugged into its bridges.
+                let on_ours = master.as_deref().is_some_and(|m| m.starts_with("albr-"));
+                if !mine(&name) && !on_ours {
+                    continue;
+                }
                 let mtu = message.attributes.iter().find_map(|a| match a {
                     LinkAttribute::Mtu(m) => Some(*m),
                     _ => None,
@@ -335,6 +337,12 @@ impl Connections {
                     .execute()
                     .await
                     .map_err(nl(&what))?;
+            }
+            Action::Detach { ns, name, .. } => {
+                let index = self.index(ns, name).await?;
+                let link = LinkUnspec::new_with_index(index).nocontroller().build();
+                let handle = self.handle(ns)?;
+                handle.link().set(link).execute().await.map_err(nl(&what))?;
             }
             Action::SetLink {
                 ns,

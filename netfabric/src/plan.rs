@@ -22,6 +22,12 @@ pub enum Action {
         ns: Ns,
         name: String,
     },
+    /// Takes an interface Allod does not know off one of its bridges.
+    Detach {
+        ns: Ns,
+        name: String,
+        bridge: String,
+    },
     /// Brings attributes in line; `None` fields are left alone.
     SetLink {
         ns: Ns,
@@ -103,6 +109,9 @@ impl fmt::Display for Action {
                 write!(f, "create {kind:?} {name} in {}", ns_name(ns))
             }
             Action::DeleteLink { ns, name } => write!(f, "delete link {name} in {}", ns_name(ns)),
+            Action::Detach { ns, name, bridge } => {
+                write!(f, "detach {name} from {bridge} in {}", ns_name(ns))
+            }
             Action::SetLink {
                 ns,
                 name,
@@ -297,6 +306,25 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Vec<Action> {
             owned && (!desired.links.contains_key(*key) || recreate.contains(*key))
         })
         .collect();
+    // An interface on an Allod bridge that is no port of Allod's (a tap
+    // left by a deleted port, one attached by hand) would bypass the
+    // firewall: it comes off the bridge (unless the bridge itself goes).
+    for ((ns, name), link) in &observed.links {
+        let on_ours = link.master.as_deref().is_some_and(|m| {
+            m.starts_with("albr-") && desired.links.contains_key(&(ns.clone(), m.to_string()))
+        });
+        if ns.is_none()
+            && on_ours
+            && !names::owned_link(name)
+            && !desired.links.contains_key(&(ns.clone(), name.clone()))
+        {
+            actions.push(Action::Detach {
+                ns: ns.clone(),
+                name: name.clone(),
+                bridge: link.master.clone().unwrap_or_default(),
+            });
+        }
+    }
     // Ports before their bridges.
     doomed.sort_by_key(|(key, link)| (std::cmp::Reverse(rank(&link.kind)), (*key).clone()));
     for ((ns, name), _) in doomed {
@@ -585,5 +613,18 @@ mod tests {
         tap.up = false;
         observed.links.insert((None, "alpa".into()), tap);
         check(&want, &observed, &["set alpa in node: master albr-7 up"]);
+    }
+
+    #[test]
+    fn an_interface_allod_does_not_know_comes_off_its_bridge() {
+        let want = desired(&network("192.0.2.2", true));
+        let mut observed = built(&want);
+        let mut stray = want.links[&(None, "alpa".to_string())].clone();
+        stray.master = Some("albr-7".into());
+        observed.links.insert((None, "vnet3".into()), stray.clone());
+        // On someone else's bridge it is none of Allod's business.
+        stray.master = Some("br0".into());
+        observed.links.insert((None, "vnet4".into()), stray);
+        check(&want, &observed, &["detach vnet3 from albr-7 in node"]);
     }
 }

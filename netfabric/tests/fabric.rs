@@ -649,6 +649,15 @@ fn security_groups_filter_statefully_and_drop_spoofing() {
         connect("nfc-x", "10.2.0.2", 22, None).is_none(),
         "an unknown interface on the bridge reached s"
     );
+    apply(&w, &g);
+    let link = Command::new("ip")
+        .args(["-n", "nfc-n1", "link", "show", "alpzz"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("master"),
+        "the fabric left an unknown interface on its bridge"
+    );
     // A spoofed source inside the allowed CIDR is dropped at c1's port.
     sh("ip -n nfc-c1 addr add 10.2.0.6/24 dev eth0");
     assert!(
