@@ -30,7 +30,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 fn client(ca_pem: &str) -> reqwest::Client {
     reqwest::Client::builder()
-        .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
+        .use_preconfigured_tls(agent::cluster::pki::ca_client_config(ca_pem).unwrap())
         .build()
         .unwrap()
 }
@@ -130,11 +130,14 @@ async fn main() {
     // The same node's API without the authentication layer, on its own port.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let open_addr = listener.local_addr().unwrap();
-    let (_mode_tx, mode) = tokio::sync::watch::channel(agent::serve::ServeMode::Tls(
+    let (_mode_tx, mode) = tokio::sync::watch::channel(agent::cluster::serve::ServeMode::Tls(
         node.tls.api_server_config().unwrap(),
-        agent::api::router_unauthenticated(node.clone()),
+        agent::api::router_unauthenticated(agent::api::AppState::new(
+            node.clone(),
+            Default::default(),
+        )),
     ));
-    agent::serve::spawn(listener, mode, "unauthenticated api");
+    agent::cluster::serve::spawn(listener, mode, "unauthenticated api");
 
     let authed_url = format!("{base}/v1/projects/p");
     let open_url = format!("https://{open_addr}/v1/projects/p");

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::pki::{CertificateAuthority, NodeKey};
+use agent::cluster::pki::{CertificateAuthority, NodeKey};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::json;
@@ -218,7 +218,7 @@ async fn drive(
     tag: &str,
 ) -> Measurement {
     let http = reqwest::Client::builder()
-        .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
+        .use_preconfigured_tls(agent::cluster::pki::ca_client_config(ca_pem).unwrap())
         .pool_max_idle_per_host(clients)
         .timeout(Duration::from_secs(30))
         .build()
@@ -341,7 +341,7 @@ fn main() {
     let (etcd_urls, etcd_ca) = start_etcd(tmp.path(), &mut killer);
     runtime.block_on(async {
         let probe = reqwest::Client::builder()
-            .use_preconfigured_tls(agent::pki::ca_client_config(&etcd_ca).unwrap())
+            .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&etcd_ca).unwrap())
             .build()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -440,7 +440,7 @@ fn main() {
     // /readyz answers 200 and a linearizable list returns every object.
     let leader_api = runtime.block_on(async {
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap())
+            .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&allod_ca).unwrap())
             .build()
             .unwrap();
         let c: serde_json::Value = http
@@ -480,7 +480,7 @@ fn main() {
     );
     let (ready, listed, count) = runtime.block_on(async {
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(agent::pki::ca_client_config(&allod_ca).unwrap())
+            .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&allod_ca).unwrap())
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();

@@ -2,39 +2,22 @@
 //!
 //! It owns the REST API (axum over rustls), authentication, the cluster
 //! model's commands, the peer transport that carries Raft between nodes, the
-//! local admin socket, and the CLI client. It is the only crate that knows
-//! HTTP, JSON wire formats and how the other crates fit together; it is also
-//! the only crate that depends on `allod-raft`.
+//! local admin socket, the reconcilers that make a node match the cluster's
+//! desired state, and the CLI client. It is the only crate that knows HTTP,
+//! JSON wire formats and how the other crates fit together; it is also the
+//! only crate that depends on `allod-raft`.
+//!
+//! Its layers import downward only (ARCHITECTURE.md draws them; the test
+//! `layers` in `tests/layers.rs` enforces it): `state` ← `cluster` ←
+//! `reconcile` ← `api` ← `daemon` ← `cli`, `console`.
 
-pub mod admin;
 pub mod api;
-pub mod audit;
-pub mod authz;
-pub mod blockstore;
 pub mod cli;
-pub mod cli_network;
-pub mod compute;
+pub mod cluster;
 pub mod console;
-pub mod console_client;
 pub mod daemon;
-pub mod join;
-pub mod logring;
-pub mod model;
-pub mod netnode;
-pub mod network;
-pub mod node;
-pub mod oidc;
-pub mod paths;
-pub mod peer;
-pub mod pki;
-pub mod proposer;
-pub mod quota;
-pub mod reconciler;
-pub mod scheduler;
-pub mod serve;
-pub mod setup;
-pub mod volumes;
-pub mod zones;
+pub mod reconcile;
+pub mod state;
 
 /// An error and all its sources, joined with ": ", for messages and logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
                 tracing_subscriber::EnvFilter::new(format!("{default_filter},openraft=warn"))
             }),
         )
-        .with_writer(|| agent::logring::Tee)
+        .with_writer(|| agent::daemon::logring::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Small daemon, small runtime: two workers are plenty for the control plane.

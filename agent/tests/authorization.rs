@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use agent::authz::Role;
+use agent::state::auth::Role;
 use common::{ApiClient, TestCluster};
 use reqwest::Method;
 use serde_json::json;
@@ -289,7 +289,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
     let mut checked = 0;
 
     for (method, pattern, permission) in table.routes() {
-        if permission == agent::authz::Permission::Public {
+        if permission == agent::api::authz::Permission::Public {
             continue;
         }
         let rule = *expected
@@ -626,7 +626,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
     let authenticated_routes = table
         .routes()
         .iter()
-        .filter(|r| r.2 != agent::authz::Permission::Public)
+        .filter(|r| r.2 != agent::api::authz::Permission::Public)
         .count();
     assert_eq!(checked, authenticated_routes * 10);
     assert_eq!(
@@ -822,7 +822,7 @@ async fn tokens_are_shown_once_scoped_expiring_and_revocable_and_login_issues_on
     common::wait_for(
         "the token's expiry passes",
         std::time::Duration::from_secs(5),
-        || agent::join::now_ms() > expiry,
+        || agent::cluster::join::now_ms() > expiry,
     )
     .await;
     assert_eq!(
@@ -918,7 +918,7 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     )
     .await;
     for e in listed.as_array().unwrap() {
-        entries.push(serde_json::from_value::<agent::audit::AuditEntry>(e.clone()).unwrap());
+        entries.push(serde_json::from_value::<agent::state::audit::AuditEntry>(e.clone()).unwrap());
     }
     assert_eq!(entries.len(), 5, "{listed}");
     let actions: Vec<(String, String, String)> = entries
@@ -954,7 +954,7 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     assert!(entries
         .iter()
         .all(|e| e.record.context.source.starts_with("127.0.0.1:")));
-    assert_eq!(agent::audit::verify(&entries), Ok(5));
+    assert_eq!(agent::state::audit::verify(&entries), Ok(5));
 
     // Filters and the JSON-lines export.
     let only_conflicts = ok(
@@ -986,10 +986,10 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     // A copy with an entry edited or removed no longer verifies.
     let mut edited = entries.clone();
     edited[2].record.context.user = "mallory".into();
-    assert!(agent::audit::verify(&edited).is_err());
+    assert!(agent::state::audit::verify(&edited).is_err());
     let mut removed = entries.clone();
     removed.remove(1);
-    assert!(agent::audit::verify(&removed).is_err());
+    assert!(agent::state::audit::verify(&removed).is_err());
     // Only cluster admins read the log.
     ok(
         admin
@@ -1210,13 +1210,13 @@ async fn projects_carry_a_fixed_zone_nodes_carry_a_zone_label_and_the_audit_name
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() {
-    use agent::model::{Command, ErrorCode};
+    use agent::state::{Command, ErrorCode};
     let cluster = TestCluster::start(1).await;
     let node = cluster.node(0);
     // As if authorised by a node that had not yet applied the revocation:
     // the command reaches the log carrying a token id that no longer exists.
-    let audit = agent::audit::AuditContext {
-        time_ms: agent::join::now_ms(),
+    let audit = agent::state::audit::AuditContext {
+        time_ms: agent::cluster::join::now_ms(),
         user: "dana".into(),
         token_id: "revoked0".into(),
         source: "127.0.0.1:1".into(),
@@ -1247,8 +1247,8 @@ async fn a_change_made_with_a_token_revoked_before_it_applies_changes_nothing() 
         "{entries:?}"
     );
     // With the live admin token the same change goes through.
-    let audit = agent::audit::AuditContext {
-        time_ms: agent::join::now_ms(),
+    let audit = agent::state::audit::AuditContext {
+        time_ms: agent::cluster::join::now_ms(),
         user: "admin".into(),
         token_id: "admin".into(),
         source: "127.0.0.1:1".into(),

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use agent::model::Command;
-use agent::node::{MemberRole, RaftOptions};
+use agent::cluster::node::{MemberRole, RaftOptions};
+use agent::state::Command;
 use common::{wait_for, wait_for_async, TestCluster};
 use serde_json::json;
 
@@ -368,7 +368,9 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     )
     .await;
     let node = cluster.node(0);
-    let (token, text) = agent::join::create_token(&node, 3600).await.unwrap();
+    let (token, text) = agent::cluster::join::create_token(&node, 3600)
+        .await
+        .unwrap();
 
     let refuse = |result: anyhow::Result<agent::daemon::JoinResult>, expect: &str| {
         let message = format!("{:#}", result.expect_err("join should have been refused"));
@@ -399,16 +401,16 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     );
     // An expired token (issued with an expiry already in the past).
     let mut expired = token.clone();
-    expired.expires_at_ms = agent::join::now_ms() - 1_000;
+    expired.expires_at_ms = agent::cluster::join::now_ms() - 1_000;
     refuse(joiner.join(&expired.encode(), &|_| {}).await, "expired");
     // A token the cluster itself considers expired (the client-side clock
     // check passes, the cluster's refuses).
-    let short_id = agent::join::random_hex(8);
-    let server_expiry_ms = agent::join::now_ms() + 300;
+    let short_id = agent::cluster::join::random_hex(8);
+    let server_expiry_ms = agent::cluster::join::now_ms() + 300;
     node.write(&Command::CreateJoinToken {
         id: short_id.clone(),
-        secret_sha256: agent::join::sha256_hex(&token.secret),
-        now_ms: agent::join::now_ms(),
+        secret_sha256: agent::cluster::join::sha256_hex(&token.secret),
+        now_ms: agent::cluster::join::now_ms(),
         expires_at_ms: server_expiry_ms,
     })
     .await
@@ -419,7 +421,7 @@ async fn join_tokens_are_single_use_and_bad_tokens_change_nothing() {
     wait_for(
         "the short-lived token passes its expiry",
         Duration::from_secs(5),
-        || agent::join::now_ms() > server_expiry_ms,
+        || agent::cluster::join::now_ms() > server_expiry_ms,
     )
     .await;
     refuse(
@@ -543,7 +545,7 @@ async fn the_peer_port_refuses_clients_without_a_cluster_certificate_and_survive
 
     // A client that trusts the CA but has no certificate of its own.
     let anonymous = reqwest::Client::builder()
-        .use_preconfigured_tls(agent::pki::ca_client_config(&cluster.ca_pem).unwrap())
+        .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&cluster.ca_pem).unwrap())
         .build()
         .unwrap();
     let result = anonymous
@@ -557,10 +559,11 @@ async fn the_peer_port_refuses_clients_without_a_cluster_certificate_and_survive
     );
 
     // A certificate from another CA is refused too.
-    let other_ca = agent::pki::CertificateAuthority::create("other").unwrap();
+    let other_ca = agent::cluster::pki::CertificateAuthority::create("other").unwrap();
     let (key, cert) =
-        agent::pki::NodeKey::generate_signed(vec!["127.0.0.1".into()], &other_ca, 1).unwrap();
-    let foreign = agent::pki::NodeTls {
+        agent::cluster::pki::NodeKey::generate_signed(vec!["127.0.0.1".into()], &other_ca, 1)
+            .unwrap();
+    let foreign = agent::cluster::pki::NodeTls {
         ca_pem: cluster.ca_pem.clone(),
         cert_pem: cert,
         key_pem: key,
@@ -590,7 +593,10 @@ async fn the_peer_port_refuses_clients_without_a_cluster_certificate_and_survive
 
     // A member's own client gets through, and the node still works.
     let node = cluster.node(0);
-    let reply: Result<Result<Option<openraft::LogId<u64>>, agent::peer::ForwardFailure>, _> = node
+    let reply: Result<
+        Result<Option<openraft::LogId<u64>>, agent::cluster::peer::ForwardFailure>,
+        _,
+    > = node
         .peers
         .call(&peer, "/cluster/read-index", &(), Duration::from_secs(5))
         .await;
@@ -660,9 +666,9 @@ async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socke
     );
 
     // Over the admin socket, init configures it: secrets are owner-only.
-    let result = agent::admin::request(
+    let result = agent::daemon::admin::request(
         &dir,
-        &agent::admin::AdminRequest::Init { cluster_name: None },
+        &agent::daemon::admin::AdminRequest::Init { cluster_name: None },
     )
     .await
     .unwrap();
@@ -679,9 +685,9 @@ async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socke
         .unwrap();
     assert_eq!(ready.status, 200, "{}", ready.body);
     // A second init is refused and changes nothing.
-    let again = agent::admin::request(
+    let again = agent::daemon::admin::request(
         &dir,
-        &agent::admin::AdminRequest::Init { cluster_name: None },
+        &agent::daemon::admin::AdminRequest::Init { cluster_name: None },
     )
     .await;
     assert!(format!("{:#}", again.unwrap_err()).contains("already a member"));

@@ -174,7 +174,8 @@ fn two_consoles_create_and_join_and_preflight_stops_bad_tokens() {
     tmux.wait_for("c1", "Create a single-use join token");
     tmux.keys("c1", &["y"]);
     let token = token_on(&tmux.wait_for("c1", "It can be used once"));
-    let parsed = agent::join::JoinToken::decode(&token, 0).expect("the screen shows a whole token");
+    let parsed =
+        agent::cluster::join::JoinToken::decode(&token, 0).expect("the screen shows a whole token");
 
     tmux.console("c2", &two);
     tmux.wait_for("c2", "not part of a cluster yet");
@@ -188,7 +189,7 @@ fn two_consoles_create_and_join_and_preflight_stops_bad_tokens() {
     }
     try_join(&tmux, "c2", &unreachable.encode(), "cannot connect");
     let mut expired = parsed.clone();
-    expired.expires_at_ms = agent::join::now_ms() - 60_000;
+    expired.expires_at_ms = agent::cluster::join::now_ms() - 60_000;
     try_join(&tmux, "c2", &expired.encode(), "the token expired");
     assert!(
         !two.join("node.json").exists(),

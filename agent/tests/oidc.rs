@@ -162,14 +162,14 @@ async fn oidc_tokens_are_verified_mapped_to_roles_and_follow_key_rotation() {
     let second = SigningKey::new("k2");
     issuer.publish(&[&second]);
     let fetches_before = *issuer.jwks_fetches.lock().unwrap();
-    tokio::time::sleep(agent::oidc::UNKNOWN_KID_REFETCH + Duration::from_millis(100)).await;
+    tokio::time::sleep(agent::api::oidc::UNKNOWN_KID_REFETCH + Duration::from_millis(100)).await;
     let dave = ApiClient::new(
         &cluster.ca_pem,
         &second.sign(&issuer.claims("dave", &["web-devs"])),
     );
     assert_eq!(dave.project_names(&base).await, ["web"]);
     assert!(*issuer.jwks_fetches.lock().unwrap() > fetches_before);
-    tokio::time::sleep(agent::oidc::UNKNOWN_KID_REFETCH + Duration::from_millis(100)).await;
+    tokio::time::sleep(agent::api::oidc::UNKNOWN_KID_REFETCH + Duration::from_millis(100)).await;
     let reply = alice.get(&format!("{base}/v1/projects")).await.unwrap();
     assert_eq!(
         reply.status, 401,

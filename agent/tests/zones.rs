@@ -194,9 +194,9 @@ async fn secret_vms_only_on_secret_nodes_and_no_attachment_across_zones() {
     assert_eq!(entry["zone"], "SECRET");
 
     // A node in maintenance takes no new VMs.
-    agent::admin::request(
+    agent::daemon::admin::request(
         &cluster.live(0).dir,
-        &agent::admin::AdminRequest::Maintenance { on: true },
+        &agent::daemon::admin::AdminRequest::Maintenance { on: true },
     )
     .await
     .unwrap();

@@ -9,12 +9,12 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{outcome_as, read_project, ApiError, ApiJson, ApiResult};
-use crate::model::Command;
-use crate::network::{
+use crate::cluster::node::ClusterNode;
+use crate::state::network::{
     check_rule, FloatingIpRecord, IpPoolRecord, NetCommand, PortRecord, RuleRecord,
     SecurityGroupRecord, SubnetRecord, VpcRecord,
 };
-use crate::node::ClusterNode;
+use crate::state::Command;
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
@@ -67,13 +67,13 @@ pub(super) async fn create_vpc(
     Path(project): Path<String>,
     ApiJson(body): ApiJson<CreateVpc>,
 ) -> ApiResult<(StatusCode, Json<VpcRecord>)> {
-    crate::model::validate_name("VPC", &body.name)?;
+    crate::state::validate_name("VPC", &body.name)?;
     let vpc = VpcRecord {
-        id: crate::join::random_hex(8),
+        id: crate::cluster::join::random_hex(8),
         name: body.name,
         project,
         vni: 0,
-        created_at_ms: crate::join::now_ms(),
+        created_at_ms: crate::cluster::join::now_ms(),
     };
     let vpc = net(&node, NetCommand::CreateVpc { vpc }).await?;
     Ok((StatusCode::CREATED, Json(vpc)))
@@ -129,7 +129,7 @@ pub(super) async fn create_subnet(
     Path((project, vpc)): Path<(String, String)>,
     ApiJson(body): ApiJson<CreateSubnet>,
 ) -> ApiResult<(StatusCode, Json<SubnetRecord>)> {
-    crate::model::validate_name("subnet", &body.name)?;
+    crate::state::validate_name("subnet", &body.name)?;
     let cidr = parse_cidr(&body.cidr, "cidr")?;
     let gateway = match &body.gateway {
         Some(g) => parse_ip(g, "gateway")?,
@@ -141,7 +141,7 @@ pub(super) async fn create_subnet(
         .map(|d| parse_ip(d, "DNS server"))
         .collect::<ApiResult<Vec<_>>>()?;
     let subnet = SubnetRecord {
-        id: crate::join::random_hex(8),
+        id: crate::cluster::join::random_hex(8),
         name: body.name,
         project,
         vpc,
@@ -179,9 +179,9 @@ pub(super) async fn create_security_group(
     Path(project): Path<String>,
     ApiJson(body): ApiJson<CreateSecurityGroup>,
 ) -> ApiResult<(StatusCode, Json<SecurityGroupRecord>)> {
-    crate::model::validate_name("security group", &body.name)?;
+    crate::state::validate_name("security group", &body.name)?;
     let group = SecurityGroupRecord {
-        id: crate::join::random_hex(8),
+        id: crate::cluster::join::random_hex(8),
         name: body.name,
         project,
         rules: Vec::new(),
@@ -267,7 +267,7 @@ pub(super) async fn add_rule(
     let port_min = port(body.port_min)?;
     let port_max = port(body.port_max)?.or(port_min);
     let rule = RuleRecord {
-        id: crate::join::random_hex(6),
+        id: crate::cluster::join::random_hex(6),
         direction: body.direction,
         protocol: body.protocol,
         port_min,
@@ -343,15 +343,15 @@ pub(crate) fn new_port(
             "a NIC needs a subnet (e.g. --nic subnet=web,sg=default)",
         ));
     }
-    let id = crate::join::random_hex(8);
+    let id = crate::cluster::join::random_hex(8);
     Ok(PortRecord {
-        host_interface: crate::network::host_interface(&id),
+        host_interface: crate::state::network::host_interface(&id),
         id,
         name,
         project,
         vpc,
         subnet,
-        mac: crate::network::random_mac(),
+        mac: crate::state::network::random_mac(),
         ip: match ip {
             Some(ip) => parse_ip(ip, "ip")?,
             None => Ipv4Addr::UNSPECIFIED,
@@ -382,7 +382,7 @@ pub(super) async fn create_port(
     Path(project): Path<String>,
     ApiJson(body): ApiJson<CreatePort>,
 ) -> ApiResult<(StatusCode, Json<PortRecord>)> {
-    crate::model::validate_name("port", &body.name)?;
+    crate::state::validate_name("port", &body.name)?;
     let nodes = node.state.nodes()?;
     let host = match body.node {
         Some(id) => nodes
@@ -528,7 +528,7 @@ pub(super) async fn create_pool(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<CreatePool>,
 ) -> ApiResult<(StatusCode, Json<IpPoolRecord>)> {
-    crate::model::validate_name("IP pool", &body.name)?;
+    crate::state::validate_name("IP pool", &body.name)?;
     let pool = IpPoolRecord {
         name: body.name,
         cidr: parse_cidr(&body.cidr, "cidr")?,

@@ -9,13 +9,9 @@ use axum::response::Response;
 use axum::Json;
 use serde::Deserialize;
 
-use super::{
-    outcome_as, vm_name, ApiError, ApiJson, ApiResult, MAX_VM_MEMORY, MAX_VM_VCPUS, MIN_VM_MEMORY,
-};
-use crate::model::{Command, VmRecord};
-use crate::node::ClusterNode;
+use super::*;
 
-async fn set_power(
+pub(super) async fn set_power(
     node: &ClusterNode,
     project: String,
     key: String,
@@ -29,6 +25,8 @@ async fn set_power(
             name,
             power: power.into(),
             force,
+            overcommit_cpu_percent: OVERCOMMIT.cpu_percent(),
+            overcommit_memory_percent: OVERCOMMIT.memory_percent(),
         })
         .await?;
     Ok(Json(outcome_as(outcome?)?))
@@ -134,10 +132,11 @@ pub(super) async fn update_vm(
     params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
     responses((status = 101, description = "A websocket carrying the serial console both ways (binary frames); connect to the API of the VM's node (`node_api` in the VM)")))]
 pub(super) async fn console(
-    State(node): State<Arc<ClusterNode>>,
+    State(app): State<AppState>,
     Path((project, vm)): Path<(String, String)>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let node = &app.node;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(
             rejection.status(),
@@ -169,7 +168,7 @@ pub(super) async fn console(
             ),
         ));
     }
-    let Some(compute) = node.compute.get().cloned() else {
+    let Some(compute) = app.local.compute.get().cloned() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "failed_precondition",
@@ -178,7 +177,7 @@ pub(super) async fn console(
     };
     let (uri, me, id) = (
         compute.libvirt_uri.clone(),
-        crate::reconciler::node_key(&node),
+        crate::reconcile::compute::node_key(&node),
         vm.id.clone(),
     );
     let pty = tokio::task::spawn_blocking(move || {
@@ -224,7 +223,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// Console bytes to the websocket and websocket bytes to the console,
 /// until either side closes.
-async fn relay(socket: WebSocket, file: std::fs::File) {
+pub(super) async fn relay(socket: WebSocket, file: std::fs::File) {
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut tx, mut rx) = socket.split();
@@ -278,4 +277,298 @@ async fn relay(socket: WebSocket, file: std::fs::File) {
         () = out => {}
         () = input => {}
     }
+}
+
+/// How far this node's proposals let placement overcommit a node; a create
+/// and a later start carry the same value, so every replica decides alike.
+const OVERCOMMIT: crate::state::scheduler::Overcommit =
+    crate::state::scheduler::Overcommit::DEFAULT;
+
+pub(super) const MIN_VM_MEMORY: u64 = 64 << 20;
+pub(super) const MAX_VM_MEMORY: u64 = 4 << 40;
+pub(super) const MAX_VM_VCPUS: u64 = 256;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    #[schema(minimum = 1, maximum = 256)]
+    vcpus: u64,
+    /// A multiple of 1 MiB, from 64 MiB to 4 TiB.
+    #[schema(
+        minimum = 67_108_864,
+        maximum = 4_398_046_511_104_u64,
+        multiple_of = 1_048_576
+    )]
+    memory_bytes: u64,
+    /// VMs of one group never share a node.
+    #[serde(default)]
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    anti_affinity: Option<String>,
+    /// Boot from a new volume cloned from this image (instant).
+    #[serde(default)]
+    image: Option<String>,
+    /// Start it once created (default true); false only defines it.
+    #[serde(default)]
+    start: Option<bool>,
+    /// The boot volume's size (default: the image's; a multiple of 512).
+    #[serde(default)]
+    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
+    disk_size_bytes: Option<u64>,
+    /// NICs on the project's subnets, eth0 first; each gets a port named
+    /// `<vm>-nic<N>`, deleted with the VM.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    nics: Vec<network::VmNicRequest>,
+}
+
+pub(super) const MAX_VM_NICS: usize = 8;
+
+pub(super) fn vm_not_found(project: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("VM {name:?} does not exist in project {project:?}"),
+    )
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/vms", tag = "vms", params(("name" = String, Path, description = "Project name")),
+    responses((status = 200, description = "The project's VMs", body = Vec<crate::state::vms::VmRecord>)))]
+pub(super) async fn list_vms(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<crate::state::vms::VmRecord>>> {
+    read_project(&node, &project).await?;
+    Ok(Json(node.state.vms(&project)?))
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/vms", tag = "vms", params(("name" = String, Path, description = "Project name")),
+    request_body = CreateVm,
+    responses((status = 201, description = "The VM, placed on a node of the project's zone", body = crate::state::vms::VmRecord)))]
+pub(super) async fn create_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+    ApiJson(body): ApiJson<CreateVm>,
+) -> ApiResult<(StatusCode, Json<crate::state::vms::VmRecord>)> {
+    validate_name("VM", &body.name)?;
+    if let Some(group) = &body.anti_affinity {
+        validate_name("anti-affinity group", group)?;
+    }
+    let invalid =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message);
+    if body.vcpus == 0 || body.vcpus > MAX_VM_VCPUS {
+        return Err(invalid(format!(
+            "vcpus must be 1 to {MAX_VM_VCPUS}, not {}",
+            body.vcpus
+        )));
+    }
+    if body.memory_bytes < MIN_VM_MEMORY
+        || body.memory_bytes > MAX_VM_MEMORY
+        || body.memory_bytes % (1 << 20) != 0
+    {
+        return Err(invalid(format!(
+            "memory_bytes {} must be a multiple of 1 MiB from 64 MiB to 4 TiB (e.g. --memory 512M)",
+            body.memory_bytes
+        )));
+    }
+    let overcommit = OVERCOMMIT;
+    if body.disk_size_bytes.is_some() && body.image.is_none() {
+        return Err(invalid(
+            "disk_size_bytes needs an image to clone (--image)".into(),
+        ));
+    }
+    if let Some(size) = body.disk_size_bytes {
+        if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
+            return Err(invalid(format!(
+                "disk_size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --disk-size 10G)"
+            )));
+        }
+    }
+    if body.nics.len() > MAX_VM_NICS {
+        return Err(invalid(format!(
+            "a VM has at most {MAX_VM_NICS} NICs, not {}",
+            body.nics.len()
+        )));
+    }
+    let stem: String = body.name.chars().take(58).collect();
+    let nics = body
+        .nics
+        .into_iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            network::new_port(
+                project.clone(),
+                format!("{stem}-nic{i}"),
+                &nic.subnet,
+                nic.ip.as_deref(),
+                nic.security_groups,
+                0,
+            )
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let vm_id = crate::cluster::join::random_hex(8);
+    let boot = body.image.map(|image| crate::state::vms::BootDisk {
+        volume: volumes::new_volume(
+            project.clone(),
+            format!("{}-boot", body.name.chars().take(58).collect::<String>()),
+            body.disk_size_bytes.unwrap_or(0),
+            None,
+        )
+        .expect("a VM name makes a valid volume name"),
+        image,
+    });
+    let vm = crate::state::vms::VmRecord {
+        id: vm_id,
+        name: body.name,
+        project,
+        // The state machine fills in the zone and the node it chose.
+        zone: crate::state::zones::Zone::default(),
+        vcpus: body.vcpus,
+        memory_bytes: body.memory_bytes,
+        anti_affinity: body.anti_affinity,
+        node_id: 0,
+        state: "creating".into(),
+        reason: None,
+        volumes: Vec::new(),
+        generation: 1,
+        created_at_ms: crate::cluster::join::now_ms(),
+        power: if body.start == Some(false) {
+            "stopped"
+        } else {
+            "running"
+        }
+        .into(),
+        force_stop: false,
+        reboots: 0,
+        boot_volume: None,
+        observed_generation: 0,
+        nics: Vec::new(),
+    };
+    let outcome = node
+        .write(&Command::CreateVm {
+            vm,
+            overcommit_cpu_percent: overcommit.cpu_percent(),
+            overcommit_memory_percent: overcommit.memory_percent(),
+            boot,
+            nics,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, description = "The VM", body = crate::state::vms::VmRecord)))]
+pub(super) async fn show_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<Json<crate::state::vms::VmRecord>> {
+    let name = vm_name(&node, &project, name).await?;
+    node.state
+        .vm(&project, &name)?
+        .map(Json)
+        .ok_or_else(|| vm_not_found(&project, &name))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
+    responses((status = 204, description = "Deleted; its volumes stay, detached")))]
+pub(super) async fn delete_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let name = vm_name(&node, &project, name).await?;
+    node.write(&Command::DeleteVm { project, name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    /// The volume's name.
+    volume: String,
+    /// The volume's project when it is not the VM's (same zone only; the
+    /// caller needs the member role there).
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/volumes", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
+    request_body = AttachVolume,
+    responses((status = 200, description = "The VM with the volume attached", body = crate::state::vms::VmRecord)))]
+pub(super) async fn attach_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+    Path((project, vm)): Path<(String, String)>,
+    ApiJson(body): ApiJson<AttachVolume>,
+) -> ApiResult<Json<crate::state::vms::VmRecord>> {
+    let vm = vm_name(&node, &project, vm).await?;
+    let volume_project = body.project.unwrap_or_else(|| project.clone());
+    if caller
+        .role_in(&volume_project)
+        .is_none_or(|role| role < Role::ProjectMember)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("project {volume_project:?} does not exist or you are not a member of it"),
+        ));
+    }
+    let outcome = node
+        .write(&Command::AttachVolume {
+            project,
+            vm,
+            volume_project,
+            volume: body.volume,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/vms/{vm}/volumes/{volume}", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id"),
+        ("volume" = String, Path, description = "The attached volume's name or id")),
+    responses((status = 200, description = "The VM without the volume", body = crate::state::vms::VmRecord)))]
+pub(super) async fn detach_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, vm, volume)): Path<(String, String, String)>,
+) -> ApiResult<Json<crate::state::vms::VmRecord>> {
+    let vm = vm_name(&node, &project, vm).await?;
+    let record = node
+        .state
+        .vm(&project, &vm)?
+        .ok_or_else(|| vm_not_found(&project, &vm))?;
+    let matches: Vec<_> = record
+        .volumes
+        .iter()
+        .filter(|a| a.volume == volume || a.volume_id == volume)
+        .collect();
+    let attachment = match matches.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no volume {volume:?} is attached to VM {vm:?}"),
+            ))
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "failed_precondition",
+                format!("several attached volumes are named {volume:?}; name it by its id"),
+            ))
+        }
+    };
+    let outcome = node
+        .write(&Command::DetachVolume {
+            project,
+            vm,
+            volume_project: attachment.project,
+            volume: attachment.volume,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
 }

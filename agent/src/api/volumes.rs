@@ -7,20 +7,14 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 
-use super::{
-    internal_project, outcome_as, read_project, volume_name, ApiError, ApiJson, ApiQuery,
-    ApiResult, MAX_VOLUME_BYTES, OBJECT_SIZE_BYTES,
-};
-use crate::authz::Principal;
-use crate::model::{validate_name, Command, VolumeRecord};
-use crate::node::ClusterNode;
-use crate::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
+use super::*;
+use crate::state::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(super) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
-fn check_size(size: u64) -> ApiResult<()> {
+pub(super) fn check_size(size: u64) -> ApiResult<()> {
     if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
         return Err(invalid(format!(
             "size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)"
@@ -73,7 +67,7 @@ pub(super) fn new_volume(
         }
     }
     Ok(VolumeRecord {
-        id: crate::join::random_hex(8),
+        id: crate::cluster::join::random_hex(8),
         name,
         project,
         size_bytes: size,
@@ -82,8 +76,8 @@ pub(super) fn new_volume(
         object_size_bytes: OBJECT_SIZE_BYTES,
         state: "available".into(),
         // The state machine sets it from the project.
-        zone: crate::zones::Zone::default(),
-        created_at_ms: crate::join::now_ms(),
+        zone: crate::state::zones::Zone::default(),
+        created_at_ms: crate::cluster::join::now_ms(),
         attached_to: None,
         map_epoch: 0,
         seq: 0,
@@ -129,7 +123,11 @@ pub(super) async fn create_volume(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
-async fn volume_record(node: &ClusterNode, project: &str, key: String) -> ApiResult<VolumeRecord> {
+pub(super) async fn volume_record(
+    node: &ClusterNode,
+    project: &str,
+    key: String,
+) -> ApiResult<VolumeRecord> {
     let name = volume_name(node, project, key).await?;
     node.state.volume(project, &name)?.ok_or_else(|| {
         ApiError::new(
@@ -202,7 +200,7 @@ pub(super) async fn create_snapshot(
             project,
             volume,
             name: body.name,
-            now_ms: crate::join::now_ms(),
+            now_ms: crate::cluster::join::now_ms(),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
@@ -236,10 +234,11 @@ pub struct Rollback {
     request_body = Rollback,
     responses((status = 200, description = "The volume, back at the snapshot's content (newer snapshots are kept)", body = VolumeRecord)))]
 pub(super) async fn rollback_volume(
-    State(node): State<Arc<ClusterNode>>,
+    State(app): State<AppState>,
     Path((project, key)): Path<(String, String)>,
     ApiJson(body): ApiJson<Rollback>,
 ) -> ApiResult<Json<VolumeRecord>> {
+    let node = &app.node;
     let volume = volume_record(&node, &project, key).await?;
     let Some(snap) = volume.snapshots.iter().find(|s| s.name == body.snapshot) else {
         return Err(ApiError::new(
@@ -265,7 +264,7 @@ pub(super) async fn rollback_volume(
             format!("volume {:?} is read-only", volume.name),
         ));
     }
-    let blocks = blocks(&node)?;
+    let blocks = blocks(&app.local)?;
     blocks
         .rollback(&volume.id, snap.id)
         .await
@@ -322,8 +321,10 @@ pub(super) async fn clone_volume(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
-fn blocks(node: &ClusterNode) -> ApiResult<Arc<crate::blockstore::BlockStore>> {
-    node.blocks.get().cloned().ok_or_else(|| {
+pub(super) fn blocks(
+    local: &LocalServices,
+) -> ApiResult<Arc<crate::reconcile::storage::BlockStore>> {
+    local.blocks.get().cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -332,8 +333,8 @@ fn blocks(node: &ClusterNode) -> ApiResult<Arc<crate::blockstore::BlockStore>> {
     })
 }
 
-fn block_error(e: crate::blockstore::BlockError) -> ApiError {
-    use crate::blockstore::BlockError;
+pub(super) fn block_error(e: crate::reconcile::storage::BlockError) -> ApiError {
+    use crate::reconcile::storage::BlockError;
     match e {
         BlockError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         BlockError::Refused(m) => ApiError::new(StatusCode::CONFLICT, "failed_precondition", m),
@@ -369,10 +370,11 @@ impl Drop for TempFile {
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The disk image: raw or qcow2 (detected)"),
     responses((status = 201, description = "The imported image, ready to clone", body = ImageRecord)))]
 pub(super) async fn import_image(
-    State(node): State<Arc<ClusterNode>>,
+    State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ImportImage>,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<ImageRecord>)> {
+    let node = &app.node;
     use futures_util::StreamExt;
     use sha2::Digest;
     use tokio::io::AsyncWriteExt;
@@ -394,13 +396,12 @@ pub(super) async fn import_image(
             format!("image {:?} already exists", q.name),
         ));
     }
-    let blocks = blocks(&node)?;
+    let blocks = blocks(&app.local)?;
     // The upload goes to a file first: it is checked before anything is stored.
-    let tmp = TempFile(
-        node.data_dir
-            .path()
-            .join(format!("import-{}.part", crate::join::random_hex(6))),
-    );
+    let tmp = TempFile(node.data_dir.path().join(format!(
+        "import-{}.part",
+        crate::cluster::join::random_hex(6)
+    )));
     let mut file = tokio::fs::File::create(&tmp.0)
         .await
         .map_err(|e| ApiError::internal(&e))?;
@@ -449,7 +450,7 @@ pub(super) async fn import_image(
         sha256: got,
         state: "importing".into(),
         volume_id: volume.id.clone(),
-        created_at_ms: crate::join::now_ms(),
+        created_at_ms: crate::cluster::join::now_ms(),
     };
     let volume_id = volume.id.clone();
     node.write(&Command::CreateImage { image, volume })
@@ -495,14 +496,17 @@ pub(super) async fn import_image(
     let outcome = node
         .write(&Command::FinishImage {
             name: q.name,
-            now_ms: crate::join::now_ms(),
+            now_ms: crate::cluster::join::now_ms(),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
 /// The format (from the content) and the disk size a VM sees.
-async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<(&'static str, u64)> {
+pub(super) async fn probe_image(
+    path: &std::path::Path,
+    len: u64,
+) -> ApiResult<(&'static str, u64)> {
     let mut magic = [0u8; 4];
     {
         use tokio::io::AsyncReadExt;
@@ -544,7 +548,7 @@ async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<(&'static st
     Ok(("qcow2", size))
 }
 
-fn visible(caller: &Principal, image: &ImageRecord) -> bool {
+pub(super) fn visible(caller: &Principal, image: &ImageRecord) -> bool {
     image
         .project
         .as_ref()
@@ -567,7 +571,7 @@ pub(super) async fn list_images(
     ))
 }
 
-fn image_not_found(name: &str) -> ApiError {
+pub(super) fn image_not_found(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -596,5 +600,53 @@ pub(super) async fn delete_image(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     node.write(&Command::DeleteImage { name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Largest volume: 64 TiB.
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// Volumes are split into objects of this size.
+pub const OBJECT_SIZE_BYTES: u64 = 4 << 20;
+
+#[utoipa::path(get, path = "/v1/projects/{name}/volumes", tag = "volumes", params(("name" = String, Path, description = "Project name")),
+    responses((status = 200, description = "The project's volumes", body = Vec<crate::state::volumes::VolumeRecord>)))]
+pub(super) async fn list_volumes(
+    State(node): State<Arc<ClusterNode>>,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<crate::state::volumes::VolumeRecord>>> {
+    read_project(&node, &project).await?;
+    Ok(Json(node.state.volumes(&project)?))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    responses((status = 200, description = "The volume", body = crate::state::volumes::VolumeRecord)))]
+pub(super) async fn show_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<Json<crate::state::volumes::VolumeRecord>> {
+    let name = volume_name(&node, &project, name).await?;
+    node.state
+        .volume(&project, &name)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("volume {name:?} does not exist in project {project:?}"),
+            )
+        })
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
+    params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
+    responses((status = 204, description = "Deleted; its quota is free again")))]
+pub(super) async fn delete_volume(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let name = volume_name(&node, &project, name).await?;
+    node.write(&Command::DeleteVolume { project, name })
+        .await??;
     Ok(StatusCode::NO_CONTENT)
 }

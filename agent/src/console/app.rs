@@ -1,7 +1,7 @@
 //! The console's state machine: keys and results in, screens and effects
 //! out. No I/O here, so every flow is tested without a terminal.
 
-use crate::join::JoinToken;
+use crate::cluster::join::JoinToken;
 
 /// A key press, as the console understands it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub enum Effect {
         on: bool,
     },
     Setup {
-        setup: crate::setup::NodeSetup,
+        setup: crate::daemon::setup::NodeSetup,
         wipe: Vec<String>,
     },
     Quit,
@@ -175,11 +175,11 @@ impl SetupForm {
     }
 
     /// The setup the agent is asked for (it validates it as a whole).
-    pub fn to_setup(&self) -> (crate::setup::NodeSetup, Vec<String>) {
+    pub fn to_setup(&self) -> (crate::daemon::setup::NodeSetup, Vec<String>) {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let setup = crate::setup::NodeSetup {
+        let setup = crate::daemon::setup::NodeSetup {
             hostname: some(&self.hostname),
-            management: some(&self.interface).map(|interface| crate::setup::Management {
+            management: some(&self.interface).map(|interface| crate::daemon::setup::Management {
                 interface,
                 dhcp: self.dhcp,
                 address: if self.dhcp { None } else { some(&self.address) },
@@ -616,7 +616,7 @@ mod tests {
         let token = JoinToken {
             cluster_id: "c0ffee".into(),
             ca_fingerprint: "ab".repeat(32),
-            members: vec![crate::join::TokenMember {
+            members: vec![crate::cluster::join::TokenMember {
                 name: "node-1".into(),
                 api_addr: "127.0.0.1:7443".into(),
                 peer_addr: "127.0.0.1:7444".into(),

@@ -14,11 +14,11 @@ use std::time::Duration;
 use app::{AgentStatus, App, Effect, Event, Key, LocalVm, Member};
 use tokio::sync::mpsc;
 
-use crate::admin::AdminRequest;
+use crate::daemon::admin::AdminRequest;
 
 /// Reads the agent's state from its admin socket.
 pub async fn agent_status(data_dir: &Path) -> AgentStatus {
-    match crate::admin::request_with(data_dir, &AdminRequest::Status, |_| {}).await {
+    match crate::daemon::admin::request_with(data_dir, &AdminRequest::Status, |_| {}).await {
         Err(e) => AgentStatus {
             reachable: false,
             error: Some(format!("{e:#}")),
@@ -106,7 +106,7 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
             let tx = tx.clone();
             let data_dir = data_dir.clone();
             async move {
-                crate::admin::request_with(&data_dir, &request, |message| {
+                crate::daemon::admin::request_with(&data_dir, &request, |message| {
                     let _ = tx.send(Input::Event(Event::Progress(message)));
                 })
                 .await

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::app::{Check, Verdict};
-use crate::join::JoinToken;
+use crate::cluster::join::JoinToken;
 
 /// VXLAN adds 50 bytes to every frame of a 1500-byte overlay.
 pub const MIN_UNDERLAY_MTU: u32 = 1550;
@@ -26,7 +26,7 @@ fn check(name: impl Into<String>, verdict: Verdict, detail: String, fix: &str) -
 /// Runs every check; one failing does not stop the others.
 pub async fn run(token: &JoinToken, data_dir: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
-    let now = crate::join::now_ms();
+    let now = crate::cluster::join::now_ms();
     checks.push(if token.expires_at_ms > now {
         check(
             "Join token still valid",
@@ -94,7 +94,7 @@ async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
     let mut checks = Vec::new();
     // Unverified on purpose: what the member presents is what is checked.
     let http = match reqwest::Client::builder()
-        .use_preconfigured_tls(crate::pki::unverified_client_config())
+        .use_preconfigured_tls(crate::cluster::pki::unverified_client_config())
         .timeout(TIMEOUT)
         .build()
     {
@@ -116,7 +116,7 @@ async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
             .error_for_status()?
             .text()
             .await?;
-        anyhow::Ok(crate::pki::pem_fingerprint(&pem)?)
+        anyhow::Ok(crate::cluster::pki::pem_fingerprint(&pem)?)
     };
     checks.push(match ca.await {
         Ok(seen) if seen.eq_ignore_ascii_case(fingerprint) => check(
@@ -144,7 +144,7 @@ async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
     });
     let clock = async {
         let sent = Instant::now();
-        let before = crate::join::now_ms();
+        let before = crate::cluster::join::now_ms();
         let health: serde_json::Value = http
             .get(format!("https://{api}/healthz"))
             .send()

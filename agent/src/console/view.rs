@@ -544,7 +544,7 @@ mod tests {
     use super::super::app::{AgentStatus, Event, LocalVm, Member};
     use super::super::facts::{Disk, Interface, NodeFacts};
     use super::*;
-    use crate::join::{JoinToken, TokenMember};
+    use crate::cluster::join::{JoinToken, TokenMember};
 
     fn facts() -> NodeFacts {
         NodeFacts {

@@ -102,10 +102,12 @@ impl TestIssuer {
                     Json(jwks.lock().unwrap().clone())
                 }),
             );
-        let (_keep, mode) =
-            tokio::sync::watch::channel(agent::serve::ServeMode::Tls(Arc::new(tls), router));
+        let (_keep, mode) = tokio::sync::watch::channel(agent::cluster::serve::ServeMode::Tls(
+            Arc::new(tls),
+            router,
+        ));
         std::mem::forget(_keep);
-        agent::serve::spawn(listener, mode, "test issuer");
+        agent::cluster::serve::spawn(listener, mode, "test issuer");
         Self {
             url,
             ca_pem: ca_cert.pem(),

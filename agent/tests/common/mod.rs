@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent::cluster::node::{ClusterNode, RaftOptions};
 use agent::daemon::{Agent, AgentOptions};
-use agent::node::{ClusterNode, RaftOptions};
 
 /// Polls `condition` until it holds or `timeout` passes.
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut condition: F) {
@@ -133,7 +133,7 @@ impl TestCluster {
 
     pub async fn join_token(&self, via: usize) -> String {
         let node = self.live(via).node();
-        agent::join::create_token(&node, 3600)
+        agent::cluster::join::create_token(&node, 3600)
             .await
             .expect("join token")
             .1
@@ -242,7 +242,7 @@ pub struct Reply {
 impl ApiClient {
     pub fn new(ca_pem: &str, token: &str) -> Self {
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(agent::pki::ca_client_config(ca_pem).unwrap())
+            .use_preconfigured_tls(agent::cluster::pki::ca_client_config(ca_pem).unwrap())
             .timeout(Duration::from_secs(15))
             .build()
             .unwrap();

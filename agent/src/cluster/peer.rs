@@ -26,8 +26,8 @@ use openraft::LogId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Outcome;
-use crate::node::{ClusterError, ClusterNode, MemberRole};
+use crate::cluster::node::{ClusterError, ClusterNode, MemberRole};
+use crate::state::Outcome;
 
 /// A switch that cuts a node off from its peers in both directions, for
 /// partition tests of the real transport. Off in production.
@@ -354,11 +354,11 @@ async fn add_member(
     // A joining node may only add itself (the certificate it joined with
     // names it); members may forward the request on its behalf.
     let caller = identity.common_name.unwrap_or_default();
-    let allowed = caller == crate::pki::node_common_name(req.node_id)
+    let allowed = caller == crate::cluster::pki::node_common_name(req.node_id)
         || node
             .members()
             .iter()
-            .any(|m| caller == crate::pki::node_common_name(m.id));
+            .any(|m| caller == crate::cluster::pki::node_common_name(m.id));
     if !allowed {
         return Err((StatusCode::FORBIDDEN, "a node can only ask to add itself"));
     }
@@ -381,7 +381,7 @@ async fn remove_member(
     if !node
         .members()
         .iter()
-        .any(|m| caller == crate::pki::node_common_name(m.id))
+        .any(|m| caller == crate::cluster::pki::node_common_name(m.id))
     {
         return Err((
             StatusCode::FORBIDDEN,

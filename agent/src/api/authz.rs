@@ -17,62 +17,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
-use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::join::{now_ms, sha256_hex};
-use crate::model::StateView;
-use crate::node::ClusterNode;
-
-/// Roles, from most to least powerful within a project.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    ProjectViewer,
-    ProjectMember,
-    ProjectAdmin,
-    ClusterAdmin,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "cluster-admin" => Some(Role::ClusterAdmin),
-            "project-admin" => Some(Role::ProjectAdmin),
-            "project-member" => Some(Role::ProjectMember),
-            "project-viewer" => Some(Role::ProjectViewer),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::ClusterAdmin => "cluster-admin",
-            Role::ProjectAdmin => "project-admin",
-            Role::ProjectMember => "project-member",
-            Role::ProjectViewer => "project-viewer",
-        }
-    }
-
-    pub const ALL: [Role; 4] = [
-        Role::ClusterAdmin,
-        Role::ProjectAdmin,
-        Role::ProjectMember,
-        Role::ProjectViewer,
-    ];
-}
+use crate::cluster::join::{now_ms, sha256_hex};
+use crate::cluster::node::ClusterNode;
+use crate::state::auth::Role;
+use crate::state::StateView;
 
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,9 +229,9 @@ pub enum AuthError {
     #[error("the token is not valid for this cluster (unknown, revoked or expired); create a new one with `allod token create` or log in again")]
     Invalid,
     #[error(transparent)]
-    Oidc(#[from] crate::oidc::OidcError),
+    Oidc(#[from] crate::api::oidc::OidcError),
     #[error(transparent)]
-    Read(#[from] crate::model::ReadError),
+    Read(#[from] crate::state::ReadError),
 }
 
 /// The longest a resolved principal is reused without reading the state.
@@ -326,27 +276,51 @@ impl AuthCache {
     }
 }
 
+/// What authenticating callers keeps on a node beyond the cluster state.
+pub struct AuthServices {
+    /// Authentication failures this node may record per second.
+    pub audit_failures: FailureBudget,
+    /// Verifies bearer JWTs of the configured OIDC issuers.
+    pub oidc: crate::api::oidc::Verifier,
+    /// Principals of recently seen bearer tokens.
+    pub cache: AuthCache,
+}
+
+impl Default for AuthServices {
+    fn default() -> Self {
+        Self {
+            audit_failures: FailureBudget::new(50),
+            oidc: Default::default(),
+            cache: Default::default(),
+        }
+    }
+}
+
 /// Resolves an API token or an OIDC JWT to who is calling.
-pub async fn authenticate(node: &ClusterNode, token: &str) -> Result<Principal, AuthError> {
+pub async fn authenticate(
+    node: &ClusterNode,
+    auth: &AuthServices,
+    token: &str,
+) -> Result<Principal, AuthError> {
     use sha2::Digest as _;
     let key: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
     // Read before resolving: a change applied meanwhile makes the entry stale.
     let generation = (
         node.auth_generation
             .load(std::sync::atomic::Ordering::Acquire),
-        node.oidc.key_generation(),
+        auth.oidc.key_generation(),
     );
     let now = now_ms();
-    if let Some(principal) = node.auth_cache.get(&key, generation, now) {
+    if let Some(principal) = auth.cache.get(&key, generation, now) {
         return Ok(principal);
     }
-    let (principal, expires_ms) = if crate::oidc::looks_like_jwt(token) {
+    let (principal, expires_ms) = if crate::api::oidc::looks_like_jwt(token) {
         let issuers = node.state.oidc_issuers()?;
-        node.oidc.verify(&issuers, token).await?
+        auth.oidc.verify(&issuers, token).await?
     } else {
         resolve_until(&node.state, token, now)?
     };
-    node.auth_cache.put(
+    auth.cache.put(
         key,
         CachedPrincipal {
             principal: principal.clone(),
@@ -376,10 +350,10 @@ fn resolve_until(
     }
     let user = state.user(&record.user)?.ok_or(AuthError::Invalid)?;
     let grants = state.grants_of(&user.name)?;
-    let project_scoped = matches!(record.scope, crate::model::TokenScope::Project { .. });
+    let project_scoped = matches!(record.scope, crate::state::auth::TokenScope::Project { .. });
     let (cluster_admin, project_roles) = match &record.scope {
-        crate::model::TokenScope::Cluster => (user.cluster_admin, grants),
-        crate::model::TokenScope::Project { project, role } => {
+        crate::state::auth::TokenScope::Cluster => (user.cluster_admin, grants),
+        crate::state::auth::TokenScope::Project { project, role } => {
             // A project token never exceeds what its user holds there.
             let held = if user.cluster_admin {
                 Some(Role::ClusterAdmin)
@@ -416,7 +390,7 @@ fn clone_auth_error(e: &AuthError) -> AuthError {
 
 /// The one authorisation middleware.
 pub async fn authorize(
-    State((node, table)): State<(Arc<ClusterNode>, Arc<PermissionTable>)>,
+    State((app, table)): State<(crate::api::AppState, Arc<PermissionTable>)>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -424,10 +398,10 @@ pub async fn authorize(
     let pattern = request.extensions().get::<MatchedPath>().cloned();
     let remote = request
         .extensions()
-        .get::<crate::peer::PeerIdentity>()
+        .get::<crate::cluster::peer::PeerIdentity>()
         .and_then(|p| p.remote_addr);
     let uri = request.uri().clone();
-    let context = || crate::audit::AuditContext {
+    let context = || crate::state::audit::AuditContext {
         time_ms: now_ms(),
         user: "-".into(),
         token_id: "-".into(),
@@ -440,21 +414,21 @@ pub async fn authorize(
     // audited only when their authentication fails.
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let audit = mutating.then(|| {
-        Arc::new(crate::audit::RequestAudit {
+        Arc::new(crate::cluster::request_audit::RequestAudit {
             context: std::sync::Mutex::new(context()),
             recorded: std::sync::atomic::AtomicBool::new(false),
         })
     });
     let (response, principal) = match &audit {
         Some(audit) => {
-            crate::audit::REQUEST_AUDIT
+            crate::cluster::request_audit::REQUEST_AUDIT
                 .scope(
                     audit.clone(),
-                    authorize_inner(&node, &table, request, next, Some(audit)),
+                    authorize_inner(&app, &table, request, next, Some(audit)),
                 )
                 .await
         }
-        None => authorize_inner(&node, &table, request, next, None).await,
+        None => authorize_inner(&app, &table, request, next, None).await,
     };
     let status = response.status();
     let recorded = audit
@@ -463,7 +437,7 @@ pub async fn authorize(
     // Calls refused before they reached Raft (bad input, 403, 404, 401)
     // are recorded here, in an entry of their own.
     let failed_authentication =
-        status == StatusCode::UNAUTHORIZED && node.audit_failures.admit(now_ms());
+        status == StatusCode::UNAUTHORIZED && app.auth.audit_failures.admit(now_ms());
     if (mutating && !recorded && status != StatusCode::UNAUTHORIZED) || failed_authentication {
         let mut context = match &audit {
             Some(audit) => audit.context.lock().expect("audit context").clone(),
@@ -473,13 +447,13 @@ pub async fn authorize(
             context.user = p.user.clone();
             context.token_id = p.token_id.clone();
         }
-        let record = context.with_result(crate::audit::result_for_status(status.as_u16()));
+        let record = context.with_result(result_for_status(status.as_u16()));
         // Proposed after the answer is sent: a node that dies in the next
         // milliseconds can lose an entry for a call that changed nothing.
-        let node = node.clone();
+        let node = app.node.clone();
         tokio::spawn(async move {
             match node
-                .write(&crate::model::Command::AppendAudit { record })
+                .write(&crate::state::Command::AppendAudit { record })
                 .await
             {
                 Ok(Ok(_)) => {}
@@ -494,12 +468,13 @@ pub async fn authorize(
 }
 
 async fn authorize_inner(
-    node: &Arc<ClusterNode>,
+    app: &crate::api::AppState,
     table: &PermissionTable,
     mut request: Request,
     next: Next,
-    audit: Option<&crate::audit::RequestAudit>,
+    audit: Option<&crate::cluster::request_audit::RequestAudit>,
 ) -> (Response, Option<Principal>) {
+    let node = &app.node;
     let Some(matched) = request.extensions().get::<MatchedPath>().cloned() else {
         return (next.run(request).await, None);
     };
@@ -556,7 +531,12 @@ async fn authorize_inner(
         _ => path_params(pattern, request.uri().path()),
     };
     let evaluate = || async {
-        let principal = authenticate(node, token.as_ref().map_err(clone_auth_error)?).await?;
+        let principal = authenticate(
+            &app.node,
+            &app.auth,
+            token.as_ref().map_err(clone_auth_error)?,
+        )
+        .await?;
         let mut params = std::borrow::Cow::Borrowed(&params);
         if let Permission::TokenOwnerOrClusterAdmin { param } = permission {
             let id = params.get(param).cloned().unwrap_or_default();
@@ -573,7 +553,7 @@ async fn authorize_inner(
     let refused = match &outcome {
         Ok((_, decision)) => *decision != Decision::Allow,
         Err(AuthError::Invalid)
-        | Err(AuthError::Oidc(crate::oidc::OidcError::UnknownIssuer(_))) => true,
+        | Err(AuthError::Oidc(crate::api::oidc::OidcError::UnknownIssuer(_))) => true,
         Err(_) => false,
     };
     if refused && node.linearizable_read().await.is_ok() {
@@ -617,9 +597,72 @@ async fn authorize_inner(
     }
 }
 
+/// The audit result for an HTTP status the middleware answered itself.
+pub fn result_for_status(status: u16) -> &'static str {
+    match status {
+        200..=299 => "ok",
+        400 => "invalid_argument",
+        401 => "unauthenticated",
+        403 => "forbidden",
+        404 => "not_found",
+        409 => "conflict",
+        413 => "payload_too_large",
+        503 => "unavailable",
+        _ => "error",
+    }
+}
+
+/// Bounds how many authentication failures per second a node records, so a
+/// flood of bad tokens cannot turn into a flood of Raft writes. Failures
+/// beyond the budget are counted and the count is logged.
+pub struct FailureBudget {
+    window: std::sync::Mutex<(u64, u32, u64)>,
+    per_second: u32,
+}
+
+impl FailureBudget {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            window: std::sync::Mutex::new((0, 0, 0)),
+            per_second,
+        }
+    }
+
+    /// Whether a failure at `now_ms` may be recorded.
+    pub fn admit(&self, now_ms: u64) -> bool {
+        let mut window = self.window.lock().expect("failure budget");
+        let (second, _, dropped) = &mut *window;
+        if now_ms / 1000 != *second {
+            if *dropped > 0 {
+                tracing::warn!(
+                    dropped = *dropped,
+                    "authentication failures beyond the audit budget were not recorded"
+                );
+            }
+            *window = (now_ms / 1000, 0, 0);
+        }
+        let (_, used, dropped) = &mut *window;
+        if *used < self.per_second {
+            *used += 1;
+            true
+        } else {
+            *dropped += 1;
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_failure_budget_resets_every_second() {
+        let budget = FailureBudget::new(2);
+        assert!(budget.admit(1_000) && budget.admit(1_500));
+        assert!(!budget.admit(1_999));
+        assert!(budget.admit(2_000));
+    }
 
     fn principal(admin: bool, roles: &[(&str, Role)]) -> Principal {
         Principal {

@@ -2,13 +2,16 @@
 //! socket) and the API client commands (`allod project ...`,
 //! `allod cluster status`).
 
+pub mod console_client;
+pub mod network;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{self, AdminRequest};
+use crate::daemon::admin::{self, AdminRequest};
 use crate::daemon::{Agent, AgentOptions};
 
 #[derive(Parser, Debug)]
@@ -45,22 +48,22 @@ pub enum TopCommand {
     Vm(VmCommand),
     /// Tenant VPCs (isolated networks).
     #[command(subcommand)]
-    Vpc(crate::cli_network::VpcCommand),
+    Vpc(crate::cli::network::VpcCommand),
     /// Subnets of a VPC.
     #[command(subcommand)]
-    Subnet(crate::cli_network::SubnetCommand),
+    Subnet(crate::cli::network::SubnetCommand),
     /// Security groups and their rules.
     #[command(subcommand)]
-    Sg(crate::cli_network::SgCommand),
+    Sg(crate::cli::network::SgCommand),
     /// Ports (NICs) on subnets.
     #[command(subcommand)]
-    Port(crate::cli_network::PortCommand),
+    Port(crate::cli::network::PortCommand),
     /// Floating IPs.
     #[command(subcommand)]
-    Fip(crate::cli_network::FipCommand),
+    Fip(crate::cli::network::FipCommand),
     /// Floating-IP pools (cluster admins).
     #[command(subcommand)]
-    IpPool(crate::cli_network::IpPoolCommand),
+    IpPool(crate::cli::network::IpPoolCommand),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -143,8 +146,8 @@ pub enum OidcCommand {
         claim: String,
         /// VALUE=ROLE or VALUE=ROLE@PROJECT, e.g. `ops=cluster-admin`,
         /// `web-devs=project-member@web`; repeat for more.
-        #[arg(long = "map", value_parser = crate::oidc::ClaimMapping::parse)]
-        mappings: Vec<crate::oidc::ClaimMapping>,
+        #[arg(long = "map", value_parser = crate::state::auth::ClaimMapping::parse)]
+        mappings: Vec<crate::state::auth::ClaimMapping>,
         /// A CA certificate (PEM file) to trust for the issuer's HTTPS.
         #[arg(long)]
         ca: Option<PathBuf>,
@@ -316,18 +319,18 @@ pub struct NetworkArgs {
 }
 
 impl NetworkArgs {
-    pub fn options(&self) -> Option<crate::netnode::NetworkOptions> {
+    pub fn options(&self) -> Option<crate::reconcile::network::NetworkOptions> {
         if self.network_fabric == "off" {
             return None;
         }
         let uplink = match self.uplink.as_deref() {
             Some("none") => None,
             Some(i) => Some(i.to_string()),
-            None => crate::netnode::default_route_interface(),
+            None => crate::reconcile::network::default_route_interface(),
         };
-        Some(crate::netnode::NetworkOptions {
+        Some(crate::reconcile::network::NetworkOptions {
             underlay: self.underlay_address,
-            underlay_mtu: crate::netnode::interface_mtu(uplink.as_deref()),
+            underlay_mtu: crate::reconcile::network::interface_mtu(uplink.as_deref()),
             uplink,
             netns_dir: self.netns_dir.clone(),
         })
@@ -351,8 +354,8 @@ pub struct ComputeArgs {
 }
 
 impl ComputeArgs {
-    pub fn options(&self) -> Option<crate::reconciler::ComputeOptions> {
-        (self.libvirt_uri != "none").then(|| crate::reconciler::ComputeOptions {
+    pub fn options(&self) -> Option<crate::reconcile::compute::ComputeOptions> {
+        (self.libvirt_uri != "none").then(|| crate::reconcile::compute::ComputeOptions {
             virt_type: hypervisor::spec::VirtType::parse(&self.virt_type).expect("checked by clap"),
             libvirt_uri: self.libvirt_uri.clone(),
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
@@ -769,13 +772,13 @@ impl SetupArgs {
             && self.storage_disk.is_empty()
     }
 
-    fn to_setup(&self) -> crate::setup::NodeSetup {
-        crate::setup::NodeSetup {
+    fn to_setup(&self) -> crate::daemon::setup::NodeSetup {
+        crate::daemon::setup::NodeSetup {
             hostname: self.hostname.clone(),
             management: self
                 .interface
                 .as_ref()
-                .map(|interface| crate::setup::Management {
+                .map(|interface| crate::daemon::setup::Management {
                     interface: interface.clone(),
                     dhcp: self.dhcp,
                     address: self.address.clone(),
@@ -924,7 +927,7 @@ impl ApiArgs {
     pub fn resolve(&self) -> anyhow::Result<ApiClient> {
         let (mut url, mut token, mut ca) = (self.url.clone(), self.token.clone(), self.ca.clone());
         if let Some(dir) = &self.data_dir {
-            let dd = crate::paths::DataDir::new(dir);
+            let dd = crate::cluster::paths::DataDir::new(dir);
             if url.is_none() {
                 let text = std::fs::read_to_string(dd.node_config()).with_context(|| {
                     format!(
@@ -932,7 +935,7 @@ impl ApiArgs {
                         dir.display()
                     )
                 })?;
-                let config: crate::paths::NodeConfig = serde_json::from_str(&text)?;
+                let config: crate::cluster::paths::NodeConfig = serde_json::from_str(&text)?;
                 url = Some(format!("https://{}", config.api_addr));
             }
             if token.is_none() {
@@ -972,7 +975,7 @@ impl ApiArgs {
         let ca_pem = std::fs::read_to_string(&ca)
             .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(crate::pki::ca_client_config(&ca_pem)?)
+            .use_preconfigured_tls(crate::cluster::pki::ca_client_config(&ca_pem)?)
             .timeout(std::time::Duration::from_secs(60))
             .build()?;
         Ok(ApiClient {
@@ -1156,12 +1159,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
         TopCommand::Volume(command) => run_volume(command).await,
-        TopCommand::Vpc(command) => crate::cli_network::run_vpc(command).await,
-        TopCommand::Subnet(command) => crate::cli_network::run_subnet(command).await,
-        TopCommand::Sg(command) => crate::cli_network::run_sg(command).await,
-        TopCommand::Port(command) => crate::cli_network::run_port(command).await,
-        TopCommand::Fip(command) => crate::cli_network::run_fip(command).await,
-        TopCommand::IpPool(command) => crate::cli_network::run_pool(command).await,
+        TopCommand::Vpc(command) => crate::cli::network::run_vpc(command).await,
+        TopCommand::Subnet(command) => crate::cli::network::run_subnet(command).await,
+        TopCommand::Sg(command) => crate::cli::network::run_sg(command).await,
+        TopCommand::Port(command) => crate::cli::network::run_port(command).await,
+        TopCommand::Fip(command) => crate::cli::network::run_fip(command).await,
+        TopCommand::IpPool(command) => crate::cli::network::run_pool(command).await,
         TopCommand::Image(command) => run_image(command).await,
         TopCommand::Vm(command) => run_vm(command).await,
         TopCommand::User(command) => run_user(command).await,
@@ -2238,7 +2241,7 @@ async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             Some(serde_json::json!({ "vcpus": vcpus, "memory_bytes": memory })),
         ),
         VmCommand::Console { name, project, api } => {
-            return crate::console_client::attach(&api, &project, &name).await;
+            return crate::cli::console_client::attach(&api, &project, &name).await;
         }
         VmCommand::List { project, api } => (
             api,
@@ -2316,7 +2319,8 @@ async fn run_node_setup(
             );
         }
         (false, Some(raw)) => {
-            let token = crate::join::JoinToken::decode(&raw, 0).map_err(anyhow::Error::new)?;
+            let token =
+                crate::cluster::join::JoinToken::decode(&raw, 0).map_err(anyhow::Error::new)?;
             println!(
                 "Cluster {} (CA SHA-256 {})",
                 token.cluster_id, token.ca_fingerprint
@@ -2450,7 +2454,7 @@ async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
         read_line(Some("Password: "))?
     };
     let http = reqwest::Client::builder()
-        .use_preconfigured_tls(crate::pki::ca_client_config(&ca_pem)?)
+        .use_preconfigured_tls(crate::cluster::pki::ca_client_config(&ca_pem)?)
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
     let url = args.url.trim_end_matches('/').to_string();
@@ -2482,7 +2486,7 @@ async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
         token: body["token"].as_str().map(str::to_string),
         ca: Some(ca),
     };
-    crate::pki::write_private(&path, &serde_json::to_string_pretty(&config)?)
+    crate::cluster::pki::write_private(&path, &serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!(
         "Logged in as {user}; the session token (valid 24 h) is in {}.",
@@ -2534,7 +2538,7 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             });
         }
         AuditCommand::Verify { file, api } => {
-            let entries: Vec<crate::audit::AuditEntry> = match file {
+            let entries: Vec<crate::state::audit::AuditEntry> = match file {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -2559,7 +2563,7 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                     )?
                 }
             };
-            let count = crate::audit::verify(&entries)
+            let count = crate::state::audit::verify(&entries)
                 .map_err(|e| anyhow::anyhow!("the audit log is broken: {e}"))?;
             println!("The audit log is intact: {count} entries, chained from the first.");
         }

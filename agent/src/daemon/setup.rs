@@ -125,7 +125,7 @@ impl NodeSetup {
     pub fn plan(&self, wipe: &[String]) -> Result<Plan, String> {
         if let Some(host) = &self.hostname {
             for label in host.split('.') {
-                crate::model::validate_name("host", label).map_err(|e| e.message)?;
+                crate::state::validate_name("host", label).map_err(|e| e.message)?;
             }
         }
         for server in &self.ntp {

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::{Deserialize, Serialize};
 
-use crate::authz::{Principal, Role};
-use crate::model::{DomainError, ErrorCode};
+use crate::api::authz::Principal;
+use crate::state::auth::{OidcIssuer, Role, OIDC_TOKEN_PREFIX};
+use crate::state::{DomainError, ErrorCode};
 
 /// Keys older than this are fetched again before use.
 pub const KEYS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -31,65 +31,6 @@ pub const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(2);
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An OIDC issuer the cluster trusts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OidcIssuer {
-    /// The issuer's name in Allod (a DNS label); audit entries say `oidc:NAME`.
-    pub name: String,
-    /// The exact `iss` of its tokens, an `https://` URL; the discovery
-    /// document is read from `ISSUER/.well-known/openid-configuration`.
-    pub issuer: String,
-    /// The `aud` its tokens must carry (usually the client id).
-    pub audience: String,
-    /// The claim whose values are mapped to roles; a dotted path reaches
-    /// into objects (`realm_access.roles` for Keycloak realm roles).
-    #[serde(default = "default_claim")]
-    pub claim: String,
-    /// Claim values and the roles they give.
-    #[serde(default)]
-    pub mappings: Vec<ClaimMapping>,
-    /// A CA certificate (PEM) to trust for the issuer's HTTPS, besides the
-    /// system's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_pem: Option<String>,
-}
-
-fn default_claim() -> String {
-    "groups".into()
-}
-
-/// `value` in the claim gives `role`, in `project` for project roles.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ClaimMapping {
-    pub value: String,
-    pub role: Role,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub project: Option<String>,
-}
-
-impl ClaimMapping {
-    /// Parses the CLI form `VALUE=ROLE` or `VALUE=ROLE@PROJECT`.
-    pub fn parse(text: &str) -> Result<ClaimMapping, String> {
-        let (value, target) = text
-            .split_once('=')
-            .ok_or_else(|| format!("mapping {text:?} is not VALUE=ROLE or VALUE=ROLE@PROJECT"))?;
-        let (role, project) = match target.split_once('@') {
-            Some((role, project)) => (role, Some(project.to_string())),
-            None => (target, None),
-        };
-        let role = Role::parse(role).ok_or_else(|| {
-            format!("unknown role {role:?} in mapping {text:?}; use cluster-admin, project-admin, project-member or project-viewer")
-        })?;
-        Ok(ClaimMapping {
-            value: value.to_string(),
-            role,
-            project,
-        })
-    }
-}
 
 fn invalid(message: String) -> DomainError {
     DomainError {
@@ -101,7 +42,7 @@ fn invalid(message: String) -> DomainError {
 impl OidcIssuer {
     /// Checks a configuration before it is stored.
     pub fn validate(&self) -> Result<(), DomainError> {
-        crate::model::validate_name("issuer", &self.name)?;
+        crate::state::validate_name("issuer", &self.name)?;
         let url = reqwest::Url::parse(&self.issuer)
             .map_err(|e| invalid(format!("issuer {:?} is not a URL: {e}", self.issuer)))?;
         if url.scheme() != "https" || url.host_str().is_none() {
@@ -133,7 +74,7 @@ impl OidcIssuer {
                         role.as_str()
                     )))
                 }
-                (_, Some(project)) => crate::model::validate_name("project", project)?,
+                (_, Some(project)) => crate::state::validate_name("project", project)?,
             }
         }
         if let Some(pem) = &self.ca_pem {
@@ -479,7 +420,6 @@ impl Verifier {
 }
 
 /// Audit entries of OIDC callers carry `oidc:ISSUER` as their token id.
-pub const OIDC_TOKEN_PREFIX: &str = "oidc:";
 
 fn describe(e: jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind::*;
@@ -497,6 +437,7 @@ fn describe(e: jsonwebtoken::errors::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::auth::ClaimMapping;
 
     fn issuer(mappings: &[&str]) -> OidcIssuer {
         OidcIssuer {

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use hypervisor::lifecycle::{HvError, Hypervisor, Observed, Power};
 use hypervisor::spec::{Disk, DomainSpec, Nic, VirtType};
 
-use crate::model::{Command, VmRecord, PREFIX_VMS};
-use crate::node::ClusterNode;
+use crate::cluster::node::ClusterNode;
+use crate::state::vms::VmRecord;
+use crate::state::{Command, PREFIX_VMS};
 
 #[derive(Debug, Clone)]
 pub struct ComputeOptions {
@@ -337,6 +338,9 @@ async fn converge(
                         name: vm.name.clone(),
                         power: "stopped".into(),
                         force: false,
+                        overcommit_cpu_percent: crate::state::scheduler::default_cpu_percent(),
+                        overcommit_memory_percent: crate::state::scheduler::default_memory_percent(
+                        ),
                     })
                     .await;
                 ("stopped".into(), None)

@@ -53,7 +53,7 @@ pub async fn connect(
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {}", client.token).parse()?);
-    let tls = crate::pki::ca_client_config(&client.ca_pem)?;
+    let tls = crate::cluster::pki::ca_client_config(&client.ca_pem)?;
     let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
         request,
         None,

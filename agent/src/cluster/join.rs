@@ -10,7 +10,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::node::{ClusterError, ClusterNode};
+use crate::cluster::node::{ClusterError, ClusterNode};
 
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 
@@ -110,7 +110,7 @@ pub async fn create_token(
     let secret = random_hex(32);
     let now = now_ms();
     let expires_at_ms = now + ttl_secs.saturating_mul(1000);
-    let command = crate::model::Command::CreateJoinToken {
+    let command = crate::state::Command::CreateJoinToken {
         id: id.clone(),
         secret_sha256: sha256_hex(&secret),
         now_ms: now,

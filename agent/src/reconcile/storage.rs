@@ -13,9 +13,10 @@ use storage::nbd::{self, BoxFuture, Export, Exports};
 use storage::transport::{self, Peers};
 use storage::{ObjectStore, ParentSpec, Storage, VolumeHandle, VolumeSpec};
 
-use crate::model::{Command, VolumeRecord};
-use crate::node::ClusterNode;
-use crate::volumes::NodeStorage;
+use crate::cluster::node::ClusterNode;
+use crate::state::volumes::NodeStorage;
+use crate::state::volumes::VolumeRecord;
+use crate::state::Command;
 
 /// How the block store is set up on this node.
 #[derive(Debug, Clone)]

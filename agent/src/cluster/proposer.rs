@@ -14,7 +14,7 @@ use allod_raft::{Command as RaftCommand, Member, NodeId, Raft};
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::model::Outcome;
+use crate::state::Outcome;
 
 /// Entries in flight at once; while they are, new writes queue into the next batch.
 const MAX_IN_FLIGHT: usize = 2;

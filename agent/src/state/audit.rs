@@ -3,8 +3,11 @@
 //! so that a removed, reordered or edited entry breaks the chain and
 //! `allod audit verify` names where.
 
+use allod_raft::KvWrite;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use super::{get_json, put_json, ReadError, StateView, KEY_AUDIT_HEAD, PREFIX_AUDIT};
 
 /// Who is acting and on what, known before the outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -44,47 +47,6 @@ impl AuditContext {
     }
 }
 
-/// The audit context of the API request being handled. The first write a
-/// handler makes carries it into Raft, where the entry is appended in the
-/// same transaction as the change; `recorded` tells the middleware not to
-/// append a second one.
-pub struct RequestAudit {
-    pub context: std::sync::Mutex<AuditContext>,
-    pub recorded: std::sync::atomic::AtomicBool,
-}
-
-tokio::task_local! {
-    pub static REQUEST_AUDIT: std::sync::Arc<RequestAudit>;
-}
-
-/// Takes the current request's audit context for one write, once.
-pub fn take_request_context() -> Option<AuditContext> {
-    REQUEST_AUDIT
-        .try_with(|audit| {
-            (!audit
-                .recorded
-                .swap(true, std::sync::atomic::Ordering::SeqCst))
-            .then(|| audit.context.lock().expect("audit context").clone())
-        })
-        .ok()
-        .flatten()
-}
-
-/// The audit result for an HTTP status the middleware answered itself.
-pub fn result_for_status(status: u16) -> &'static str {
-    match status {
-        200..=299 => "ok",
-        400 => "invalid_argument",
-        401 => "unauthenticated",
-        403 => "forbidden",
-        404 => "not_found",
-        409 => "conflict",
-        413 => "payload_too_large",
-        503 => "unavailable",
-        _ => "error",
-    }
-}
-
 /// One link of the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
@@ -100,46 +62,6 @@ pub struct AuditEntry {
 pub struct AuditHead {
     pub seq: u64,
     pub hash: String,
-}
-
-/// Bounds how many authentication failures per second a node records, so a
-/// flood of bad tokens cannot turn into a flood of Raft writes. Failures
-/// beyond the budget are counted and the count is logged.
-pub struct FailureBudget {
-    window: std::sync::Mutex<(u64, u32, u64)>,
-    per_second: u32,
-}
-
-impl FailureBudget {
-    pub fn new(per_second: u32) -> Self {
-        Self {
-            window: std::sync::Mutex::new((0, 0, 0)),
-            per_second,
-        }
-    }
-
-    /// Whether a failure at `now_ms` may be recorded.
-    pub fn admit(&self, now_ms: u64) -> bool {
-        let mut window = self.window.lock().expect("failure budget");
-        let (second, _, dropped) = &mut *window;
-        if now_ms / 1000 != *second {
-            if *dropped > 0 {
-                tracing::warn!(
-                    dropped = *dropped,
-                    "authentication failures beyond the audit budget were not recorded"
-                );
-            }
-            *window = (now_ms / 1000, 0, 0);
-        }
-        let (_, used, dropped) = &mut *window;
-        if *used < self.per_second {
-            *used += 1;
-            true
-        } else {
-            *dropped += 1;
-            false
-        }
-    }
 }
 
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -203,6 +125,41 @@ pub fn verify(entries: &[AuditEntry]) -> Result<u64, ChainBreak> {
     Ok(entries.len() as u64)
 }
 
+pub(super) fn append_audit(
+    kv: &mut KvWrite<'_>,
+    record: AuditRecord,
+) -> Result<u64, allod_raft::KvError> {
+    let head: Option<AuditHead> = get_json(kv, KEY_AUDIT_HEAD)?;
+    let entry = chain(head.as_ref(), record);
+    put_json(kv, &format!("{PREFIX_AUDIT}{:020}", entry.seq), &entry)?;
+    put_json(
+        kv,
+        KEY_AUDIT_HEAD,
+        &AuditHead {
+            seq: entry.seq,
+            hash: entry.hash.clone(),
+        },
+    )?;
+    Ok(entry.seq)
+}
+
+impl StateView {
+    /// Audit entries in order, starting after `after_seq`.
+    pub fn audit_entries(&self, after_seq: u64) -> Result<Vec<AuditEntry>, ReadError> {
+        Ok(self
+            .reader
+            .scan(PREFIX_AUDIT)?
+            .into_iter()
+            .filter(|(key, _)| {
+                key[PREFIX_AUDIT.len()..]
+                    .parse::<u64>()
+                    .is_ok_and(|seq| seq > after_seq)
+            })
+            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,14 +196,6 @@ mod tests {
             entries.push(chain(head.as_ref(), record(i)));
         }
         entries
-    }
-
-    #[test]
-    fn the_failure_budget_resets_every_second() {
-        let budget = FailureBudget::new(2);
-        assert!(budget.admit(1_000) && budget.admit(1_500));
-        assert!(!budget.admit(1_999));
-        assert!(budget.admit(2_000));
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! `join` (asked for on the admin socket), or at start when its data
 //! directory already holds a node configuration.
 
+pub mod admin;
+pub mod logring;
+pub mod setup;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -14,13 +18,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::join::{now_ms, random_hex, sha256_hex, JoinRequest, JoinResponse, JoinToken};
-use crate::model::{ClusterInfo, Command, NodeRecord};
-use crate::node::{ClusterNode, MemberRole, RaftOptions};
-use crate::paths::{DataDir, ListenAddrs, NodeConfig};
-use crate::peer::{AddMemberRequest, ForwardFailure, Isolation, PeerCallError};
-use crate::pki::{self, CertificateAuthority, NodeKey, NodeTls};
-use crate::serve::{self, ServeMode};
+use crate::cluster::join::{now_ms, random_hex, sha256_hex, JoinRequest, JoinResponse, JoinToken};
+use crate::cluster::node::{ClusterNode, MemberRole, RaftOptions};
+use crate::cluster::paths::{DataDir, ListenAddrs, NodeConfig};
+use crate::cluster::peer::{AddMemberRequest, ForwardFailure, Isolation, PeerCallError};
+use crate::cluster::pki::{self, CertificateAuthority, NodeKey, NodeTls};
+use crate::cluster::serve::{self, ServeMode};
+use crate::state::nodes::ClusterInfo;
+use crate::state::nodes::NodeRecord;
+use crate::state::Command;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -34,11 +40,11 @@ pub struct AgentOptions {
     /// HOST:PORT for block-storage traffic between nodes (mutual TLS).
     pub storage_listen: String,
     pub storage_advertise: Option<String>,
-    pub blocks: crate::blockstore::BlockOptions,
+    pub blocks: crate::reconcile::storage::BlockOptions,
     /// Run VMs through libvirt (`None`: this node runs none).
-    pub compute: Option<crate::reconciler::ComputeOptions>,
+    pub compute: Option<crate::reconcile::compute::ComputeOptions>,
     /// Build tenant networks on this node (`None`: it hosts no VPC ports).
-    pub network: Option<crate::netnode::NetworkOptions>,
+    pub network: Option<crate::reconcile::network::NetworkOptions>,
 }
 
 impl AgentOptions {
@@ -58,7 +64,7 @@ impl AgentOptions {
             // Port 0 unless asked: in-process clusters share one machine.
             storage_listen: "127.0.0.1:0".into(),
             storage_advertise: None,
-            blocks: crate::blockstore::BlockOptions {
+            blocks: crate::reconcile::storage::BlockOptions {
                 dir: None,
                 failure_domain: None,
                 nbd_listen: None,
@@ -76,7 +82,7 @@ pub enum SetupError {
     #[error("this node is not a member of any cluster; run `allod cluster init` or `allod cluster join` first")]
     NotConfigured,
     #[error(transparent)]
-    Token(#[from] crate::join::TokenError),
+    Token(#[from] crate::cluster::join::TokenError),
     #[error("the server at {addr} presents CA fingerprint {actual}, but the join token expects {expected}; it is not the cluster the token was issued for (or someone is intercepting the connection), so nothing was changed")]
     FingerprintMismatch {
         addr: String,
@@ -123,9 +129,9 @@ pub struct Agent {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub storage_addr: String,
     storage_listener: Mutex<Option<TcpListener>>,
-    block_options: crate::blockstore::BlockOptions,
-    compute: Option<crate::reconciler::ComputeOptions>,
-    network: Option<crate::netnode::NetworkOptions>,
+    block_options: crate::reconcile::storage::BlockOptions,
+    compute: Option<crate::reconcile::compute::ComputeOptions>,
+    network: Option<crate::reconcile::network::NetworkOptions>,
 }
 
 /// The host name, made into a valid node name.
@@ -236,7 +242,8 @@ impl Agent {
             compute: options.compute.clone(),
             network: options.network.clone(),
         });
-        let admin = crate::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
+        let admin =
+            crate::daemon::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
         let api = serve::spawn(api_listener, api_rx, "api");
         let peer = serve::spawn(peer_listener, peer_rx, "peer");
         agent
@@ -284,26 +291,31 @@ impl Agent {
         )
         .await
         .context("cannot start this node's Raft instance")?;
-        self.peer_mode
-            .send_replace(ServeMode::Tls(peer_tls, crate::peer::router(node.clone())));
-        self.api_mode
-            .send_replace(ServeMode::Tls(api_tls, crate::api::router(node.clone())));
+        let local = Arc::new(crate::api::LocalServices::default());
+        self.peer_mode.send_replace(ServeMode::Tls(
+            peer_tls,
+            crate::cluster::peer::router(node.clone()),
+        ));
+        self.api_mode.send_replace(ServeMode::Tls(
+            api_tls,
+            crate::api::router(crate::api::AppState::new(node.clone(), local.clone())),
+        ));
         self.node.send_replace(Some(node.clone()));
         tokio::spawn(report_capacity(Arc::downgrade(&node)));
         let listener = self.storage_listener.lock().expect("listener").take();
         match listener {
             Some(listener) => {
-                let blocks = crate::blockstore::BlockStore::start(
+                let blocks = crate::reconcile::storage::BlockStore::start(
                     &node,
                     listener,
                     self.storage_addr.clone(),
                     &self.block_options,
                 )
                 .await?;
-                let _ = node.blocks.set(blocks);
+                let _ = local.blocks.set(blocks);
                 if let Some(compute) = &self.compute {
-                    let _ = node.compute.set(compute.clone());
-                    tokio::spawn(crate::reconciler::run(
+                    let _ = local.compute.set(compute.clone());
+                    tokio::spawn(crate::reconcile::compute::run(
                         Arc::downgrade(&node),
                         compute.clone(),
                     ));
@@ -322,7 +334,7 @@ impl Agent {
                     std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
                     _ => None,
                 });
-            tokio::spawn(crate::netnode::run(
+            tokio::spawn(crate::reconcile::network::run(
                 Arc::downgrade(&node),
                 network.clone(),
                 peer_ip,
@@ -374,7 +386,7 @@ impl Agent {
         let _guard = self.setup_lock.lock().await;
         self.refuse_if_configured()?;
         let cluster_name = cluster_name.unwrap_or_else(|| "allod".to_string());
-        crate::model::validate_name("cluster", &cluster_name)?;
+        crate::state::validate_name("cluster", &cluster_name)?;
         let cluster_id = random_hex(8);
         let ca = CertificateAuthority::create(&cluster_id)?;
         let (node_key, node_cert) = NodeKey::generate_signed(self.node_sans(), &ca, 1)?;

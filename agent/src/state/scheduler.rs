@@ -2,7 +2,7 @@
 //! them and the VM's request. No I/O, so it is tested exhaustively.
 //!
 //! Filters, in order: the node accepts work (not in maintenance), its zone
-//! may host the project's zone ([`crate::zones::may_host`]: a dedicated node
+//! may host the project's zone ([`crate::state::zones::may_host`]: a dedicated node
 //! never hosts another zone, and the shared pool never hosts OFFICIAL-SENSITIVE
 //! or SECRET), it has room for the vCPUs and memory after overcommit, and it
 //! holds no VM of the same anti-affinity group. Among the nodes left, the
@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::zones::Zone;
+use crate::state::zones::Zone;
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,13 +47,41 @@ pub struct Overcommit {
 }
 
 impl Default for Overcommit {
-    /// Four vCPUs per core; memory is not overcommitted.
     fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl Overcommit {
+    /// Four vCPUs per core; memory is not overcommitted.
+    pub const DEFAULT: Overcommit = Overcommit {
+        cpu: 4.0,
+        memory: 1.0,
+    };
+
+    /// As commands carry it: vCPUs and memory per 100 physical units.
+    pub fn from_percent(cpu_percent: u32, memory_percent: u32) -> Self {
         Self {
-            cpu: 4.0,
-            memory: 1.0,
+            cpu: f64::from(cpu_percent) / 100.0,
+            memory: f64::from(memory_percent) / 100.0,
         }
     }
+
+    pub fn cpu_percent(&self) -> u32 {
+        (self.cpu * 100.0).round() as u32
+    }
+
+    pub fn memory_percent(&self) -> u32 {
+        (self.memory * 100.0).round() as u32
+    }
+}
+
+pub fn default_cpu_percent() -> u32 {
+    Overcommit::default().cpu_percent()
+}
+
+pub fn default_memory_percent() -> u32 {
+    Overcommit::default().memory_percent()
 }
 
 /// Why no node fits, counted per reason, so the message says what to fix.
@@ -111,7 +139,7 @@ pub fn place(
     };
     let mut best: Option<(f64, u64)> = None;
     for node in nodes {
-        if crate::zones::may_host(request.zone, node.zone).is_err() {
+        if crate::state::zones::may_host(request.zone, node.zone).is_err() {
             refusal.wrong_zone += 1;
             continue;
         }

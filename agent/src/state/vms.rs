@@ -6,14 +6,103 @@
 use std::collections::BTreeMap;
 
 use allod_raft::{KvRead, KvWrite};
+use serde::{Deserialize, Serialize};
 
-use crate::model::{
-    domain, get_json, put_json, Attachment, ErrorCode, NodeRecord, Outcome, Project, VmRecord,
-    VolumeRecord, PREFIX_NODES, PREFIX_PROJECTS, PREFIX_VMS, PREFIX_VOLUMES,
+use super::nodes::NodeRecord;
+use super::projects::Project;
+use super::quotas::Usage;
+use super::scheduler::{Candidate, Overcommit, Request};
+use super::volumes::VolumeRecord;
+use super::zones::Zone;
+use super::{
+    domain, get_json, put_json, ErrorCode, Outcome, ReadError, StateView, PREFIX_NODES,
+    PREFIX_PROJECTS, PREFIX_VMS, PREFIX_VOLUMES,
 };
-use crate::scheduler::{Candidate, Overcommit, Request};
 
 type KvResult<T> = Result<T, allod_raft::KvError>;
+
+/// A volume attached to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Attachment {
+    pub project: String,
+    pub volume: String,
+    pub volume_id: String,
+}
+
+/// A VM's NIC: the port made for it with the VM (deleted with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmNic {
+    /// The port's name (`<vm>-nic<N>`), e.g. for `allod fip bind --port`.
+    pub port: String,
+    pub vpc: String,
+    pub subnet: String,
+    pub mac: String,
+    /// The address IPAM gave it; the guest gets it by DHCP.
+    pub ip: String,
+}
+
+/// A VM's record: its desired spec and where the scheduler put it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    /// The project's zone; the VM runs only on nodes of this zone.
+    pub zone: Zone,
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    /// VMs of one group never share a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    /// The node the scheduler chose (set when the create applies).
+    #[serde(rename = "node", alias = "node_id")]
+    pub node_id: u64,
+    /// What its node last saw: `creating`, `running`, `stopping`,
+    /// `stopped`, `paused`, `crashed`, or `failed` (with `reason`).
+    pub state: String,
+    /// Why it failed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// In boot order: the first is the boot disk.
+    #[serde(default)]
+    pub volumes: Vec<Attachment>,
+    /// Bumped by every change to the spec (vCPUs, memory, disks).
+    pub generation: u64,
+    pub created_at_ms: u64,
+    /// What the owner wants: `running` or `stopped`.
+    #[serde(default = "default_power")]
+    pub power: String,
+    /// A stop that pulls the plug instead of asking the guest.
+    #[serde(default)]
+    pub force_stop: bool,
+    /// Bumped by every reboot request.
+    #[serde(default)]
+    pub reboots: u64,
+    /// The boot volume made with the VM (deleted with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_volume: Option<String>,
+    /// The spec generation its node last defined.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Its NICs, in the guest's order (eth0 first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<VmNic>,
+}
+
+fn default_power() -> String {
+    "running".into()
+}
+
+impl VmRecord {
+    pub fn usage(&self) -> Usage {
+        Usage {
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            vms: 1,
+            ..Default::default()
+        }
+    }
+}
 
 /// The scheduler's view of every node: capacity and what is placed there.
 fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
@@ -69,7 +158,7 @@ pub fn create_vm(
     vm: VmRecord,
     overcommit: Overcommit,
     boot: Option<BootDisk>,
-    nics: Vec<crate::network::PortRecord>,
+    nics: Vec<crate::state::network::PortRecord>,
 ) -> KvResult<Outcome> {
     let project_key = format!("{PREFIX_PROJECTS}{}", vm.project);
     let key = format!("{PREFIX_VMS}{}/{}", vm.project, vm.name);
@@ -105,7 +194,7 @@ pub fn create_vm(
             n.used_memory_bytes = 0;
         }
     }
-    let node_id = match crate::scheduler::place(&nodes, &request, overcommit) {
+    let node_id = match crate::state::scheduler::place(&nodes, &request, overcommit) {
         Ok(id) => id,
         Err(refusal) => {
             return Ok(Err(domain(
@@ -124,18 +213,18 @@ pub fn create_vm(
     // refusal undoes the ports made before it.
     let undo = |kv: &mut KvWrite<'_>, vm: &VmRecord| -> KvResult<()> {
         for nic in &vm.nics {
-            crate::network::delete_port(kv, &vm.project, &nic.port)?;
+            crate::state::network::delete_port(kv, &vm.project, &nic.port)?;
         }
         Ok(())
     };
     for mut port in nics {
         port.node = node_id;
         port.vm = Some(vm.name.clone());
-        match crate::network::create_port(kv, port)? {
+        match crate::state::network::create_port(kv, port)? {
             Ok(v) => {
-                let port: crate::network::PortRecord =
+                let port: crate::state::network::PortRecord =
                     serde_json::from_value(v).expect("a port record");
-                vm.nics.push(crate::model::VmNic {
+                vm.nics.push(crate::state::vms::VmNic {
                     port: port.name,
                     vpc: port.vpc,
                     subnet: port.subnet,
@@ -153,10 +242,10 @@ pub fn create_vm(
         let mut volume = boot.volume;
         volume.attached_to = Some(vm.id.clone());
         volume.state = "in-use".into();
-        let created = crate::volumes::create_volume(
+        let created = crate::state::volumes::create_volume(
             kv,
             volume,
-            Some(crate::volumes::VolumeSource::Image { name: boot.image }),
+            Some(crate::state::volumes::VolumeSource::Image { name: boot.image }),
         )?;
         let volume: VolumeRecord = match created {
             Ok(v) => serde_json::from_value(v).expect("a volume record"),
@@ -199,7 +288,7 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
     record.usage = record.usage.minus(&vm.usage());
     put_json(kv, &project_key, &record)?;
     for nic in &vm.nics {
-        crate::network::delete_port(kv, project, &nic.port)?;
+        crate::state::network::delete_port(kv, project, &nic.port)?;
     }
     for attachment in &vm.volumes {
         let volume_key = format!(
@@ -211,8 +300,11 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
             volume.state = "available".into();
             put_json(kv, &volume_key, &volume)?;
             if vm.boot_volume.as_deref() == Some(volume.id.as_str()) {
-                let deleted =
-                    crate::volumes::delete_volume(kv, &attachment.project, &attachment.volume)?;
+                let deleted = crate::state::volumes::delete_volume(
+                    kv,
+                    &attachment.project,
+                    &attachment.volume,
+                )?;
                 if let Err(e) = deleted {
                     tracing::warn!(volume = %volume.id, "boot volume kept: {e}");
                 }
@@ -248,7 +340,7 @@ pub fn attach(
         )));
     };
     if attach {
-        if let Err(why) = crate::zones::may_connect(vm.zone, volume.zone) {
+        if let Err(why) = crate::state::zones::may_connect(vm.zone, volume.zone) {
             return Ok(Err(domain(
                 ErrorCode::FailedPrecondition,
                 format!("cannot attach volume {volume_name:?} to VM {vm_name:?}: {why}"),
@@ -297,7 +389,7 @@ pub fn update_vm(
     kv: &mut KvWrite<'_>,
     project: &str,
     name: &str,
-    change: impl FnOnce(&mut VmRecord) -> Result<(), crate::model::DomainError>,
+    change: impl FnOnce(&mut VmRecord) -> Result<(), crate::state::DomainError>,
 ) -> KvResult<Outcome> {
     let key = format!("{PREFIX_VMS}{project}/{name}");
     let Some(mut vm) = get_json::<VmRecord>(kv, &key)? else {
@@ -380,7 +472,40 @@ pub fn report_vm(
 }
 
 /// Starting a stopped VM: its node must have room for it again.
-pub fn start_vm(
+/// Desired power: `running` starts the VM again where it was placed (if
+/// its node still has room under `overcommit`); `stopped` asks it to stop.
+pub fn set_power(
+    kv: &mut KvWrite<'_>,
+    project: &str,
+    name: &str,
+    power: String,
+    force: bool,
+    overcommit: Overcommit,
+) -> KvResult<Outcome> {
+    if power == "running" {
+        return start_vm(kv, project, name, overcommit);
+    }
+    update_vm(kv, project, name, |vm| {
+        vm.power = power;
+        vm.force_stop = force;
+        Ok(())
+    })
+}
+
+pub fn reboot_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Outcome> {
+    update_vm(kv, project, name, |vm| {
+        if vm.power != "running" {
+            return Err(domain(
+                ErrorCode::FailedPrecondition,
+                format!("VM {name:?} is stopped; start it instead"),
+            ));
+        }
+        vm.reboots += 1;
+        Ok(())
+    })
+}
+
+fn start_vm(
     kv: &mut KvWrite<'_>,
     project: &str,
     name: &str,
@@ -415,4 +540,14 @@ pub fn start_vm(
         vm.force_stop = false;
         Ok(())
     })
+}
+
+impl StateView {
+    pub fn vms(&self, project: &str) -> Result<Vec<VmRecord>, ReadError> {
+        self.list(&format!("{PREFIX_VMS}{project}/"))
+    }
+
+    pub fn vm(&self, project: &str, name: &str) -> Result<Option<VmRecord>, ReadError> {
+        self.get(&format!("{PREFIX_VMS}{project}/{name}"))
+    }
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::peer::PeerIdentity;
+use crate::cluster::peer::PeerIdentity;
 
 #[derive(Clone)]
 pub enum ServeMode {
@@ -89,7 +89,7 @@ async fn serve_connection(
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(|cert| crate::pki::peer_common_name(cert.as_ref()));
+                .and_then(|cert| crate::cluster::pki::peer_common_name(cert.as_ref()));
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
                 common_name,
                 remote_addr: Some(remote),

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use crate::model::Command;
-use crate::network::NetCommand;
-use crate::node::ClusterNode;
+use crate::cluster::node::ClusterNode;
+use crate::state::network::NetCommand;
+use crate::state::Command;
 
 #[derive(Debug, Clone)]
 pub struct NetworkOptions {

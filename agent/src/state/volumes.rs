@@ -7,12 +7,66 @@ use allod_raft::{KvRead, KvWrite, NodeId};
 use serde::{Deserialize, Serialize};
 use storage::{MapNode, StorageMap};
 
-use crate::model::{
-    domain, get_json, put_json, update_node, ErrorCode, Outcome, Project, StateView, VolumeRecord,
-    PREFIX_PROJECTS, PREFIX_VOLUMES,
+use super::nodes::update_node;
+use super::projects::Project;
+use super::quotas::Usage;
+use super::zones::Zone;
+use super::{
+    domain, get_json, put_json, ErrorCode, Outcome, ReadError, StateView, PREFIX_PROJECTS,
+    PREFIX_VOLUMES,
 };
 
 type KvResult<T> = Result<T, allod_raft::KvError>;
+
+/// A block volume's record: what the cluster knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeRecord {
+    /// Stable and unique in the cluster (the NBD export name).
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub size_bytes: u64,
+    /// Copies of every object, on distinct nodes (1 to 3).
+    pub replicas: u8,
+    /// The size of the objects a volume is split into.
+    pub object_size_bytes: u64,
+    /// `available`; `in-use` while attached to a VM; `importing` for an
+    /// image's base volume until its import finishes.
+    pub state: String,
+    /// The project's zone, which the volume's replicas must honour.
+    pub zone: Zone,
+    pub created_at_ms: u64,
+    /// The id of the VM it is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<String>,
+    /// The storage map (by epoch) its objects are placed with.
+    #[serde(default)]
+    pub map_epoch: u64,
+    /// The newest snapshot's id (0: none yet); writes carry it.
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// For a clone: the snapshot it reads through to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// The node that may write it, and the epoch that fences older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// An image's base volume: read-only once imported.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl VolumeRecord {
+    pub fn usage(&self) -> Usage {
+        Usage {
+            storage_bytes: self.size_bytes,
+            volumes: 1,
+            ..Default::default()
+        }
+    }
+}
 
 /// `volume_ids/<id>` → `<project>/<name>`.
 pub const PREFIX_VOLUME_IDS: &str = "volume_ids/";
@@ -97,7 +151,7 @@ fn volume_key(project: &str, name: &str) -> String {
     format!("{PREFIX_VOLUMES}{project}/{name}")
 }
 
-fn not_found(project: &str, name: &str) -> crate::model::DomainError {
+fn not_found(project: &str, name: &str) -> crate::state::DomainError {
     domain(
         ErrorCode::NotFound,
         format!("volume {name:?} does not exist in project {project:?}"),
@@ -364,7 +418,7 @@ pub fn resize_volume(
     }
     let project_key = format!("{PREFIX_PROJECTS}{project}");
     if let Some(mut record) = get_json::<Project>(kv, &project_key)? {
-        let extra = crate::quota::Usage {
+        let extra = crate::state::quotas::Usage {
             storage_bytes: size_bytes - volume.size_bytes,
             ..Default::default()
         };
@@ -541,26 +595,34 @@ pub fn delete_image(kv: &mut KvWrite<'_>, name: &str) -> KvResult<Outcome> {
 
 /// Typed reads for the block store.
 impl StateView {
-    pub fn volume_by_id(&self, id: &str) -> Result<Option<VolumeRecord>, crate::model::ReadError> {
+    pub fn volumes(&self, project: &str) -> Result<Vec<VolumeRecord>, ReadError> {
+        self.list(&format!("{PREFIX_VOLUMES}{project}/"))
+    }
+
+    pub fn volume(&self, project: &str, name: &str) -> Result<Option<VolumeRecord>, ReadError> {
+        self.get(&format!("{PREFIX_VOLUMES}{project}/{name}"))
+    }
+
+    pub fn volume_by_id(&self, id: &str) -> Result<Option<VolumeRecord>, crate::state::ReadError> {
         let Some(path) = self.get::<String>(&format!("{PREFIX_VOLUME_IDS}{id}"))? else {
             return Ok(None);
         };
         self.get(&format!("{PREFIX_VOLUMES}{path}"))
     }
 
-    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>, crate::model::ReadError> {
+    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>, crate::state::ReadError> {
         self.list(PREFIX_VOLUMES)
     }
 
-    pub fn storage_map(&self, epoch: u64) -> Result<Option<StorageMap>, crate::model::ReadError> {
+    pub fn storage_map(&self, epoch: u64) -> Result<Option<StorageMap>, crate::state::ReadError> {
         self.get(&format!("{PREFIX_STORAGE_MAPS}{epoch:020}"))
     }
 
-    pub fn images(&self) -> Result<Vec<ImageRecord>, crate::model::ReadError> {
+    pub fn images(&self) -> Result<Vec<ImageRecord>, crate::state::ReadError> {
         self.list(PREFIX_IMAGES)
     }
 
-    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, crate::model::ReadError> {
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, crate::state::ReadError> {
         self.get(&format!("{PREFIX_IMAGES}{name}"))
     }
 }

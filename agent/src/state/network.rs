@@ -13,7 +13,7 @@ use allod_raft::{KvRead, KvWrite, NodeId};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{domain, get_json, put_json, validate_name, ErrorCode, Outcome};
+use crate::state::{domain, get_json, put_json, validate_name, ErrorCode, Outcome};
 
 type KvResult<T> = Result<T, allod_raft::KvError>;
 
@@ -161,7 +161,7 @@ pub struct FloatingIpRecord {
     pub port: Option<String>,
 }
 
-/// Network commands; see [`crate::model::Command::Network`].
+/// Network commands; see [`crate::state::Command::Network`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "net", rename_all = "snake_case")]
 pub enum NetCommand {
@@ -234,11 +234,11 @@ fn value<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("serialisable")
 }
 
-fn not_found(what: String) -> crate::model::DomainError {
+fn not_found(what: String) -> crate::state::DomainError {
     domain(ErrorCode::NotFound, what)
 }
 
-fn invalid(what: String) -> crate::model::DomainError {
+fn invalid(what: String) -> crate::state::DomainError {
     domain(ErrorCode::InvalidArgument, what)
 }
 
@@ -268,7 +268,7 @@ fn hosts(net: &Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
 }
 
 /// Checks a rule as the API and the state machine see it.
-pub fn check_rule(rule: &RuleRecord) -> Result<(), crate::model::DomainError> {
+pub fn check_rule(rule: &RuleRecord) -> Result<(), crate::state::DomainError> {
     if !matches!(rule.direction.as_str(), "ingress" | "egress") {
         return Err(invalid(format!(
             "direction {:?} is not ingress or egress",
@@ -662,7 +662,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         }
         NetCommand::AllocateFip { project, pool } => {
             let Some(mut record) =
-                get_json::<crate::model::Project>(kv, &format!("projects/{project}"))?
+                get_json::<crate::state::projects::Project>(kv, &format!("projects/{project}"))?
             else {
                 return Ok(Err(not_found(format!(
                     "project {project:?} does not exist"
@@ -768,7 +768,7 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             }
             kv.delete(&key)?;
             if let Some(mut record) =
-                get_json::<crate::model::Project>(kv, &format!("projects/{project}"))?
+                get_json::<crate::state::projects::Project>(kv, &format!("projects/{project}"))?
             {
                 record.usage.floating_ips = record.usage.floating_ips.saturating_sub(1);
                 put_json(kv, &format!("projects/{project}"), &record)?;
@@ -885,28 +885,28 @@ pub fn create_port(kv: &mut KvWrite<'_>, mut port: PortRecord) -> KvResult<Outco
 }
 
 /// Typed reads.
-impl crate::model::StateView {
-    pub fn vpcs(&self, project: &str) -> Result<Vec<VpcRecord>, crate::model::ReadError> {
+impl crate::state::StateView {
+    pub fn vpcs(&self, project: &str) -> Result<Vec<VpcRecord>, crate::state::ReadError> {
         self.list(&format!("{PREFIX_VPCS}{project}/"))
     }
     pub fn vpc(
         &self,
         project: &str,
         name: &str,
-    ) -> Result<Option<VpcRecord>, crate::model::ReadError> {
+    ) -> Result<Option<VpcRecord>, crate::state::ReadError> {
         self.get(&format!("{PREFIX_VPCS}{project}/{name}"))
     }
     pub fn subnets(
         &self,
         project: &str,
         vpc: &str,
-    ) -> Result<Vec<SubnetRecord>, crate::model::ReadError> {
+    ) -> Result<Vec<SubnetRecord>, crate::state::ReadError> {
         self.list(&format!("{PREFIX_SUBNETS}{project}/{vpc}/"))
     }
     pub fn security_groups(
         &self,
         project: &str,
-    ) -> Result<Vec<SecurityGroupRecord>, crate::model::ReadError> {
+    ) -> Result<Vec<SecurityGroupRecord>, crate::state::ReadError> {
         self.list::<SecurityGroupRecord>(&format!("{PREFIX_SGS}{project}/"))?
             .into_iter()
             .map(|g| self.group_rules(g))
@@ -915,7 +915,7 @@ impl crate::model::StateView {
     fn group_rules(
         &self,
         mut group: SecurityGroupRecord,
-    ) -> Result<SecurityGroupRecord, crate::model::ReadError> {
+    ) -> Result<SecurityGroupRecord, crate::state::ReadError> {
         group
             .rules
             .extend(self.list::<RuleRecord>(&rules_prefix(&group.project, &group.name))?);
@@ -925,28 +925,28 @@ impl crate::model::StateView {
         &self,
         project: &str,
         name: &str,
-    ) -> Result<Option<SecurityGroupRecord>, crate::model::ReadError> {
+    ) -> Result<Option<SecurityGroupRecord>, crate::state::ReadError> {
         self.get::<SecurityGroupRecord>(&format!("{PREFIX_SGS}{project}/{name}"))?
             .map(|g| self.group_rules(g))
             .transpose()
     }
-    pub fn ports(&self, project: &str) -> Result<Vec<PortRecord>, crate::model::ReadError> {
+    pub fn ports(&self, project: &str) -> Result<Vec<PortRecord>, crate::state::ReadError> {
         self.list(&format!("{PREFIX_PORTS}{project}/"))
     }
     pub fn port(
         &self,
         project: &str,
         name: &str,
-    ) -> Result<Option<PortRecord>, crate::model::ReadError> {
+    ) -> Result<Option<PortRecord>, crate::state::ReadError> {
         self.get(&format!("{PREFIX_PORTS}{project}/{name}"))
     }
-    pub fn ip_pools(&self) -> Result<Vec<IpPoolRecord>, crate::model::ReadError> {
+    pub fn ip_pools(&self) -> Result<Vec<IpPoolRecord>, crate::state::ReadError> {
         self.list(PREFIX_POOLS)
     }
     pub fn floating_ips(
         &self,
         project: &str,
-    ) -> Result<Vec<FloatingIpRecord>, crate::model::ReadError> {
+    ) -> Result<Vec<FloatingIpRecord>, crate::state::ReadError> {
         Ok(self
             .list::<FloatingIpRecord>(PREFIX_FIPS)?
             .into_iter()
@@ -960,7 +960,7 @@ impl crate::model::StateView {
         me: NodeId,
         underlay_mtu: u32,
         uplink: Option<String>,
-    ) -> Result<netfabric::NodeNetwork, crate::model::ReadError> {
+    ) -> Result<netfabric::NodeNetwork, crate::state::ReadError> {
         let underlays: BTreeMap<NodeId, Ipv4Addr> = self
             .reader
             .scan(PREFIX_UNDERLAY)?

@@ -12,14 +12,14 @@ use openraft::{ChangeMembers, Config, LogId, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::time::{timeout_at, Instant};
 
-use crate::model::{ClusterApply, Command, DomainError, Outcome, StateView};
-use crate::paths::{DataDir, NodeConfig};
-use crate::peer::{
+use crate::cluster::paths::{DataDir, NodeConfig};
+use crate::cluster::peer::{
     AddMemberRequest, ForwardFailure, ForwardedWrite, Isolation, NetworkFactory, PeerCallError,
     PeerClient, RemoveMemberRequest,
 };
-use crate::pki::NodeTls;
-use crate::proposer::{ProposeError, Proposer};
+use crate::cluster::pki::NodeTls;
+use crate::cluster::proposer::{ProposeError, Proposer};
+use crate::state::{ClusterApply, Command, DomainError, Outcome, StateView};
 
 /// How long a write or read may wait for a leader and a quorum.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,7 +47,7 @@ pub enum ClusterError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     #[error(transparent)]
-    Read(#[from] crate::model::ReadError),
+    Read(#[from] crate::state::ReadError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,7 @@ pub enum StartError {
     #[error("invalid Raft configuration")]
     Config(#[from] openraft::ConfigError),
     #[error("cannot build the peer TLS client")]
-    Tls(#[from] crate::pki::PkiError),
+    Tls(#[from] crate::cluster::pki::PkiError),
     #[error("cannot build the peer HTTP client")]
     Http(#[from] reqwest::Error),
     #[error("Raft did not start")]
@@ -111,12 +111,6 @@ pub struct MemberView {
 pub struct ClusterNode {
     pub id: NodeId,
     proposer: Proposer,
-    /// Authentication failures this node may record per second.
-    pub audit_failures: crate::audit::FailureBudget,
-    /// Verifies bearer JWTs of the configured OIDC issuers.
-    pub oidc: crate::oidc::Verifier,
-    /// Principals of recently seen bearer tokens.
-    pub auth_cache: crate::authz::AuthCache,
     /// Moves on after every applied change that can alter a token's principal.
     pub auth_generation: Arc<std::sync::atomic::AtomicU64>,
     pub config: NodeConfig,
@@ -127,10 +121,6 @@ pub struct ClusterNode {
     pub data_dir: DataDir,
     /// Moves on after commits that change VMs, volumes, images or nodes.
     pub applied: Arc<tokio::sync::watch::Sender<u64>>,
-    /// How this node runs VMs, when it does.
-    pub compute: std::sync::OnceLock<crate::reconciler::ComputeOptions>,
-    /// This node's block store, once it is serving.
-    pub blocks: std::sync::OnceLock<Arc<crate::blockstore::BlockStore>>,
 }
 
 impl ClusterNode {
@@ -174,13 +164,9 @@ impl ClusterNode {
         )
         .await?;
         let proposer = Proposer::spawn(raft.clone());
-        let audit_failures = crate::audit::FailureBudget::new(50);
         Ok(Arc::new(Self {
             id: config.node_id,
             proposer,
-            audit_failures,
-            oidc: crate::oidc::Verifier::default(),
-            auth_cache: crate::authz::AuthCache::default(),
             auth_generation,
             config,
             raft,
@@ -189,8 +175,6 @@ impl ClusterNode {
             tls,
             data_dir,
             applied,
-            blocks: std::sync::OnceLock::new(),
-            compute: std::sync::OnceLock::new(),
         }))
     }
 
@@ -254,7 +238,7 @@ impl ClusterNode {
     pub async fn write(&self, command: &Command) -> Result<Outcome, ClusterError> {
         // Inside an API request, the first write carries the request's audit
         // entry, so the change and its record commit together.
-        let value = match crate::audit::take_request_context() {
+        let value = match crate::cluster::request_audit::take_request_context() {
             Some(audit) => serde_json::to_value(Command::Audited {
                 command: Box::new(command.clone()),
                 audit,

@@ -39,7 +39,7 @@ pub enum AdminRequest {
     },
     /// Applies a node setup (validated as a whole first) and keeps it.
     Setup {
-        setup: crate::setup::NodeSetup,
+        setup: crate::daemon::setup::NodeSetup,
         #[serde(default)]
         wipe: Vec<String>,
     },
@@ -168,8 +168,8 @@ fn audit(agent: &Agent, action: &str, object: String, ok: bool) {
         );
         return;
     };
-    let record = crate::audit::AuditContext {
-        time_ms: crate::join::now_ms(),
+    let record = crate::state::audit::AuditContext {
+        time_ms: crate::cluster::join::now_ms(),
         user: "local-admin".into(),
         token_id: "-".into(),
         source: format!("admin.sock of node {}", node.id),
@@ -180,7 +180,7 @@ fn audit(agent: &Agent, action: &str, object: String, ok: bool) {
     .with_result(if ok { "ok" } else { "failed" });
     tokio::spawn(async move {
         if let Err(e) = node
-            .write(&crate::model::Command::AppendAudit { record })
+            .write(&crate::state::Command::AppendAudit { record })
             .await
         {
             tracing::error!(error = %crate::error_chain(&e), "cannot append an admin action to the audit log");
@@ -207,7 +207,7 @@ async fn execute(
             if ttl_secs == 0 {
                 anyhow::bail!("a join token's lifetime must be at least one second");
             }
-            let (token, text) = crate::join::create_token(&node, ttl_secs).await?;
+            let (token, text) = crate::cluster::join::create_token(&node, ttl_secs).await?;
             Ok(
                 serde_json::json!({ "token": text, "expires_at_ms": token.expires_at_ms, "ca_fingerprint": token.ca_fingerprint }),
             )
@@ -220,7 +220,7 @@ async fn execute(
             let node = agent
                 .node()
                 .ok_or(crate::daemon::SetupError::NotConfigured)?;
-            node.write(&crate::model::Command::SetNodeMaintenance {
+            node.write(&crate::state::Command::SetNodeMaintenance {
                 id: node.id,
                 maintenance: on,
             })
@@ -231,8 +231,8 @@ async fn execute(
         AdminRequest::Setup { setup, wipe } => {
             let plan = setup.plan(&wipe).map_err(anyhow::Error::msg)?;
             progress("The setup is valid; applying it".into());
-            crate::setup::apply(&plan, progress).await?;
-            let path = crate::setup::path(&agent.data_dir.root);
+            crate::daemon::setup::apply(&plan, progress).await?;
+            let path = crate::daemon::setup::path(&agent.data_dir.root);
             std::fs::write(&path, serde_json::to_vec_pretty(&setup)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             progress(format!("Setup kept in {}", path.display()));
@@ -250,19 +250,19 @@ async fn execute(
                 "api_addr": node.config.api_addr,
                 "peer_addr": node.config.peer_addr,
                 "members": node.members(),
-                "ca_fingerprint": crate::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
+                "ca_fingerprint": crate::cluster::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
                 "node": node.state.nodes().ok().and_then(|all| all.into_iter().find(|n| n.id == node.id)),
                 "cluster_name": node.state.cluster().ok().flatten().map(|c| c.name).unwrap_or_default(),
                 "vms": local_vms(&node),
                 "lag": node.replication_lag(),
-                "log_tail": crate::logring::tail(20),
+                "log_tail": crate::daemon::logring::tail(20),
             })),
         },
     }
 }
 
 /// The VMs placed on this node, as the console lists them.
-fn local_vms(node: &crate::node::ClusterNode) -> Vec<serde_json::Value> {
+fn local_vms(node: &crate::cluster::node::ClusterNode) -> Vec<serde_json::Value> {
     let projects = node.state.projects().unwrap_or_default();
     projects
         .iter()

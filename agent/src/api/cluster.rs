@@ -1,0 +1,273 @@
+//! The cluster, its nodes, joining, zones and the audit log.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+#[utoipa::path(get, path = "/v1/cluster/ca", tag = "cluster",
+    responses((status = 200, description = "The cluster CA certificate (PEM)", body = String, content_type = "application/x-pem-file")))]
+pub(super) async fn ca_certificate(State(node): State<Arc<ClusterNode>>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        node.tls.ca_pem.clone(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ClusterView {
+    pub cluster_id: String,
+    pub name: String,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub node_id: u64,
+    pub members: Vec<MemberView>,
+}
+
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "The cluster, its leader and members", body = ClusterView)))]
+pub(super) async fn cluster(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<ClusterView>> {
+    let info = node.state.cluster()?;
+    let metrics = node.raft.metrics().borrow().clone();
+    Ok(Json(ClusterView {
+        cluster_id: node.config.cluster_id.clone(),
+        name: info.map(|i| i.name).unwrap_or_default(),
+        leader_id: metrics.current_leader,
+        term: metrics.current_term,
+        node_id: node.id,
+        members: node.members(),
+    }))
+}
+
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
+pub struct NodeView {
+    pub id: u64,
+    pub name: String,
+    pub api_addr: String,
+    pub peer_addr: String,
+    pub role: crate::cluster::node::MemberRole,
+    pub is_leader: bool,
+    pub joined_at_ms: Option<u64>,
+    pub zone: crate::state::zones::Zone,
+    /// Capacity the node reported (0 until it has).
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    /// The node's block store: address, capacity, use, failure domain
+    /// (absent until it has registered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::state::volumes::NodeStorage>,
+}
+
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
+    responses((status = 200, description = "Every member node", body = Vec<NodeView>)))]
+pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeView>>> {
+    let records = node.state.nodes()?;
+    let leader = node.leader();
+    Ok(Json(
+        node.members()
+            .into_iter()
+            .map(|m| {
+                let record = records.iter().find(|r| r.id == m.id);
+                NodeView {
+                    joined_at_ms: record.map(|r| r.joined_at_ms),
+                    zone: record.map(|r| r.zone).unwrap_or_default(),
+                    vcpus: record.map_or(0, |r| r.vcpus),
+                    memory_bytes: record.map_or(0, |r| r.memory_bytes),
+                    storage: record.and_then(|r| r.storage.clone()),
+                    is_leader: leader == Some(m.id),
+                    id: m.id,
+                    name: m.name,
+                    api_addr: m.api_addr,
+                    peer_addr: m.peer_addr,
+                    role: m.role,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// A joining node spends its token here and receives its certificate.
+#[utoipa::path(post, path = "/v1/cluster/join", tag = "cluster", request_body = JoinRequest,
+    responses((status = 200, description = "The joining node's identity and certificate", body = JoinResponse)))]
+pub(super) async fn join(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<JoinRequest>,
+) -> ApiResult<Json<JoinResponse>> {
+    validate_name("node", &body.name)?;
+    for (what, addr) in [("api_addr", &body.api_addr), ("peer_addr", &body.peer_addr)] {
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("{what} {addr:?} is not HOST:PORT"),
+            ));
+        }
+    }
+    crate::cluster::pki::check_csr(&body.csr_pem).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            crate::error_chain(&e),
+        )
+    })?;
+    if node.members().iter().any(|m| m.name == body.name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!(
+                "a member named {:?} already exists; pick another node name",
+                body.name
+            ),
+        ));
+    }
+    let outcome = node
+        .write(&Command::ConsumeJoinToken {
+            id: body.token_id,
+            secret_sha256: sha256_hex(&body.secret),
+            now_ms: crate::cluster::join::now_ms(),
+            node_name: body.name,
+        })
+        .await??;
+    let node_id = outcome
+        .get("node_id")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| ApiError::internal(&std::io::Error::other("join outcome has no node id")))?;
+    let ca_key_pem =
+        std::fs::read_to_string(node.data_dir.ca_key()).map_err(|e| ApiError::internal(&e))?;
+    let cert_pem = crate::cluster::pki::CertificateAuthority::sign_node_csr(
+        &node.tls.ca_pem,
+        &ca_key_pem,
+        &body.csr_pem,
+        node_id,
+    )
+    .map_err(|e| ApiError::internal(&e))?;
+    tracing::info!(node_id, "issued a certificate to a joining node");
+    Ok(Json(JoinResponse {
+        node_id,
+        cluster_id: node.config.cluster_id.clone(),
+        cert_pem,
+        ca_pem: node.tls.ca_pem.clone(),
+        ca_key_pem,
+    }))
+}
+
+pub(super) const MAX_AUDIT_LIMIT: usize = 1_000_000;
+
+#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    Json,
+    Jsonl,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only entries of this user.
+    user: Option<String>,
+    /// Only entries whose action contains this text (e.g. `DELETE`).
+    action: Option<String>,
+    /// Only entries after this sequence number.
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
+    after: Option<u64>,
+    /// At most this many entries (all when absent).
+    #[param(minimum = 0, maximum = 1_000_000)]
+    limit: Option<usize>,
+    /// `json` (default) or `jsonl` for an export, one entry per line.
+    format: Option<AuditFormat>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, description = "Audit entries, oldest first (JSON array, or JSON lines with format=jsonl)", content(
+        (Vec<AuditEntry> = "application/json"),
+        (String = "application/x-ndjson")))))]
+pub(super) async fn audit_log(
+    State(node): State<Arc<ClusterNode>>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
+) -> ApiResult<Response> {
+    let after = query.after.unwrap_or(0);
+    if after > i64::MAX as u64 || query.limit.is_some_and(|l| l > MAX_AUDIT_LIMIT) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("`after` must be at most {} and `limit` at most {MAX_AUDIT_LIMIT}; page with `after` for more", i64::MAX),
+        ));
+    }
+    node.linearizable_read().await?;
+    let entries: Vec<AuditEntry> = node
+        .state
+        .audit_entries(after)?
+        .into_iter()
+        .filter(|e| {
+            query
+                .user
+                .as_ref()
+                .is_none_or(|u| &e.record.context.user == u)
+        })
+        .filter(|e| {
+            query
+                .action
+                .as_ref()
+                .is_none_or(|a| e.record.context.action.contains(a.as_str()))
+        })
+        .take(query.limit.unwrap_or(usize::MAX))
+        .collect();
+    match query.format.unwrap_or(AuditFormat::Json) {
+        AuditFormat::Json => Ok(Json(entries).into_response()),
+        AuditFormat::Jsonl => {
+            let mut body = String::new();
+            for entry in &entries {
+                body.push_str(&serde_json::to_string(entry).expect("entries serialise"));
+                body.push('\n');
+            }
+            Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                body,
+            )
+                .into_response())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/zones", tag = "zones",
+    responses((status = 200, description = "What each classification zone demands", body = Vec<ZonePolicy>)))]
+pub(super) async fn zones() -> Json<Vec<ZonePolicy>> {
+    Json(crate::state::zones::policies())
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetZone {
+    #[schema(value_type = crate::state::zones::Zone)]
+    zone: String,
+}
+
+#[utoipa::path(put, path = "/v1/nodes/{node}/zone", tag = "cluster", params(("node" = u64, Path, description = "Node id")), request_body = SetZone,
+    responses((status = 200, description = "The node's record", body = NodeRecord)))]
+pub(super) async fn set_node_zone(
+    State(node): State<Arc<ClusterNode>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SetZone>,
+) -> ApiResult<Json<NodeRecord>> {
+    let zone = parse_zone(&body.zone)?;
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("{id:?} is not a node id; `allod cluster status` lists them"),
+        )
+    })?;
+    let outcome = node.write(&Command::SetNodeZone { id, zone }).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}

@@ -1,0 +1,202 @@
+//! The API's one error type and the extractors that turn bad input into it.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cluster::node::ClusterError;
+use crate::state::{DomainError, ErrorCode};
+
+/// Largest request body the API accepts.
+
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+/// Every error answer: `{"error":{"code":"...","message":"..."}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: `not_found`, `invalid_argument`,
+    /// `already_exists`, `unauthenticated`, `forbidden`, `unavailable`, ...
+    pub code: String,
+    /// What was wrong and how to fix it, in words.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        let request_id = crate::cluster::join::random_hex(8);
+        tracing::error!(request_id, error = %crate::error_chain(error), "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error (request id {request_id}); the agent's log has the details"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_client_error() {
+            tracing::debug!(code = self.code, message = %self.message, "request refused");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        let status = match e.code {
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+            ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorCode::TokenInvalid | ErrorCode::TokenExpired | ErrorCode::TokenUsed => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorCode::QuotaExceeded => StatusCode::CONFLICT,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+        };
+        Self::new(status, e.code.as_str(), e.message)
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Domain(d) => d.into(),
+            ClusterError::NoLeader { .. }
+            | ClusterError::NoQuorum
+            | ClusterError::NotLeader { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                crate::error_chain(&e),
+            ),
+            ClusterError::Unconfirmed { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+            ClusterError::Peer(_) | ClusterError::Leader { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "{}; the outcome is unknown, retry the request",
+                    crate::error_chain(&e)
+                ),
+            ),
+            ClusterError::Membership { .. } => {
+                Self::new(StatusCode::CONFLICT, "failed_precondition", e.to_string())
+            }
+            other => Self::internal(&other),
+        }
+    }
+}
+
+impl From<crate::state::ReadError> for ApiError {
+    fn from(e: crate::state::ReadError) -> Self {
+        Self::internal(&e)
+    }
+}
+
+/// `Json` whose rejections use the API's error body.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(value)) => value,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                ))
+            }
+            Err(rejection) => {
+                return Err(ApiError::new(
+                    // A missing content type stays 415; everything else is 400.
+                    match rejection.status() {
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        _ => StatusCode::BAD_REQUEST,
+                    },
+                    "invalid_request",
+                    rejection.body_text(),
+                ));
+            }
+        };
+        // serde reads a struct from an array too; every request body of this
+        // API is an object, so anything else is refused.
+        if !value.is_object() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body must be a JSON object",
+            ));
+        }
+        serde_json::from_value(value).map(ApiJson).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the request body does not fit this route: {e}"),
+            )
+        })
+    }
+}
+
+/// `Query` whose rejections use the API's error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| ApiQuery(value))
+            .map_err(|rejection| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    rejection.body_text(),
+                )
+            })
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

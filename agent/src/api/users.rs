@@ -1,0 +1,392 @@
+//! Users, roles, API tokens, password login and trusted OIDC issuers.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    name: String,
+    /// At least 8 characters; users without one log in only with tokens.
+    #[serde(default)]
+    #[schema(min_length = 8)]
+    password: Option<String>,
+}
+
+pub(super) const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Hashes a password with Argon2id off the async workers.
+pub(super) async fn hash_password(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let salt = SaltString::generate(&mut OsRng);
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+    .map_err(|e| ApiError::internal(&std::io::Error::other(e.to_string())))
+}
+
+pub(super) async fn verify_password(password: String, phc: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        PasswordHash::new(&phc).is_ok_and(|hash| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &hash)
+                .is_ok()
+        })
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// A user as the API shows it: never the password hash.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserView {
+    pub name: String,
+    pub cluster_admin: bool,
+    pub has_password: bool,
+    pub created_at_ms: u64,
+    /// The user's role in each project (only in listings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<std::collections::BTreeMap<String, Role>>,
+}
+
+/// What a role grant changed.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RoleGrant {
+    pub user: String,
+    /// Absent for `cluster-admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    pub role: Role,
+}
+
+/// Reads a command's outcome as the type the API answers with.
+pub(super) fn outcome_as<T: DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    serde_json::from_value(value).map_err(|e| ApiError::internal(&e))
+}
+
+#[utoipa::path(get, path = "/v1/users", tag = "users",
+    responses((status = 200, description = "Every user with their project roles", body = Vec<UserView>)))]
+pub(super) async fn list_users(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<Vec<UserView>>> {
+    node.linearizable_read().await?;
+    let mut users = Vec::new();
+    for user in node.state.users()? {
+        let mut view: UserView = outcome_as(crate::state::auth::user_view(&user))?;
+        view.projects = Some(node.state.grants_of(&user.name)?.into_iter().collect());
+        users.push(view);
+    }
+    Ok(Json(users))
+}
+
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUser,
+    responses((status = 201, description = "The new user", body = UserView)))]
+pub(super) async fn create_user(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<CreateUser>,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    validate_name("user", &body.name)?;
+    let password_phc = match body.password {
+        Some(p) if p.chars().count() < MIN_PASSWORD_CHARS => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("the password must have at least {MIN_PASSWORD_CHARS} characters"),
+            ));
+        }
+        Some(p) => Some(hash_password(p).await?),
+        None => None,
+    };
+    let outcome = node
+        .write(&Command::CreateUser {
+            name: body.name,
+            password_phc,
+            now_ms: crate::cluster::join::now_ms(),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRole {
+    #[schema(value_type = Role)]
+    role: String,
+    #[serde(default)]
+    project: Option<String>,
+}
+
+pub(super) fn parse_role(text: &str) -> ApiResult<Role> {
+    Role::parse(text).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("unknown role {text:?}; use cluster-admin, project-admin, project-member or project-viewer"),
+        )
+    })
+}
+
+#[utoipa::path(post, path = "/v1/users/{user}/roles", tag = "users", params(("user" = String, Path, description = "User name")), request_body = GrantRole,
+    responses((status = 200, description = "The role granted", body = RoleGrant)))]
+pub(super) async fn grant_role(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+    ApiJson(body): ApiJson<GrantRole>,
+) -> ApiResult<Json<RoleGrant>> {
+    let role = parse_role(&body.role)?;
+    let outcome = node
+        .write(&Command::GrantRole {
+            user,
+            project: body.project,
+            role,
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Scope the token to this project (at most `role` there).
+    #[serde(default)]
+    project: Option<String>,
+    /// The role of a project token; `project-viewer` when absent.
+    #[serde(default)]
+    #[schema(value_type = Option<Role>)]
+    role: Option<String>,
+    /// Lifetime in seconds (1 to 10 years' worth); no expiry when absent.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    expires_in_secs: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewToken {
+    id: String,
+    /// The secret, shown only in this answer.
+    token: String,
+    user: String,
+    scope: TokenScope,
+    expires_at_ms: Option<u64>,
+}
+
+pub(super) async fn issue_token(
+    node: &ClusterNode,
+    user: String,
+    scope: TokenScope,
+    expires_in_secs: Option<u64>,
+) -> ApiResult<NewToken> {
+    let id = crate::cluster::join::random_hex(8);
+    let token = format!("allod_{}", crate::cluster::join::random_hex(32));
+    let now_ms = crate::cluster::join::now_ms();
+    let expires_at_ms = expires_in_secs.map(|s| now_ms.saturating_add(s.saturating_mul(1000)));
+    node.write(&Command::CreateToken {
+        id: id.clone(),
+        secret_sha256: crate::cluster::join::sha256_hex(&token),
+        user: user.clone(),
+        scope: scope.clone(),
+        now_ms,
+        expires_at_ms,
+    })
+    .await??;
+    Ok(NewToken {
+        id,
+        token,
+        user,
+        scope,
+        expires_at_ms,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/users/{user}/tokens", tag = "tokens", params(("user" = String, Path, description = "User name")), request_body = CreateToken,
+    responses((status = 201, description = "The new token; its secret is shown only here", body = NewToken)))]
+pub(super) async fn create_token(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(caller): Extension<Principal>,
+    Path(user): Path<String>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<NewToken>)> {
+    let scope = match (body.project, body.role) {
+        (None, None) => TokenScope::Cluster,
+        (Some(project), role) => {
+            let role = parse_role(role.as_deref().unwrap_or("project-viewer"))?;
+            if role == Role::ClusterAdmin {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "a project token cannot carry the cluster-admin role",
+                ));
+            }
+            // Nobody learns of a project through a token request: a project
+            // that does not exist and one without a role look the same.
+            if caller.role_in(&project).is_none() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    format!("project {project:?} does not exist or you have no role in it"),
+                ));
+            }
+            TokenScope::Project { project, role }
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "a token role needs --project",
+            ))
+        }
+    };
+    if let Some(secs) = body.expires_in_secs {
+        if secs == 0 || secs > MAX_TOKEN_SECS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!(
+                    "expires_in_secs must be between 1 and {MAX_TOKEN_SECS} (ten years); \
+                     leave it out for a token that does not expire"
+                ),
+            ));
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(issue_token(&node, user, scope, body.expires_in_secs).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/users/{user}/tokens", tag = "tokens", params(("user" = String, Path, description = "User name")),
+    responses((status = 200, description = "The user's tokens (never their secrets)", body = Vec<ApiTokenRecord>)))]
+pub(super) async fn list_tokens(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Vec<ApiTokenRecord>>> {
+    node.linearizable_read().await?;
+    Ok(Json(node.state.tokens_of(&user)?))
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked")))]
+pub(super) async fn revoke_token(
+    State(node): State<Arc<ClusterNode>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::RevokeToken { id }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    user: String,
+    password: String,
+}
+
+/// The longest lifetime a token can be given.
+pub(super) const MAX_TOKEN_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Sessions from `allod login` last a day.
+pub(super) const LOGIN_TOKEN_SECS: u64 = 24 * 3600;
+
+#[utoipa::path(post, path = "/v1/login", tag = "tokens", request_body = Login,
+    responses((status = 200, description = "A cluster-scoped token valid for a day", body = NewToken)))]
+pub(super) async fn login(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<Login>,
+) -> ApiResult<Json<NewToken>> {
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown user or wrong password",
+        )
+    };
+    let user = node.state.user(&body.user)?.ok_or_else(refused)?;
+    let Some(phc) = user.password_phc else {
+        return Err(refused());
+    };
+    if !verify_password(body.password, phc).await {
+        tracing::info!(user = body.user, "login refused: wrong password");
+        return Err(refused());
+    }
+    Ok(Json(
+        issue_token(
+            &node,
+            user.name,
+            TokenScope::Cluster,
+            Some(LOGIN_TOKEN_SECS),
+        )
+        .await?,
+    ))
+}
+
+/// An OIDC issuer as configured with `PUT /v1/oidc/issuers/{issuer}`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSpec {
+    /// The exact `iss` of its tokens (an https:// URL).
+    issuer: String,
+    /// The `aud` its tokens must carry.
+    audience: String,
+    /// The claim mapped to roles (default `groups`; dotted paths allowed).
+    #[serde(default)]
+    claim: Option<String>,
+    #[serde(default)]
+    mappings: Vec<crate::state::auth::ClaimMapping>,
+    /// A CA certificate (PEM) to trust for the issuer's HTTPS.
+    #[serde(default)]
+    ca_pem: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/oidc/issuers", tag = "oidc",
+    responses((status = 200, description = "The OIDC issuers this cluster trusts", body = Vec<crate::state::auth::OidcIssuer>)))]
+pub(super) async fn list_issuers(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<Vec<crate::state::auth::OidcIssuer>>> {
+    node.linearizable_read().await?;
+    Ok(Json(node.state.oidc_issuers()?))
+}
+
+#[utoipa::path(put, path = "/v1/oidc/issuers/{issuer}", tag = "oidc",
+    params(("issuer" = String, Path, description = "The issuer's name in Allod")), request_body = IssuerSpec,
+    responses((status = 200, description = "The issuer as stored", body = crate::state::auth::OidcIssuer)))]
+pub(super) async fn put_issuer(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<IssuerSpec>,
+) -> ApiResult<Json<crate::state::auth::OidcIssuer>> {
+    let issuer = crate::state::auth::OidcIssuer {
+        name,
+        issuer: body.issuer,
+        audience: body.audience,
+        claim: body.claim.unwrap_or_else(|| "groups".into()),
+        mappings: body.mappings,
+        ca_pem: body.ca_pem,
+    };
+    issuer.validate()?;
+    let outcome = node.write(&Command::PutOidcIssuer { issuer }).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/oidc/issuers/{issuer}", tag = "oidc",
+    params(("issuer" = String, Path, description = "The issuer's name in Allod")),
+    responses((status = 204, description = "Removed; its tokens are refused from now on")))]
+pub(super) async fn delete_issuer(
+    State(node): State<Arc<ClusterNode>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteOidcIssuer { name }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
