@@ -8,7 +8,7 @@
 //! only crate that depends on `allod-raft`.
 //!
 //! Its layers import downward only (ARCHITECTURE.md draws them; the test
-//! `layers` in `tests/layers.rs` enforces it): `state` ← `cluster` ←
+//! `layers` in `tests/layers.rs` enforces it): `units` ← `state` ← `cluster` ←
 //! `reconcile` ← `api` ← `daemon` ← `cli`, `console`.
 
 pub mod api;
@@ -18,6 +18,7 @@ pub mod console;
 pub mod daemon;
 pub mod reconcile;
 pub mod state;
+pub mod units;
 
 /// An error and all its sources, joined with ": ", for messages and logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

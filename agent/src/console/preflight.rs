@@ -233,7 +233,7 @@ fn disk_check(data_dir: &Path) -> Check {
     match nix::sys::statvfs::statvfs(probe) {
         Ok(stat) => {
             let free = stat.blocks_available() * stat.fragment_size();
-            let text = crate::cli::human_size(free);
+            let text = crate::units::human_size(free);
             if free >= MIN_FREE_DISK_BYTES {
                 check(name, Verdict::Pass, format!("{text} free"), "")
             } else {

@@ -220,7 +220,7 @@ fn fingerprint_rows(fingerprint: &str) -> Vec<String> {
 }
 
 fn size(bytes: u64) -> String {
-    crate::cli::human_size(bytes)
+    crate::units::human_size(bytes)
 }
 
 fn identity(app: &App) -> Vec<Line<'static>> {
