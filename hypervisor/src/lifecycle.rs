@@ -34,18 +34,6 @@ pub enum Power {
     Crashed,
 }
 
-impl Power {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Power::Running => "running",
-            Power::Paused => "paused",
-            Power::ShuttingDown => "stopping",
-            Power::Stopped => "stopped",
-            Power::Crashed => "crashed",
-        }
-    }
-}
-
 /// One of this node's domains as libvirt has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {

@@ -448,16 +448,6 @@ impl ClusterNode {
             .unwrap_or_default()
     }
 
-    pub fn is_member(&self, id: NodeId) -> bool {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .is_some()
-    }
-
     /// Runs a membership operation on the leader: here if this node leads,
     /// otherwise on the leader through the peer port.
     async fn on_leader<T, F, Fut>(

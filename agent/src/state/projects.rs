@@ -91,6 +91,7 @@ pub(super) fn delete_project(kv: &mut KvWrite<'_>, name: String) -> Result<Outco
         let key = format!("{PREFIX_PROJECTS}{name}");
         let volumes = kv.scan(&format!("{PREFIX_VOLUMES}{name}/"))?.len()
             + kv.scan(&format!("{PREFIX_VMS}{name}/"))?.len();
+        let network = super::network::project_leftovers(kv, &name)?;
         if kv.get(&key)?.is_none() {
             Err(domain(
                 ErrorCode::NotFound,
@@ -103,8 +104,19 @@ pub(super) fn delete_project(kv: &mut KvWrite<'_>, name: String) -> Result<Outco
                     "project {name:?} still has {volumes} VM(s) or volume(s); delete them first"
                 ),
             ))
+        } else if !network.is_empty() {
+            // Left behind, they would hold addresses, VNIs and floating IPs
+            // nobody could see or release any more.
+            Err(domain(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "project {name:?} still has {}; delete them first",
+                    network.join(", ")
+                ),
+            ))
         } else {
             kv.delete(&key)?;
+            super::network::delete_project_defaults(kv, &name)?;
             // Roles in a deleted project go with it.
             for (grant_key, _) in kv.scan(PREFIX_USER_GRANTS)? {
                 if grant_key.rsplit('/').next() == Some(name.as_str()) {

@@ -19,8 +19,8 @@ pub struct Candidate {
     pub id: u64,
     pub name: String,
     pub zone: Zone,
-    /// False while the node is in maintenance or not yet reporting capacity.
-    pub schedulable: bool,
+    /// A node in maintenance takes no new VMs.
+    pub maintenance: bool,
     pub vcpus: u64,
     pub memory_bytes: u64,
     /// What the VMs already placed here ask for.
@@ -87,7 +87,9 @@ pub fn default_memory_percent() -> u32 {
 /// Why no node fits, counted per reason, so the message says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Refusal {
-    pub not_schedulable: usize,
+    pub maintenance: usize,
+    /// Nodes that joined but have not yet reported their capacity.
+    pub not_reporting: usize,
     pub wrong_zone: usize,
     pub no_cpu: usize,
     pub no_memory: usize,
@@ -108,7 +110,11 @@ impl std::fmt::Display for Refusal {
             self.wrong_zone,
             format!("not dedicated to the project's {zone} zone (label one with `PUT /v1/nodes/ID/zone`)"),
         );
-        add(self.not_schedulable, "in maintenance".into());
+        add(self.maintenance, "in maintenance".into());
+        add(
+            self.not_reporting,
+            "not yet reporting their capacity (a node reports it a few seconds after it starts; try again shortly)".into(),
+        );
         add(self.no_cpu, "without enough free vCPUs".into());
         add(self.no_memory, "without enough free memory".into());
         add(
@@ -143,8 +149,12 @@ pub fn place(
             refusal.wrong_zone += 1;
             continue;
         }
-        if !node.schedulable {
-            refusal.not_schedulable += 1;
+        if node.maintenance {
+            refusal.maintenance += 1;
+            continue;
+        }
+        if node.vcpus == 0 || node.memory_bytes == 0 {
+            refusal.not_reporting += 1;
             continue;
         }
         let free_cpu = room(node.vcpus, overcommit.cpu, node.used_vcpus);
@@ -193,7 +203,7 @@ mod tests {
             id,
             name: format!("n{id}"),
             zone,
-            schedulable: true,
+            maintenance: false,
             vcpus: 8,
             memory_bytes: 32 * GIB,
             used_vcpus: 0,
@@ -282,11 +292,37 @@ mod tests {
     }
 
     #[test]
+    fn overcommit_travels_in_commands_as_whole_percents() {
+        let carried = Overcommit::from_percent(
+            Overcommit::DEFAULT.cpu_percent(),
+            Overcommit::DEFAULT.memory_percent(),
+        );
+        assert_eq!(carried, Overcommit::DEFAULT);
+        assert_eq!((default_cpu_percent(), default_memory_percent()), (400, 100));
+        assert_eq!(Overcommit::from_percent(150, 120).cpu_percent(), 150);
+    }
+
+    #[test]
+    fn a_node_not_yet_reporting_capacity_is_refused_as_such_not_as_in_maintenance() {
+        let mut fresh = node(1, Zone::Official);
+        fresh.vcpus = 0;
+        fresh.memory_bytes = 0;
+        let refusal = place(&[fresh], &request(Zone::Official), Overcommit::default()).unwrap_err();
+        assert_eq!((refusal.not_reporting, refusal.maintenance), (1, 0));
+        let message = refusal.to_string();
+        assert!(
+            message.contains("1 not yet reporting their capacity"),
+            "{message}"
+        );
+        assert!(!message.contains("maintenance"), "{message}");
+    }
+
+    #[test]
     fn anti_affinity_and_maintenance_exclude_nodes() {
         let mut a = node(1, Zone::Official);
         a.groups.insert("db".into(), 1);
         let mut b = node(2, Zone::Official);
-        b.schedulable = false;
+        b.maintenance = true;
         let c = node(3, Zone::Official);
         let mut wanted = request(Zone::Official);
         wanted.anti_affinity = Some("db".into());
@@ -295,7 +331,7 @@ mod tests {
             Ok(3)
         );
         let refusal = place(&[a, b], &wanted, Overcommit::default()).unwrap_err();
-        assert_eq!((refusal.anti_affinity, refusal.not_schedulable), (1, 1));
+        assert_eq!((refusal.anti_affinity, refusal.maintenance), (1, 1));
         assert_eq!(
             place(&[], &wanted, Overcommit::default())
                 .unwrap_err()

@@ -117,7 +117,7 @@ fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
                 id: node.id,
                 name: node.name,
                 zone: node.zone,
-                schedulable: node.vcpus > 0 && node.memory_bytes > 0 && !node.maintenance,
+                maintenance: node.maintenance,
                 vcpus: node.vcpus,
                 memory_bytes: node.memory_bytes,
                 used_vcpus: 0,

@@ -786,6 +786,42 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         }
     })
 }
+/// What of a project's network is left that its owner made: VPCs (with
+/// their subnets), ports, floating IPs, and security groups other than the
+/// `default` group the first VPC brought. Counted per kind, in words.
+pub fn project_leftovers(kv: &impl KvRead, project: &str) -> KvResult<Vec<String>> {
+    let vpcs = kv.scan(&format!("{PREFIX_VPCS}{project}/"))?.len();
+    let subnets = kv.scan(&format!("{PREFIX_SUBNETS}{project}/"))?.len();
+    let ports = kv.scan(&format!("{PREFIX_PORTS}{project}/"))?.len();
+    let groups = list::<SecurityGroupRecord>(kv, &format!("{PREFIX_SGS}{project}/"))?
+        .into_iter()
+        .filter(|g| g.name != "default")
+        .count();
+    let floating_ips = list::<FloatingIpRecord>(kv, PREFIX_FIPS)?
+        .into_iter()
+        .filter(|f| f.project == project)
+        .count();
+    Ok([
+        (vpcs, "VPC(s)"),
+        (subnets, "subnet(s)"),
+        (ports, "port(s)"),
+        (groups, "security group(s) besides `default`"),
+        (floating_ips, "floating IP(s)"),
+    ]
+    .into_iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, what)| format!("{count} {what}"))
+    .collect())
+}
+
+/// Removes the `default` security group and its rules, with the project.
+pub fn delete_project_defaults(kv: &mut KvWrite<'_>, project: &str) -> KvResult<()> {
+    for (key, _) in kv.scan(&rules_prefix(project, "default"))? {
+        kv.delete(&key)?;
+    }
+    kv.delete(&format!("{PREFIX_SGS}{project}/default"))?;
+    Ok(())
+}
 
 /// Deletes a port if it exists; its floating IP stays allocated, unbound.
 pub fn delete_port(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<()> {

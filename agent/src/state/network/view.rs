@@ -45,15 +45,6 @@ impl crate::state::StateView {
             .extend(self.list::<RuleRecord>(&rules_prefix(&group.project, &group.name))?);
         Ok(group)
     }
-    pub fn security_group(
-        &self,
-        project: &str,
-        name: &str,
-    ) -> Result<Option<SecurityGroupRecord>, crate::state::ReadError> {
-        self.get::<SecurityGroupRecord>(&format!("{PREFIX_SGS}{project}/{name}"))?
-            .map(|g| self.group_rules(g))
-            .transpose()
-    }
     pub fn ports(&self, project: &str) -> Result<Vec<PortRecord>, crate::state::ReadError> {
         self.list(&format!("{PREFIX_PORTS}{project}/"))
     }
