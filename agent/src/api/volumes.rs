@@ -374,19 +374,13 @@ pub(super) async fn import_image(
     ApiQuery(q): ApiQuery<ImportImage>,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<ImageRecord>)> {
-    let node = &app.node;
     use futures_util::StreamExt;
-    use sha2::Digest;
     use tokio::io::AsyncWriteExt;
+    let node = &app.node;
     validate_name("image", &q.name)?;
-    let want = q.sha256.to_ascii_lowercase();
-    if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid(
-            "sha256 must be 64 hexadecimal digits (sha256sum prints them)",
-        ));
-    }
+    let mut checksum = image::Checksum::new(&q.sha256).map_err(image_error)?;
     if let Some(p) = &q.project {
-        read_project(&node, p).await?;
+        read_project(node, p).await?;
     }
     node.linearizable_read().await?;
     if node.state.image(&q.name)?.is_some() {
@@ -405,39 +399,29 @@ pub(super) async fn import_image(
     let mut file = tokio::fs::File::create(&tmp.0)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut total: u64 = 0;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| invalid(format!("the upload broke off after {total} bytes: {e}")))?;
-        total += chunk.len() as u64;
-        if total > MAX_VOLUME_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "images are at most 64 TiB",
-            ));
-        }
-        hasher.update(&chunk);
+        let chunk = chunk.map_err(|e| {
+            invalid(format!(
+                "the upload broke off after {} bytes: {e}",
+                checksum.bytes_so_far()
+            ))
+        })?;
+        checksum.update(&chunk).map_err(image_error)?;
         file.write_all(&chunk)
             .await
             .map_err(|e| ApiError::internal(&e))?;
     }
     file.flush().await.map_err(|e| ApiError::internal(&e))?;
     drop(file);
-    let got = hex::encode(hasher.finalize());
-    if got != want {
-        return Err(invalid(format!(
-            "the upload's SHA-256 is {got}, not the {want} given: the file changed or was damaged on the way; nothing was stored"
-        )));
-    }
-    if total == 0 {
-        return Err(invalid("the upload is empty; nothing was stored"));
-    }
-    let (format, size) = probe_image(&tmp.0, total).await?;
-    let size_bytes = size.div_ceil(512) * 512;
-    let volume = new_volume(IMAGE_PROJECT.into(), q.name.clone(), size_bytes, None)?;
+    let verified = checksum.finish().map_err(image_error)?;
+    let plan = probe_image(&tmp.0, verified.len_bytes).await?;
+    let volume = new_volume(
+        IMAGE_PROJECT.into(),
+        q.name.clone(),
+        plan.volume_size_bytes,
+        None,
+    )?;
     let volume = VolumeRecord {
         state: "importing".into(),
         ..volume
@@ -445,9 +429,9 @@ pub(super) async fn import_image(
     let image = ImageRecord {
         name: q.name.clone(),
         project: q.project.clone(),
-        size_bytes: size,
-        format: format.to_string(),
-        sha256: got,
+        size_bytes: plan.virtual_size_bytes,
+        format: plan.format.as_str().to_string(),
+        sha256: verified.sha256,
         state: "importing".into(),
         volume_id: volume.id.clone(),
         created_at_ms: crate::cluster::join::now_ms(),
@@ -460,17 +444,7 @@ pub(super) async fn import_image(
         blocks.nbd_socket.display()
     );
     let converted = tokio::process::Command::new("qemu-img")
-        .args([
-            "convert",
-            "-n",
-            "--target-is-zero",
-            "-f",
-            format,
-            "-O",
-            "raw",
-        ])
-        .arg(&tmp.0)
-        .arg(&target)
+        .args(plan.qemu_img_args(&tmp.0, &target))
         .output()
         .await;
     let failure = match converted {
@@ -482,11 +456,14 @@ pub(super) async fn import_image(
         Err(e) => Some(format!("cannot run qemu-img (install qemu-utils): {e}")),
     };
     if let Some(why) = failure {
-        let _ = node
+        if let Err(e) = node
             .write(&Command::DeleteImage {
                 name: q.name.clone(),
             })
-            .await;
+            .await
+        {
+            tracing::error!(image = %q.name, error = %crate::error_chain(&e), "cannot remove the record of a failed import");
+        }
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "import_failed",
@@ -502,50 +479,51 @@ pub(super) async fn import_image(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
-/// The format (from the content) and the disk size a VM sees.
-pub(super) async fn probe_image(
-    path: &std::path::Path,
-    len: u64,
-) -> ApiResult<(&'static str, u64)> {
-    let mut magic = [0u8; 4];
+/// An image the upload cannot become: 413 when too large, 400 otherwise.
+fn image_error(e: image::ImageError) -> ApiError {
+    match e {
+        e if e.is_too_large() => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            e.to_string(),
+        ),
+        image::ImageError::Qcow2Header(e) => invalid(format!(
+            "the upload starts like a qcow2 image but is not a valid one: {e}; nothing was stored"
+        )),
+        e => invalid(e.to_string()),
+    }
+}
+
+/// The conversion plan from the file's first bytes (format, sizes, what is
+/// refused); a qcow2 image is also read whole by `qemu-img info`, which
+/// finds damage past its header before anything is stored.
+async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<image::ConversionPlan> {
+    let mut head = vec![0u8; image::HEADER_PROBE_BYTES.min(len as usize)];
     {
         use tokio::io::AsyncReadExt;
         let mut f = tokio::fs::File::open(path)
             .await
             .map_err(|e| ApiError::internal(&e))?;
-        let _ = f.read(&mut magic).await;
+        f.read_exact(&mut head)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
     }
-    if magic != *b"QFI\xfb" {
-        return Ok(("raw", len));
+    let plan = image::plan(&head, len).map_err(image_error)?;
+    if plan.format == image::Format::Qcow2 {
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(path)
+            .output()
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        if !out.status.success() {
+            return Err(invalid(format!(
+                "the upload starts like a qcow2 image but is not a valid one: {}; nothing was stored",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
     }
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    if !out.status.success() {
-        return Err(invalid(format!(
-            "the upload starts like a qcow2 image but is not a valid one: {}; nothing was stored",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| ApiError::internal(&e))?;
-    if info.get("backing-filename").is_some() {
-        return Err(invalid("qcow2 images with a backing file cannot be imported (it would read a file of the server); flatten it with `qemu-img convert` first"));
-    }
-    if info.pointer("/format-specific/data/data-file").is_some() {
-        return Err(invalid(
-            "qcow2 images with an external data file cannot be imported; convert it first",
-        ));
-    }
-    let size = info
-        .get("virtual-size")
-        .and_then(serde_json::Value::as_u64)
-        .filter(|s| *s > 0 && *s <= MAX_VOLUME_BYTES)
-        .ok_or_else(|| invalid("the qcow2 image has no usable virtual size (1 byte to 64 TiB)"))?;
-    Ok(("qcow2", size))
+    Ok(plan)
 }
 
 pub(super) fn visible(caller: &Principal, image: &ImageRecord) -> bool {

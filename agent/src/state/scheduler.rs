@@ -298,7 +298,10 @@ mod tests {
             Overcommit::DEFAULT.memory_percent(),
         );
         assert_eq!(carried, Overcommit::DEFAULT);
-        assert_eq!((default_cpu_percent(), default_memory_percent()), (400, 100));
+        assert_eq!(
+            (default_cpu_percent(), default_memory_percent()),
+            (400, 100)
+        );
         assert_eq!(Overcommit::from_percent(150, 120).cpu_percent(), 150);
     }
 
