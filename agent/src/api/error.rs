@@ -13,7 +13,6 @@ use crate::cluster::node::ClusterError;
 use crate::state::{DomainError, ErrorCode};
 
 /// Largest request body the API accepts.
-
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -419,8 +419,6 @@ impl Verifier {
     }
 }
 
-/// Audit entries of OIDC callers carry `oidc:ISSUER` as their token id.
-
 fn describe(e: jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind::*;
     match e.kind() {

@@ -136,7 +136,7 @@ pub(super) async fn console(
     Path((project, vm)): Path<(String, String)>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    let node = &app.node;
+    let node = app.node.clone();
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(
             rejection.status(),

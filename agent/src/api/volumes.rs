@@ -238,7 +238,7 @@ pub(super) async fn rollback_volume(
     Path((project, key)): Path<(String, String)>,
     ApiJson(body): ApiJson<Rollback>,
 ) -> ApiResult<Json<VolumeRecord>> {
-    let node = &app.node;
+    let node = app.node.clone();
     let volume = volume_record(&node, &project, key).await?;
     let Some(snap) = volume.snapshots.iter().find(|s| s.name == body.snapshot) else {
         return Err(ApiError::new(
