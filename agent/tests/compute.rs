@@ -108,6 +108,21 @@ impl Console {
         stdin.flush().unwrap();
     }
 
+    /// Types a line every half second until the guest echoes one back.
+    async fn wait_until_echoing(&mut self) {
+        for attempt in 0..240 {
+            self.send(&format!("ready-{attempt}\n"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.output.lock().unwrap().contains("echo:ready-") {
+                return;
+            }
+        }
+        panic!(
+            "the guest did not echo within 120 s; the console showed:\n{}",
+            self.output.lock().unwrap()
+        );
+    }
+
     async fn expect(&mut self, what: &str) {
         for _ in 0..1200 {
             if self.output.lock().unwrap().contains(what) {
@@ -140,10 +155,13 @@ async fn vms_boot_from_images_and_obey_their_owners_across_three_nodes() {
     run("chmod", &["755", c.tmp.path().to_str().unwrap()]);
     c.allod_ok(&["project", "create", "p"]);
     let tmp = tempfile::tempdir().unwrap();
-    // The guest echoes every line it reads on its serial console.
+    // The guest echoes every line it reads on its serial console; after
+    // `off-in-N` it powers itself off N seconds later.
     let disk = build_boot_disk(
         tmp.path(),
-        "while read line < /dev/ttyS0; do echo \"echo:$line\" > /dev/ttyS0; done",
+        "while read line < /dev/ttyS0; do \
+         case \"$line\" in off-in-*) (sleep ${line#off-in-}; poweroff -f) & ;; esac; \
+         echo \"echo:$line\" > /dev/ttyS0; done",
     );
     c.allod_ok(&["image", "import", disk.to_str().unwrap(), "--name", "tiny"]);
 
@@ -290,6 +308,30 @@ async fn vms_boot_from_images_and_obey_their_owners_across_three_nodes() {
     assert!(err.contains("must be stopped"), "{err}");
     c.allod_ok(&["vm", "force-stop", "web1", "--project", "p"]);
     wait_state(&c, "web1", "stopped").await;
+
+    // A guest that powers itself off while its node's agent is down (SIGKILL)
+    // is not started again behind its owner's back: once the agent is back,
+    // the VM is reported stopped and wanted stopped.
+    c.allod_ok(&["vm", "start", "web1", "--project", "p"]);
+    let v = wait_state(&c, "web1", "running").await;
+    let host1 = v["node"].as_u64().unwrap() as usize - 1;
+    let mut console = Console::open(&c, "web1");
+    // Lines typed before the guest has booted are lost: ask until it echoes.
+    console.wait_until_echoing().await;
+    console.send("off-in-2\n");
+    console.expect("echo:off-in-2").await;
+    drop(console);
+    c.kill(host1);
+    common::wait_for(
+        "the guest to power itself off",
+        Duration::from_secs(60),
+        || domain_states(&id) == vec!["shut off"],
+    )
+    .await;
+    c.restart(host1);
+    let v = wait_state(&c, "web1", "stopped").await;
+    assert_eq!(v["power"], "stopped", "{v}");
+    assert_eq!(domain_states(&id), vec!["shut off"]);
 
     // An agent killed with SIGKILL right after a create: once it is back,
     // exactly one domain exists and it runs.

@@ -10,12 +10,13 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::*;
+use crate::state::vms::{PowerState, VmState};
 
 pub(super) async fn set_power(
     node: &ClusterNode,
     project: String,
     key: String,
-    power: &str,
+    power: PowerState,
     force: bool,
 ) -> ApiResult<Json<VmRecord>> {
     let name = vm_name(node, &project, key).await?;
@@ -23,7 +24,7 @@ pub(super) async fn set_power(
         .write(&Command::SetVmPower {
             project,
             name,
-            power: power.into(),
+            power,
             force,
             overcommit_cpu_percent: OVERCOMMIT.cpu_percent(),
             overcommit_memory_percent: OVERCOMMIT.memory_percent(),
@@ -39,7 +40,7 @@ pub(super) async fn start_vm(
     State(node): State<Arc<ClusterNode>>,
     Path((project, vm)): Path<(String, String)>,
 ) -> ApiResult<Json<VmRecord>> {
-    set_power(&node, project, vm, "running", false).await
+    set_power(&node, project, vm, PowerState::Running, false).await
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/stop", tag = "vms",
@@ -49,7 +50,7 @@ pub(super) async fn stop_vm(
     State(node): State<Arc<ClusterNode>>,
     Path((project, vm)): Path<(String, String)>,
 ) -> ApiResult<Json<VmRecord>> {
-    set_power(&node, project, vm, "stopped", false).await
+    set_power(&node, project, vm, PowerState::Stopped, false).await
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/force-stop", tag = "vms",
@@ -59,7 +60,7 @@ pub(super) async fn force_stop_vm(
     State(node): State<Arc<ClusterNode>>,
     Path((project, vm)): Path<(String, String)>,
 ) -> ApiResult<Json<VmRecord>> {
-    set_power(&node, project, vm, "stopped", true).await
+    set_power(&node, project, vm, PowerState::Stopped, true).await
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/reboot", tag = "vms",
@@ -428,17 +429,16 @@ pub(super) async fn create_vm(
         memory_bytes: body.memory_bytes,
         anti_affinity: body.anti_affinity,
         node_id: 0,
-        state: "creating".into(),
+        state: VmState::Creating,
         reason: None,
         volumes: Vec::new(),
         generation: 1,
         created_at_ms: crate::cluster::join::now_ms(),
         power: if body.start == Some(false) {
-            "stopped"
+            PowerState::Stopped
         } else {
-            "running"
-        }
-        .into(),
+            PowerState::Running
+        },
         force_stop: false,
         reboots: 0,
         boot_volume: None,

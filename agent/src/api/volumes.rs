@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::*;
 use crate::state::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
+use crate::state::volumes::{ImageState, VolumeState};
 
 pub(super) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
@@ -74,7 +75,7 @@ pub(super) fn new_volume(
         // 0: as many as the storage map allows, up to 3 (decided when applied).
         replicas: replicas.unwrap_or(0),
         object_size_bytes: OBJECT_SIZE_BYTES,
-        state: "available".into(),
+        state: VolumeState::Available,
         // The state machine sets it from the project.
         zone: crate::state::zones::Zone::default(),
         created_at_ms: crate::cluster::join::now_ms(),
@@ -423,7 +424,7 @@ pub(super) async fn import_image(
         None,
     )?;
     let volume = VolumeRecord {
-        state: "importing".into(),
+        state: VolumeState::Importing,
         ..volume
     };
     let image = ImageRecord {
@@ -432,7 +433,7 @@ pub(super) async fn import_image(
         size_bytes: plan.virtual_size_bytes,
         format: plan.format.as_str().to_string(),
         sha256: verified.sha256,
-        state: "importing".into(),
+        state: ImageState::Importing,
         volume_id: volume.id.clone(),
         created_at_ms: crate::cluster::join::now_ms(),
     };

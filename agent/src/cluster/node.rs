@@ -108,6 +108,21 @@ pub struct MemberView {
     pub role: MemberRole,
 }
 
+/// Where an operation this node cannot do should go: the leader it knows
+/// of, if any, and its address when known.
+struct NotHere {
+    leader: Option<NodeId>,
+    member: Option<Member>,
+}
+
+/// Where a linearizable read may be served from.
+enum ReadPoint {
+    /// This node leads and confirmed it; its state is current.
+    AppliedHere,
+    /// Current once this node has applied the leader's read index.
+    LeaderIndex(Option<LogId<NodeId>>),
+}
+
 pub struct ClusterNode {
     pub id: NodeId,
     proposer: Proposer,
@@ -247,61 +262,39 @@ impl ClusterNode {
         }
         .expect("commands serialise");
         let deadline = Instant::now() + OPERATION_TIMEOUT;
-        loop {
-            let attempt = timeout_at(deadline, self.proposer.propose(value.clone())).await;
-            let Ok(result) = attempt else {
-                return Err(ClusterError::Unconfirmed {
-                    waited: OPERATION_TIMEOUT,
-                });
-            };
-            match result {
-                Ok(outcome) => return Ok(outcome),
-                Err(ProposeError::ForwardToLeader {
-                    leader_id,
-                    leader_node,
-                }) => {
-                    let leader = leader_id;
-                    match leader_node.or_else(|| leader.and_then(|l| self.leader_member(l))) {
-                        Some(node) if leader != Some(self.id) => {
-                            let remaining = deadline.saturating_duration_since(Instant::now());
-                            let reply: Result<Result<Outcome, ForwardFailure>, PeerCallError> =
-                                self.peers
-                                    .call(
-                                        &node.peer_addr,
-                                        "/cluster/write",
-                                        &ForwardedWrite {
-                                            command: value.clone(),
-                                        },
-                                        remaining,
-                                    )
-                                    .await;
-                            match reply {
-                                Ok(Ok(outcome)) => return Ok(outcome),
-                                Ok(Err(ForwardFailure::NotLeader { .. })) => {
-                                    self.await_leader_change(leader, deadline).await
-                                }
-                                Ok(Err(ForwardFailure::Failed { message })) => {
-                                    return Err(ClusterError::Leader { message })
-                                }
-                                Err(e) if e.never_sent() => {
-                                    self.await_leader_change(leader, deadline).await
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
+        let forwarded = ForwardedWrite {
+            command: value.clone(),
+        };
+        self.via_leader(
+            deadline,
+            "/cluster/write",
+            &forwarded,
+            None,
+            || {
+                let value = value.clone();
+                async move {
+                    match timeout_at(deadline, self.proposer.propose(value)).await {
+                        Err(_) => Ok(Err(ClusterError::Unconfirmed {
+                            waited: OPERATION_TIMEOUT,
+                        })),
+                        Ok(Ok(outcome)) => Ok(Ok(outcome)),
+                        Ok(Err(ProposeError::ForwardToLeader {
+                            leader_id,
+                            leader_node,
+                        })) => Err(NotHere {
+                            leader: leader_id,
+                            member: leader_node,
+                        }),
+                        Ok(Err(ProposeError::Failed { message })) => {
+                            Ok(Err(ClusterError::Raft { message }))
                         }
-                        _ => self.await_leader_change(leader, deadline).await,
                     }
                 }
-                Err(ProposeError::Failed { message }) => {
-                    return Err(ClusterError::Raft { message })
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(ClusterError::NoLeader {
-                    waited: OPERATION_TIMEOUT,
-                });
-            }
-        }
+            },
+            |outcome| outcome,
+            |message| ClusterError::Leader { message },
+        )
+        .await
     }
 
     /// The leader's side of a forwarded write: never forwards again.
@@ -344,65 +337,100 @@ impl ClusterNode {
     /// before the call: after this, local reads are linearizable.
     pub async fn linearizable_read(&self) -> Result<(), ClusterError> {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
-        loop {
-            let Ok(result) = timeout_at(deadline, self.raft.ensure_linearizable()).await else {
-                return Err(ClusterError::NoQuorum);
-            };
-            match result {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                    let leader = forward.leader_id;
-                    match forward
-                        .leader_node
-                        .or_else(|| leader.and_then(|l| self.leader_member(l)))
-                    {
-                        Some(node) if leader != Some(self.id) => {
-                            let remaining = deadline.saturating_duration_since(Instant::now());
-                            let reply: Result<
-                                Result<Option<LogId<NodeId>>, ForwardFailure>,
-                                PeerCallError,
-                            > = self
-                                .peers
-                                .call(&node.peer_addr, "/cluster/read-index", &(), remaining)
-                                .await;
-                            match reply {
-                                Ok(Ok(read_log_id)) => {
-                                    let remaining =
-                                        deadline.saturating_duration_since(Instant::now());
-                                    return self
-                                        .raft
-                                        .wait(Some(remaining))
-                                        .applied_index_at_least(
-                                            read_log_id.map(|l| l.index),
-                                            "read index",
-                                        )
-                                        .await
-                                        .map(|_| ())
-                                        .map_err(|_| ClusterError::NoQuorum);
-                                }
-                                Ok(Err(ForwardFailure::NotLeader { .. })) => {
-                                    self.await_leader_change(leader, deadline).await
-                                }
-                                Ok(Err(ForwardFailure::Failed { .. })) => {
-                                    return Err(ClusterError::NoQuorum)
-                                }
-                                Err(e) if e.never_sent() => {
-                                    self.await_leader_change(leader, deadline).await
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
+        let point = self
+            .via_leader(
+                deadline,
+                "/cluster/read-index",
+                &(),
+                None,
+                || async move {
+                    match timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                        Err(_) => Ok(Err(ClusterError::NoQuorum)),
+                        Ok(Ok(_)) => Ok(Ok(ReadPoint::AppliedHere)),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
+                            forward,
+                        )))) => Err(NotHere {
+                            leader: forward.leader_id,
+                            member: forward.leader_node,
+                        }),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                            Ok(Err(ClusterError::NoQuorum))
                         }
-                        _ => self.await_leader_change(leader, deadline).await,
+                        Ok(Err(e)) => Ok(Err(ClusterError::Raft {
+                            message: e.to_string(),
+                        })),
+                    }
+                },
+                ReadPoint::LeaderIndex,
+                |_| ClusterError::NoQuorum,
+            )
+            .await?;
+        if let ReadPoint::LeaderIndex(read_log_id) = point {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            self.raft
+                .wait(Some(remaining))
+                .applied_index_at_least(read_log_id.map(|l| l.index), "read index")
+                .await
+                .map_err(|_| ClusterError::NoQuorum)?;
+        }
+        Ok(())
+    }
+
+    /// Runs an operation only the leader may do: `local` tries it here and
+    /// says where the leader is when this node does not lead; the operation
+    /// then goes to the leader's peer port at `path` (for `peer_timeout`, or
+    /// until the deadline). "Not the leader" there, or a call that provably
+    /// never left this node, waits for a new leader and tries again; any
+    /// other failure is final, so an operation that may have happened is
+    /// never sent twice. Write, linearizable read and membership changes all
+    /// go through here.
+    #[allow(clippy::too_many_arguments)]
+    async fn via_leader<T, R, Fut>(
+        &self,
+        deadline: Instant,
+        path: &str,
+        body: &impl Serialize,
+        peer_timeout: Option<Duration>,
+        mut local: impl FnMut() -> Fut,
+        from_leader: impl Fn(R) -> T,
+        leader_failed: impl Fn(String) -> ClusterError,
+    ) -> Result<T, ClusterError>
+    where
+        R: serde::de::DeserializeOwned,
+        Fut: std::future::Future<Output = Result<Result<T, ClusterError>, NotHere>>,
+    {
+        loop {
+            let not_here = match local().await {
+                Ok(result) => return result,
+                Err(not_here) => not_here,
+            };
+            let leader = not_here.leader;
+            let member = not_here
+                .member
+                .or_else(|| leader.and_then(|l| self.leader_member(l)));
+            match member {
+                Some(member) if leader != Some(self.id) => {
+                    let timeout = peer_timeout
+                        .unwrap_or_else(|| deadline.saturating_duration_since(Instant::now()));
+                    let reply: Result<Result<R, ForwardFailure>, PeerCallError> = self
+                        .peers
+                        .call(&member.peer_addr, path, body, timeout)
+                        .await;
+                    match reply {
+                        Ok(Ok(value)) => return Ok(from_leader(value)),
+                        Ok(Err(ForwardFailure::NotLeader { .. })) => {
+                            self.await_leader_change(leader, deadline).await
+                        }
+                        Ok(Err(ForwardFailure::Failed { message })) => {
+                            return Err(leader_failed(message))
+                        }
+                        Err(e) if e.never_sent() => {
+                            self.await_leader_change(leader, deadline).await
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                 }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
-                    return Err(ClusterError::NoQuorum)
-                }
-                Err(e) => {
-                    return Err(ClusterError::Raft {
-                        message: e.to_string(),
-                    })
-                }
+                _ => self.await_leader_change(leader, deadline).await,
             }
             if Instant::now() >= deadline {
                 return Err(ClusterError::NoLeader {
@@ -462,48 +490,32 @@ impl ClusterNode {
         Fut: std::future::Future<Output = Result<T, ClusterError>>,
     {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
-        loop {
-            let leader = self.leader();
-            match leader {
-                Some(l) if l == self.id => match local().await {
-                    Err(ClusterError::NotLeader { .. }) => {
-                        self.await_leader_change(leader, deadline).await
-                    }
-                    other => return other,
-                },
-                Some(l) => {
-                    let Some(node) = self.leader_member(l) else {
-                        self.await_leader_change(leader, deadline).await;
-                        continue;
-                    };
-                    // Membership changes wait for a learner to catch up, so
-                    // they get a generous deadline.
-                    let reply: Result<Result<T, ForwardFailure>, PeerCallError> = self
-                        .peers
-                        .call(&node.peer_addr, path, body, Duration::from_secs(120))
-                        .await;
-                    match reply {
-                        Ok(Ok(value)) => return Ok(value),
-                        Ok(Err(ForwardFailure::NotLeader { .. })) => {
-                            self.await_leader_change(leader, deadline).await
-                        }
-                        Ok(Err(ForwardFailure::Failed { message })) => {
-                            return Err(ClusterError::Leader { message })
-                        }
-                        Err(e) if e.never_sent() => {
-                            self.await_leader_change(leader, deadline).await
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+        // Membership changes wait for a learner to catch up, so the leader
+        // gets a generous deadline.
+        self.via_leader(
+            deadline,
+            path,
+            body,
+            Some(Duration::from_secs(120)),
+            || async {
+                match self.leader() {
+                    Some(l) if l == self.id => match local().await {
+                        Err(ClusterError::NotLeader { leader }) => Err(NotHere {
+                            leader,
+                            member: None,
+                        }),
+                        other => Ok(other),
+                    },
+                    leader => Err(NotHere {
+                        leader,
+                        member: None,
+                    }),
                 }
-                None => self.await_leader_change(None, deadline).await,
-            }
-            if Instant::now() >= deadline {
-                return Err(ClusterError::NoLeader {
-                    waited: OPERATION_TIMEOUT,
-                });
-            }
-        }
+            },
+            |value| value,
+            |message| ClusterError::Leader { message },
+        )
+        .await
     }
 
     /// Adds a node as a learner, waits for it to catch up, and promotes it

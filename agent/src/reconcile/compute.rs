@@ -2,20 +2,31 @@
 //! cluster assigns to this node, as their records say, and reports what it
 //! sees back through the cluster.
 //!
+//! Each pass observes (the VM records for this node, libvirt's domains),
+//! plans with a pure function ([`plan_vm`]: record, domain and what it
+//! remembers in, libvirt calls and the state to report out) and executes
+//! the plan, each VM in a task of its own so a slow start never holds up
+//! another. One task owns everything it remembers between passes; the VM
+//! tasks hand their results back to it. It never writes desired state: it
+//! reports what it sees, and the state machine's rule
+//! ([`crate::state::vms::observe`]) decides what a guest that powered
+//! itself off means.
+//!
 //! Everything it does is derived from the records and from libvirt, so it
 //! survives its own restart at any point (a domain defined but not started
 //! is started on the next pass; one defined twice is still one domain) and
 //! libvirtd restarts (it reconnects).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use hypervisor::lifecycle::{HvError, Hypervisor, Observed, Power};
 use hypervisor::spec::{Disk, DomainSpec, Nic, VirtType};
+use tokio::task::JoinSet;
 
 use crate::cluster::node::ClusterNode;
-use crate::state::vms::VmRecord;
+use crate::state::vms::{PowerState, VmRecord, VmState};
 use crate::state::{Command, PREFIX_VMS};
 
 #[derive(Debug, Clone)]
@@ -127,18 +138,180 @@ pub fn console_log(node: &ClusterNode, id: &str) -> std::path::PathBuf {
     data_dir(node).join("console").join(format!("{id}.log"))
 }
 
-/// State kept between passes (all of it can be rebuilt; losing it only
-/// means a reboot request seen before a restart is not replayed).
-#[derive(Default)]
-struct Memory {
-    reboots_seen: HashMap<String, u64>,
-    stop_asked: HashMap<String, Instant>,
-    seen_running: HashSet<String>,
-    reported: HashMap<String, Instant>,
-    /// VMs whose converge task is running.
-    in_flight: HashSet<String>,
+/// One libvirt call a plan asks for, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Defines (or redefines, for a new generation) the VM's domain.
+    Define(Box<DomainSpec>),
+    Start,
+    /// Asks the guest to power off (ACPI).
+    Shutdown,
+    /// Pulls the plug.
+    Destroy,
+    Reboot,
+}
+
+/// What the reconciler remembers of a VM between passes. Losing it (an
+/// agent restart) only means a reboot request seen before is not replayed
+/// and a stop already asked for is asked for again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmMemory {
+    /// The reboot count already acted on.
+    pub reboots_seen: Option<u64>,
+    /// When the guest was asked to power off.
+    pub stop_asked_at: Option<Instant>,
+}
+
+/// What one VM needs in this pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmPlan {
+    pub actions: Vec<Action>,
+    /// What the node will see once the actions succeed; a failing action
+    /// makes it `failed`, with the error as the reason.
+    pub state: VmState,
+    pub reason: Option<String>,
+    /// What to remember of the VM after this pass.
+    pub memory: VmMemory,
+}
+
+/// Plans one VM: its record, its domain as libvirt has it (if any), the
+/// domain spec when the domain must be (re)defined (or why it cannot be
+/// yet), and what was remembered. Pure: the same inputs give the same plan.
+pub fn plan_vm(
+    vm: &VmRecord,
+    observed: Option<&Observed>,
+    spec: impl FnOnce() -> Result<DomainSpec, String>,
+    memory: VmMemory,
+    now: Instant,
+    stop_timeout: Duration,
+) -> VmPlan {
+    let mut memory = memory;
+    let mut actions = Vec::new();
+    if observed.is_none_or(|o| o.generation != vm.generation) {
+        match spec() {
+            Ok(spec) => actions.push(Action::Define(Box::new(spec))),
+            Err(waiting) => {
+                return VmPlan {
+                    actions,
+                    state: VmState::Creating,
+                    reason: Some(waiting),
+                    memory,
+                }
+            }
+        }
+    }
+    // A domain defined in this pass is off.
+    let power = observed.map_or(Power::Stopped, |o| o.power);
+    let reboots_seen = *memory.reboots_seen.get_or_insert(vm.reboots);
+    let state = match vm.power {
+        PowerState::Running => {
+            memory.stop_asked_at = None;
+            match power {
+                Power::Running => {
+                    if vm.reboots > reboots_seen {
+                        actions.push(Action::Reboot);
+                        memory.reboots_seen = Some(vm.reboots);
+                    }
+                    VmState::Running
+                }
+                // Last seen running and now off, with no start asked for
+                // since: the guest powered itself off (or crashed), maybe
+                // while this agent was down. Reported; it stays off.
+                Power::Stopped | Power::Crashed
+                    if observed.is_some()
+                        && matches!(vm.state, VmState::Running | VmState::Paused) =>
+                {
+                    VmState::Stopped
+                }
+                Power::Stopped | Power::Crashed => {
+                    actions.push(Action::Start);
+                    memory.reboots_seen = Some(vm.reboots);
+                    VmState::Running
+                }
+                Power::ShuttingDown => VmState::Stopping,
+                Power::Paused => VmState::Paused,
+            }
+        }
+        PowerState::Stopped => match power {
+            Power::Stopped | Power::Crashed => {
+                memory.stop_asked_at = None;
+                VmState::Stopped
+            }
+            Power::Running | Power::Paused | Power::ShuttingDown => {
+                let timed_out = memory
+                    .stop_asked_at
+                    .is_some_and(|asked| now.saturating_duration_since(asked) >= stop_timeout);
+                if vm.force_stop || timed_out {
+                    actions.push(Action::Destroy);
+                    memory.stop_asked_at = None;
+                    VmState::Stopped
+                } else {
+                    if memory.stop_asked_at.is_none() {
+                        actions.push(Action::Shutdown);
+                        memory.stop_asked_at = Some(now);
+                    }
+                    VmState::Stopping
+                }
+            }
+        },
+    };
+    VmPlan {
+        actions,
+        state,
+        reason: None,
+        memory,
+    }
+}
+
+/// The spec generation a report carries: what the domain has. A failure
+/// leaves the domain at the generation last reported.
+fn reported_generation(vm: &VmRecord, state: VmState) -> u64 {
+    if state == VmState::Failed {
+        vm.observed_generation
+    } else {
+        vm.generation
+    }
+}
+
+/// Whether to tell the cluster: only a change, and at most once a second
+/// per VM.
+pub fn should_report(
+    vm: &VmRecord,
+    state: VmState,
+    reason: &Option<String>,
+    last_report: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let unchanged = vm.state == state
+        && vm.reason == *reason
+        && vm.observed_generation == reported_generation(vm, state);
+    let recent =
+        last_report.is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1));
+    !unchanged && !recent
+}
+
+/// What a VM's task hands back to the task that owns the reconciler.
+enum Done {
+    /// The plan ran; the VM is now seen as `state`.
+    Converged {
+        vm: Box<VmRecord>,
+        state: VmState,
+        reason: Option<String>,
+    },
+    /// A report was sent (or failed, and is retried on a later pass).
+    Reported,
+}
+
+/// Everything the reconciler remembers, owned by the one task that runs it.
+struct Reconciler {
+    options: ComputeOptions,
+    memory: HashMap<String, VmMemory>,
+    reported_at: HashMap<String, Instant>,
+    /// VMs whose task is running, by task.
+    in_flight: HashMap<tokio::task::Id, String>,
     /// VMs last seen in transition (starting, stopping).
     transient: HashSet<String>,
+    work: JoinSet<(String, Done)>,
 }
 
 pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
@@ -148,20 +321,28 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     let me = node_key(&n);
     drop(n);
     let mut hv: Option<Arc<Hypervisor>> = None;
-    let memory = Arc::new(Mutex::new(Memory::default()));
+    let mut reconciler = Reconciler {
+        options,
+        memory: HashMap::new(),
+        reported_at: HashMap::new(),
+        in_flight: HashMap::new(),
+        transient: HashSet::new(),
+        work: JoinSet::new(),
+    };
     loop {
         let Some(n) = node.upgrade() else { return };
         if hv.as_ref().is_none_or(|h| !h.alive()) {
-            let (uri, me) = (options.libvirt_uri.clone(), me.clone());
+            let (uri, me) = (reconciler.options.libvirt_uri.clone(), me.clone());
             match tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, &me)).await {
                 Ok(Ok(h)) => {
-                    tracing::info!(uri = %options.libvirt_uri, "connected to libvirt");
+                    tracing::info!(uri = %reconciler.options.libvirt_uri, "connected to libvirt");
                     hv = Some(Arc::new(h));
                 }
                 Ok(Err(e)) => {
                     hv = None;
                     tracing::warn!("{e}; VMs on this node cannot run until it answers");
-                    report_all_failed(&n, &format!("this node cannot reach libvirt: {e}"), &memory)
+                    reconciler
+                        .report_all_failed(&n, &format!("this node cannot reach libvirt: {e}"))
                         .await;
                     drop(n);
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -171,14 +352,26 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
             }
         }
         let h = hv.clone().expect("connected");
-        let busy = pass(&n, &h, &options, &memory).await;
-        drop(n);
-        let wait = if busy {
-            Duration::from_millis(500)
-        } else {
+        reconciler.pass(&n, &h).await;
+        let wait = if reconciler.in_flight.is_empty() && reconciler.transient.is_empty() {
             Duration::from_secs(2)
+        } else {
+            Duration::from_millis(500)
         };
-        let _ = tokio::time::timeout(wait, applied.changed()).await;
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                // Cancel-safe: a finished task stays in the set until taken.
+                Some(finished) = reconciler.work.join_next_with_id() => {
+                    reconciler.finished(&n, finished);
+                }
+                // Cancel-safe: the value is marked seen only when this returns.
+                _ = applied.changed() => break,
+                () = &mut sleep => break,
+            }
+        }
+        drop(n);
     }
 }
 
@@ -202,238 +395,163 @@ fn my_vms(node: &ClusterNode) -> Vec<VmRecord> {
         .collect()
 }
 
-/// One reconciliation pass; true while something is in transition.
-async fn pass(
-    node: &Arc<ClusterNode>,
-    hv: &Arc<Hypervisor>,
-    options: &ComputeOptions,
-    memory: &Arc<Mutex<Memory>>,
-) -> bool {
-    let desired = my_vms(node);
-    let observed: HashMap<String, Observed> = match blocking(hv, |h| h.list()).await {
-        Ok(list) => list.into_iter().map(|o| (o.id.clone(), o)).collect(),
-        Err(e) => {
-            tracing::warn!("cannot list domains: {e}");
-            return true;
-        }
-    };
-    // Each VM converges in a task of its own, so a slow start of one never
-    // holds up another; a VM whose task still runs is left to it.
-    for vm in &desired {
-        if !memory.lock().unwrap().in_flight.insert(vm.id.clone()) {
-            continue;
-        }
-        let (node, hv, options, memory) =
-            (node.clone(), hv.clone(), options.clone(), memory.clone());
-        let (vm, observed) = (vm.clone(), observed.get(&vm.id).cloned());
-        tokio::spawn(async move {
-            let transient =
-                converge_and_report(&node, &hv, &options, &memory, &vm, observed.as_ref()).await;
-            let mut m = memory.lock().unwrap();
-            m.in_flight.remove(&vm.id);
-            if transient {
-                m.transient.insert(vm.id.clone());
-            } else {
-                m.transient.remove(&vm.id);
-            }
-        });
-    }
-    // Domains whose VM was deleted or went elsewhere.
-    let wanted: HashSet<&str> = desired.iter().map(|v| v.id.as_str()).collect();
-    for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
-        if memory.lock().unwrap().in_flight.contains(id) {
-            continue;
-        }
-        let id2 = id.clone();
-        match blocking(hv, move |h| h.undefine(&id2)).await {
-            Ok(()) => {
-                tracing::info!(vm = %id, "removed the domain of a VM this node no longer runs")
-            }
-            Err(e) => tracing::warn!(vm = %id, "cannot remove a domain: {e}"),
-        }
-        let mut m = memory.lock().unwrap();
-        m.seen_running.remove(id);
-        m.stop_asked.remove(id);
-        m.reboots_seen.remove(id);
-        m.transient.remove(id);
-    }
-    let m = memory.lock().unwrap();
-    !m.in_flight.is_empty() || !m.transient.is_empty()
-}
-
-/// Converges one VM and reports it; true while it is in transition.
-async fn converge_and_report(
-    node: &ClusterNode,
-    hv: &Arc<Hypervisor>,
-    options: &ComputeOptions,
-    memory: &Mutex<Memory>,
-    vm: &VmRecord,
-    observed: Option<&Observed>,
-) -> bool {
-    let (state, reason) = converge(node, hv, options, memory, vm, observed).await;
-    let transient = state != "running" && state != "stopped" && state != "failed";
-    report(node, memory, vm, state, reason).await;
-    transient
-}
-
-async fn converge(
-    node: &ClusterNode,
-    hv: &Arc<Hypervisor>,
-    options: &ComputeOptions,
-    memory: &Mutex<Memory>,
-    vm: &VmRecord,
-    observed: Option<&Observed>,
-) -> (String, Option<String>) {
-    let id = vm.id.clone();
-    if observed.is_none_or(|o| o.generation != vm.generation) {
-        let nics = match nics_of(node, vm) {
-            Ok(nics) => nics,
-            Err(waiting) => return ("creating".into(), Some(waiting)),
+/// Carries out one VM's plan; the state it ends in.
+async fn execute(hv: &Arc<Hypervisor>, vm: &VmRecord, plan: VmPlan) -> (VmState, Option<String>) {
+    for action in plan.actions {
+        let id = vm.id.clone();
+        let (result, what) = match action {
+            Action::Define(spec) => (
+                blocking(hv, move |h| h.define(&spec)).await,
+                "define the domain",
+            ),
+            Action::Start => (
+                blocking(hv, move |h| h.start(&id).map(|_| ())).await,
+                "start",
+            ),
+            Action::Shutdown => (blocking(hv, move |h| h.shutdown(&id)).await, "stop"),
+            Action::Destroy => (blocking(hv, move |h| h.destroy(&id)).await, "stop"),
+            Action::Reboot => (blocking(hv, move |h| h.reboot(&id)).await, "reboot"),
         };
-        let spec = domain_spec(node, vm, nics, options.virt_type);
-        if let Err(e) = blocking(hv, move |h| h.define(&spec)).await {
-            return (
-                "failed".into(),
-                Some(format!("cannot define the domain: {e}")),
+        if let Err(e) = result {
+            return (VmState::Failed, Some(format!("cannot {what}: {e}")));
+        }
+        tracing::info!(vm = %vm.id, name = %vm.name, "{what}: done");
+    }
+    (plan.state, plan.reason)
+}
+
+impl Reconciler {
+    /// One pass: plans every VM of this node whose task is not running and
+    /// starts its task; removes domains whose VM is gone or went elsewhere.
+    async fn pass(&mut self, node: &Arc<ClusterNode>, hv: &Arc<Hypervisor>) {
+        let desired = my_vms(node);
+        let observed: HashMap<String, Observed> = match blocking(hv, |h| h.list()).await {
+            Ok(list) => list.into_iter().map(|o| (o.id.clone(), o)).collect(),
+            Err(e) => {
+                tracing::warn!("cannot list domains: {e}");
+                return;
+            }
+        };
+        let busy: HashSet<String> = self.in_flight.values().cloned().collect();
+        let now = Instant::now();
+        for vm in desired.iter().filter(|vm| !busy.contains(&vm.id)) {
+            let remembered = self.memory.get(&vm.id).copied().unwrap_or_default();
+            let plan = plan_vm(
+                vm,
+                observed.get(&vm.id),
+                || {
+                    nics_of(node, vm)
+                        .map(|nics| domain_spec(node, vm, nics, self.options.virt_type))
+                },
+                remembered,
+                now,
+                self.options.stop_timeout,
             );
+            self.memory.insert(vm.id.clone(), plan.memory);
+            let vm_id = vm.id.clone();
+            let (hv, vm) = (hv.clone(), vm.clone());
+            let task = self.work.spawn(async move {
+                let (state, reason) = execute(&hv, &vm, plan).await;
+                let id = vm.id.clone();
+                (
+                    id,
+                    Done::Converged {
+                        vm: Box::new(vm),
+                        state,
+                        reason,
+                    },
+                )
+            });
+            self.in_flight.insert(task.id(), vm_id);
+        }
+        let wanted: HashSet<&str> = desired.iter().map(|v| v.id.as_str()).collect();
+        for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
+            if busy.contains(id) {
+                continue;
+            }
+            let id2 = id.clone();
+            match blocking(hv, move |h| h.undefine(&id2)).await {
+                Ok(()) => {
+                    tracing::info!(vm = %id, "removed the domain of a VM this node no longer runs")
+                }
+                Err(e) => tracing::warn!(vm = %id, "cannot remove a domain: {e}"),
+            }
+            self.forget(id);
         }
     }
-    let id2 = id.clone();
-    let power = match blocking(hv, move |h| h.power_of(&id2)).await {
-        Ok(Some(p)) => p,
-        Ok(None) => return ("creating".into(), None),
-        Err(e) => return ("failed".into(), Some(e)),
-    };
-    let seen = *memory
-        .lock()
-        .unwrap()
-        .reboots_seen
-        .entry(id.clone())
-        .or_insert(vm.reboots);
-    if vm.power == "running" {
-        memory.lock().unwrap().stop_asked.remove(&id);
-        match power {
-            Power::Running => {
-                memory.lock().unwrap().seen_running.insert(id.clone());
-                if vm.reboots > seen {
-                    memory
-                        .lock()
-                        .unwrap()
-                        .reboots_seen
-                        .insert(id.clone(), vm.reboots);
-                    let id2 = id.clone();
-                    if let Err(e) = blocking(hv, move |h| h.reboot(&id2)).await {
-                        return ("failed".into(), Some(format!("cannot reboot: {e}")));
-                    }
-                    tracing::info!(vm = %id, "rebooted");
-                }
-                ("running".into(), None)
+
+    fn forget(&mut self, id: &str) {
+        self.memory.remove(id);
+        self.reported_at.remove(id);
+        self.transient.remove(id);
+    }
+
+    /// A VM's task ended: remember what it saw, and report it when that is
+    /// news (the VM stays in flight until the report is made, so its
+    /// reports never overtake each other).
+    fn finished(
+        &mut self,
+        node: &Arc<ClusterNode>,
+        finished: Result<(tokio::task::Id, (String, Done)), tokio::task::JoinError>,
+    ) {
+        let (task, id, done) = match finished {
+            Ok((task, (id, done))) => (task, id, done),
+            Err(e) => {
+                tracing::error!(error = %e, "a VM task of the compute reconciler failed");
+                self.in_flight.remove(&e.id());
+                return;
             }
-            Power::Stopped | Power::Crashed if memory.lock().unwrap().seen_running.remove(&id) => {
-                // It stopped by itself (the guest powered off): it stays off.
-                tracing::info!(vm = %id, "the guest powered itself off");
-                let _ = node
-                    .write(&Command::SetVmPower {
-                        project: vm.project.clone(),
-                        name: vm.name.clone(),
-                        power: "stopped".into(),
-                        force: false,
-                        overcommit_cpu_percent: crate::state::scheduler::default_cpu_percent(),
-                        overcommit_memory_percent: crate::state::scheduler::default_memory_percent(
-                        ),
-                    })
-                    .await;
-                ("stopped".into(), None)
-            }
-            Power::Stopped | Power::Crashed => {
-                memory
-                    .lock()
-                    .unwrap()
-                    .reboots_seen
-                    .insert(id.clone(), vm.reboots);
-                let id2 = id.clone();
-                match blocking(hv, move |h| h.start(&id2)).await {
-                    Ok(_) => {
-                        tracing::info!(vm = %id, "started");
-                        memory.lock().unwrap().seen_running.insert(id.clone());
-                        ("running".into(), None)
-                    }
-                    Err(e) => ("failed".into(), Some(format!("cannot start: {e}"))),
-                }
-            }
-            Power::ShuttingDown => ("stopping".into(), None),
-            Power::Paused => ("paused".into(), None),
+        };
+        self.in_flight.remove(&task);
+        let Done::Converged { vm, state, reason } = done else {
+            return;
+        };
+        if state.is_transient() {
+            self.transient.insert(id.clone());
+        } else {
+            self.transient.remove(&id);
         }
-    } else {
-        memory.lock().unwrap().seen_running.remove(&id);
-        match power {
-            Power::Stopped | Power::Crashed => {
-                memory.lock().unwrap().stop_asked.remove(&id);
-                ("stopped".into(), None)
-            }
-            _ => {
-                let asked = *memory
-                    .lock()
-                    .unwrap()
-                    .stop_asked
-                    .entry(id.clone())
-                    .or_insert_with(Instant::now);
-                let force = vm.force_stop || asked.elapsed() >= options.stop_timeout;
-                let first = asked.elapsed() < Duration::from_millis(10);
-                let id2 = id.clone();
-                let result = if force {
-                    blocking(hv, move |h| h.destroy(&id2)).await
-                } else if first {
-                    blocking(hv, move |h| h.shutdown(&id2)).await
-                } else {
-                    Ok(())
-                };
-                match result {
-                    Ok(()) if force => {
-                        tracing::info!(vm = %id, "stopped (forced)");
-                        ("stopped".into(), None)
-                    }
-                    Ok(()) => ("stopping".into(), None),
-                    Err(e) => ("failed".into(), Some(format!("cannot stop: {e}"))),
-                }
+        let now = Instant::now();
+        if !should_report(&vm, state, &reason, self.reported_at.get(&id).copied(), now) {
+            return;
+        }
+        if vm.power == PowerState::Running && state == VmState::Stopped {
+            tracing::info!(vm = %vm.id, name = %vm.name, "the guest powered itself off; it stays off until started");
+        }
+        self.reported_at.insert(id.clone(), now);
+        let node = node.clone();
+        let vm_id = id.clone();
+        let task = self.work.spawn(async move {
+            report(&node, &vm, state, reason).await;
+            (id, Done::Reported)
+        });
+        self.in_flight.insert(task.id(), vm_id);
+    }
+
+    async fn report_all_failed(&mut self, node: &ClusterNode, why: &str) {
+        let now = Instant::now();
+        for vm in my_vms(node) {
+            let reason = Some(why.to_string());
+            if should_report(
+                &vm,
+                VmState::Failed,
+                &reason,
+                self.reported_at.get(&vm.id).copied(),
+                now,
+            ) {
+                self.reported_at.insert(vm.id.clone(), now);
+                report(node, &vm, VmState::Failed, reason).await;
             }
         }
     }
 }
 
-/// Tells the cluster what this node sees, when it changed (at most once a
-/// second per VM).
-async fn report(
-    node: &ClusterNode,
-    memory: &Mutex<Memory>,
-    vm: &VmRecord,
-    state: String,
-    reason: Option<String>,
-) {
-    let generation = if state == "failed" {
-        vm.observed_generation
-    } else {
-        vm.generation
-    };
-    if vm.state == state && vm.reason == reason && vm.observed_generation == generation {
-        return;
-    }
-    if memory
-        .lock()
-        .unwrap()
-        .reported
-        .get(&vm.id)
-        .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-    {
-        return;
-    }
-    memory
-        .lock()
-        .unwrap()
-        .reported
-        .insert(vm.id.clone(), Instant::now());
+/// Tells the cluster what this node sees of one VM.
+async fn report(node: &ClusterNode, vm: &VmRecord, state: VmState, reason: Option<String>) {
     if let Some(r) = &reason {
-        tracing::warn!(vm = %vm.id, name = %vm.name, "VM failed: {r}");
+        if state == VmState::Failed {
+            tracing::warn!(vm = %vm.id, name = %vm.name, "VM failed: {r}");
+        }
     }
     let command = Command::ReportVmState {
         project: vm.project.clone(),
@@ -441,15 +559,415 @@ async fn report(
         node: node.id,
         state,
         reason,
-        generation,
+        generation: reported_generation(vm, state),
     };
     if let Err(e) = node.write(&command).await {
         tracing::debug!("VM state not reported yet: {e}");
     }
 }
 
-async fn report_all_failed(node: &ClusterNode, why: &str, memory: &Mutex<Memory>) {
-    for vm in my_vms(node) {
-        report(node, memory, &vm, "failed".into(), Some(why.to_string())).await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::zones::Zone;
+
+    const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn record(power: PowerState, state: VmState) -> VmRecord {
+        VmRecord {
+            id: "vm-1".into(),
+            name: "web".into(),
+            project: "p".into(),
+            zone: Zone::default(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            anti_affinity: None,
+            node_id: 1,
+            state,
+            reason: None,
+            volumes: Vec::new(),
+            generation: 2,
+            created_at_ms: 0,
+            power,
+            force_stop: false,
+            reboots: 0,
+            boot_volume: None,
+            observed_generation: 2,
+            nics: Vec::new(),
+        }
+    }
+
+    fn spec(vm: &VmRecord) -> DomainSpec {
+        DomainSpec {
+            id: vm.id.clone(),
+            uuid: "00000000-0000-4000-8000-000000000000".into(),
+            virt_type: VirtType::Qemu,
+            vcpus: vm.vcpus as u32,
+            memory_bytes: vm.memory_bytes,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            node: "c-1".into(),
+            project: vm.project.clone(),
+            name: vm.name.clone(),
+            generation: vm.generation,
+            console_log: None,
+        }
+    }
+
+    fn domain(generation: u64, power: Power) -> Observed {
+        Observed {
+            id: "vm-1".into(),
+            generation,
+            power,
+        }
+    }
+
+    /// One row: the record (with a change applied), the domain, what was
+    /// remembered (reboots seen, stop asked this long ago); the actions and
+    /// the state to report.
+    struct Case {
+        name: &'static str,
+        power: PowerState,
+        last_seen: VmState,
+        change: fn(&mut VmRecord),
+        domain: Option<(u64, Power)>,
+        reboots_seen: Option<u64>,
+        stop_asked_secs_ago: Option<u64>,
+        network_ready: bool,
+        actions: &'static [&'static str],
+        state: VmState,
+    }
+
+    fn name_of(action: &Action) -> &'static str {
+        match action {
+            Action::Define(_) => "define",
+            Action::Start => "start",
+            Action::Shutdown => "shutdown",
+            Action::Destroy => "destroy",
+            Action::Reboot => "reboot",
+        }
+    }
+
+    fn check(case: &Case) -> VmPlan {
+        let now = Instant::now() + Duration::from_secs(3600);
+        let mut vm = record(case.power, case.last_seen);
+        (case.change)(&mut vm);
+        let observed = case
+            .domain
+            .map(|(generation, power)| domain(generation, power));
+        let memory = VmMemory {
+            reboots_seen: case.reboots_seen,
+            stop_asked_at: case
+                .stop_asked_secs_ago
+                .map(|s| now - Duration::from_secs(s)),
+        };
+        let plan = plan_vm(
+            &vm,
+            observed.as_ref(),
+            || {
+                if case.network_ready {
+                    Ok(spec(&vm))
+                } else {
+                    Err("waiting for the network fabric to build bridge albr-7".into())
+                }
+            },
+            memory,
+            now,
+            STOP_TIMEOUT,
+        );
+        let actions: Vec<&str> = plan.actions.iter().map(name_of).collect();
+        assert_eq!(
+            (actions.as_slice(), plan.state),
+            (case.actions, case.state),
+            "case: {}",
+            case.name
+        );
+        plan
+    }
+
+    fn unchanged(_: &mut VmRecord) {}
+
+    const RUNNING: PowerState = PowerState::Running;
+    const STOPPED: PowerState = PowerState::Stopped;
+
+    #[test]
+    fn the_plan_for_each_desired_and_observed_state() {
+        let cases = [
+            Case {
+                name: "a new VM is defined and started",
+                power: RUNNING,
+                last_seen: VmState::Creating,
+                change: unchanged,
+                domain: None,
+                reboots_seen: None,
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["define", "start"],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a new VM waits for its network before anything is defined",
+                power: RUNNING,
+                last_seen: VmState::Creating,
+                change: unchanged,
+                domain: None,
+                reboots_seen: None,
+                stop_asked_secs_ago: None,
+                network_ready: false,
+                actions: &[],
+                state: VmState::Creating,
+            },
+            Case {
+                name: "a defined VM that never ran is started",
+                power: RUNNING,
+                last_seen: VmState::Creating,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: None,
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["start"],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a running VM is left alone",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: unchanged,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a reboot request is carried out once",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: |vm| vm.reboots = 1,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["reboot"],
+                state: VmState::Running,
+            },
+            Case {
+                name: "reboots asked before a restart of the agent are not replayed",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: |vm| vm.reboots = 3,
+                domain: Some((2, Power::Running)),
+                reboots_seen: None,
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a guest that powered itself off is reported stopped, not started again",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a guest that powered off while the agent was down stays off",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: None,
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a paused guest that crashed stays off",
+                power: RUNNING,
+                last_seen: VmState::Paused,
+                change: unchanged,
+                domain: Some((2, Power::Crashed)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a start asked for after a power-off starts it",
+                power: RUNNING,
+                last_seen: VmState::Stopped,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["start"],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a VM whose start failed is tried again",
+                power: RUNNING,
+                last_seen: VmState::Failed,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["start"],
+                state: VmState::Running,
+            },
+            Case {
+                name: "a stop asks the guest once",
+                power: STOPPED,
+                last_seen: VmState::Running,
+                change: unchanged,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["shutdown"],
+                state: VmState::Stopping,
+            },
+            Case {
+                name: "a guest asked to stop gets its timeout",
+                power: STOPPED,
+                last_seen: VmState::Stopping,
+                change: unchanged,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: Some(29),
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopping,
+            },
+            Case {
+                name: "a guest still running after the timeout is forced off",
+                power: STOPPED,
+                last_seen: VmState::Stopping,
+                change: unchanged,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: Some(30),
+                network_ready: true,
+                actions: &["destroy"],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a forced stop pulls the plug at once",
+                power: STOPPED,
+                last_seen: VmState::Running,
+                change: |vm| vm.force_stop = true,
+                domain: Some((2, Power::Running)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["destroy"],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a stopped VM is left stopped",
+                power: STOPPED,
+                last_seen: VmState::Stopped,
+                change: unchanged,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a resized stopped VM is redefined and not started",
+                power: STOPPED,
+                last_seen: VmState::Stopped,
+                change: |vm| vm.generation = 3,
+                domain: Some((2, Power::Stopped)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &["define"],
+                state: VmState::Stopped,
+            },
+            Case {
+                name: "a guest shutting down while wanted running is reported stopping",
+                power: RUNNING,
+                last_seen: VmState::Running,
+                change: unchanged,
+                domain: Some((2, Power::ShuttingDown)),
+                reboots_seen: Some(0),
+                stop_asked_secs_ago: None,
+                network_ready: true,
+                actions: &[],
+                state: VmState::Stopping,
+            },
+        ];
+        for case in &cases {
+            check(case);
+        }
+    }
+
+    #[test]
+    fn what_the_plan_remembers() {
+        let shutdown = check(&Case {
+            name: "a stop asks the guest once",
+            power: STOPPED,
+            last_seen: VmState::Running,
+            change: unchanged,
+            domain: Some((2, Power::Running)),
+            reboots_seen: Some(0),
+            stop_asked_secs_ago: None,
+            network_ready: true,
+            actions: &["shutdown"],
+            state: VmState::Stopping,
+        });
+        assert!(shutdown.memory.stop_asked_at.is_some());
+        let rebooted = check(&Case {
+            name: "a reboot request is carried out once",
+            power: RUNNING,
+            last_seen: VmState::Running,
+            change: |vm| vm.reboots = 1,
+            domain: Some((2, Power::Running)),
+            reboots_seen: Some(0),
+            stop_asked_secs_ago: Some(5),
+            network_ready: true,
+            actions: &["reboot"],
+            state: VmState::Running,
+        });
+        assert_eq!(
+            rebooted.memory,
+            VmMemory {
+                reboots_seen: Some(1),
+                stop_asked_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn reports_are_made_only_for_news_and_at_most_once_a_second() {
+        let now = Instant::now() + Duration::from_secs(3600);
+        let vm = record(RUNNING, VmState::Running);
+        assert!(!should_report(&vm, VmState::Running, &None, None, now));
+        assert!(should_report(&vm, VmState::Stopped, &None, None, now));
+        let just_now = Some(now - Duration::from_millis(300));
+        assert!(!should_report(&vm, VmState::Stopped, &None, just_now, now));
+        let a_while_ago = Some(now - Duration::from_secs(2));
+        assert!(should_report(
+            &vm,
+            VmState::Stopped,
+            &None,
+            a_while_ago,
+            now
+        ));
+        let failing = Some("cannot start: no memory".to_string());
+        assert!(should_report(&vm, VmState::Failed, &failing, None, now));
     }
 }

@@ -178,7 +178,7 @@ pub enum Command {
     SetVmPower {
         project: String,
         name: String,
-        power: String,
+        power: vms::PowerState,
         force: bool,
         /// A start places the VM again on its node with the overcommit its
         /// proposer runs with, as a create does; entries written before it
@@ -204,7 +204,7 @@ pub enum Command {
         project: String,
         name: String,
         node: NodeId,
-        state: String,
+        state: vms::VmState,
         reason: Option<String>,
         generation: u64,
     },

@@ -12,7 +12,7 @@ use super::nodes::NodeRecord;
 use super::projects::Project;
 use super::quotas::Usage;
 use super::scheduler::{Candidate, Overcommit, Request};
-use super::volumes::VolumeRecord;
+use super::volumes::{VolumeRecord, VolumeState};
 use super::zones::Zone;
 use super::{
     domain, get_json, put_json, ErrorCode, Outcome, ReadError, StateView, PREFIX_NODES,
@@ -59,7 +59,8 @@ pub struct VmRecord {
     pub node_id: u64,
     /// What its node last saw: `creating`, `running`, `stopping`,
     /// `stopped`, `paused`, `crashed`, or `failed` (with `reason`).
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: VmState,
     /// Why it failed, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -71,7 +72,8 @@ pub struct VmRecord {
     pub created_at_ms: u64,
     /// What the owner wants: `running` or `stopped`.
     #[serde(default = "default_power")]
-    pub power: String,
+    #[schema(value_type = String)]
+    pub power: PowerState,
     /// A stop that pulls the plug instead of asking the guest.
     #[serde(default)]
     pub force_stop: bool,
@@ -89,8 +91,51 @@ pub struct VmRecord {
     pub nics: Vec<VmNic>,
 }
 
-fn default_power() -> String {
-    "running".into()
+fn default_power() -> PowerState {
+    PowerState::Running
+}
+
+/// What the owner wants a VM to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// What a VM's node last saw it do (serialised as the lowercase word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Not yet defined on its node, or waiting for its network.
+    Creating,
+    Running,
+    /// Asked to power off (ACPI), not yet off.
+    Stopping,
+    Stopped,
+    Paused,
+    Crashed,
+    /// Its node could not run it; `reason` says why.
+    Failed,
+}
+
+impl VmState {
+    /// Between two steady states: the reconciler looks again soon.
+    pub fn is_transient(self) -> bool {
+        !matches!(self, VmState::Running | VmState::Stopped | VmState::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Paused => "paused",
+            VmState::Crashed => "crashed",
+            VmState::Failed => "failed",
+        }
+    }
 }
 
 impl VmRecord {
@@ -131,7 +176,7 @@ fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
             continue;
         };
         // A stopped VM reserves nothing; starting it checks for room.
-        if vm.power == "stopped" {
+        if vm.power == PowerState::Stopped {
             continue;
         }
         if let Some(node) = nodes.get_mut(&vm.node_id) {
@@ -187,7 +232,7 @@ pub fn create_vm(
         anti_affinity: vm.anti_affinity.clone(),
     };
     let mut nodes = candidates(kv)?;
-    if vm.power == "stopped" {
+    if vm.power == PowerState::Stopped {
         // Only defined: it must fit a node, but reserves room only when started.
         for n in &mut nodes {
             n.used_vcpus = 0;
@@ -241,7 +286,7 @@ pub fn create_vm(
     if let Some(boot) = boot {
         let mut volume = boot.volume;
         volume.attached_to = Some(vm.id.clone());
-        volume.state = "in-use".into();
+        volume.state = VolumeState::InUse;
         let created = crate::state::volumes::create_volume(
             kv,
             volume,
@@ -297,7 +342,7 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
         );
         if let Some(mut volume) = get_json::<VolumeRecord>(kv, &volume_key)? {
             volume.attached_to = None;
-            volume.state = "available".into();
+            volume.state = VolumeState::Available;
             put_json(kv, &volume_key, &volume)?;
             if vm.boot_volume.as_deref() == Some(volume.id.as_str()) {
                 let deleted = crate::state::volumes::delete_volume(
@@ -361,7 +406,7 @@ pub fn attach(
             None => {}
         }
         volume.attached_to = Some(vm.id.clone());
-        volume.state = "in-use".into();
+        volume.state = VolumeState::InUse;
         vm.volumes.push(Attachment {
             project: volume_project.to_string(),
             volume: volume_name.to_string(),
@@ -375,7 +420,7 @@ pub fn attach(
             )));
         }
         volume.attached_to = None;
-        volume.state = "available".into();
+        volume.state = VolumeState::Available;
         vm.volumes.retain(|a| a.volume_id != volume.id);
     }
     vm.generation += 1;
@@ -425,12 +470,12 @@ pub fn resize_vm(
             format!("VM {name:?} does not exist in project {project:?}"),
         )));
     };
-    if vm.power != "stopped" || vm.state != "stopped" {
+    if vm.power != PowerState::Stopped || vm.state != VmState::Stopped {
         return Ok(Err(domain(
             ErrorCode::FailedPrecondition,
             format!(
                 "VM {name:?} must be stopped to change its vCPUs or memory (it is {})",
-                vm.state
+                vm.state.as_str()
             ),
         )));
     }
@@ -457,32 +502,58 @@ pub fn report_vm(
     project: &str,
     name: &str,
     node: u64,
-    state: String,
+    state: VmState,
     reason: Option<String>,
     generation: u64,
 ) -> KvResult<Outcome> {
     update_vm(kv, project, name, |vm| {
-        if vm.node_id == node {
-            vm.state = state;
-            vm.reason = reason;
-            vm.observed_generation = generation;
-        }
+        observe(vm, node, state, reason, generation);
         Ok(())
     })
 }
 
-/// Starting a stopped VM: its node must have room for it again.
+/// What a node's report does to a VM's record. The rule between desired
+/// and observed power lives here, not in the reconciler, which never
+/// writes desired state: a VM its owner wants running, last seen running
+/// (or paused), that its node now sees stopped or crashed has been powered
+/// off from inside (the guest shut down, or it crashed) — its desired power
+/// becomes `stopped`, and it stays off until someone starts it. This holds
+/// too when the agent was down while it happened: the node compares with the
+/// record, not with its memory. A report from another node (the VM moved)
+/// or of an older generation than one already recorded is ignored.
+pub fn observe(
+    vm: &mut VmRecord,
+    node: u64,
+    state: VmState,
+    reason: Option<String>,
+    generation: u64,
+) {
+    if vm.node_id != node || generation < vm.observed_generation {
+        return;
+    }
+    if vm.power == PowerState::Running
+        && matches!(vm.state, VmState::Running | VmState::Paused)
+        && matches!(state, VmState::Stopped | VmState::Crashed)
+    {
+        vm.power = PowerState::Stopped;
+        vm.force_stop = false;
+    }
+    vm.state = state;
+    vm.reason = reason;
+    vm.observed_generation = generation;
+}
+
 /// Desired power: `running` starts the VM again where it was placed (if
 /// its node still has room under `overcommit`); `stopped` asks it to stop.
 pub fn set_power(
     kv: &mut KvWrite<'_>,
     project: &str,
     name: &str,
-    power: String,
+    power: PowerState,
     force: bool,
     overcommit: Overcommit,
 ) -> KvResult<Outcome> {
-    if power == "running" {
+    if power == PowerState::Running {
         return start_vm(kv, project, name, overcommit);
     }
     update_vm(kv, project, name, |vm| {
@@ -494,7 +565,7 @@ pub fn set_power(
 
 pub fn reboot_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Outcome> {
     update_vm(kv, project, name, |vm| {
-        if vm.power != "running" {
+        if vm.power != PowerState::Running {
             return Err(domain(
                 ErrorCode::FailedPrecondition,
                 format!("VM {name:?} is stopped; start it instead"),
@@ -505,6 +576,7 @@ pub fn reboot_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
     })
 }
 
+/// Starting a stopped VM: its node must have room for it again.
 fn start_vm(
     kv: &mut KvWrite<'_>,
     project: &str,
@@ -518,7 +590,7 @@ fn start_vm(
             format!("VM {name:?} does not exist in project {project:?}"),
         )));
     };
-    if vm.power == "stopped" {
+    if vm.power == PowerState::Stopped {
         let nodes = candidates(kv)?;
         if let Some(node) = nodes.iter().find(|n| n.id == vm.node_id) {
             let cpu = ((node.vcpus as f64 * overcommit.cpu) as u64).saturating_sub(node.used_vcpus);
@@ -536,7 +608,7 @@ fn start_vm(
         }
     }
     update_vm(kv, project, name, |vm| {
-        vm.power = "running".into();
+        vm.power = PowerState::Running;
         vm.force_stop = false;
         Ok(())
     })
@@ -549,5 +621,68 @@ impl StateView {
 
     pub fn vm(&self, project: &str, name: &str) -> Result<Option<VmRecord>, ReadError> {
         self.get(&format!("{PREFIX_VMS}{project}/{name}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(power: PowerState, state: VmState) -> VmRecord {
+        VmRecord {
+            id: "vm-1".into(),
+            name: "web".into(),
+            project: "p".into(),
+            zone: Zone::default(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            anti_affinity: None,
+            node_id: 1,
+            state,
+            reason: None,
+            volumes: Vec::new(),
+            generation: 2,
+            created_at_ms: 0,
+            power,
+            force_stop: false,
+            reboots: 0,
+            boot_volume: None,
+            observed_generation: 2,
+            nics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_guest_seen_running_then_off_is_wanted_off_until_started() {
+        for (last_seen, now_seen) in [
+            (VmState::Running, VmState::Stopped),
+            (VmState::Paused, VmState::Stopped),
+            (VmState::Running, VmState::Crashed),
+        ] {
+            let mut vm = record(PowerState::Running, last_seen);
+            observe(&mut vm, 1, now_seen, None, 2);
+            assert_eq!((vm.power, vm.state), (PowerState::Stopped, now_seen));
+        }
+    }
+
+    #[test]
+    fn a_start_asked_during_a_stop_is_not_undone_by_the_stop_finishing() {
+        let mut vm = record(PowerState::Running, VmState::Stopping);
+        observe(&mut vm, 1, VmState::Stopped, None, 2);
+        assert_eq!(
+            (vm.power, vm.state),
+            (PowerState::Running, VmState::Stopped)
+        );
+    }
+
+    #[test]
+    fn reports_from_another_node_or_an_older_generation_are_ignored() {
+        let mut vm = record(PowerState::Running, VmState::Running);
+        observe(&mut vm, 2, VmState::Stopped, None, 2);
+        assert_eq!(vm, record(PowerState::Running, VmState::Running));
+        observe(&mut vm, 1, VmState::Failed, Some("old".into()), 1);
+        assert_eq!(vm, record(PowerState::Running, VmState::Running));
+        observe(&mut vm, 1, VmState::Running, None, 3);
+        assert_eq!(vm.observed_generation, 3);
     }
 }

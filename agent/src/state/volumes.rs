@@ -18,6 +18,36 @@ use super::{
 
 type KvResult<T> = Result<T, allod_raft::KvError>;
 
+/// Whether a volume can be used (serialised as the word in quotes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    #[serde(rename = "available")]
+    Available,
+    /// Attached to a VM.
+    #[serde(rename = "in-use")]
+    InUse,
+    /// An image's base volume until its import finishes.
+    #[serde(rename = "importing")]
+    Importing,
+}
+
+/// Whether an image can be cloned yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    Importing,
+    Available,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Importing => "importing",
+            ImageState::Available => "available",
+        }
+    }
+}
+
 /// A block volume's record: what the cluster knows of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeRecord {
@@ -32,7 +62,8 @@ pub struct VolumeRecord {
     pub object_size_bytes: u64,
     /// `available`; `in-use` while attached to a VM; `importing` for an
     /// image's base volume until its import finishes.
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: VolumeState,
     /// The project's zone, which the volume's replicas must honour.
     pub zone: Zone,
     pub created_at_ms: u64,
@@ -142,7 +173,8 @@ pub struct ImageRecord {
     /// SHA-256 of the uploaded file.
     pub sha256: String,
     /// `importing`, then `available`.
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: ImageState,
     pub volume_id: String,
     pub created_at_ms: u64,
 }
@@ -277,12 +309,12 @@ pub fn create_volume(
                         )))
                     }
                 };
-                if image.state != "available" {
+                if image.state != ImageState::Available {
                     return Ok(Err(domain(
                         ErrorCode::FailedPrecondition,
                         format!(
                             "image {name:?} is still {}; try again when its import has finished",
-                            image.state
+                            image.state.as_str()
                         ),
                     )));
                 }
@@ -561,8 +593,8 @@ pub fn finish_image(kv: &mut KvWrite<'_>, name: &str, now_ms: u64) -> KvResult<O
         });
     }
     volume.read_only = true;
-    volume.state = "available".into();
-    image.state = "available".into();
+    volume.state = VolumeState::Available;
+    image.state = ImageState::Available;
     put_json(kv, &vkey, &volume)?;
     put_json(kv, &key, &image)?;
     Ok(Ok(value(&image)))
