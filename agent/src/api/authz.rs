@@ -484,12 +484,7 @@ async fn authorize_inner(
         if !allowed.is_empty() {
             let allow = allowed.join(", ");
             let message = format!("{} is not supported here; use {allow}", request.method());
-            let mut response = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                message,
-            )
-            .into_response();
+            let mut response = ApiError::method_not_allowed(message).into_response();
             if let Ok(value) = axum::http::HeaderValue::from_str(&allow) {
                 response
                     .headers_mut()
@@ -500,12 +495,7 @@ async fn authorize_inner(
         // Unreachable while every route goes through `Routes::add`.
         tracing::error!(method = %request.method(), pattern, "route has no declared permission; refusing");
         return (
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "this route declares no permission",
-            )
-            .into_response(),
+            ApiError::forbidden("this route declares no permission").into_response(),
             None,
         );
     };
@@ -564,8 +554,7 @@ async fn authorize_inner(
         Err(AuthError::Read(e)) => return (ApiError::from(e).into_response(), None),
         Err(e) => {
             return (
-                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-                    .into_response(),
+                ApiError::unauthenticated(e.to_string()).into_response(),
                 None,
             )
         }
@@ -587,11 +576,11 @@ async fn authorize_inner(
             (next.run(request).await, Some(principal))
         }
         Decision::Forbidden(message) => (
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response(),
+            ApiError::forbidden(message).into_response(),
             Some(principal),
         ),
         Decision::Hidden(message) => (
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", message).into_response(),
+            ApiError::not_found(message).into_response(),
             Some(principal),
         ),
     }

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -106,29 +105,18 @@ pub(super) async fn join(
             .and_then(|(_, port)| port.parse::<u16>().ok())
             .is_none()
         {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                format!("{what} {addr:?} is not HOST:PORT"),
-            ));
+            return Err(ApiError::invalid(format!(
+                "{what} {addr:?} is not HOST:PORT"
+            )));
         }
     }
-    crate::cluster::pki::check_csr(&body.csr_pem).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            crate::error_chain(&e),
-        )
-    })?;
+    crate::cluster::pki::check_csr(&body.csr_pem)
+        .map_err(|e| ApiError::invalid(crate::error_chain(&e)))?;
     if node.members().iter().any(|m| m.name == body.name) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_exists",
-            format!(
-                "a member named {:?} already exists; pick another node name",
-                body.name
-            ),
-        ));
+        return Err(ApiError::already_exists(format!(
+            "a member named {:?} already exists; pick another node name",
+            body.name
+        )));
     }
     let outcome = node
         .write(&Command::ConsumeJoinToken {
@@ -198,10 +186,7 @@ pub(super) async fn audit_log(
 ) -> ApiResult<Response> {
     let after = query.after.unwrap_or(0);
     if after > i64::MAX as u64 || query.limit.is_some_and(|l| l > MAX_AUDIT_LIMIT) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("`after` must be at most {} and `limit` at most {MAX_AUDIT_LIMIT}; page with `after` for more", i64::MAX),
+        return Err(ApiError::invalid(format!("`after` must be at most {} and `limit` at most {MAX_AUDIT_LIMIT}; page with `after` for more", i64::MAX),
         ));
     }
     node.linearizable_read().await?;
@@ -262,11 +247,9 @@ pub(super) async fn set_node_zone(
 ) -> ApiResult<Json<NodeRecord>> {
     let zone = parse_zone(&body.zone)?;
     let id: u64 = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("{id:?} is not a node id; `allod cluster status` lists them"),
-        )
+        ApiError::invalid(format!(
+            "{id:?} is not a node id; `allod cluster status` lists them"
+        ))
     })?;
     let outcome = node.write(&Command::SetNodeZone { id, zone }).await?;
     Ok(Json(outcome_as(outcome?)?))

@@ -9,7 +9,6 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{FromRef, Request, State};
-use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -470,14 +469,10 @@ async fn time_limit(req: Request, next: middleware::Next) -> Response {
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "the request took longer than {} s",
-                REQUEST_TIMEOUT.as_secs()
-            ),
-        )
+        Err(_) => ApiError::timeout(format!(
+            "the request took longer than {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
         .into_response(),
     }
 }
@@ -514,20 +509,13 @@ pub fn router_unauthenticated(state: AppState) -> Router {
 /// What an unconfigured node serves on its API port.
 pub fn unconfigured_router() -> Router {
     Router::new().route("/healthz", get(healthz)).fallback(|| async {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unconfigured",
-            "this node is not part of a cluster yet; run `allod cluster init` or `allod cluster join` on it",
+        ApiError::unconfigured("this node is not part of a cluster yet; run `allod cluster init` or `allod cluster join` on it",
         )
     })
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such API route; see the README for the API's routes",
-    )
+    ApiError::not_found("no such API route; see the README for the API's routes")
 }
 
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
@@ -563,12 +551,7 @@ async fn readyz(State(node): State<Arc<ClusterNode>>) -> Response {
             leader_id: leader,
         })
         .into_response(),
-        None => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "no leader is known yet",
-        )
-        .into_response(),
+        None => ApiError::not_ready("no leader is known yet").into_response(),
     }
 }
 

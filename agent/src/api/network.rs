@@ -16,10 +16,6 @@ use crate::state::network::{
 };
 use crate::state::Command;
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
-}
-
 async fn net<T: serde::de::DeserializeOwned>(
     node: &ClusterNode,
     command: NetCommand,
@@ -30,7 +26,7 @@ async fn net<T: serde::de::DeserializeOwned>(
 
 fn parse_cidr(text: &str, what: &str) -> ApiResult<ipnet::Ipv4Net> {
     text.parse().map_err(|_| {
-        invalid(format!(
+        ApiError::invalid(format!(
             "{what} {text:?} is not an IPv4 network in CIDR form (e.g. 10.0.0.0/24)"
         ))
     })
@@ -38,7 +34,7 @@ fn parse_cidr(text: &str, what: &str) -> ApiResult<ipnet::Ipv4Net> {
 
 fn parse_ip(text: &str, what: &str) -> ApiResult<Ipv4Addr> {
     text.parse()
-        .map_err(|_| invalid(format!("{what} {text:?} is not an IPv4 address")))
+        .map_err(|_| ApiError::invalid(format!("{what} {text:?} is not an IPv4 address")))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -259,7 +255,7 @@ pub(super) async fn add_rule(
         match p {
             None => Ok(None),
             Some(p) if (1..=65535).contains(&p) => Ok(Some(p as u16)),
-            Some(p) => Err(invalid(format!(
+            Some(p) => Err(ApiError::invalid(format!(
                 "port {p} is out of range: ports are 1-65535"
             ))),
         }
@@ -339,7 +335,7 @@ pub(crate) fn new_port(
         None => (String::new(), subnet.to_string()),
     };
     if subnet.is_empty() {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "a NIC needs a subnet (e.g. --nic subnet=web,sg=default)",
         ));
     }
@@ -390,7 +386,7 @@ pub(super) async fn create_port(
             .find(|n| n.id == id)
             .map(|n| n.id)
             .ok_or_else(|| {
-                invalid(format!(
+                ApiError::invalid(format!(
                     "node {id} is not a member of this cluster (see allod node list)"
                 ))
             })?,

@@ -27,11 +27,9 @@ pub struct CreateProject {
 
 pub(super) fn parse_zone(text: &str) -> ApiResult<crate::state::zones::Zone> {
     crate::state::zones::Zone::parse(text).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"),
-        )
+        ApiError::invalid(format!(
+            "unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"
+        ))
     })
 }
 
@@ -120,7 +118,7 @@ pub(super) async fn vm_name(node: &ClusterNode, project: &str, key: String) -> A
 /// have; the volume routes do not reach it (the image routes do).
 pub(super) fn internal_project(project: &str) -> ApiResult<()> {
     if project.starts_with('_') {
-        return Err(project_not_found(project));
+        return Err(ApiError::project_not_found(project));
     }
     Ok(())
 }
@@ -130,15 +128,7 @@ pub(super) async fn read_project(node: &ClusterNode, name: &str) -> ApiResult<Pr
     node.linearizable_read().await?;
     node.state
         .project(name)?
-        .ok_or_else(|| project_not_found(name))
-}
-
-pub(super) fn project_not_found(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("project {name:?} does not exist"),
-    )
+        .ok_or_else(|| ApiError::project_not_found(name))
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}", tag = "projects", params(("name" = String, Path, description = "Project name")),
@@ -185,9 +175,7 @@ pub(super) async fn set_quota(
     Path(project): Path<String>,
     ApiJson(quota): ApiJson<crate::state::quotas::Quota>,
 ) -> ApiResult<Json<Project>> {
-    quota
-        .validate()
-        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", why))?;
+    quota.validate().map_err(|why| ApiError::invalid(why))?;
     let outcome = node.write(&Command::SetQuota { project, quota }).await?;
     Ok(Json(outcome_as(outcome?)?))
 }

@@ -101,11 +101,9 @@ pub(super) async fn create_user(
     validate_name("user", &body.name)?;
     let password_phc = match body.password {
         Some(p) if p.chars().count() < MIN_PASSWORD_CHARS => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                format!("the password must have at least {MIN_PASSWORD_CHARS} characters"),
-            ));
+            return Err(ApiError::invalid(format!(
+                "the password must have at least {MIN_PASSWORD_CHARS} characters"
+            )));
         }
         Some(p) => Some(hash_password(p).await?),
         None => None,
@@ -131,10 +129,7 @@ pub struct GrantRole {
 
 pub(super) fn parse_role(text: &str) -> ApiResult<Role> {
     Role::parse(text).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("unknown role {text:?}; use cluster-admin, project-admin, project-member or project-viewer"),
+        ApiError::invalid(format!("unknown role {text:?}; use cluster-admin, project-admin, project-member or project-viewer"),
         )
     })
 }
@@ -224,41 +219,25 @@ pub(super) async fn create_token(
         (Some(project), role) => {
             let role = parse_role(role.as_deref().unwrap_or("project-viewer"))?;
             if role == Role::ClusterAdmin {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_argument",
+                return Err(ApiError::invalid(
                     "a project token cannot carry the cluster-admin role",
                 ));
             }
             // Nobody learns of a project through a token request: a project
             // that does not exist and one without a role look the same.
             if caller.role_in(&project).is_none() {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_argument",
-                    format!("project {project:?} does not exist or you have no role in it"),
-                ));
+                return Err(ApiError::project_not_found(&project));
             }
             TokenScope::Project { project, role }
         }
-        (None, Some(_)) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                "a token role needs --project",
-            ))
-        }
+        (None, Some(_)) => return Err(ApiError::invalid("a token role needs --project")),
     };
     if let Some(secs) = body.expires_in_secs {
         if secs == 0 || secs > MAX_TOKEN_SECS {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                format!(
-                    "expires_in_secs must be between 1 and {MAX_TOKEN_SECS} (ten years); \
+            return Err(ApiError::invalid(format!(
+                "expires_in_secs must be between 1 and {MAX_TOKEN_SECS} (ten years); \
                      leave it out for a token that does not expire"
-                ),
-            ));
+            )));
         }
     }
     Ok((
@@ -306,13 +285,7 @@ pub(super) async fn login(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<Login>,
 ) -> ApiResult<Json<NewToken>> {
-    let refused = || {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "unknown user or wrong password",
-        )
-    };
+    let refused = || ApiError::unauthenticated("unknown user or wrong password");
     let user = node.state.user(&body.user)?.ok_or_else(refused)?;
     let Some(phc) = user.password_phc else {
         return Err(refused());

@@ -99,23 +99,23 @@ pub(super) async fn update_vm(
     Path((project, vm)): Path<(String, String)>,
     ApiJson(body): ApiJson<UpdateVm>,
 ) -> ApiResult<Json<VmRecord>> {
-    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", m);
+    let _invalid = |m: String| ApiError::invalid(m);
     if let Some(v) = body.vcpus {
         if v == 0 || v > MAX_VM_VCPUS {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "vcpus must be 1 to {MAX_VM_VCPUS}, not {v}"
             )));
         }
     }
     if let Some(m) = body.memory_bytes {
         if !(MIN_VM_MEMORY..=MAX_VM_MEMORY).contains(&m) || !m.is_multiple_of(1 << 20) {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "memory_bytes {m} must be a multiple of 1 MiB from 64 MiB to 4 TiB (e.g. --memory 512M)"
             )));
         }
     }
     if body.vcpus.is_none() && body.memory_bytes.is_none() {
-        return Err(invalid("give vcpus, memory_bytes or both".into()));
+        return Err(ApiError::invalid("give vcpus, memory_bytes or both"));
     }
     let name = vm_name(&node, &project, vm).await?;
     let outcome = node
@@ -139,9 +139,8 @@ pub(super) async fn console(
 ) -> ApiResult<Response> {
     let node = app.node.clone();
     let upgrade = upgrade.map_err(|rejection| {
-        ApiError::new(
+        ApiError::upgrade_required(
             rejection.status(),
-            "upgrade_required",
             format!(
                 "this route is a websocket ({}); connect with a websocket client, e.g. `allod vm console`",
                 rejection.body_text()
@@ -159,20 +158,14 @@ pub(super) async fn console(
             .into_iter()
             .find(|m| m.id == vm.node_id)
             .map(|m| m.api_addr);
-        return Err(ApiError::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "wrong_node",
-            format!(
-                "VM {name:?} runs on node {}; open its console through that node's API ({})",
-                vm.node_id,
-                addr.map_or("unknown address".into(), |a| format!("https://{a}"))
-            ),
-        ));
+        return Err(ApiError::wrong_node(format!(
+            "VM {name:?} runs on node {}; open its console through that node's API ({})",
+            vm.node_id,
+            addr.map_or("unknown address".into(), |a| format!("https://{a}"))
+        )));
     }
     let Some(compute) = app.local.compute.get().cloned() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "failed_precondition",
+        return Err(ApiError::failed_precondition(
             "this node runs no VMs (--libvirt-uri none)",
         ));
     };
@@ -186,32 +179,16 @@ pub(super) async fn console(
     })
     .await
     .map_err(|e| ApiError::internal(&e))?
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )
-    })?
+    .map_err(|e| ApiError::unavailable(e.to_string()))?
     .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "failed_precondition",
-            format!("VM {name:?} is not running; start it first"),
-        )
+        ApiError::failed_precondition(format!("VM {name:?} is not running; start it first"))
     })?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(nix::libc::O_NOCTTY)
         .open(&pty)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("cannot open the console {pty}: {e}"),
-            )
-        })?;
+        .map_err(|e| ApiError::unavailable(format!("cannot open the console {pty}: {e}")))?;
     // Raw: bytes pass as they are (no echo, no line editing, no CR/LF changes).
     if let Ok(mut attrs) = nix::sys::termios::tcgetattr(&file) {
         nix::sys::termios::cfmakeraw(&mut attrs);
@@ -327,11 +304,7 @@ pub struct CreateVm {
 pub(super) const MAX_VM_NICS: usize = 8;
 
 pub(super) fn vm_not_found(project: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("VM {name:?} does not exist in project {project:?}"),
-    )
+    ApiError::not_found(format!("VM {name:?} does not exist in project {project:?}"))
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/vms", tag = "vms", params(("name" = String, Path, description = "Project name")),
@@ -356,10 +329,9 @@ pub(super) async fn create_vm(
     if let Some(group) = &body.anti_affinity {
         validate_name("anti-affinity group", group)?;
     }
-    let invalid =
-        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message);
+    let _invalid = |message: String| ApiError::invalid(message);
     if body.vcpus == 0 || body.vcpus > MAX_VM_VCPUS {
-        return Err(invalid(format!(
+        return Err(ApiError::invalid(format!(
             "vcpus must be 1 to {MAX_VM_VCPUS}, not {}",
             body.vcpus
         )));
@@ -368,26 +340,26 @@ pub(super) async fn create_vm(
         || body.memory_bytes > MAX_VM_MEMORY
         || body.memory_bytes % (1 << 20) != 0
     {
-        return Err(invalid(format!(
+        return Err(ApiError::invalid(format!(
             "memory_bytes {} must be a multiple of 1 MiB from 64 MiB to 4 TiB (e.g. --memory 512M)",
             body.memory_bytes
         )));
     }
     let overcommit = OVERCOMMIT;
     if body.disk_size_bytes.is_some() && body.image.is_none() {
-        return Err(invalid(
-            "disk_size_bytes needs an image to clone (--image)".into(),
+        return Err(ApiError::invalid(
+            "disk_size_bytes needs an image to clone (--image)",
         ));
     }
     if let Some(size) = body.disk_size_bytes {
         if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "disk_size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --disk-size 10G)"
             )));
         }
     }
     if body.nics.len() > MAX_VM_NICS {
-        return Err(invalid(format!(
+        return Err(ApiError::invalid(format!(
             "a VM has at most {MAX_VM_NICS} NICs, not {}",
             body.nics.len()
         )));
@@ -506,15 +478,14 @@ pub(super) async fn attach_volume(
 ) -> ApiResult<Json<crate::state::vms::VmRecord>> {
     let vm = vm_name(&node, &project, vm).await?;
     let volume_project = body.project.unwrap_or_else(|| project.clone());
-    if caller
-        .role_in(&volume_project)
-        .is_none_or(|role| role < Role::ProjectMember)
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            format!("project {volume_project:?} does not exist or you are not a member of it"),
-        ));
+    match caller.role_in(&volume_project) {
+        None => return Err(ApiError::project_not_found(&volume_project)),
+        Some(role) if role < Role::ProjectMember => {
+            return Err(ApiError::forbidden(format!(
+            "attaching a volume of project {volume_project:?} needs the project-member role there"
+        )))
+        }
+        Some(_) => {}
     }
     let outcome = node
         .write(&Command::AttachVolume {
@@ -548,18 +519,14 @@ pub(super) async fn detach_volume(
     let attachment = match matches.as_slice() {
         [one] => (*one).clone(),
         [] => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no volume {volume:?} is attached to VM {vm:?}"),
-            ))
+            return Err(ApiError::not_found(format!(
+                "no volume {volume:?} is attached to VM {vm:?}"
+            )))
         }
         _ => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "failed_precondition",
-                format!("several attached volumes are named {volume:?}; name it by its id"),
-            ))
+            return Err(ApiError::failed_precondition(format!(
+                "several attached volumes are named {volume:?}; name it by its id"
+            )))
         }
     };
     let outcome = node

@@ -11,13 +11,9 @@ use super::*;
 use crate::state::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
 use crate::state::volumes::{ImageState, VolumeState};
 
-pub(super) fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
-}
-
 pub(super) fn check_size(size: u64) -> ApiResult<()> {
     if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {
-        return Err(invalid(format!(
+        return Err(ApiError::invalid(format!(
             "size_bytes {size} must be a positive multiple of 512, at most 64 TiB (e.g. --size 20G)"
         )));
     }
@@ -64,7 +60,9 @@ pub(super) fn new_volume(
     validate_name("volume", &name)?;
     if let Some(r) = replicas {
         if !(1..=3).contains(&r) {
-            return Err(invalid(format!("replicas must be 1, 2 or 3, not {r}")));
+            return Err(ApiError::invalid(format!(
+                "replicas must be 1, 2 or 3, not {r}"
+            )));
         }
     }
     Ok(VolumeRecord {
@@ -99,7 +97,11 @@ pub(super) async fn create_volume(
 ) -> ApiResult<(StatusCode, Json<VolumeRecord>)> {
     internal_project(&project)?;
     let source = match (body.from_image, body.from_snapshot) {
-        (Some(_), Some(_)) => return Err(invalid("give from_image or from_snapshot, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give from_image or from_snapshot, not both",
+            ))
+        }
         (Some(name), None) => Some(VolumeSource::Image { name }),
         (None, Some(s)) => Some(VolumeSource::Snapshot {
             volume: s.volume,
@@ -109,7 +111,11 @@ pub(super) async fn create_volume(
     };
     match (body.size_bytes, &source) {
         (Some(size), _) => check_size(size)?,
-        (None, None) => return Err(invalid("size_bytes is required (e.g. --size 20G)")),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "size_bytes is required (e.g. --size 20G)",
+            ))
+        }
         (None, Some(_)) => {}
     }
     let volume = new_volume(
@@ -131,11 +137,9 @@ pub(super) async fn volume_record(
 ) -> ApiResult<VolumeRecord> {
     let name = volume_name(node, project, key).await?;
     node.state.volume(project, &name)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("volume {name:?} does not exist in project {project:?}"),
-        )
+        ApiError::not_found(format!(
+            "volume {name:?} does not exist in project {project:?}"
+        ))
     })
 }
 
@@ -242,28 +246,20 @@ pub(super) async fn rollback_volume(
     let node = app.node.clone();
     let volume = volume_record(&node, &project, key).await?;
     let Some(snap) = volume.snapshots.iter().find(|s| s.name == body.snapshot) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!(
-                "volume {:?} has no snapshot {:?}",
-                volume.name, body.snapshot
-            ),
-        ));
+        return Err(ApiError::not_found(format!(
+            "volume {:?} has no snapshot {:?}",
+            volume.name, body.snapshot
+        )));
     };
     if volume.attached_to.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "failed_precondition",
-            format!("volume {:?} is attached to a VM; stop the VM and detach the volume before rolling it back", volume.name),
+        return Err(ApiError::failed_precondition(format!("volume {:?} is attached to a VM; stop the VM and detach the volume before rolling it back", volume.name),
         ));
     }
     if volume.read_only {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "failed_precondition",
-            format!("volume {:?} is read-only", volume.name),
-        ));
+        return Err(ApiError::failed_precondition(format!(
+            "volume {:?} is read-only",
+            volume.name
+        )));
     }
     let blocks = blocks(&app.local)?;
     blocks
@@ -326,22 +322,16 @@ pub(super) fn blocks(
     local: &LocalServices,
 ) -> ApiResult<Arc<crate::reconcile::storage::BlockStore>> {
     local.blocks.get().cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "this node's block store is not running; try another node",
-        )
+        ApiError::unavailable("this node's block store is not running; try another node")
     })
 }
 
 pub(super) fn block_error(e: crate::reconcile::storage::BlockError) -> ApiError {
     use crate::reconcile::storage::BlockError;
     match e {
-        BlockError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
-        BlockError::Refused(m) => ApiError::new(StatusCode::CONFLICT, "failed_precondition", m),
-        BlockError::Unavailable(m) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
-        }
+        BlockError::NotFound(m) => ApiError::not_found(m),
+        BlockError::Refused(m) => ApiError::failed_precondition(m),
+        BlockError::Unavailable(m) => ApiError::unavailable(m),
     }
 }
 
@@ -385,11 +375,10 @@ pub(super) async fn import_image(
     }
     node.linearizable_read().await?;
     if node.state.image(&q.name)?.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_exists",
-            format!("image {:?} already exists", q.name),
-        ));
+        return Err(ApiError::already_exists(format!(
+            "image {:?} already exists",
+            q.name
+        )));
     }
     let blocks = blocks(&app.local)?;
     // The upload goes to a file first: it is checked before anything is stored.
@@ -403,7 +392,7 @@ pub(super) async fn import_image(
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            invalid(format!(
+            ApiError::invalid(format!(
                 "the upload broke off after {} bytes: {e}",
                 checksum.bytes_so_far()
             ))
@@ -465,11 +454,7 @@ pub(super) async fn import_image(
         {
             tracing::error!(image = %q.name, error = %crate::error_chain(&e), "cannot remove the record of a failed import");
         }
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "import_failed",
-            format!("{why}; nothing was kept"),
-        ));
+        return Err(ApiError::import_failed(format!("{why}; nothing was kept")));
     }
     let outcome = node
         .write(&Command::FinishImage {
@@ -483,15 +468,11 @@ pub(super) async fn import_image(
 /// An image the upload cannot become: 413 when too large, 400 otherwise.
 fn image_error(e: image::ImageError) -> ApiError {
     match e {
-        e if e.is_too_large() => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            e.to_string(),
-        ),
-        image::ImageError::Qcow2Header(e) => invalid(format!(
+        e if e.is_too_large() => ApiError::too_large(e.to_string()),
+        image::ImageError::Qcow2Header(e) => ApiError::invalid(format!(
             "the upload starts like a qcow2 image but is not a valid one: {e}; nothing was stored"
         )),
-        e => invalid(e.to_string()),
+        e => ApiError::invalid(e.to_string()),
     }
 }
 
@@ -518,7 +499,7 @@ async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<image::Conve
             .await
             .map_err(|e| ApiError::internal(&e))?;
         if !out.status.success() {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "the upload starts like a qcow2 image but is not a valid one: {}; nothing was stored",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
@@ -551,11 +532,7 @@ pub(super) async fn list_images(
 }
 
 pub(super) fn image_not_found(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("image {name:?} does not exist"),
-    )
+    ApiError::not_found(format!("image {name:?} does not exist"))
 }
 
 #[utoipa::path(get, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Image name")),
@@ -609,11 +586,9 @@ pub(super) async fn show_volume(
         .volume(&project, &name)?
         .map(Json)
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("volume {name:?} does not exist in project {project:?}"),
-            )
+            ApiError::not_found(format!(
+                "volume {name:?} does not exist in project {project:?}"
+            ))
         })
 }
 
