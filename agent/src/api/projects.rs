@@ -175,7 +175,7 @@ pub(super) async fn set_quota(
     Path(project): Path<String>,
     ApiJson(quota): ApiJson<crate::state::quotas::Quota>,
 ) -> ApiResult<Json<Project>> {
-    quota.validate().map_err(|why| ApiError::invalid(why))?;
+    quota.validate().map_err(ApiError::invalid)?;
     let outcome = node.write(&Command::SetQuota { project, quota }).await?;
     Ok(Json(outcome_as(outcome?)?))
 }
