@@ -409,3 +409,79 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
         &["read -P 0 48M 4k"],
     );
 }
+
+/// An image import whose node is killed with SIGKILL while it writes the
+/// image into its base volume is not left `importing`: the node finds the
+/// recorded operation when it is back, writes the image again in full, and
+/// the image becomes available with exactly the uploaded bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_import_killed_with_sigkill_midway_finishes_after_the_restart() {
+    let mut c = Cluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("big.raw");
+    // Large enough that writing it through NBD takes a while; no zeros, so
+    // every range is written.
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251 + 1) as u8).collect();
+    let mut bytes = Vec::with_capacity(256 << 20);
+    for i in 0..256u32 {
+        bytes.extend(block.iter().map(|b| b.wrapping_add(i as u8) | 1));
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    drop(bytes);
+    let mut import = Command::new(support::BIN)
+        .args(["image", "import", raw.to_str().unwrap(), "--name", "big"])
+        .envs(c.env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let imports = c.dirs[0].join("imports");
+    common::wait_for(
+        "node 1 to start writing the image",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_dir(&imports).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".started"))
+            })
+        },
+    )
+    .await;
+    let image = c.json(&["image", "show", "big"]);
+    assert_eq!(image["state"], "importing", "{image}");
+    c.kill(0);
+    let _ = import.wait();
+    c.restart(0);
+    let mut image = serde_json::Value::Null;
+    for _ in 0..600 {
+        let out = c.allod(&["image", "show", "big", "--output", "json"]);
+        if out.status.success() {
+            image = serde_json::from_slice(&out.stdout).unwrap();
+            if image["state"] == "available" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(image["state"], "available", "{image}");
+    let volume_id = image["volume_id"].as_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &c.uri(1, volume_id),
+        ],
+    );
+    common::wait_for(
+        "the upload to be removed once written",
+        Duration::from_secs(30),
+        || std::fs::read_dir(&imports).is_ok_and(|mut entries| entries.next().is_none()),
+    )
+    .await;
+}

@@ -126,30 +126,36 @@ pub fn plan(first_bytes_of_file: &[u8], file_len: u64) -> Result<ConversionPlan,
 
 impl ConversionPlan {
     /// The arguments of `qemu-img` that copy `source` into `target`, a volume
-    /// of `volume_size_bytes` that already exists and reads as zeros (an NBD
-    /// URL, or a file in tests).
+    /// of `volume_size_bytes` that already exists (an NBD URL, or a file in
+    /// tests). When it `target_is_zero` (a new volume) zero ranges are
+    /// skipped; a volume an interrupted copy already wrote to gets them
+    /// written.
     ///
     /// A relative `source` is given a leading `./`, so that qemu-img cannot
     /// read a name like `nbd:…` or `json:{…}` as a protocol, nor `-x` as an
     /// option.
-    pub fn qemu_img_args(&self, source: &Path, target: &str) -> Vec<OsString> {
+    pub fn qemu_img_args(
+        &self,
+        source: &Path,
+        target: &str,
+        target_is_zero: bool,
+    ) -> Vec<OsString> {
         let source: PathBuf = if source.is_absolute() {
             source.to_owned()
         } else {
             Path::new(".").join(source)
         };
-        let mut args: Vec<OsString> = [
-            "convert",
-            "-n",
-            "--target-is-zero",
-            "-f",
-            self.format.as_str(),
-            "-O",
-            "raw",
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
+        let zero: &[&str] = if target_is_zero {
+            &["--target-is-zero"]
+        } else {
+            &[]
+        };
+        let mut args: Vec<OsString> = ["convert", "-n"]
+            .iter()
+            .chain(zero)
+            .chain(&["-f", self.format.as_str(), "-O", "raw"])
+            .map(OsString::from)
+            .collect();
         args.push(source.into_os_string());
         args.push(target.into());
         args
@@ -220,8 +226,17 @@ mod tests {
                 target,
             ];
             assert_eq!(
-                plan.qemu_img_args(Path::new(source), target),
+                plan.qemu_img_args(Path::new(source), target, true),
                 want.map(OsString::from).to_vec()
+            );
+            let over_old_data: Vec<OsString> = want
+                .iter()
+                .filter(|a| **a != "--target-is-zero")
+                .map(OsString::from)
+                .collect();
+            assert_eq!(
+                plan.qemu_img_args(Path::new(source), target, false),
+                over_old_data
             );
         };
         let absolute = "/var/lib/allod/import-ab12.part";
@@ -256,7 +271,7 @@ mod tests {
                 .set_len(plan.volume_size_bytes)
                 .unwrap();
             let out = Command::new("qemu-img")
-                .args(plan.qemu_img_args(source, target.to_str().unwrap()))
+                .args(plan.qemu_img_args(source, target.to_str().unwrap(), true))
                 .output()
                 .expect("qemu-img runs (install qemu-utils)");
             assert!(

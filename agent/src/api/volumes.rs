@@ -8,6 +8,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::*;
+use crate::state::operations::{Operation, OperationState, Work};
 use crate::state::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
 use crate::state::volumes::{ImageState, VolumeState};
 
@@ -261,11 +262,30 @@ pub(super) async fn rollback_volume(
             volume.name
         )));
     }
-    let blocks = blocks(&app.local)?;
-    blocks
-        .rollback(&volume.id, snap.id)
-        .await
-        .map_err(block_error)?;
+    // Carried out by this node's storage reconciler, which would retry it
+    // after a restart; the answer waits for it.
+    blocks(&app.local)?;
+    let operation = Operation {
+        id: crate::cluster::join::random_hex(8),
+        node: node.id,
+        work: Work::RollbackVolume {
+            volume_id: volume.id.clone(),
+            snapshot_id: snap.id,
+        },
+        created_at_ms: crate::cluster::join::now_ms(),
+        state: OperationState::Pending,
+        error: None,
+        finished_at_ms: None,
+    };
+    let id = operation.id.clone();
+    node.write(&Command::StartOperation { operation }).await??;
+    if let Some(error) = wait_for_operation(&node, &id).await?.error {
+        return Err(match error.code.as_str() {
+            "not_found" => ApiError::not_found(error.message),
+            "failed_precondition" => ApiError::failed_precondition(error.message),
+            _ => ApiError::unavailable(error.message),
+        });
+    }
     node.linearizable_read().await?;
     Ok(Json(
         node.state.volume(&project, &volume.name)?.unwrap_or(volume),
@@ -326,15 +346,6 @@ pub(super) fn blocks(
     })
 }
 
-pub(super) fn block_error(e: crate::reconcile::storage::BlockError) -> ApiError {
-    use crate::reconcile::storage::BlockError;
-    match e {
-        BlockError::NotFound(m) => ApiError::not_found(m),
-        BlockError::Refused(m) => ApiError::failed_precondition(m),
-        BlockError::Unavailable(m) => ApiError::unavailable(m),
-    }
-}
-
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -348,12 +359,26 @@ pub struct ImportImage {
     project: Option<String>,
 }
 
-/// Removes a temporary file however the import ends.
-struct TempFile(std::path::PathBuf);
+/// Removes an upload however its request ends, unless it was handed to
+/// an operation.
+struct TempFile(Option<std::path::PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_deref().expect("not handed over yet")
+    }
+
+    /// From now on the operation that writes the image owns the file.
+    fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -380,13 +405,17 @@ pub(super) async fn import_image(
             q.name
         )));
     }
-    let blocks = blocks(&app.local)?;
+    // The block store must run here: this node writes the image.
+    blocks(&app.local)?;
     // The upload goes to a file first: it is checked before anything is stored.
-    let tmp = TempFile(node.data_dir.path().join(format!(
-        "import-{}.part",
-        crate::cluster::join::random_hex(6)
-    )));
-    let mut file = tokio::fs::File::create(&tmp.0)
+    let operation_id = crate::cluster::join::random_hex(8);
+    let upload = format!("{operation_id}.upload");
+    let imports = node.data_dir.path().join("imports");
+    tokio::fs::create_dir_all(&imports)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let tmp = TempFile(Some(imports.join(&upload)));
+    let mut file = tokio::fs::File::create(tmp.path())
         .await
         .map_err(|e| ApiError::internal(&e))?;
     let mut stream = body.into_data_stream();
@@ -405,7 +434,7 @@ pub(super) async fn import_image(
     file.flush().await.map_err(|e| ApiError::internal(&e))?;
     drop(file);
     let verified = checksum.finish().map_err(image_error)?;
-    let plan = probe_image(&tmp.0, verified.len_bytes).await?;
+    let plan = probe_image(tmp.path(), verified.len_bytes).await?;
     let volume = new_volume(
         IMAGE_PROJECT.into(),
         q.name.clone(),
@@ -426,43 +455,59 @@ pub(super) async fn import_image(
         volume_id: volume.id.clone(),
         created_at_ms: crate::cluster::join::now_ms(),
     };
-    let volume_id = volume.id.clone();
-    node.write(&Command::CreateImage { image, volume })
-        .await??;
-    let target = format!(
-        "nbd+unix:///{volume_id}?socket={}",
-        blocks.nbd_socket.display()
-    );
-    let converted = tokio::process::Command::new("qemu-img")
-        .args(plan.qemu_img_args(&tmp.0, &target))
-        .output()
-        .await;
-    let failure = match converted {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Some(format!("cannot run qemu-img (install qemu-utils): {e}")),
+    let operation = Operation {
+        id: operation_id.clone(),
+        node: node.id,
+        work: Work::ImportImage {
+            image: q.name.clone(),
+            upload,
+        },
+        created_at_ms: crate::cluster::join::now_ms(),
+        state: OperationState::Pending,
+        error: None,
+        finished_at_ms: None,
     };
-    if let Some(why) = failure {
-        if let Err(e) = node
-            .write(&Command::DeleteImage {
-                name: q.name.clone(),
-            })
-            .await
-        {
-            tracing::error!(image = %q.name, error = %crate::error_chain(&e), "cannot remove the record of a failed import");
-        }
-        return Err(ApiError::import_failed(format!("{why}; nothing was kept")));
+    node.write(&Command::CreateImage {
+        image,
+        volume,
+        operation: Some(operation),
+    })
+    .await??;
+    // This node's storage reconciler writes the upload into the volume (and
+    // would again after a restart); the answer waits for it.
+    tmp.hand_over();
+    let finished = wait_for_operation(node, &operation_id).await?;
+    if let Some(error) = finished.error {
+        return Err(ApiError::import_failed(format!(
+            "{}; nothing was kept",
+            error.message
+        )));
     }
-    let outcome = node
-        .write(&Command::FinishImage {
-            name: q.name,
-            now_ms: crate::cluster::join::now_ms(),
-        })
-        .await?;
-    Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+    node.linearizable_read().await?;
+    let image = node
+        .state
+        .image(&q.name)?
+        .ok_or_else(|| ApiError::not_found(format!("image {:?} was deleted meanwhile", q.name)))?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+/// Waits until an operation of this node has finished (its outcome is
+/// applied here first, since this node records it).
+async fn wait_for_operation(node: &ClusterNode, id: &str) -> ApiResult<Operation> {
+    let mut applied = node.applied.subscribe();
+    loop {
+        if let Some(operation) = node.state.operation(id)? {
+            if operation.state != OperationState::Pending {
+                return Ok(operation);
+            }
+        }
+        // Operations are resources: every change to one moves `applied`.
+        if applied.changed().await.is_err() {
+            return Err(ApiError::unavailable(
+                "this node is shutting down; the operation goes on when it is back",
+            ));
+        }
+    }
 }
 
 /// An image the upload cannot become: 413 when too large, 400 otherwise.

@@ -312,6 +312,10 @@ impl Agent {
                     &self.block_options,
                 )
                 .await?;
+                tokio::spawn(crate::reconcile::operations::run(
+                    Arc::downgrade(&node),
+                    Arc::downgrade(&blocks),
+                ));
                 let _ = local.blocks.set(blocks);
                 if let Some(compute) = &self.compute {
                     let _ = local.compute.set(compute.clone());

@@ -2,9 +2,11 @@
 //! from the replicated state, observes what the machine really has, plans
 //! the difference with a pure function and carries the plan out. `compute`
 //! drives libvirt domains, `network` the tenant networks (netfabric),
-//! `storage` the node's block store. They report what they observe back
+//! `storage` the node's block store, `operations` the work recorded for this
+//! node (image imports, rollbacks). They report what they observe back
 //! through commands and never write desired state on their own.
 
 pub mod compute;
 pub mod network;
+pub mod operations;
 pub mod storage;

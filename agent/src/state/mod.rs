@@ -17,6 +17,7 @@ pub mod audit;
 pub mod auth;
 pub mod network;
 pub mod nodes;
+pub mod operations;
 pub mod projects;
 pub mod quotas;
 pub mod scheduler;
@@ -136,6 +137,19 @@ pub enum Command {
     CreateImage {
         image: volumes::ImageRecord,
         volume: VolumeRecord,
+        /// The node-side work that writes the image into its volume.
+        #[serde(default)]
+        operation: Option<operations::Operation>,
+    },
+    /// Records work one node must carry out (see `operations`).
+    StartOperation {
+        operation: operations::Operation,
+    },
+    /// How that work ended (`error` absent: it worked).
+    FinishOperation {
+        id: String,
+        error: Option<operations::OperationError>,
+        now_ms: u64,
     },
     /// The import finished: the base volume becomes read-only with one
     /// snapshot that clones use.
@@ -464,6 +478,8 @@ impl Command {
             | Command::CreateImage { .. }
             | Command::FinishImage { .. }
             | Command::DeleteImage { .. }
+            | Command::StartOperation { .. }
+            | Command::FinishOperation { .. }
             | Command::CreateVm { .. }
             | Command::DeleteVm { .. }
             | Command::SetVmPower { .. }
@@ -557,7 +573,23 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
         } => volumes::delete_snapshot(kv, &project, &volume, &name),
         Command::AcquireLease { volume_id, node } => volumes::acquire_lease(kv, &volume_id, node),
         Command::SetNodeStorage { id, storage } => volumes::set_node_storage(kv, id, storage),
-        Command::CreateImage { image, volume } => volumes::create_image(kv, image, volume),
+        Command::CreateImage {
+            image,
+            volume,
+            operation,
+        } => {
+            let outcome = volumes::create_image(kv, image, volume)?;
+            match (outcome, operation) {
+                (Ok(created), Some(operation)) => {
+                    Ok(operations::start(kv, operation)?.map(|_| created))
+                }
+                (outcome, _) => Ok(outcome),
+            }
+        }
+        Command::StartOperation { operation } => operations::start(kv, operation),
+        Command::FinishOperation { id, error, now_ms } => {
+            operations::finish(kv, &id, error, now_ms)
+        }
         Command::FinishImage { name, now_ms } => volumes::finish_image(kv, &name, now_ms),
         Command::DeleteImage { name } => volumes::delete_image(kv, &name),
         Command::CreateVm {
