@@ -228,6 +228,9 @@ async fn leader_kill_elects_a_new_leader_quickly_and_loses_no_acknowledged_write
     cluster.shutdown().await;
 }
 
+/// Needs the `test-hooks` feature (`.ci/test` turns it on) for the switch
+/// that partitions a node.
+#[cfg(feature = "test-hooks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_minority_cannot_commit_and_its_reads_fail_instead_of_going_stale() {
     let cluster = TestCluster::start(3).await;

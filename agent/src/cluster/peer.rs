@@ -5,7 +5,6 @@
 //! configuration refuses any client without a certificate from the cluster
 //! CA. The client side implements openraft's `RaftNetwork`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,16 +29,32 @@ use crate::cluster::node::{ClusterError, ClusterNode, MemberRole};
 use crate::state::Outcome;
 
 /// A switch that cuts a node off from its peers in both directions, for
-/// partition tests of the real transport. Off in production.
+/// partition tests of the real transport. It exists only in builds with the
+/// `test-hooks` feature (the test suite's); elsewhere a node is never
+/// isolated and nothing can make it so.
+#[cfg(feature = "test-hooks")]
 #[derive(Clone, Default)]
-pub struct Isolation(Arc<AtomicBool>);
+pub struct Isolation(Arc<std::sync::atomic::AtomicBool>);
 
+#[cfg(feature = "test-hooks")]
 impl Isolation {
     pub fn set(&self, isolated: bool) {
-        self.0.store(isolated, Ordering::SeqCst);
+        self.0.store(isolated, std::sync::atomic::Ordering::SeqCst);
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Without `test-hooks`: never isolated.
+#[cfg(not(feature = "test-hooks"))]
+#[derive(Clone, Default)]
+pub struct Isolation;
+
+#[cfg(not(feature = "test-hooks"))]
+impl Isolation {
+    pub fn get(&self) -> bool {
+        false
     }
 }
 
