@@ -8,10 +8,11 @@
 //! only crate that depends on `allod-raft`.
 //!
 //! Its layers import downward only (ARCHITECTURE.md draws them; the test
-//! `layers` in `tests/layers.rs` enforces it): `units` ← `state` ← `cluster` ←
+//! `layers` in `tests/layers.rs` enforces it): `units` ← `state` ← `api_types` ← `cluster` ←
 //! `reconcile` ← `api` ← `daemon` ← `cli`, `console`.
 
 pub mod api;
+pub mod api_types;
 pub mod cli;
 pub mod cluster;
 pub mod console;

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("units", 0),
     ("state", 1),
-    ("cluster", 2),
-    ("reconcile", 3),
-    ("api", 4),
-    ("daemon", 5),
-    ("console", 6),
-    ("cli", 7),
+    ("api_types", 2),
+    ("cluster", 3),
+    ("reconcile", 4),
+    ("api", 5),
+    ("daemon", 6),
+    ("console", 7),
+    ("cli", 8),
 ];
 
 /// Items of the crate root that every layer may use.

@@ -1,5 +1,6 @@
 //! The cluster, its nodes, joining, zones and the audit log.
 
+use crate::api_types::{AuditFormat, SetZone};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -151,13 +152,6 @@ pub(super) async fn join(
 
 pub(super) const MAX_AUDIT_LIMIT: usize = 1_000_000;
 
-#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum AuditFormat {
-    Json,
-    Jsonl,
-}
-
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -229,13 +223,6 @@ pub(super) async fn audit_log(
     responses((status = 200, description = "What each classification zone demands", body = Vec<ZonePolicy>)))]
 pub(super) async fn zones() -> Json<Vec<ZonePolicy>> {
     Json(crate::state::zones::policies())
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SetZone {
-    #[schema(value_type = crate::state::zones::Zone)]
-    zone: String,
 }
 
 #[utoipa::path(put, path = "/v1/nodes/{node}/zone", tag = "cluster", params(("node" = u64, Path, description = "Node id")), request_body = SetZone,

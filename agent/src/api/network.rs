@@ -1,12 +1,15 @@
 //! VPC, subnet, security-group, port, floating-IP and IP-pool routes.
 
+use crate::api_types::{
+    AddRule, AllocateFip, BindFip, CreatePool, CreatePort, CreateSecurityGroup, CreateSubnet,
+    CreateVpc,
+};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
 
 use super::{outcome_as, read_project, ApiError, ApiJson, ApiResult};
 use crate::cluster::node::ClusterNode;
@@ -35,13 +38,6 @@ fn parse_cidr(text: &str, what: &str) -> ApiResult<ipnet::Ipv4Net> {
 fn parse_ip(text: &str, what: &str) -> ApiResult<Ipv4Addr> {
     text.parse()
         .map_err(|_| ApiError::invalid(format!("{what} {text:?} is not an IPv4 address")))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVpc {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/vpcs", tag = "network",
@@ -89,22 +85,6 @@ pub(super) async fn delete_vpc(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSubnet {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// The subnet's range, /8 to /29 (e.g. 10.0.0.0/24); ranges may repeat
-    /// across VPCs but not overlap within one.
-    cidr: String,
-    /// Default: the first host address.
-    #[serde(default)]
-    gateway: Option<String>,
-    /// Announced by DHCP.
-    #[serde(default)]
-    dns: Vec<String>,
-}
-
 #[utoipa::path(get, path = "/v1/projects/{name}/vpcs/{vpc}/subnets", tag = "network",
     params(("name" = String, Path, description = "Project name"), ("vpc" = String, Path, description = "VPC name")),
     responses((status = 200, description = "The VPC's subnets", body = Vec<SubnetRecord>)))]
@@ -147,13 +127,6 @@ pub(super) async fn create_subnet(
     };
     let subnet = net(&node, NetCommand::CreateSubnet { subnet }).await?;
     Ok((StatusCode::CREATED, Json(subnet)))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSecurityGroup {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
 }
 
 #[utoipa::path(get, path = "/v1/projects/{name}/security-groups", tag = "network",
@@ -219,29 +192,6 @@ pub(super) async fn delete_rule(
     Ok(Json(group))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AddRule {
-    /// `ingress` or `egress`.
-    direction: String,
-    /// `tcp`, `udp`, `icmp` or `any`.
-    protocol: String,
-    /// TCP/UDP port or first port of a range, 1-65535.
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 65535)]
-    port_min: Option<u32>,
-    /// Last port of the range (default: `port_min`).
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 65535)]
-    port_max: Option<u32>,
-    /// Peer addresses (e.g. 192.0.2.0/24)…
-    #[serde(default)]
-    cidr: Option<String>,
-    /// …or the ports of this security group.
-    #[serde(default)]
-    remote_group: Option<String>,
-}
-
 #[utoipa::path(post, path = "/v1/projects/{name}/security-groups/{sg}/rules", tag = "network",
     params(("name" = String, Path, description = "Project name"), ("sg" = String, Path, description = "Security group name")),
     request_body = AddRule,
@@ -286,38 +236,6 @@ pub(super) async fn add_rule(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(group)))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreatePort {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// Subnet name, or VPC/SUBNET when several VPCs have one of that name.
-    subnet: String,
-    /// Default: `["default"]`.
-    #[serde(default)]
-    security_groups: Option<Vec<String>>,
-    /// The node whose host interface this is (default: the first node).
-    #[serde(default)]
-    node: Option<u64>,
-    /// Default: the lowest free address of the subnet.
-    #[serde(default)]
-    ip: Option<String>,
-}
-
-/// A NIC of a new VM: a port made with the VM, on the VM's node.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VmNicRequest {
-    /// Subnet name, or VPC/SUBNET when several VPCs have one of that name.
-    pub subnet: String,
-    /// Default: `["default"]`.
-    #[serde(default)]
-    pub security_groups: Option<Vec<String>>,
-    /// Default: the lowest free address of the subnet.
-    #[serde(default)]
-    pub ip: Option<String>,
 }
 
 /// A port record as the API makes it: a fresh id, MAC and host interface;
@@ -418,14 +336,6 @@ pub(super) async fn delete_port(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AllocateFip {
-    /// Default: the first pool with a free address.
-    #[serde(default)]
-    pool: Option<String>,
-}
-
 #[utoipa::path(get, path = "/v1/projects/{name}/floating-ips", tag = "network",
     params(("name" = String, Path, description = "Project name")),
     responses((status = 200, description = "The project's floating IPs", body = Vec<FloatingIpRecord>)))]
@@ -454,14 +364,6 @@ pub(super) async fn allocate_fip(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(fip)))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BindFip {
-    /// The port to forward to; absent or null: unbind.
-    #[serde(default)]
-    port: Option<String>,
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/floating-ips/{ip}/bind", tag = "network",
@@ -499,15 +401,6 @@ pub(super) async fn release_fip(
     })
     .await??;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreatePool {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// Public addresses routed (or proxy-ARPed) to the nodes' uplinks.
-    cidr: String,
 }
 
 #[utoipa::path(get, path = "/v1/ip-pools", tag = "network",

@@ -1,5 +1,6 @@
 //! The OpenAPI document, generated from the handlers.
 
+use crate::api_types::AuditFormat;
 use axum::response::{IntoResponse, Response};
 
 use super::*;

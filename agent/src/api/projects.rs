@@ -1,29 +1,13 @@
 //! Projects and their quotas; the lookups every project-scoped route shares.
 
+use crate::api_types::{CreateProject, UpdateProject};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::Deserialize;
 
 use super::*;
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateProject {
-    /// A DNS label: 1-63 lowercase letters, digits or '-', starting with a letter.
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// At most 1024 bytes.
-    #[serde(default)]
-    #[schema(max_length = 1024)]
-    description: String,
-    /// OFFICIAL (default), OFFICIAL-SENSITIVE or SECRET; fixed for the project's life.
-    #[serde(default)]
-    #[schema(value_type = Option<crate::state::zones::Zone>)]
-    zone: Option<String>,
-}
 
 pub(super) fn parse_zone(text: &str) -> ApiResult<crate::state::zones::Zone> {
     crate::state::zones::Zone::parse(text).ok_or_else(|| {
@@ -31,13 +15,6 @@ pub(super) fn parse_zone(text: &str) -> ApiResult<crate::state::zones::Zone> {
             "unknown zone {text:?}; use OFFICIAL, OFFICIAL-SENSITIVE or SECRET"
         ))
     })
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateProject {
-    #[schema(max_length = 1024)]
-    description: String,
 }
 
 /// Lists the projects the caller has a role in (all, for cluster admins).

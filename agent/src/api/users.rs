@@ -1,5 +1,6 @@
 //! Users, roles, API tokens, password login and trusted OIDC issuers.
 
+use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -9,17 +10,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateUser {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// At least 8 characters; users without one log in only with tokens.
-    #[serde(default)]
-    #[schema(min_length = 8)]
-    password: Option<String>,
-}
 
 pub(super) const MIN_PASSWORD_CHARS: usize = 8;
 
@@ -118,15 +108,6 @@ pub(super) async fn create_user(
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GrantRole {
-    #[schema(value_type = Role)]
-    role: String,
-    #[serde(default)]
-    project: Option<String>,
-}
-
 pub(super) fn parse_role(text: &str) -> ApiResult<Role> {
     Role::parse(text).ok_or_else(|| {
         ApiError::invalid(format!("unknown role {text:?}; use cluster-admin, project-admin, project-member or project-viewer"),
@@ -150,22 +131,6 @@ pub(super) async fn grant_role(
         })
         .await?;
     Ok(Json(outcome_as(outcome?)?))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    /// Scope the token to this project (at most `role` there).
-    #[serde(default)]
-    project: Option<String>,
-    /// The role of a project token; `project-viewer` when absent.
-    #[serde(default)]
-    #[schema(value_type = Option<Role>)]
-    role: Option<String>,
-    /// Lifetime in seconds (1 to 10 years' worth); no expiry when absent.
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 315_360_000)]
-    expires_in_secs: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
@@ -266,13 +231,6 @@ pub(super) async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Login {
-    user: String,
-    password: String,
-}
-
 /// The longest lifetime a token can be given.
 pub(super) const MAX_TOKEN_SECS: u64 = 10 * 365 * 24 * 3600;
 
@@ -303,24 +261,6 @@ pub(super) async fn login(
         )
         .await?,
     ))
-}
-
-/// An OIDC issuer as configured with `PUT /v1/oidc/issuers/{issuer}`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerSpec {
-    /// The exact `iss` of its tokens (an https:// URL).
-    issuer: String,
-    /// The `aud` its tokens must carry.
-    audience: String,
-    /// The claim mapped to roles (default `groups`; dotted paths allowed).
-    #[serde(default)]
-    claim: Option<String>,
-    #[serde(default)]
-    mappings: Vec<crate::state::auth::ClaimMapping>,
-    /// A CA certificate (PEM) to trust for the issuer's HTTPS.
-    #[serde(default)]
-    ca_pem: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/oidc/issuers", tag = "oidc",

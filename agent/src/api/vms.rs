@@ -1,5 +1,6 @@
 //! VM power actions, resizing, and the serial console over a websocket.
 
+use crate::api_types::{AttachVolume, CreateVm, UpdateVm};
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -7,7 +8,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
-use serde::Deserialize;
 
 use super::*;
 use crate::state::vms::{PowerState, VmState};
@@ -73,21 +73,6 @@ pub(super) async fn reboot_vm(
     let name = vm_name(&node, &project, vm).await?;
     let outcome = node.write(&Command::RebootVm { project, name }).await?;
     Ok(Json(outcome_as(outcome?)?))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateVm {
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 256)]
-    vcpus: Option<u64>,
-    #[serde(default)]
-    #[schema(
-        minimum = 67_108_864,
-        maximum = 4_398_046_511_104_u64,
-        multiple_of = 1_048_576
-    )]
-    memory_bytes: Option<u64>,
 }
 
 #[utoipa::path(patch, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
@@ -266,41 +251,6 @@ pub(super) const MIN_VM_MEMORY: u64 = 64 << 20;
 pub(super) const MAX_VM_MEMORY: u64 = 4 << 40;
 pub(super) const MAX_VM_VCPUS: u64 = 256;
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    #[schema(minimum = 1, maximum = 256)]
-    vcpus: u64,
-    /// A multiple of 1 MiB, from 64 MiB to 4 TiB.
-    #[schema(
-        minimum = 67_108_864,
-        maximum = 4_398_046_511_104_u64,
-        multiple_of = 1_048_576
-    )]
-    memory_bytes: u64,
-    /// VMs of one group never share a node.
-    #[serde(default)]
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    anti_affinity: Option<String>,
-    /// Boot from a new volume cloned from this image (instant).
-    #[serde(default)]
-    image: Option<String>,
-    /// Start it once created (default true); false only defines it.
-    #[serde(default)]
-    start: Option<bool>,
-    /// The boot volume's size (default: the image's; a multiple of 512).
-    #[serde(default)]
-    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
-    disk_size_bytes: Option<u64>,
-    /// NICs on the project's subnets, eth0 first; each gets a port named
-    /// `<vm>-nic<N>`, deleted with the VM.
-    #[serde(default)]
-    #[schema(max_items = 8)]
-    nics: Vec<network::VmNicRequest>,
-}
-
 pub(super) const MAX_VM_NICS: usize = 8;
 
 pub(super) fn vm_not_found(project: &str, name: &str) -> ApiError {
@@ -453,17 +403,6 @@ pub(super) async fn delete_vm(
     let name = vm_name(&node, &project, name).await?;
     node.write(&Command::DeleteVm { project, name }).await??;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AttachVolume {
-    /// The volume's name.
-    volume: String,
-    /// The volume's project when it is not the VM's (same zone only; the
-    /// caller needs the member role there).
-    #[serde(default)]
-    project: Option<String>,
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/volumes", tag = "vms",

@@ -1,5 +1,6 @@
 //! Volume, snapshot, clone and image routes.
 
+use crate::api_types::{CloneVolume, CreateSnapshot, CreateVolume, Resize, Rollback};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -19,37 +20,6 @@ pub(super) fn check_size(size: u64) -> ApiResult<()> {
         )));
     }
     Ok(())
-}
-
-/// A snapshot of another volume of the same project.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRef {
-    volume: String,
-    snapshot: String,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// A multiple of 512, at most 64 TiB. Thin: costs nothing until written.
-    /// Optional for clones (default: the source's size).
-    #[serde(default)]
-    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
-    size_bytes: Option<u64>,
-    /// Copies of every byte, on distinct nodes; default 3 (or as many
-    /// storage nodes as there are, when fewer).
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 3)]
-    replicas: Option<u8>,
-    /// Clone an image (copy-on-write: instant, whatever its size).
-    #[serde(default)]
-    from_image: Option<String>,
-    /// Clone a snapshot of a volume of this project.
-    #[serde(default)]
-    from_snapshot: Option<SnapshotRef>,
 }
 
 pub(super) fn new_volume(
@@ -144,14 +114,6 @@ pub(super) async fn volume_record(
     })
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Resize {
-    /// The new size: larger than the current one (volumes only grow).
-    #[schema(minimum = 512, maximum = 70_368_744_177_664_u64, multiple_of = 512)]
-    size_bytes: u64,
-}
-
 #[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/resize", tag = "volumes",
     params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
     request_body = Resize,
@@ -181,13 +143,6 @@ pub(super) async fn list_snapshots(
     Path((project, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<SnapshotRecord>>> {
     Ok(Json(volume_record(&node, &project, key).await?.snapshots))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSnapshot {
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/snapshots", tag = "volumes",
@@ -227,12 +182,6 @@ pub(super) async fn delete_snapshot(
     })
     .await??;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Rollback {
-    snapshot: String,
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/rollback", tag = "volumes",
@@ -290,21 +239,6 @@ pub(super) async fn rollback_volume(
     Ok(Json(
         node.state.volume(&project, &volume.name)?.unwrap_or(volume),
     ))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CloneVolume {
-    snapshot: String,
-    /// The new volume's name.
-    #[schema(pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
-    name: String,
-    /// Default: the source's size; may be larger.
-    #[serde(default)]
-    size_bytes: Option<u64>,
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 3)]
-    replicas: Option<u8>,
 }
 
 #[utoipa::path(post, path = "/v1/projects/{name}/volumes/{volume}/clone", tag = "volumes",

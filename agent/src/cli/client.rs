@@ -258,6 +258,30 @@ pub fn text(value: &serde_json::Value) -> String {
     }
 }
 
+/// A request type of `api_types` as the body of [`ApiClient::call`].
+pub fn body<T: Serialize>(request: &T) -> Option<serde_json::Value> {
+    Some(serde_json::to_value(request).expect("request types serialise"))
+}
+
+/// One API call of a command: finds the API, sends `body` (a request type
+/// of `api_types` made into JSON by [`body`], never hand-written JSON), and
+/// prints the answer — as JSON with `--output json`, else with `table` —
+/// unless it is empty.
+pub async fn request(
+    api: &ApiArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    table: impl FnOnce(&serde_json::Value),
+) -> anyhow::Result<serde_json::Value> {
+    let client = api.resolve()?;
+    let answer = client.call(method, path, body).await?;
+    if !answer.is_null() {
+        emit(api.output, &answer, table);
+    }
+    Ok(answer)
+}
+
 pub fn emit(output: Output, value: &serde_json::Value, table: impl FnOnce(&serde_json::Value)) {
     match output {
         Output::Json => println!(

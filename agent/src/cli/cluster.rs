@@ -184,11 +184,7 @@ pub(super) async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
             println!("Removed node {}.", text(&result["removed"]));
         }
         ClusterCommand::Status(api) => {
-            let client = api.resolve()?;
-            let cluster = client
-                .call(reqwest::Method::GET, "/v1/cluster", None)
-                .await?;
-            emit(api.output, &cluster, |c| {
+            request(&api, reqwest::Method::GET, "/v1/cluster", None, |c| {
                 println!(
                     "Cluster {} ({})  leader: node {}  term: {}",
                     text(&c["name"]),
@@ -220,7 +216,8 @@ pub(super) async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                     })
                     .unwrap_or_default();
                 print_table(&["ID", "NAME", "ROLE", "API", "PEER"], &rows);
-            });
+            })
+            .await?;
         }
     }
     Ok(())

@@ -16,7 +16,9 @@ use crate::units::{human_size, parse_size};
 use agent::*;
 pub use agent::{AgentArgs, ComputeArgs, NetworkArgs, UpArgs};
 use client::*;
-pub use client::{error_message, print_table, text, ApiArgs, ApiClient, CliConfig, Output};
+pub use client::{
+    body, error_message, print_table, request, text, ApiArgs, ApiClient, CliConfig, Output,
+};
 use cluster::*;
 use projects::*;
 use users::*;

@@ -2,9 +2,13 @@
 
 use clap::Subcommand;
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::cli::{emit, print_table, text, ApiArgs};
+use crate::api_types::{
+    AddRule, AllocateFip, BindFip, CreatePool, CreatePort, CreateSecurityGroup, CreateSubnet,
+    CreateVpc,
+};
+use crate::cli::{body, print_table, request, text, ApiArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum VpcCommand {
@@ -225,6 +229,7 @@ fn rows(value: &Value, columns: &[&str]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// [`request`], printing the answer's `columns` as a table.
 async fn call(
     api: &ApiArgs,
     method: Method,
@@ -232,16 +237,12 @@ async fn call(
     body: Option<Value>,
     columns: &[&str],
 ) -> anyhow::Result<()> {
-    let client = api.resolve()?;
-    let value = client.call(method, path, body).await?;
-    if value.is_null() {
-        return Ok(());
-    }
-    emit(api.output, &value, |v| {
+    request(api, method, path, body, |v| {
         let headers: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
         print_table(&headers, &rows(v, columns));
-    });
+    })
+    .await?;
     Ok(())
 }
 
@@ -264,14 +265,7 @@ pub async fn run_vpc(command: VpcCommand) -> anyhow::Result<()> {
     match command {
         VpcCommand::Create { name, project, api } => {
             let path = format!("/v1/projects/{project}/vpcs");
-            call(
-                &api,
-                Method::POST,
-                &path,
-                Some(json!({ "name": name })),
-                VPC,
-            )
-            .await
+            call(&api, Method::POST, &path, body(&CreateVpc { name }), VPC).await
         }
         VpcCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/vpcs");
@@ -295,12 +289,14 @@ pub async fn run_subnet(command: SubnetCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let mut body = json!({ "name": name, "cidr": cidr, "dns": dns });
-            if let Some(g) = gateway {
-                body["gateway"] = g.into();
-            }
+            let payload = CreateSubnet {
+                name,
+                cidr,
+                gateway,
+                dns,
+            };
             let path = format!("/v1/projects/{project}/vpcs/{vpc}/subnets");
-            call(&api, Method::POST, &path, Some(body), SUBNET).await
+            call(&api, Method::POST, &path, body(&payload), SUBNET).await
         }
         SubnetCommand::List { vpc, project, api } => {
             let path = format!("/v1/projects/{project}/vpcs/{vpc}/subnets");
@@ -311,9 +307,9 @@ pub async fn run_subnet(command: SubnetCommand) -> anyhow::Result<()> {
 
 /// `22` or `8000-8080` as (first, last); out-of-range numbers are left to
 /// the API, which names the limit.
-fn port_range(text: &str) -> anyhow::Result<(u64, u64)> {
+fn port_range(text: &str) -> anyhow::Result<(u32, u32)> {
     let number = |t: &str| {
-        t.trim().parse::<u64>().map_err(|_| {
+        t.trim().parse::<u32>().map_err(|_| {
             anyhow::anyhow!("--port {text:?} is not a port (22) or a range (8000-8080)")
         })
     };
@@ -330,7 +326,8 @@ pub async fn run_sg(command: SgCommand) -> anyhow::Result<()> {
     match command {
         SgCommand::Create { name, project, api } => {
             let path = format!("/v1/projects/{project}/security-groups");
-            call(&api, Method::POST, &path, Some(json!({ "name": name })), SG).await
+            let payload = CreateSecurityGroup { name };
+            call(&api, Method::POST, &path, body(&payload), SG).await
         }
         SgCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/security-groups");
@@ -359,25 +356,28 @@ pub async fn run_sg(command: SgCommand) -> anyhow::Result<()> {
             remote_group,
             api,
         }) => {
-            let mut body = json!({ "direction": direction, "protocol": protocol });
-            if let Some(port) = port {
-                let (lo, hi) = port_range(&port)?;
-                body["port_min"] = lo.into();
-                body["port_max"] = hi.into();
-            }
+            let (port_min, port_max) = match port {
+                Some(port) => {
+                    let (lo, hi) = port_range(&port)?;
+                    (Some(lo), Some(hi))
+                }
+                None => (None, None),
+            };
             if cidr.is_none() && remote_group.is_none() {
                 anyhow::bail!(
                     "name the rule's peer: --cidr 192.0.2.0/24 (0.0.0.0/0 for anyone) or --remote-group GROUP"
                 );
             }
-            if let Some(c) = cidr {
-                body["cidr"] = c.into();
-            }
-            if let Some(g) = remote_group {
-                body["remote_group"] = g.into();
-            }
+            let payload = AddRule {
+                direction,
+                protocol,
+                port_min,
+                port_max,
+                cidr,
+                remote_group,
+            };
             let path = format!("/v1/projects/{project}/security-groups/{sg}/rules");
-            call(&api, Method::POST, &path, Some(body), SG).await
+            call(&api, Method::POST, &path, body(&payload), SG).await
         }
     }
 }
@@ -393,18 +393,15 @@ pub async fn run_port(command: PortCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let mut body = json!({ "name": name, "subnet": subnet });
-            if !security_groups.is_empty() {
-                body["security_groups"] = security_groups.into();
-            }
-            if let Some(n) = node {
-                body["node"] = n.into();
-            }
-            if let Some(ip) = ip {
-                body["ip"] = ip.into();
-            }
+            let payload = CreatePort {
+                name,
+                subnet,
+                security_groups: (!security_groups.is_empty()).then_some(security_groups),
+                node,
+                ip,
+            };
             let path = format!("/v1/projects/{project}/ports");
-            call(&api, Method::POST, &path, Some(body), PORT).await
+            call(&api, Method::POST, &path, body(&payload), PORT).await
         }
         PortCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/ports");
@@ -420,12 +417,8 @@ pub async fn run_port(command: PortCommand) -> anyhow::Result<()> {
 pub async fn run_fip(command: FipCommand) -> anyhow::Result<()> {
     match command {
         FipCommand::Allocate { project, pool, api } => {
-            let body = match pool {
-                Some(p) => json!({ "pool": p }),
-                None => json!({}),
-            };
             let path = format!("/v1/projects/{project}/floating-ips");
-            call(&api, Method::POST, &path, Some(body), FIP).await
+            call(&api, Method::POST, &path, body(&AllocateFip { pool }), FIP).await
         }
         FipCommand::List { project, api } => {
             let path = format!("/v1/projects/{project}/floating-ips");
@@ -442,7 +435,7 @@ pub async fn run_fip(command: FipCommand) -> anyhow::Result<()> {
                 &api,
                 Method::POST,
                 &path,
-                Some(json!({ "port": port })),
+                body(&BindFip { port: Some(port) }),
                 FIP,
             )
             .await
@@ -457,8 +450,8 @@ pub async fn run_fip(command: FipCommand) -> anyhow::Result<()> {
 pub async fn run_pool(command: IpPoolCommand) -> anyhow::Result<()> {
     match command {
         IpPoolCommand::Create { name, cidr, api } => {
-            let body = json!({ "name": name, "cidr": cidr });
-            call(&api, Method::POST, "/v1/ip-pools", Some(body), POOL).await
+            let payload = CreatePool { name, cidr };
+            call(&api, Method::POST, "/v1/ip-pools", body(&payload), POOL).await
         }
         IpPoolCommand::List { api } => call(&api, Method::GET, "/v1/ip-pools", None, POOL).await,
     }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::*;
+use crate::api_types::{CreateProject, UpdateProject};
 
 #[derive(Subcommand, Debug)]
 pub enum ProjectCommand {
@@ -136,27 +137,25 @@ pub(super) async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
             zone,
             api,
         } => {
-            let client = api.resolve()?;
-            let project = client
-                .call(Method::POST, "/v1/projects", Some(serde_json::json!({ "name": name, "description": description, "zone": zone })))
-                .await?;
-            emit(api.output, &project, |p| {
+            let payload = CreateProject {
+                name,
+                description,
+                zone,
+            };
+            request(&api, Method::POST, "/v1/projects", body(&payload), |p| {
                 println!("Created project {}.", text(&p["name"]))
-            });
+            })
+            .await?;
         }
         ProjectCommand::List { api } => {
-            let client = api.resolve()?;
-            let projects = client.call(Method::GET, "/v1/projects", None).await?;
-            emit(api.output, &projects, |p| {
+            request(&api, Method::GET, "/v1/projects", None, |p| {
                 print_projects(p.as_array().map(Vec::as_slice).unwrap_or_default())
-            });
+            })
+            .await?;
         }
         ProjectCommand::Show { name, api } => {
-            let client = api.resolve()?;
-            let project = client
-                .call(Method::GET, &format!("/v1/projects/{name}"), None)
-                .await?;
-            emit(api.output, &project, print_project_detail);
+            let path = format!("/v1/projects/{name}");
+            request(&api, Method::GET, &path, None, print_project_detail).await?;
         }
         ProjectCommand::Quota {
             name,
@@ -191,37 +190,25 @@ pub(super) async fn run_project(command: ProjectCommand) -> anyhow::Result<()> {
                     }
                 }
             }
-            let project = client
-                .call(
-                    Method::PUT,
-                    &format!("/v1/projects/{name}/quota"),
-                    Some(serde_json::Value::Object(quota)),
-                )
-                .await?;
-            emit(api.output, &project, print_project_detail);
+            let path = format!("/v1/projects/{name}/quota");
+            let quota = serde_json::Value::Object(quota);
+            request(&api, Method::PUT, &path, Some(quota), print_project_detail).await?;
         }
         ProjectCommand::Update {
             name,
             description,
             api,
         } => {
-            let client = api.resolve()?;
-            let project = client
-                .call(
-                    Method::PATCH,
-                    &format!("/v1/projects/{name}"),
-                    Some(serde_json::json!({ "description": description })),
-                )
-                .await?;
-            emit(api.output, &project, |p| {
+            let path = format!("/v1/projects/{name}");
+            let payload = UpdateProject { description };
+            request(&api, Method::PATCH, &path, body(&payload), |p| {
                 print_projects(std::slice::from_ref(p))
-            });
+            })
+            .await?;
         }
         ProjectCommand::Delete { name, api } => {
-            let client = api.resolve()?;
-            client
-                .call(Method::DELETE, &format!("/v1/projects/{name}"), None)
-                .await?;
+            let path = format!("/v1/projects/{name}");
+            request(&api, Method::DELETE, &path, None, |_| {}).await?;
             if api.output == Output::Table {
                 println!("Deleted project {name}.");
             }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::*;
+use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login};
 
 #[derive(Subcommand, Debug)]
 pub enum OidcCommand {
@@ -135,7 +136,7 @@ pub(super) async fn run_user(command: UserCommand) -> anyhow::Result<()> {
                 .call(
                     Method::POST,
                     "/v1/users",
-                    Some(serde_json::json!({ "name": name, "password": password })),
+                    body(&CreateUser { name, password }),
                 )
                 .await?;
             emit(api.output, &user, |u| {
@@ -143,9 +144,7 @@ pub(super) async fn run_user(command: UserCommand) -> anyhow::Result<()> {
             });
         }
         UserCommand::List { api } => {
-            let client = api.resolve()?;
-            let users = client.call(Method::GET, "/v1/users", None).await?;
-            emit(api.output, &users, |u| {
+            request(&api, Method::GET, "/v1/users", None, |u| {
                 let rows: Vec<Vec<String>> = u
                     .as_array()
                     .map(|users| {
@@ -167,7 +166,8 @@ pub(super) async fn run_user(command: UserCommand) -> anyhow::Result<()> {
                     })
                     .unwrap_or_default();
                 print_table(&["NAME", "CLUSTER-ADMIN", "PROJECT ROLES"], &rows);
-            });
+            })
+            .await?;
         }
     }
     Ok(())
@@ -180,23 +180,22 @@ pub(super) async fn run_role(command: RoleCommand) -> anyhow::Result<()> {
         role,
         api,
     } = command;
-    let client = api.resolve()?;
-    let result = client
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/users/{user}/roles"),
-            Some(serde_json::json!({ "role": role, "project": project })),
-        )
-        .await?;
-    emit(api.output, &result, |r| match r.get("project") {
-        Some(p) => println!(
-            "Granted {} in project {} to {}.",
-            text(&r["role"]),
-            text(p),
-            text(&r["user"])
-        ),
-        None => println!("Granted {} to {}.", text(&r["role"]), text(&r["user"])),
-    });
+    request(
+        &api,
+        reqwest::Method::POST,
+        &format!("/v1/users/{user}/roles"),
+        body(&GrantRole { role, project }),
+        |r| match r.get("project") {
+            Some(p) => println!(
+                "Granted {} in project {} to {}.",
+                text(&r["role"]),
+                text(p),
+                text(&r["user"])
+            ),
+            None => println!("Granted {} to {}.", text(&r["role"]), text(&r["user"])),
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -211,13 +210,16 @@ pub(super) async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             api,
         } => {
             let client = api.resolve()?;
-            let body =
-                serde_json::json!({ "project": project, "role": role, "expires_in_secs": expires });
+            let payload = CreateToken {
+                project,
+                role,
+                expires_in_secs: expires,
+            };
             let token = client
                 .call(
                     Method::POST,
                     &format!("/v1/users/{user}/tokens"),
-                    Some(body),
+                    body(&payload),
                 )
                 .await?;
             emit(api.output, &token, |t| {
@@ -230,10 +232,14 @@ pub(super) async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             });
         }
         TokenCommand::Revoke { id, api } => {
-            let client = api.resolve()?;
-            client
-                .call(Method::DELETE, &format!("/v1/tokens/{id}"), None)
-                .await?;
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/tokens/{id}"),
+                None,
+                |_| {},
+            )
+            .await?;
             if api.output == Output::Table {
                 println!("Revoked token {id}.");
             }
@@ -261,12 +267,19 @@ pub(super) async fn run_oidc(command: OidcCommand) -> anyhow::Result<()> {
                 None => None,
             };
             let client = api.resolve()?;
-            let body = serde_json::json!({
-                "issuer": issuer, "audience": audience, "claim": claim,
-                "mappings": mappings, "ca_pem": ca_pem,
-            });
+            let spec = IssuerSpec {
+                issuer,
+                audience,
+                claim: Some(claim),
+                mappings,
+                ca_pem,
+            };
             let stored = client
-                .call(Method::PUT, &format!("/v1/oidc/issuers/{name}"), Some(body))
+                .call(
+                    Method::PUT,
+                    &format!("/v1/oidc/issuers/{name}"),
+                    body(&spec),
+                )
                 .await?;
             emit(api.output, &stored, |i| {
                 println!(
@@ -280,9 +293,7 @@ pub(super) async fn run_oidc(command: OidcCommand) -> anyhow::Result<()> {
             });
         }
         OidcCommand::List { api } => {
-            let client = api.resolve()?;
-            let issuers = client.call(Method::GET, "/v1/oidc/issuers", None).await?;
-            emit(api.output, &issuers, |list| {
+            request(&api, Method::GET, "/v1/oidc/issuers", None, |list| {
                 let rows: Vec<Vec<String>> = list
                     .as_array()
                     .into_iter()
@@ -309,13 +320,18 @@ pub(super) async fn run_oidc(command: OidcCommand) -> anyhow::Result<()> {
                     })
                     .collect();
                 print_table(&["NAME", "ISSUER", "AUDIENCE", "CLAIM", "MAPPINGS"], &rows);
-            });
+            })
+            .await?;
         }
         OidcCommand::Remove { name, api } => {
-            let client = api.resolve()?;
-            client
-                .call(Method::DELETE, &format!("/v1/oidc/issuers/{name}"), None)
-                .await?;
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/oidc/issuers/{name}"),
+                None,
+                |_| {},
+            )
+            .await?;
             if api.output == Output::Table {
                 println!("No longer trusting issuer {name}.");
             }
@@ -343,7 +359,10 @@ pub(super) async fn run_login(args: LoginArgs) -> anyhow::Result<()> {
     let url = args.url.trim_end_matches('/').to_string();
     let response = http
         .post(format!("{url}/v1/login"))
-        .json(&serde_json::json!({ "user": user, "password": password }))
+        .json(&Login {
+            user: user.clone(),
+            password,
+        })
         .send()
         .await
         .with_context(|| format!("cannot reach the API at {url}"))?;

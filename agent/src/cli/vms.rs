@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 use super::*;
+use crate::api_types::{AttachVolume, CreateVm, UpdateVm, VmNicRequest};
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
@@ -28,7 +29,7 @@ pub enum VmCommand {
         /// A NIC, repeatable (eth0 first): `subnet=web,sg=default`; more
         /// `sg=` for more security groups, `ip=` for a fixed address.
         #[arg(long = "nic", value_parser = parse_nic)]
-        nics: Vec<serde_json::Value>,
+        nics: Vec<VmNicRequest>,
         /// Wait until the VM runs (or fails, saying why).
         #[arg(long)]
         wait: bool,
@@ -133,7 +134,7 @@ pub enum VmCommand {
 }
 
 /// `subnet=web,sg=default,sg=ssh,ip=10.0.0.5` as the API's NIC object.
-pub(super) fn parse_nic(text: &str) -> Result<serde_json::Value, String> {
+pub(super) fn parse_nic(text: &str) -> Result<VmNicRequest, String> {
     let mut subnet = None;
     let mut groups = Vec::new();
     let mut ip = None;
@@ -152,14 +153,11 @@ pub(super) fn parse_nic(text: &str) -> Result<serde_json::Value, String> {
     let Some(subnet) = subnet else {
         return Err("a NIC needs subnet=NAME (e.g. --nic subnet=web,sg=default)".into());
     };
-    let mut nic = serde_json::json!({ "subnet": subnet });
-    if !groups.is_empty() {
-        nic["security_groups"] = groups.into();
-    }
-    if let Some(ip) = ip {
-        nic["ip"] = ip.into();
-    }
-    Ok(nic)
+    Ok(VmNicRequest {
+        subnet,
+        security_groups: (!groups.is_empty()).then_some(groups),
+        ip,
+    })
 }
 
 pub(super) fn print_vms(vms: &[serde_json::Value]) {
@@ -255,27 +253,22 @@ pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             no_start,
             api,
         } => {
-            let mut body = serde_json::json!({
-                "name": name, "vcpus": vcpus, "memory_bytes": memory, "anti_affinity": anti_affinity,
-            });
-            if no_start {
-                body["start"] = false.into();
-            }
-            if let Some(i) = image {
-                body["image"] = i.into();
-            }
-            if let Some(d) = disk_size {
-                body["disk_size_bytes"] = d.into();
-            }
-            if !nics.is_empty() {
-                body["nics"] = nics.into();
-            }
+            let payload = CreateVm {
+                name: name.clone(),
+                vcpus,
+                memory_bytes: memory,
+                anti_affinity,
+                image,
+                start: no_start.then_some(false),
+                disk_size_bytes: disk_size,
+                nics,
+            };
             let client = api.resolve()?;
             let mut vm = client
                 .call(
                     Method::POST,
                     &format!("/v1/projects/{project}/vms"),
-                    Some(body),
+                    body(&payload),
                 )
                 .await?;
             if wait {
@@ -318,7 +311,10 @@ pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             api,
             Method::PATCH,
             format!("/v1/projects/{project}/vms/{name}"),
-            Some(serde_json::json!({ "vcpus": vcpus, "memory_bytes": memory })),
+            body(&UpdateVm {
+                vcpus,
+                memory_bytes: memory,
+            }),
         ),
         VmCommand::Console { name, project, api } => {
             return crate::cli::console_client::attach(&api, &project, &name).await;
@@ -351,7 +347,10 @@ pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             api,
             Method::POST,
             format!("/v1/projects/{project}/vms/{name}/volumes"),
-            Some(serde_json::json!({ "volume": volume, "project": volume_project })),
+            body(&AttachVolume {
+                volume,
+                project: volume_project,
+            }),
         ),
         VmCommand::Detach {
             name,

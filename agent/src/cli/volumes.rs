@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::*;
+use crate::api_types::{CloneVolume, CreateSnapshot, CreateVolume, Resize, Rollback};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
@@ -166,11 +167,10 @@ pub(super) async fn volume_action(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let client = api.resolve()?;
-    let volume = client.call(method, path, body).await?;
-    emit(api.output, &volume, |v| {
+    request(api, method, path, body, |v| {
         print_volumes(std::slice::from_ref(v))
-    });
+    })
+    .await?;
     Ok(())
 }
 
@@ -189,21 +189,18 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 anyhow::bail!("give --size (e.g. --size 20G), or --image to clone an image");
             }
             let client = api.resolve()?;
-            let mut body = serde_json::json!({ "name": name });
-            if let Some(size) = size {
-                body["size_bytes"] = size.into();
-            }
-            if let Some(r) = replicas {
-                body["replicas"] = r.into();
-            }
-            if let Some(i) = image {
-                body["from_image"] = i.into();
-            }
+            let payload = CreateVolume {
+                name,
+                size_bytes: size,
+                replicas,
+                from_image: image,
+                from_snapshot: None,
+            };
             let volume = client
                 .call(
                     Method::POST,
                     &format!("/v1/projects/{project}/volumes"),
-                    Some(body),
+                    body(&payload),
                 )
                 .await?;
             emit(api.output, &volume, |v| {
@@ -220,7 +217,7 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 &api,
                 Method::POST,
                 &format!("/v1/projects/{project}/volumes/{name}/resize"),
-                Some(serde_json::json!({ "size_bytes": size })),
+                body(&Resize { size_bytes: size }),
             )
             .await?;
         }
@@ -230,35 +227,31 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let client = api.resolve()?;
-            let volume = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
-                    Some(serde_json::json!({ "name": snapshot })),
-                )
-                .await?;
-            emit(api.output, &volume, |v| {
-                print_snapshots(
-                    v["snapshots"]
-                        .as_array()
-                        .map(Vec::as_slice)
-                        .unwrap_or_default(),
-                )
-            });
+            request(
+                &api,
+                Method::POST,
+                &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
+                body(&CreateSnapshot { name: snapshot }),
+                |v| {
+                    print_snapshots(
+                        v["snapshots"]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default(),
+                    )
+                },
+            )
+            .await?;
         }
         VolumeCommand::Snapshots { name, project, api } => {
-            let client = api.resolve()?;
-            let list = client
-                .call(
-                    Method::GET,
-                    &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
-                    None,
-                )
-                .await?;
-            emit(api.output, &list, |l| {
-                print_snapshots(l.as_array().map(Vec::as_slice).unwrap_or_default())
-            });
+            request(
+                &api,
+                Method::GET,
+                &format!("/v1/projects/{project}/volumes/{name}/snapshots"),
+                None,
+                |l| print_snapshots(l.as_array().map(Vec::as_slice).unwrap_or_default()),
+            )
+            .await?;
         }
         VolumeCommand::SnapshotDelete {
             name,
@@ -266,14 +259,14 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             api,
         } => {
-            let client = api.resolve()?;
-            client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/projects/{project}/volumes/{name}/snapshots/{snapshot}"),
-                    None,
-                )
-                .await?;
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/projects/{project}/volumes/{name}/snapshots/{snapshot}"),
+                None,
+                |_| {},
+            )
+            .await?;
             if api.output == Output::Table {
                 println!("Deleted snapshot {snapshot} of volume {name}.");
             }
@@ -288,7 +281,7 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 &api,
                 Method::POST,
                 &format!("/v1/projects/{project}/volumes/{name}/rollback"),
-                Some(serde_json::json!({ "snapshot": snapshot })),
+                body(&Rollback { snapshot }),
             )
             .await?;
         }
@@ -301,15 +294,17 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             api,
         } => {
             let client = api.resolve()?;
-            let mut body = serde_json::json!({ "snapshot": snapshot, "name": to });
-            if let Some(size) = size {
-                body["size_bytes"] = size.into();
-            }
+            let payload = CloneVolume {
+                snapshot,
+                name: to,
+                size_bytes: size,
+                replicas: None,
+            };
             let volume = client
                 .call(
                     Method::POST,
                     &format!("/v1/projects/{project}/volumes/{name}/clone"),
-                    Some(body),
+                    body(&payload),
                 )
                 .await?;
             emit(api.output, &volume, |v| {
@@ -317,17 +312,14 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             });
         }
         VolumeCommand::List { project, api } => {
-            let client = api.resolve()?;
-            let volumes = client
-                .call(
-                    Method::GET,
-                    &format!("/v1/projects/{project}/volumes"),
-                    None,
-                )
-                .await?;
-            emit(api.output, &volumes, |list| {
-                print_volumes(list.as_array().map(Vec::as_slice).unwrap_or_default())
-            });
+            request(
+                &api,
+                Method::GET,
+                &format!("/v1/projects/{project}/volumes"),
+                None,
+                |list| print_volumes(list.as_array().map(Vec::as_slice).unwrap_or_default()),
+            )
+            .await?;
         }
         VolumeCommand::Show { name, project, api } => {
             volume_action(
@@ -339,14 +331,14 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             .await?;
         }
         VolumeCommand::Delete { name, project, api } => {
-            let client = api.resolve()?;
-            client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/projects/{project}/volumes/{name}"),
-                    None,
-                )
-                .await?;
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/projects/{project}/volumes/{name}"),
+                None,
+                |_| {},
+            )
+            .await?;
             if api.output == Output::Table {
                 println!("Deleted volume {name} of project {project}.");
             }
@@ -507,26 +499,30 @@ pub(super) async fn run_image(command: ImageCommand) -> anyhow::Result<()> {
             });
         }
         ImageCommand::List { api } => {
-            let client = api.resolve()?;
-            let list = client.call(Method::GET, "/v1/images", None).await?;
-            emit(api.output, &list, |l| {
+            request(&api, Method::GET, "/v1/images", None, |l| {
                 print_images(l.as_array().map(Vec::as_slice).unwrap_or_default())
-            });
+            })
+            .await?;
         }
         ImageCommand::Show { name, api } => {
-            let client = api.resolve()?;
-            let image = client
-                .call(Method::GET, &format!("/v1/images/{name}"), None)
-                .await?;
-            emit(api.output, &image, |i| {
-                print_images(std::slice::from_ref(i))
-            });
+            request(
+                &api,
+                Method::GET,
+                &format!("/v1/images/{name}"),
+                None,
+                |i| print_images(std::slice::from_ref(i)),
+            )
+            .await?;
         }
         ImageCommand::Delete { name, api } => {
-            let client = api.resolve()?;
-            client
-                .call(Method::DELETE, &format!("/v1/images/{name}"), None)
-                .await?;
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/images/{name}"),
+                None,
+                |_| {},
+            )
+            .await?;
             if api.output == Output::Table {
                 println!("Deleted image {name}.");
             }
