@@ -78,6 +78,14 @@ fn spawn_allod(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
             peer,
             "--name",
             name,
+            // The cluster core is measured: each agent its own storage port,
+            // no VMs, no tenant networks on this shared machine.
+            "--storage-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--libvirt-uri",
+            "none",
+            "--network-fabric",
+            "off",
         ])
         .env(
             "ALLOD_LOG",

@@ -569,32 +569,11 @@ async fn report(node: &ClusterNode, vm: &VmRecord, state: VmState, reason: Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::zones::Zone;
 
     const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
     fn record(power: PowerState, state: VmState) -> VmRecord {
-        VmRecord {
-            id: "vm-1".into(),
-            name: "web".into(),
-            project: "p".into(),
-            zone: Zone::default(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            anti_affinity: None,
-            node_id: 1,
-            state,
-            reason: None,
-            volumes: Vec::new(),
-            generation: 2,
-            created_at_ms: 0,
-            power,
-            force_stop: false,
-            reboots: 0,
-            boot_volume: None,
-            observed_generation: 2,
-            nics: Vec::new(),
-        }
+        crate::state::vms::sample_record(power, state)
     }
 
     fn spec(vm: &VmRecord) -> DomainSpec {

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use storage::nbd::{self, BoxFuture, Export, Exports};
@@ -299,7 +299,8 @@ impl Exports for AgentExports {
 async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Receiver<u64>) {
     let mut last_report: Option<(NodeStorage, std::time::Instant)> = None;
     let mut last_gc = std::time::Instant::now() - Duration::from_secs(50);
-    let unknown: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    // Volumes seen on disk but not in the state at the last collection.
+    let mut missing_before: HashSet<String> = HashSet::new();
     loop {
         let Some(b) = blocks.upgrade() else { return };
         let Ok(node) = b.node() else { return };
@@ -319,20 +320,14 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
                 used_bytes: capacity.saturating_sub(free),
                 failure_domain: b.failure_domain.clone(),
             };
-            let recorded = nodes
-                .iter()
-                .find(|n| n.id == node.id)
-                .and_then(|n| n.storage.clone());
-            let due = match (&recorded, &last_report) {
-                (None, _) => nodes.iter().any(|n| n.id == node.id),
-                (Some(r), _) if r.addr != mine.addr || r.failure_domain != mine.failure_domain => {
-                    true
-                }
-                (Some(r), Some((_, at))) => {
-                    r.used_bytes != mine.used_bytes && at.elapsed() > Duration::from_secs(60)
-                }
-                (Some(r), None) => r.used_bytes != mine.used_bytes,
-            };
+            let member = nodes.iter().find(|n| n.id == node.id);
+            let recorded = member.and_then(|n| n.storage.clone());
+            let due = registration_due(
+                member.is_some(),
+                recorded.as_ref(),
+                &mine,
+                last_report.as_ref().map(|(_, at)| at.elapsed()),
+            );
             if due {
                 match node
                     .write(&Command::SetNodeStorage {
@@ -363,7 +358,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
         }
         if last_gc.elapsed() > Duration::from_secs(60) {
             last_gc = std::time::Instant::now();
-            collect_garbage(&b, &node, &unknown).await;
+            collect_garbage(&b, &node, &mut missing_before).await;
         }
         drop(node);
         drop(b);
@@ -371,10 +366,39 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
     }
 }
 
+/// Whether this node must (re-)register its block store: a member that
+/// never did, one whose address or failure domain changed, or whose use
+/// changed (reported at most once a minute).
+pub fn registration_due(
+    member: bool,
+    recorded: Option<&NodeStorage>,
+    mine: &NodeStorage,
+    since_last_report: Option<Duration>,
+) -> bool {
+    match (recorded, since_last_report) {
+        (None, _) => member,
+        (Some(r), _) if r.addr != mine.addr || r.failure_domain != mine.failure_domain => true,
+        (Some(r), Some(age)) => r.used_bytes != mine.used_bytes && age > Duration::from_secs(60),
+        (Some(r), None) => r.used_bytes != mine.used_bytes,
+    }
+}
+
+/// The volumes whose objects may go: missing from the state now and at the
+/// collection before (a minute apart), so a create still on its way here
+/// is never mistaken for a delete.
+pub fn doomed_volumes(
+    missing_now: &HashSet<String>,
+    missing_before: &HashSet<String>,
+) -> Vec<String> {
+    let mut doomed: Vec<String> = missing_now.intersection(missing_before).cloned().collect();
+    doomed.sort();
+    doomed
+}
+
 /// Deletes the objects of volumes the cluster no longer has (seen missing
 /// on two passes a minute apart, so a create still on its way here is not
 /// mistaken for a delete), and snapshot copies no live snapshot needs.
-async fn collect_garbage(b: &BlockStore, node: &ClusterNode, unknown: &Mutex<HashSet<String>>) {
+async fn collect_garbage(b: &BlockStore, node: &ClusterNode, missing_before: &mut HashSet<String>) {
     if node.linearizable_read().await.is_err() {
         return;
     }
@@ -390,12 +414,8 @@ async fn collect_garbage(b: &BlockStore, node: &ClusterNode, unknown: &Mutex<Has
             Err(_) => return,
         }
     }
-    let doomed: Vec<String> = {
-        let mut seen = unknown.lock().unwrap();
-        let doomed = missing.intersection(&seen).cloned().collect();
-        *seen = missing;
-        doomed
-    };
+    let doomed = doomed_volumes(&missing, missing_before);
+    *missing_before = missing;
     let _ = tokio::task::spawn_blocking(move || {
         for id in doomed {
             match store.delete_volume(&id) {
@@ -426,5 +446,84 @@ pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
             (s.blocks() * f, s.blocks_available() * f)
         }
         Err(_) => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(addr: &str, domain: &str, used_bytes: u64) -> NodeStorage {
+        NodeStorage {
+            addr: addr.into(),
+            capacity_bytes: 100 << 30,
+            used_bytes,
+            failure_domain: domain.into(),
+        }
+    }
+
+    #[test]
+    fn when_a_node_registers_its_block_store() {
+        let mine = storage("10.0.0.1:7445", "rack-1", 5 << 30);
+        let minute = Some(Duration::from_secs(61));
+        let moments = Some(Duration::from_secs(5));
+        let cases = [
+            ("a member never registered", true, None, None, true),
+            ("not yet a member", false, None, None, false),
+            ("unchanged", true, Some(mine.clone()), moments, false),
+            (
+                "moved",
+                true,
+                Some(storage("10.0.0.9:7445", "rack-1", 5 << 30)),
+                moments,
+                true,
+            ),
+            (
+                "relabelled",
+                true,
+                Some(storage("10.0.0.1:7445", "rack-2", 5 << 30)),
+                moments,
+                true,
+            ),
+            (
+                "use changed moments ago",
+                true,
+                Some(storage("10.0.0.1:7445", "rack-1", 4 << 30)),
+                moments,
+                false,
+            ),
+            (
+                "use changed a minute ago",
+                true,
+                Some(storage("10.0.0.1:7445", "rack-1", 4 << 30)),
+                minute,
+                true,
+            ),
+            (
+                "use changed, none reported since start",
+                true,
+                Some(storage("10.0.0.1:7445", "rack-1", 4 << 30)),
+                None,
+                true,
+            ),
+        ];
+        for (name, member, recorded, since, want) in cases {
+            assert_eq!(
+                registration_due(member, recorded.as_ref(), &mine, since),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_volumes_missing_twice_in_a_row_are_collected() {
+        let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        assert!(doomed_volumes(&set(&["a"]), &set(&[])).is_empty());
+        assert_eq!(
+            doomed_volumes(&set(&["a", "b"]), &set(&["b", "c"])),
+            vec!["b"]
+        );
+        assert!(doomed_volumes(&set(&[]), &set(&["c"])).is_empty());
     }
 }

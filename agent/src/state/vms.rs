@@ -624,32 +624,39 @@ impl StateView {
     }
 }
 
+/// A VM record for tests: `vm-1` of project `p` on node 1, spec generation
+/// 2 and observed as such.
+#[cfg(test)]
+pub(crate) fn sample_record(power: PowerState, state: VmState) -> VmRecord {
+    VmRecord {
+        id: "vm-1".into(),
+        name: "web".into(),
+        project: "p".into(),
+        zone: Zone::default(),
+        vcpus: 1,
+        memory_bytes: 256 << 20,
+        anti_affinity: None,
+        node_id: 1,
+        state,
+        reason: None,
+        volumes: Vec::new(),
+        generation: 2,
+        created_at_ms: 0,
+        power,
+        force_stop: false,
+        reboots: 0,
+        boot_volume: None,
+        observed_generation: 2,
+        nics: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn record(power: PowerState, state: VmState) -> VmRecord {
-        VmRecord {
-            id: "vm-1".into(),
-            name: "web".into(),
-            project: "p".into(),
-            zone: Zone::default(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            anti_affinity: None,
-            node_id: 1,
-            state,
-            reason: None,
-            volumes: Vec::new(),
-            generation: 2,
-            created_at_ms: 0,
-            power,
-            force_stop: false,
-            reboots: 0,
-            boot_volume: None,
-            observed_generation: 2,
-            nics: Vec::new(),
-        }
+        sample_record(power, state)
     }
 
     #[test]
