@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use agent::cluster::node::{MemberRole, RaftOptions};
 use agent::state::Command;
-use common::{wait_for, wait_for_async, TestCluster};
+use common::{wait_for, TestCluster};
 use serde_json::json;
 
 fn roles(cluster: &TestCluster, via: usize) -> Vec<(u64, MemberRole)> {
@@ -276,7 +276,7 @@ async fn a_partitioned_minority_cannot_commit_and_its_reads_fail_instead_of_goin
 
     // Healed, it learns what the majority did, and its own write never happened.
     cluster.live(leader).agent.isolation.set(false);
-    wait_for_async(
+    common::wait_for_async(
         "healed node serves the majority's write",
         Duration::from_secs(20),
         || async {

@@ -3,12 +3,17 @@
 use crate::api_types::{AuditFormat, SetZone};
 use std::sync::Arc;
 
+use crate::api::{outcome_as, parse_zone, ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::cluster::join::{sha256_hex, JoinRequest, JoinResponse};
+use crate::cluster::node::{ClusterNode, MemberView};
+use crate::state::audit::AuditEntry;
+use crate::state::nodes::NodeRecord;
+use crate::state::zones::ZonePolicy;
+use crate::state::{validate_name, Command};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-
-use super::*;
 
 #[utoipa::path(get, path = "/v1/cluster/ca", tag = "cluster",
     responses((status = 200, description = "The cluster CA certificate (PEM)", body = String, content_type = "application/x-pem-file")))]

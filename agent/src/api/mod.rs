@@ -12,21 +12,12 @@ use axum::extract::{FromRef, Request, State};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Extension;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::api::authz::Principal;
-use crate::cluster::join::{sha256_hex, JoinRequest, JoinResponse};
-use crate::cluster::node::{ClusterNode, MemberView};
-use crate::state::audit::AuditEntry;
-use crate::state::auth::{ApiTokenRecord, Role, TokenScope};
-use crate::state::nodes::NodeRecord;
-use crate::state::projects::Project;
-use crate::state::vms::VmRecord;
-use crate::state::volumes::VolumeRecord;
-use crate::state::zones::ZonePolicy;
-use crate::state::{validate_name, Command};
+use crate::cluster::node::ClusterNode;
+use crate::state::auth::Role;
 
 pub mod authz;
 mod cluster;

@@ -3,11 +3,13 @@
 use crate::api_types::{CreateProject, UpdateProject};
 use std::sync::Arc;
 
+use crate::api::{outcome_as, ApiError, ApiJson, ApiResult, Principal};
+use crate::cluster::node::ClusterNode;
+use crate::state::projects::Project;
+use crate::state::{validate_name, Command};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-
-use super::*;
 
 pub(super) fn parse_zone(text: &str) -> ApiResult<crate::state::zones::Zone> {
     crate::state::zones::Zone::parse(text).ok_or_else(|| {

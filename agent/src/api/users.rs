@@ -3,13 +3,15 @@
 use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login};
 use std::sync::Arc;
 
+use crate::api::{ApiError, ApiJson, ApiResult, Principal};
+use crate::cluster::node::ClusterNode;
+use crate::state::auth::{ApiTokenRecord, Role, TokenScope};
+use crate::state::{validate_name, Command};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-use super::*;
 
 pub(super) const MIN_PASSWORD_CHARS: usize = 8;
 

@@ -7,9 +7,8 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::Json;
+use axum::{Extension, Json};
 
-use super::*;
 use crate::state::vms::{PowerState, VmState};
 
 pub(super) async fn set_power(
@@ -182,6 +181,14 @@ pub(super) async fn console(
     Ok(upgrade.on_upgrade(move |socket| relay(socket, file)))
 }
 
+use crate::api::{
+    network, outcome_as, read_project, vm_name, volumes, ApiError, ApiJson, ApiResult, AppState,
+    Principal, MAX_VOLUME_BYTES,
+};
+use crate::cluster::node::ClusterNode;
+use crate::state::auth::Role;
+use crate::state::vms::VmRecord;
+use crate::state::{validate_name, Command};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Console bytes to the websocket and websocket bytes to the console,

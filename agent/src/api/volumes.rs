@@ -8,10 +8,16 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 
-use super::*;
+use crate::api::{
+    internal_project, outcome_as, read_project, volume_name, ApiError, ApiJson, ApiQuery,
+    ApiResult, AppState, LocalServices, Principal,
+};
+use crate::cluster::node::ClusterNode;
 use crate::state::operations::{Operation, OperationState, Work};
+use crate::state::volumes::VolumeRecord;
 use crate::state::volumes::{ImageRecord, SnapshotRecord, VolumeSource, IMAGE_PROJECT};
 use crate::state::volumes::{ImageState, VolumeState};
+use crate::state::{validate_name, Command};
 
 pub(super) fn check_size(size: u64) -> ApiResult<()> {
     if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_BYTES {

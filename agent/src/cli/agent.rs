@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::daemon::admin::AdminRequest;
+use crate::daemon::{admin, Agent, AgentOptions};
 use clap::Args;
-
-use super::*;
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {

@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 
+use crate::cli::{tokio_util_reader, Progress};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
-
-use super::*;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
+use crate::cli::{admin, emit, parse_duration_secs, print_table, request, text, ApiArgs};
+use crate::daemon::admin::AdminRequest;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-
-use super::*;
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {

@@ -12,7 +12,7 @@ mod users;
 mod vms;
 mod volumes;
 
-use crate::units::{human_size, parse_size};
+use crate::units::human_size;
 use agent::*;
 pub use agent::{AgentArgs, ComputeArgs, NetworkArgs, UpArgs};
 use client::*;
@@ -30,7 +30,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::daemon::admin::{self, AdminRequest};
-use crate::daemon::{Agent, AgentOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -225,6 +224,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::{human_size, parse_size};
 
     #[test]
     fn sizes_read_and_print_in_binary_units() {

@@ -3,8 +3,9 @@
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::*;
 use crate::api_types::{CreateProject, UpdateProject};
+use crate::cli::{body, print_table, request, text, ApiArgs, Output};
+use crate::units::parse_size;
 
 #[derive(Subcommand, Debug)]
 pub enum ProjectCommand {

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::*;
 use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login};
+use crate::cli::{
+    body, default_config_path, emit, parse_duration_secs, print_table, read_line, request, text,
+    ApiArgs, CliConfig, Output,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum OidcCommand {

@@ -2,8 +2,9 @@
 
 use clap::Subcommand;
 
-use super::*;
 use crate::api_types::{AttachVolume, CreateVm, UpdateVm, VmNicRequest};
+use crate::cli::{body, emit, print_table, text, ApiArgs, ApiClient, Output};
+use crate::units::{human_size, parse_size};
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::*;
 use crate::api_types::{CloneVolume, CreateSnapshot, CreateVolume, Resize, Rollback};
+use crate::cli::{body, emit, print_table, request, text, ApiArgs, Output};
+use crate::units::{human_size, parse_size};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {

@@ -4,9 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use crate::state::network::{
+    rules_prefix, FloatingIpRecord, IpPoolRecord, PortRecord, RuleRecord, SecurityGroupRecord,
+    SubnetRecord, VpcRecord, PREFIX_FIPS, PREFIX_POOLS, PREFIX_PORTS, PREFIX_SGS, PREFIX_SG_RULES,
+    PREFIX_SUBNETS, PREFIX_UNDERLAY, PREFIX_VPCS,
+};
 use allod_raft::NodeId;
-
-use super::*;
 
 /// Typed reads.
 impl crate::state::StateView {
