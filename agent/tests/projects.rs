@@ -1,6 +1,5 @@
-//! A project is deleted only when nothing of it is left: its VMs and
-//! volumes, and its network (VPCs, subnets, ports, floating IPs, security
-//! groups). The `default` security group its first VPC brought goes with it.
+//! A project is deleted only when none of its VMs, volumes, ports or
+//! floating IPs is left; its VPCs, subnets and security groups go with it.
 
 mod common;
 
@@ -9,77 +8,80 @@ use reqwest::Method;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_project_with_network_objects_is_not_deleted_and_its_default_group_goes_with_it() {
+async fn a_project_with_ports_is_not_deleted_and_its_vpcs_subnets_and_groups_go_with_it() {
     let cluster = TestCluster::start(1).await;
     let admin = cluster.client();
     let base = cluster.api_url(0);
-    let created = admin
-        .post(&format!("{base}/v1/projects"), json!({ "name": "web" }))
-        .await
-        .unwrap();
-    assert_eq!(created.status, 201, "{}", created.body);
-    let vpc = admin
-        .post(
-            &format!("{base}/v1/projects/web/vpcs"),
-            json!({ "name": "main" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(vpc.status, 201, "{}", vpc.body);
-    let group = admin
-        .post(
-            &format!("{base}/v1/projects/web/security-groups"),
-            json!({ "name": "frontend" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(group.status, 201, "{}", group.body);
+    let post = |path: &str, body: serde_json::Value| {
+        let (admin, url) = (admin.clone(), format!("{base}{path}"));
+        async move {
+            let reply = admin.post(&url, body).await.unwrap();
+            assert_eq!(reply.status, 201, "POST {url}: {}", reply.body);
+            reply.body
+        }
+    };
+    post("/v1/projects", json!({ "name": "web" })).await;
+    let vpc = post("/v1/projects/web/vpcs", json!({ "name": "main" })).await;
+    assert_eq!(vpc["vni"], 1, "{vpc}");
+    post(
+        "/v1/projects/web/vpcs/main/subnets",
+        json!({ "name": "front", "cidr": "10.9.0.0/24" }),
+    )
+    .await;
+    post(
+        "/v1/projects/web/security-groups",
+        json!({ "name": "frontend" }),
+    )
+    .await;
+    post(
+        "/v1/projects/web/ports",
+        json!({ "name": "host1", "subnet": "front", "node": 1 }),
+    )
+    .await;
 
+    // A port is in use (its address may be on a host outside Allod): the
+    // project stays, and says why.
     let refused = admin
         .send(Method::DELETE, &format!("{base}/v1/projects/web"), None)
         .await
         .unwrap();
     assert_eq!(refused.status, 409, "{}", refused.body);
     let message = refused.body["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("1 VPC(s)") && message.contains("1 security group(s) besides `default`"),
-        "{message}"
-    );
+    assert!(message.contains("1 port(s)"), "{message}");
     let vpcs = admin
         .get(&format!("{base}/v1/projects/web/vpcs"))
         .await
         .unwrap();
     assert_eq!(vpcs.body.as_array().map(Vec::len), Some(1), "{}", vpcs.body);
 
-    for path in ["security-groups/frontend", "vpcs/main"] {
-        let deleted = admin
-            .send(
-                Method::DELETE,
-                &format!("{base}/v1/projects/web/{path}"),
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(deleted.status, 204, "{path}: {}", deleted.body);
-    }
+    let deleted = admin
+        .send(
+            Method::DELETE,
+            &format!("{base}/v1/projects/web/ports/host1"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
     let deleted = admin
         .send(Method::DELETE, &format!("{base}/v1/projects/web"), None)
         .await
         .unwrap();
     assert_eq!(deleted.status, 204, "{}", deleted.body);
 
-    // A new project of the same name starts with no security group at all.
-    let again = admin
-        .post(&format!("{base}/v1/projects"), json!({ "name": "web" }))
-        .await
-        .unwrap();
-    assert_eq!(again.status, 201, "{}", again.body);
-    let groups = admin
-        .get(&format!("{base}/v1/projects/web/security-groups"))
-        .await
-        .unwrap();
-    assert_eq!(groups.status, 200, "{}", groups.body);
-    assert_eq!(groups.body, json!([]));
+    // Nothing of it is left: a new project of the same name has no VPC and
+    // no security group, and the VNI is free again.
+    post("/v1/projects", json!({ "name": "web" })).await;
+    for path in ["vpcs", "security-groups"] {
+        let listed = admin
+            .get(&format!("{base}/v1/projects/web/{path}"))
+            .await
+            .unwrap();
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert_eq!(listed.body, json!([]), "{path}");
+    }
+    let again = post("/v1/projects/web/vpcs", json!({ "name": "other" })).await;
+    assert_eq!(again["vni"], 1, "{again}");
     cluster.shutdown().await;
 }
 

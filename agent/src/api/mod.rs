@@ -449,7 +449,49 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(time_limit))
+        .layer(middleware::from_fn(read_body_first))
         .with_state(state)
+}
+
+/// The most a refused request's body is read before its connection is let
+/// go of anyway.
+const DRAIN_MAX_BYTES: usize = 16 << 20;
+
+/// Reads a request's whole body before anything answers it. An answer sent
+/// while the client is still sending (a refusal by the authorisation layer,
+/// a malformed path, a body too large) would otherwise make the server drop
+/// a connection the client is still writing to, and the client would see
+/// its connection cut instead of the answer. Image uploads stream and are
+/// left alone.
+async fn read_body_first(req: Request, next: middleware::Next) -> Response {
+    use http_body_util::BodyExt;
+    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/images" {
+        return next.run(req).await;
+    }
+    let (parts, mut body) = req.into_parts();
+    let mut bytes = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return ApiError::bad_request("the request body broke off").into_response();
+        };
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            if read <= MAX_BODY_BYTES {
+                bytes.extend_from_slice(&data);
+            } else if read > DRAIN_MAX_BYTES {
+                break;
+            }
+        }
+    }
+    if read > MAX_BODY_BYTES {
+        return ApiError::too_large(format!(
+            "request body is larger than {MAX_BODY_BYTES} bytes"
+        ))
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Every request but an image upload (which takes as long as the image

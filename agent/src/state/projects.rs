@@ -105,8 +105,8 @@ pub(super) fn delete_project(kv: &mut KvWrite<'_>, name: String) -> Result<Outco
                 ),
             ))
         } else if !network.is_empty() {
-            // Left behind, they would hold addresses, VNIs and floating IPs
-            // nobody could see or release any more.
+            // Left behind, they would hold addresses nobody could see or
+            // release any more.
             Err(domain(
                 ErrorCode::FailedPrecondition,
                 format!(
@@ -116,7 +116,7 @@ pub(super) fn delete_project(kv: &mut KvWrite<'_>, name: String) -> Result<Outco
             ))
         } else {
             kv.delete(&key)?;
-            super::network::delete_project_defaults(kv, &name)?;
+            super::network::delete_project_network(kv, &name)?;
             // Roles in a deleted project go with it.
             for (grant_key, _) in kv.scan(PREFIX_USER_GRANTS)? {
                 if grant_key.rsplit('/').next() == Some(name.as_str()) {

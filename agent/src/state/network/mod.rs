@@ -786,40 +786,38 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
         }
     })
 }
-/// What of a project's network is left that its owner made: VPCs (with
-/// their subnets), ports, floating IPs, and security groups other than the
-/// `default` group the first VPC brought. Counted per kind, in words.
+/// What of a project's network is in use and must be let go of by its
+/// owner before the project can go: ports (addresses handed out, maybe to a
+/// host outside Allod) and floating IPs (addresses from a shared pool).
+/// Counted per kind, in words.
 pub fn project_leftovers(kv: &impl KvRead, project: &str) -> KvResult<Vec<String>> {
-    let vpcs = kv.scan(&format!("{PREFIX_VPCS}{project}/"))?.len();
-    let subnets = kv.scan(&format!("{PREFIX_SUBNETS}{project}/"))?.len();
     let ports = kv.scan(&format!("{PREFIX_PORTS}{project}/"))?.len();
-    let groups = list::<SecurityGroupRecord>(kv, &format!("{PREFIX_SGS}{project}/"))?
-        .into_iter()
-        .filter(|g| g.name != "default")
-        .count();
     let floating_ips = list::<FloatingIpRecord>(kv, PREFIX_FIPS)?
         .into_iter()
         .filter(|f| f.project == project)
         .count();
-    Ok([
-        (vpcs, "VPC(s)"),
-        (subnets, "subnet(s)"),
-        (ports, "port(s)"),
-        (groups, "security group(s) besides `default`"),
-        (floating_ips, "floating IP(s)"),
-    ]
-    .into_iter()
-    .filter(|(count, _)| *count > 0)
-    .map(|(count, what)| format!("{count} {what}"))
-    .collect())
+    Ok([(ports, "port(s)"), (floating_ips, "floating IP(s)")]
+        .into_iter()
+        .filter(|(count, _)| *count > 0)
+        .map(|(count, what)| format!("{count} {what}"))
+        .collect())
 }
 
-/// Removes the `default` security group and its rules, with the project.
-pub fn delete_project_defaults(kv: &mut KvWrite<'_>, project: &str) -> KvResult<()> {
-    for (key, _) in kv.scan(&rules_prefix(project, "default"))? {
+/// Removes the rest of a project's network with it: its VPCs (their VNIs
+/// become free), subnets, security groups and their rules. Ports and
+/// floating IPs must be gone already ([`project_leftovers`]).
+pub fn delete_project_network(kv: &mut KvWrite<'_>, project: &str) -> KvResult<()> {
+    for (key, bytes) in kv.scan(&format!("{PREFIX_VPCS}{project}/"))? {
+        if let Ok(vpc) = serde_json::from_slice::<VpcRecord>(&bytes) {
+            kv.delete(&format!("{PREFIX_VNIS}{}", vpc.vni))?;
+        }
         kv.delete(&key)?;
     }
-    kv.delete(&format!("{PREFIX_SGS}{project}/default"))?;
+    for prefix in [PREFIX_SUBNETS, PREFIX_SGS, PREFIX_SG_RULES] {
+        for (key, _) in kv.scan(&format!("{prefix}{project}/"))? {
+            kv.delete(&key)?;
+        }
+    }
     Ok(())
 }
 
