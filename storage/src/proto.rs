@@ -53,9 +53,13 @@ pub enum Request {
     DeleteVolume {
         volume: String,
     },
+    /// Removes snapshot copies no snapshot in `live` needs, among those
+    /// of snapshots up to `known_seq` (a newer snapshot's copies are never
+    /// touched: the caller did not know of it).
     TrimSnapshots {
         volume: String,
         live: Vec<u64>,
+        known_seq: u64,
     },
     List {
         volume: String,
@@ -246,9 +250,13 @@ impl Request {
                 o.str(volume);
                 o.finish()
             }
-            Request::TrimSnapshots { volume, live } => {
+            Request::TrimSnapshots {
+                volume,
+                live,
+                known_seq,
+            } => {
                 let mut o = Out::new(id, 8);
-                o.str(volume).u32(live.len() as u32);
+                o.str(volume).u64(*known_seq).u32(live.len() as u32);
                 for s in live {
                     o.u64(*s);
                 }
@@ -310,6 +318,7 @@ impl Request {
             7 => Request::DeleteVolume { volume: i.str()? },
             8 => {
                 let volume = i.str()?;
+                let known_seq = i.u64()?;
                 let n = i.u32()? as usize;
                 if n > body.len() / 8 {
                     return Err(DecodeError(format!(
@@ -317,7 +326,11 @@ impl Request {
                     )));
                 }
                 let live = (0..n).map(|_| i.u64()).collect::<Result<_, _>>()?;
-                Request::TrimSnapshots { volume, live }
+                Request::TrimSnapshots {
+                    volume,
+                    live,
+                    known_seq,
+                }
             }
             9 => Request::List { volume: i.str()? },
             other => return Err(DecodeError(format!("unknown operation {other}"))),
@@ -468,6 +481,7 @@ mod tests {
             Request::TrimSnapshots {
                 volume: v(),
                 live: vec![1, 5],
+                known_seq: 6,
             },
             Request::List { volume: v() },
         ]

@@ -495,7 +495,12 @@ impl ObjectStore {
     }
 
     /// Deletes clone files that no live snapshot needs any more.
-    pub fn trim_snapshots(&self, volume: &str, live: &[u64]) -> Result<usize, StoreError> {
+    pub fn trim_snapshots(
+        &self,
+        volume: &str,
+        live: &[u64],
+        known_seq: u64,
+    ) -> Result<usize, StoreError> {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(0);
         };
@@ -507,6 +512,9 @@ impl ObjectStore {
             let dead: Vec<u64> = st
                 .clones
                 .iter()
+                // A copy for a snapshot newer than the caller knows of
+                // (taken after it read `live`) is that snapshot's.
+                .filter(|(hi, _)| **hi <= known_seq)
                 .filter(|(hi, lo)| !live.iter().any(|s| *s > **lo && *s <= **hi))
                 .map(|(hi, _)| *hi)
                 .collect();
@@ -1185,10 +1193,26 @@ mod tests {
         s.write("v1", 0, 0, b"c", 3, 1).unwrap(); // clone (1,3]: snapshots 2, 3
         assert_eq!(s.list("v1").unwrap()[0].clones, vec![(0, 1), (1, 3)]);
         // Snapshot 1 deleted; 3 lives.
-        assert_eq!(s.trim_snapshots("v1", &[3]).unwrap(), 1);
+        assert_eq!(s.trim_snapshots("v1", &[3], 3).unwrap(), 1);
         assert_eq!(read(&s, Some(3), 0, 1).unwrap(), b"b");
-        assert_eq!(s.trim_snapshots("v1", &[]).unwrap(), 1);
+        assert_eq!(s.trim_snapshots("v1", &[], 3).unwrap(), 1);
         assert!(s.list("v1").unwrap()[0].clones.is_empty());
+    }
+
+    /// The collector reads the live snapshots, then trims; a snapshot taken
+    /// in between (and a write under it that made its first copy) is not
+    /// among them. Its copy must survive the trim.
+    #[test]
+    fn a_snapshot_taken_while_the_collector_runs_keeps_its_copy() {
+        let (_d, s) = store();
+        s.write("v1", 0, 0, b"a", 0, 1).unwrap();
+        // The collector reads: no live snapshot, the volume at seq 0.
+        let (live, known_seq): (Vec<u64>, u64) = (Vec::new(), 0);
+        // Meanwhile snapshot 1 is taken and the object written under it.
+        s.write("v1", 0, 0, b"b", 1, 1).unwrap();
+        assert_eq!(s.list("v1").unwrap()[0].clones, vec![(0, 1)]);
+        assert_eq!(s.trim_snapshots("v1", &live, known_seq).unwrap(), 0);
+        assert_eq!(read(&s, Some(1), 0, 1).unwrap(), b"a");
     }
 
     #[test]

@@ -96,9 +96,13 @@ fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError
             .rollback(&volume, snap, seq, epoch)
             .map(|()| Response::Done),
         Request::DeleteVolume { volume } => store.delete_volume(&volume).map(|()| Response::Done),
-        Request::TrimSnapshots { volume, live } => {
-            store.trim_snapshots(&volume, &live).map(|_| Response::Done)
-        }
+        Request::TrimSnapshots {
+            volume,
+            live,
+            known_seq,
+        } => store
+            .trim_snapshots(&volume, &live, known_seq)
+            .map(|_| Response::Done),
         other => Err(StoreError::Invalid(format!(
             "not a slow request: {other:?}"
         ))),

@@ -410,7 +410,11 @@ async fn collect_garbage(b: &BlockStore, node: &ClusterNode, missing_before: &mu
             Ok(None) => {
                 missing.insert(id);
             }
-            Ok(Some(v)) => trims.push((id, v.snapshots.iter().map(|s| s.id).collect::<Vec<_>>())),
+            Ok(Some(v)) => trims.push((
+                id,
+                v.snapshots.iter().map(|s| s.id).collect::<Vec<_>>(),
+                v.seq,
+            )),
             Err(_) => return,
         }
     }
@@ -425,8 +429,8 @@ async fn collect_garbage(b: &BlockStore, node: &ClusterNode, missing_before: &mu
                 }
             }
         }
-        for (id, live) in trims {
-            match store.trim_snapshots(&id, &live) {
+        for (id, live, known_seq) in trims {
+            match store.trim_snapshots(&id, &live, known_seq) {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(volume = %id, "removed {n} snapshot copies no snapshot needs")
