@@ -50,7 +50,6 @@ const TF_SEND_FLUSH: u16 = 4;
 const TF_SEND_FUA: u16 = 8;
 const TF_SEND_TRIM: u16 = 32;
 const TF_SEND_WRITE_ZEROES: u16 = 64;
-const TF_CAN_MULTI_CONN: u16 = 256;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -177,13 +176,12 @@ async fn reply<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// `TF_CAN_MULTI_CONN` is not offered: it promises that a flush on one
+/// connection makes every connection's completed writes durable, and here a
+/// flush on a second connection while the first one's fsync runs can
+/// return before that fsync ends. Clients then use one connection.
 fn transmission_flags(read_only: bool) -> u16 {
-    let mut f = TF_HAS_FLAGS
-        | TF_SEND_FLUSH
-        | TF_SEND_FUA
-        | TF_SEND_TRIM
-        | TF_SEND_WRITE_ZEROES
-        | TF_CAN_MULTI_CONN;
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
     if read_only {
         f |= TF_READ_ONLY;
     }

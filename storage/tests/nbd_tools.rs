@@ -343,6 +343,8 @@ fn qemu_img_convert_compare_and_nbdcopy_move_real_data() {
         info.contains(&format!("\"export-size\": {}", 24 * MIB)),
         "{info}"
     );
+    // A flush is no barrier across connections, so several are not offered.
+    assert!(info.contains("\"can_multi_conn\": false"), "{info}");
     let list = run(
         "nbdinfo",
         &[
