@@ -1,5 +1,9 @@
 //! The cluster model: the commands that change the replicated state, how
-//! they apply, and typed reads of the result.
+//! they apply, and typed reads of the result. It knows nothing of HTTP,
+//! clap, libvirt or the Raft node that carries it: this file holds the key
+//! layout, [`Command`] with its [`Command::effects`] table and the dispatch;
+//! each resource's module holds its records, its apply functions and its
+//! reads.
 //!
 //! Applying is deterministic: every input that varies between nodes (time,
 //! random ids, hashes of secrets) is decided by the proposer and carried in
