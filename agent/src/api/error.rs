@@ -103,6 +103,13 @@ impl ApiError {
         Self::new(status, "upgrade_required", message)
     }
 
+    /// 413 for a request body over [`MAX_BODY_BYTES`].
+    pub fn body_too_large() -> Self {
+        Self::too_large(format!(
+            "request body is larger than {MAX_BODY_BYTES} bytes"
+        ))
+    }
+
     pub fn too_large(message: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
@@ -218,11 +225,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let value = match Json::<serde_json::Value>::from_request(req, state).await {
             Ok(Json(value)) => value,
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-                ))
+                return Err(ApiError::body_too_large())
             }
             Err(rejection) => {
                 return Err(ApiError::new(

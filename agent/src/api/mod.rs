@@ -465,7 +465,7 @@ const DRAIN_MAX_BYTES: usize = 16 << 20;
 /// left alone.
 async fn read_body_first(req: Request, next: middleware::Next) -> Response {
     use http_body_util::BodyExt;
-    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/images" {
+    if is_image_upload(&req) {
         return next.run(req).await;
     }
     let (parts, mut body) = req.into_parts();
@@ -485,19 +485,23 @@ async fn read_body_first(req: Request, next: middleware::Next) -> Response {
         }
     }
     if read > MAX_BODY_BYTES {
-        return ApiError::too_large(format!(
-            "request body is larger than {MAX_BODY_BYTES} bytes"
-        ))
-        .into_response();
+        return ApiError::body_too_large().into_response();
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
 }
 
+/// An image upload streams its body for as long as the image takes to
+/// send, so neither the request time limit nor reading the body first
+/// applies to it.
+fn is_image_upload(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST && req.uri().path() == "/v1/images"
+}
+
 /// Every request but an image upload (which takes as long as the image
 /// takes to send) gets [`REQUEST_TIMEOUT`].
 async fn time_limit(req: Request, next: middleware::Next) -> Response {
-    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/images" {
+    if is_image_upload(&req) {
         return next.run(req).await;
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {

@@ -220,18 +220,15 @@ pub(super) async fn rollback_volume(
     // Carried out by this node's storage reconciler, which would retry it
     // after a restart; the answer waits for it.
     blocks(&app.local)?;
-    let operation = Operation {
-        id: crate::cluster::join::random_hex(8),
-        node: node.id,
-        work: Work::RollbackVolume {
+    let operation = Operation::pending(
+        crate::cluster::join::random_hex(8),
+        node.id,
+        Work::RollbackVolume {
             volume_id: volume.id.clone(),
             snapshot_id: snap.id,
         },
-        created_at_ms: crate::cluster::join::now_ms(),
-        state: OperationState::Pending,
-        error: None,
-        finished_at_ms: None,
-    };
+        crate::cluster::join::now_ms(),
+    );
     let id = operation.id.clone();
     node.write(&Command::StartOperation { operation }).await??;
     if let Some(error) = wait_for_operation(&node, &id).await?.error {
@@ -395,18 +392,15 @@ pub(super) async fn import_image(
         volume_id: volume.id.clone(),
         created_at_ms: crate::cluster::join::now_ms(),
     };
-    let operation = Operation {
-        id: operation_id.clone(),
-        node: node.id,
-        work: Work::ImportImage {
+    let operation = Operation::pending(
+        operation_id.clone(),
+        node.id,
+        Work::ImportImage {
             image: q.name.clone(),
             upload,
         },
-        created_at_ms: crate::cluster::join::now_ms(),
-        state: OperationState::Pending,
-        error: None,
-        finished_at_ms: None,
-    };
+        crate::cluster::join::now_ms(),
+    );
     node.write(&Command::CreateImage {
         image,
         volume,
@@ -465,16 +459,9 @@ fn image_error(e: image::ImageError) -> ApiError {
 /// refused); a qcow2 image is also read whole by `qemu-img info`, which
 /// finds damage past its header before anything is stored.
 async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<image::ConversionPlan> {
-    let mut head = vec![0u8; image::HEADER_PROBE_BYTES.min(len as usize)];
-    {
-        use tokio::io::AsyncReadExt;
-        let mut f = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
-        f.read_exact(&mut head)
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
-    }
+    let head = crate::reconcile::operations::read_head(path)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
     let plan = image::plan(&head, len).map_err(image_error)?;
     if plan.format == image::Format::Qcow2 {
         let out = tokio::process::Command::new("qemu-img")

@@ -177,7 +177,8 @@ async fn import(
     }
 }
 
-async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+/// The first bytes of an upload, as many as `image::plan` looks at.
+pub async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::with_capacity(image::HEADER_PROBE_BYTES);
     tokio::fs::File::open(path)

@@ -60,6 +60,21 @@ pub struct OperationError {
     pub message: String,
 }
 
+impl Operation {
+    /// A new operation, to be carried out by `node`.
+    pub fn pending(id: String, node: NodeId, work: Work, now_ms: u64) -> Self {
+        Operation {
+            id,
+            node,
+            work,
+            created_at_ms: now_ms,
+            state: OperationState::Pending,
+            error: None,
+            finished_at_ms: None,
+        }
+    }
+}
+
 fn key(id: &str) -> String {
     format!("{PREFIX_OPERATIONS}{id}")
 }
