@@ -298,6 +298,12 @@ pub struct CreateVolume {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u8>,
+    /// In-sync copies a write needs before it is acknowledged (at most
+    /// `replicas`); default 2, or 1 for a single replica. With fewer in
+    /// sync, writes fail (the volume is `degraded`) until a replica returns.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3)]
+    pub min_replicas: Option<u8>,
     /// Clone an image (copy-on-write: instant, whatever its size).
     #[serde(default)]
     pub from_image: Option<String>,

@@ -7,7 +7,10 @@ mod common;
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use common::wait_for;
+use storage::ObjectStore;
 
 use support::{build_boot_disk, qemu_io, run, sha256, Cluster, Domain};
 
@@ -272,10 +275,13 @@ async fn volumes_snapshots_clones_and_images_across_three_nodes() {
     c.allod_ok(&["volume", "delete", "v1", "--project", "p"]);
 
     guest_boots_from_a_cloned_image_and_its_writes_read_back(&c).await;
-    a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(&mut c).await;
+    a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when_it_returns(&mut c)
+        .await;
 }
 
-async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: &mut Cluster) {
+async fn a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when_it_returns(
+    c: &mut Cluster,
+) {
     let v = c.json(&[
         "volume",
         "create",
@@ -285,13 +291,62 @@ async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: 
         "--size",
         "16M",
     ]);
+    assert_eq!(v["replicas"], 3, "{v}");
+    assert_eq!(v["min_replicas"], 2, "{v}");
+    assert_eq!(v["in_sync"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["out_of_sync"], serde_json::json!([]), "{v}");
     let id = v["id"].as_str().unwrap().to_string();
+    // A volume that wants every copy for each write.
+    c.allod_ok(&[
+        "volume",
+        "create",
+        "strict",
+        "--project",
+        "p",
+        "--size",
+        "8M",
+        "--min-replicas",
+        "3",
+    ]);
+    let strict = c.volume_id("strict");
+    let err = c.allod_fails(&[
+        "volume",
+        "create",
+        "nonsense",
+        "--project",
+        "p",
+        "--size",
+        "8M",
+        "--replicas",
+        "2",
+        "--min-replicas",
+        "3",
+    ]);
+    assert!(err.contains("min_replicas"), "{err}");
     qemu_io(&c.uri(0, &id), &["write -P 0x61 0 8M", "flush"]);
-    // The third node dies (two of three keep the cluster's quorum).
-    c.children[2].kill().unwrap();
-    c.children[2].wait().unwrap();
+    qemu_io(&c.uri(0, &strict), &["write -P 0x11 0 1M", "flush"]);
+
+    // The third node dies (two of three keep the cluster's quorum): writes
+    // go on with two in-sync copies, acknowledged within a bounded time.
+    let dead = c.node_id(2);
+    c.kill(2);
+    let started = Instant::now();
+    qemu_io(&c.uri(0, &id), &["write -P 0x62 0 1M", "flush"]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "a write with one replica down took {took:?}"
+    );
+    let v = c.json(&["volume", "show", "survivor", "--project", "p"]);
+    assert_eq!(v["state"], "degraded", "{v}");
+    assert_eq!(v["out_of_sync"], serde_json::json!([dead]), "{v}");
+    assert!(
+        !v["in_sync"].as_array().unwrap().contains(&dead.into()),
+        "{v}"
+    );
+    // A volume that needs all three copies refuses the write plainly.
     let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x62 0 1M", &c.uri(0, &id)])
+        .args(["-f", "raw", "-c", "write -P 0x12 0 1M", &c.uri(0, &strict)])
         .output()
         .unwrap();
     let text = format!(
@@ -299,14 +354,64 @@ async fn a_lost_replica_fails_writes_cleanly_and_keeps_what_was_acknowledged(c: 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains("Input/output error"),
-        "a write needing the dead replica must fail: {text}"
-    );
-    // What was acknowledged before is all there, from the surviving replicas,
-    // through either live node.
-    qemu_io(&c.uri(1, &id), &["read -P 0x61 1M 7M"]);
-    qemu_io(&c.uri(0, &id), &["read -P 0x61 1M 7M"]);
+    assert!(text.contains("Input/output error"), "{text}");
+    let s = c.json(&["volume", "show", "strict", "--project", "p"]);
+    assert_eq!(s["state"], "degraded", "{s}");
+    // Another node takes over as writer and reads what was acknowledged.
+    qemu_io(&c.uri(1, &id), &["read -P 0x62 0 1M", "read -P 0x61 1M 7M"]);
+
+    // The node returns with its old copies. A read through it never sees
+    // them: it is not in sync, so it reads from the replicas that are,
+    // until its resync brings it back.
+    c.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x62 0 1M",
+                "-c",
+                "read -P 0x61 1M 7M",
+                &c.uri(2, &id),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "a read through the returning node went back in time: {text}"
+        );
+        if out.status.success() && !text.contains("error") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never served: {text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_for(
+        "the returned replica in sync again",
+        Duration::from_secs(60),
+        || {
+            let v = c.json(&["volume", "show", "survivor", "--project", "p"]);
+            v["state"] == "available" && v["in_sync"].as_array().unwrap().len() == 3
+        },
+    )
+    .await;
+    // Now its own copy is read (local first) and holds the new data.
+    qemu_io(&c.uri(2, &id), &["read -P 0x62 0 1M", "read -P 0x61 1M 7M"]);
+    let store = ObjectStore::open(&c.dirs[2].join("storage")).unwrap();
+    let here = store.list(&id).unwrap();
+    assert_eq!(here.iter().filter(|o| o.head).count(), 2, "{here:?}");
+    // The strict volume resyncs too and takes writes again.
+    wait_for(
+        "the strict volume in sync again",
+        Duration::from_secs(60),
+        || c.json(&["volume", "show", "strict", "--project", "p"])["state"] == "available",
+    )
+    .await;
+    qemu_io(&c.uri(0, &strict), &["write -P 0x13 0 1M", "flush"]);
 }
 
 /// Where `.ci/guest-kit` put the kernel, virtio modules and busybox.

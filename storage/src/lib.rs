@@ -16,4 +16,4 @@ pub mod volume;
 
 pub use placement::{MapNode, StorageMap};
 pub use store::ObjectStore;
-pub use volume::{ParentSpec, Storage, VolumeHandle, VolumeSpec};
+pub use volume::{IoError, ParentSpec, ReplicaSets, Storage, VolumeHandle, VolumeSpec};

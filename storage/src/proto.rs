@@ -30,12 +30,16 @@ pub enum Request {
         seq: u64,
         epoch: u64,
     },
+    /// A read of the head (`snap: None`) must carry the replica's current
+    /// writer epoch; a snapshot's bytes never change, so its reads may
+    /// carry 0.
     Read {
         volume: String,
         index: u64,
         snap: Option<u64>,
         offset: u32,
         len: u32,
+        epoch: u64,
     },
     Exists {
         volume: String,
@@ -64,6 +68,39 @@ pub enum Request {
     List {
         volume: String,
     },
+    /// Installs a writer's epoch before its first I/O (durably); answers
+    /// the epoch the replica held before.
+    Fence {
+        volume: String,
+        epoch: u64,
+    },
+    /// What the replica holds of one object.
+    Stat {
+        volume: String,
+        index: u64,
+    },
+    /// Resync: one snapshot copy of an object, whole (`data` is its bytes).
+    PutClone {
+        volume: String,
+        index: u64,
+        epoch: u64,
+        lo: u64,
+        hi: u64,
+        version: u64,
+        data: Vec<u8>,
+    },
+    /// Resync: an object's head, whole, replacing the replica's; snapshot
+    /// copies not in `keep` are removed after it.
+    PutHead {
+        volume: String,
+        index: u64,
+        epoch: u64,
+        version: u64,
+        seq: u64,
+        absent: bool,
+        keep: Vec<u64>,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +109,9 @@ pub enum ErrorKind {
     Checksum = 2,
     Invalid = 3,
     Io = 4,
+    /// The request's epoch is newer than the replica's: it was never fenced
+    /// for that writer (it was out of sync, or lost its disk).
+    NotFenced = 5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +121,7 @@ pub enum Response {
     Absent,
     Bool(bool),
     Objects(Vec<ObjectInfo>),
+    Number(u64),
     Error { kind: ErrorKind, message: String },
 }
 
@@ -216,13 +257,15 @@ impl Request {
                 snap,
                 offset,
                 len,
+                epoch,
             } => {
                 let mut o = Out::new(id, 3);
                 o.str(volume)
                     .u64(*index)
                     .u64(snap.unwrap_or(NO_SNAP))
                     .u32(*offset)
-                    .u32(*len);
+                    .u32(*len)
+                    .u64(*epoch);
                 o.finish()
             }
             Request::Exists { volume, index } => {
@@ -267,6 +310,59 @@ impl Request {
                 o.str(volume);
                 o.finish()
             }
+            Request::Fence { volume, epoch } => {
+                let mut o = Out::new(id, 10);
+                o.str(volume).u64(*epoch);
+                o.finish()
+            }
+            Request::Stat { volume, index } => {
+                let mut o = Out::new(id, 11);
+                o.str(volume).u64(*index);
+                o.finish()
+            }
+            Request::PutClone {
+                volume,
+                index,
+                epoch,
+                lo,
+                hi,
+                version,
+                data,
+            } => {
+                let mut o = Out::new(id, 12);
+                o.str(volume)
+                    .u64(*index)
+                    .u64(*epoch)
+                    .u64(*lo)
+                    .u64(*hi)
+                    .u64(*version)
+                    .bytes(data);
+                o.finish()
+            }
+            Request::PutHead {
+                volume,
+                index,
+                epoch,
+                version,
+                seq,
+                absent,
+                keep,
+                data,
+            } => {
+                let mut o = Out::new(id, 13);
+                o.str(volume)
+                    .u64(*index)
+                    .u64(*epoch)
+                    .u64(*version)
+                    .u64(*seq)
+                    .u8(u8::from(*absent))
+                    .u32(keep.len() as u32);
+                for k in keep {
+                    o.u64(*k);
+                }
+                o.bytes(data);
+                o.finish()
+            }
         }
     }
 
@@ -303,6 +399,7 @@ impl Request {
                 snap: Some(i.u64()?).filter(|s| *s != NO_SNAP),
                 offset: i.u32()?,
                 len: i.u32()?,
+                epoch: i.u64()?,
             },
             4 => Request::Exists {
                 volume: i.str()?,
@@ -333,6 +430,54 @@ impl Request {
                 }
             }
             9 => Request::List { volume: i.str()? },
+            10 => Request::Fence {
+                volume: i.str()?,
+                epoch: i.u64()?,
+            },
+            11 => Request::Stat {
+                volume: i.str()?,
+                index: i.u64()?,
+            },
+            12 => {
+                let (volume, index, epoch, lo, hi, version) =
+                    (i.str()?, i.u64()?, i.u64()?, i.u64()?, i.u64()?, i.u64()?);
+                Request::PutClone {
+                    volume,
+                    index,
+                    epoch,
+                    lo,
+                    hi,
+                    version,
+                    data: i.rest(),
+                }
+            }
+            13 => {
+                let (volume, index, epoch, version, seq, absent) = (
+                    i.str()?,
+                    i.u64()?,
+                    i.u64()?,
+                    i.u64()?,
+                    i.u64()?,
+                    i.u8()? != 0,
+                );
+                let n = i.u32()? as usize;
+                if n > body.len() / 8 {
+                    return Err(DecodeError(format!(
+                        "{n} snapshot copies cannot fit in the frame"
+                    )));
+                }
+                let keep = (0..n).map(|_| i.u64()).collect::<Result<_, _>>()?;
+                Request::PutHead {
+                    volume,
+                    index,
+                    epoch,
+                    version,
+                    seq,
+                    absent,
+                    keep,
+                    data: i.rest(),
+                }
+            }
             other => return Err(DecodeError(format!("unknown operation {other}"))),
         };
         i.end()?;
@@ -361,12 +506,18 @@ impl Response {
                 for obj in list {
                     o.u64(obj.index)
                         .u64(obj.version)
+                        .u64(obj.seq)
                         .u8(u8::from(obj.head))
                         .u32(obj.clones.len() as u32);
                     for (lo, hi) in &obj.clones {
                         o.u64(*lo).u64(*hi);
                     }
                 }
+                o.finish()
+            }
+            Response::Number(n) => {
+                let mut o = Out::new(id, 6);
+                o.u64(*n);
                 o.finish()
             }
             Response::Error { kind, message } => {
@@ -387,13 +538,18 @@ impl Response {
             3 => Response::Bool(i.u8()? != 0),
             4 => {
                 let n = i.u32()? as usize;
-                if n > body.len() / 21 {
+                if n > body.len() / 29 {
                     return Err(DecodeError(format!("{n} objects cannot fit in the frame")));
                 }
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let (index, version, head, m) =
-                        (i.u64()?, i.u64()?, i.u8()? != 0, i.u32()? as usize);
+                    let (index, version, seq, head, m) = (
+                        i.u64()?,
+                        i.u64()?,
+                        i.u64()?,
+                        i.u8()? != 0,
+                        i.u32()? as usize,
+                    );
                     if m > body.len() / 16 {
                         return Err(DecodeError(format!("{m} clones cannot fit in the frame")));
                     }
@@ -403,6 +559,7 @@ impl Response {
                     list.push(ObjectInfo {
                         index,
                         version,
+                        seq,
                         head,
                         clones,
                     });
@@ -414,6 +571,7 @@ impl Response {
                     1 => ErrorKind::StaleEpoch,
                     2 => ErrorKind::Checksum,
                     3 => ErrorKind::Invalid,
+                    5 => ErrorKind::NotFenced,
                     _ => ErrorKind::Io,
                 };
                 Response::Error {
@@ -421,6 +579,7 @@ impl Response {
                     message: i.str()?,
                 }
             }
+            6 => Response::Number(i.u64()?),
             other => return Err(DecodeError(format!("unknown status {other}"))),
         };
         i.end()?;
@@ -458,6 +617,7 @@ mod tests {
                 snap: Some(4),
                 offset: 5,
                 len: 6,
+                epoch: 0,
             },
             Request::Read {
                 volume: v(),
@@ -465,6 +625,7 @@ mod tests {
                 snap: None,
                 offset: 5,
                 len: 6,
+                epoch: 3,
             },
             Request::Exists {
                 volume: v(),
@@ -484,6 +645,33 @@ mod tests {
                 known_seq: 6,
             },
             Request::List { volume: v() },
+            Request::Fence {
+                volume: v(),
+                epoch: 4,
+            },
+            Request::Stat {
+                volume: v(),
+                index: 2,
+            },
+            Request::PutClone {
+                volume: v(),
+                index: 2,
+                epoch: 4,
+                lo: 1,
+                hi: 3,
+                version: 9,
+                data: vec![5; 7],
+            },
+            Request::PutHead {
+                volume: v(),
+                index: 2,
+                epoch: 4,
+                version: 10,
+                seq: 3,
+                absent: false,
+                keep: vec![3],
+                data: vec![6; 5],
+            },
         ]
     }
 
@@ -505,9 +693,11 @@ mod tests {
             Response::Objects(vec![ObjectInfo {
                 index: 1,
                 version: 2,
+                seq: 1,
                 head: true,
                 clones: vec![(0, 1)],
             }]),
+            Response::Number(7),
             Response::Error {
                 kind: ErrorKind::StaleEpoch,
                 message: "old".into(),
@@ -526,11 +716,13 @@ mod tests {
             let body = &frame[4..];
             // Write carries its payload as the rest of the frame, so cutting
             // into the payload is still a valid (shorter) write.
-            let min = if matches!(r, Request::Write { .. }) {
-                body.len() - 3
-            } else {
-                body.len()
+            let payload = match &r {
+                Request::Write { data, .. }
+                | Request::PutClone { data, .. }
+                | Request::PutHead { data, .. } => data.len(),
+                _ => 0,
             };
+            let min = body.len() - payload;
             for cut in 0..min {
                 assert!(Request::decode(&body[..cut]).is_err(), "{r:?} cut at {cut}");
             }

@@ -41,6 +41,8 @@ const OPEN_FILES_CAP: usize = 2048;
 pub enum StoreError {
     #[error("request from writer epoch {got} refused: epoch {current} has taken over the volume")]
     StaleEpoch { got: u64, current: u64 },
+    #[error("request from writer epoch {got} refused: this replica holds epoch {current} and was never fenced for {got} (it is out of sync)")]
+    NotFenced { got: u64, current: u64 },
     #[error("checksum mismatch in object {index} of volume {volume} at byte {offset}: the copy on this node is damaged")]
     Checksum {
         volume: String,
@@ -67,6 +69,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 pub struct ObjectInfo {
     pub index: u64,
     pub version: u64,
+    /// The snapshot sequence the head was last written under.
+    pub seq: u64,
     /// The head holds data (not absent).
     pub head: bool,
     /// `(lo, hi]` ranges of snapshot ids preserved in clone files.
@@ -101,7 +105,13 @@ struct Obj {
 struct Vol {
     dir: PathBuf,
     epoch: AtomicU64,
-    epoch_lock: Mutex<()>,
+    /// Held shared by every epoch-checked operation for its whole length,
+    /// and exclusively by a fence: a fence waits for older writers' I/O in
+    /// progress, and none starts after it.
+    io: RwLock<()>,
+    /// One flush at a time: a second flush waits for the first one's
+    /// syncs instead of finding nothing dirty and returning early.
+    flushing: Mutex<()>,
     objects: RwLock<HashMap<u64, Arc<Obj>>>,
 }
 
@@ -177,12 +187,32 @@ impl ObjectStore {
         Ok(Some(vol))
     }
 
-    /// Refuses writers older than the newest one seen; remembers newer ones.
-    fn check_epoch(vol: &Vol, epoch: u64) -> Result<(), StoreError> {
-        if epoch == vol.epoch.load(Ordering::Acquire) {
-            return Ok(());
+    /// Admits an operation of writer `epoch`: only the epoch this replica
+    /// was last fenced with. The guard is held for the whole operation.
+    fn admit(vol: &Vol, epoch: u64) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
+        let guard = vol.io.read().unwrap();
+        let current = vol.epoch.load(Ordering::Acquire);
+        if epoch < current {
+            return Err(StoreError::StaleEpoch {
+                got: epoch,
+                current,
+            });
         }
-        let _guard = vol.epoch_lock.lock().unwrap();
+        if epoch > current {
+            return Err(StoreError::NotFenced {
+                got: epoch,
+                current,
+            });
+        }
+        Ok(guard)
+    }
+
+    /// Installs writer `epoch` on the volume (creating it), durably, after
+    /// every operation of an older writer in progress has finished; from
+    /// then on older writers are refused. Returns the epoch held before.
+    pub fn fence(&self, volume: &str, epoch: u64) -> Result<u64, StoreError> {
+        let vol = self.volume(volume, true)?.expect("created");
+        let _exclusive = vol.io.write().unwrap();
         let current = vol.epoch.load(Ordering::Acquire);
         if epoch < current {
             return Err(StoreError::StaleEpoch {
@@ -198,9 +228,10 @@ impl ObjectStore {
                 .and_then(|()| f.sync_all())
                 .map_err(io_err("recording the writer epoch"))?;
             fs::rename(&tmp, &path).map_err(io_err("recording the writer epoch"))?;
+            sync_dir(&vol.dir)?;
             vol.epoch.store(epoch, Ordering::Release);
         }
-        Ok(())
+        Ok(current)
     }
 
     fn object(vol: &Vol, index: u64, create: bool) -> Option<Arc<Obj>> {
@@ -237,8 +268,8 @@ impl ObjectStore {
         epoch: u64,
     ) -> Result<(), StoreError> {
         check_range(offset, data.len() as u64)?;
-        let vol = self.volume(volume, true)?.expect("created");
-        Self::check_epoch(&vol, epoch)?;
+        let vol = self.fenced_volume(volume)?;
+        let _admitted = Self::admit(&vol, epoch)?;
         let obj = Self::object(&vol, index, true).expect("created");
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
@@ -264,8 +295,8 @@ impl ObjectStore {
         epoch: u64,
     ) -> Result<(), StoreError> {
         check_range(offset, len)?;
-        let vol = self.volume(volume, true)?.expect("created");
-        Self::check_epoch(&vol, epoch)?;
+        let vol = self.fenced_volume(volume)?;
+        let _admitted = Self::admit(&vol, epoch)?;
         let obj = Self::object(&vol, index, true).expect("created");
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
@@ -310,8 +341,9 @@ impl ObjectStore {
     }
 
     /// Reads `len` bytes at `offset` of object `index` as it was at
-    /// snapshot `snap` (`None`: now). `Ok(None)`: the object did not exist
-    /// then (the caller reads the parent or zeros).
+    /// snapshot `snap` (`None`: now, which only the writer of the current
+    /// `epoch` may read). `Ok(None)`: the object did not exist then (the
+    /// caller reads the parent or zeros).
     pub fn read(
         &self,
         volume: &str,
@@ -319,10 +351,21 @@ impl ObjectStore {
         snap: Option<u64>,
         offset: u64,
         len: u64,
+        epoch: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         check_range(offset, len)?;
         let Some(vol) = self.volume(volume, false)? else {
+            if snap.is_none() {
+                return Err(StoreError::NotFenced {
+                    got: epoch,
+                    current: 0,
+                });
+            }
             return Ok(None);
+        };
+        let _admitted = match snap {
+            None => Some(Self::admit(&vol, epoch)?),
+            Some(_) => None,
         };
         let Some(obj) = Self::object(&vol, index, false) else {
             return Ok(None);
@@ -394,6 +437,7 @@ impl ObjectStore {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(());
         };
+        let _one_flush = vol.flushing.lock().unwrap();
         let objects = vol.objects_now();
         for (index, obj) in objects {
             let (file, version) = {
@@ -436,7 +480,7 @@ impl ObjectStore {
         let Some(vol) = self.volume(volume, false)? else {
             return Ok(());
         };
-        Self::check_epoch(&vol, epoch)?;
+        let _admitted = Self::admit(&vol, epoch)?;
         let objects = vol.objects_now();
         for (index, obj) in objects {
             let mut st = obj.state.write().unwrap();
@@ -554,15 +598,113 @@ impl ObjectStore {
         for (index, obj) in objects {
             let mut st = obj.state.write().unwrap();
             self.load(&vol, index, &mut st)?;
-            out.push(ObjectInfo {
-                index,
-                version: st.head.as_ref().map_or(0, |h| h.version),
-                head: st.head.as_ref().is_some_and(|h| !h.absent),
-                clones: st.clones.iter().map(|(hi, lo)| (*lo, *hi)).collect(),
-            });
+            out.extend(info(index, &st));
         }
         out.sort_by_key(|o| o.index);
         Ok(out)
+    }
+
+    /// What this node holds of one object (`None`: nothing at all).
+    pub fn stat(&self, volume: &str, index: u64) -> Result<Option<ObjectInfo>, StoreError> {
+        let Some(vol) = self.volume(volume, false)? else {
+            return Ok(None);
+        };
+        let Some(obj) = Self::object(&vol, index, false) else {
+            return Ok(None);
+        };
+        let mut st = obj.state.write().unwrap();
+        self.load(&vol, index, &mut st)?;
+        Ok(info(index, &st))
+    }
+
+    /// Resync: installs one snapshot copy `(lo, hi]` of an object, whole
+    /// and durable, as an in-sync replica holds it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_clone(
+        &self,
+        volume: &str,
+        index: u64,
+        epoch: u64,
+        lo: u64,
+        hi: u64,
+        version: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        check_range(0, data.len() as u64)?;
+        if lo >= hi {
+            return Err(StoreError::Invalid(format!(
+                "snapshot copy ({lo}, {hi}] covers no snapshot"
+            )));
+        }
+        let vol = self.fenced_volume(volume)?;
+        let _admitted = Self::admit(&vol, epoch)?;
+        let obj = Self::object(&vol, index, true).expect("created");
+        let mut st = obj.state.write().unwrap();
+        self.load(&vol, index, &mut st)?;
+        let tmp = vol.dir.join(format!("{index:016x}.{hi:016x}.tmp"));
+        write_whole(&tmp, KIND_CLONE, version, hi, lo, false, data)?;
+        fs::rename(&tmp, clone_path(&vol.dir, index, hi))
+            .map_err(io_err("installing a snapshot copy"))?;
+        sync_dir(&vol.dir)?;
+        st.clones.insert(hi, lo);
+        Ok(())
+    }
+
+    /// Resync: replaces an object's head, whole and durable, with an
+    /// in-sync replica's, then removes snapshot copies not in `keep`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_head(
+        &self,
+        volume: &str,
+        index: u64,
+        epoch: u64,
+        version: u64,
+        seq: u64,
+        absent: bool,
+        keep: &[u64],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        check_range(0, data.len() as u64)?;
+        let vol = self.fenced_volume(volume)?;
+        let _admitted = Self::admit(&vol, epoch)?;
+        let obj = Self::object(&vol, index, true).expect("created");
+        let mut st = obj.state.write().unwrap();
+        self.load(&vol, index, &mut st)?;
+        let tmp = vol.dir.join(format!("{index:016x}.resync"));
+        write_whole(&tmp, KIND_HEAD, version, seq, 0, absent, data)?;
+        self.drop_head_file(&mut st);
+        fs::rename(&tmp, head_path(&vol.dir, index)).map_err(io_err("installing an object"))?;
+        let extra: Vec<u64> = st
+            .clones
+            .keys()
+            .filter(|hi| !keep.contains(hi))
+            .copied()
+            .collect();
+        for hi in extra {
+            fs::remove_file(clone_path(&vol.dir, index, hi))
+                .map_err(io_err("removing a snapshot copy the in-sync replicas lack"))?;
+            st.clones.remove(&hi);
+        }
+        sync_dir(&vol.dir)?;
+        st.head = Some(Head {
+            seq,
+            version,
+            absent,
+            file: None,
+        });
+        st.dirty = false;
+        Ok(())
+    }
+
+    /// A volume a writer may do I/O on: one it fenced.
+    fn fenced_volume(&self, volume: &str) -> Result<Arc<Vol>, StoreError> {
+        if !valid_volume_id(volume) {
+            return Err(StoreError::Invalid(format!(
+                "{volume:?} is not a volume id (letters, digits and '-', 1 to 64 characters)"
+            )));
+        }
+        self.volume(volume, false)?
+            .ok_or(StoreError::NotFenced { got: 0, current: 0 })
     }
 
     /// The writer epoch this node has seen for the volume.
@@ -756,7 +898,7 @@ impl Vol {
         for entry in fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
             let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") || name.ends_with(".rollback") {
+            if name.ends_with(".tmp") || name.ends_with(".rollback") || name.ends_with(".resync") {
                 // Left by a crash before the rename that would have made it count.
                 let _ = fs::remove_file(entry.path());
                 continue;
@@ -794,10 +936,69 @@ impl Vol {
         Ok(Self {
             dir,
             epoch: AtomicU64::new(epoch),
-            epoch_lock: Mutex::new(()),
+            io: RwLock::new(()),
+            flushing: Mutex::new(()),
             objects: RwLock::new(objects),
         })
     }
+}
+
+fn info(index: u64, st: &ObjState) -> Option<ObjectInfo> {
+    if st.head.is_none() && st.clones.is_empty() {
+        return None;
+    }
+    Some(ObjectInfo {
+        index,
+        version: st.head.as_ref().map_or(0, |h| h.version),
+        seq: st.head.as_ref().map_or(0, |h| h.seq),
+        head: st.head.as_ref().is_some_and(|h| !h.absent),
+        clones: st.clones.iter().map(|(hi, lo)| (*lo, *hi)).collect(),
+    })
+}
+
+/// Writes a new object file whole (all-zero blocks stay holes, never
+/// written) and syncs it; the caller renames it into place.
+fn write_whole(
+    path: &Path,
+    kind: u32,
+    version: u64,
+    seq: u64,
+    lo: u64,
+    absent: bool,
+    data: &[u8],
+) -> Result<(), StoreError> {
+    let what = || format!("writing {}", path.display());
+    let f = File::create(path).map_err(io_err(what()))?;
+    write_header(&f, kind, version, seq, lo, absent)?;
+    let mut crcs = vec![0u8; data.len().div_ceil(BLOCK as usize) * 4];
+    let mut run: Option<usize> = None;
+    let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
+    for (b, block) in blocks.iter().enumerate() {
+        let zero = block.iter().all(|x| *x == 0);
+        if !zero {
+            let mut full = [0u8; BLOCK as usize];
+            full[..block.len()].copy_from_slice(block);
+            let crc = nonzero(crc32c::crc32c(&full));
+            crcs[b * 4..b * 4 + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        match (zero, run) {
+            (false, None) => run = Some(b),
+            (true, Some(start)) => {
+                let (a, z) = (start * BLOCK as usize, b * BLOCK as usize);
+                f.write_all_at(&data[a..z], DATA_OFFSET + a as u64)
+                    .map_err(io_err(what()))?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        let a = start * BLOCK as usize;
+        f.write_all_at(&data[a..], DATA_OFFSET + a as u64)
+            .map_err(io_err(what()))?;
+    }
+    f.write_all_at(&crcs, HEADER).map_err(io_err(what()))?;
+    f.sync_all().map_err(io_err(what()))
 }
 
 fn resolve(st: &ObjState, snap: Option<u64>) -> Source {
@@ -1065,11 +1266,12 @@ mod tests {
     fn store() -> (tempfile::TempDir, ObjectStore) {
         let dir = tempfile::tempdir().unwrap();
         let s = ObjectStore::open(dir.path()).unwrap();
+        s.fence("v1", 1).unwrap();
         (dir, s)
     }
 
     fn read(s: &ObjectStore, snap: Option<u64>, off: u64, len: u64) -> Option<Vec<u8>> {
-        s.read("v1", 0, snap, off, len).unwrap()
+        s.read("v1", 0, snap, off, len, 1).unwrap()
     }
 
     #[test]
@@ -1100,8 +1302,8 @@ mod tests {
         assert_eq!(read(&s, Some(3), 0, 3).unwrap(), b"333");
         // An object first written after a snapshot did not exist in it.
         s.write("v1", 1, 0, b"new", 2, 1).unwrap();
-        assert_eq!(s.read("v1", 1, Some(2), 0, 3).unwrap(), None);
-        assert_eq!(s.read("v1", 1, Some(3), 0, 3).unwrap().unwrap(), b"new");
+        assert_eq!(s.read("v1", 1, Some(2), 0, 3, 1).unwrap(), None);
+        assert_eq!(s.read("v1", 1, Some(3), 0, 3, 1).unwrap().unwrap(), b"new");
     }
 
     #[test]
@@ -1114,25 +1316,26 @@ mod tests {
         // Snapshot 2, then roll back to 1 (writes now carry seq 2).
         s.rollback("v1", 1, 2, 1).unwrap();
         assert_eq!(read(&s, None, 0, 3).unwrap(), b"aaa");
-        assert_eq!(s.read("v1", 1, None, 0, 3).unwrap(), None);
+        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap(), None);
         // Snapshot 2 still sees what was there before the rollback.
         assert_eq!(read(&s, Some(2), 0, 3).unwrap(), b"bbb");
-        assert_eq!(s.read("v1", 1, Some(2), 0, 3).unwrap().unwrap(), b"zzz");
+        assert_eq!(s.read("v1", 1, Some(2), 0, 3, 1).unwrap().unwrap(), b"zzz");
         // Writing the rolled-back-away object creates it afresh: zeros around.
         s.write("v1", 1, 1, b"y", 2, 1).unwrap();
-        assert_eq!(s.read("v1", 1, None, 0, 3).unwrap().unwrap(), b"\0y\0");
+        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap().unwrap(), b"\0y\0");
         // State survives reopening the store.
         drop(s);
         let s = ObjectStore::open(_d.path()).unwrap();
         assert_eq!(read(&s, None, 0, 3).unwrap(), b"aaa");
         assert_eq!(read(&s, Some(2), 0, 3).unwrap(), b"bbb");
         assert_eq!(read(&s, Some(1), 0, 3).unwrap(), b"aaa");
-        assert_eq!(s.read("v1", 1, None, 0, 3).unwrap().unwrap(), b"\0y\0");
+        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap().unwrap(), b"\0y\0");
     }
 
     #[test]
     fn older_writers_are_fenced() {
         let (d, s) = store();
+        assert_eq!(s.fence("v1", 5).unwrap(), 1);
         s.write("v1", 0, 0, b"x", 0, 5).unwrap();
         let err = s.write("v1", 0, 0, b"y", 0, 4).unwrap_err();
         assert!(
@@ -1143,7 +1346,130 @@ mod tests {
         let s = ObjectStore::open(d.path()).unwrap();
         assert_eq!(s.epoch("v1"), 5);
         assert!(s.zero("v1", 0, 0, 1, false, 0, 3).is_err());
-        assert_eq!(read(&s, None, 0, 1).unwrap(), b"x");
+        assert_eq!(s.read("v1", 0, None, 0, 1, 5).unwrap().unwrap(), b"x");
+    }
+
+    /// Before: a replica learnt of a new writer only when written, accepted
+    /// any epoch for a volume it had never stored, and never fenced reads.
+    #[test]
+    fn a_fence_refuses_the_old_writer_reads_included_and_a_new_one_must_fence_first() {
+        let (d, s) = store();
+        s.write("v1", 0, 0, b"old", 0, 1).unwrap();
+        // Snapshot 1, then written again: snapshot reads need no epoch.
+        s.write("v1", 0, 0, b"new", 1, 1).unwrap();
+        assert_eq!(s.fence("v1", 2).unwrap(), 1);
+        for err in [
+            s.read("v1", 0, None, 0, 3, 1).unwrap_err(),
+            s.write("v1", 0, 0, b"x", 1, 1).unwrap_err(),
+            s.zero("v1", 0, 0, 1, false, 1, 1).unwrap_err(),
+            s.rollback("v1", 1, 1, 1).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, StoreError::StaleEpoch { got: 1, current: 2 }),
+                "{err}"
+            );
+        }
+        assert_eq!(s.read("v1", 0, None, 0, 3, 2).unwrap().unwrap(), b"new");
+        assert_eq!(s.read("v1", 0, Some(1), 0, 3, 0).unwrap().unwrap(), b"old");
+        // A writer this replica was never fenced for is refused, on a
+        // volume it holds and on one it has never seen.
+        let err = s.write("v1", 0, 0, b"x", 1, 3).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotFenced { got: 3, current: 2 }),
+            "{err}"
+        );
+        for err in [
+            s.write("v2", 0, 0, b"x", 0, 7).unwrap_err(),
+            s.read("v2", 0, None, 0, 1, 7).unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::NotFenced { .. }), "{err}");
+        }
+        assert!(!d.path().join("v2").exists());
+        // An older fence changes nothing; the same one is answered again.
+        assert!(s.fence("v1", 1).is_err());
+        assert_eq!(s.fence("v1", 2).unwrap(), 2);
+        // The epoch survives a restart.
+        drop(s);
+        let s = ObjectStore::open(d.path()).unwrap();
+        assert!(s.read("v1", 0, None, 0, 3, 1).is_err());
+        assert_eq!(s.read("v1", 0, None, 0, 3, 2).unwrap().unwrap(), b"new");
+    }
+
+    /// A fence waits for an older writer's operation in progress, and no
+    /// operation of that writer lands after the fence answered.
+    #[test]
+    fn a_fence_is_atomic_with_the_io_it_guards() {
+        let (_d, s) = store();
+        let s = Arc::new(s);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match s.write("v1", n % 4, 0, &n.to_le_bytes(), 0, 1) {
+                        Ok(()) => n += 1,
+                        Err(StoreError::StaleEpoch { .. }) => return n,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                n
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.fence("v1", 2).unwrap();
+        let seen: Vec<ObjectInfo> = s.list("v1").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        assert!(written > 0);
+        assert_eq!(
+            s.list("v1").unwrap(),
+            seen,
+            "a write landed after the fence"
+        );
+    }
+
+    #[test]
+    fn an_object_copied_whole_reads_the_same_with_its_snapshots() {
+        let (_a, a) = store();
+        let (_b, b) = store();
+        a.write("v1", 0, 0, &[1u8; 5000], 0, 1).unwrap();
+        a.write("v1", 0, 8192, &[2u8; 10], 1, 1).unwrap(); // copy (0,1]
+        a.write("v1", 0, 0, &[3u8; 3], 2, 1).unwrap(); // copy (1,2]
+                                                       // The stale replica holds an older head and a copy since trimmed.
+        b.write("v1", 0, 0, &[9u8; 7], 0, 1).unwrap();
+        b.write("v1", 0, 0, &[9u8; 7], 5, 1).unwrap();
+        let info = a.stat("v1", 0).unwrap().unwrap();
+        for (lo, hi) in &info.clones {
+            let data = a.read("v1", 0, Some(*hi), 0, 16384, 0).unwrap().unwrap();
+            b.put_clone("v1", 0, 1, *lo, *hi, info.version, &data)
+                .unwrap();
+        }
+        let head = a.read("v1", 0, None, 0, 16384, 1).unwrap().unwrap();
+        let keep: Vec<u64> = info.clones.iter().map(|c| c.1).collect();
+        b.put_head("v1", 0, 1, info.version, info.seq, !info.head, &keep, &head)
+            .unwrap();
+        assert_eq!(b.stat("v1", 0).unwrap().unwrap(), info);
+        for snap in [None, Some(1), Some(2), Some(3)] {
+            let e = if snap.is_none() { 1 } else { 0 };
+            assert_eq!(
+                a.read("v1", 0, snap, 0, 16384, e).unwrap(),
+                b.read("v1", 0, snap, 0, 16384, e).unwrap(),
+                "{snap:?}"
+            );
+        }
+        // And after reopening (the copies were made durable by rename).
+        let b = ObjectStore::open(_b.path()).unwrap();
+        assert_eq!(b.list("v1").unwrap(), a.list("v1").unwrap());
+        // Zero blocks stayed holes.
+        let meta = fs::metadata(_b.path().join("v1").join(format!("{:016x}.head", 0))).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 <= DATA_OFFSET + 3 * 4096,
+            "{}",
+            meta.blocks() * 512
+        );
     }
 
     #[test]
@@ -1155,10 +1481,10 @@ mod tests {
         let f = OpenOptions::new().write(true).open(path).unwrap();
         f.write_all_at(b"rot", DATA_OFFSET + 4100).unwrap();
         assert!(matches!(
-            s.read("v1", 0, None, 0, 10).unwrap().as_deref(),
+            s.read("v1", 0, None, 0, 10, 1).unwrap().as_deref(),
             Some([7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
         ));
-        let err = s.read("v1", 0, None, 4096, 10).unwrap_err();
+        let err = s.read("v1", 0, None, 4096, 10, 1).unwrap_err();
         assert!(
             matches!(err, StoreError::Checksum { offset: 4096, .. }),
             "{err}"
@@ -1227,7 +1553,7 @@ mod tests {
             Err(StoreError::Invalid(_))
         ));
         assert!(matches!(
-            s.read("v1", 0, None, u64::MAX, 2),
+            s.read("v1", 0, None, u64::MAX, 2, 1),
             Err(StoreError::Invalid(_))
         ));
         s.write("v1", 0, 0, b"x", 2, 1).unwrap();
@@ -1243,7 +1569,8 @@ mod tests {
         s.write("v1", 3, 0, b"x", 0, 1).unwrap();
         s.delete_volume("v1").unwrap();
         assert!(!d.path().join("v1").exists());
-        assert_eq!(s.read("v1", 3, None, 0, 1).unwrap(), None);
+        assert_eq!(s.stat("v1", 3).unwrap(), None);
+        assert!(s.read("v1", 3, None, 0, 1, 1).is_err());
         assert!(s.volumes().is_empty());
     }
 }

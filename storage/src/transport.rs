@@ -15,8 +15,25 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::{DecodeError, ErrorKind, Request, Response, MAX_FRAME};
 use crate::store::{ObjectStore, StoreError};
 
-/// How long a peer may take to answer one request.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer may take to answer a read, write or look-up before the
+/// writer counts it as failed (a dead peer's connection usually fails at
+/// once; this bounds a peer cut off or hung).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a peer may take to answer a request that syncs or walks files
+/// (flush, fence, rollback, resync copies, deletes).
+pub const SLOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `req` may take.
+pub fn timeout_for(req: &Request) -> Duration {
+    match req {
+        Request::Write { .. }
+        | Request::Zero { .. }
+        | Request::Read { .. }
+        | Request::Exists { .. }
+        | Request::Stat { .. } => IO_TIMEOUT,
+        _ => SLOW_TIMEOUT,
+    }
+}
 
 /// Answers one request from the local store.
 pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
@@ -56,9 +73,20 @@ pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
             snap,
             offset,
             len,
+            epoch,
         } => store
-            .read(&volume, index, snap, u64::from(offset), u64::from(len))
+            .read(
+                &volume,
+                index,
+                snap,
+                u64::from(offset),
+                u64::from(len),
+                epoch,
+            )
             .map(|d| d.map_or(Response::Absent, Response::Data)),
+        Request::Stat { volume, index } => store
+            .stat(&volume, index)
+            .map(|i| Response::Objects(i.into_iter().collect())),
         Request::Exists { volume, index } => store.exists(&volume, index).map(Response::Bool),
         Request::List { volume } => store.list(&volume).map(Response::Objects),
         slow => {
@@ -75,6 +103,7 @@ pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
         Err(e) => Response::Error {
             kind: match e {
                 StoreError::StaleEpoch { .. } => ErrorKind::StaleEpoch,
+                StoreError::NotFenced { .. } => ErrorKind::NotFenced,
                 StoreError::Checksum { .. } => ErrorKind::Checksum,
                 StoreError::Invalid(_) => ErrorKind::Invalid,
                 StoreError::Io { .. } => ErrorKind::Io,
@@ -103,6 +132,30 @@ fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError
         } => store
             .trim_snapshots(&volume, &live, known_seq)
             .map(|_| Response::Done),
+        Request::Fence { volume, epoch } => store.fence(&volume, epoch).map(Response::Number),
+        Request::PutClone {
+            volume,
+            index,
+            epoch,
+            lo,
+            hi,
+            version,
+            data,
+        } => store
+            .put_clone(&volume, index, epoch, lo, hi, version, &data)
+            .map(|()| Response::Done),
+        Request::PutHead {
+            volume,
+            index,
+            epoch,
+            version,
+            seq,
+            absent,
+            keep,
+            data,
+        } => store
+            .put_head(&volume, index, epoch, version, seq, absent, &keep, &data)
+            .map(|()| Response::Done),
         other => Err(StoreError::Invalid(format!(
             "not a slow request: {other:?}"
         ))),
@@ -216,15 +269,22 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>, oneshot::Sender<Response>)>,
     alive: Arc<AtomicBool>,
+    /// Which connection to its node this is (1, 2, ...): a writer that sees
+    /// it change knows the peer may have restarted in between.
+    generation: u64,
 }
 
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
 /// Connections to the other storage nodes, one per node, made on first use
-/// and again after a failure.
+/// and again after a failure. Connecting to one node never holds up calls
+/// to the others.
 pub struct Peers {
     tls: Arc<rustls::ClientConfig>,
     addrs: RwLock<HashMap<u64, String>>,
-    conns: tokio::sync::Mutex<HashMap<u64, Arc<Conn>>>,
+    conns: Mutex<HashMap<u64, Slot>>,
     next_id: AtomicU64,
+    generations: AtomicU64,
 }
 
 impl Peers {
@@ -232,8 +292,9 @@ impl Peers {
         Self {
             tls,
             addrs: RwLock::new(HashMap::new()),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            generations: AtomicU64::new(1),
         }
     }
 
@@ -247,6 +308,15 @@ impl Peers {
     }
 
     pub async fn call(&self, node: u64, req: &Request) -> Result<Response, PeerError> {
+        self.call_traced(node, req).await.map(|(r, _)| r)
+    }
+
+    /// Like [`Peers::call`], also saying which connection answered.
+    pub async fn call_traced(
+        &self,
+        node: u64,
+        req: &Request,
+    ) -> Result<(Response, u64), PeerError> {
         let err = |message: String| PeerError { node, message };
         let conn = self.connection(node).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -255,16 +325,23 @@ impl Peers {
             conn.alive.store(false, Ordering::Release);
             return Err(err("connection closed".into()));
         }
-        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
-            Ok(Ok(resp)) => Ok(resp),
+        let limit = timeout_for(req);
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(resp)) => Ok((resp, conn.generation)),
             Ok(Err(_)) => Err(err("connection lost before it answered".into())),
-            Err(_) => Err(err(format!("no answer in {} s", CALL_TIMEOUT.as_secs()))),
+            Err(_) => {
+                // A peer that does not answer in time is not trusted with
+                // the next request either: connect afresh.
+                conn.alive.store(false, Ordering::Release);
+                Err(err(format!("no answer in {} s", limit.as_secs())))
+            }
         }
     }
 
     async fn connection(&self, node: u64) -> Result<Arc<Conn>, PeerError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&node) {
+        let slot = self.conns.lock().unwrap().entry(node).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
             if c.alive.load(Ordering::Acquire) {
                 return Ok(c.clone());
             }
@@ -273,34 +350,36 @@ impl Peers {
             node,
             message: "its storage address is not known yet".into(),
         })?;
-        let conn =
-            Arc::new(
-                connect(&addr, self.tls.clone())
-                    .await
-                    .map_err(|message| PeerError {
-                        node,
-                        message: format!("cannot connect to {addr}: {message}"),
-                    })?,
-            );
-        conns.insert(node, conn.clone());
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(connect(&addr, self.tls.clone(), generation).await.map_err(
+            |message| PeerError {
+                node,
+                message: format!("cannot connect to {addr}: {message}"),
+            },
+        )?);
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 }
 
-async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Conn, String> {
+async fn connect(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    generation: u64,
+) -> Result<Conn, String> {
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
         .trim_matches(['[', ']']);
     let name =
         ServerName::try_from(host.to_owned()).map_err(|e| format!("bad host {host:?}: {e}"))?;
-    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let stream = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
     )
     .await
@@ -352,5 +431,9 @@ async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Conn, Str
         // Dropping the senders tells every waiting caller the connection is gone.
         p.lock().unwrap().clear();
     });
-    Ok(Conn { tx, alive })
+    Ok(Conn {
+        tx,
+        alive,
+        generation,
+    })
 }

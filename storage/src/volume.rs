@@ -1,16 +1,39 @@
 //! A volume as its writer sees it: byte ranges split into objects, each sent
-//! to the replicas the placement function names; reads from the local
-//! replica when there is one; clones reading through to their parent until
-//! an object is first written (copy-up).
+//! to the in-sync replicas the placement function names; reads from one
+//! in-sync replica (the local one when it is); clones reading through to
+//! their parent until an object is first written (copy-up).
+//!
+//! The replication rules (ARCHITECTURE.md states them as invariants):
+//! - The cluster state holds, per volume, the writer's epoch and the set of
+//!   nodes that are in sync. Only in-sync replicas are written, read or
+//!   copied from.
+//! - Before its first I/O a writer fences every in-sync replica with its
+//!   epoch; a replica that cannot be fenced, or whose epoch shows it missed
+//!   an earlier fence, leaves the in-sync set. The writer then makes the
+//!   in-sync replicas agree object by object (an older writer may have died
+//!   with a write on some of them only).
+//! - A write is acknowledged when at least `min_replicas` in-sync replicas
+//!   have it; an in-sync replica that failed it leaves the in-sync set
+//!   (through [`ReplicaSets`], durably, cluster-wide) before the write is
+//!   acknowledged.
+//! - Writes to one object are applied one at a time, in the same order on
+//!   every replica; a read of an object waits for a write to it in progress,
+//!   so no read returns a value older than one an earlier read returned.
+//! - A replica whose connection changed since it was fenced may have
+//!   restarted and lost what it had not synced: it leaves the in-sync set.
+//! - A replica out of sync comes back by resync: fenced, then every object
+//!   placed on it copied whole from an in-sync replica where they differ,
+//!   while writes go on (an object already copied gets the writes too);
+//!   then it rejoins the in-sync set.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
 
 use crate::placement::StorageMap;
 use crate::proto::{ErrorKind, Request, Response};
-use crate::store::ObjectStore;
+use crate::store::{ObjectInfo, ObjectStore};
 use crate::transport::{self, Peers};
 
 /// Everything needed to read or write a volume's objects.
@@ -20,6 +43,11 @@ pub struct VolumeSpec {
     pub size: u64,
     pub object_size: u64,
     pub replicas: usize,
+    /// In-sync replicas a write needs before it is acknowledged.
+    pub min_replicas: usize,
+    /// Nodes that hold every acknowledged write of the objects placed on
+    /// them (from the cluster state).
+    pub in_sync: Vec<u64>,
     /// The newest snapshot's id (0: none); writes carry it.
     pub seq: u64,
     /// The writer lease this node holds (fences older writers).
@@ -49,31 +77,61 @@ pub enum IoError {
     Failed(String),
 }
 
+/// Where a writer records which replicas are in sync: the cluster state,
+/// through Raft, refused when `epoch` is no longer the volume's writer.
+pub trait ReplicaSets: Send + Sync + 'static {
+    /// `nodes` missed (or may have missed) an acknowledged write.
+    fn out_of_sync(
+        &self,
+        volume: &str,
+        epoch: u64,
+        nodes: Vec<u64>,
+    ) -> BoxFuture<'_, Result<(), String>>;
+    /// `node`'s resync has started.
+    fn recovering(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>>;
+    /// `node` holds every acknowledged write again.
+    fn in_sync(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>>;
+}
+
 /// One node's view of the storage cluster: its own store and its peers.
 pub struct Storage {
     pub node: u64,
     pub store: Arc<ObjectStore>,
     pub peers: Peers,
+    sets: Arc<dyn ReplicaSets>,
     handles: Mutex<HashMap<String, Weak<VolumeHandle>>>,
 }
 
+/// A replica's answer and the connection it came on (0: the local store).
+type Traced = Result<(Response, u64), IoError>;
+
 impl Storage {
-    pub fn new(node: u64, store: Arc<ObjectStore>, peers: Peers) -> Arc<Self> {
+    pub fn new(
+        node: u64,
+        store: Arc<ObjectStore>,
+        peers: Peers,
+        sets: Arc<dyn ReplicaSets>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node,
             store,
             peers,
+            sets,
             handles: Mutex::new(HashMap::new()),
         })
     }
 
     /// Sends a request to a node (the local store directly).
     pub async fn call(&self, node: u64, req: Request) -> Result<Response, IoError> {
-        let resp = if node == self.node {
-            transport::handle(&self.store, req).await
+        self.call_traced(node, req).await.map(|(r, _)| r)
+    }
+
+    async fn call_traced(&self, node: u64, req: Request) -> Traced {
+        let (resp, conn) = if node == self.node {
+            (transport::handle(&self.store, req).await, 0)
         } else {
             self.peers
-                .call(node, &req)
+                .call_traced(node, &req)
                 .await
                 .map_err(|e| IoError::Failed(e.to_string()))?
         };
@@ -89,7 +147,7 @@ impl Storage {
             Response::Error { message, .. } => {
                 Err(IoError::Failed(format!("storage node {node}: {message}")))
             }
-            ok => Ok(ok),
+            ok => Ok((ok, conn)),
         }
     }
 
@@ -113,7 +171,8 @@ impl Storage {
     }
 
     /// Opens a volume for I/O (sharing the handle with every other user on
-    /// this node, so a flush on one connection covers writes on all).
+    /// this node, so a flush on one connection covers writes on all). The
+    /// caller [activates](VolumeHandle::activate) it before its first I/O.
     pub fn open(self: &Arc<Self>, spec: VolumeSpec) -> Arc<VolumeHandle> {
         let mut handles = self.handles.lock().unwrap();
         if let Some(h) = handles.get(&spec.id).and_then(Weak::upgrade) {
@@ -125,18 +184,21 @@ impl Storage {
             storage: self.clone(),
             spec: RwLock::new(Arc::new(spec.clone())),
             present: Mutex::new(HashSet::new()),
-            copy_up: tokio::sync::Mutex::new(()),
-            dirty: Mutex::new(HashSet::new()),
+            locks: Mutex::new(HashMap::new()),
+            replicas: Mutex::new(Replicas::default()),
+            dirty: Mutex::new(Dirty::default()),
+            activation: tokio::sync::Mutex::new(0),
         });
         handles.insert(spec.id, Arc::downgrade(&h));
         h
     }
 
-    /// Reads `len` bytes at `offset` of a volume at a snapshot (`None`: now).
-    pub async fn read(
+    /// Reads `len` bytes at `offset` of a snapshot of a volume (which never
+    /// changes: no writer's epoch is needed).
+    pub async fn read_snapshot(
         &self,
         spec: &VolumeSpec,
-        snap: Option<u64>,
+        snap: u64,
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, IoError> {
@@ -145,7 +207,7 @@ impl Storage {
         let pieces = split(spec.object_size, offset, len);
         let reads = pieces
             .iter()
-            .map(|(idx, off, n)| self.read_object(spec, snap, *idx, *off, *n));
+            .map(|(idx, off, n)| self.read_at_snapshot(spec, snap, *idx, *off, *n));
         let mut at = 0usize;
         for (r, (_, _, n)) in join_all(reads).await.into_iter().zip(&pieces) {
             if let Some(data) = r? {
@@ -156,55 +218,86 @@ impl Storage {
         Ok(out)
     }
 
-    /// One object's bytes, through to the parent where the object is absent.
-    /// `None`: zeros.
-    fn read_object<'a>(
+    /// One object of a snapshot, through to the parent where it is absent.
+    fn read_at_snapshot<'a>(
         &'a self,
         spec: &'a VolumeSpec,
-        snap: Option<u64>,
+        snap: u64,
         index: u64,
         offset: u64,
         len: u64,
-    ) -> futures_util::future::BoxFuture<'a, Result<Option<Vec<u8>>, IoError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, IoError>> {
         Box::pin(async move {
-            let mut nodes = spec.map.place(&spec.id, index, spec.replicas);
-            if let Some(i) = nodes.iter().position(|n| *n == self.node) {
-                nodes.swap(0, i);
+            let nodes = self.readable(spec, index, &spec.in_sync);
+            match self
+                .read_from(spec, &nodes, Some(snap), 0, index, offset, len)
+                .await?
+            {
+                Some(d) => Ok(Some(d)),
+                None => self.read_parent(spec, index, offset, len).await,
             }
-            let mut last = IoError::Failed(format!(
-                "object {index} of volume {} has no storage node",
-                spec.id
-            ));
-            for node in nodes {
-                let req = Request::Read {
-                    volume: spec.id.clone(),
-                    index,
-                    snap,
-                    offset: offset as u32,
-                    len: len as u32,
-                };
-                match self.call(node, req).await {
-                    Ok(Response::Data(d)) if d.len() as u64 == len => return Ok(Some(d)),
-                    Ok(Response::Absent) => {
-                        return self.read_parent(spec, index, offset, len).await
-                    }
-                    Ok(other) => {
-                        last = IoError::Failed(format!(
-                            "storage node {node} answered a read with {other:?}"
-                        ));
-                    }
-                    Err(IoError::Invalid(m)) => return Err(IoError::Invalid(m)),
-                    Err(e) => {
-                        tracing::warn!(
-                            "reading object {index} of volume {} from node {node}: {e}",
-                            spec.id
-                        );
-                        last = e;
-                    }
+        })
+    }
+
+    /// The in-sync replicas of an object, this node first.
+    fn readable(&self, spec: &VolumeSpec, index: u64, in_sync: &[u64]) -> Vec<u64> {
+        let mut nodes: Vec<u64> = spec
+            .map
+            .place(&spec.id, index, spec.replicas)
+            .into_iter()
+            .filter(|n| in_sync.contains(n))
+            .collect();
+        if let Some(i) = nodes.iter().position(|n| *n == self.node) {
+            nodes.swap(0, i);
+        }
+        nodes
+    }
+
+    /// Reads from the first of `nodes` that answers. `Ok(None)`: the object
+    /// is absent there (in sync: absent everywhere).
+    #[allow(clippy::too_many_arguments)]
+    async fn read_from(
+        &self,
+        spec: &VolumeSpec,
+        nodes: &[u64],
+        snap: Option<u64>,
+        epoch: u64,
+        index: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, IoError> {
+        let mut last = IoError::Failed(format!(
+            "object {index} of volume {} has no in-sync replica to read from (in sync: {:?})",
+            spec.id, spec.in_sync
+        ));
+        for node in nodes {
+            let req = Request::Read {
+                volume: spec.id.clone(),
+                index,
+                snap,
+                offset: offset as u32,
+                len: len as u32,
+                epoch,
+            };
+            match self.call(*node, req).await {
+                Ok(Response::Data(d)) if d.len() as u64 == len => return Ok(Some(d)),
+                Ok(Response::Absent) => return Ok(None),
+                Ok(other) => {
+                    last = IoError::Failed(format!(
+                        "storage node {node} answered a read with {other:?}"
+                    ));
+                }
+                Err(e @ (IoError::Invalid(_) | IoError::Fenced(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        "reading object {index} of volume {} from node {node}: {e}",
+                        spec.id
+                    );
+                    last = e;
                 }
             }
-            Err(last)
-        })
+        }
+        Err(last)
     }
 
     async fn read_parent(
@@ -223,7 +316,7 @@ impl Storage {
         }
         let n = len.min(parent.overlap - start);
         let Some(mut data) = self
-            .read_object(&parent.volume, Some(parent.snap), index, offset, n)
+            .read_at_snapshot(&parent.volume, parent.snap, index, offset, n)
             .await?
         else {
             return Ok(None);
@@ -233,15 +326,52 @@ impl Storage {
     }
 }
 
+/// What the writer knows of its replicas beyond the cluster state's
+/// (which catches up through [`VolumeHandle::update`]).
+#[derive(Default)]
+struct Replicas {
+    /// Left the in-sync set (or are about to: the change is on its way).
+    dropped: HashSet<u64>,
+    /// Rejoined after a resync.
+    joined: HashSet<u64>,
+    /// The connection each in-sync peer was fenced on.
+    conns: HashMap<u64, u64>,
+    /// Objects the in-sync replicas may disagree on (a write failed on
+    /// some and its failure could not be recorded): made to agree before
+    /// their next I/O.
+    suspect: HashSet<u64>,
+    repair: Option<Repair>,
+}
+
+/// A resync in progress: objects not yet copied skip the node; the others
+/// get every write.
+struct Repair {
+    node: u64,
+    pending: HashSet<u64>,
+    failed: bool,
+}
+
+/// Nodes and objects written since the last flush, each with the tick of
+/// its last completed write.
+#[derive(Default)]
+struct Dirty {
+    tick: u64,
+    nodes: HashMap<u64, u64>,
+    objects: HashMap<u64, u64>,
+}
+
 /// An open volume on its writer node.
 pub struct VolumeHandle {
     storage: Arc<Storage>,
     spec: RwLock<Arc<VolumeSpec>>,
     /// Objects known to exist in this (clone) volume: no copy-up needed.
     present: Mutex<HashSet<u64>>,
-    copy_up: tokio::sync::Mutex<()>,
-    /// Nodes written to since the last flush.
-    dirty: Mutex<HashSet<u64>>,
+    /// Per object: writes exclusive, reads shared.
+    locks: Mutex<HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
+    replicas: Mutex<Replicas>,
+    dirty: Mutex<Dirty>,
+    /// The epoch this handle was last activated for.
+    activation: tokio::sync::Mutex<u64>,
 }
 
 enum Mutation<'a> {
@@ -254,13 +384,22 @@ impl VolumeHandle {
         self.spec.read().unwrap().clone()
     }
 
-    /// Takes a newer record (snapshot taken, resized, lease renewed).
+    /// Takes a newer record (snapshot taken, resized, lease renewed,
+    /// replicas in or out of sync).
     pub fn update(&self, spec: VolumeSpec) {
         let mut cur = self.spec.write().unwrap();
         if **cur != spec {
             if cur.seq != spec.seq || cur.epoch != spec.epoch {
                 // A rollback may have removed objects; ask again.
                 self.present.lock().unwrap().clear();
+            }
+            let mut r = self.replicas.lock().unwrap();
+            if cur.epoch != spec.epoch {
+                *r = Replicas::default();
+            } else {
+                // What the state now says needs no local note.
+                r.dropped.retain(|n| spec.in_sync.contains(n));
+                r.joined.retain(|n| !spec.in_sync.contains(n));
             }
             *cur = Arc::new(spec);
         }
@@ -271,9 +410,408 @@ impl VolumeHandle {
         self.present.lock().unwrap().clear();
     }
 
+    /// The nodes in sync as this writer knows it now.
+    pub fn in_sync(&self) -> Vec<u64> {
+        let spec = self.spec();
+        let r = self.replicas.lock().unwrap();
+        in_sync_now(&spec, &r)
+    }
+
+    fn lock_for(&self, index: u64) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self.locks.lock().unwrap();
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(index).or_default().clone()
+    }
+
+    /// Sends a request to a replica, checking that a peer still answers on
+    /// the connection it was fenced on: one that does not may have
+    /// restarted and lost writes it had not synced, and leaves the in-sync
+    /// set before the answer is used.
+    async fn call_checked(
+        &self,
+        spec: &VolumeSpec,
+        node: u64,
+        req: Request,
+    ) -> Result<Response, IoError> {
+        let (resp, conn) = self.storage.call_traced(node, req).await?;
+        if node != self.storage.node {
+            let changed = {
+                let r = self.replicas.lock().unwrap();
+                r.conns
+                    .get(&node)
+                    .is_some_and(|fenced_on| *fenced_on != conn)
+            };
+            if changed {
+                self.drop_replicas(spec, vec![node]).await?;
+                return Err(IoError::Failed(format!(
+                    "storage node {node} was reconnected since it was fenced (it may have restarted)"
+                )));
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Takes `nodes` out of the in-sync set, durably, before anything that
+    /// depends on it is acknowledged.
+    async fn drop_replicas(&self, spec: &VolumeSpec, nodes: Vec<u64>) -> Result<(), IoError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut r = self.replicas.lock().unwrap();
+            for n in &nodes {
+                r.dropped.insert(*n);
+                r.joined.remove(n);
+                r.conns.remove(n);
+            }
+        }
+        tracing::warn!(volume = %spec.id, "replicas on nodes {nodes:?} are out of sync");
+        self.storage
+            .sets
+            .out_of_sync(&spec.id, spec.epoch, nodes.clone())
+            .await
+            .map_err(|e| {
+                IoError::Failed(format!(
+                    "cannot record that the replicas of volume {} on nodes {nodes:?} are out of sync: {e}",
+                    spec.id
+                ))
+            })
+    }
+
+    /// Fences every in-sync replica with this writer's epoch, drops those
+    /// that cannot be fenced or missed an earlier fence, and makes the rest
+    /// agree. Runs once per epoch; later calls return at once.
+    pub async fn activate(&self) -> Result<(), IoError> {
+        let mut activated = self.activation.lock().await;
+        let spec = self.spec();
+        if *activated == spec.epoch {
+            return Ok(());
+        }
+        let nodes: Vec<u64> = spec
+            .map
+            .nodes
+            .iter()
+            .map(|n| n.node)
+            .filter(|n| spec.in_sync.contains(n))
+            .collect();
+        let fences = nodes.iter().map(|n| {
+            self.storage.call_traced(
+                *n,
+                Request::Fence {
+                    volume: spec.id.clone(),
+                    epoch: spec.epoch,
+                },
+            )
+        });
+        let answers: Vec<Traced> = join_all(fences).await;
+        let mut held = Vec::new();
+        let mut bad = Vec::new();
+        for (node, a) in nodes.iter().zip(answers) {
+            match a {
+                Ok((Response::Number(prev), conn)) => held.push((*node, prev, conn)),
+                Err(IoError::Fenced(m)) => return Err(IoError::Fenced(m)),
+                Ok((other, _)) => {
+                    tracing::warn!(volume = %spec.id, "node {node} answered a fence with {other:?}");
+                    bad.push(*node);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %spec.id, "cannot fence the replica on node {node}: {e}");
+                    bad.push(*node);
+                }
+            }
+        }
+        // Every in-sync replica took the previous writer's fence; one that
+        // holds an older epoch than another missed it (it was cut off, or
+        // lost its disk) and cannot be trusted.
+        let newest = held.iter().map(|(_, p, _)| *p).max().unwrap_or(0);
+        for (node, prev, _) in &held {
+            if *prev < newest {
+                tracing::warn!(volume = %spec.id, "the replica on node {node} holds epoch {prev}, older than {newest}: it missed a writer");
+                bad.push(*node);
+            }
+        }
+        held.retain(|(n, _, _)| !bad.contains(n));
+        {
+            let mut r = self.replicas.lock().unwrap();
+            *r = Replicas::default();
+            for (node, _, conn) in &held {
+                r.conns.insert(*node, *conn);
+            }
+        }
+        self.drop_replicas(&spec, bad).await?;
+        if held.is_empty() {
+            return Err(IoError::Failed(format!(
+                "volume {} has no in-sync replica that can be reached (in sync: {:?})",
+                spec.id, spec.in_sync
+            )));
+        }
+        self.agree(&spec).await?;
+        *activated = spec.epoch;
+        Ok(())
+    }
+
+    /// Makes the in-sync replicas agree on every object they hold (a writer
+    /// that died may have left a write on some of them only).
+    async fn agree(&self, spec: &VolumeSpec) -> Result<(), IoError> {
+        let nodes = self.in_sync();
+        let lists = join_all(nodes.iter().map(|n| self.list(spec, *n))).await;
+        let mut all: HashMap<u64, Vec<Option<ObjectInfo>>> = HashMap::new();
+        for (i, list) in lists.into_iter().enumerate() {
+            for info in list? {
+                let index = info.index;
+                all.entry(index).or_insert_with(|| vec![None; nodes.len()])[i] = Some(info);
+            }
+        }
+        let mut repaired = 0;
+        for (index, infos) in all {
+            let placed = spec.map.place(&spec.id, index, spec.replicas);
+            let wanted: Vec<&Option<ObjectInfo>> = nodes
+                .iter()
+                .zip(&infos)
+                .filter(|(n, _)| placed.contains(n))
+                .map(|(_, i)| i)
+                .collect();
+            if wanted.windows(2).any(|w| w[0] != w[1]) {
+                let lock = self.lock_for(index);
+                let _exclusive = lock.write().await;
+                self.make_agree(spec, index).await?;
+                repaired += 1;
+            }
+        }
+        if repaired > 0 {
+            tracing::info!(volume = %spec.id, "made {repaired} objects agree on the in-sync replicas");
+        }
+        Ok(())
+    }
+
+    async fn list(&self, spec: &VolumeSpec, node: u64) -> Result<Vec<ObjectInfo>, IoError> {
+        match self
+            .call_checked(
+                spec,
+                node,
+                Request::List {
+                    volume: spec.id.clone(),
+                },
+            )
+            .await?
+        {
+            Response::Objects(list) => Ok(list),
+            other => Err(IoError::Failed(format!(
+                "storage node {node} answered a list with {other:?}"
+            ))),
+        }
+    }
+
+    async fn stat(
+        &self,
+        spec: &VolumeSpec,
+        node: u64,
+        index: u64,
+    ) -> Result<Option<ObjectInfo>, IoError> {
+        match self
+            .call_checked(
+                spec,
+                node,
+                Request::Stat {
+                    volume: spec.id.clone(),
+                    index,
+                },
+            )
+            .await?
+        {
+            Response::Objects(mut list) => Ok(list.pop()),
+            other => Err(IoError::Failed(format!(
+                "storage node {node} answered a look-up with {other:?}"
+            ))),
+        }
+    }
+
+    /// Copies the newest copy of one object among its in-sync replicas to
+    /// the others. The caller holds the object's write lock.
+    async fn make_agree(&self, spec: &VolumeSpec, index: u64) -> Result<(), IoError> {
+        let in_sync = self.in_sync();
+        let nodes: Vec<u64> = spec
+            .map
+            .place(&spec.id, index, spec.replicas)
+            .into_iter()
+            .filter(|n| in_sync.contains(n))
+            .collect();
+        let infos = join_all(nodes.iter().map(|n| self.stat(spec, *n, index))).await;
+        let mut known = Vec::new();
+        let mut failed = Vec::new();
+        for (n, i) in nodes.iter().zip(infos) {
+            match i {
+                Ok(info) => known.push((*n, info)),
+                Err(_) => failed.push(*n),
+            }
+        }
+        let Some((source, best)) = known
+            .iter()
+            .max_by_key(|(_, i)| i.as_ref().map(|i| (i.version, i.seq, i.head)))
+            .cloned()
+        else {
+            return Err(IoError::Failed(format!(
+                "no in-sync replica of object {index} of volume {} answers",
+                spec.id
+            )));
+        };
+        for (node, info) in &known {
+            if *info != best {
+                if let Err(e) = self.copy_object(spec, index, source, *node).await {
+                    tracing::warn!(volume = %spec.id, "cannot copy object {index} from node {source} to node {node}: {e}");
+                    failed.push(*node);
+                }
+            }
+        }
+        self.drop_replicas(spec, failed).await?;
+        self.replicas.lock().unwrap().suspect.remove(&index);
+        Ok(())
+    }
+
+    /// Copies one object whole (snapshot copies first, then the head) from
+    /// `from` to `to`. The caller holds the object's write lock.
+    async fn copy_object(
+        &self,
+        spec: &VolumeSpec,
+        index: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<(), IoError> {
+        let info = self.stat(spec, from, index).await?.unwrap_or(ObjectInfo {
+            index,
+            version: 0,
+            seq: 0,
+            head: false,
+            clones: Vec::new(),
+        });
+        let len = spec.object_size as u32;
+        let read = |snap: Option<u64>| Request::Read {
+            volume: spec.id.clone(),
+            index,
+            snap,
+            offset: 0,
+            len,
+            epoch: spec.epoch,
+        };
+        for (lo, hi) in &info.clones {
+            let data = match self.call_checked(spec, from, read(Some(*hi))).await? {
+                Response::Data(d) => d,
+                other => {
+                    return Err(IoError::Failed(format!(
+                        "node {from} answered a read of a snapshot copy with {other:?}"
+                    )))
+                }
+            };
+            self.call_checked(
+                spec,
+                to,
+                Request::PutClone {
+                    volume: spec.id.clone(),
+                    index,
+                    epoch: spec.epoch,
+                    lo: *lo,
+                    hi: *hi,
+                    version: info.version,
+                    data,
+                },
+            )
+            .await?;
+        }
+        let data = if info.head {
+            match self.call_checked(spec, from, read(None)).await? {
+                Response::Data(d) => d,
+                other => {
+                    return Err(IoError::Failed(format!(
+                        "node {from} answered a read with {other:?}"
+                    )))
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        self.call_checked(
+            spec,
+            to,
+            Request::PutHead {
+                volume: spec.id.clone(),
+                index,
+                epoch: spec.epoch,
+                version: info.version,
+                seq: info.seq,
+                absent: !info.head,
+                keep: info.clones.iter().map(|(_, hi)| *hi).collect(),
+                data,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
         let spec = self.spec();
-        self.storage.read(&spec, None, offset, len).await
+        check_range(&spec, offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        let pieces = split(spec.object_size, offset, len);
+        let reads = pieces
+            .iter()
+            .map(|(idx, off, n)| self.read_object(&spec, *idx, *off, *n));
+        let mut at = 0usize;
+        for (r, (_, _, n)) in join_all(reads).await.into_iter().zip(&pieces) {
+            if let Some(data) = r? {
+                out[at..at + *n as usize].copy_from_slice(&data);
+            }
+            at += *n as usize;
+        }
+        Ok(out)
+    }
+
+    async fn read_object(
+        &self,
+        spec: &VolumeSpec,
+        index: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, IoError> {
+        let lock = self.lock_for(index);
+        let mut shared = lock.read().await;
+        if self.replicas.lock().unwrap().suspect.contains(&index) {
+            drop(shared);
+            {
+                let _exclusive = lock.write().await;
+                if self.replicas.lock().unwrap().suspect.contains(&index) {
+                    self.make_agree(spec, index).await?;
+                }
+            }
+            shared = lock.read().await;
+        }
+        let mut nodes = self.storage.readable(spec, index, &self.in_sync());
+        loop {
+            if nodes.is_empty() {
+                return Err(self.degraded(spec, index, &[]));
+            }
+            let node = nodes.remove(0);
+            let req = Request::Read {
+                volume: spec.id.clone(),
+                index,
+                snap: None,
+                offset: offset as u32,
+                len: len as u32,
+                epoch: spec.epoch,
+            };
+            match self.call_checked(spec, node, req).await {
+                Ok(Response::Data(d)) if d.len() as u64 == len => return Ok(Some(d)),
+                Ok(Response::Absent) => {
+                    drop(shared);
+                    return self.storage.read_parent(spec, index, offset, len).await;
+                }
+                Err(e @ (IoError::Invalid(_) | IoError::Fenced(_))) => return Err(e),
+                other => {
+                    tracing::warn!(volume = %spec.id, "reading object {index} from node {node}: {other:?}");
+                }
+            }
+        }
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
@@ -300,27 +838,87 @@ impl VolumeHandle {
         join_all(writes).await.into_iter().collect()
     }
 
-    /// Makes every acknowledged write durable on every replica.
+    /// Makes every write completed before it, on any connection of this
+    /// node, durable on every in-sync replica it reached.
     pub async fn flush(&self) -> Result<(), IoError> {
         let spec = self.spec();
-        let nodes: Vec<u64> = self.dirty.lock().unwrap().drain().collect();
-        let calls = nodes.iter().map(|n| {
-            self.storage.call(
+        let (tick, nodes, objects) = {
+            let d = self.dirty.lock().unwrap();
+            (
+                d.tick,
+                d.nodes.keys().copied().collect::<Vec<_>>(),
+                d.objects.keys().copied().collect::<Vec<_>>(),
+            )
+        };
+        let (in_sync, repairing) = {
+            let r = self.replicas.lock().unwrap();
+            (in_sync_now(&spec, &r), r.repair.as_ref().map(|p| p.node))
+        };
+        let targets: Vec<u64> = nodes
+            .iter()
+            .copied()
+            .filter(|n| in_sync.contains(n) || repairing == Some(*n))
+            .collect();
+        let calls = targets.iter().map(|n| {
+            self.call_checked(
+                &spec,
                 *n,
                 Request::Flush {
                     volume: spec.id.clone(),
                 },
             )
         });
-        let results = join_all(calls).await;
-        let mut failed = None;
-        for (node, r) in nodes.iter().zip(results) {
-            if let Err(e) = r {
-                self.dirty.lock().unwrap().insert(*node);
-                failed = Some(e);
+        let mut failed = Vec::new();
+        for (node, r) in targets.iter().zip(join_all(calls).await) {
+            match r {
+                Ok(_) => {}
+                Err(IoError::Fenced(m)) => return Err(IoError::Fenced(m)),
+                Err(e) => {
+                    tracing::warn!(volume = %spec.id, "flush on node {node} failed: {e}");
+                    if repairing == Some(*node) {
+                        self.abort_repair(*node);
+                    } else {
+                        failed.push(*node);
+                    }
+                }
             }
         }
-        failed.map_or(Ok(()), Err)
+        // A replica that failed to sync may have lost what it held.
+        self.drop_replicas(&spec, failed).await?;
+        let in_sync = self.in_sync();
+        for index in &objects {
+            let placed = spec.map.place(&spec.id, *index, spec.replicas);
+            let live = placed.iter().filter(|n| in_sync.contains(n)).count();
+            if live < spec.min_replicas {
+                return Err(self.degraded(&spec, *index, &[]));
+            }
+        }
+        let mut d = self.dirty.lock().unwrap();
+        d.nodes.retain(|n, t| *t > tick && in_sync.contains(n));
+        d.objects.retain(|_, t| *t > tick);
+        Ok(())
+    }
+
+    fn degraded(&self, spec: &VolumeSpec, index: u64, failed: &[u64]) -> IoError {
+        let in_sync = self.in_sync();
+        let placed = spec.map.place(&spec.id, index, spec.replicas);
+        let mut missing: Vec<u64> = placed
+            .iter()
+            .copied()
+            .filter(|n| !in_sync.contains(n) || failed.contains(n))
+            .collect();
+        missing.sort_unstable();
+        IoError::Failed(format!(
+            "volume {} is degraded: object {index} needs {} in-sync replicas and nodes {missing:?} are missing or out of sync; writes resume when they are back",
+            spec.id, spec.min_replicas
+        ))
+    }
+
+    fn abort_repair(&self, node: u64) {
+        let mut r = self.replicas.lock().unwrap();
+        if let Some(p) = r.repair.as_mut().filter(|p| p.node == node) {
+            p.failed = true;
+        }
     }
 
     async fn mutate(
@@ -330,107 +928,362 @@ impl VolumeHandle {
         offset: u64,
         m: Mutation<'_>,
     ) -> Result<(), IoError> {
-        let nodes = spec.map.place(&spec.id, index, spec.replicas);
-        if nodes.len() < spec.replicas {
+        let placed = spec.map.place(&spec.id, index, spec.replicas);
+        if placed.len() < spec.replicas {
             return Err(IoError::Failed(format!(
                 "volume {} keeps {} replicas but its storage map has only {} nodes",
                 spec.id,
                 spec.replicas,
-                nodes.len()
+                placed.len()
             )));
         }
-        if spec.parent.is_some() && !self.present.lock().unwrap().contains(&index) {
-            return self.copy_up(spec, &nodes, index, offset, m).await;
+        let lock = self.lock_for(index);
+        let _exclusive = lock.write().await;
+        if self.replicas.lock().unwrap().suspect.contains(&index) {
+            self.make_agree(spec, index).await?;
         }
-        let req = match m {
-            Mutation::Write(data) => Request::Write {
-                volume: spec.id.clone(),
-                index,
-                offset: offset as u32,
-                seq: spec.seq,
-                epoch: spec.epoch,
-                data: data.to_vec(),
-            },
-            Mutation::Zero { len, punch } => Request::Zero {
-                volume: spec.id.clone(),
-                index,
-                offset: offset as u32,
-                len: len as u32,
-                punch,
-                seq: spec.seq,
-                epoch: spec.epoch,
-            },
+        let (live, extra) = {
+            let r = self.replicas.lock().unwrap();
+            let in_sync = in_sync_now(spec, &r);
+            let live: Vec<u64> = placed
+                .iter()
+                .copied()
+                .filter(|n| in_sync.contains(n))
+                .collect();
+            let extra: Option<u64> = r
+                .repair
+                .as_ref()
+                .filter(|p| placed.contains(&p.node) && !p.pending.contains(&index) && !p.failed)
+                .map(|p| p.node);
+            (live, extra)
         };
-        self.send_all(&nodes, req).await
-    }
-
-    async fn send_all(&self, nodes: &[u64], req: Request) -> Result<(), IoError> {
-        self.dirty.lock().unwrap().extend(nodes.iter().copied());
-        let calls = nodes.iter().map(|n| self.storage.call(*n, req.clone()));
-        for r in join_all(calls).await {
-            r?;
+        if live.len() < spec.min_replicas {
+            return Err(self.degraded(spec, index, &[]));
         }
+        let req = if spec.parent.is_some() && !self.present.lock().unwrap().contains(&index) {
+            self.copy_up_request(spec, &live, index, offset, m).await?
+        } else {
+            request(spec, index, offset, m)
+        };
+        let mut targets = live.clone();
+        targets.extend(extra);
+        let calls = targets
+            .iter()
+            .map(|n| self.call_checked(spec, *n, req.clone()));
+        let results = join_all(calls).await;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let mut refusal = None;
+        for (node, r) in targets.iter().zip(results) {
+            match r {
+                Ok(_) => done.push(*node),
+                Err(IoError::Fenced(m)) => return Err(IoError::Fenced(m)),
+                Err(e) => {
+                    tracing::warn!(volume = %spec.id, "write of object {index} on node {node} failed: {e}");
+                    if Some(*node) == extra {
+                        self.abort_repair(*node);
+                    } else {
+                        failed.push(*node);
+                    }
+                    refusal = Some(e);
+                }
+            }
+        }
+        let applied = done.iter().filter(|n| live.contains(n)).count();
+        if applied == 0 {
+            // Refused everywhere alike (a bad request), or lost everywhere:
+            // none is known to hold it, all may; check before the next I/O.
+            self.replicas.lock().unwrap().suspect.insert(index);
+            return Err(refusal.unwrap_or_else(|| self.degraded(spec, index, &failed)));
+        }
+        if let Err(e) = self.drop_replicas(spec, failed.clone()).await {
+            self.replicas.lock().unwrap().suspect.insert(index);
+            return Err(e);
+        }
+        if applied < spec.min_replicas {
+            return Err(self.degraded(spec, index, &failed));
+        }
+        if spec.parent.is_some() {
+            self.present.lock().unwrap().insert(index);
+        }
+        let mut d = self.dirty.lock().unwrap();
+        d.tick += 1;
+        let tick = d.tick;
+        for n in done {
+            d.nodes.insert(n, tick);
+        }
+        d.objects.insert(index, tick);
         Ok(())
     }
 
     /// First write to a clone's object: the object becomes the parent's
-    /// bytes with this write applied, written whole to every replica.
-    async fn copy_up(
+    /// bytes with this write applied, written whole. An in-sync replica
+    /// that says the object is absent speaks for all of them.
+    async fn copy_up_request(
         &self,
         spec: &VolumeSpec,
-        nodes: &[u64],
+        live: &[u64],
         index: u64,
         offset: u64,
         m: Mutation<'_>,
-    ) -> Result<(), IoError> {
-        let _one_at_a_time = self.copy_up.lock().await;
-        let exists = match self
-            .storage
-            .call(
-                nodes[0],
-                Request::Exists {
-                    volume: spec.id.clone(),
-                    index,
-                },
-            )
-            .await?
-        {
-            Response::Bool(b) => b,
-            other => return Err(IoError::Failed(format!("unexpected answer {other:?}"))),
-        };
-        if !exists {
-            let len = spec.object_size.min(spec.size - index * spec.object_size);
-            let mut base = self
-                .storage
-                .read_parent(spec, index, 0, len)
-                .await?
-                .unwrap_or_else(|| vec![0u8; len as usize]);
-            match m {
-                Mutation::Write(data) => {
-                    base[offset as usize..offset as usize + data.len()].copy_from_slice(data)
+    ) -> Result<Request, IoError> {
+        let mut exists = None;
+        for node in live {
+            match self
+                .call_checked(
+                    spec,
+                    *node,
+                    Request::Exists {
+                        volume: spec.id.clone(),
+                        index,
+                    },
+                )
+                .await
+            {
+                Ok(Response::Bool(b)) => {
+                    exists = Some(b);
+                    break;
                 }
-                Mutation::Zero { len, .. } => {
-                    base[offset as usize..(offset + len) as usize].fill(0)
-                }
+                Ok(other) => tracing::warn!("node {node} answered a look-up with {other:?}"),
+                Err(e) => tracing::warn!("node {node}: {e}"),
             }
-            self.send_all(
-                nodes,
-                Request::Write {
+        }
+        let Some(exists) = exists else {
+            return Err(self.degraded(spec, index, live));
+        };
+        if exists {
+            self.present.lock().unwrap().insert(index);
+            return Ok(request(spec, index, offset, m));
+        }
+        let len = spec.object_size.min(spec.size - index * spec.object_size);
+        let mut base = self
+            .storage
+            .read_parent(spec, index, 0, len)
+            .await?
+            .unwrap_or_else(|| vec![0u8; len as usize]);
+        match m {
+            Mutation::Write(data) => {
+                base[offset as usize..offset as usize + data.len()].copy_from_slice(data)
+            }
+            Mutation::Zero { len, .. } => base[offset as usize..(offset + len) as usize].fill(0),
+        }
+        Ok(Request::Write {
+            volume: spec.id.clone(),
+            index,
+            offset: 0,
+            seq: spec.seq,
+            epoch: spec.epoch,
+            data: base,
+        })
+    }
+
+    /// Brings the replica on `node` back into sync: fences it, copies every
+    /// object placed on it that differs from an in-sync replica's (while
+    /// writes go on), then records it in sync. Returns the objects copied.
+    pub async fn resync(&self, node: u64) -> Result<usize, IoError> {
+        self.activate().await?;
+        let spec = self.spec();
+        if self.in_sync().contains(&node) {
+            return Ok(0);
+        }
+        let (_, conn) = self
+            .storage
+            .call_traced(
+                node,
+                Request::Fence {
                     volume: spec.id.clone(),
-                    index,
-                    offset: 0,
-                    seq: spec.seq,
                     epoch: spec.epoch,
-                    data: base,
                 },
             )
             .await?;
-            self.present.lock().unwrap().insert(index);
-            return Ok(());
+        self.storage
+            .sets
+            .recovering(&spec.id, spec.epoch, node)
+            .await
+            .map_err(IoError::Failed)?;
+        // Every object the in-sync replicas or the returning one hold.
+        let mut sources = self.in_sync();
+        sources.push(node);
+        let lists = join_all(sources.iter().map(|n| {
+            self.storage.call(
+                *n,
+                Request::List {
+                    volume: spec.id.clone(),
+                },
+            )
+        }))
+        .await;
+        let mut indexes = BTreeSet::new();
+        for l in lists {
+            match l? {
+                Response::Objects(list) => indexes.extend(list.into_iter().map(|o| o.index)),
+                other => return Err(IoError::Failed(format!("a list answered {other:?}"))),
+            }
         }
-        self.present.lock().unwrap().insert(index);
-        drop(_one_at_a_time);
-        Box::pin(self.mutate(spec, index, offset, m)).await
+        indexes.retain(|i| spec.map.place(&spec.id, *i, spec.replicas).contains(&node));
+        {
+            let mut r = self.replicas.lock().unwrap();
+            r.conns.insert(node, conn);
+            r.repair = Some(Repair {
+                node,
+                pending: indexes.iter().copied().collect(),
+                failed: false,
+            });
+        }
+        let result = self.copy_pending(&spec, node, &indexes).await;
+        let copied = match result {
+            Ok(n) => n,
+            Err(e) => {
+                self.replicas.lock().unwrap().repair = None;
+                return Err(e);
+            }
+        };
+        let joined = self.storage.sets.in_sync(&spec.id, spec.epoch, node).await;
+        let failed = {
+            let mut r = self.replicas.lock().unwrap();
+            let failed = r.repair.take().is_none_or(|p| p.failed);
+            if joined.is_ok() && !failed {
+                r.dropped.remove(&node);
+                r.joined.insert(node);
+            }
+            failed
+        };
+        match joined {
+            Ok(()) if !failed => {
+                tracing::info!(volume = %spec.id, "the replica on node {node} is in sync again ({copied} objects copied)");
+                Ok(copied)
+            }
+            Ok(()) => {
+                // Recorded in sync, but a write since failed on it.
+                self.drop_replicas(&spec, vec![node]).await?;
+                Err(IoError::Failed(format!(
+                    "node {node} failed a write during its resync"
+                )))
+            }
+            Err(e) => Err(IoError::Failed(format!(
+                "cannot record node {node} in sync: {e}"
+            ))),
+        }
+    }
+
+    /// Returns every object to snapshot `snap`'s content on every in-sync
+    /// replica (one that fails leaves the in-sync set).
+    pub async fn rollback(&self, snap: u64) -> Result<(), IoError> {
+        self.activate().await?;
+        let spec = self.spec();
+        let nodes: Vec<u64> = self
+            .in_sync()
+            .into_iter()
+            .filter(|n| spec.map.nodes.iter().any(|m| m.node == *n))
+            .collect();
+        let req = Request::Rollback {
+            volume: spec.id.clone(),
+            snap,
+            seq: spec.seq,
+            epoch: spec.epoch,
+        };
+        let calls = nodes
+            .iter()
+            .map(|n| self.call_checked(&spec, *n, req.clone()));
+        let mut failed = Vec::new();
+        let mut last = None;
+        for (node, r) in nodes.iter().zip(join_all(calls).await) {
+            match r {
+                Ok(_) => {}
+                Err(e @ (IoError::Fenced(_) | IoError::Invalid(_))) => return Err(e),
+                Err(e) => {
+                    failed.push(*node);
+                    last = Some(e);
+                }
+            }
+        }
+        if failed.len() == nodes.len() {
+            return Err(last.unwrap_or_else(|| {
+                IoError::Failed(format!("volume {} has no in-sync replica", spec.id))
+            }));
+        }
+        self.drop_replicas(&spec, failed).await?;
+        self.forget_present();
+        Ok(())
+    }
+
+    async fn copy_pending(
+        &self,
+        spec: &VolumeSpec,
+        node: u64,
+        indexes: &BTreeSet<u64>,
+    ) -> Result<usize, IoError> {
+        let mut copied = 0;
+        for index in indexes {
+            let lock = self.lock_for(*index);
+            let _exclusive = lock.write().await;
+            if self
+                .replicas
+                .lock()
+                .unwrap()
+                .repair
+                .as_ref()
+                .is_none_or(|p| p.failed)
+            {
+                return Err(IoError::Failed(format!(
+                    "node {node} failed a write during its resync"
+                )));
+            }
+            let in_sync = self.in_sync();
+            let source = self
+                .storage
+                .readable(spec, *index, &in_sync)
+                .first()
+                .copied()
+                .ok_or_else(|| self.degraded(spec, *index, &[]))?;
+            let (want, have) = (
+                self.stat(spec, source, *index).await?,
+                self.stat(spec, node, *index).await?,
+            );
+            if want != have {
+                self.copy_object(spec, *index, source, node).await?;
+                copied += 1;
+            }
+            if let Some(p) = self.replicas.lock().unwrap().repair.as_mut() {
+                p.pending.remove(index);
+            }
+        }
+        Ok(copied)
+    }
+}
+
+fn in_sync_now(spec: &VolumeSpec, r: &Replicas) -> Vec<u64> {
+    let mut nodes: Vec<u64> = spec
+        .in_sync
+        .iter()
+        .chain(r.joined.iter())
+        .copied()
+        .filter(|n| !r.dropped.contains(n))
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+}
+
+fn request(spec: &VolumeSpec, index: u64, offset: u64, m: Mutation<'_>) -> Request {
+    match m {
+        Mutation::Write(data) => Request::Write {
+            volume: spec.id.clone(),
+            index,
+            offset: offset as u32,
+            seq: spec.seq,
+            epoch: spec.epoch,
+            data: data.to_vec(),
+        },
+        Mutation::Zero { len, punch } => Request::Zero {
+            volume: spec.id.clone(),
+            index,
+            offset: offset as u32,
+            len: len as u32,
+            punch,
+            seq: spec.seq,
+            epoch: spec.epoch,
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use storage::nbd::{self, BoxFuture, Export, Exports};
 use storage::transport::{self, Peers};
-use storage::{MapNode, ObjectStore, Storage, StorageMap, VolumeSpec};
+use storage::{MapNode, ObjectStore, ReplicaSets, Storage, StorageMap, VolumeSpec};
 
 const MIB: u64 = 1 << 20;
 
@@ -39,14 +39,52 @@ impl Exports for TestExports {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| format!("no volume has the id {name:?}"))?;
+            let handle = self.storage.open(spec);
+            handle.activate().await.map_err(|e| e.to_string())?;
             Ok(Export {
-                handle: self.storage.open(spec),
+                handle,
                 read_only: false,
             })
         })
     }
     fn list(&self) -> BoxFuture<'_, Vec<String>> {
         Box::pin(async move { self.volumes.lock().unwrap().keys().cloned().collect() })
+    }
+}
+
+/// The cluster state's record of in-sync sets, kept in memory: these
+/// tests run with every replica healthy, so nothing is ever recorded.
+#[derive(Default)]
+struct RecordedSets {
+    changes: Mutex<Vec<String>>,
+}
+
+impl ReplicaSets for RecordedSets {
+    fn out_of_sync(
+        &self,
+        volume: &str,
+        epoch: u64,
+        nodes: Vec<u64>,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let line = format!("{volume}@{epoch}: {nodes:?} out of sync");
+        Box::pin(async move {
+            self.changes.lock().unwrap().push(line);
+            Ok(())
+        })
+    }
+    fn recovering(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>> {
+        let line = format!("{volume}@{epoch}: {node} recovering");
+        Box::pin(async move {
+            self.changes.lock().unwrap().push(line);
+            Ok(())
+        })
+    }
+    fn in_sync(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>> {
+        let line = format!("{volume}@{epoch}: {node} in sync");
+        Box::pin(async move {
+            self.changes.lock().unwrap().push(line);
+            Ok(())
+        })
     }
 }
 
@@ -108,7 +146,12 @@ fn fixture() -> &'static Fixture {
                 .unwrap();
             addrs.insert(id, listener.local_addr().unwrap().to_string());
             rt.spawn(transport::serve(listener, Arc::new(server), store.clone()));
-            nodes.push(Storage::new(id, store, Peers::new(Arc::new(client))));
+            nodes.push(Storage::new(
+                id,
+                store,
+                Peers::new(Arc::new(client)),
+                Arc::new(RecordedSets::default()),
+            ));
             map.nodes.push(MapNode {
                 node: id,
                 weight: 1,
@@ -150,6 +193,8 @@ impl Fixture {
             size,
             object_size: 4 * MIB,
             replicas,
+            min_replicas: replicas.min(2),
+            in_sync: vec![1, 2, 3],
             seq: 0,
             epoch: 1,
             map: self.map.clone(),
@@ -278,7 +323,11 @@ fn qemu_io_writes_land_on_exactly_the_placed_replicas() {
     // Each replica holds the bytes themselves, checked against the store.
     for node in f.map.place(&spec.id, 0, 3) {
         let n = f.nodes.iter().find(|n| n.node == node).unwrap();
-        let d = n.store.read(&spec.id, 0, None, 0, MIB).unwrap().unwrap();
+        let d = n
+            .store
+            .read(&spec.id, 0, None, 0, MIB, spec.epoch)
+            .unwrap()
+            .unwrap();
         assert!(d.iter().all(|b| *b == 0xab));
     }
 }
@@ -402,7 +451,16 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
         ],
     );
     let storage = &f.nodes[1];
-    let at = |snap, off, len| f.rt.block_on(storage.read(&spec, snap, off, len)).unwrap();
+    let at = |snap: Option<u64>, off, len| match snap {
+        Some(snap) => {
+            f.rt.block_on(storage.read_snapshot(&spec, snap, off, len))
+                .unwrap()
+        }
+        None => {
+            f.rt.block_on(f.exports.storage.open(spec.clone()).read(off, len))
+                .unwrap()
+        }
+    };
     assert!(at(Some(1), MIB, MIB).iter().all(|b| *b == 1));
     assert!(at(Some(1), 12 * MIB, MIB).iter().all(|b| *b == 0));
     assert!(at(None, MIB, MIB).iter().all(|b| *b == 2));
@@ -477,16 +535,8 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
     // Roll the parent back to snapshot 1 (as sequence 2, with a new writer epoch).
     spec.seq = 2;
     spec.epoch = 2;
-    f.rt.block_on(storage.broadcast(
-        &f.map,
-        storage::proto::Request::Rollback {
-            volume: spec.id.clone(),
-            snap: 1,
-            seq: 2,
-            epoch: 2,
-        },
-    ))
-    .unwrap();
+    f.rt.block_on(f.exports.storage.open(spec.clone()).rollback(1))
+        .unwrap();
     f.publish(&spec);
     run(
         "qemu-io",

@@ -49,6 +49,8 @@ pub(super) fn new_volume(
         size_bytes: size,
         // 0: as many as the storage map allows, up to 3 (decided when applied).
         replicas: replicas.unwrap_or(0),
+        // 0: 2, or 1 for a single replica (decided when applied).
+        min_replicas: 0,
         object_size_bytes: OBJECT_SIZE_BYTES,
         state: VolumeState::Available,
         // The state machine sets it from the project.
@@ -61,6 +63,9 @@ pub(super) fn new_volume(
         parent: None,
         lease: None,
         read_only: false,
+        in_sync: Vec::new(),
+        out_of_sync: Vec::new(),
+        recovering: Vec::new(),
     })
 }
 
@@ -95,12 +100,21 @@ pub(super) async fn create_volume(
         }
         (None, Some(_)) => {}
     }
-    let volume = new_volume(
+    let mut volume = new_volume(
         project,
         body.name,
         body.size_bytes.unwrap_or(0),
         body.replicas,
     )?;
+    if let Some(m) = body.min_replicas {
+        if !(1..=3).contains(&m) || body.replicas.is_some_and(|r| m > r) {
+            return Err(ApiError::invalid(format!(
+                "min_replicas must be between 1 and replicas ({}), not {m}",
+                body.replicas.unwrap_or(3)
+            )));
+        }
+        volume.min_replicas = m;
+    }
     let outcome = node
         .write(&Command::CreateVolume { volume, source })
         .await?;

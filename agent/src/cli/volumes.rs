@@ -23,6 +23,10 @@ pub enum VolumeCommand {
         /// every storage node when there are fewer).
         #[arg(long)]
         replicas: Option<u8>,
+        /// In-sync copies a write needs (1 to --replicas; default 2, or 1
+        /// for a single replica).
+        #[arg(long)]
+        min_replicas: Option<u8>,
         /// Clone this image (instant, whatever its size).
         #[arg(long)]
         image: Option<String>,
@@ -183,6 +187,7 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             project,
             size,
             replicas,
+            min_replicas,
             image,
             api,
         } => {
@@ -194,6 +199,7 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 name,
                 size_bytes: size,
                 replicas,
+                min_replicas,
                 from_image: image,
                 from_snapshot: None,
             };

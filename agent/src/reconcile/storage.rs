@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use storage::nbd::{self, BoxFuture, Export, Exports};
 use storage::transport::{self, Peers};
-use storage::{ObjectStore, ParentSpec, Storage, VolumeHandle, VolumeSpec};
+use storage::{ObjectStore, ParentSpec, ReplicaSets, Storage, VolumeHandle, VolumeSpec};
 
 use crate::cluster::node::ClusterNode;
 use crate::state::volumes::NodeStorage;
-use crate::state::volumes::VolumeRecord;
+use crate::state::volumes::{ReplicaChange, VolumeRecord};
 use crate::state::Command;
 
 /// How the block store is set up on this node.
@@ -37,6 +37,65 @@ pub struct BlockStore {
     pub failure_domain: String,
     pub nbd_socket: PathBuf,
     pub nbd_tcp: Option<String>,
+    /// Volumes whose resync is running or waits to retry (with when it
+    /// last failed).
+    resyncs: std::sync::Mutex<HashMap<String, Option<std::time::Instant>>>,
+    /// One resync at a time on this node.
+    resync_turn: tokio::sync::Mutex<()>,
+}
+
+/// Records in-sync set changes through Raft, as the writer of `epoch`.
+struct AgentReplicaSets(Weak<ClusterNode>);
+
+impl AgentReplicaSets {
+    async fn record(
+        &self,
+        volume_id: &str,
+        epoch: u64,
+        change: ReplicaChange,
+    ) -> Result<(), String> {
+        let node = self.0.upgrade().ok_or("this node is shutting down")?;
+        node.write(&Command::UpdateReplicas {
+            volume_id: volume_id.to_string(),
+            epoch,
+            change,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.message)?;
+        Ok(())
+    }
+}
+
+impl ReplicaSets for AgentReplicaSets {
+    fn out_of_sync(
+        &self,
+        volume: &str,
+        epoch: u64,
+        nodes: Vec<u64>,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            self.record(&volume, epoch, ReplicaChange::OutOfSync { nodes })
+                .await
+        })
+    }
+
+    fn recovering(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            self.record(&volume, epoch, ReplicaChange::Recovering { node })
+                .await
+        })
+    }
+
+    fn in_sync(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            self.record(&volume, epoch, ReplicaChange::InSync { node })
+                .await
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +139,12 @@ impl BlockStore {
             Arc::new(c)
         };
         tokio::spawn(transport::serve(listener, server_tls, store.clone()));
-        let storage = Storage::new(node.id, store, Peers::new(client_tls));
+        let storage = Storage::new(
+            node.id,
+            store,
+            Peers::new(client_tls),
+            Arc::new(AgentReplicaSets(Arc::downgrade(node))),
+        );
         let nbd_socket = node.data_dir.path().join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
         let unix = tokio::net::UnixListener::bind(&nbd_socket)
@@ -105,6 +169,8 @@ impl BlockStore {
                 .unwrap_or_else(|| node.config.name.clone()),
             nbd_socket,
             nbd_tcp: nbd_tcp.as_ref().map(|(a, _)| a.clone()),
+            resyncs: std::sync::Mutex::new(HashMap::new()),
+            resync_turn: tokio::sync::Mutex::new(()),
         });
         let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
         tokio::spawn(nbd::serve_unix(unix, exports.clone()));
@@ -170,11 +236,19 @@ impl BlockStore {
                     v.map_epoch, v.id
                 ))
             })?;
+        let in_sync = if v.in_sync.is_empty() && v.out_of_sync.is_empty() {
+            // Recorded before in-sync sets were: every node was.
+            map.nodes.iter().map(|n| n.node).collect()
+        } else {
+            v.in_sync.clone()
+        };
         Ok(VolumeSpec {
             id: v.id.clone(),
             size: v.size_bytes,
             object_size: v.object_size_bytes,
             replicas: usize::from(v.replicas),
+            min_replicas: usize::from(v.min_replicas()),
+            in_sync,
             seq: v.seq,
             epoch: v
                 .lease
@@ -216,28 +290,67 @@ impl BlockStore {
         };
         let spec = self.spec(&volume)?;
         let handle = self.storage.open(spec);
+        handle.activate().await.map_err(|e| {
+            BlockError::Unavailable(format!("cannot open volume {volume_id} for writing: {e}"))
+        })?;
         Ok((volume, handle))
     }
 
     /// Returns every object of the volume to a snapshot's content.
     pub async fn rollback(&self, volume_id: &str, snapshot_id: u64) -> Result<(), BlockError> {
-        let (volume, handle) = self.open_for_write(volume_id).await?;
-        let spec = handle.spec();
-        self.storage
-            .broadcast(
-                &spec.map,
-                storage::proto::Request::Rollback {
-                    volume: volume.id.clone(),
-                    snap: snapshot_id,
-                    seq: volume.seq,
-                    epoch: spec.epoch,
-                },
-            )
+        let (_, handle) = self.open_for_write(volume_id).await?;
+        handle
+            .rollback(snapshot_id)
             .await
-            .map_err(|e| {
-                BlockError::Unavailable(format!("rollback did not reach every storage node: {e}"))
-            })?;
-        handle.forget_present();
+            .map_err(|e| BlockError::Unavailable(format!("rollback failed: {e}")))
+    }
+
+    /// Starts resyncing the out-of-sync replicas of the volumes this node
+    /// writes, one volume at a time; a failed resync is tried again after
+    /// ten seconds.
+    fn start_resyncs(self: &Arc<Self>, node: &ClusterNode) {
+        let Ok(volumes) = node.state.all_volumes() else {
+            return;
+        };
+        for v in volumes {
+            let mine = v.lease.as_ref().is_some_and(|l| l.node == node.id);
+            if !mine || v.out_of_sync.is_empty() {
+                continue;
+            }
+            {
+                let mut resyncs = self.resyncs.lock().unwrap();
+                match resyncs.get(&v.id) {
+                    Some(None) => continue,
+                    Some(Some(failed)) if failed.elapsed() < Duration::from_secs(10) => continue,
+                    _ => {}
+                }
+                resyncs.insert(v.id.clone(), None);
+            }
+            let blocks = self.clone();
+            tokio::spawn(async move {
+                let result = blocks.resync(&v).await;
+                let mut resyncs = blocks.resyncs.lock().unwrap();
+                match result {
+                    Ok(()) => {
+                        resyncs.remove(&v.id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.id, "resync did not finish: {e}; trying again in 10 s");
+                        resyncs.insert(v.id.clone(), Some(std::time::Instant::now()));
+                    }
+                }
+            });
+        }
+    }
+
+    async fn resync(&self, v: &VolumeRecord) -> Result<(), String> {
+        let _turn = self.resync_turn.lock().await;
+        let spec = self.spec(v).map_err(|e| e.to_string())?;
+        let handle = self.storage.open(spec);
+        for node in &v.out_of_sync {
+            let copied = handle.resync(*node).await.map_err(|e| e.to_string())?;
+            tracing::info!(volume = %v.id, "node {node} resynced: {copied} objects copied");
+        }
         Ok(())
     }
 }
@@ -356,6 +469,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
                 }
             }
         }
+        b.start_resyncs(&node);
         if last_gc.elapsed() > Duration::from_secs(60) {
             last_gc = std::time::Instant::now();
             collect_garbage(&b, &node, &mut missing_before).await;

@@ -132,6 +132,12 @@ pub enum Command {
         volume_id: String,
         node: NodeId,
     },
+    /// A volume's writer (of `epoch`) records a change to its in-sync set.
+    UpdateReplicas {
+        volume_id: String,
+        epoch: u64,
+        change: volumes::ReplicaChange,
+    },
     /// A node registers (or updates) its block store.
     SetNodeStorage {
         id: NodeId,
@@ -478,6 +484,7 @@ impl Command {
             | Command::CreateSnapshot { .. }
             | Command::DeleteSnapshot { .. }
             | Command::AcquireLease { .. }
+            | Command::UpdateReplicas { .. }
             | Command::SetNodeStorage { .. }
             | Command::CreateImage { .. }
             | Command::FinishImage { .. }
@@ -576,6 +583,11 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             name,
         } => volumes::delete_snapshot(kv, &project, &volume, &name),
         Command::AcquireLease { volume_id, node } => volumes::acquire_lease(kv, &volume_id, node),
+        Command::UpdateReplicas {
+            volume_id,
+            epoch,
+            change,
+        } => volumes::update_replicas(kv, &volume_id, epoch, change),
         Command::SetNodeStorage { id, storage } => volumes::set_node_storage(kv, id, storage),
         Command::CreateImage {
             image,

@@ -12,7 +12,7 @@ use super::nodes::NodeRecord;
 use super::projects::Project;
 use super::quotas::Usage;
 use super::scheduler::{Candidate, Overcommit, Request};
-use super::volumes::{VolumeRecord, VolumeState};
+use super::volumes::VolumeRecord;
 use super::zones::Zone;
 use super::{
     domain, get_json, put_json, ErrorCode, Outcome, ReadError, StateView, PREFIX_NODES,
@@ -286,7 +286,7 @@ pub fn create_vm(
     if let Some(boot) = boot {
         let mut volume = boot.volume;
         volume.attached_to = Some(vm.id.clone());
-        volume.state = VolumeState::InUse;
+        volume.refresh_state();
         let created = crate::state::volumes::create_volume(
             kv,
             volume,
@@ -342,7 +342,7 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
         );
         if let Some(mut volume) = get_json::<VolumeRecord>(kv, &volume_key)? {
             volume.attached_to = None;
-            volume.state = VolumeState::Available;
+            volume.refresh_state();
             put_json(kv, &volume_key, &volume)?;
             if vm.boot_volume.as_deref() == Some(volume.id.as_str()) {
                 let deleted = crate::state::volumes::delete_volume(
@@ -406,7 +406,7 @@ pub fn attach(
             None => {}
         }
         volume.attached_to = Some(vm.id.clone());
-        volume.state = VolumeState::InUse;
+        volume.refresh_state();
         vm.volumes.push(Attachment {
             project: volume_project.to_string(),
             volume: volume_name.to_string(),
@@ -420,7 +420,7 @@ pub fn attach(
             )));
         }
         volume.attached_to = None;
-        volume.state = VolumeState::Available;
+        volume.refresh_state();
         vm.volumes.retain(|a| a.volume_id != volume.id);
     }
     vm.generation += 1;

@@ -29,6 +29,13 @@ pub enum VolumeState {
     /// An image's base volume until its import finishes.
     #[serde(rename = "importing")]
     Importing,
+    /// Some replicas are out of sync (`out_of_sync` names their nodes):
+    /// writes go on while at least `min_replicas` are in sync.
+    #[serde(rename = "degraded")]
+    Degraded,
+    /// An out-of-sync replica is catching up (`recovering` names it).
+    #[serde(rename = "recovering")]
+    Recovering,
 }
 
 /// Whether an image can be cloned yet.
@@ -58,10 +65,15 @@ pub struct VolumeRecord {
     pub size_bytes: u64,
     /// Copies of every object, on distinct nodes (1 to 3).
     pub replicas: u8,
+    /// In-sync copies a write needs before it is acknowledged (1 to
+    /// `replicas`; default 2, or 1 for a single replica).
+    #[serde(default)]
+    pub min_replicas: u8,
     /// The size of the objects a volume is split into.
     pub object_size_bytes: u64,
     /// `available`; `in-use` while attached to a VM; `importing` for an
-    /// image's base volume until its import finishes.
+    /// image's base volume until its import finishes; `degraded` while a
+    /// replica is out of sync; `recovering` while one catches up.
     #[schema(value_type = String)]
     pub state: VolumeState,
     /// The project's zone, which the volume's replicas must honour.
@@ -87,9 +99,57 @@ pub struct VolumeRecord {
     /// An image's base volume: read-only once imported.
     #[serde(default)]
     pub read_only: bool,
+    /// Nodes whose replicas hold every acknowledged write (every node of
+    /// the volume's storage map, until one misses a write).
+    #[serde(default)]
+    pub in_sync: Vec<NodeId>,
+    /// Nodes whose replicas missed a write: never read until resynced.
+    #[serde(default)]
+    pub out_of_sync: Vec<NodeId>,
+    /// Out-of-sync nodes whose resync is under way.
+    #[serde(default)]
+    pub recovering: Vec<NodeId>,
+}
+
+/// A change to a volume's in-sync set, made by its writer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaChange {
+    /// These replicas missed (or may have missed) an acknowledged write.
+    OutOfSync { nodes: Vec<NodeId> },
+    /// This replica's resync has started.
+    Recovering { node: NodeId },
+    /// This replica holds every acknowledged write again.
+    InSync { node: NodeId },
 }
 
 impl VolumeRecord {
+    /// Sets `state` from what the record says: importing, then recovering,
+    /// degraded, in use, available.
+    pub fn refresh_state(&mut self) {
+        if self.state == VolumeState::Importing {
+            return;
+        }
+        self.state = if !self.recovering.is_empty() {
+            VolumeState::Recovering
+        } else if !self.out_of_sync.is_empty() {
+            VolumeState::Degraded
+        } else if self.attached_to.is_some() {
+            VolumeState::InUse
+        } else {
+            VolumeState::Available
+        };
+    }
+
+    /// The in-sync copies a write needs (records written before the field
+    /// existed: 2, or 1 for a single replica).
+    pub fn min_replicas(&self) -> u8 {
+        match self.min_replicas {
+            0 => self.replicas.min(2),
+            n => n.min(self.replicas),
+        }
+    }
+
     pub fn usage(&self) -> Usage {
         Usage {
             storage_bytes: self.size_bytes,
@@ -284,7 +344,21 @@ pub fn create_volume(
             ),
         )));
     }
+    if volume.min_replicas > volume.replicas {
+        return Ok(Err(domain(
+            ErrorCode::InvalidArgument,
+            format!(
+                "min_replicas {} is more than replicas {}; a write cannot need more copies than the volume keeps",
+                volume.min_replicas, volume.replicas
+            ),
+        )));
+    }
+    volume.min_replicas = volume.min_replicas();
     volume.map_epoch = map.epoch;
+    volume.in_sync = map.nodes.iter().map(|n| n.node).collect();
+    volume.out_of_sync.clear();
+    volume.recovering.clear();
+    volume.refresh_state();
     // A clone: find the snapshot and register with it.
     if let Some(source) = source {
         let (parent_key, mut parent, snapshot_name, image) = match source {
@@ -535,9 +609,108 @@ pub fn acquire_lease(kv: &mut KvWrite<'_>, volume_id: &str, node: NodeId) -> KvR
         other => {
             let epoch = other.as_ref().map_or(0, |l| l.epoch) + 1;
             volume.lease = Some(Lease { node, epoch });
+            // The new writer starts any resync again.
+            volume.recovering.clear();
+            volume.refresh_state();
             put_json(kv, &key, &volume)?;
         }
     }
+    Ok(Ok(value(&volume)))
+}
+
+/// The writer of `epoch` records a change to the volume's in-sync set;
+/// refused for any other epoch (an older writer, fenced).
+pub fn update_replicas(
+    kv: &mut KvWrite<'_>,
+    volume_id: &str,
+    epoch: u64,
+    change: ReplicaChange,
+) -> KvResult<Outcome> {
+    let Some((key, mut volume)) = volume_by_id(kv, volume_id)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("no volume has the id {volume_id:?}"),
+        )));
+    };
+    let current = volume.lease.as_ref().map_or(0, |l| l.epoch);
+    if current != epoch {
+        return Ok(Err(domain(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "volume {volume_id}: writer epoch {epoch} is not the current writer ({current}); its view of the replicas is stale"
+            ),
+        )));
+    }
+    let members: Vec<NodeId> = match get_json::<StorageMap>(
+        kv,
+        &format!("{PREFIX_STORAGE_MAPS}{:020}", volume.map_epoch),
+    )? {
+        Some(map) => map.nodes.iter().map(|n| n.node).collect(),
+        None => {
+            return Ok(Err(domain(
+                ErrorCode::NotFound,
+                format!(
+                    "storage map {} of volume {volume_id} is gone",
+                    volume.map_epoch
+                ),
+            )))
+        }
+    };
+    if volume.in_sync.is_empty() && volume.out_of_sync.is_empty() {
+        // Written before in-sync sets were recorded: every node was.
+        volume.in_sync = members.clone();
+    }
+    let check = |n: &NodeId| -> Result<(), crate::state::DomainError> {
+        if members.contains(n) {
+            Ok(())
+        } else {
+            Err(domain(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "node {n} holds no replica of volume {volume_id} (its storage map has {members:?})"
+                ),
+            ))
+        }
+    };
+    match change {
+        ReplicaChange::OutOfSync { nodes } => {
+            for n in &nodes {
+                if let Err(e) = check(n) {
+                    return Ok(Err(e));
+                }
+            }
+            volume.in_sync.retain(|n| !nodes.contains(n));
+            volume.recovering.retain(|n| !nodes.contains(n));
+            volume.out_of_sync.extend(nodes);
+        }
+        ReplicaChange::Recovering { node } => {
+            if let Err(e) = check(&node) {
+                return Ok(Err(e));
+            }
+            if !volume.in_sync.contains(&node) {
+                volume.recovering.push(node);
+                volume.out_of_sync.push(node);
+            }
+        }
+        ReplicaChange::InSync { node } => {
+            if let Err(e) = check(&node) {
+                return Ok(Err(e));
+            }
+            volume.out_of_sync.retain(|n| *n != node);
+            volume.recovering.retain(|n| *n != node);
+            volume.in_sync.push(node);
+        }
+    }
+    for list in [
+        &mut volume.in_sync,
+        &mut volume.out_of_sync,
+        &mut volume.recovering,
+    ] {
+        list.sort_unstable();
+        list.dedup();
+    }
+    volume.refresh_state();
+    put_json(kv, &key, &volume)?;
     Ok(Ok(value(&volume)))
 }
 
@@ -594,6 +767,7 @@ pub fn finish_image(kv: &mut KvWrite<'_>, name: &str, now_ms: u64) -> KvResult<O
     }
     volume.read_only = true;
     volume.state = VolumeState::Available;
+    volume.refresh_state();
     image.state = ImageState::Available;
     put_json(kv, &vkey, &volume)?;
     put_json(kv, &key, &image)?;
