@@ -71,8 +71,12 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// Option payloads beyond this are refused; beyond 16 times it the
 /// connection is closed rather than read.
 const MAX_OPTION: u32 = 64 << 10;
-/// Requests one connection may have in flight.
+/// Requests one connection may have in flight (until their replies are
+/// written to the client).
 const IN_FLIGHT: usize = 128;
+/// Bytes of request and reply payload one connection may hold (at least
+/// one request of the largest size fits).
+const BYTE_BUDGET: u32 = 2 * MAX_REQUEST;
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What an export name can be opened as.
@@ -356,13 +360,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // A reply keeps its request's slot and bytes until it is written, so a
+    // client that does not read its replies stops being served instead of
+    // growing the server's memory.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Held)>();
     let writer = tokio::spawn(async move {
         let mut wr = wr;
-        while let Some(r) = rx.recv().await {
+        while let Some((r, held)) = rx.recv().await {
             wr.write_all(&r).await?;
-            while let Ok(more) = rx.try_recv() {
+            drop(held);
+            while let Ok((more, held)) = rx.try_recv() {
                 wr.write_all(&more).await?;
+                drop(held);
             }
             wr.flush().await?;
         }
@@ -370,6 +379,7 @@ where
         Ok::<_, std::io::Error>(())
     });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(BYTE_BUDGET as usize));
     let handle = export.handle;
     let result = loop {
         let mut h = [0u8; 28];
@@ -389,6 +399,22 @@ where
                 "request magic {magic:#x} is wrong"
             )));
         }
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let bytes = if matches!(cmd, CMD_WRITE | CMD_READ) && len <= MAX_REQUEST {
+            Some(
+                budget
+                    .clone()
+                    .acquire_many_owned(len)
+                    .await
+                    .expect("never closed"),
+            )
+        } else {
+            None
+        };
+        let held = Held {
+            _slot: permit,
+            _bytes: bytes,
+        };
         let payload = if cmd == CMD_WRITE {
             if len > MAX_REQUEST {
                 break Err(NbdError::Protocol(format!(
@@ -406,7 +432,6 @@ where
         if cmd == CMD_DISC {
             break Ok(());
         }
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
         let (handle, tx, read_only) = (handle.clone(), tx.clone(), export.read_only);
         tokio::spawn(async move {
             let fua = flags & CMD_FLAG_FUA != 0;
@@ -457,13 +482,18 @@ where
                 },
                 _ => simple_reply(EINVAL, cookie, None),
             };
-            let _ = tx.send(reply);
-            drop(permit);
+            let _ = tx.send((reply, held));
         });
     };
     // Let requests already started finish and answer before closing.
-    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// What a request holds until its reply is written: its slot and, for a
+/// read or write, its bytes of the connection's budget.
+struct Held {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }

@@ -627,3 +627,72 @@ fn bad_clients_get_errors_and_the_server_keeps_serving() {
         ],
     );
 }
+
+/// Resident memory of this process (the NBD server runs in it).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn replies_a_client_never_reads_do_not_grow_the_servers_memory() {
+    use std::io::{Read, Write};
+    let f = fixture();
+    f.volume("vol-greedy", 64 * MIB, 1);
+    let mut s = std::os::unix::net::UnixStream::connect(&f.socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    // Fixed newstyle, no zeroes; NBD_OPT_EXPORT_NAME.
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(b"IHAVEOPT").unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    s.write_all(&(b"vol-greedy".len() as u32).to_be_bytes())
+        .unwrap();
+    s.write_all(b"vol-greedy").unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(export[..8].try_into().unwrap()),
+        64 * MIB
+    );
+    let before = rss_bytes();
+    // 64 pipelined reads of 32 MiB (2 GiB of replies), never read back.
+    let mut requests = Vec::new();
+    for i in 0..64u64 {
+        requests.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        requests.extend_from_slice(&0u16.to_be_bytes());
+        requests.extend_from_slice(&0u16.to_be_bytes());
+        requests.extend_from_slice(&i.to_be_bytes());
+        requests.extend_from_slice(&((i % 2) * 32 * MIB).to_be_bytes());
+        requests.extend_from_slice(&(32u32 << 20).to_be_bytes());
+    }
+    s.write_all(&requests).unwrap();
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        peak = peak.max(rss_bytes().saturating_sub(before));
+    }
+    assert!(
+        peak < 400 * MIB,
+        "the server held {} MiB of replies for a client that reads none",
+        peak / MIB
+    );
+    drop(s);
+    // Still serving.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5b 0 64k",
+            "-c",
+            "read -P 0x5b 0 64k",
+            &f.uri("vol-greedy"),
+        ],
+    );
+}
