@@ -557,6 +557,33 @@ fn snapshots_clones_and_rollback_keep_the_right_bytes() {
     });
     let err = f.rt.block_on(old.write(0, b"late")).unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
+    // Every replica refuses the old epoch, for reads as for writes.
+    for node in 1..=3 {
+        for req in [
+            storage::proto::Request::Read {
+                volume: spec.id.clone(),
+                index: 0,
+                snap: None,
+                offset: 0,
+                len: 4,
+                epoch: 1,
+            },
+            storage::proto::Request::Write {
+                volume: spec.id.clone(),
+                index: 0,
+                offset: 0,
+                seq: 2,
+                epoch: 1,
+                data: b"late".to_vec(),
+            },
+        ] {
+            let err = f.rt.block_on(f.nodes[2].call(node, req)).unwrap_err();
+            assert!(
+                matches!(err, storage::IoError::Fenced(_)),
+                "node {node}: {err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use storage::{MapNode, ObjectStore, StorageMap};
 
+pub mod nbd;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_allod");
 
 pub struct Cluster {
