@@ -287,6 +287,11 @@ async fn vms_boot_from_images_and_obey_their_owners_across_three_nodes() {
     console.expect("echo:ping-allod").await;
     drop(console);
 
+    // A disk is not pulled from under a running guest.
+    let boot = vm["boot_volume"].as_str().unwrap().to_string();
+    let err = c.allod_fails(&["vm", "detach", "web1", &boot, "--project", "p"]);
+    assert!(err.contains("stop it"), "{err}");
+
     // Stop: ACPI first; this guest ignores it, so it is forced after 3 s.
     c.allod_ok(&["vm", "stop", "web1", "--project", "p"]);
     wait_state(&c, "web1", "stopped").await;

@@ -419,6 +419,20 @@ pub fn attach(
                 format!("volume {volume_name:?} is not attached to VM {vm_name:?}"),
             )));
         }
+        if matches!(
+            vm.state,
+            VmState::Running | VmState::Stopping | VmState::Paused
+        ) {
+            // Its QEMU holds the disk open; the guest would lose it under
+            // its feet.
+            return Ok(Err(domain(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "VM {vm_name:?} is {}; stop it (allod vm stop {vm_name} --project {project}) before detaching volume {volume_name:?}",
+                    vm.state.as_str()
+                ),
+            )));
+        }
         volume.attached_to = None;
         volume.refresh_state();
         vm.volumes.retain(|a| a.volume_id != volume.id);
