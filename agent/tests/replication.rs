@@ -201,3 +201,89 @@ async fn block_history_is_linearizable_while_a_replica_is_killed_with_sigkill_an
         "too few operations completed to mean anything: {acknowledged}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_verifies_for_three_minutes_while_replicas_are_killed_with_sigkill() {
+    let mut c = Cluster::start().await;
+    c.allod_ok(&["project", "create", "p"]);
+    let v = c.json(&["volume", "create", "t", "--project", "p", "--size", "64M"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    // The writer is node 0 (fio's socket); nodes 1 and 2 are thrashed.
+    let uri = c.uri(0, &id);
+    let fio = std::process::Command::new("fio")
+        .args([
+            "--name=thrash",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=64M",
+            "--time_based",
+            "--runtime=180",
+            "--verify=crc32c",
+            "--verify_backlog=256",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(170) {
+        let (wait, victim) = {
+            let mut rng = rand::thread_rng();
+            (rng.gen_range(10..20), rng.gen_range(1..3))
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        c.kill(victim);
+        kills += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.restart(victim);
+    }
+    let out = tokio::task::spawn_blocking(move || fio.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("err= 0"),
+        "fio failed with {kills} replica kills:\n{text}"
+    );
+    assert!(kills >= 8, "only {kills} kills");
+    // Every replica comes back in sync.
+    common::wait_for("every replica in sync", Duration::from_secs(120), || {
+        let v = c.json(&["volume", "show", "t", "--project", "p"]);
+        v["state"] == "available" && v["in_sync"].as_array().unwrap().len() == 3
+    })
+    .await;
+    // Every object holds the same bytes on every replica (the agents are
+    // killed first so nothing moves while the stores are read).
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let mut copies: Vec<BTreeMap<u64, Vec<u8>>> = Vec::new();
+    for i in 0..3 {
+        let store = storage::ObjectStore::open(&c.dirs[i].join("storage")).unwrap();
+        let epoch = store.epoch(&id);
+        let mut objects = BTreeMap::new();
+        for o in store.list(&id).unwrap() {
+            let data = store
+                .read(&id, o.index, None, 0, 4 << 20, epoch)
+                .unwrap()
+                .unwrap_or_default();
+            objects.insert(o.index, data);
+        }
+        copies.push(objects);
+    }
+    assert_eq!(copies[0].len(), 16, "objects on node 0");
+    for i in 1..3 {
+        assert!(
+            copies[i] == copies[0],
+            "node {i}'s replica differs from node 0's"
+        );
+    }
+}

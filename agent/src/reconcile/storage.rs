@@ -48,22 +48,32 @@ pub struct BlockStore {
 struct AgentReplicaSets(Weak<ClusterNode>);
 
 impl AgentReplicaSets {
+    /// Writes the change, trying again for a while when the cluster cannot
+    /// commit (a leader election); a refusal is final.
     async fn record(
         &self,
         volume_id: &str,
         epoch: u64,
         change: ReplicaChange,
     ) -> Result<(), String> {
-        let node = self.0.upgrade().ok_or("this node is shutting down")?;
-        node.write(&Command::UpdateReplicas {
+        let command = Command::UpdateReplicas {
             volume_id: volume_id.to_string(),
             epoch,
             change,
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.message)?;
-        Ok(())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let node = self.0.upgrade().ok_or("this node is shutting down")?;
+            match node.write(&command).await {
+                Ok(outcome) => return outcome.map(drop).map_err(|e| e.message),
+                Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::debug!(volume = volume_id, "replica change not committed yet: {e}");
+                    drop(node);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
     }
 }
 
