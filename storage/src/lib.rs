@@ -7,6 +7,7 @@
 //! It knows nothing of Raft: the agent hands it the storage map and the
 //! volume records.
 
+pub mod fsio;
 pub mod nbd;
 pub mod placement;
 pub mod proto;

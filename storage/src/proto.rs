@@ -507,7 +507,7 @@ impl Response {
                     o.u64(obj.index)
                         .u64(obj.version)
                         .u64(obj.seq)
-                        .u8(u8::from(obj.head))
+                        .u8(u8::from(obj.head) | (u8::from(obj.uncertain) << 1))
                         .u32(obj.clones.len() as u32);
                     for (lo, hi) in &obj.clones {
                         o.u64(*lo).u64(*hi);
@@ -543,13 +543,8 @@ impl Response {
                 }
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let (index, version, seq, head, m) = (
-                        i.u64()?,
-                        i.u64()?,
-                        i.u64()?,
-                        i.u8()? != 0,
-                        i.u32()? as usize,
-                    );
+                    let (index, version, seq, flags, m) =
+                        (i.u64()?, i.u64()?, i.u64()?, i.u8()?, i.u32()? as usize);
                     if m > body.len() / 16 {
                         return Err(DecodeError(format!("{m} clones cannot fit in the frame")));
                     }
@@ -560,7 +555,8 @@ impl Response {
                         index,
                         version,
                         seq,
-                        head,
+                        head: flags & 1 != 0,
+                        uncertain: flags & 2 != 0,
                         clones,
                     });
                 }
@@ -695,6 +691,7 @@ mod tests {
                 version: 2,
                 seq: 1,
                 head: true,
+                uncertain: true,
                 clones: vec![(0, 1)],
             }]),
             Response::Number(7),

@@ -573,7 +573,10 @@ impl VolumeHandle {
                 .filter(|(n, _)| placed.contains(n))
                 .map(|(_, i)| i)
                 .collect();
-            if wanted.windows(2).any(|w| w[0] != w[1]) {
+            let uncertain = wanted
+                .iter()
+                .any(|i| i.as_ref().is_some_and(|i| i.uncertain));
+            if uncertain || wanted.windows(2).any(|w| w[0] != w[1]) {
                 let lock = self.lock_for(index);
                 let _exclusive = lock.write().await;
                 self.make_agree(spec, index).await?;
@@ -647,9 +650,11 @@ impl VolumeHandle {
                 Err(_) => failed.push(*n),
             }
         }
+        // A copy that may lack writes (found dirty after a crash) is the
+        // source only when every copy is in that state.
         let Some((source, best)) = known
             .iter()
-            .max_by_key(|(_, i)| i.as_ref().map(|i| (i.version, i.seq, i.head)))
+            .max_by_key(|(_, i)| i.as_ref().map(|i| (!i.uncertain, i.version, i.seq, i.head)))
             .cloned()
         else {
             return Err(IoError::Failed(format!(
@@ -657,8 +662,13 @@ impl VolumeHandle {
                 spec.id
             )));
         };
+        let certify = best.as_ref().is_some_and(|b| b.uncertain);
         for (node, info) in &known {
-            if *info != best {
+            // An uncertain source is rewritten too, which makes it certain.
+            if *info != best
+                || info.as_ref().is_some_and(|i| i.uncertain)
+                || (certify && *node == source)
+            {
                 if let Err(e) = self.copy_object(spec, index, source, *node).await {
                     tracing::warn!(volume = %spec.id, "cannot copy object {index} from node {source} to node {node}: {e}");
                     failed.push(*node);
@@ -684,6 +694,7 @@ impl VolumeHandle {
             version: 0,
             seq: 0,
             head: false,
+            uncertain: false,
             clones: Vec::new(),
         });
         let len = spec.object_size as u32;

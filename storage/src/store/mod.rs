@@ -14,12 +14,12 @@
 //! written under sequences below `x`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::fsio::{FileIo, Fs, Mode, OsFs};
 
 /// Checksum granularity.
 pub const BLOCK: u64 = 4096;
@@ -33,7 +33,14 @@ const MAGIC: &[u8; 8] = b"ALLODOBJ";
 const FORMAT: u32 = 1;
 const KIND_HEAD: u32 = 1;
 const KIND_CLONE: u32 = 2;
-const FLAG_ABSENT: u64 = 1;
+const FLAG_ABSENT: u32 = 1;
+/// The object may hold writes not yet synced: its block checksums are
+/// checked, and repaired where a power loss tore a write from its
+/// checksum, when it is next loaded.
+const FLAG_DIRTY: u32 = 2;
+/// A written object keeps its dirty flag through flushes while it is
+/// written this often, so a busy object costs no extra sync per flush.
+const HOT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Object files kept open; beyond this, files are opened per operation.
 const OPEN_FILES_CAP: usize = 2048;
 
@@ -73,6 +80,9 @@ pub struct ObjectInfo {
     pub seq: u64,
     /// The head holds data (not absent).
     pub head: bool,
+    /// This copy may lack writes its peers have (found dirty after a crash,
+    /// or a sync of it failed): never a source while a certain copy exists.
+    pub uncertain: bool,
     /// `(lo, hi]` ranges of snapshot ids preserved in clone files.
     pub clones: Vec<(u64, u64)>,
 }
@@ -82,7 +92,7 @@ struct Head {
     seq: u64,
     version: u64,
     absent: bool,
-    file: Option<Arc<File>>,
+    file: Option<Arc<dyn FileIo>>,
 }
 
 #[derive(Debug, Default)]
@@ -93,7 +103,16 @@ struct ObjState {
     head: Option<Head>,
     /// hi → lo.
     clones: BTreeMap<u64, u64>,
+    /// Written since its last sync.
     dirty: bool,
+    /// The head's header on disk carries [`FLAG_DIRTY`].
+    marked: bool,
+    /// See [`ObjectInfo::uncertain`].
+    uncertain: bool,
+    /// A sync failed: what it held may be gone from the disk; every flush
+    /// fails until the object is replaced whole.
+    lost: bool,
+    last_write: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -125,6 +144,7 @@ enum Source {
 /// One node's object store.
 #[derive(Debug)]
 pub struct ObjectStore {
+    fs: Arc<dyn Fs>,
     root: PathBuf,
     volumes: RwLock<HashMap<String, Arc<Vol>>>,
     open_files: AtomicUsize,
@@ -134,18 +154,26 @@ impl ObjectStore {
     /// Opens (creating) the store at `root` and indexes the objects in it by
     /// file name; headers are read on first use.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(root).map_err(io_err(format!("creating {}", root.display())))?;
+        Self::open_with(Arc::new(OsFs), root)
+    }
+
+    /// Opens the store at `root` on the file system `fs`.
+    pub fn open_with(fs: Arc<dyn Fs>, root: &Path) -> Result<Self, StoreError> {
+        fs.create_dir_all(root)
+            .map_err(io_err(format!("creating {}", root.display())))?;
         let mut volumes = HashMap::new();
-        for entry in fs::read_dir(root).map_err(io_err(format!("reading {}", root.display())))? {
-            let entry = entry.map_err(io_err(format!("reading {}", root.display())))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || !valid_volume_id(&name) {
+        let entries = fs
+            .read_dir(root)
+            .map_err(io_err(format!("reading {}", root.display())))?;
+        for (name, is_dir) in entries {
+            if !is_dir || !valid_volume_id(&name) {
                 continue;
             }
-            let vol = Vol::scan(entry.path())?;
+            let vol = Vol::scan(&*fs, root.join(&name))?;
             volumes.insert(name, Arc::new(vol));
         }
         Ok(Self {
+            fs,
             root: root.to_owned(),
             volumes: RwLock::new(volumes),
             open_files: AtomicUsize::new(0),
@@ -180,9 +208,11 @@ impl ObjectStore {
             return Ok(Some(v.clone()));
         }
         let dir = self.root.join(id);
-        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        sync_dir(&self.root)?;
-        let vol = Arc::new(Vol::scan(dir)?);
+        self.fs
+            .create_dir_all(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        sync_dir(&*self.fs, &self.root)?;
+        let vol = Arc::new(Vol::scan(&*self.fs, dir)?);
         volumes.insert(id.to_owned(), vol.clone());
         Ok(Some(vol))
     }
@@ -223,12 +253,17 @@ impl ObjectStore {
         if epoch > current {
             let path = vol.dir.join("epoch");
             let tmp = vol.dir.join("epoch.tmp");
-            let f = File::create(&tmp).map_err(io_err("recording the writer epoch"))?;
-            f.write_all_at(epoch.to_string().as_bytes(), 0)
-                .and_then(|()| f.sync_all())
+            let f = self
+                .fs
+                .open(&tmp, Mode::Create)
                 .map_err(io_err("recording the writer epoch"))?;
-            fs::rename(&tmp, &path).map_err(io_err("recording the writer epoch"))?;
-            sync_dir(&vol.dir)?;
+            f.write_all_at(epoch.to_string().as_bytes(), 0)
+                .and_then(|()| f.sync_data())
+                .map_err(io_err("recording the writer epoch"))?;
+            self.fs
+                .rename(&tmp, &path)
+                .map_err(io_err("recording the writer epoch"))?;
+            sync_dir(&*self.fs, &vol.dir)?;
             vol.epoch.store(epoch, Ordering::Release);
         }
         Ok(current)
@@ -274,10 +309,12 @@ impl ObjectStore {
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
         let file = self.prepare_head(&vol, index, &mut st, seq)?;
-        write_checked(&file, offset, data, &vol.dir, index)?;
+        Self::mark_dirty(&*file, &mut st)?;
+        write_checked(&*file, offset, data, &vol.dir, index)?;
         let head = st.head.as_mut().expect("prepared");
         head.version += 1;
         st.dirty = true;
+        st.last_write = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -301,25 +338,26 @@ impl ObjectStore {
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
         let file = self.prepare_head(&vol, index, &mut st, seq)?;
+        Self::mark_dirty(&*file, &mut st)?;
         let end = offset + len;
         let (first_full, last_full) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
         if punch && first_full < last_full {
             if offset < first_full {
                 write_checked(
-                    &file,
+                    &*file,
                     offset,
                     &vec![0; (first_full - offset) as usize],
                     &vol.dir,
                     index,
                 )?;
             }
-            punch_hole(&file, DATA_OFFSET + first_full, last_full - first_full)?;
+            punch_hole(&*file, DATA_OFFSET + first_full, last_full - first_full)?;
             let zeros = vec![0u8; ((last_full - first_full) / BLOCK * 4) as usize];
             file.write_all_at(&zeros, HEADER + first_full / BLOCK * 4)
                 .map_err(io_err("clearing checksums"))?;
             if last_full < end {
                 write_checked(
-                    &file,
+                    &*file,
                     last_full,
                     &vec![0; (end - last_full) as usize],
                     &vol.dir,
@@ -331,12 +369,13 @@ impl ObjectStore {
             let mut at = offset;
             while at < end {
                 let n = (end - at).min(chunk.len() as u64);
-                write_checked(&file, at, &chunk[..n as usize], &vol.dir, index)?;
+                write_checked(&*file, at, &chunk[..n as usize], &vol.dir, index)?;
                 at += n;
             }
         }
         st.head.as_mut().expect("prepared").version += 1;
         st.dirty = true;
+        st.last_write = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -396,13 +435,15 @@ impl ObjectStore {
             Source::Absent => return Ok(None),
             Source::Head => {
                 let file = self.head_file(vol, index, st)?;
-                read_checked(&file, offset, len)
+                read_checked(&*file, offset, len)
             }
             Source::Clone(hi) => {
                 let path = clone_path(&vol.dir, index, hi);
-                let file =
-                    File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-                read_checked(&file, offset, len)
+                let file = self
+                    .fs
+                    .open(&path, Mode::Read)
+                    .map_err(io_err(format!("opening {}", path.display())))?;
+                read_checked(&*file, offset, len)
             }
         };
         match data {
@@ -439,28 +480,53 @@ impl ObjectStore {
         };
         let _one_flush = vol.flushing.lock().unwrap();
         let objects = vol.objects_now();
+        let mut lost = Vec::new();
         for (index, obj) in objects {
             let (file, version) = {
                 let mut st = obj.state.write().unwrap();
+                if st.lost {
+                    lost.push(index);
+                }
                 if !st.dirty {
                     continue;
                 }
                 st.dirty = false;
                 let file = self.head_file(&vol, index, &st)?;
-                let head = st.head.as_ref().expect("a dirty object has a head");
-                write_header(&file, KIND_HEAD, head.version, head.seq, 0, head.absent)?;
-                (file, head.version)
+                (file, st.head.as_ref().map_or(0, |h| h.version))
             };
             if let Err(e) = file.sync_data() {
+                // The kernel may have dropped the unwritten pages: this
+                // copy cannot be trusted until it is replaced whole.
                 let mut st = obj.state.write().unwrap();
-                st.dirty = true;
+                st.lost = true;
+                st.uncertain = true;
+                tracing::error!(volume, "syncing object {index} failed: {e}; this copy is out of sync until it is replaced");
                 return Err(StoreError::Io {
                     what: format!("flushing object {index} (version {version}) of volume {volume}"),
                     source: e,
                 });
             }
+            // Synced: the header may now say so (a crash before this
+            // header reaches the disk leaves the flag set, which is safe).
+            let mut st = obj.state.write().unwrap();
+            let idle = st.last_write.is_none_or(|t| t.elapsed() > HOT);
+            let unchanged = st.head.as_ref().is_some_and(|h| h.version == version);
+            if let Some(h) = st.head.as_ref().filter(|_| unchanged) {
+                let flags = if idle { 0 } else { FLAG_DIRTY };
+                write_header(&*file, KIND_HEAD, h.version, h.seq, 0, flags)?;
+                st.marked = !idle;
+            }
         }
-        sync_dir(&vol.dir)
+        sync_dir(&*self.fs, &vol.dir)?;
+        if !lost.is_empty() {
+            return Err(StoreError::Io {
+                what: format!("flushing volume {volume}"),
+                source: io::Error::other(format!(
+                    "objects {lost:?} failed to sync earlier and may have lost data; they are replaced when this replica resyncs"
+                )),
+            });
+        }
+        Ok(())
     }
 
     /// Returns every object of the volume to its content at snapshot `snap`,
@@ -498,7 +564,7 @@ impl ObjectStore {
                 }
             }
         }
-        sync_dir(&vol.dir)
+        sync_dir(&*self.fs, &vol.dir)
     }
 
     /// Rollback of one object: preserves the head for newer snapshots, then
@@ -518,23 +584,32 @@ impl ObjectStore {
         let tmp = vol.dir.join(format!("{index:016x}.rollback"));
         let f = match from {
             Some(hi) => {
-                fs::copy(clone_path(&vol.dir, index, hi), &tmp)
+                let src = self
+                    .fs
+                    .open(&clone_path(&vol.dir, index, hi), Mode::Read)
                     .map_err(io_err("copying a snapshot's object back"))?;
-                OpenOptions::new().write(true).open(&tmp)
+                copy_sparse(&*self.fs, &*src, &tmp)?
             }
-            None => File::create(&tmp),
-        }
-        .map_err(io_err("rolling back"))?;
+            None => self
+                .fs
+                .open(&tmp, Mode::Create)
+                .map_err(io_err("rolling back"))?,
+        };
         let absent = from.is_none();
-        write_header(&f, KIND_HEAD, version, seq, 0, absent)?;
-        f.sync_all().map_err(io_err("rolling back"))?;
-        fs::rename(&tmp, head_path(&vol.dir, index)).map_err(io_err("rolling back"))?;
+        write_header(&*f, KIND_HEAD, version, seq, 0, absent_flag(absent))?;
+        f.sync_data().map_err(io_err("rolling back"))?;
+        self.fs
+            .rename(&tmp, &head_path(&vol.dir, index))
+            .map_err(io_err("rolling back"))?;
         st.head = Some(Head {
             seq,
             version,
             absent,
             file: None,
         });
+        st.marked = false;
+        st.uncertain = false;
+        st.lost = false;
         Ok(())
     }
 
@@ -563,7 +638,8 @@ impl ObjectStore {
                 .map(|(hi, _)| *hi)
                 .collect();
             for hi in dead {
-                fs::remove_file(clone_path(&vol.dir, index, hi))
+                self.fs
+                    .remove_file(&clone_path(&vol.dir, index, hi))
                     .map_err(io_err("removing an unused snapshot copy"))?;
                 st.clones.remove(&hi);
                 removed += 1;
@@ -582,7 +658,8 @@ impl ObjectStore {
                 self.drop_head_file(&mut st);
             }
             drop(objects);
-            fs::remove_dir_all(&vol.dir)
+            self.fs
+                .remove_dir_all(&vol.dir)
                 .map_err(io_err(format!("removing {}", vol.dir.display())))?;
         }
         Ok(())
@@ -642,10 +719,11 @@ impl ObjectStore {
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
         let tmp = vol.dir.join(format!("{index:016x}.{hi:016x}.tmp"));
-        write_whole(&tmp, KIND_CLONE, version, hi, lo, false, data)?;
-        fs::rename(&tmp, clone_path(&vol.dir, index, hi))
+        write_whole(&*self.fs, &tmp, KIND_CLONE, version, hi, lo, false, data)?;
+        self.fs
+            .rename(&tmp, &clone_path(&vol.dir, index, hi))
             .map_err(io_err("installing a snapshot copy"))?;
-        sync_dir(&vol.dir)?;
+        sync_dir(&*self.fs, &vol.dir)?;
         st.clones.insert(hi, lo);
         Ok(())
     }
@@ -671,9 +749,11 @@ impl ObjectStore {
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
         let tmp = vol.dir.join(format!("{index:016x}.resync"));
-        write_whole(&tmp, KIND_HEAD, version, seq, 0, absent, data)?;
+        write_whole(&*self.fs, &tmp, KIND_HEAD, version, seq, 0, absent, data)?;
         self.drop_head_file(&mut st);
-        fs::rename(&tmp, head_path(&vol.dir, index)).map_err(io_err("installing an object"))?;
+        self.fs
+            .rename(&tmp, &head_path(&vol.dir, index))
+            .map_err(io_err("installing an object"))?;
         let extra: Vec<u64> = st
             .clones
             .keys()
@@ -681,11 +761,12 @@ impl ObjectStore {
             .copied()
             .collect();
         for hi in extra {
-            fs::remove_file(clone_path(&vol.dir, index, hi))
+            self.fs
+                .remove_file(&clone_path(&vol.dir, index, hi))
                 .map_err(io_err("removing a snapshot copy the in-sync replicas lack"))?;
             st.clones.remove(&hi);
         }
-        sync_dir(&vol.dir)?;
+        sync_dir(&*self.fs, &vol.dir)?;
         st.head = Some(Head {
             seq,
             version,
@@ -693,6 +774,23 @@ impl ObjectStore {
             file: None,
         });
         st.dirty = false;
+        st.marked = false;
+        st.uncertain = false;
+        st.lost = false;
+        Ok(())
+    }
+
+    /// Before an object's first write since it was last synced clean, its
+    /// header says durably that it may hold unsynced writes.
+    fn mark_dirty(file: &dyn FileIo, st: &mut ObjState) -> Result<(), StoreError> {
+        if st.marked {
+            return Ok(());
+        }
+        let h = st.head.as_ref().expect("prepared");
+        write_header(file, KIND_HEAD, h.version, h.seq, 0, FLAG_DIRTY)?;
+        file.sync_data()
+            .map_err(io_err("marking an object as being written"))?;
+        st.marked = true;
         Ok(())
     }
 
@@ -721,11 +819,35 @@ impl ObjectStore {
             return Ok(());
         }
         let head = head_path(&vol.dir, index);
-        match File::open(&head) {
+        match self.fs.open(&head, Mode::ReadWrite) {
+            Ok(f) if never_written(&*f) => {
+                // Created, then a power loss before its header reached the
+                // disk (its first write syncs the header): nothing in it was
+                // ever flushed.
+                tracing::info!(
+                    "{} was created but never synced before a crash; removing it",
+                    head.display()
+                );
+                self.fs
+                    .remove_file(&head)
+                    .map_err(io_err(format!("removing {}", head.display())))?;
+            }
             Ok(f) => {
-                let h = read_header(&f, &head)?;
+                let h = read_header(&*f, &head)?;
                 if h.kind != KIND_HEAD {
                     return Err(bad_file(&head, "is not an object head"));
+                }
+                if h.dirty {
+                    let repaired = repair_checksums(&*f)
+                        .map_err(io_err(format!("checking {}", head.display())))?;
+                    if repaired > 0 {
+                        tracing::warn!(
+                            "{}: {repaired} blocks were written when the node lost power; their checksums are repaired and the copy is marked uncertain until its peers confirm it",
+                            head.display()
+                        );
+                    }
+                    st.uncertain = true;
+                    st.marked = true;
                 }
                 st.head = Some(Head {
                     seq: h.seq,
@@ -745,28 +867,33 @@ impl ObjectStore {
         st.clones.clear();
         for hi in std::mem::take(&mut st.found_clones) {
             let path = clone_path(&vol.dir, index, hi);
-            let f = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-            let h = read_header(&f, &path)?;
+            let f = self
+                .fs
+                .open(&path, Mode::Read)
+                .map_err(io_err(format!("opening {}", path.display())))?;
+            let h = read_header(&*f, &path)?;
             st.clones.insert(hi, h.lo);
         }
         st.loaded = true;
         Ok(())
     }
 
-    fn head_file(&self, vol: &Vol, index: u64, st: &ObjState) -> Result<Arc<File>, StoreError> {
+    fn head_file(
+        &self,
+        vol: &Vol,
+        index: u64,
+        st: &ObjState,
+    ) -> Result<Arc<dyn FileIo>, StoreError> {
         if let Some(f) = st.head.as_ref().and_then(|h| h.file.clone()) {
             return Ok(f);
         }
         let path = head_path(&vol.dir, index);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(format!("opening {}", path.display())))?;
-        Ok(Arc::new(f))
+        self.fs
+            .open(&path, Mode::ReadWrite)
+            .map_err(io_err(format!("opening {}", path.display())))
     }
 
-    fn keep_open(&self, st: &mut ObjState, file: &Arc<File>) {
+    fn keep_open(&self, st: &mut ObjState, file: &Arc<dyn FileIo>) {
         if let Some(head) = st.head.as_mut() {
             if head.file.is_none() && self.open_files.load(Ordering::Relaxed) < OPEN_FILES_CAP {
                 self.open_files.fetch_add(1, Ordering::Relaxed);
@@ -791,19 +918,15 @@ impl ObjectStore {
         index: u64,
         st: &mut ObjState,
         seq: u64,
-    ) -> Result<Arc<File>, StoreError> {
+    ) -> Result<Arc<dyn FileIo>, StoreError> {
         match st.head.as_ref() {
             None => {
                 let path = head_path(&vol.dir, index);
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
+                let f = self
+                    .fs
+                    .open(&path, Mode::Create)
                     .map_err(io_err(format!("creating {}", path.display())))?;
-                write_header(&f, KIND_HEAD, 0, seq, 0, false)?;
-                let f = Arc::new(f);
+                write_header(&*f, KIND_HEAD, 0, seq, 0, 0)?;
                 st.head = Some(Head {
                     seq,
                     version: 0,
@@ -817,8 +940,9 @@ impl ObjectStore {
                 let file = self.head_file(vol, index, st)?;
                 file.set_len(DATA_OFFSET)
                     .map_err(io_err("reviving an object"))?;
-                punch_hole(&file, HEADER, CRC_BYTES)?;
-                write_header(&file, KIND_HEAD, h.version, seq, 0, false)?;
+                punch_hole(&*file, HEADER, CRC_BYTES)?;
+                write_header(&*file, KIND_HEAD, h.version, seq, 0, 0)?;
+                st.marked = false;
                 let head = st.head.as_mut().expect("matched");
                 head.seq = seq;
                 head.absent = false;
@@ -857,23 +981,31 @@ impl ObjectStore {
             return Ok(());
         }
         let (lo, version, absent) = (head.seq, head.version, head.absent);
+        let keep = if st.marked { FLAG_DIRTY } else { 0 };
         let file = self.head_file(vol, index, st)?;
         if !absent {
             let clone = clone_path(&vol.dir, index, seq);
             let tmp = vol.dir.join(format!("{index:016x}.{seq:016x}.tmp"));
-            write_header(&file, KIND_HEAD, version, lo, 0, false)?;
-            copy_sparse(&file, &tmp)?;
-            let c = OpenOptions::new()
-                .write(true)
-                .open(&tmp)
+            let c = copy_sparse(&*self.fs, &*file, &tmp)?;
+            write_header(&*c, KIND_CLONE, version, seq, lo, 0)?;
+            c.sync_data().map_err(io_err("preserving a snapshot"))?;
+            self.fs
+                .rename(&tmp, &clone)
                 .map_err(io_err("preserving a snapshot"))?;
-            write_header(&c, KIND_CLONE, version, seq, lo, false)?;
-            c.sync_all().map_err(io_err("preserving a snapshot"))?;
-            fs::rename(&tmp, &clone).map_err(io_err("preserving a snapshot"))?;
-            sync_dir(&vol.dir)?;
+            sync_dir(&*self.fs, &vol.dir)?;
             st.clones.insert(seq, lo);
         }
-        write_header(&file, KIND_HEAD, version, seq, 0, absent)?;
+        // Durably: a head whose old sequence came back after a crash would
+        // be preserved again, over the good copy, on its next write.
+        write_header(
+            &*file,
+            KIND_HEAD,
+            version,
+            seq,
+            0,
+            keep | absent_flag(absent),
+        )?;
+        file.sync_data().map_err(io_err("preserving a snapshot"))?;
         if let Some(h) = st.head.as_mut() {
             h.seq = seq;
         }
@@ -893,14 +1025,15 @@ impl Vol {
             .collect()
     }
 
-    fn scan(dir: PathBuf) -> Result<Self, StoreError> {
+    fn scan(fs: &dyn Fs, dir: PathBuf) -> Result<Self, StoreError> {
         let mut objects = HashMap::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
-            let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        let entries = fs
+            .read_dir(&dir)
+            .map_err(io_err(format!("reading {}", dir.display())))?;
+        for (name, _) in entries {
             if name.ends_with(".tmp") || name.ends_with(".rollback") || name.ends_with(".resync") {
                 // Left by a crash before the rename that would have made it count.
-                let _ = fs::remove_file(entry.path());
+                let _ = fs.remove_file(&dir.join(&name));
                 continue;
             }
             let parts: Vec<&str> = name.split('.').collect();
@@ -929,8 +1062,8 @@ impl Vol {
                 )
             })
             .collect();
-        let epoch = fs::read_to_string(dir.join("epoch"))
-            .ok()
+        let epoch = read_small(fs, &dir.join("epoch"))
+            .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         Ok(Self {
@@ -949,16 +1082,24 @@ fn info(index: u64, st: &ObjState) -> Option<ObjectInfo> {
     }
     Some(ObjectInfo {
         index,
-        version: st.head.as_ref().map_or(0, |h| h.version),
+        // A lost copy claims no version its peers could have.
+        version: if st.lost {
+            0
+        } else {
+            st.head.as_ref().map_or(0, |h| h.version)
+        },
         seq: st.head.as_ref().map_or(0, |h| h.seq),
         head: st.head.as_ref().is_some_and(|h| !h.absent),
+        uncertain: st.uncertain,
         clones: st.clones.iter().map(|(hi, lo)| (*lo, *hi)).collect(),
     })
 }
 
 /// Writes a new object file whole (all-zero blocks stay holes, never
 /// written) and syncs it; the caller renames it into place.
+#[allow(clippy::too_many_arguments)]
 fn write_whole(
+    fs: &dyn Fs,
     path: &Path,
     kind: u32,
     version: u64,
@@ -968,8 +1109,8 @@ fn write_whole(
     data: &[u8],
 ) -> Result<(), StoreError> {
     let what = || format!("writing {}", path.display());
-    let f = File::create(path).map_err(io_err(what()))?;
-    write_header(&f, kind, version, seq, lo, absent)?;
+    let f = fs.open(path, Mode::Create).map_err(io_err(what()))?;
+    write_header(&*f, kind, version, seq, lo, absent_flag(absent))?;
     let mut crcs = vec![0u8; data.len().div_ceil(BLOCK as usize) * 4];
     let mut run: Option<usize> = None;
     let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
@@ -998,7 +1139,7 @@ fn write_whole(
             .map_err(io_err(what()))?;
     }
     f.write_all_at(&crcs, HEADER).map_err(io_err(what()))?;
-    f.sync_all().map_err(io_err(what()))
+    f.sync_data().map_err(io_err(what()))
 }
 
 fn resolve(st: &ObjState, snap: Option<u64>) -> Source {
@@ -1058,15 +1199,24 @@ struct Header {
     seq: u64,
     lo: u64,
     absent: bool,
+    dirty: bool,
+}
+
+fn absent_flag(absent: bool) -> u32 {
+    if absent {
+        FLAG_ABSENT
+    } else {
+        0
+    }
 }
 
 fn write_header(
-    f: &File,
+    f: &dyn FileIo,
     kind: u32,
     version: u64,
     seq: u64,
     lo: u64,
-    absent: bool,
+    flags: u32,
 ) -> Result<(), StoreError> {
     let mut h = [0u8; 48];
     h[..8].copy_from_slice(MAGIC);
@@ -1075,17 +1225,53 @@ fn write_header(
     h[16..24].copy_from_slice(&version.to_le_bytes());
     h[24..32].copy_from_slice(&seq.to_le_bytes());
     h[32..40].copy_from_slice(&lo.to_le_bytes());
-    h[40..44].copy_from_slice(&(if absent { FLAG_ABSENT as u32 } else { 0 }).to_le_bytes());
+    h[40..44].copy_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&h[..44]);
     h[44..48].copy_from_slice(&crc.to_le_bytes());
     f.write_all_at(&h, 0)
         .map_err(io_err("writing an object header"))
 }
 
-fn read_header(f: &File, path: &Path) -> Result<Header, StoreError> {
+/// A head file whose header is missing or all zeros.
+fn never_written(f: &dyn FileIo) -> bool {
     let mut h = [0u8; 48];
-    f.read_exact_at(&mut h, 0)
-        .map_err(io_err(format!("reading the header of {}", path.display())))?;
+    f.size().is_ok_and(|l| l < 48) || (read_full(f, 0, &mut h).is_ok() && h.iter().all(|b| *b == 0))
+}
+
+/// After a power loss, an object that was being written may hold blocks
+/// whose data and checksum did not both reach the disk: such a block holds
+/// what some write left (sector by sector), so its checksum is recomputed.
+/// Returns how many blocks were repaired; the repairs are synced.
+fn repair_checksums(f: &dyn FileIo) -> io::Result<usize> {
+    // Every checksum slot: a block past the end of the file (its data never
+    // reached the disk) reads as zeros.
+    let blocks = CRC_BYTES / 4;
+    let mut crcs = vec![0u8; (blocks * 4) as usize];
+    read_full(f, HEADER, &mut crcs)?;
+    let mut block = vec![0u8; BLOCK as usize];
+    let mut repaired = 0;
+    for b in 0..blocks {
+        let at = (b * 4) as usize;
+        let want = u32::from_le_bytes(crcs[at..at + 4].try_into().expect("4 bytes"));
+        if want == 0 {
+            continue;
+        }
+        read_full(f, DATA_OFFSET + b * BLOCK, &mut block)?;
+        let got = nonzero(crc32c::crc32c(&block));
+        if got != want {
+            f.write_all_at(&got.to_le_bytes(), HEADER + b * 4)?;
+            repaired += 1;
+        }
+    }
+    if repaired > 0 {
+        f.sync_data()?;
+    }
+    Ok(repaired)
+}
+
+fn read_header(f: &dyn FileIo, path: &Path) -> Result<Header, StoreError> {
+    let mut h = [0u8; 48];
+    read_full(f, 0, &mut h).map_err(io_err(format!("reading the header of {}", path.display())))?;
     if &h[..8] != MAGIC || crc32c::crc32c(&h[..44]).to_le_bytes() != h[44..48] {
         return Err(bad_file(path, "has a damaged header"));
     }
@@ -1099,14 +1285,15 @@ fn read_header(f: &File, path: &Path) -> Result<Header, StoreError> {
         version: u64_at(16),
         seq: u64_at(24),
         lo: u64_at(32),
-        absent: u64::from(u32_at(40)) & FLAG_ABSENT != 0,
+        absent: u32_at(40) & FLAG_ABSENT != 0,
+        dirty: u32_at(40) & FLAG_DIRTY != 0,
     })
 }
 
 /// Writes data and the checksums of the blocks it touches (reading the
 /// untouched part of partial blocks).
 fn write_checked(
-    f: &File,
+    f: &dyn FileIo,
     offset: u64,
     data: &[u8],
     dir: &Path,
@@ -1152,7 +1339,7 @@ enum ReadFault {
     Checksum(u64),
 }
 
-fn read_checked(f: &File, offset: u64, len: u64) -> Result<Vec<u8>, ReadFault> {
+fn read_checked(f: &dyn FileIo, offset: u64, len: u64) -> Result<Vec<u8>, ReadFault> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -1180,7 +1367,7 @@ fn read_checked(f: &File, offset: u64, len: u64) -> Result<Vec<u8>, ReadFault> {
 }
 
 /// Reads as much as the file has; the rest (a sparse tail) stays zero.
-fn read_full(f: &File, mut at: u64, buf: &mut [u8]) -> io::Result<()> {
+fn read_full(f: &dyn FileIo, mut at: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], at) {
@@ -1199,378 +1386,54 @@ fn read_full(f: &File, mut at: u64, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn punch_hole(f: &File, offset: u64, len: u64) -> Result<(), StoreError> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    fallocate(
-        f,
-        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        offset as i64,
-        len as i64,
-    )
-    .map_err(|e| StoreError::Io {
+fn punch_hole(f: &dyn FileIo, offset: u64, len: u64) -> Result<(), StoreError> {
+    f.punch_hole(offset, len).map_err(|e| StoreError::Io {
         what: "freeing zeroed blocks".into(),
-        source: io::Error::from(e),
+        source: e,
     })
 }
 
-/// Copies an object file, skipping holes so a thin object stays thin.
-fn copy_sparse(src: &File, dst: &Path) -> Result<(), StoreError> {
-    use nix::unistd::{lseek, Whence};
-    let out = File::create(dst).map_err(io_err(format!("creating {}", dst.display())))?;
-    let len = src
-        .metadata()
-        .map_err(io_err("reading an object's size"))?
-        .len();
-    out.set_len(len).map_err(io_err("sizing a snapshot copy"))?;
-    let mut at: i64 = 0;
+/// Copies an object file to a new file `dst` (returned open), skipping
+/// holes so a thin object stays thin. Nothing is synced.
+fn copy_sparse(fs: &dyn Fs, src: &dyn FileIo, dst: &Path) -> Result<Arc<dyn FileIo>, StoreError> {
+    let out = fs
+        .open(dst, Mode::Create)
+        .map_err(io_err(format!("creating {}", dst.display())))?;
+    let len = src.size().map_err(io_err("reading an object's size"))?;
+    out.set_len(len).map_err(io_err("sizing a copy"))?;
+    let mut at = 0;
     let mut buf = vec![0u8; 1 << 20];
-    while (at as u64) < len {
-        let data = match lseek(src, at, Whence::SeekData) {
-            Ok(d) => d,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => {
-                return Err(StoreError::Io {
-                    what: "finding data".into(),
-                    source: io::Error::from(e),
-                })
-            }
+    while at < len {
+        let Some((start, end)) = src.next_data(at).map_err(io_err("finding data"))? else {
+            break;
         };
-        let hole = lseek(src, data, Whence::SeekHole).map_err(|e| StoreError::Io {
-            what: "finding holes".into(),
-            source: io::Error::from(e),
-        })?;
-        let mut pos = data as u64;
-        while pos < hole as u64 {
-            let n = ((hole as u64 - pos) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], pos)
-                .map_err(io_err("copying an object"))?;
+        let mut pos = start;
+        while pos < end.min(len) {
+            let n = ((end.min(len) - pos) as usize).min(buf.len());
+            read_full(src, pos, &mut buf[..n]).map_err(io_err("copying an object"))?;
             out.write_all_at(&buf[..n], pos)
                 .map_err(io_err("copying an object"))?;
             pos += n as u64;
         }
-        at = hole;
+        at = end;
     }
-    Ok(())
+    Ok(out)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+/// A small file's bytes (`None`: missing or unreadable).
+fn read_small(fs: &dyn Fs, path: &Path) -> Option<Vec<u8>> {
+    let f = fs.open(path, Mode::Read).ok()?;
+    let mut buf = vec![0u8; f.size().ok()?.min(4096) as usize];
+    read_full(&*f, 0, &mut buf).ok()?;
+    Some(buf)
+}
+
+fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<(), StoreError> {
+    fs.sync_dir(dir)
         .map_err(io_err(format!("syncing {}", dir.display())))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> (tempfile::TempDir, ObjectStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = ObjectStore::open(dir.path()).unwrap();
-        s.fence("v1", 1).unwrap();
-        (dir, s)
-    }
-
-    fn read(s: &ObjectStore, snap: Option<u64>, off: u64, len: u64) -> Option<Vec<u8>> {
-        s.read("v1", 0, snap, off, len, 1).unwrap()
-    }
-
-    #[test]
-    fn unwritten_objects_are_absent_and_writes_read_back() {
-        let (_d, s) = store();
-        assert_eq!(read(&s, None, 0, 10), None);
-        s.write("v1", 0, 5000, b"hello", 0, 1).unwrap();
-        let got = read(&s, None, 4998, 9).unwrap();
-        assert_eq!(&got, b"\0\0hello\0\0");
-        // Never-written parts of an existing object read as zeros.
-        assert_eq!(read(&s, None, 1 << 20, 4).unwrap(), vec![0; 4]);
-        assert!(s.exists("v1", 0).unwrap());
-        assert!(!s.exists("v1", 1).unwrap());
-    }
-
-    #[test]
-    fn a_snapshot_keeps_what_was_there_when_it_was_taken() {
-        let (_d, s) = store();
-        s.write("v1", 0, 0, b"one", 0, 1).unwrap();
-        // Snapshot 1 taken; writes now carry seq 1.
-        s.write("v1", 0, 0, b"two", 1, 1).unwrap();
-        // Snapshot 2 taken.
-        s.write("v1", 0, 0, b"333", 2, 1).unwrap();
-        assert_eq!(read(&s, Some(1), 0, 3).unwrap(), b"one");
-        assert_eq!(read(&s, Some(2), 0, 3).unwrap(), b"two");
-        assert_eq!(read(&s, None, 0, 3).unwrap(), b"333");
-        // Snapshot 3 has not been overwritten since: it reads the head.
-        assert_eq!(read(&s, Some(3), 0, 3).unwrap(), b"333");
-        // An object first written after a snapshot did not exist in it.
-        s.write("v1", 1, 0, b"new", 2, 1).unwrap();
-        assert_eq!(s.read("v1", 1, Some(2), 0, 3, 1).unwrap(), None);
-        assert_eq!(s.read("v1", 1, Some(3), 0, 3, 1).unwrap().unwrap(), b"new");
-    }
-
-    #[test]
-    fn rollback_restores_content_and_absence_and_keeps_newer_snapshots() {
-        let (_d, s) = store();
-        s.write("v1", 0, 0, b"aaa", 0, 1).unwrap();
-        // Snapshot 1. Object 1 appears only after it.
-        s.write("v1", 0, 0, b"bbb", 1, 1).unwrap();
-        s.write("v1", 1, 0, b"zzz", 1, 1).unwrap();
-        // Snapshot 2, then roll back to 1 (writes now carry seq 2).
-        s.rollback("v1", 1, 2, 1).unwrap();
-        assert_eq!(read(&s, None, 0, 3).unwrap(), b"aaa");
-        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap(), None);
-        // Snapshot 2 still sees what was there before the rollback.
-        assert_eq!(read(&s, Some(2), 0, 3).unwrap(), b"bbb");
-        assert_eq!(s.read("v1", 1, Some(2), 0, 3, 1).unwrap().unwrap(), b"zzz");
-        // Writing the rolled-back-away object creates it afresh: zeros around.
-        s.write("v1", 1, 1, b"y", 2, 1).unwrap();
-        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap().unwrap(), b"\0y\0");
-        // State survives reopening the store.
-        drop(s);
-        let s = ObjectStore::open(_d.path()).unwrap();
-        assert_eq!(read(&s, None, 0, 3).unwrap(), b"aaa");
-        assert_eq!(read(&s, Some(2), 0, 3).unwrap(), b"bbb");
-        assert_eq!(read(&s, Some(1), 0, 3).unwrap(), b"aaa");
-        assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap().unwrap(), b"\0y\0");
-    }
-
-    #[test]
-    fn older_writers_are_fenced() {
-        let (d, s) = store();
-        assert_eq!(s.fence("v1", 5).unwrap(), 1);
-        s.write("v1", 0, 0, b"x", 0, 5).unwrap();
-        let err = s.write("v1", 0, 0, b"y", 0, 4).unwrap_err();
-        assert!(
-            matches!(err, StoreError::StaleEpoch { got: 4, current: 5 }),
-            "{err}"
-        );
-        drop(s);
-        let s = ObjectStore::open(d.path()).unwrap();
-        assert_eq!(s.epoch("v1"), 5);
-        assert!(s.zero("v1", 0, 0, 1, false, 0, 3).is_err());
-        assert_eq!(s.read("v1", 0, None, 0, 1, 5).unwrap().unwrap(), b"x");
-    }
-
-    /// Before: a replica learnt of a new writer only when written, accepted
-    /// any epoch for a volume it had never stored, and never fenced reads.
-    #[test]
-    fn a_fence_refuses_the_old_writer_reads_included_and_a_new_one_must_fence_first() {
-        let (d, s) = store();
-        s.write("v1", 0, 0, b"old", 0, 1).unwrap();
-        // Snapshot 1, then written again: snapshot reads need no epoch.
-        s.write("v1", 0, 0, b"new", 1, 1).unwrap();
-        assert_eq!(s.fence("v1", 2).unwrap(), 1);
-        for err in [
-            s.read("v1", 0, None, 0, 3, 1).unwrap_err(),
-            s.write("v1", 0, 0, b"x", 1, 1).unwrap_err(),
-            s.zero("v1", 0, 0, 1, false, 1, 1).unwrap_err(),
-            s.rollback("v1", 1, 1, 1).unwrap_err(),
-        ] {
-            assert!(
-                matches!(err, StoreError::StaleEpoch { got: 1, current: 2 }),
-                "{err}"
-            );
-        }
-        assert_eq!(s.read("v1", 0, None, 0, 3, 2).unwrap().unwrap(), b"new");
-        assert_eq!(s.read("v1", 0, Some(1), 0, 3, 0).unwrap().unwrap(), b"old");
-        // A writer this replica was never fenced for is refused, on a
-        // volume it holds and on one it has never seen.
-        let err = s.write("v1", 0, 0, b"x", 1, 3).unwrap_err();
-        assert!(
-            matches!(err, StoreError::NotFenced { got: 3, current: 2 }),
-            "{err}"
-        );
-        for err in [
-            s.write("v2", 0, 0, b"x", 0, 7).unwrap_err(),
-            s.read("v2", 0, None, 0, 1, 7).unwrap_err(),
-        ] {
-            assert!(matches!(err, StoreError::NotFenced { .. }), "{err}");
-        }
-        assert!(!d.path().join("v2").exists());
-        // An older fence changes nothing; the same one is answered again.
-        assert!(s.fence("v1", 1).is_err());
-        assert_eq!(s.fence("v1", 2).unwrap(), 2);
-        // The epoch survives a restart.
-        drop(s);
-        let s = ObjectStore::open(d.path()).unwrap();
-        assert!(s.read("v1", 0, None, 0, 3, 1).is_err());
-        assert_eq!(s.read("v1", 0, None, 0, 3, 2).unwrap().unwrap(), b"new");
-    }
-
-    /// A fence waits for an older writer's operation in progress, and no
-    /// operation of that writer lands after the fence answered.
-    #[test]
-    fn a_fence_is_atomic_with_the_io_it_guards() {
-        let (_d, s) = store();
-        let s = Arc::new(s);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (s, stop) = (s.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    match s.write("v1", n % 4, 0, &n.to_le_bytes(), 0, 1) {
-                        Ok(()) => n += 1,
-                        Err(StoreError::StaleEpoch { .. }) => return n,
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-                n
-            })
-        };
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        s.fence("v1", 2).unwrap();
-        let seen: Vec<ObjectInfo> = s.list("v1").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        stop.store(true, Ordering::Relaxed);
-        let written = writer.join().unwrap();
-        assert!(written > 0);
-        assert_eq!(
-            s.list("v1").unwrap(),
-            seen,
-            "a write landed after the fence"
-        );
-    }
-
-    #[test]
-    fn an_object_copied_whole_reads_the_same_with_its_snapshots() {
-        let (_a, a) = store();
-        let (_b, b) = store();
-        a.write("v1", 0, 0, &[1u8; 5000], 0, 1).unwrap();
-        a.write("v1", 0, 8192, &[2u8; 10], 1, 1).unwrap(); // copy (0,1]
-        a.write("v1", 0, 0, &[3u8; 3], 2, 1).unwrap(); // copy (1,2]
-                                                       // The stale replica holds an older head and a copy since trimmed.
-        b.write("v1", 0, 0, &[9u8; 7], 0, 1).unwrap();
-        b.write("v1", 0, 0, &[9u8; 7], 5, 1).unwrap();
-        let info = a.stat("v1", 0).unwrap().unwrap();
-        for (lo, hi) in &info.clones {
-            let data = a.read("v1", 0, Some(*hi), 0, 16384, 0).unwrap().unwrap();
-            b.put_clone("v1", 0, 1, *lo, *hi, info.version, &data)
-                .unwrap();
-        }
-        let head = a.read("v1", 0, None, 0, 16384, 1).unwrap().unwrap();
-        let keep: Vec<u64> = info.clones.iter().map(|c| c.1).collect();
-        b.put_head("v1", 0, 1, info.version, info.seq, !info.head, &keep, &head)
-            .unwrap();
-        assert_eq!(b.stat("v1", 0).unwrap().unwrap(), info);
-        for snap in [None, Some(1), Some(2), Some(3)] {
-            let e = if snap.is_none() { 1 } else { 0 };
-            assert_eq!(
-                a.read("v1", 0, snap, 0, 16384, e).unwrap(),
-                b.read("v1", 0, snap, 0, 16384, e).unwrap(),
-                "{snap:?}"
-            );
-        }
-        // And after reopening (the copies were made durable by rename).
-        let b = ObjectStore::open(_b.path()).unwrap();
-        assert_eq!(b.list("v1").unwrap(), a.list("v1").unwrap());
-        // Zero blocks stayed holes.
-        let meta = fs::metadata(_b.path().join("v1").join(format!("{:016x}.head", 0))).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert!(
-            meta.blocks() * 512 <= DATA_OFFSET + 3 * 4096,
-            "{}",
-            meta.blocks() * 512
-        );
-    }
-
-    #[test]
-    fn damaged_data_is_detected_not_returned() {
-        let (d, s) = store();
-        s.write("v1", 0, 0, &[7u8; 8192], 0, 1).unwrap();
-        s.flush("v1").unwrap();
-        let path = d.path().join("v1").join(format!("{:016x}.head", 0));
-        let f = OpenOptions::new().write(true).open(path).unwrap();
-        f.write_all_at(b"rot", DATA_OFFSET + 4100).unwrap();
-        assert!(matches!(
-            s.read("v1", 0, None, 0, 10, 1).unwrap().as_deref(),
-            Some([7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
-        ));
-        let err = s.read("v1", 0, None, 4096, 10, 1).unwrap_err();
-        assert!(
-            matches!(err, StoreError::Checksum { offset: 4096, .. }),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn zeroing_punches_whole_blocks_and_writes_partial_ones() {
-        let (d, s) = store();
-        s.write("v1", 0, 0, &[9u8; 3 * 4096], 0, 1).unwrap();
-        s.zero("v1", 0, 100, 3 * 4096 - 200, true, 0, 1).unwrap();
-        let got = read(&s, None, 0, 3 * 4096).unwrap();
-        assert!(got[..100].iter().all(|b| *b == 9));
-        assert!(got[100..3 * 4096 - 100].iter().all(|b| *b == 0));
-        assert!(got[3 * 4096 - 100..].iter().all(|b| *b == 9));
-        s.flush("v1").unwrap();
-        let meta = fs::metadata(d.path().join("v1").join(format!("{:016x}.head", 0))).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        // Header + checksums + the two partial blocks; the middle one is a hole.
-        assert!(
-            meta.blocks() * 512 <= DATA_OFFSET + 2 * 4096,
-            "{} bytes",
-            meta.blocks() * 512
-        );
-    }
-
-    #[test]
-    fn trimming_removes_only_copies_no_live_snapshot_needs() {
-        let (_d, s) = store();
-        s.write("v1", 0, 0, b"a", 0, 1).unwrap();
-        s.write("v1", 0, 0, b"b", 1, 1).unwrap(); // clone (0,1]
-        s.write("v1", 0, 0, b"c", 3, 1).unwrap(); // clone (1,3]: snapshots 2, 3
-        assert_eq!(s.list("v1").unwrap()[0].clones, vec![(0, 1), (1, 3)]);
-        // Snapshot 1 deleted; 3 lives.
-        assert_eq!(s.trim_snapshots("v1", &[3], 3).unwrap(), 1);
-        assert_eq!(read(&s, Some(3), 0, 1).unwrap(), b"b");
-        assert_eq!(s.trim_snapshots("v1", &[], 3).unwrap(), 1);
-        assert!(s.list("v1").unwrap()[0].clones.is_empty());
-    }
-
-    /// The collector reads the live snapshots, then trims; a snapshot taken
-    /// in between (and a write under it that made its first copy) is not
-    /// among them. Its copy must survive the trim.
-    #[test]
-    fn a_snapshot_taken_while_the_collector_runs_keeps_its_copy() {
-        let (_d, s) = store();
-        s.write("v1", 0, 0, b"a", 0, 1).unwrap();
-        // The collector reads: no live snapshot, the volume at seq 0.
-        let (live, known_seq): (Vec<u64>, u64) = (Vec::new(), 0);
-        // Meanwhile snapshot 1 is taken and the object written under it.
-        s.write("v1", 0, 0, b"b", 1, 1).unwrap();
-        assert_eq!(s.list("v1").unwrap()[0].clones, vec![(0, 1)]);
-        assert_eq!(s.trim_snapshots("v1", &live, known_seq).unwrap(), 0);
-        assert_eq!(read(&s, Some(1), 0, 1).unwrap(), b"a");
-    }
-
-    #[test]
-    fn bad_requests_are_refused_plainly() {
-        let (_d, s) = store();
-        assert!(matches!(
-            s.write("v1", 0, MAX_OBJECT_SIZE, b"x", 0, 1),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            s.write("../etc", 0, 0, b"x", 0, 1),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            s.read("v1", 0, None, u64::MAX, 2, 1),
-            Err(StoreError::Invalid(_))
-        ));
-        s.write("v1", 0, 0, b"x", 2, 1).unwrap();
-        assert!(matches!(
-            s.write("v1", 0, 0, b"x", 1, 1),
-            Err(StoreError::Invalid(_))
-        ));
-    }
-
-    #[test]
-    fn deleting_a_volume_removes_its_files() {
-        let (d, s) = store();
-        s.write("v1", 3, 0, b"x", 0, 1).unwrap();
-        s.delete_volume("v1").unwrap();
-        assert!(!d.path().join("v1").exists());
-        assert_eq!(s.stat("v1", 3).unwrap(), None);
-        assert!(s.read("v1", 3, None, 0, 1, 1).is_err());
-        assert!(s.volumes().is_empty());
-    }
-}
+mod crash_tests;
+#[cfg(test)]
+mod tests;
