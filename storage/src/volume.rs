@@ -1112,37 +1112,19 @@ impl VolumeHandle {
             .recovering(&spec.id, spec.epoch, node)
             .await
             .map_err(IoError::Failed)?;
-        // Every object the in-sync replicas or the returning one hold.
-        let mut sources = self.in_sync();
-        sources.push(node);
-        let lists = join_all(sources.iter().map(|n| {
-            self.storage.call(
-                *n,
-                Request::List {
-                    volume: spec.id.clone(),
-                },
-            )
-        }))
-        .await;
-        let mut indexes = BTreeSet::new();
-        for l in lists {
-            match l? {
-                Response::Objects(list) => indexes.extend(list.into_iter().map(|o| o.index)),
-                other => return Err(IoError::Failed(format!("a list answered {other:?}"))),
-            }
-        }
-        indexes.retain(|i| spec.map.place(&spec.id, *i, spec.replicas).contains(&node));
+        // From here every write goes to the node too (an object it holds
+        // stale takes the write and is then copied whole), so an object
+        // created after the listing below is whole there.
         {
             let mut r = self.replicas.lock().unwrap();
             r.conns.insert(node, conn);
             r.repair = Some(Repair {
                 node,
-                pending: indexes.iter().copied().collect(),
+                pending: HashSet::new(),
                 failed: false,
             });
         }
-        let result = self.copy_pending(&spec, node, &indexes).await;
-        let copied = match result {
+        let copied = match self.copy_all(&spec, node).await {
             Ok(n) => n,
             Err(e) => {
                 self.replicas.lock().unwrap().repair = None;
@@ -1216,6 +1198,35 @@ impl VolumeHandle {
         self.drop_replicas(&spec, failed).await?;
         self.forget_present();
         Ok(())
+    }
+
+    /// Lists every object the in-sync replicas or the returning one hold
+    /// and placed on the node, marks them pending (writes skip the node for
+    /// them until they are copied), and copies those that differ.
+    async fn copy_all(&self, spec: &VolumeSpec, node: u64) -> Result<usize, IoError> {
+        let mut sources = self.in_sync();
+        sources.push(node);
+        let lists = join_all(sources.iter().map(|n| {
+            self.storage.call(
+                *n,
+                Request::List {
+                    volume: spec.id.clone(),
+                },
+            )
+        }))
+        .await;
+        let mut indexes = BTreeSet::new();
+        for l in lists {
+            match l? {
+                Response::Objects(list) => indexes.extend(list.into_iter().map(|o| o.index)),
+                other => return Err(IoError::Failed(format!("a list answered {other:?}"))),
+            }
+        }
+        indexes.retain(|i| spec.map.place(&spec.id, *i, spec.replicas).contains(&node));
+        if let Some(p) = self.replicas.lock().unwrap().repair.as_mut() {
+            p.pending.extend(indexes.iter().copied());
+        }
+        self.copy_pending(spec, node, &indexes).await
     }
 
     async fn copy_pending(

@@ -31,6 +31,9 @@ pub struct BlockOptions {
 }
 
 pub struct BlockStore {
+    /// The threads block I/O runs on (the NBD server, the storage port,
+    /// resyncs); shut down with the store.
+    runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
     pub storage: Arc<Storage>,
     node: Weak<ClusterNode>,
     pub addr: String,
@@ -42,6 +45,14 @@ pub struct BlockStore {
     resyncs: std::sync::Mutex<HashMap<String, Option<std::time::Instant>>>,
     /// One resync at a time on this node.
     resync_turn: tokio::sync::Mutex<()>,
+}
+
+impl Drop for BlockStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.lock().unwrap().take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Records in-sync set changes through Raft, as the writer of `epoch`.
@@ -148,7 +159,23 @@ impl BlockStore {
             c.alpn_protocols = vec![alpn];
             Arc::new(c)
         };
-        tokio::spawn(transport::serve(listener, server_tls, store.clone()));
+        // Block I/O (page-cache reads and writes, the odd fsync) runs on
+        // threads of its own, never on the workers Raft and the API use.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("allod-storage")
+            .enable_all()
+            .build()
+            .context("cannot start the block store's threads")?;
+        let io = runtime.handle().clone();
+        let listener = listener.into_std()?;
+        let served = store.clone();
+        io.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => transport::serve(l, server_tls, served).await,
+                Err(e) => tracing::error!("cannot serve the block store: {e}"),
+            }
+        });
         let storage = Storage::new(
             node.id,
             store,
@@ -170,6 +197,7 @@ impl BlockStore {
             None => None,
         };
         let blocks = Arc::new(Self {
+            runtime: std::sync::Mutex::new(Some(runtime)),
             storage,
             node: Arc::downgrade(node),
             addr: advertise,
@@ -183,11 +211,24 @@ impl BlockStore {
             resync_turn: tokio::sync::Mutex::new(()),
         });
         let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
-        tokio::spawn(nbd::serve_unix(unix, exports.clone()));
+        let unix = unix.into_std()?;
+        let unix_exports = exports.clone();
+        io.spawn(async move {
+            match tokio::net::UnixListener::from_std(unix) {
+                Ok(l) => nbd::serve_unix(l, unix_exports).await,
+                Err(e) => tracing::error!("cannot serve NBD: {e}"),
+            }
+        });
         if let Some((_, l)) = nbd_tcp {
-            tokio::spawn(nbd::serve_tcp(l, exports));
+            let l = l.into_std()?;
+            io.spawn(async move {
+                match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => nbd::serve_tcp(l, exports).await,
+                    Err(e) => tracing::error!("cannot serve NBD on TCP: {e}"),
+                }
+            });
         }
-        tokio::spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
+        io.spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
         Ok(blocks)
     }
 
