@@ -11,6 +11,7 @@ pub mod fsio;
 pub mod nbd;
 pub mod placement;
 pub mod proto;
+pub mod range_lock;
 pub mod store;
 pub mod transport;
 pub mod volume;

@@ -16,9 +16,10 @@
 //!   have it; an in-sync replica that failed it leaves the in-sync set
 //!   (through [`ReplicaSets`], durably, cluster-wide) before the write is
 //!   acknowledged.
-//! - Writes to one object are applied one at a time, in the same order on
-//!   every replica; a read of an object waits for a write to it in progress,
-//!   so no read returns a value older than one an earlier read returned.
+//! - Overlapping writes to one object are applied one at a time, in the
+//!   same order on every replica (disjoint ones commute, and may run
+//!   together); a read waits for a write it overlaps in progress, so no read
+//!   returns a value older than one an earlier read returned.
 //! - A replica whose connection changed since it was fenced may have
 //!   restarted and lost what it had not synced: it leaves the in-sync set.
 //! - A replica out of sync comes back by resync: fenced, then every object
@@ -33,6 +34,7 @@ use futures_util::future::{join_all, BoxFuture};
 
 use crate::placement::StorageMap;
 use crate::proto::{ErrorKind, Request, Response};
+use crate::range_lock::{RangeLock, ALL};
 use crate::store::{ObjectInfo, ObjectStore};
 use crate::transport::{self, Peers};
 
@@ -366,8 +368,9 @@ pub struct VolumeHandle {
     spec: RwLock<Arc<VolumeSpec>>,
     /// Objects known to exist in this (clone) volume: no copy-up needed.
     present: Mutex<HashSet<u64>>,
-    /// Per object: writes exclusive, reads shared.
-    locks: Mutex<HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
+    /// Per object, by byte range: a write excludes what it overlaps,
+    /// reads share.
+    locks: Mutex<HashMap<u64, Arc<RangeLock>>>,
     replicas: Mutex<Replicas>,
     dirty: Mutex<Dirty>,
     /// The epoch this handle was last activated for.
@@ -417,7 +420,7 @@ impl VolumeHandle {
         in_sync_now(&spec, &r)
     }
 
-    fn lock_for(&self, index: u64) -> Arc<tokio::sync::RwLock<()>> {
+    fn lock_for(&self, index: u64) -> Arc<RangeLock> {
         let mut locks = self.locks.lock().unwrap();
         if locks.len() > 4096 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
@@ -578,7 +581,7 @@ impl VolumeHandle {
                 .any(|i| i.as_ref().is_some_and(|i| i.uncertain));
             if uncertain || wanted.windows(2).any(|w| w[0] != w[1]) {
                 let lock = self.lock_for(index);
-                let _exclusive = lock.write().await;
+                let _exclusive = lock.lock(ALL, true).await;
                 self.make_agree(spec, index).await?;
                 repaired += 1;
             }
@@ -786,16 +789,17 @@ impl VolumeHandle {
         len: u64,
     ) -> Result<Option<Vec<u8>>, IoError> {
         let lock = self.lock_for(index);
-        let mut shared = lock.read().await;
+        let range = (offset, offset + len);
+        let mut shared = lock.lock(range, false).await;
         if self.replicas.lock().unwrap().suspect.contains(&index) {
             drop(shared);
             {
-                let _exclusive = lock.write().await;
+                let _exclusive = lock.lock(ALL, true).await;
                 if self.replicas.lock().unwrap().suspect.contains(&index) {
                     self.make_agree(spec, index).await?;
                 }
             }
-            shared = lock.read().await;
+            shared = lock.lock(range, false).await;
         }
         let mut nodes = self.storage.readable(spec, index, &self.in_sync());
         loop {
@@ -949,7 +953,19 @@ impl VolumeHandle {
             )));
         }
         let lock = self.lock_for(index);
-        let _exclusive = lock.write().await;
+        let len = match m {
+            Mutation::Write(data) => data.len() as u64,
+            Mutation::Zero { len, .. } => len,
+        };
+        let mut _exclusive = lock.lock((offset, offset + len), true).await;
+        // Making replicas agree, or a clone's first write (copy-up), takes
+        // the whole object.
+        let whole = self.replicas.lock().unwrap().suspect.contains(&index)
+            || (spec.parent.is_some() && !self.present.lock().unwrap().contains(&index));
+        if whole {
+            drop(_exclusive);
+            _exclusive = lock.lock(ALL, true).await;
+        }
         if self.replicas.lock().unwrap().suspect.contains(&index) {
             self.make_agree(spec, index).await?;
         }
@@ -1238,7 +1254,7 @@ impl VolumeHandle {
         let mut copied = 0;
         for index in indexes {
             let lock = self.lock_for(*index);
-            let _exclusive = lock.write().await;
+            let _exclusive = lock.lock(ALL, true).await;
             if self
                 .replicas
                 .lock()
