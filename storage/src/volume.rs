@@ -205,19 +205,11 @@ impl Storage {
         len: u64,
     ) -> Result<Vec<u8>, IoError> {
         check_range(spec, offset, len)?;
-        let mut out = vec![0u8; len as usize];
         let pieces = split(spec.object_size, offset, len);
         let reads = pieces
             .iter()
             .map(|(idx, off, n)| self.read_at_snapshot(spec, snap, *idx, *off, *n));
-        let mut at = 0usize;
-        for (r, (_, _, n)) in join_all(reads).await.into_iter().zip(&pieces) {
-            if let Some(data) = r? {
-                out[at..at + *n as usize].copy_from_slice(&data);
-            }
-            at += *n as usize;
-        }
-        Ok(out)
+        assemble(len, &pieces, join_all(reads).await)
     }
 
     /// One object of a snapshot, through to the parent where it is absent.
@@ -766,19 +758,11 @@ impl VolumeHandle {
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
         let spec = self.spec();
         check_range(&spec, offset, len)?;
-        let mut out = vec![0u8; len as usize];
         let pieces = split(spec.object_size, offset, len);
         let reads = pieces
             .iter()
             .map(|(idx, off, n)| self.read_object(&spec, *idx, *off, *n));
-        let mut at = 0usize;
-        for (r, (_, _, n)) in join_all(reads).await.into_iter().zip(&pieces) {
-            if let Some(data) = r? {
-                out[at..at + *n as usize].copy_from_slice(&data);
-            }
-            at += *n as usize;
-        }
-        Ok(out)
+        assemble(len, &pieces, join_all(reads).await)
     }
 
     async fn read_object(
@@ -1333,6 +1317,23 @@ fn check_range(spec: &VolumeSpec, offset: u64, len: u64) -> Result<(), IoError> 
         )));
     }
     Ok(())
+}
+
+/// Puts the pieces of a read together (an absent piece reads as zeros).
+fn assemble(
+    len: u64,
+    pieces: &[(u64, u64, u64)],
+    results: Vec<Result<Option<Vec<u8>>, IoError>>,
+) -> Result<Vec<u8>, IoError> {
+    let mut out = vec![0u8; len as usize];
+    let mut at = 0usize;
+    for (r, (_, _, n)) in results.into_iter().zip(pieces) {
+        if let Some(data) = r? {
+            out[at..at + *n as usize].copy_from_slice(&data);
+        }
+        at += *n as usize;
+    }
+    Ok(out)
 }
 
 /// Splits a byte range into (object index, offset in object, length).

@@ -221,13 +221,7 @@ impl ObjectStore {
     /// was last fenced with. The guard is held for the whole operation.
     fn admit(vol: &Vol, epoch: u64) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
         let guard = vol.io.read().unwrap();
-        let current = vol.epoch.load(Ordering::Acquire);
-        if epoch < current {
-            return Err(StoreError::StaleEpoch {
-                got: epoch,
-                current,
-            });
-        }
+        let current = not_older(vol, epoch)?;
         if epoch > current {
             return Err(StoreError::NotFenced {
                 got: epoch,
@@ -243,13 +237,7 @@ impl ObjectStore {
     pub fn fence(&self, volume: &str, epoch: u64) -> Result<u64, StoreError> {
         let vol = self.volume(volume, true)?.expect("created");
         let _exclusive = vol.io.write().unwrap();
-        let current = vol.epoch.load(Ordering::Acquire);
-        if epoch < current {
-            return Err(StoreError::StaleEpoch {
-                got: epoch,
-                current,
-            });
-        }
+        let current = not_older(&vol, epoch)?;
         if epoch > current {
             let path = vol.dir.join("epoch");
             let tmp = vol.dir.join("epoch.tmp");
@@ -1074,6 +1062,18 @@ impl Vol {
             objects: RwLock::new(objects),
         })
     }
+}
+
+/// Refuses a writer older than the volume's epoch; returns that epoch.
+fn not_older(vol: &Vol, epoch: u64) -> Result<u64, StoreError> {
+    let current = vol.epoch.load(Ordering::Acquire);
+    if epoch < current {
+        return Err(StoreError::StaleEpoch {
+            got: epoch,
+            current,
+        });
+    }
+    Ok(current)
 }
 
 fn info(index: u64, st: &ObjState) -> Option<ObjectInfo> {
