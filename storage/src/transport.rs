@@ -37,7 +37,24 @@ pub fn timeout_for(req: &Request) -> Duration {
 
 /// Answers one request from the local store.
 pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
-    let result = match req {
+    match handle_fast(store, &req) {
+        Some(r) => into_response(r),
+        None => handle_owned_slow(store, req).await,
+    }
+}
+
+/// Like [`handle`], borrowing the request (cloned only for a slow one).
+pub async fn handle_ref(store: &Arc<ObjectStore>, req: &Request) -> Response {
+    match handle_fast(store, req) {
+        Some(r) => into_response(r),
+        None => handle_owned_slow(store, req.clone()).await,
+    }
+}
+
+/// Reads, writes and look-ups, answered on the calling thread (page-cache
+/// work); `None` for the requests that sync or walk files.
+fn handle_fast(store: &ObjectStore, req: &Request) -> Option<Result<Response, StoreError>> {
+    Some(match req {
         Request::Write {
             volume,
             index,
@@ -46,7 +63,7 @@ pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
             epoch,
             data,
         } => store
-            .write(&volume, index, u64::from(offset), &data, seq, epoch)
+            .write(volume, *index, u64::from(*offset), data, *seq, *epoch)
             .map(|()| Response::Done),
         Request::Zero {
             volume,
@@ -58,13 +75,13 @@ pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
             epoch,
         } => store
             .zero(
-                &volume,
-                index,
-                u64::from(offset),
-                u64::from(len),
-                punch,
-                seq,
-                epoch,
+                volume,
+                *index,
+                u64::from(*offset),
+                u64::from(*len),
+                *punch,
+                *seq,
+                *epoch,
             )
             .map(|()| Response::Done),
         Request::Read {
@@ -76,28 +93,35 @@ pub async fn handle(store: &Arc<ObjectStore>, req: Request) -> Response {
             epoch,
         } => store
             .read(
-                &volume,
-                index,
-                snap,
-                u64::from(offset),
-                u64::from(len),
-                epoch,
+                volume,
+                *index,
+                *snap,
+                u64::from(*offset),
+                u64::from(*len),
+                *epoch,
             )
             .map(|d| d.map_or(Response::Absent, Response::Data)),
         Request::Stat { volume, index } => store
-            .stat(&volume, index)
+            .stat(volume, *index)
             .map(|i| Response::Objects(i.into_iter().collect())),
-        Request::Exists { volume, index } => store.exists(&volume, index).map(Response::Bool),
-        Request::List { volume } => store.list(&volume).map(Response::Objects),
-        slow => {
-            // fsync and directory walks do not belong on the async workers.
-            let store = store.clone();
-            match tokio::task::spawn_blocking(move || handle_slow(&store, slow)).await {
-                Ok(r) => r,
-                Err(e) => Err(StoreError::Invalid(format!("storage task failed: {e}"))),
-            }
-        }
-    };
+        Request::Exists { volume, index } => store.exists(volume, *index).map(Response::Bool),
+        Request::List { volume } => store.list(volume).map(Response::Objects),
+        _ => return None,
+    })
+}
+
+/// fsync and directory walks do not belong on the async workers.
+async fn handle_owned_slow(store: &Arc<ObjectStore>, req: Request) -> Response {
+    let store = store.clone();
+    into_response(
+        match tokio::task::spawn_blocking(move || handle_slow(&store, req)).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Invalid(format!("storage task failed: {e}"))),
+        },
+    )
+}
+
+fn into_response(result: Result<Response, StoreError>) -> Response {
     match result {
         Ok(r) => r,
         Err(e) => Response::Error {

@@ -125,15 +125,15 @@ impl Storage {
 
     /// Sends a request to a node (the local store directly).
     pub async fn call(&self, node: u64, req: Request) -> Result<Response, IoError> {
-        self.call_traced(node, req).await.map(|(r, _)| r)
+        self.call_traced(node, &req).await.map(|(r, _)| r)
     }
 
-    async fn call_traced(&self, node: u64, req: Request) -> Traced {
+    async fn call_traced(&self, node: u64, req: &Request) -> Traced {
         let (resp, conn) = if node == self.node {
-            (transport::handle(&self.store, req).await, 0)
+            (transport::handle_ref(&self.store, req).await, 0)
         } else {
             self.peers
-                .call_traced(node, &req)
+                .call_traced(node, req)
                 .await
                 .map_err(|e| IoError::Failed(e.to_string()))?
         };
@@ -428,7 +428,7 @@ impl VolumeHandle {
         &self,
         spec: &VolumeSpec,
         node: u64,
-        req: Request,
+        req: &Request,
     ) -> Result<Response, IoError> {
         let (resp, conn) = self.storage.call_traced(node, req).await?;
         if node != self.storage.node {
@@ -491,15 +491,11 @@ impl VolumeHandle {
             .map(|n| n.node)
             .filter(|n| spec.in_sync.contains(n))
             .collect();
-        let fences = nodes.iter().map(|n| {
-            self.storage.call_traced(
-                *n,
-                Request::Fence {
-                    volume: spec.id.clone(),
-                    epoch: spec.epoch,
-                },
-            )
-        });
+        let fence = Request::Fence {
+            volume: spec.id.clone(),
+            epoch: spec.epoch,
+        };
+        let fences = nodes.iter().map(|n| self.storage.call_traced(*n, &fence));
         let answers: Vec<Traced> = join_all(fences).await;
         let mut held = Vec::new();
         let mut bad = Vec::new();
@@ -589,7 +585,7 @@ impl VolumeHandle {
             .call_checked(
                 spec,
                 node,
-                Request::List {
+                &Request::List {
                     volume: spec.id.clone(),
                 },
             )
@@ -612,7 +608,7 @@ impl VolumeHandle {
             .call_checked(
                 spec,
                 node,
-                Request::Stat {
+                &Request::Stat {
                     volume: spec.id.clone(),
                     index,
                 },
@@ -702,7 +698,7 @@ impl VolumeHandle {
             epoch: spec.epoch,
         };
         for (lo, hi) in &info.clones {
-            let data = match self.call_checked(spec, from, read(Some(*hi))).await? {
+            let data = match self.call_checked(spec, from, &read(Some(*hi))).await? {
                 Response::Data(d) => d,
                 other => {
                     return Err(IoError::Failed(format!(
@@ -713,7 +709,7 @@ impl VolumeHandle {
             self.call_checked(
                 spec,
                 to,
-                Request::PutClone {
+                &Request::PutClone {
                     volume: spec.id.clone(),
                     index,
                     epoch: spec.epoch,
@@ -726,7 +722,7 @@ impl VolumeHandle {
             .await?;
         }
         let data = if info.head {
-            match self.call_checked(spec, from, read(None)).await? {
+            match self.call_checked(spec, from, &read(None)).await? {
                 Response::Data(d) => d,
                 other => {
                     return Err(IoError::Failed(format!(
@@ -740,7 +736,7 @@ impl VolumeHandle {
         self.call_checked(
             spec,
             to,
-            Request::PutHead {
+            &Request::PutHead {
                 volume: spec.id.clone(),
                 index,
                 epoch: spec.epoch,
@@ -799,7 +795,7 @@ impl VolumeHandle {
                 len: len as u32,
                 epoch: spec.epoch,
             };
-            match self.call_checked(spec, node, req).await {
+            match self.call_checked(spec, node, &req).await {
                 Ok(Response::Data(d)) if d.len() as u64 == len => return Ok(Some(d)),
                 Ok(Response::Absent) => {
                     drop(shared);
@@ -858,15 +854,10 @@ impl VolumeHandle {
             .copied()
             .filter(|n| in_sync.contains(n) || repairing == Some(*n))
             .collect();
-        let calls = targets.iter().map(|n| {
-            self.call_checked(
-                &spec,
-                *n,
-                Request::Flush {
-                    volume: spec.id.clone(),
-                },
-            )
-        });
+        let flush = Request::Flush {
+            volume: spec.id.clone(),
+        };
+        let calls = targets.iter().map(|n| self.call_checked(&spec, *n, &flush));
         let mut failed = Vec::new();
         for (node, r) in targets.iter().zip(join_all(calls).await) {
             match r {
@@ -978,9 +969,7 @@ impl VolumeHandle {
         };
         let mut targets = live.clone();
         targets.extend(extra);
-        let calls = targets
-            .iter()
-            .map(|n| self.call_checked(spec, *n, req.clone()));
+        let calls = targets.iter().map(|n| self.call_checked(spec, *n, &req));
         let results = join_all(calls).await;
         let mut done = Vec::new();
         let mut failed = Vec::new();
@@ -1044,7 +1033,7 @@ impl VolumeHandle {
                 .call_checked(
                     spec,
                     *node,
-                    Request::Exists {
+                    &Request::Exists {
                         volume: spec.id.clone(),
                         index,
                     },
@@ -1101,7 +1090,7 @@ impl VolumeHandle {
             .storage
             .call_traced(
                 node,
-                Request::Fence {
+                &Request::Fence {
                     volume: spec.id.clone(),
                     epoch: spec.epoch,
                 },
@@ -1175,9 +1164,7 @@ impl VolumeHandle {
             seq: spec.seq,
             epoch: spec.epoch,
         };
-        let calls = nodes
-            .iter()
-            .map(|n| self.call_checked(&spec, *n, req.clone()));
+        let calls = nodes.iter().map(|n| self.call_checked(&spec, *n, &req));
         let mut failed = Vec::new();
         let mut last = None;
         for (node, r) in nodes.iter().zip(join_all(calls).await) {
@@ -1352,7 +1339,86 @@ pub fn split(object_size: u64, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::*;
+    use crate::fsio::sim::SimFs;
+    use crate::placement::MapNode;
+
+    /// Records in-sync changes in memory.
+    #[derive(Default)]
+    struct Sets(Mutex<Vec<String>>);
+
+    impl ReplicaSets for Sets {
+        fn out_of_sync(
+            &self,
+            volume: &str,
+            epoch: u64,
+            nodes: Vec<u64>,
+        ) -> BoxFuture<'_, Result<(), String>> {
+            let line = format!("{volume}@{epoch}: {nodes:?} out");
+            Box::pin(async move {
+                self.0.lock().unwrap().push(line);
+                Ok(())
+            })
+        }
+        fn recovering(&self, _: &str, _: u64, _: u64) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn in_sync(&self, _: &str, _: u64, _: u64) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// One node, its store on a recording file system (no peers reached).
+    fn single_node(fs: SimFs) -> (Arc<Storage>, Arc<Sets>, VolumeSpec) {
+        use crate::fsio::Fs;
+        fs.create_dir_all(std::path::Path::new("/s")).unwrap();
+        let store = ObjectStore::open_with(Arc::new(fs), std::path::Path::new("/s")).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let sets = Arc::new(Sets::default());
+        let storage = Storage::new(1, Arc::new(store), Peers::new(Arc::new(tls)), sets.clone());
+        let spec = VolumeSpec {
+            id: "v".into(),
+            size: 8 << 20,
+            object_size: 4 << 20,
+            replicas: 1,
+            min_replicas: 1,
+            in_sync: vec![1],
+            seq: 0,
+            epoch: 1,
+            map: Arc::new(StorageMap {
+                epoch: 1,
+                nodes: vec![MapNode {
+                    node: 1,
+                    weight: 1,
+                    failure_domain: "a".into(),
+                }],
+            }),
+            parent: None,
+        };
+        (storage, sets, spec)
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_failed_is_never_followed_by_one_that_claims_durability() {
+        let fs = SimFs::new();
+        let (storage, sets, spec) = single_node(fs.clone());
+        let handle = storage.open(spec);
+        handle.activate().await.unwrap();
+        handle.write(0, &[7u8; 4096]).await.unwrap();
+        fs.fail_next_syncs(1);
+        let err = handle.flush().await.unwrap_err();
+        assert!(err.to_string().contains("degraded"), "{err}");
+        // The write was not made durable: no later flush may say it was.
+        let again = handle.flush().await;
+        assert!(again.is_err(), "a retried flush claimed durability");
+        assert_eq!(*sets.0.lock().unwrap(), vec!["v@1: [1] out".to_string()]);
+    }
 
     #[test]
     fn ranges_split_at_object_boundaries() {

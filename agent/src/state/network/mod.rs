@@ -686,7 +686,14 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
                 .collect();
             if pools.is_empty() {
                 return Ok(Err(match pool {
-                    Some(n) => not_found(format!("IP pool {n:?} does not exist")),
+                    // A name in the body, not the resource addressed: the
+                    // request is wrong, the project is there (not a 404).
+                    Some(n) => domain(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "IP pool {n:?} does not exist; `allod ip-pool list` shows the pools"
+                        ),
+                    ),
                     None => domain(
                         ErrorCode::FailedPrecondition,
                         "no IP pool exists; a cluster admin creates one (allod ip-pool create)"
