@@ -723,3 +723,57 @@ fn replies_a_client_never_reads_do_not_grow_the_servers_memory() {
         ],
     );
 }
+
+#[test]
+fn a_clones_first_write_asks_only_in_sync_replicas_whether_the_object_exists() {
+    let f = fixture();
+    // A parent with one snapshot of 0x41 bytes, and a clone of it.
+    let mut parent = f.volume("vol-cu-parent", 8 * MIB, 3);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x41 0 4M",
+            &f.uri("vol-cu-parent"),
+        ],
+    );
+    parent.seq = 1;
+    f.publish(&parent);
+    let clone = VolumeSpec {
+        id: "vol-cu-clone".into(),
+        parent: Some(Arc::new(storage::ParentSpec {
+            volume: parent.clone(),
+            snap: 1,
+            overlap: 8 * MIB,
+        })),
+        seq: 0,
+        ..parent.clone()
+    };
+    // The replica placement names first misses the clone's first write (it
+    // is out of sync from then on).
+    let stale = f.map.place(&clone.id, 0, 3)[0];
+    let two = VolumeSpec {
+        in_sync: (1..=3).filter(|n| *n != stale).collect(),
+        ..clone.clone()
+    };
+    let node = |id: u64| f.nodes.iter().find(|n| n.node == id).unwrap();
+    let first = node(two.in_sync[0]).open(two.clone());
+    f.rt.block_on(first.activate()).unwrap();
+    f.rt.block_on(first.write(0, &[0x42; 4096])).unwrap();
+    drop(first);
+    // A writer on the stale node itself, which knows it is out of sync: its
+    // copy, which lacks the object, is not asked whether it exists, so the
+    // next write keeps the first instead of copying the parent over it.
+    let second = node(stale).open(VolumeSpec { epoch: 2, ..two });
+    f.rt.block_on(second.activate()).unwrap();
+    f.rt.block_on(second.write(8192, &[0x43; 4096])).unwrap();
+    let got = f.rt.block_on(second.read(0, 12288)).unwrap();
+    assert!(
+        got[..4096].iter().all(|b| *b == 0x42),
+        "the first write was lost"
+    );
+    assert!(got[4096..8192].iter().all(|b| *b == 0x41));
+    assert!(got[8192..].iter().all(|b| *b == 0x43));
+}
