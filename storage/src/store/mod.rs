@@ -115,6 +115,21 @@ struct ObjState {
     last_write: Option<std::time::Instant>,
 }
 
+impl ObjState {
+    /// A head written whole and synced took the old one's place.
+    fn replace_head(&mut self, seq: u64, version: u64, absent: bool) {
+        self.head = Some(Head {
+            seq,
+            version,
+            absent,
+            file: None,
+        });
+        self.marked = false;
+        self.uncertain = false;
+        self.lost = false;
+    }
+}
+
 #[derive(Debug)]
 struct Obj {
     state: RwLock<ObjState>,
@@ -589,15 +604,7 @@ impl ObjectStore {
         self.fs
             .rename(&tmp, &head_path(&vol.dir, index))
             .map_err(io_err("rolling back"))?;
-        st.head = Some(Head {
-            seq,
-            version,
-            absent,
-            file: None,
-        });
-        st.marked = false;
-        st.uncertain = false;
-        st.lost = false;
+        st.replace_head(seq, version, absent);
         Ok(())
     }
 
@@ -755,16 +762,8 @@ impl ObjectStore {
             st.clones.remove(&hi);
         }
         sync_dir(&*self.fs, &vol.dir)?;
-        st.head = Some(Head {
-            seq,
-            version,
-            absent,
-            file: None,
-        });
+        st.replace_head(seq, version, absent);
         st.dirty = false;
-        st.marked = false;
-        st.uncertain = false;
-        st.lost = false;
         Ok(())
     }
 
