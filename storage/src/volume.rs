@@ -153,15 +153,6 @@ impl Storage {
         }
     }
 
-    /// Sends a request to every node of a map; all must succeed.
-    pub async fn broadcast(&self, map: &StorageMap, req: Request) -> Result<(), IoError> {
-        let calls = map.nodes.iter().map(|n| self.call(n.node, req.clone()));
-        for r in join_all(calls).await {
-            r?;
-        }
-        Ok(())
-    }
-
     /// Every volume some connection on this node has open.
     pub fn open_handles(&self) -> Vec<Arc<VolumeHandle>> {
         self.handles
@@ -224,7 +215,7 @@ impl Storage {
         Box::pin(async move {
             let nodes = self.readable(spec, index, &spec.in_sync);
             match self
-                .read_from(spec, &nodes, Some(snap), 0, index, offset, len)
+                .read_from(spec, &nodes, snap, index, offset, len)
                 .await?
             {
                 Some(d) => Ok(Some(d)),
@@ -247,15 +238,14 @@ impl Storage {
         nodes
     }
 
-    /// Reads from the first of `nodes` that answers. `Ok(None)`: the object
-    /// is absent there (in sync: absent everywhere).
-    #[allow(clippy::too_many_arguments)]
+    /// Reads snapshot `snap` of an object from the first of `nodes` that
+    /// answers. `Ok(None)`: the object is absent there (in sync: absent
+    /// everywhere).
     async fn read_from(
         &self,
         spec: &VolumeSpec,
         nodes: &[u64],
-        snap: Option<u64>,
-        epoch: u64,
+        snap: u64,
         index: u64,
         offset: u64,
         len: u64,
@@ -265,13 +255,14 @@ impl Storage {
             spec.id, spec.in_sync
         ));
         for node in nodes {
+            // A snapshot never changes: no writer's epoch is needed.
             let req = Request::Read {
                 volume: spec.id.clone(),
                 index,
-                snap,
+                snap: Some(snap),
                 offset: offset as u32,
                 len: len as u32,
-                epoch,
+                epoch: 0,
             };
             match self.call(*node, req).await {
                 Ok(Response::Data(d)) if d.len() as u64 == len => return Ok(Some(d)),

@@ -465,15 +465,7 @@ impl ObjectStore {
 
     /// Whether the object's head holds data of its own.
     pub fn exists(&self, volume: &str, index: u64) -> Result<bool, StoreError> {
-        let Some(vol) = self.volume(volume, false)? else {
-            return Ok(false);
-        };
-        let Some(obj) = Self::object(&vol, index, false) else {
-            return Ok(false);
-        };
-        let mut st = obj.state.write().unwrap();
-        self.load(&vol, index, &mut st)?;
-        Ok(st.head.as_ref().is_some_and(|h| !h.absent))
+        Ok(self.stat(volume, index)?.is_some_and(|i| i.head))
     }
 
     /// Makes everything written to the volume so far durable.
