@@ -896,7 +896,8 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     .await;
 
     let mut entries = Vec::new();
-    // Two joins (this is a 3-node cluster), two creates, one failed authentication.
+    // Two joins (this is a 3-node cluster), two creates, and the node's
+    // summary of the requests it refused unauthenticated.
     common::wait_for_async(
         "five audit entries",
         std::time::Duration::from_secs(10),
@@ -940,9 +941,19 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
         "{actions:?}"
     );
     assert!(
-        has("-", "GET /v1/projects", "unauthenticated"),
+        has(
+            "-",
+            agent::state::audit::REFUSAL_SUMMARY_ACTION,
+            "unauthenticated"
+        ),
         "{actions:?}"
     );
+    let summary = entries
+        .iter()
+        .find_map(|e| e.record.summary.clone())
+        .expect("a summary entry");
+    assert_eq!(summary.requests, 1);
+    assert_eq!(summary.first_requests, ["GET /v1/projects"]);
     assert_eq!(
         actions
             .iter()
@@ -953,7 +964,7 @@ async fn mutations_and_authentication_failures_land_in_a_verifiable_audit_chain(
     );
     assert!(entries
         .iter()
-        .all(|e| e.record.context.source.starts_with("127.0.0.1:")));
+        .all(|e| e.record.context.source.starts_with("127.0.0.1")));
     assert_eq!(agent::state::audit::verify(&entries), Ok(5));
 
     // Filters and the JSON-lines export.

@@ -234,6 +234,10 @@ pub enum AuthError {
     Read(#[from] crate::state::ReadError),
 }
 
+/// How recently this node must have caught up with the leader for a
+/// refusal to stand without asking the leader again.
+pub const CATCH_UP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The longest a resolved principal is reused without reading the state.
 pub const AUTH_CACHE_TTL_MS: u64 = 60_000;
 const AUTH_CACHE_ENTRIES: usize = 10_000;
@@ -277,23 +281,18 @@ impl AuthCache {
 }
 
 /// What authenticating callers keeps on a node beyond the cluster state.
+#[derive(Default)]
 pub struct AuthServices {
-    /// Authentication failures this node may record per second.
-    pub audit_failures: FailureBudget,
+    /// Unauthenticated requests refused since the last audit summary.
+    pub refusals: Arc<crate::api::abuse::RefusalLog>,
+    /// Rate limits and the Argon2 budget of password logins.
+    pub login: crate::api::abuse::LoginGuard,
+    /// How many unknown tokens this node is seeing.
+    pub unknown_tokens: crate::api::abuse::FloodMeter,
     /// Verifies bearer JWTs of the configured OIDC issuers.
     pub oidc: crate::api::oidc::Verifier,
     /// Principals of recently seen bearer tokens.
     pub cache: AuthCache,
-}
-
-impl Default for AuthServices {
-    fn default() -> Self {
-        Self {
-            audit_failures: FailureBudget::new(50),
-            oidc: Default::default(),
-            cache: Default::default(),
-        }
-    }
 }
 
 /// Resolves an API token or an OIDC JWT to who is calling.
@@ -434,11 +433,17 @@ pub async fn authorize(
     let recorded = audit
         .as_ref()
         .is_none_or(|a| a.recorded.load(std::sync::atomic::Ordering::SeqCst));
-    // Calls refused before they reached Raft (bad input, 403, 404, 401)
-    // are recorded here, in an entry of their own.
-    let failed_authentication =
-        status == StatusCode::UNAUTHORIZED && app.auth.audit_failures.admit(now_ms());
-    if (mutating && !recorded && status != StatusCode::UNAUTHORIZED) || failed_authentication {
+    let result = result_for_status(status.as_u16());
+    if principal.is_none() && (status == StatusCode::UNAUTHORIZED || (mutating && !recorded)) {
+        // Nobody is accountable for it: counted in memory and summarised
+        // in the log once a window, never one Raft write per request.
+        let request = format!("{method} {}", uri.path());
+        app.auth
+            .refusals
+            .record(now_ms(), remote.map(|a| a.ip()), result, &request);
+    } else if mutating && !recorded {
+        // An authenticated call refused before it reached Raft (bad input,
+        // 403, 404) is recorded here, in an entry of its own.
         let mut context = match &audit {
             Some(audit) => audit.context.lock().expect("audit context").clone(),
             None => context(),
@@ -447,7 +452,7 @@ pub async fn authorize(
             context.user = p.user.clone();
             context.token_id = p.token_id.clone();
         }
-        let record = context.with_result(result_for_status(status.as_u16()));
+        let record = context.with_result(result);
         // Proposed after the answer is sent: a node that dies in the next
         // milliseconds can lose an entry for a call that changed nothing.
         let node = app.node.clone();
@@ -537,16 +542,24 @@ async fn authorize_inner(
         let decision = decide(permission, &principal, &params);
         Ok::<_, AuthError>((principal, decision))
     };
+    let arrived_ms = now_ms();
     let mut outcome = evaluate().await;
     // A token, role or object created moments ago through another node may
-    // not be applied here yet: catch up with the leader once before refusing.
+    // not be applied here yet: catch up with the leader, then decide again.
+    // Concurrent refusals share one round trip; during a flood of unknown
+    // tokens a catch-up less than a second old is enough, so the flood
+    // costs one round trip a second.
     let refused = match &outcome {
         Ok((_, decision)) => *decision != Decision::Allow,
         Err(AuthError::Invalid)
         | Err(AuthError::Oidc(crate::api::oidc::OidcError::UnknownIssuer(_))) => true,
         Err(_) => false,
     };
-    if refused && node.linearizable_read().await.is_ok() {
+    let max_age = match &outcome {
+        Err(AuthError::Invalid) if app.auth.unknown_tokens.note(now_ms()) => CATCH_UP_MAX_AGE,
+        _ => std::time::Duration::ZERO,
+    };
+    if refused && node.caught_up_since(arrived_ms, max_age).await.is_ok() {
         outcome = evaluate().await;
     }
     let (principal, decision) = match outcome {
@@ -596,62 +609,15 @@ pub fn result_for_status(status: u16) -> &'static str {
         404 => "not_found",
         409 => "conflict",
         413 => "payload_too_large",
+        429 => "rate_limited",
         503 => "unavailable",
         _ => "error",
-    }
-}
-
-/// Bounds how many authentication failures per second a node records, so a
-/// flood of bad tokens cannot turn into a flood of Raft writes. Failures
-/// beyond the budget are counted and the count is logged.
-pub struct FailureBudget {
-    window: std::sync::Mutex<(u64, u32, u64)>,
-    per_second: u32,
-}
-
-impl FailureBudget {
-    pub fn new(per_second: u32) -> Self {
-        Self {
-            window: std::sync::Mutex::new((0, 0, 0)),
-            per_second,
-        }
-    }
-
-    /// Whether a failure at `now_ms` may be recorded.
-    pub fn admit(&self, now_ms: u64) -> bool {
-        let mut window = self.window.lock().expect("failure budget");
-        let (second, _, dropped) = &mut *window;
-        if now_ms / 1000 != *second {
-            if *dropped > 0 {
-                tracing::warn!(
-                    dropped = *dropped,
-                    "authentication failures beyond the audit budget were not recorded"
-                );
-            }
-            *window = (now_ms / 1000, 0, 0);
-        }
-        let (_, used, dropped) = &mut *window;
-        if *used < self.per_second {
-            *used += 1;
-            true
-        } else {
-            *dropped += 1;
-            false
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_failure_budget_resets_every_second() {
-        let budget = FailureBudget::new(2);
-        assert!(budget.admit(1_000) && budget.admit(1_500));
-        assert!(!budget.admit(1_999));
-        assert!(budget.admit(2_000));
-    }
 
     fn principal(admin: bool, roles: &[(&str, Role)]) -> Principal {
         Principal {

@@ -21,6 +21,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Sent as `Retry-After` (seconds) when set.
+    retry_after_secs: Option<u64>,
 }
 
 /// Every error answer: `{"error":{"code":"...","message":"..."}}`.
@@ -44,7 +46,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
+    }
+
+    /// 429: the caller sent too many requests of this kind; `Retry-After`
+    /// says when to try again.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        error.retry_after_secs = Some(retry_after_secs.max(1));
+        error
     }
 
     /// 400: the request names or says something impossible.
@@ -156,7 +167,14 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 

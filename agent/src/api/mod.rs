@@ -19,6 +19,7 @@ use crate::api::authz::Principal;
 use crate::cluster::node::ClusterNode;
 use crate::state::auth::Role;
 
+pub mod abuse;
 pub mod authz;
 mod cluster;
 mod error;
@@ -66,6 +67,12 @@ impl AppState {
             auth: Arc::new(authz::AuthServices::default()),
             local,
         }
+    }
+}
+
+impl FromRef<AppState> for Arc<authz::AuthServices> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
     }
 }
 

@@ -243,17 +243,44 @@ pub(super) const LOGIN_TOKEN_SECS: u64 = 24 * 3600;
     responses((status = 200, description = "A cluster-scoped token valid for a day", body = NewToken)))]
 pub(super) async fn login(
     State(node): State<Arc<ClusterNode>>,
+    State(auth): State<Arc<crate::api::authz::AuthServices>>,
+    peer: Option<Extension<crate::cluster::peer::PeerIdentity>>,
     ApiJson(body): ApiJson<Login>,
 ) -> ApiResult<Json<NewToken>> {
+    let source = peer.and_then(|p| p.remote_addr).map(|a| a.ip());
+    if let Err(limited) = auth
+        .login
+        .admit(source, &body.user, crate::cluster::join::now_ms())
+    {
+        let whose = if limited.by_user {
+            "this user name"
+        } else {
+            "your address"
+        };
+        return Err(ApiError::rate_limited(
+            format!(
+                "too many login attempts for {whose}; try again in {} s",
+                limited.retry_after_secs
+            ),
+            limited.retry_after_secs,
+        ));
+    }
     let refused = || ApiError::unauthenticated("unknown user or wrong password");
-    let user = node.state.user(&body.user)?.ok_or_else(refused)?;
-    let Some(phc) = user.password_phc else {
-        return Err(refused());
-    };
-    if !verify_password(body.password, phc).await {
-        tracing::info!(user = body.user, "login refused: wrong password");
+    let user = node.state.user(&body.user)?;
+    let phc = user.as_ref().and_then(|u| u.password_phc.clone());
+    // An unknown user, or one without a password, is checked against a
+    // decoy hash: the refusal takes as long as a wrong password's.
+    if !auth.login.verify(body.password, phc).await {
+        tracing::info!(
+            user = body.user,
+            "login refused: unknown user or wrong password"
+        );
         return Err(refused());
     }
+    let Some(user) = user else {
+        return Err(refused());
+    };
+    auth.login.succeeded(&user.name);
     Ok(Json(
         issue_token(
             &node,

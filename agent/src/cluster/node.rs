@@ -136,6 +136,22 @@ pub struct ClusterNode {
     pub data_dir: DataDir,
     /// Moves on after commits that change VMs, volumes, images or nodes.
     pub applied: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Catching up with the leader, and when this node last did.
+    catch_up: CatchUp,
+}
+
+/// When this node was last known to have applied everything the leader had
+/// committed, so that a refusal may skip a round trip that one made a
+/// moment ago.
+#[derive(Default)]
+struct CatchUp {
+    /// Milliseconds since the epoch at which the last successful read
+    /// index was asked for (what it proves holds from then on).
+    at_ms: std::sync::atomic::AtomicU64,
+    /// One catch-up at a time: callers arriving during one share it.
+    lock: tokio::sync::Mutex<()>,
+    /// Read-index round trips made, for the metrics and the tests.
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterNode {
@@ -190,6 +206,7 @@ impl ClusterNode {
             tls,
             data_dir,
             applied,
+            catch_up: CatchUp::default(),
         }))
     }
 
@@ -336,6 +353,54 @@ impl ClusterNode {
     /// Returns once this node's state machine reflects every write committed
     /// before the call: after this, local reads are linearizable.
     pub async fn linearizable_read(&self) -> Result<(), ClusterError> {
+        let asked_ms = crate::cluster::join::now_ms();
+        self.catch_up
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.read_index().await?;
+        self.catch_up
+            .at_ms
+            .fetch_max(asked_ms, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes sure this node has applied everything committed before
+    /// `arrived_ms` (a linearizable read for a request that arrived then),
+    /// or, when `max_age` is not zero, everything committed before some
+    /// moment within the last `max_age`. Callers arriving while a catch-up
+    /// is under way wait for the next one and share it, so many requests
+    /// cost one round trip at a time, and with `max_age` one per `max_age`.
+    pub async fn caught_up_since(
+        &self,
+        arrived_ms: u64,
+        max_age: Duration,
+    ) -> Result<(), ClusterError> {
+        let fresh = || {
+            let at = self
+                .catch_up
+                .at_ms
+                .load(std::sync::atomic::Ordering::Acquire);
+            at > arrived_ms
+                || crate::cluster::join::now_ms().saturating_sub(at) < max_age.as_millis() as u64
+        };
+        if fresh() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.catch_up.lock.lock().await;
+        if fresh() {
+            return Ok(());
+        }
+        self.linearizable_read().await
+    }
+
+    /// Read-index round trips this node has made since it started.
+    pub fn read_index_rounds(&self) -> u64 {
+        self.catch_up
+            .rounds
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn read_index(&self) -> Result<(), ClusterError> {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
         let point = self
             .via_leader(

@@ -45,6 +45,9 @@ pub struct AgentOptions {
     pub compute: Option<crate::reconcile::compute::ComputeOptions>,
     /// Build tenant networks on this node (`None`: it hosts no VPC ports).
     pub network: Option<crate::reconcile::network::NetworkOptions>,
+    /// How often refused unauthenticated requests are summarised in the
+    /// audit log.
+    pub audit_summary_interval: std::time::Duration,
 }
 
 impl AgentOptions {
@@ -71,6 +74,7 @@ impl AgentOptions {
             },
             compute: None,
             network: None,
+            audit_summary_interval: crate::api::abuse::DEFAULT_SUMMARY_INTERVAL,
         }
     }
 }
@@ -132,6 +136,7 @@ pub struct Agent {
     block_options: crate::reconcile::storage::BlockOptions,
     compute: Option<crate::reconcile::compute::ComputeOptions>,
     network: Option<crate::reconcile::network::NetworkOptions>,
+    audit_summary_interval: std::time::Duration,
 }
 
 /// The host name, made into a valid node name.
@@ -241,6 +246,7 @@ impl Agent {
             block_options: options.blocks.clone(),
             compute: options.compute.clone(),
             network: options.network.clone(),
+            audit_summary_interval: options.audit_summary_interval,
         });
         let admin =
             crate::daemon::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
@@ -296,10 +302,14 @@ impl Agent {
             peer_tls,
             crate::cluster::peer::router(node.clone()),
         ));
-        self.api_mode.send_replace(ServeMode::Tls(
-            api_tls,
-            crate::api::router(crate::api::AppState::new(node.clone(), local.clone())),
+        let app = crate::api::AppState::new(node.clone(), local.clone());
+        tokio::spawn(crate::api::abuse::write_summaries(
+            Arc::downgrade(&node),
+            app.auth.refusals.clone(),
+            self.audit_summary_interval,
         ));
+        self.api_mode
+            .send_replace(ServeMode::Tls(api_tls, crate::api::router(app)));
         self.node.send_replace(Some(node.clone()));
         tokio::spawn(report_capacity(Arc::downgrade(&node)));
         let listener = self.storage_listener.lock().expect("listener").take();

@@ -36,6 +36,10 @@ pub struct AuditRecord {
     /// `ok`, or the error code the caller got (`already_exists`,
     /// `unauthenticated`, `forbidden`, ...).
     pub result: String,
+    /// Present on the one entry that stands for many refused
+    /// unauthenticated requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<RefusalSummary>,
 }
 
 impl AuditContext {
@@ -43,8 +47,40 @@ impl AuditContext {
         AuditRecord {
             context: self,
             result: result.into(),
+            summary: None,
         }
     }
+}
+
+/// The action of an entry that summarises refused unauthenticated requests.
+pub const REFUSAL_SUMMARY_ACTION: &str = "refused unauthenticated requests";
+
+/// What one node refused of callers it could not authenticate over a
+/// window of time, recorded as one entry rather than one per request: a
+/// flood of bad requests costs the log a constant, not its size.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RefusalSummary {
+    /// The node that refused them.
+    pub node: u64,
+    pub since_ms: u64,
+    pub until_ms: u64,
+    /// How many requests were refused.
+    pub requests: u64,
+    /// Requests by the result they got (`unauthenticated`,
+    /// `invalid_argument`, `rate_limited`, ...).
+    pub results: std::collections::BTreeMap<String, u64>,
+    /// The addresses that sent the most, most first.
+    pub top_sources: Vec<SourceCount>,
+    /// Requests from addresses not in `top_sources`.
+    pub other_requests: u64,
+    /// The first requests of the window, `METHOD /path`, each cut at 256 bytes.
+    pub first_requests: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SourceCount {
+    pub source: String,
+    pub requests: u64,
 }
 
 /// One link of the chain.

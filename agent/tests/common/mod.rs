@@ -75,6 +75,7 @@ pub async fn start_agent(
     let mut opts = AgentOptions::new(dir, api, peer);
     opts.name = Some(name.to_string());
     opts.raft = options.clone();
+    opts.audit_summary_interval = Duration::from_secs(1);
     // A node that was just stopped may still be releasing its files.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
