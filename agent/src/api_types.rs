@@ -83,7 +83,8 @@ pub struct CreatePort {
     /// Default: `["default"]`.
     #[serde(default)]
     pub security_groups: Option<Vec<String>>,
-    /// The node whose host interface this is (default: the first node).
+    /// The node whose host interface this is (default: the first node that
+    /// may host the project's zone); it must be one that may.
     #[serde(default)]
     pub node: Option<u64>,
     /// Default: the lowest free address of the subnet.
@@ -187,6 +188,14 @@ pub struct CreateToken {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 315_360_000)]
     pub expires_in_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    /// `true` refuses the user's tokens and password from now on.
+    #[serde(default)]
+    pub disabled: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

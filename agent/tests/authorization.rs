@@ -147,6 +147,9 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/users"), AdminOnly),
         (("POST", "/v1/users"), AdminOnly),
         (("POST", "/v1/users/{user}/roles"), AdminOnly),
+        (("DELETE", "/v1/users/{user}/roles"), AdminOnly),
+        (("PATCH", "/v1/users/{user}"), AdminOnly),
+        (("DELETE", "/v1/users/{user}"), AdminOnly),
         (("GET", "/v1/users/{user}/tokens"), SelfOrAdmin),
         (("POST", "/v1/users/{user}/tokens"), SelfOrAdmin),
         (("DELETE", "/v1/tokens/{id}"), SelfOrAdmin),
@@ -449,10 +452,12 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     .replace("{image}", &format!("img{case}"))
                     .replace("{vm}", "box");
                 // An image upload: the body's bytes are the image ("{}").
-                let path = if (method.as_str(), pattern) == ("POST", "/v1/images") {
-                    format!("{path}?name=new{case}&sha256={EMPTY_OBJECT_SHA256}")
-                } else {
-                    path
+                let path = match (method.as_str(), pattern) {
+                    ("POST", "/v1/images") => {
+                        format!("{path}?name=new{case}&sha256={EMPTY_OBJECT_SHA256}")
+                    }
+                    ("DELETE", "/v1/users/{user}/roles") => format!("{path}?project={project}"),
+                    _ => path,
                 };
                 if pattern.contains("{image}") {
                     let reply = admin
@@ -518,6 +523,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 let body = match (method.as_str(), pattern) {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", "/v1/projects/{name}/vms/{vm}") => Some(json!({ "vcpus": 2 })),
+                    ("PATCH", "/v1/users/{user}") => Some(json!({ "disabled": true })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
                     ("PUT", "/v1/projects/{name}/quota") => Some(json!({ "volumes": 5 })),
                     ("POST", "/v1/projects/{name}/vms") => Some(

@@ -347,7 +347,10 @@ fn resolve_until(
     if record.expires_at_ms.is_some_and(|at| at <= now_ms) {
         return Err(AuthError::Invalid);
     }
-    let user = state.user(&record.user)?.ok_or(AuthError::Invalid)?;
+    let user = state
+        .user(&record.user)?
+        .filter(|u| !u.disabled)
+        .ok_or(AuthError::Invalid)?;
     let grants = state.grants_of(&user.name)?;
     let project_scoped = matches!(record.scope, crate::state::auth::TokenScope::Project { .. });
     let (cluster_admin, project_roles) = match &record.scope {

@@ -27,7 +27,7 @@ mod network;
 pub mod oidc;
 mod openapi;
 mod projects;
-mod users;
+pub(crate) mod users;
 mod vms;
 mod volumes;
 
@@ -400,10 +400,28 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
         .add(Method::GET, "/v1/users", ClusterAdmin, list_users)
         .add(Method::POST, "/v1/users", ClusterAdmin, create_user)
         .add(
+            Method::PATCH,
+            "/v1/users/{user}",
+            ClusterAdmin,
+            users::update_user,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/users/{user}",
+            ClusterAdmin,
+            users::delete_user,
+        )
+        .add(
             Method::POST,
             "/v1/users/{user}/roles",
             ClusterAdmin,
             grant_role,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/users/{user}/roles",
+            ClusterAdmin,
+            users::revoke_role,
         )
         .add(
             Method::GET,

@@ -308,7 +308,16 @@ pub(super) async fn create_port(
                     "node {id} is not a member of this cluster (see allod node list)"
                 ))
             })?,
-        None => nodes.first().map(|n| n.id).unwrap_or(1),
+        // The first node that may host the project's zone.
+        None => {
+            let zone = node.state.project(&project)?.map(|p| p.zone);
+            nodes
+                .iter()
+                .find(|n| zone.is_none_or(|z| crate::state::zones::may_host(z, n.zone).is_ok()))
+                .or(nodes.first())
+                .map(|n| n.id)
+                .unwrap_or(1)
+        }
     };
     let port = new_port(
         project,

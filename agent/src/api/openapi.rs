@@ -8,8 +8,8 @@ use crate::api::{
     __path_list_projects, __path_list_tokens, __path_list_users, __path_list_vms,
     __path_list_volumes, __path_login, __path_nodes, __path_put_issuer, __path_readyz,
     __path_revoke_token, __path_set_node_zone, __path_set_quota, __path_show_project,
-    __path_show_vm, __path_show_volume, __path_update_project, __path_zones, network, routes, vms,
-    volumes, ErrorBody, ErrorDetail,
+    __path_show_vm, __path_show_volume, __path_update_project, __path_zones, network, routes,
+    users, vms, volumes, ErrorBody, ErrorDetail,
 };
 use crate::api_types::AuditFormat;
 use axum::response::{IntoResponse, Response};
@@ -36,6 +36,9 @@ pub(super) async fn openapi_json() -> Response {
             `{\"error\":{\"code\",\"message\"}}`."
     ),
     paths(
+        users::update_user,
+        users::delete_user,
+        users::revoke_role,
         healthz,
         readyz,
         openapi_json,

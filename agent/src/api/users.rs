@@ -1,6 +1,6 @@
 //! Users, roles, API tokens, password login and trusted OIDC issuers.
 
-use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login};
+use crate::api_types::{CreateToken, CreateUser, GrantRole, IssuerSpec, Login, UpdateUser};
 use std::sync::Arc;
 
 use crate::api::{ApiError, ApiJson, ApiResult, Principal};
@@ -49,6 +49,9 @@ pub struct UserView {
     pub cluster_admin: bool,
     pub has_password: bool,
     pub created_at_ms: u64,
+    /// A disabled user's tokens and password are refused.
+    #[serde(default)]
+    pub disabled: bool,
     /// The user's role in each project (only in listings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projects: Option<std::collections::BTreeMap<String, Role>>,
@@ -108,6 +111,65 @@ pub(super) async fn create_user(
         })
         .await?;
     Ok((StatusCode::CREATED, Json(outcome_as(outcome?)?)))
+}
+
+#[utoipa::path(patch, path = "/v1/users/{user}", tag = "users", params(("user" = String, Path, description = "User name")), request_body = UpdateUser,
+    responses((status = 200, description = "The user as changed", body = UserView)))]
+pub(super) async fn update_user(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+    ApiJson(body): ApiJson<UpdateUser>,
+) -> ApiResult<Json<UserView>> {
+    let Some(disabled) = body.disabled else {
+        return Err(ApiError::invalid(
+            "nothing to change; send {\"disabled\": true} or {\"disabled\": false}",
+        ));
+    };
+    let outcome = node
+        .write(&Command::SetUserDisabled { user, disabled })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/users/{user}", tag = "users", params(("user" = String, Path, description = "User name")),
+    responses((status = 204, description = "Deleted, with the user's roles and tokens")))]
+pub(super) async fn delete_user(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.write(&Command::DeleteUser { user }).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Which role to take: `project=P` for the role in P, or
+/// `role=cluster-admin`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRoleQuery {
+    /// The project whose role is taken.
+    pub project: Option<String>,
+    /// `cluster-admin` to take the cluster-admin role.
+    pub role: Option<String>,
+}
+
+#[utoipa::path(delete, path = "/v1/users/{user}/roles", tag = "users", params(("user" = String, Path, description = "User name"), RevokeRoleQuery),
+    responses((status = 200, description = "The user as changed; taking a role the user does not hold changes nothing", body = UserView)))]
+pub(super) async fn revoke_role(
+    State(node): State<Arc<ClusterNode>>,
+    Path(user): Path<String>,
+    crate::api::ApiQuery(query): crate::api::ApiQuery<RevokeRoleQuery>,
+) -> ApiResult<Json<UserView>> {
+    let project = match (query.project, query.role.as_deref()) {
+        (Some(project), None) => Some(project),
+        (None, Some("cluster-admin")) => None,
+        _ => {
+            return Err(ApiError::invalid(
+                "name one role to take: `?project=P` for the role in project P, or `?role=cluster-admin`",
+            ))
+        }
+    };
+    let outcome = node.write(&Command::RevokeRole { user, project }).await?;
+    Ok(Json(outcome_as(outcome?)?))
 }
 
 pub(super) fn parse_role(text: &str) -> ApiResult<Role> {
@@ -267,7 +329,10 @@ pub(super) async fn login(
     }
     let refused = || ApiError::unauthenticated("unknown user or wrong password");
     let user = node.state.user(&body.user)?;
-    let phc = user.as_ref().and_then(|u| u.password_phc.clone());
+    let phc = user
+        .as_ref()
+        .filter(|u| !u.disabled)
+        .and_then(|u| u.password_phc.clone());
     // An unknown user, or one without a password, is checked against a
     // decoy hash: the refusal takes as long as a wrong password's.
     if !auth.login.verify(body.password, phc).await {

@@ -63,6 +63,24 @@ pub enum UserCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Delete a user with their roles and tokens (never the last cluster administrator).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Refuse a user's tokens and password from now on, keeping the user.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Let a disabled user in again.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +92,20 @@ pub enum RoleCommand {
         project: Option<String>,
         #[arg(long)]
         role: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take USER's role in --project, or with --cluster-admin the cluster-admin role.
+    Revoke {
+        user: String,
+        #[arg(
+            long,
+            required_unless_present = "cluster_admin",
+            conflicts_with = "cluster_admin"
+        )]
+        project: Option<String>,
+        #[arg(long)]
+        cluster_admin: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -146,6 +178,21 @@ pub(super) async fn run_user(command: UserCommand) -> anyhow::Result<()> {
                 println!("Created user {}.", text(&u["name"]))
             });
         }
+        UserCommand::Delete { name, api } => {
+            request(
+                &api,
+                Method::DELETE,
+                &format!("/v1/users/{name}"),
+                None,
+                |_| {},
+            )
+            .await?;
+            if api.output == Output::Table {
+                println!("Deleted user {name} with their roles and tokens.");
+            }
+        }
+        UserCommand::Disable { name, api } => set_disabled(&name, &api, true).await?,
+        UserCommand::Enable { name, api } => set_disabled(&name, &api, false).await?,
         UserCommand::List { api } => {
             request(&api, Method::GET, "/v1/users", None, |u| {
                 let rows: Vec<Vec<String>> = u
@@ -176,13 +223,61 @@ pub(super) async fn run_user(command: UserCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) async fn run_role(command: RoleCommand) -> anyhow::Result<()> {
-    let RoleCommand::Grant {
-        user,
-        project,
-        role,
+async fn set_disabled(name: &str, api: &ApiArgs, disabled: bool) -> anyhow::Result<()> {
+    request(
         api,
-    } = command;
+        reqwest::Method::PATCH,
+        &format!("/v1/users/{name}"),
+        body(&crate::api_types::UpdateUser {
+            disabled: Some(disabled),
+        }),
+        |u| {
+            if disabled {
+                println!(
+                    "Disabled user {}: their tokens and password are refused.",
+                    text(&u["name"])
+                )
+            } else {
+                println!("Enabled user {}.", text(&u["name"]))
+            }
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+pub(super) async fn run_role(command: RoleCommand) -> anyhow::Result<()> {
+    let (user, project, role, api) = match command {
+        RoleCommand::Grant {
+            user,
+            project,
+            role,
+            api,
+        } => (user, project, role, api),
+        RoleCommand::Revoke {
+            user,
+            project,
+            cluster_admin: _,
+            api,
+        } => {
+            let query = match &project {
+                Some(project) => format!("project={project}"),
+                None => "role=cluster-admin".to_string(),
+            };
+            request(
+                &api,
+                reqwest::Method::DELETE,
+                &format!("/v1/users/{user}/roles?{query}"),
+                None,
+                |_| match &project {
+                    Some(p) => println!("{user} has no role in project {p} now."),
+                    None => println!("{user} is no cluster administrator now."),
+                },
+            )
+            .await?;
+            return Ok(());
+        }
+    };
     request(
         &api,
         reqwest::Method::POST,

@@ -93,6 +93,10 @@ pub struct User {
     pub password_phc: Option<String>,
     pub cluster_admin: bool,
     pub created_at_ms: u64,
+    /// A disabled user's tokens and password are refused; nothing of the
+    /// user is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 /// An OIDC issuer the cluster trusts.
@@ -182,14 +186,22 @@ pub(super) fn token_still_valid(
         return Ok(Err(revoked()));
     };
     match get_json::<ApiTokenRecord>(kv, &format!("{PREFIX_API_TOKENS}{sha}"))? {
-        Some(record) if record.expires_at_ms.is_none_or(|at| at > audit.time_ms) => Ok(Ok(())),
+        Some(record) if record.expires_at_ms.is_none_or(|at| at > audit.time_ms) => {
+            match get_json::<User>(kv, &format!("{PREFIX_USERS}{}", record.user))? {
+                Some(user) if !user.disabled => Ok(Ok(())),
+                _ => Ok(Err(domain(
+                    ErrorCode::Unauthenticated,
+                    "the token's user was deleted or disabled; nothing was changed",
+                ))),
+            }
+        }
         _ => Ok(Err(revoked())),
     }
 }
 
 /// A user as the API shows it: never the password hash.
 pub fn user_view(user: &User) -> serde_json::Value {
-    serde_json::json!({ "name": user.name, "cluster_admin": user.cluster_admin, "has_password": user.password_phc.is_some(), "created_at_ms": user.created_at_ms })
+    serde_json::json!({ "name": user.name, "cluster_admin": user.cluster_admin, "has_password": user.password_phc.is_some(), "created_at_ms": user.created_at_ms, "disabled": user.disabled })
 }
 
 pub(super) fn create_user(
@@ -212,6 +224,7 @@ pub(super) fn create_user(
                     password_phc,
                     cluster_admin: false,
                     created_at_ms: now_ms,
+                    disabled: false,
                 };
                 put_json(kv, &key, &user)?;
                 Ok(user_view(&user))
@@ -256,6 +269,98 @@ pub(super) fn grant_role(
             }
         }
     })
+}
+
+/// Whether some enabled cluster administrator other than `except` remains.
+fn another_admin_remains(kv: &KvWrite<'_>, except: &str) -> Result<bool, KvError> {
+    Ok(kv
+        .scan(PREFIX_USERS)?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<User>(&v).ok())
+        .any(|u| u.name != except && u.cluster_admin && !u.disabled))
+}
+
+fn last_admin(user: &str, doing: &str) -> DomainError {
+    domain(
+        ErrorCode::FailedPrecondition,
+        format!("{user:?} is the last enabled cluster administrator; {doing} would leave nobody able to manage the cluster. Grant cluster-admin to another user first"),
+    )
+}
+
+/// Takes `project`'s role from `user`, or with no project the cluster-admin
+/// role. Taking a role the user does not hold changes nothing.
+pub(super) fn revoke_role(
+    kv: &mut KvWrite<'_>,
+    user: String,
+    project: Option<String>,
+) -> Result<Outcome, KvError> {
+    let user_key = format!("{PREFIX_USERS}{user}");
+    let Some(mut record) = get_json::<User>(kv, &user_key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("user {user:?} does not exist"),
+        )));
+    };
+    match project {
+        None => {
+            if record.cluster_admin && !record.disabled && !another_admin_remains(kv, &user)? {
+                return Ok(Err(last_admin(&user, "revoking the role")));
+            }
+            record.cluster_admin = false;
+            put_json(kv, &user_key, &record)?;
+        }
+        Some(project) => kv.delete(&format!("{PREFIX_USER_GRANTS}{user}/{project}"))?,
+    }
+    Ok(Ok(user_view(&record)))
+}
+
+/// Disables or enables a user.
+pub(super) fn set_user_disabled(
+    kv: &mut KvWrite<'_>,
+    user: String,
+    disabled: bool,
+) -> Result<Outcome, KvError> {
+    let user_key = format!("{PREFIX_USERS}{user}");
+    let Some(mut record) = get_json::<User>(kv, &user_key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("user {user:?} does not exist"),
+        )));
+    };
+    if disabled && record.cluster_admin && !another_admin_remains(kv, &user)? {
+        return Ok(Err(last_admin(&user, "disabling the user")));
+    }
+    record.disabled = disabled;
+    put_json(kv, &user_key, &record)?;
+    Ok(Ok(user_view(&record)))
+}
+
+/// Deletes a user with their roles and tokens.
+pub(super) fn delete_user(kv: &mut KvWrite<'_>, user: String) -> Result<Outcome, KvError> {
+    let user_key = format!("{PREFIX_USERS}{user}");
+    let Some(record) = get_json::<User>(kv, &user_key)? else {
+        return Ok(Err(domain(
+            ErrorCode::NotFound,
+            format!("user {user:?} does not exist"),
+        )));
+    };
+    if record.cluster_admin && !record.disabled && !another_admin_remains(kv, &user)? {
+        return Ok(Err(last_admin(&user, "deleting the user")));
+    }
+    for (key, _) in kv.scan(&format!("{PREFIX_USER_GRANTS}{user}/"))? {
+        kv.delete(&key)?;
+    }
+    for (key, value) in kv.scan(PREFIX_API_TOKENS)? {
+        let Ok(token) = serde_json::from_slice::<ApiTokenRecord>(&value) else {
+            continue;
+        };
+        if token.user == user {
+            kv.delete(&key)?;
+            kv.delete(&format!("{PREFIX_TOKEN_IDS}{}", token.id))?;
+        }
+    }
+    kv.delete(&user_key)?;
+    Ok(Ok(serde_json::Value::Null))
 }
 
 pub(super) fn create_token(

@@ -274,6 +274,19 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// Takes a project role from a user, or with no project cluster-admin.
+    RevokeRole {
+        user: String,
+        project: Option<String>,
+    },
+    SetUserDisabled {
+        user: String,
+        disabled: bool,
+    },
+    /// Deletes a user with their roles and tokens.
+    DeleteUser {
+        user: String,
+    },
     /// VPCs, subnets, security groups, ports, IP pools, floating IPs.
     Network {
         command: network::NetCommand,
@@ -476,6 +489,9 @@ impl Command {
             Command::DeleteProject { .. }
             | Command::GrantRole { .. }
             | Command::RevokeToken { .. }
+            | Command::RevokeRole { .. }
+            | Command::SetUserDisabled { .. }
+            | Command::DeleteUser { .. }
             | Command::PutOidcIssuer { .. }
             | Command::DeleteOidcIssuer { .. } => Effects::AUTHENTICATION,
             Command::CreateVolume { .. }
@@ -685,6 +701,9 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             expires_at_ms,
         } => auth::create_token(kv, id, secret_sha256, user, scope, now_ms, expires_at_ms),
         Command::RevokeToken { id } => auth::revoke_token(kv, id),
+        Command::RevokeRole { user, project } => auth::revoke_role(kv, user, project),
+        Command::SetUserDisabled { user, disabled } => auth::set_user_disabled(kv, user, disabled),
+        Command::DeleteUser { user } => auth::delete_user(kv, user),
         Command::AppendAudit { record } => {
             let seq = audit::append_audit(kv, record)?;
             Ok(Ok(serde_json::json!({ "seq": seq })))

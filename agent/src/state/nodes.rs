@@ -73,6 +73,7 @@ pub(super) fn init_cluster(
                 password_phc: None,
                 cluster_admin: true,
                 created_at_ms: info.created_at_ms,
+                disabled: false,
             };
             put_json(kv, &format!("{PREFIX_USERS}{ADMIN_USER}"), &admin)?;
             let token = ApiTokenRecord {

@@ -594,7 +594,32 @@ pub fn apply(kv: &mut KvWrite<'_>, command: NetCommand) -> KvResult<Outcome> {
             }
             Ok(value(&with_rules(kv, sg)?))
         }
-        NetCommand::CreatePort { port } => create_port(kv, port)?,
+        NetCommand::CreatePort { port } => {
+            // A port stands for a workload on its node: the node must be
+            // one that may host the project's zone, as for a VM.
+            let project: Option<crate::state::projects::Project> = get_json(
+                kv,
+                &format!("{}{}", crate::state::PREFIX_PROJECTS, port.project),
+            )?;
+            let host: Option<crate::state::nodes::NodeRecord> = get_json(
+                kv,
+                &format!("{}{:020}", crate::state::PREFIX_NODES, port.node),
+            )?;
+            if let (Some(project), Some(host)) = (project, host) {
+                if let Err(why) = crate::state::zones::may_host(project.zone, host.zone) {
+                    return Ok(Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "node {} cannot hold a port of project {:?}: {why}; pick a node of the {} zone (allod node list)",
+                            host.id,
+                            port.project,
+                            project.zone.as_str()
+                        ),
+                    )));
+                }
+            }
+            create_port(kv, port)?
+        }
         NetCommand::DeletePort { project, name } => {
             let key = format!("{PREFIX_PORTS}{project}/{name}");
             let Some(port) = get_json::<PortRecord>(kv, &key)? else {

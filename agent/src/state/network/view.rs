@@ -112,7 +112,10 @@ impl crate::state::StateView {
                 g.rules.extend(more);
             }
         }
-        let group_id = |project: &str, name: &str| format!("{project}/{name}");
+        // A group's members are counted per VPC: a rule naming a remote
+        // group matches only members in the VPC of the port it guards
+        // (addresses of different VPCs may be the same).
+        let group_id = |project: &str, vpc: &str, name: &str| format!("{project}/{vpc}/{name}");
         let mut network = netfabric::NodeNetwork {
             underlay: underlays.get(&me).copied(),
             underlay_mtu,
@@ -148,7 +151,7 @@ impl crate::state::StateView {
                         security_groups: p
                             .security_groups
                             .iter()
-                            .map(|g| group_id(&project, g))
+                            .map(|g| group_id(&project, &vpc_name, g))
                             .collect(),
                         floating_ip: p.floating_ip,
                         hostname: p.vm.clone().unwrap_or_else(|| p.name.clone()),
@@ -183,40 +186,54 @@ impl crate::state::StateView {
                 ports: vpc_ports,
             });
         }
+        let vpcs_of_project: BTreeSet<(&str, &str)> = ports
+            .iter()
+            .map(|p| (p.project.as_str(), p.vpc.as_str()))
+            .collect();
         for g in &groups {
-            let members = ports
+            for &(project, vpc) in vpcs_of_project
                 .iter()
-                .filter(|p| p.project == g.project && p.security_groups.contains(&g.name))
-                .map(|p| p.ip)
-                .collect();
-            let rules = g
-                .rules
-                .iter()
-                .filter_map(|r| {
-                    Some(netfabric::Rule {
-                        direction: match r.direction.as_str() {
-                            "egress" => netfabric::Direction::Egress,
-                            _ => netfabric::Direction::Ingress,
-                        },
-                        protocol: match r.protocol.as_str() {
-                            "tcp" => netfabric::Protocol::Tcp,
-                            "udp" => netfabric::Protocol::Udp,
-                            "icmp" => netfabric::Protocol::Icmp,
-                            _ => netfabric::Protocol::Any,
-                        },
-                        ports: r.port_min.zip(r.port_max),
-                        peer: match (&r.cidr, &r.remote_group) {
-                            (Some(c), _) => netfabric::Peer::Cidr(*c),
-                            (None, Some(g2)) => netfabric::Peer::Group(group_id(&g.project, g2)),
-                            (None, None) => return None,
-                        },
+                .filter(|(project, _)| *project == g.project)
+            {
+                let members = ports
+                    .iter()
+                    .filter(|p| {
+                        p.project == project && p.vpc == vpc && p.security_groups.contains(&g.name)
                     })
-                })
-                .collect();
-            network.security_groups.insert(
-                group_id(&g.project, &g.name),
-                netfabric::SecurityGroup { rules, members },
-            );
+                    .map(|p| p.ip)
+                    .collect();
+                let rules = g
+                    .rules
+                    .iter()
+                    .filter_map(|r| {
+                        let peer = match (&r.cidr, &r.remote_group) {
+                            (Some(c), _) => netfabric::Peer::Cidr(*c),
+                            (None, Some(remote)) => {
+                                netfabric::Peer::Group(group_id(project, vpc, remote))
+                            }
+                            (None, None) => return None,
+                        };
+                        Some(netfabric::Rule {
+                            direction: match r.direction.as_str() {
+                                "egress" => netfabric::Direction::Egress,
+                                _ => netfabric::Direction::Ingress,
+                            },
+                            protocol: match r.protocol.as_str() {
+                                "tcp" => netfabric::Protocol::Tcp,
+                                "udp" => netfabric::Protocol::Udp,
+                                "icmp" => netfabric::Protocol::Icmp,
+                                _ => netfabric::Protocol::Any,
+                            },
+                            ports: r.port_min.zip(r.port_max),
+                            peer,
+                        })
+                    })
+                    .collect();
+                network.security_groups.insert(
+                    group_id(project, vpc, &g.name),
+                    netfabric::SecurityGroup { rules, members },
+                );
+            }
         }
         Ok(network)
     }
