@@ -700,3 +700,44 @@ async fn an_unconfigured_agent_serves_only_healthz_and_its_root_only_admin_socke
     );
     agent.shutdown().await;
 }
+
+/// A follower that refuses a batch of log entries as too large (413) still
+/// catches up: the leader sends smaller batches instead of retrying the
+/// same one for ever.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refusing_an_oversized_batch_catches_up_in_smaller_ones() {
+    let options = RaftOptions {
+        peer_request_limit_bytes: 64 * 1024,
+        snapshot_chunk_bytes: 16 * 1024,
+        ..RaftOptions::default()
+    };
+    let cluster = TestCluster::start_with(3, options).await;
+    let leader = cluster.leader().await;
+    let behind = (0..3).find(|&i| i != leader).unwrap();
+    cluster.live(behind).agent.isolation.set(true);
+    // About 400 KB of entries while it is away: more than one request holds.
+    let node = cluster.node(leader);
+    for i in 0..300 {
+        node.write(&Command::CreateProject {
+            name: format!("p{i}"),
+            description: "x".repeat(1000),
+            now_ms: 0,
+            zone: Default::default(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let target = node.raft.metrics().borrow().last_applied;
+    cluster.live(behind).agent.isolation.set(false);
+    let follower = cluster.node(behind);
+    common::wait_for(
+        "the follower applies everything the leader has",
+        Duration::from_secs(30),
+        || follower.raft.metrics().borrow().last_applied >= target,
+    )
+    .await;
+    assert_eq!(follower.state.projects().unwrap().len(), 300);
+    cluster.shutdown().await;
+}

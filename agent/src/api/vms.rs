@@ -167,18 +167,25 @@ pub(super) async fn console(
     .ok_or_else(|| {
         ApiError::failed_precondition(format!("VM {name:?} is not running; start it first"))
     })?;
+    let file = open_console(&pty)
+        .map_err(|e| ApiError::unavailable(format!("cannot open the console {pty}: {e}")))?;
+    Ok(upgrade.on_upgrade(move |socket| relay(socket, file)))
+}
+
+/// Opens a VM's serial console device for [`relay`]: never as the
+/// controlling terminal, without blocking, and raw (bytes pass as they
+/// are: no echo, no line editing, no CR/LF changes).
+fn open_console(path: &str) -> std::io::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(nix::libc::O_NOCTTY)
-        .open(&pty)
-        .map_err(|e| ApiError::unavailable(format!("cannot open the console {pty}: {e}")))?;
-    // Raw: bytes pass as they are (no echo, no line editing, no CR/LF changes).
+        .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK)
+        .open(path)?;
     if let Ok(mut attrs) = nix::sys::termios::tcgetattr(&file) {
         nix::sys::termios::cfmakeraw(&mut attrs);
         let _ = nix::sys::termios::tcsetattr(&file, nix::sys::termios::SetArg::TCSANOW, &attrs);
     }
-    Ok(upgrade.on_upgrade(move |socket| relay(socket, file)))
+    Ok(file)
 }
 
 use crate::api::{
@@ -194,24 +201,49 @@ use std::os::unix::fs::OpenOptionsExt;
 /// Console bytes to the websocket and websocket bytes to the console,
 /// until either side closes.
 pub(super) async fn relay(socket: WebSocket, file: std::fs::File) {
+    use futures_util::StreamExt;
+    let (tx, rx) = socket.split();
+    relay_with(tx, rx, file).await;
+}
+
+/// [`relay`] over any sink and stream of websocket messages. The console is
+/// read and written without blocking through the runtime's reactor, so
+/// when either side closes nothing is left reading the guest's serial
+/// device (a blocking read would hold a thread of the blocking pool and
+/// swallow the guest's next output).
+pub(super) async fn relay_with<E: std::fmt::Display>(
+    mut tx: impl futures_util::Sink<Message> + Unpin,
+    mut rx: impl futures_util::Stream<Item = Result<Message, E>> + Unpin,
+    file: std::fs::File,
+) {
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut tx, mut rx) = socket.split();
-    let mut reader = tokio::fs::File::from_std(file.try_clone().expect("a pty descriptor"));
-    let mut writer = tokio::fs::File::from_std(file);
-    let out = async move {
+    use std::io::{Read, Write};
+    // SAFETY: the `File` owns its descriptor, and nothing closes or
+    // replaces it while the `AsyncFd` holds it.
+    let console = match unsafe { tokio::io::unix::AsyncFd::register(file) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("cannot watch the console device: {e}");
+            return;
+        }
+    };
+    let out = async {
         let mut buf = vec![0u8; 4096];
         loop {
-            match reader.read(&mut buf).await {
-                Ok(0) => {
+            let Ok(mut ready) = console.readable().await else {
+                break;
+            };
+            match ready.try_io(|fd| fd.get_ref().read(&mut buf)) {
+                Err(_would_block) => continue,
+                Ok(Ok(0)) => {
                     tracing::info!("console closed by the VM side");
                     break;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::info!("console read failed: {e}");
                     break;
                 }
-                Ok(n) => {
+                Ok(Ok(n)) => {
                     if tx
                         .send(Message::Binary(buf[..n].to_vec().into()))
                         .await
@@ -223,7 +255,7 @@ pub(super) async fn relay(socket: WebSocket, file: std::fs::File) {
             }
         }
     };
-    let input = async move {
+    let input = async {
         while let Some(msg) = rx.next().await {
             let msg = match msg {
                 Ok(m) => m,
@@ -238,14 +270,88 @@ pub(super) async fn relay(socket: WebSocket, file: std::fs::File) {
                 Message::Close(_) => break,
                 _ => continue,
             };
-            if writer.write_all(&data).await.is_err() || writer.flush().await.is_err() {
-                break;
+            let mut written = 0;
+            while written < data.len() {
+                let Ok(mut ready) = console.writable().await else {
+                    return;
+                };
+                match ready.try_io(|fd| fd.get_ref().write(&data[written..])) {
+                    Err(_would_block) => continue,
+                    Ok(Ok(n)) => written += n,
+                    Ok(Err(e)) => {
+                        tracing::info!("console write failed: {e}");
+                        return;
+                    }
+                }
             }
         }
     };
     tokio::select! {
         () = out => {}
         () = input => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// After the websocket closes, the guest's next output stays in the
+    /// device for the next reader: nothing goes on reading it. (QEMU holds
+    /// the pty's master; the agent opens the device libvirt names.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_console_stops_reading_the_guests_serial_device() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let device = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+        ))
+        .unwrap();
+        let device = device.to_str().unwrap().to_string();
+        let mut qemu = std::fs::File::from(pty.master);
+        let (to_client, mut client_sees) = tokio::sync::mpsc::unbounded_channel::<Message>();
+        let (client_sends, from_client) =
+            tokio::sync::mpsc::unbounded_channel::<Result<Message, std::io::Error>>();
+        let sink = Box::pin(futures_util::sink::unfold(to_client, |tx, m| async move {
+            tx.send(m).map(|()| tx)
+        }));
+        let stream = Box::pin(futures_util::stream::unfold(from_client, |mut rx| async {
+            rx.recv().await.map(|m| (m, rx))
+        }));
+        let relay = tokio::spawn(relay_with(sink, stream, open_console(&device).unwrap()));
+        // Both ways while open.
+        client_sends
+            .send(Ok(Message::Binary(b"ls\n".to_vec().into())))
+            .unwrap();
+        let mut typed = [0u8; 3];
+        tokio::task::block_in_place(|| qemu.read_exact(&mut typed)).unwrap();
+        assert_eq!(&typed, b"ls\n");
+        qemu.write_all(b"hello").unwrap();
+        let first = client_sees.recv().await.unwrap();
+        assert_eq!(first.into_data().as_ref(), b"hello");
+        // The client goes away; the guest writes on.
+        drop(client_sends);
+        tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ends when the websocket closes")
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        qemu.write_all(b"after").unwrap();
+        let mut next = open_console(&device).unwrap();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while seen.len() < 5 && std::time::Instant::now() < deadline {
+            let mut buf = [0u8; 16];
+            match next.read(&mut buf) {
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(seen, b"after", "the guest's output after the close");
     }
 }
 

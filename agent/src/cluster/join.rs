@@ -47,7 +47,14 @@ pub enum TokenError {
     NoMembers,
     #[error("the join token expired {ago_secs} s ago; create a new one with `allod cluster join-token` on a member")]
     Expired { ago_secs: u64 },
+    #[error("the join token is malformed: {what}; it was probably edited, copy it again in full from `allod cluster join-token`")]
+    Invalid { what: String },
 }
+
+/// The longest join token accepted, in characters.
+pub const MAX_TOKEN_CHARS: usize = 16 * 1024;
+const MAX_TOKEN_MEMBERS: usize = 64;
+const MAX_TOKEN_FIELD: usize = 512;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -77,6 +84,14 @@ impl JoinToken {
         if text.is_empty() {
             return Err(TokenError::Empty);
         }
+        if text.len() > MAX_TOKEN_CHARS {
+            return Err(TokenError::Invalid {
+                what: format!(
+                    "it is {} characters long, more than the {MAX_TOKEN_CHARS} a token can have",
+                    text.len()
+                ),
+            });
+        }
         let bytes = URL_SAFE_NO_PAD
             .decode(text)
             .map_err(|e| TokenError::NotBase64 {
@@ -88,6 +103,33 @@ impl JoinToken {
             })?;
         if token.members.is_empty() {
             return Err(TokenError::NoMembers);
+        }
+        let invalid = |what: String| Err(TokenError::Invalid { what });
+        if token.ca_fingerprint.len() != 64
+            || !token.ca_fingerprint.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return invalid("its CA fingerprint is not 64 hexadecimal digits".into());
+        }
+        if token.members.len() > MAX_TOKEN_MEMBERS {
+            return invalid(format!(
+                "it names {} members, more than {MAX_TOKEN_MEMBERS}",
+                token.members.len()
+            ));
+        }
+        let fields = [&token.cluster_id, &token.id, &token.secret]
+            .into_iter()
+            .chain(
+                token
+                    .members
+                    .iter()
+                    .flat_map(|m| [&m.name, &m.api_addr, &m.peer_addr]),
+            );
+        for field in fields {
+            if field.len() > MAX_TOKEN_FIELD || field.chars().any(char::is_control) {
+                return invalid(
+                    "a field is over 512 bytes long or holds control characters".into(),
+                );
+            }
         }
         if token.expires_at_ms <= now_ms {
             return Err(TokenError::Expired {
@@ -181,6 +223,28 @@ mod tests {
             secret: "s".into(),
             expires_at_ms,
         }
+    }
+
+    #[test]
+    fn tokens_with_impossible_fields_are_refused_in_words() {
+        let mut token = sample(2_000);
+        token.ca_fingerprint = "é".repeat(32);
+        let err = JoinToken::decode(&token.encode(), 1_000).unwrap_err();
+        assert!(err.to_string().contains("CA fingerprint"), "{err}");
+        let mut token = sample(2_000);
+        token.members[0].api_addr = "a".repeat(10_000);
+        assert!(matches!(
+            JoinToken::decode(&token.encode(), 1_000),
+            Err(TokenError::Invalid { .. })
+        ));
+        let mut token = sample(2_000);
+        token.secret = "s\u{1b}[2J".into();
+        assert!(JoinToken::decode(&token.encode(), 1_000).is_err());
+        let long = "A".repeat(MAX_TOKEN_CHARS + 1);
+        assert!(JoinToken::decode(&long, 1_000)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct RaftOptions {
     pub election_timeout_max_ms: u64,
     /// Snapshots are sent to lagging peers in chunks of this size.
     pub snapshot_chunk_bytes: u64,
+    /// The largest request the peer port accepts; a batch of log entries
+    /// over it is answered 413 and sent again in smaller batches.
+    pub peer_request_limit_bytes: usize,
 }
 
 impl Default for RaftOptions {
@@ -94,6 +97,7 @@ impl Default for RaftOptions {
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 900,
             snapshot_chunk_bytes: 3 * 1024 * 1024,
+            peer_request_limit_bytes: 64 * 1024 * 1024,
         }
     }
 }

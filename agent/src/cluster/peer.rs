@@ -191,11 +191,14 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 }
 
 impl PeerConnection {
+    /// Sends one Raft RPC; `entries` is the number of log entries it
+    /// carries, for an AppendEntries.
     async fn raft_call<Req, Resp, E>(
         &self,
         path: &str,
         req: &Req,
         option: &RPCOption,
+        entries: Option<usize>,
     ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
     where
         Req: Serialize,
@@ -209,6 +212,20 @@ impl PeerConnection {
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
+            // The peer refused the batch as too large: Raft sends it again
+            // in halves (down to one entry) instead of retrying it as is.
+            Err(PeerCallError::Refused { status: 413, .. }) if entries.is_some() => {
+                let hint = (entries.unwrap_or(2) / 2).max(1) as u64;
+                tracing::warn!(
+                    target = self.target,
+                    entries,
+                    hint,
+                    "the peer refused a batch of log entries as too large; sending smaller batches"
+                );
+                Err(RPCError::PayloadTooLarge(
+                    openraft::error::PayloadTooLarge::new_entries_hint(hint),
+                ))
+            }
             Err(e) if e.never_sent() => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
@@ -223,7 +240,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let entries = rpc.entries.len();
         let started = std::time::Instant::now();
-        let result = self.raft_call("/raft/append", &rpc, &option).await;
+        let result = self
+            .raft_call("/raft/append", &rpc, &option, Some(entries))
+            .await;
         tracing::trace!(
             target = self.target,
             entries,
@@ -241,7 +260,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.raft_call("/raft/snapshot", &rpc, &option).await
+        self.raft_call("/raft/snapshot", &rpc, &option, None).await
     }
 
     async fn vote(
@@ -249,7 +268,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.raft_call("/raft/vote", &rpc, &option).await
+        self.raft_call("/raft/vote", &rpc, &option, None).await
     }
 }
 
@@ -279,7 +298,7 @@ pub struct RemoveMemberRequest {
     pub node_id: NodeId,
 }
 
-pub fn router(node: Arc<ClusterNode>) -> Router {
+pub fn router(node: Arc<ClusterNode>, request_limit_bytes: usize) -> Router {
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
@@ -288,7 +307,7 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         .route("/cluster/read-index", post(read_index))
         .route("/cluster/add-member", post(add_member))
         .route("/cluster/remove-member", post(remove_member))
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(request_limit_bytes))
         .with_state(node)
 }
 

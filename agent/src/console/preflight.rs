@@ -90,6 +90,11 @@ pub async fn run(token: &JoinToken, data_dir: &Path) -> Vec<Check> {
     checks
 }
 
+/// The first 16 characters of a fingerprint, for showing.
+fn prefix(fingerprint: &str) -> String {
+    fingerprint.chars().take(16).collect()
+}
+
 async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
     let mut checks = Vec::new();
     // Unverified on purpose: what the member presents is what is checked.
@@ -122,7 +127,7 @@ async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
         Ok(seen) if seen.eq_ignore_ascii_case(fingerprint) => check(
             "Cluster CA matches the token",
             Verdict::Pass,
-            format!("SHA-256 {}...", &seen[..16.min(seen.len())]),
+            format!("SHA-256 {}...", prefix(&seen)),
             "",
         ),
         Ok(seen) => check(
@@ -130,8 +135,8 @@ async fn ca_and_clock(api: &str, fingerprint: &str) -> Vec<Check> {
             Verdict::Fail,
             format!(
                 "the member presents CA {}..., the token names {}...",
-                &seen[..16.min(seen.len())],
-                &fingerprint[..16.min(fingerprint.len())]
+                prefix(&seen),
+                prefix(fingerprint)
             ),
             "the token is not from this cluster (or something is in the way); get a new one from a member you trust",
         ),

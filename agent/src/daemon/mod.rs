@@ -300,7 +300,7 @@ impl Agent {
         let local = Arc::new(crate::api::LocalServices::default());
         self.peer_mode.send_replace(ServeMode::Tls(
             peer_tls,
-            crate::cluster::peer::router(node.clone()),
+            crate::cluster::peer::router(node.clone(), self.raft_options.peer_request_limit_bytes),
         ));
         let app = crate::api::AppState::new(node.clone(), local.clone());
         tokio::spawn(crate::api::abuse::write_summaries(
