@@ -32,9 +32,14 @@ fn main() -> std::process::ExitCode {
         .with_writer(|| agent::daemon::logring::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // Small daemon, small runtime: two workers are plenty for the control plane.
+    if is_daemon {
+        agent::daemon::raise_open_file_limit();
+    }
+    // One worker per core (at least two): block I/O runs on a runtime of
+    // its own, so these serve the control plane and the API.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("tokio runtime");

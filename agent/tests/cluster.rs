@@ -741,3 +741,44 @@ async fn a_follower_refusing_an_oversized_batch_catches_up_in_smaller_ones() {
     assert_eq!(follower.state.projects().unwrap().len(), 300);
     cluster.shutdown().await;
 }
+
+/// Raft's storage work has threads of its own: with every thread of the
+/// process's blocking pool busy (slow API work, a stuck hypervisor call),
+/// writes still commit.
+#[test]
+fn writes_commit_while_the_blocking_pool_is_full() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = TestCluster::start(1).await;
+        let node = cluster.node(0);
+        let busy: Vec<_> = (0..4)
+            .map(|_| tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(8))))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(4),
+            node.write(&Command::CreateProject {
+                name: "busy".into(),
+                description: String::new(),
+                now_ms: 0,
+                zone: Default::default(),
+            }),
+        )
+        .await
+        .expect("the write commits while the blocking pool is full")
+        .unwrap()
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(4));
+        assert!(node.state.project("busy").unwrap().is_some());
+        for task in busy {
+            task.await.unwrap();
+        }
+        cluster.shutdown().await;
+    });
+}

@@ -10,6 +10,7 @@
 //! the key/value state. It knows nothing about HTTP either: the agent carries
 //! Raft RPCs between peers.
 
+mod io;
 mod log_store;
 mod state_machine;
 

@@ -149,7 +149,7 @@ impl LogStore {
         F: FnOnce(LogStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(this))
+        crate::io::blocking(move || f(this))
             .await
             .map_err(write_err)?
     }

@@ -233,7 +233,7 @@ impl StateMachineStore {
         F: FnOnce(StateMachineStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(this))
+        crate::io::blocking(move || f(this))
             .await
             .map_err(sm_write_err)?
     }

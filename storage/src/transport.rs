@@ -461,3 +461,61 @@ async fn connect(
         generation,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that accepts connections and then says nothing (a dead
+    /// machine behind a live switch port, or a stuck process) holds up
+    /// calls to itself only: a call to another node is answered meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_peer_does_not_hold_up_calls_to_the_others() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = silent.accept().await {
+                held.push(tcp);
+            }
+        });
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing_addr = closing.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = closing.accept().await {
+                drop(tcp);
+            }
+        });
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let peers = Arc::new(Peers::new(Arc::new(tls)));
+        peers.set_addresses(HashMap::from([
+            (1, silent_addr.to_string()),
+            (2, closing_addr.to_string()),
+        ]));
+        let request = Request::Flush { volume: "v".into() };
+        let stuck = {
+            let peers = peers.clone();
+            let request = request.clone();
+            tokio::spawn(async move { peers.call(1, &request).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let other = peers.call(2, &request).await;
+        assert!(other.is_err(), "the closing peer cannot answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a call to node 2 waited {:?} for node 1",
+            started.elapsed()
+        );
+        assert!(!stuck.is_finished(), "node 1 is still being waited for");
+        let stuck = stuck.await.unwrap().unwrap_err();
+        assert!(stuck.message.contains("timed out"), "{stuck}");
+        hold.abort();
+    }
+}

@@ -398,10 +398,11 @@ pub async fn authorize(
 ) -> Response {
     let method = request.method().clone();
     let pattern = request.extensions().get::<MatchedPath>().cloned();
-    let remote = request
+    let identity = request
         .extensions()
         .get::<crate::cluster::peer::PeerIdentity>()
-        .and_then(|p| p.remote_addr);
+        .cloned();
+    let remote = identity.as_ref().and_then(|p| p.remote_addr);
     let uri = request.uri().clone();
     let context = || crate::state::audit::AuditContext {
         time_ms: now_ms(),
@@ -432,6 +433,15 @@ pub async fn authorize(
         }
         None => authorize_inner(&app, &table, request, next, None).await,
     };
+    // A connection that carried an authenticated request is kept longest
+    // when the listener is full.
+    if principal.is_some() {
+        if let Some(identity) = &identity {
+            identity
+                .proven
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let status = response.status();
     let recorded = audit
         .as_ref()

@@ -64,6 +64,10 @@ pub struct PeerIdentity {
     pub common_name: Option<String>,
     /// The client's address.
     pub remote_addr: Option<std::net::SocketAddr>,
+    /// Set once the connection has proven who is on it (a client
+    /// certificate, or an authenticated request): such connections are the
+    /// last to be closed when the listener is full.
+    pub proven: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why a peer call failed.

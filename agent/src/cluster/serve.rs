@@ -8,7 +8,10 @@
 //! node joins or creates a cluster. Dropping the loop's task drops every
 //! connection it accepted.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
@@ -31,13 +34,55 @@ pub enum ServeMode {
     Tls(Arc<ServerConfig>, Router),
 }
 
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; beyond it the oldest connection that has
+    /// not proven who it is (no client certificate, no authenticated
+    /// request) is closed for the new one, or the new one is refused.
+    pub max_connections: usize,
+    /// From accepting a connection to the end of its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// To read a request's headers, and the longest an idle keep-alive
+    /// connection stays open.
+    pub header_timeout: Duration,
+}
+
+impl Limits {
+    /// The API port: tenants, operators, and anyone else.
+    pub const API: Limits = Limits {
+        max_connections: 4096,
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(60),
+    };
+    /// The peer port: other members, which keep connections pooled for
+    /// 30 s, so the server keeps them longer and the client closes first.
+    pub const PEER: Limits = Limits {
+        max_connections: 1024,
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(120),
+    };
+}
+
+/// One open connection: when it was accepted, whether it has proven who it
+/// is, and how to close it.
+struct Open {
+    seq: u64,
+    proven: Arc<AtomicBool>,
+    abort: tokio::task::AbortHandle,
+}
+
 pub fn spawn(
     listener: TcpListener,
     mode: watch::Receiver<ServeMode>,
     what: &'static str,
+    limits: Limits,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut connections = JoinSet::new();
+        let mut open: HashMap<tokio::task::Id, Open> = HashMap::new();
+        let mut seq = 0u64;
+        let mut refused = 0u64;
         loop {
             tokio::select! {
                 // Cancel-safe: `accept` loses nothing when another arm wins.
@@ -45,20 +90,50 @@ pub fn spawn(
                     let (stream, remote) = match accepted {
                         Ok(pair) => pair,
                         Err(e) => {
+                            // Out of descriptors, most likely: wait a moment
+                            // rather than spin on the same error.
                             tracing::warn!(error = %e, listener = what, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     };
+                    if open.len() >= limits.max_connections {
+                        let oldest_unproven = open
+                            .iter()
+                            .filter(|(_, c)| !c.proven.load(Ordering::Relaxed))
+                            .min_by_key(|(_, c)| c.seq)
+                            .map(|(id, _)| *id);
+                        match oldest_unproven.and_then(|id| open.remove(&id)) {
+                            Some(shed) => shed.abort.abort(),
+                            None => {
+                                refused += 1;
+                                if refused.is_power_of_two() {
+                                    tracing::warn!(listener = what, refused, limit = limits.max_connections, "too many connections that proved who they are; refusing new ones");
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let _ = stream.set_nodelay(true);
                     let current = mode.borrow().clone();
-                    connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, remote, current).await {
+                    let proven = Arc::new(AtomicBool::new(false));
+                    let conn_proven = proven.clone();
+                    let abort = connections.spawn(async move {
+                        if let Err(e) = serve_connection(stream, remote, current, conn_proven, limits).await {
                             tracing::debug!(%remote, listener = what, error = %e, "connection ended with an error");
                         }
                     });
+                    seq += 1;
+                    open.insert(abort.id(), Open { seq, proven, abort });
                 }
                 // Cancel-safe: reaping a finished connection task.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(done) = connections.join_next_with_id(), if !connections.is_empty() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(e) => e.id(),
+                    };
+                    open.remove(&id);
+                }
             }
         }
     })
@@ -68,14 +143,20 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: std::net::SocketAddr,
     mode: ServeMode,
+    proven: Arc<AtomicBool>,
+    limits: Limits,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     match mode {
         ServeMode::Closed => Ok(()),
         ServeMode::Plain(router) => {
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
                 common_name: None,
                 remote_addr: Some(remote),
+                proven,
             })));
             Ok(builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -83,21 +164,80 @@ async fn serve_connection(
                 .await?)
         }
         ServeMode::Tls(config, router) => {
-            let tls = TlsAcceptor::from(config).accept(stream).await?;
+            let tls = tokio::time::timeout(
+                limits.handshake_timeout,
+                TlsAcceptor::from(config).accept(stream),
+            )
+            .await
+            .map_err(|_| "the TLS handshake took too long")??;
             let common_name = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| crate::cluster::pki::peer_common_name(cert.as_ref()));
+            // A client certificate of the cluster's CA proves a member.
+            if common_name.is_some() {
+                proven.store(true, Ordering::Relaxed);
+            }
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
                 common_name,
                 remote_addr: Some(remote),
+                proven,
             })));
             Ok(builder
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()
                 .await?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    /// A full listener closes its oldest connection that never proved who
+    /// it is for the newcomer, and keeps the proven ones.
+    #[tokio::test]
+    async fn a_full_listener_sheds_the_oldest_unproven_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        let (_tx, mode) = watch::channel(ServeMode::Plain(router));
+        let limits = Limits {
+            max_connections: 3,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(60),
+        };
+        let server = spawn(listener, mode, "test", limits);
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(addr))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.ends_with("ok"), "{answer}");
+        // The oldest idle connection was closed for it.
+        let mut buf = [0u8; 1];
+        let first = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
+            .await
+            .expect("the oldest is closed");
+        assert!(matches!(first, Ok(0) | Err(_)));
+        server.abort();
     }
 }

@@ -139,6 +139,23 @@ pub struct Agent {
     audit_summary_interval: std::time::Duration,
 }
 
+/// Raises this process's soft limit on open files to its hard limit: every
+/// client connection, peer connection, NBD client and object file is one,
+/// and systemd's default soft limit of 1,024 would let a thousand idle
+/// connections stop the node from accepting more.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit; many connections may exhaust it");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 /// The host name, made into a valid node name.
 pub fn default_node_name() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -250,8 +267,8 @@ impl Agent {
         });
         let admin =
             crate::daemon::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
-        let api = serve::spawn(api_listener, api_rx, "api");
-        let peer = serve::spawn(peer_listener, peer_rx, "peer");
+        let api = serve::spawn(api_listener, api_rx, "api", serve::Limits::API);
+        let peer = serve::spawn(peer_listener, peer_rx, "peer", serve::Limits::PEER);
         agent
             .tasks
             .lock()

@@ -107,7 +107,12 @@ impl TestIssuer {
             router,
         ));
         std::mem::forget(_keep);
-        agent::cluster::serve::spawn(listener, mode, "test issuer");
+        agent::cluster::serve::spawn(
+            listener,
+            mode,
+            "test issuer",
+            agent::cluster::serve::Limits::API,
+        );
         Self {
             url,
             ca_pem: ca_cert.pem(),
