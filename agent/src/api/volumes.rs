@@ -339,6 +339,7 @@ impl Drop for TempFile {
 pub(super) async fn import_image(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ImportImage>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<ImageRecord>)> {
     use futures_util::StreamExt;
@@ -369,6 +370,24 @@ pub(super) async fn import_image(
     let mut file = tokio::fs::File::create(tmp.path())
         .await
         .map_err(|e| ApiError::internal(&e))?;
+    // The upload may not fill the file system that holds the cluster state:
+    // a tenth of it stays free.
+    let room = upload_room(node.data_dir.path())?;
+    let no_room = |room: u64| {
+        ApiError::insufficient_storage(format!(
+            "the upload would leave less than a tenth of the file system holding this node's \
+             cluster state ({}) free; at most {room} bytes fit now. Free space there, or \
+             upload through a node with more; nothing was stored",
+            node.data_dir.path().display()
+        ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > room) {
+        return Err(no_room(room));
+    }
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
@@ -377,6 +396,9 @@ pub(super) async fn import_image(
                 checksum.bytes_so_far()
             ))
         })?;
+        if checksum.bytes_so_far() + chunk.len() as u64 > room {
+            return Err(no_room(room));
+        }
         checksum.update(&chunk).map_err(image_error)?;
         file.write_all(&chunk)
             .await
@@ -469,6 +491,31 @@ fn image_error(e: image::ImageError) -> ApiError {
     }
 }
 
+/// How many bytes an upload may take on the file system holding `dir`, so
+/// that a tenth of it stays free for the cluster state.
+fn upload_room(dir: &std::path::Path) -> ApiResult<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+        ApiError::internal(&std::io::Error::other(format!(
+            "cannot read the free space of {}: {e}",
+            dir.display()
+        )))
+    })?;
+    let block = stat.fragment_size();
+    Ok(room_for_upload(
+        stat.blocks_available().saturating_mul(block),
+        stat.blocks().saturating_mul(block),
+    ))
+}
+
+/// Of `available` free bytes on a file system of `total`, what an upload
+/// may use: all but a tenth of the total.
+fn room_for_upload(available: u64, total: u64) -> u64 {
+    available.saturating_sub(total / 10)
+}
+
+/// The longest `qemu-img info` may read an upload.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The conversion plan from the file's first bytes (format, sizes, what is
 /// refused); a qcow2 image is also read whole by `qemu-img info`, which
 /// finds damage past its header before anything is stored.
@@ -481,8 +528,16 @@ async fn probe_image(path: &std::path::Path, len: u64) -> ApiResult<image::Conve
         let out = tokio::process::Command::new("qemu-img")
             .args(["info", "--output=json", "-f", "qcow2"])
             .arg(path)
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(PROBE_TIMEOUT, out)
             .await
+            .map_err(|_| {
+                ApiError::invalid(format!(
+                    "qemu-img could not read the upload within {} s; it is damaged or built to be slow to read; nothing was stored",
+                    PROBE_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|e| ApiError::internal(&e))?;
         if !out.status.success() {
             return Err(ApiError::invalid(format!(
@@ -589,4 +644,14 @@ pub(super) async fn delete_volume(
     node.write(&Command::DeleteVolume { project, name })
         .await??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod upload_tests {
+    #[test]
+    fn an_upload_leaves_a_tenth_of_the_file_system_free() {
+        assert_eq!(super::room_for_upload(500, 1000), 400);
+        assert_eq!(super::room_for_upload(100, 1000), 0);
+        assert_eq!(super::room_for_upload(50, 1000), 0);
+    }
 }

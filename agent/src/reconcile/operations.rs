@@ -161,10 +161,17 @@ async fn import(
         record.volume_id,
         blocks.nbd_socket.display()
     );
+    let limit = conversion_timeout(len);
     let converted = tokio::process::Command::new("qemu-img")
         .args(plan.qemu_img_args(upload, &target, target_is_zero))
-        .output()
-        .await;
+        .kill_on_drop(true)
+        .output();
+    let Ok(converted) = tokio::time::timeout(limit, converted).await else {
+        return Err(failed(format!(
+            "qemu-img convert did not finish within {} s (at most 10 minutes plus a second per 16 MiB); the volume is left as it was",
+            limit.as_secs()
+        )));
+    };
     match converted {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => Err(failed(format!(
@@ -175,6 +182,12 @@ async fn import(
             "cannot run qemu-img (install qemu-utils): {e}"
         ))),
     }
+}
+
+/// The longest the conversion of an upload of `len` bytes may take: ten
+/// minutes, and a second more per 16 MiB (far slower than any disk).
+fn conversion_timeout(len: u64) -> Duration {
+    Duration::from_secs(600 + len / (16 << 20))
 }
 
 /// The first bytes of an upload, as many as `image::plan` looks at.
