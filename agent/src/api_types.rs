@@ -336,6 +336,22 @@ pub struct CreateSnapshot {
     pub name: String,
 }
 
+/// A short-lived NBD credential for a volume, on one node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExport {
+    /// Refuse writes through it.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Seconds it stays valid (default 3600, at most 7 days).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 604_800)]
+    pub ttl_secs: Option<u64>,
+    /// The node whose NBD socket accepts it (default: the node answering).
+    #[serde(default)]
+    pub node: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rollback {

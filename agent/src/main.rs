@@ -33,6 +33,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if is_daemon {
+        // Everything the agent writes (state, log, keys, tenants' objects)
+        // is its own: 0600 files, 0700 directories. What QEMU must reach,
+        // the NBD socket, is opened up explicitly.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         agent::daemon::raise_open_file_limit();
     }
     // One worker per core (at least two): block I/O runs on a runtime of

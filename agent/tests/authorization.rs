@@ -144,6 +144,10 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ("GET", "/v1/projects/{name}/vms/{vm}/console"),
             ProjectAtLeast(Role::ProjectMember),
         ),
+        (
+            ("POST", "/v1/projects/{name}/volumes/{volume}/exports"),
+            ProjectAtLeast(Role::ClusterAdmin),
+        ),
         (("GET", "/v1/users"), AdminOnly),
         (("POST", "/v1/users"), AdminOnly),
         (("POST", "/v1/users/{user}/roles"), AdminOnly),
@@ -571,6 +575,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         Some(json!({ "snapshot": "snap", "name": format!("c{case}") }))
                     }
                     ("POST", "/v1/images") => Some(json!({})),
+                    ("POST", "/v1/projects/{name}/volumes/{volume}/exports") => {
+                        Some(json!({ "read_only": true }))
+                    }
                     ("POST", "/v1/users/{user}/roles") => {
                         Some(json!({ "role": "project-viewer", "project": project }))
                     }

@@ -449,11 +449,11 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
         "bootable",
     ]);
     let id = vol["id"].as_str().unwrap().to_string();
-    // QEMU runs as libvirt-qemu: it must reach the node's NBD socket and
-    // write the console log.
-    for dir in [c.tmp.path(), tmp.path()] {
-        run("chmod", &["755", dir.to_str().unwrap()]);
-    }
+    // This domain is not the agents' (no VM record): it reaches the disk
+    // as an operator would, with an export of node 1.
+    let (socket, export) = c.export(0, &id);
+    // QEMU runs as libvirt-qemu: it must write the console log.
+    run("chmod", &["755", tmp.path().to_str().unwrap()]);
     let console = tmp.path().join("console.log");
     let spec = hypervisor::spec::DomainSpec {
         id: format!("test-{id}"),
@@ -462,8 +462,8 @@ async fn guest_boots_from_a_cloned_image_and_its_writes_read_back(c: &Cluster) {
         vcpus: 1,
         memory_bytes: 256 << 20,
         disks: vec![hypervisor::spec::Disk {
-            export: id.clone(),
-            socket: c.dirs[0].join("nbd.sock").to_str().unwrap().to_string(),
+            export: export.clone(),
+            socket: socket.to_str().unwrap().to_string(),
             target: "vda".into(),
             read_only: false,
         }],
@@ -570,7 +570,17 @@ async fn an_image_import_killed_with_sigkill_midway_finishes_after_the_restart()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(image["state"], "available", "{image}");
-    let volume_id = image["volume_id"].as_str().unwrap();
+    // Read through a clone: an image's base volume is nobody's to export.
+    c.allod_ok(&["project", "create", "p"]);
+    c.allod_ok(&[
+        "volume",
+        "create",
+        "copy",
+        "--project",
+        "p",
+        "--image",
+        "big",
+    ]);
     run(
         "qemu-img",
         &[
@@ -580,7 +590,7 @@ async fn an_image_import_killed_with_sigkill_midway_finishes_after_the_restart()
             "-F",
             "raw",
             raw.to_str().unwrap(),
-            &c.uri(1, volume_id),
+            &c.uri(1, "copy"),
         ],
     );
     common::wait_for(
@@ -589,4 +599,107 @@ async fn an_image_import_killed_with_sigkill_midway_finishes_after_the_restart()
         || std::fs::read_dir(&imports).is_ok_and(|mut entries| entries.next().is_none()),
     )
     .await;
+}
+
+/// A tenant's disk is reachable only with a credential: a node's NBD
+/// socket lists nothing and opens nothing for a bare volume id or a wrong
+/// credential; an operator's export works on its own node only, for its
+/// time only, read-only when asked; `NBD_OPT_INFO` takes no writer lease;
+/// and the node's files are the agent's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_exports_open_only_with_a_credential_for_this_node() {
+    use std::os::unix::fs::PermissionsExt;
+    use support::nbd::NbdClient;
+    let c = Cluster::start().await;
+    c.allod_ok(&["project", "create", "p"]);
+    let v = c.json(&["volume", "create", "d", "--project", "p", "--size", "16M"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let nodes = c.json(&["node", "list"]);
+    let socket_of = |i: usize| -> std::path::PathBuf {
+        let node_id = c.node_id(i);
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == node_id)
+            .unwrap();
+        std::path::PathBuf::from(n["storage"]["nbd_socket"].as_str().unwrap())
+    };
+    let socket0 = socket_of(0);
+    assert!(!socket0.starts_with(&c.dirs[0]), "{}", socket0.display());
+
+    // Nothing is listed; a bare id or a made-up credential opens nothing.
+    let list = run(
+        "nbdinfo",
+        &[
+            "--list",
+            "--json",
+            &format!("nbd+unix:///?socket={}", socket0.display()),
+        ],
+    );
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["exports"], serde_json::json!([]), "{list}");
+    assert!(NbdClient::connect(&socket0, &id).is_err());
+    assert!(NbdClient::connect(&socket0, &format!("{id}.{}", "0".repeat(32))).is_err());
+    assert!(NbdClient::info(&socket0, &id).is_err());
+
+    // An export of node 2 works there, not on node 1.
+    let (socket1, export1) = c.export(1, "d");
+    assert_eq!(socket1, socket_of(1));
+    assert!(NbdClient::connect(&socket0, &export1).is_err());
+    let mut nbd = NbdClient::connect(&socket1, &export1).unwrap();
+    nbd.write(0, &[7u8; 4096]).unwrap();
+    nbd.flush().unwrap();
+    drop(nbd);
+    let lease =
+        |c: &Cluster| c.json(&["volume", "show", "d", "--project", "p"])["lease"]["node"].clone();
+    assert_eq!(lease(&c), c.node_id(1));
+    // INFO on node 3 describes the volume and moves no lease.
+    let (socket2, export2) = c.export(2, "d");
+    assert_eq!(NbdClient::info(&socket2, &export2).unwrap(), 16 << 20);
+    assert_eq!(lease(&c), c.node_id(1));
+
+    // Read-only exports refuse writes; expired ones open nothing.
+    let read_only = c.json(&["volume", "export", "d", "--project", "p", "--read-only"]);
+    let uri = read_only["uri"].as_str().unwrap();
+    let (name, socket) = uri
+        .strip_prefix("nbd+unix:///")
+        .unwrap()
+        .split_once("?socket=")
+        .unwrap();
+    let mut nbd = NbdClient::connect(std::path::Path::new(socket), name).unwrap();
+    assert_eq!(nbd.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    assert!(nbd.write(0, &[8u8; 4096]).is_err());
+    drop(nbd);
+    let short = c.json(&["volume", "export", "d", "--project", "p", "--ttl", "1s"]);
+    let (name, socket) = short["uri"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("nbd+unix:///")
+        .unwrap()
+        .split_once("?socket=")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(NbdClient::connect(std::path::Path::new(socket), name).is_err());
+
+    // The data directory and what the agent wrote in it are its own.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&c.dirs[0]), 0o700);
+    for file in [
+        "state.redb",
+        "raft-log.redb",
+        "node.key",
+        "ca.key",
+        "admin.token",
+    ] {
+        let path = c.dirs[0].join(file);
+        assert_eq!(
+            mode(&path) & 0o077,
+            0,
+            "{} is {:o}",
+            path.display(),
+            mode(&path)
+        );
+    }
+    assert_eq!(mode(&c.dirs[0].join("storage")), 0o700);
 }

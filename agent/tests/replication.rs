@@ -20,10 +20,18 @@ const BLOCK: u64 = 4096;
 /// Opens the volume through node `i`, retrying while the cluster settles
 /// (a leader election after a kill, a node starting).
 async fn connect(c: &Cluster, i: usize, id: &str) -> NbdClient {
-    let socket = c.dirs[i].join("nbd.sock");
     let deadline = Instant::now() + Duration::from_secs(60);
+    let (socket, export) = loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.export(i, id))) {
+            Ok(pair) => break pair,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "no export of {id} on node {i}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     loop {
-        match NbdClient::connect(&socket, id) {
+        match NbdClient::connect(&socket, &export) {
             Ok(client) => return client,
             Err(e) => {
                 assert!(
@@ -113,16 +121,18 @@ async fn block_history_is_linearizable_while_a_replica_is_killed_with_sigkill_an
     let mut clients = Vec::new();
     // Clients on every node, the one that dies included: each open moves
     // the writer lease, fencing the other nodes' writers.
+    // A credential for each node, asked for while all are up.
+    let exports: Vec<(std::path::PathBuf, String)> =
+        (0..c.dirs.len()).map(|i| c.export(i, &id)).collect();
     for client_id in 0..3usize {
-        let socket: Vec<_> = c.dirs.iter().map(|d| d.join("nbd.sock")).collect();
-        let (history, stop, id, blocks) =
-            (history.clone(), stop.clone(), id.clone(), blocks.clone());
+        let exports = exports.clone();
+        let (history, stop, blocks) = (history.clone(), stop.clone(), blocks.clone());
         clients.push(std::thread::spawn(move || {
             let mut rng = rand::thread_rng();
             let mut seq = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let node = rng.gen_range(0..socket.len());
-                let Ok(mut nbd) = NbdClient::connect(&socket[node], &id) else {
+                let node = rng.gen_range(0..exports.len());
+                let Ok(mut nbd) = NbdClient::connect(&exports[node].0, &exports[node].1) else {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 };

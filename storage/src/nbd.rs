@@ -2,7 +2,7 @@
 //! negotiation (`NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`,
 //! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`) and simple replies for READ,
 //! WRITE, FLUSH, TRIM, WRITE_ZEROES (with NO_HOLE), FUA and DISCONNECT.
-//! The export name is the volume id.
+//! What an export name opens is the agent's to decide ([`Exports`]).
 //!
 //! A malformed request gets the NBD error the protocol names for it, or, when
 //! the stream cannot be trusted any more (a bad magic number, a payload too
@@ -87,10 +87,20 @@ pub struct Export {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The agent's side: resolving export names (volume ids) to open volumes.
+/// What `NBD_OPT_INFO` tells of an export.
+pub struct ExportInfo {
+    pub size: u64,
+    pub read_only: bool,
+}
+
+/// The agent's side: resolving export names to open volumes.
 pub trait Exports: Send + Sync + 'static {
-    /// Opens an export; the error is shown to the client.
+    /// Opens an export for `NBD_OPT_GO` (it may make this node the
+    /// volume's writer); the error is shown to the client.
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>>;
+    /// Describes an export for `NBD_OPT_INFO`, opening nothing and taking
+    /// no lease.
+    fn describe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ExportInfo, String>>;
     /// Names offered to `NBD_OPT_LIST`.
     fn list(&self) -> BoxFuture<'_, Vec<String>>;
 }
@@ -286,17 +296,34 @@ where
                     reply(wr, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data").await?;
                     continue;
                 };
-                let export = match exports.open(&name).await {
-                    Ok(e) => e,
-                    Err(why) => {
-                        reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
-                        continue;
+                // INFO only describes; GO opens (and may take the lease).
+                let (export, info) = if opt == OPT_GO {
+                    match exports.open(&name).await {
+                        Ok(e) => {
+                            let info = ExportInfo {
+                                size: e.handle.spec().size,
+                                read_only: e.read_only,
+                            };
+                            (Some(e), info)
+                        }
+                        Err(why) => {
+                            reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+                            continue;
+                        }
+                    }
+                } else {
+                    match exports.describe(&name).await {
+                        Ok(info) => (None, info),
+                        Err(why) => {
+                            reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+                            continue;
+                        }
                     }
                 };
                 let mut d = Vec::with_capacity(12);
                 d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                d.extend_from_slice(&export.handle.spec().size.to_be_bytes());
-                d.extend_from_slice(&transmission_flags(export.read_only).to_be_bytes());
+                d.extend_from_slice(&info.size.to_be_bytes());
+                d.extend_from_slice(&transmission_flags(info.read_only).to_be_bytes());
                 reply(wr, opt, REP_INFO, &d).await?;
                 if infos.contains(&INFO_BLOCK_SIZE) {
                     let mut d = Vec::with_capacity(14);
@@ -307,7 +334,7 @@ where
                     reply(wr, opt, REP_INFO, &d).await?;
                 }
                 reply(wr, opt, REP_ACK, &[]).await?;
-                if opt == OPT_GO {
+                if let Some(export) = export {
                     wr.flush().await?;
                     return Ok(Some(export));
                 }

@@ -47,6 +47,24 @@ impl Exports for TestExports {
             })
         })
     }
+    fn describe<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<storage::nbd::ExportInfo, String>> {
+        Box::pin(async move {
+            let spec = self
+                .volumes
+                .lock()
+                .unwrap()
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("no volume has the id {name:?}"))?;
+            Ok(storage::nbd::ExportInfo {
+                size: spec.size,
+                read_only: false,
+            })
+        })
+    }
     fn list(&self) -> BoxFuture<'_, Vec<String>> {
         Box::pin(async move { self.volumes.lock().unwrap().keys().cloned().collect() })
     }

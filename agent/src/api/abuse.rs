@@ -41,17 +41,7 @@ struct Window {
     first_requests: Vec<String>,
 }
 
-/// `text` cut to at most `max` bytes, at a character boundary.
-pub fn truncate_at_char(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
+pub use crate::units::truncate_at_char;
 
 impl RefusalLog {
     /// Counts one refused request. Costs a lock and a few map updates, and

@@ -32,6 +32,8 @@ pub struct ClusterView {
     pub leader_id: Option<u64>,
     pub term: u64,
     pub node_id: u64,
+    /// The index of the last Raft log entry this node applied.
+    pub applied_index: u64,
     pub members: Vec<MemberView>,
 }
 
@@ -46,6 +48,7 @@ pub(super) async fn cluster(State(node): State<Arc<ClusterNode>>) -> ApiResult<J
         leader_id: metrics.current_leader,
         term: metrics.current_term,
         node_id: node.id,
+        applied_index: metrics.last_applied.map_or(0, |l| l.index),
         members: node.members(),
     }))
 }

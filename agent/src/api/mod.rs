@@ -23,6 +23,7 @@ pub mod abuse;
 pub mod authz;
 mod cluster;
 mod error;
+mod exports;
 mod network;
 pub mod oidc;
 mod openapi;
@@ -300,6 +301,12 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
             "/v1/projects/{name}/volumes/{volume}/clone",
             project(Role::ProjectMember),
             volumes::clone_volume,
+        )
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/volumes/{volume}/exports",
+            project(Role::ClusterAdmin),
+            exports::create_export,
         )
         .add(
             Method::GET,

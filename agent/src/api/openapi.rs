@@ -36,6 +36,7 @@ pub(super) async fn openapi_json() -> Response {
             `{\"error\":{\"code\",\"message\"}}`."
     ),
     paths(
+        super::exports::create_export,
         users::update_user,
         users::delete_user,
         users::revoke_role,

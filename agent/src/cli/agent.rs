@@ -38,7 +38,8 @@ pub struct AgentArgs {
     /// Failure domain (rack, room) for replica placement (default: the node name).
     #[arg(long)]
     pub failure_domain: Option<String>,
-    /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
+    /// Refused: NBD over plain TCP would carry tenants' disks unencrypted
+    /// (use `allod volume export` on the node's socket).
     #[arg(long)]
     pub nbd_listen: Option<String>,
     #[command(flatten)]
@@ -120,7 +121,8 @@ pub struct UpArgs {
     pub peer_listen: String,
     #[arg(long, default_value = "127.0.0.1:7445")]
     pub storage_listen: String,
-    /// Also serve NBD on this TCP address (unauthenticated: trusted networks only).
+    /// Refused: NBD over plain TCP would carry tenants' disks unencrypted
+    /// (use `allod volume export` on the node's socket).
     #[arg(long)]
     pub nbd_listen: Option<String>,
     #[command(flatten)]

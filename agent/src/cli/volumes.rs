@@ -63,6 +63,24 @@ pub enum VolumeCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print a short-lived NBD URI for the volume (for qemu-img, nbdcopy,
+    /// backups) that works on one node only; the volume must be detached.
+    Export {
+        name: String,
+        #[arg(long)]
+        project: String,
+        /// Refuse writes through it.
+        #[arg(long)]
+        read_only: bool,
+        /// How long it stays valid, e.g. 30m, 1h, 2d (default 1h, at most 7d).
+        #[arg(long, value_parser = crate::cli::parse_duration_secs)]
+        ttl: Option<u64>,
+        /// The node it works on (default: the node the CLI talks to).
+        #[arg(long)]
+        node: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Take a snapshot (copy-on-write, instant).
     Snapshot {
         name: String,
@@ -225,6 +243,39 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
                 Method::POST,
                 &format!("/v1/projects/{project}/volumes/{name}/resize"),
                 body(&Resize { size_bytes: size }),
+            )
+            .await?;
+        }
+        VolumeCommand::Export {
+            name,
+            project,
+            read_only,
+            ttl,
+            node,
+            api,
+        } => {
+            request(
+                &api,
+                Method::POST,
+                &format!("/v1/projects/{project}/volumes/{name}/exports"),
+                body(&crate::api_types::CreateExport {
+                    read_only,
+                    ttl_secs: ttl,
+                    node,
+                }),
+                |e| {
+                    println!("{}", text(&e["uri"]));
+                    eprintln!(
+                        "Valid on node {} until {} (ms since the epoch){}; shown only now.",
+                        text(&e["node"]),
+                        text(&e["expires_at_ms"]),
+                        if e["read_only"] == true {
+                            ", read-only"
+                        } else {
+                            ""
+                        }
+                    );
+                },
             )
             .await?;
         }

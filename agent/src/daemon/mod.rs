@@ -71,6 +71,7 @@ impl AgentOptions {
                 dir: None,
                 failure_domain: None,
                 nbd_listen: None,
+                run_dir: None,
             },
             compute: None,
             network: None,

@@ -53,7 +53,7 @@ pub fn domain_spec(
     vm: &VmRecord,
     nics: Vec<Nic>,
     virt_type: VirtType,
-) -> DomainSpec {
+) -> Result<DomainSpec, String> {
     use sha2::Digest;
     let h = hex::encode(sha2::Sha256::digest(vm.id.as_bytes()));
     let uuid = format!(
@@ -64,9 +64,25 @@ pub fn domain_spec(
         &h[17..20],
         &h[20..32]
     );
-    let socket = data_dir(node).join("nbd.sock").display().to_string();
+    // Each disk is reached through this node's NBD socket with its
+    // attachment's credential, which only this node (the VM's) accepts.
+    let socket = node
+        .state
+        .nodes()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|n| n.id == node.id)
+        .and_then(|n| n.storage)
+        .map(|s| s.nbd_socket)
+        .filter(|s| !s.is_empty())
+        .ok_or("this node's block store has not registered its NBD socket yet")?;
+    let key = node
+        .state
+        .export_key()
+        .map_err(|e| e.to_string())?
+        .ok_or("the cluster has no export key yet")?;
     let targets = (b'a'..=b'z').map(|c| format!("vd{}", c as char));
-    DomainSpec {
+    Ok(DomainSpec {
         id: vm.id.clone(),
         uuid,
         virt_type,
@@ -77,7 +93,15 @@ pub fn domain_spec(
             .iter()
             .zip(targets)
             .map(|(a, target)| Disk {
-                export: a.volume_id.clone(),
+                export: format!(
+                    "{}.{}",
+                    a.volume_id,
+                    crate::state::exports::credential(
+                        &key,
+                        &a.volume_id,
+                        crate::state::exports::Holder::Vm(&vm.id)
+                    )
+                ),
                 socket: socket.clone(),
                 target,
                 read_only: false,
@@ -89,7 +113,7 @@ pub fn domain_spec(
         name: vm.name.clone(),
         generation: vm.generation,
         console_log: Some(console_log(node, &vm.id).display().to_string()),
-    }
+    })
 }
 
 /// A VM's NICs as libvirt must plug them: each port's tap on its VPC's
@@ -441,7 +465,7 @@ impl Reconciler {
                 observed.get(&vm.id),
                 || {
                     nics_of(node, vm)
-                        .map(|nics| domain_spec(node, vm, nics, self.options.virt_type))
+                        .and_then(|nics| domain_spec(node, vm, nics, self.options.virt_type))
                 },
                 remembered,
                 now,

@@ -156,8 +156,18 @@ async fn import(
     let marker = started_marker(upload);
     let target_is_zero = !marker.exists();
     std::fs::write(&marker, b"").map_err(|e| failed(e.to_string()))?;
+    let key = node
+        .state
+        .export_key()
+        .map_err(|e| failed(crate::error_chain(&e)))?
+        .ok_or_else(|| failed("the cluster has no export key yet; try again".into()))?;
+    let credential = crate::state::exports::credential(
+        &key,
+        &record.volume_id,
+        crate::state::exports::Holder::Import,
+    );
     let target = format!(
-        "nbd+unix:///{}?socket={}",
+        "nbd+unix:///{}.{credential}?socket={}",
         record.volume_id,
         blocks.nbd_socket.display()
     );

@@ -5,11 +5,11 @@
 //! snapshots.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use storage::nbd::{self, BoxFuture, Export, Exports};
+use storage::nbd::{self, BoxFuture, Export, ExportInfo, Exports};
 use storage::transport::{self, Peers};
 use storage::{ObjectStore, ParentSpec, ReplicaSets, Storage, VolumeHandle, VolumeSpec};
 
@@ -25,9 +25,13 @@ pub struct BlockOptions {
     pub dir: Option<PathBuf>,
     /// Replicas go to distinct failure domains first (default: the node name).
     pub failure_domain: Option<String>,
-    /// Also serve NBD on this TCP address (tools; no authentication, so bind
-    /// it to a trusted network only).
+    /// NBD on TCP: refused at start (see [`BlockStore::start`]); kept so the
+    /// flag says why instead of being unknown.
     pub nbd_listen: Option<String>,
+    /// Where the NBD socket's directory is made (default `/run/allod`,
+    /// or a directory of this user's under the temporary directory when
+    /// that cannot be written).
+    pub run_dir: Option<PathBuf>,
 }
 
 pub struct BlockStore {
@@ -39,7 +43,6 @@ pub struct BlockStore {
     pub addr: String,
     pub failure_domain: String,
     pub nbd_socket: PathBuf,
-    pub nbd_tcp: Option<String>,
     /// Volumes whose resync is running or waits to retry (with when it
     /// last failed).
     resyncs: std::sync::Mutex<HashMap<String, Option<std::time::Instant>>>,
@@ -148,6 +151,12 @@ impl BlockStore {
             ObjectStore::open(&dir)
                 .with_context(|| format!("cannot open the block store in {}", dir.display()))?,
         );
+        {
+            // Tenants' bytes: only the agent may enter.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot restrict the block store {}", dir.display()))?;
+        }
         let alpn = b"allod-storage/1".to_vec();
         let server_tls = {
             let mut c = (*node.tls.peer_server_config()?).clone();
@@ -182,20 +191,18 @@ impl BlockStore {
             Peers::new(client_tls),
             Arc::new(AgentReplicaSets(Arc::downgrade(node))),
         );
-        let nbd_socket = node.data_dir.path().join("nbd.sock");
+        if let Some(addr) = &options.nbd_listen {
+            anyhow::bail!(
+                "--nbd-listen {addr}: NBD over plain TCP is refused, since it would carry tenant disks \
+                 unencrypted; reach a volume through this node's NBD socket with a credential from \
+                 `allod volume export` (over SSH from elsewhere), and leave --nbd-listen out"
+            );
+        }
+        let nbd_socket = nbd_socket_path(options.run_dir.as_deref(), node)?;
         let _ = std::fs::remove_file(&nbd_socket);
         let unix = tokio::net::UnixListener::bind(&nbd_socket)
             .with_context(|| format!("cannot listen on {}", nbd_socket.display()))?;
-        share_with_qemu(node.data_dir.path(), &nbd_socket);
-        let nbd_tcp = match &options.nbd_listen {
-            Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for NBD on {addr}"))?;
-                Some((l.local_addr()?.to_string(), l))
-            }
-            None => None,
-        };
+        share_with_qemu(&nbd_socket);
         let blocks = Arc::new(Self {
             runtime: std::sync::Mutex::new(Some(runtime)),
             storage,
@@ -206,7 +213,6 @@ impl BlockStore {
                 .clone()
                 .unwrap_or_else(|| node.config.name.clone()),
             nbd_socket,
-            nbd_tcp: nbd_tcp.as_ref().map(|(a, _)| a.clone()),
             resyncs: std::sync::Mutex::new(HashMap::new()),
             resync_turn: tokio::sync::Mutex::new(()),
         });
@@ -219,15 +225,6 @@ impl BlockStore {
                 Err(e) => tracing::error!("cannot serve NBD: {e}"),
             }
         });
-        if let Some((_, l)) = nbd_tcp {
-            let l = l.into_std()?;
-            io.spawn(async move {
-                match tokio::net::TcpListener::from_std(l) {
-                    Ok(l) => nbd::serve_tcp(l, exports).await,
-                    Err(e) => tracing::error!("cannot serve NBD on TCP: {e}"),
-                }
-            });
-        }
         io.spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
         Ok(blocks)
     }
@@ -406,20 +403,43 @@ impl BlockStore {
     }
 }
 
-/// Lets QEMU (user libvirt-qemu) reach the NBD socket: the data directory
-/// becomes traversable by that user's group only, the socket read-writable
-/// by it. Without such a user (no libvirt here) nothing changes.
-fn share_with_qemu(data_dir: &std::path::Path, socket: &std::path::Path) {
+/// The NBD socket of this node: `RUN_DIR/<cluster>-n<node>/nbd.sock`,
+/// outside the data directory (which only the agent may enter), in a
+/// directory QEMU can always reach.
+fn nbd_socket_path(run_dir: Option<&Path>, node: &ClusterNode) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
-    let Ok(Some(user)) = nix::unistd::User::from_name("libvirt-qemu") else {
-        return;
+    let root = match run_dir {
+        Some(dir) => dir.to_path_buf(),
+        None if std::fs::create_dir_all("/run/allod").is_ok() => PathBuf::from("/run/allod"),
+        None => std::env::temp_dir().join(format!("allod-{}", nix::unistd::getuid())),
     };
-    let gid = Some(user.gid);
-    let shared = nix::unistd::chown(data_dir, None, gid)
-        .and_then(|()| nix::unistd::chown(socket, None, gid))
+    let dir = root.join(format!("{}-n{}", node.config.cluster_id, node.id));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot make the run directory {}", dir.display()))?;
+    // Traversable by all, listable by none: what is inside is reached by name.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot set the mode of {}", root.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    Ok(dir.join("nbd.sock"))
+}
+
+/// Lets QEMU (user libvirt-qemu) connect to the NBD socket: the socket
+/// belongs to that user's group, read-writable by it and by nobody else.
+/// What a connection may open is decided by its export name's credential.
+fn share_with_qemu(socket: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = match nix::unistd::User::from_name("libvirt-qemu") {
+        Ok(Some(user)) => Some(user.gid),
+        _ => None,
+    };
+    let shared = nix::unistd::chown(socket, None, gid)
         .map_err(std::io::Error::from)
-        .and_then(|()| std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o710)))
-        .and_then(|()| std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)));
+        .and_then(|()| {
+            let mode = if gid.is_some() { 0o660 } else { 0o600 };
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        });
     if let Err(e) = shared {
         tracing::warn!(
             "cannot share the NBD socket with libvirt-qemu: {e}; guests will not reach their disks"
@@ -429,31 +449,118 @@ fn share_with_qemu(data_dir: &std::path::Path, socket: &std::path::Path) {
 
 struct AgentExports(Weak<BlockStore>);
 
+/// What an export name was found to give.
+struct Resolved {
+    volume: VolumeRecord,
+    read_only: bool,
+}
+
+/// The one answer to an export name that opens nothing: it does not say
+/// whether the volume exists or which part was wrong.
+const NO_EXPORT: &str = "no such export, or its credential is wrong, expired or for another node; \
+     get one with `allod volume export`";
+
+impl AgentExports {
+    fn resolve(&self, name: &str) -> Result<(Arc<BlockStore>, Resolved), String> {
+        use crate::state::exports::{credential, same_secret, ExportName, Holder};
+        let blocks = self.0.upgrade().ok_or("this node is shutting down")?;
+        let node = blocks.node().map_err(|e| e.to_string())?;
+        let refused = || {
+            tracing::info!(export = %crate::units::truncate_at_char(name, 64), "NBD export refused");
+            NO_EXPORT.to_string()
+        };
+        let state = &node.state;
+        let read = |e: crate::state::ReadError| e.to_string();
+        match ExportName::parse(name).ok_or_else(refused)? {
+            ExportName::Attachment {
+                volume_id,
+                credential: given,
+            } => {
+                let key = state.export_key().map_err(read)?.ok_or_else(refused)?;
+                let volume = state
+                    .volume_by_id(volume_id)
+                    .map_err(read)?
+                    .ok_or_else(refused)?;
+                let holder = match &volume.attached_to {
+                    // Only the node the VM is placed on serves its disks.
+                    Some(vm_id) => {
+                        let vm = state.vm_by_id(vm_id).map_err(read)?.ok_or_else(refused)?;
+                        if vm.node_id != node.id {
+                            return Err(refused());
+                        }
+                        Holder::Vm(vm_id)
+                    }
+                    None if volume.state == crate::state::volumes::VolumeState::Importing => {
+                        let importing_here = state
+                            .pending_operations(node.id)
+                            .map_err(read)?
+                            .into_iter()
+                            .any(|o| matches!(&o.work, crate::state::operations::Work::ImportImage { image, .. }
+                                if state.image(image).ok().flatten().is_some_and(|i| i.volume_id == volume.id)));
+                        if !importing_here {
+                            return Err(refused());
+                        }
+                        Holder::Import
+                    }
+                    None => return Err(refused()),
+                };
+                if !same_secret(&credential(&key, &volume.id, holder), given) {
+                    return Err(refused());
+                }
+                let read_only = volume.read_only;
+                Ok((blocks, Resolved { volume, read_only }))
+            }
+            ExportName::Grant { id, secret } => {
+                let grant = state.export_grant(id).map_err(read)?.ok_or_else(refused)?;
+                let fresh = grant.expires_at_ms > crate::cluster::join::now_ms();
+                let sha = crate::cluster::join::sha256_hex(secret);
+                if !fresh || grant.node != node.id || !same_secret(&sha, &grant.secret_sha256) {
+                    return Err(refused());
+                }
+                let volume = state
+                    .volume_by_id(&grant.volume_id)
+                    .map_err(read)?
+                    .ok_or_else(refused)?;
+                // A VM attached since is the volume's only writer.
+                if volume.attached_to.is_some() {
+                    return Err(refused());
+                }
+                let read_only = grant.read_only || volume.read_only;
+                Ok((blocks, Resolved { volume, read_only }))
+            }
+        }
+    }
+}
+
 impl Exports for AgentExports {
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>> {
         Box::pin(async move {
-            let blocks = self.0.upgrade().ok_or("this node is shutting down")?;
-            let (volume, handle) = blocks
-                .open_for_write(name)
+            let (blocks, resolved) = self.resolve(name)?;
+            let (_, handle) = blocks
+                .open_for_write(&resolved.volume.id)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(Export {
                 handle,
-                read_only: volume.read_only,
+                read_only: resolved.read_only,
             })
         })
     }
 
-    fn list(&self) -> BoxFuture<'_, Vec<String>> {
+    fn describe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ExportInfo, String>> {
         Box::pin(async move {
-            let Some(node) = self.0.upgrade().and_then(|b| b.node.upgrade()) else {
-                return Vec::new();
-            };
-            node.state
-                .all_volumes()
-                .map(|vs| vs.into_iter().map(|v| v.id).collect())
-                .unwrap_or_default()
+            let (_, resolved) = self.resolve(name)?;
+            Ok(ExportInfo {
+                size: resolved.volume.size_bytes,
+                read_only: resolved.read_only,
+            })
         })
+    }
+
+    /// Nothing is listed: an export is reached only by a name its holder
+    /// was given.
+    fn list(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async { Vec::new() })
     }
 }
 
@@ -468,6 +575,14 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
     loop {
         let Some(b) = blocks.upgrade() else { return };
         let Ok(node) = b.node() else { return };
+        // The key attachments' export credentials derive from: made once,
+        // by whichever node gets there first.
+        if node.state.export_key().ok().flatten().is_none() {
+            let key = crate::cluster::join::random_hex(32);
+            if let Err(e) = node.write(&Command::SetExportKey { key }).await {
+                tracing::debug!("export key not set yet: {e}");
+            }
+        }
         // Peer addresses.
         if let Ok(nodes) = node.state.nodes() {
             let addrs: HashMap<u64, String> = nodes
@@ -483,6 +598,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
                 capacity_bytes: capacity,
                 used_bytes: capacity.saturating_sub(free),
                 failure_domain: b.failure_domain.clone(),
+                nbd_socket: b.nbd_socket.display().to_string(),
             };
             let member = nodes.iter().find(|n| n.id == node.id);
             let recorded = member.and_then(|n| n.storage.clone());
@@ -542,7 +658,13 @@ pub fn registration_due(
 ) -> bool {
     match (recorded, since_last_report) {
         (None, _) => member,
-        (Some(r), _) if r.addr != mine.addr || r.failure_domain != mine.failure_domain => true,
+        (Some(r), _)
+            if r.addr != mine.addr
+                || r.failure_domain != mine.failure_domain
+                || r.nbd_socket != mine.nbd_socket =>
+        {
+            true
+        }
         (Some(r), Some(age)) => r.used_bytes != mine.used_bytes && age > Duration::from_secs(60),
         (Some(r), None) => r.used_bytes != mine.used_bytes,
     }
@@ -628,6 +750,7 @@ mod tests {
             capacity_bytes: 100 << 30,
             used_bytes,
             failure_domain: domain.into(),
+            nbd_socket: "/run/allod/c-n1/nbd.sock".into(),
         }
     }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod audit;
 pub mod auth;
+pub mod exports;
 pub mod network;
 pub mod nodes;
 pub mod operations;
@@ -287,6 +288,15 @@ pub enum Command {
     DeleteUser {
         user: String,
     },
+    /// Sets the key attachments' export credentials derive from (hex);
+    /// once set it stays.
+    SetExportKey {
+        key: String,
+    },
+    /// An operator's time-limited NBD access to a volume on one node.
+    CreateExportGrant {
+        grant: exports::ExportGrant,
+    },
     /// VPCs, subnets, security groups, ports, IP pools, floating IPs.
     Network {
         command: network::NetCommand,
@@ -527,6 +537,8 @@ impl Command {
             | Command::CreateJoinToken { .. }
             | Command::CreateUser { .. }
             | Command::CreateToken { .. }
+            | Command::SetExportKey { .. }
+            | Command::CreateExportGrant { .. }
             | Command::AppendAudit { .. } => Effects::NONE,
         }
     }
@@ -704,6 +716,8 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
         Command::RevokeRole { user, project } => auth::revoke_role(kv, user, project),
         Command::SetUserDisabled { user, disabled } => auth::set_user_disabled(kv, user, disabled),
         Command::DeleteUser { user } => auth::delete_user(kv, user),
+        Command::SetExportKey { key } => exports::set_export_key(kv, key),
+        Command::CreateExportGrant { grant } => exports::create_grant(kv, grant),
         Command::AppendAudit { record } => {
             let seq = audit::append_audit(kv, record)?;
             Ok(Ok(serde_json::json!({ "seq": seq })))

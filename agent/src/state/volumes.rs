@@ -210,6 +210,9 @@ pub struct NodeStorage {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub failure_domain: String,
+    /// The path of its NBD socket (on that node).
+    #[serde(default)]
+    pub nbd_socket: String,
 }
 
 /// Where a new volume's data comes from.

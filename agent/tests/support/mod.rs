@@ -205,12 +205,47 @@ impl Cluster {
             .to_string()
     }
 
-    /// The export of a volume on node `i` (0-based).
+    /// An NBD URI for a volume (of project `p`, by name or id) on node `i`
+    /// (0-based), from `allod volume export` asked of that node's API.
     pub fn uri(&self, i: usize, id: &str) -> String {
-        format!(
-            "nbd+unix:///{id}?socket={}",
-            self.dirs[i].join("nbd.sock").display()
-        )
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.dirs[i].join("node.json")).unwrap())
+                .unwrap();
+        let url = format!("https://{}", config["api_addr"].as_str().unwrap());
+        let args = [
+            "volume",
+            "export",
+            id,
+            "--project",
+            "p",
+            "--url",
+            &url,
+            "--output",
+            "json",
+        ];
+        // The node may be starting (after a restart): ask again for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self.allod(&args);
+            if out.status.success() {
+                let export: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                return export["uri"].as_str().unwrap().to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "allod {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// [`Cluster::uri`] as the socket path and the export name.
+    pub fn export(&self, i: usize, id: &str) -> (std::path::PathBuf, String) {
+        let uri = self.uri(i, id);
+        let rest = uri.strip_prefix("nbd+unix:///").unwrap();
+        let (name, socket) = rest.split_once("?socket=").unwrap();
+        (std::path::PathBuf::from(socket), name.to_string())
     }
 
     /// The storage map as the nodes registered it.

@@ -42,6 +42,51 @@ impl NbdClient {
         })
     }
 
+    /// Asks `NBD_OPT_INFO` for `export` and returns its size, opening
+    /// nothing.
+    pub fn info(socket: &Path, export: &str) -> std::io::Result<u64> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting)?;
+        let mut hello = 3u32.to_be_bytes().to_vec();
+        hello.extend_from_slice(b"IHAVEOPT");
+        hello.extend_from_slice(&6u32.to_be_bytes());
+        hello.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        hello.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        hello.extend_from_slice(export.as_bytes());
+        hello.extend_from_slice(&0u16.to_be_bytes());
+        stream.write_all(&hello)?;
+        let mut size = None;
+        loop {
+            let mut head = [0u8; 20];
+            stream.read_exact(&mut head)?;
+            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            stream.read_exact(&mut data)?;
+            match kind {
+                1 => break,
+                3 if data.len() >= 10 && data[..2] == [0, 0] => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                }
+                3 => {}
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "refused: {}",
+                        String::from_utf8_lossy(&data)
+                    )))
+                }
+            }
+        }
+        // NBD_OPT_ABORT, politely.
+        let mut bye = b"IHAVEOPT".to_vec();
+        bye.extend_from_slice(&2u32.to_be_bytes());
+        bye.extend_from_slice(&0u32.to_be_bytes());
+        let _ = stream.write_all(&bye);
+        size.ok_or_else(|| std::io::Error::other("no size in the answer"))
+    }
+
     fn request(
         &mut self,
         cmd: u16,
