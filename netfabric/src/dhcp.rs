@@ -141,27 +141,40 @@ async fn serve(vni: u32, socket: tokio::net::UdpSocket, leases: watch::Receiver<
                 continue;
             }
         };
-        let request = match Message::decode(&mut Decoder::new(&buffer[..len])) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(vni, %from, error = %e, "ignoring a packet that is not DHCP");
-                continue;
-            }
-        };
         let table = leases.borrow().clone();
-        let Some(reply) = answer(&request, table.get(&vni)) else {
-            continue;
-        };
-        match reply.to_vec() {
-            Ok(bytes) => {
+        match handle_packet(&buffer[..len], table.get(&vni)) {
+            Ok(Some(bytes)) => {
                 let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, 68);
                 if let Err(e) = socket.send_to(&bytes, to).await {
                     tracing::warn!(vni, error = %e, "DHCP reply not sent");
                 }
             }
-            Err(e) => tracing::warn!(vni, error = %e, "DHCP reply does not encode"),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(vni, %from, "ignoring a packet: {e}"),
         }
     }
+}
+
+/// The reply, encoded, to one received packet: `Ok(None)` when none is
+/// due, an error saying what was wrong when the packet is not DHCP or the
+/// reply does not encode.
+pub fn handle_packet(
+    packet: &[u8],
+    leases: Option<&HashMap<Mac, Lease>>,
+) -> Result<Option<Vec<u8>>, String> {
+    // dhcproto checks some option lengths with debug assertions only: in a
+    // build with them, a guest's malformed option would panic the server
+    // of its VPC. Such a packet is refused like any other that is not DHCP.
+    let decoded = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(packet)))
+        .map_err(|_| "it is not DHCP: an option has an impossible length".to_string())?;
+    let request = decoded.map_err(|e| format!("it is not DHCP: {e}"))?;
+    let Some(reply) = answer(&request, leases) else {
+        return Ok(None);
+    };
+    reply
+        .to_vec()
+        .map(Some)
+        .map_err(|e| format!("the reply does not encode: {e}"))
 }
 
 /// The reply to `request` from a server holding `leases`, if one is due.
