@@ -154,6 +154,7 @@ pub(super) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     options.compute = args.compute.options();
     options.network = args.network.options();
     let agent = Agent::start(options).await?;
+    tokio::spawn(crate::daemon::return_freed_memory());
     wait_for_signal().await;
     tracing::info!("stopping");
     agent.shutdown().await;
@@ -167,6 +168,7 @@ pub(super) async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     options.compute = args.compute.options();
     options.network = args.network.options();
     let agent = Agent::start(options).await?;
+    tokio::spawn(crate::daemon::return_freed_memory());
     if agent.node().is_none() {
         agent.init(None).await?;
     }

@@ -157,6 +157,21 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// Hands freed heap back to the system every 30 s. After a burst of
+/// connections (each holds TLS and HTTP buffers while open) glibc keeps
+/// the memory they freed in its arenas, and the agent would stay at its
+/// peak resident size for good.
+pub async fn return_freed_memory() {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(30));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // SAFETY: malloc_trim only walks and releases the allocator's own
+        // free lists; it takes the arenas' locks like any allocation.
+        let _ = tokio::task::spawn_blocking(|| unsafe { nix::libc::malloc_trim(0) }).await;
+    }
+}
+
 /// The host name, made into a valid node name.
 pub fn default_node_name() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
