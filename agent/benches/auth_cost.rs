@@ -137,7 +137,12 @@ async fn main() {
             Default::default(),
         )),
     ));
-    agent::cluster::serve::spawn(listener, mode, "unauthenticated api");
+    agent::cluster::serve::spawn(
+        listener,
+        mode,
+        "unauthenticated api",
+        agent::cluster::serve::Limits::API,
+    );
 
     let authed_url = format!("{base}/v1/projects/p");
     let open_url = format!("https://{open_addr}/v1/projects/p");

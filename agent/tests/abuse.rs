@@ -24,7 +24,8 @@ async fn audit_len(admin: &ApiClient, base: &str) -> usize {
     reply.body.as_array().unwrap().len()
 }
 
-/// 1,500 bad requests (unknown tokens, malformed logins) against one
+/// 1,500 bad requests (unknown tokens, malformed logins, joins with a
+/// made-up token) against one
 /// follower: the audit log grows by at most one summary per node per
 /// window and counts every one of them, Raft writes stay a constant, and
 /// the follower asks the leader about unknown tokens about once a second,
@@ -42,16 +43,34 @@ async fn an_unauthenticated_flood_costs_a_bounded_audit_and_few_round_trips() {
     let log_before = last_log_index(&cluster, leader);
     let rounds_before = cluster.node(follower).read_index_rounds();
 
+    // A well-formed join request with a made-up token: only the token is wrong.
+    let csr = agent::cluster::pki::NodeKey::generate(vec!["127.0.0.1".into()])
+        .unwrap()
+        .csr_pem;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..15 {
         let base = base.clone();
         let ca = cluster.ca_pem.clone();
+        let csr = csr.clone();
         tasks.spawn(async move {
             let stranger = ApiClient::new(&ca, &format!("allod_bad{worker}"));
             let mut statuses = Vec::new();
             for i in 0..100 {
-                let reply = if i % 3 == 2 {
+                let reply = if i % 6 == 5 {
+                    let join = json!({
+                        "token_id": format!("t{worker}x{i}"),
+                        "secret": "guess",
+                        "name": format!("n{worker}x{i}"),
+                        "api_addr": "127.0.0.1:1",
+                        "peer_addr": "127.0.0.1:2",
+                        "csr_pem": csr,
+                    });
+                    stranger
+                        .post(&format!("{base}/v1/cluster/join"), join)
+                        .await
+                        .unwrap()
+                } else if i % 3 == 2 {
                     stranger
                         .post(&format!("{base}/v1/login"), json!({}))
                         .await

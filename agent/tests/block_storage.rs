@@ -671,7 +671,7 @@ async fn nbd_exports_open_only_with_a_credential_for_this_node() {
     assert_eq!(nbd.read(0, 4096).unwrap(), vec![7u8; 4096]);
     assert!(nbd.write(0, &[8u8; 4096]).is_err());
     drop(nbd);
-    let short = c.json(&["volume", "export", "d", "--project", "p", "--ttl", "1s"]);
+    let short = c.json(&["volume", "export", "d", "--project", "p", "--ttl", "2s"]);
     let (name, socket) = short["uri"]
         .as_str()
         .unwrap()
@@ -679,7 +679,11 @@ async fn nbd_exports_open_only_with_a_credential_for_this_node() {
         .unwrap()
         .split_once("?socket=")
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A connection opened in time is cut off when its grant expires.
+    let mut open = NbdClient::connect(std::path::Path::new(socket), name).unwrap();
+    open.read(0, 4096).unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert!(open.read(0, 4096).is_err(), "an expired grant still served");
     assert!(NbdClient::connect(std::path::Path::new(socket), name).is_err());
 
     // The data directory and what the agent wrote in it are its own.

@@ -406,6 +406,7 @@ impl storage::nbd::Exports for OneVolume {
             Ok(storage::nbd::Export {
                 handle,
                 read_only: false,
+                withdrawn: None,
             })
         })
     }

@@ -83,6 +83,10 @@ const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Export {
     pub handle: Arc<VolumeHandle>,
     pub read_only: bool,
+    /// Set when the credential the connection was opened with is
+    /// withdrawn (it expired, or a VM took the volume): the connection then
+    /// serves no further request and is closed.
+    pub withdrawn: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -408,6 +412,7 @@ where
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let budget = Arc::new(Semaphore::new(BYTE_BUDGET as usize));
     let handle = export.handle;
+    let withdrawn = export.withdrawn;
     let result = loop {
         let mut h = [0u8; 28];
         match rd.read_exact(&mut h).await {
@@ -425,6 +430,14 @@ where
             break Err(NbdError::Protocol(format!(
                 "request magic {magic:#x} is wrong"
             )));
+        }
+        if withdrawn
+            .as_ref()
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Acquire))
+        {
+            break Err(NbdError::Protocol(
+                "the credential this connection was opened with was withdrawn (it expired, or a VM took the volume)".into(),
+            ));
         }
         let permit = slots.clone().acquire_owned().await.expect("never closed");
         let bytes = if matches!(cmd, CMD_WRITE | CMD_READ) && len <= MAX_REQUEST {

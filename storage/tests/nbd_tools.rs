@@ -44,6 +44,7 @@ impl Exports for TestExports {
             Ok(Export {
                 handle,
                 read_only: false,
+                withdrawn: None,
             })
         })
     }

@@ -398,11 +398,10 @@ pub async fn authorize(
 ) -> Response {
     let method = request.method().clone();
     let pattern = request.extensions().get::<MatchedPath>().cloned();
-    let identity = request
+    let remote = request
         .extensions()
         .get::<crate::cluster::peer::PeerIdentity>()
-        .cloned();
-    let remote = identity.as_ref().and_then(|p| p.remote_addr);
+        .and_then(|p| p.remote_addr);
     let uri = request.uri().clone();
     let context = || crate::state::audit::AuditContext {
         time_ms: now_ms(),
@@ -433,15 +432,6 @@ pub async fn authorize(
         }
         None => authorize_inner(&app, &table, request, next, None).await,
     };
-    // A connection that carried an authenticated request is kept longest
-    // when the listener is full.
-    if principal.is_some() {
-        if let Some(identity) = &identity {
-            identity
-                .proven
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     let status = response.status();
     let recorded = audit
         .as_ref()
@@ -555,7 +545,7 @@ async fn authorize_inner(
         let decision = decide(permission, &principal, &params);
         Ok::<_, AuthError>((principal, decision))
     };
-    let arrived_ms = now_ms();
+    let arrived_ms = crate::cluster::node::mono_ms();
     let mut outcome = evaluate().await;
     // A token, role or object created moments ago through another node may
     // not be applied here yet: catch up with the leader, then decide again.
@@ -576,7 +566,19 @@ async fn authorize_inner(
         outcome = evaluate().await;
     }
     let (principal, decision) = match outcome {
-        Ok(pair) => pair,
+        Ok(pair) => {
+            // The connection proved who is on it: it is kept longest when
+            // the listener is full, whatever the handler then takes.
+            if let Some(identity) = request
+                .extensions()
+                .get::<crate::cluster::peer::PeerIdentity>()
+            {
+                identity
+                    .proven
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            pair
+        }
         Err(AuthError::Read(e)) => return (ApiError::from(e).into_response(), None),
         Err(e) => {
             return (

@@ -105,8 +105,10 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
     responses((status = 200, description = "The joining node's identity and certificate", body = JoinResponse)))]
 pub(super) async fn join(
     State(node): State<Arc<ClusterNode>>,
+    State(auth): State<Arc<crate::api::authz::AuthServices>>,
     ApiJson(body): ApiJson<JoinRequest>,
 ) -> ApiResult<Json<JoinResponse>> {
+    let arrived_ms = crate::cluster::node::mono_ms();
     validate_name("node", &body.name)?;
     for (what, addr) in [("api_addr", &body.api_addr), ("peer_addr", &body.peer_addr)] {
         if addr
@@ -127,10 +129,37 @@ pub(super) async fn join(
             body.name
         )));
     }
+    // The token is checked here before anything is written: a stranger's
+    // guess costs no Raft write and no audit entry. A token made moments
+    // ago through another node is found after a catch-up with the leader
+    // (shared, and during a flood of bad tokens at most once a second).
+    let secret_sha256 = sha256_hex(&body.secret);
+    let usable = |node: &ClusterNode| -> ApiResult<Result<(), &'static str>> {
+        Ok(match node.state.join_token(&body.token_id)? {
+            Some(t) if !crate::state::exports::same_secret(&t.secret_sha256, &secret_sha256) => {
+                Err("the join token is not valid for this cluster; copy the whole token again or create a new one with `allod cluster join-token`")
+            }
+            Some(t) if t.used_by.is_some() => Err("this join token was already used; tokens are single-use, create a new one with `allod cluster join-token`"),
+            Some(t) if t.expires_at_ms <= crate::cluster::join::now_ms() => Err("this join token has expired; create a new one with `allod cluster join-token`"),
+            Some(_) => Ok(()),
+            None => Err("the join token is not valid for this cluster; copy the whole token again or create a new one with `allod cluster join-token`"),
+        })
+    };
+    if usable(&node)?.is_err() {
+        let max_age = if auth.unknown_tokens.note(crate::cluster::join::now_ms()) {
+            crate::api::authz::CATCH_UP_MAX_AGE
+        } else {
+            std::time::Duration::ZERO
+        };
+        node.caught_up_since(arrived_ms, max_age).await?;
+        if let Err(why) = usable(&node)? {
+            return Err(ApiError::unauthenticated(why));
+        }
+    }
     let outcome = node
         .write(&Command::ConsumeJoinToken {
             id: body.token_id,
-            secret_sha256: sha256_hex(&body.secret),
+            secret_sha256,
             now_ms: crate::cluster::join::now_ms(),
             node_name: body.name,
         })

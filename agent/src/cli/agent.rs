@@ -177,7 +177,15 @@ pub(super) async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     println!("  API:          https://{}", agent.api_addr);
     println!("  Admin token:  {}", data_dir.join("admin.token").display());
     println!("  CA:           {}", data_dir.join("ca.pem").display());
-    println!("  NBD:          {}", data_dir.join("nbd.sock").display());
+    if let Some(socket) = agent
+        .node()
+        .and_then(|n| n.state.nodes().ok()?.into_iter().find(|m| m.id == n.id))
+        .and_then(|m| m.storage)
+        .map(|s| s.nbd_socket)
+        .filter(|s| !s.is_empty())
+    {
+        println!("  NBD:          {socket} (with `allod volume export`)");
+    }
     println!(
         "Try:  allod project create demo --data-dir {}",
         data_dir.display()

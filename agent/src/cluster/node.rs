@@ -144,14 +144,25 @@ pub struct ClusterNode {
     catch_up: CatchUp,
 }
 
+/// Milliseconds on a clock that never goes back (since the process's first
+/// call), for comparing moments within this process.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    // Starts at 1: zero means "never" in the catch-up's records.
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// When this node was last known to have applied everything the leader had
 /// committed, so that a refusal may skip a round trip that one made a
 /// moment ago.
 #[derive(Default)]
 struct CatchUp {
-    /// Milliseconds since the epoch at which the last successful read
-    /// index was asked for (what it proves holds from then on).
+    /// When ([`mono_ms`]) the last successful read index was asked for
+    /// (what it proves holds from then on).
     at_ms: std::sync::atomic::AtomicU64,
+    /// When the last catch-up that failed was asked for: callers that
+    /// arrived before it fail at once instead of queueing for one each.
+    failed_at_ms: std::sync::atomic::AtomicU64,
     /// One catch-up at a time: callers arriving during one share it.
     lock: tokio::sync::Mutex<()>,
     /// Read-index round trips made, for the metrics and the tests.
@@ -357,15 +368,24 @@ impl ClusterNode {
     /// Returns once this node's state machine reflects every write committed
     /// before the call: after this, local reads are linearizable.
     pub async fn linearizable_read(&self) -> Result<(), ClusterError> {
-        let asked_ms = crate::cluster::join::now_ms();
+        let asked_ms = mono_ms();
         self.catch_up
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.read_index().await?;
-        self.catch_up
-            .at_ms
-            .fetch_max(asked_ms, std::sync::atomic::Ordering::Release);
-        Ok(())
+        match self.read_index().await {
+            Ok(()) => {
+                self.catch_up
+                    .at_ms
+                    .fetch_max(asked_ms, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                self.catch_up
+                    .failed_at_ms
+                    .fetch_max(asked_ms, std::sync::atomic::Ordering::Release);
+                Err(e)
+            }
+        }
     }
 
     /// Makes sure this node has applied everything committed before
@@ -384,8 +404,7 @@ impl ClusterNode {
                 .catch_up
                 .at_ms
                 .load(std::sync::atomic::Ordering::Acquire);
-            at > arrived_ms
-                || crate::cluster::join::now_ms().saturating_sub(at) < max_age.as_millis() as u64
+            at > arrived_ms || mono_ms().saturating_sub(at) < max_age.as_millis() as u64
         };
         if fresh() {
             return Ok(());
@@ -393,6 +412,14 @@ impl ClusterNode {
         let _one_at_a_time = self.catch_up.lock.lock().await;
         if fresh() {
             return Ok(());
+        }
+        // One that failed after this caller arrived answers for it too.
+        let failed = self
+            .catch_up
+            .failed_at_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        if failed > arrived_ms {
+            return Err(ClusterError::NoQuorum);
         }
         self.linearizable_read().await
     }

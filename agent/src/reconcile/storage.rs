@@ -48,6 +48,48 @@ pub struct BlockStore {
     resyncs: std::sync::Mutex<HashMap<String, Option<std::time::Instant>>>,
     /// One resync at a time on this node.
     resync_turn: tokio::sync::Mutex<()>,
+    /// NBD connections opened with an operator's grant, to withdraw when
+    /// the grant expires or a VM takes the volume.
+    open_grants: std::sync::Mutex<Vec<OpenGrant>>,
+}
+
+struct OpenGrant {
+    grant_id: String,
+    volume_id: String,
+    expires_at_ms: u64,
+    withdrawn: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockStore {
+    /// Withdraws the grant connections that must go: those of `volume_id`
+    /// (a VM takes it), or with `None`, those whose grant expired, is gone,
+    /// or whose volume a VM holds now. Closed connections are forgotten.
+    fn withdraw_grants(&self, node: &ClusterNode, volume_id: Option<&str>) {
+        let now = crate::cluster::join::now_ms();
+        let mut open = self.open_grants.lock().unwrap();
+        open.retain(|g| Arc::strong_count(&g.withdrawn) > 1);
+        for g in open.iter() {
+            let withdraw = match volume_id {
+                Some(v) => g.volume_id == v,
+                None => {
+                    g.expires_at_ms <= now
+                        || !node
+                            .state
+                            .export_grant(&g.grant_id)
+                            .is_ok_and(|x| x.is_some())
+                        || node
+                            .state
+                            .volume_by_id(&g.volume_id)
+                            .ok()
+                            .flatten()
+                            .is_none_or(|v| v.attached_to.is_some())
+                }
+            };
+            if withdraw && !g.withdrawn.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                tracing::info!(grant = %g.grant_id, volume = %g.volume_id, "NBD grant withdrawn from its connection");
+            }
+        }
+    }
 }
 
 impl Drop for BlockStore {
@@ -215,6 +257,7 @@ impl BlockStore {
             nbd_socket,
             resyncs: std::sync::Mutex::new(HashMap::new()),
             resync_turn: tokio::sync::Mutex::new(()),
+            open_grants: std::sync::Mutex::new(Vec::new()),
         });
         let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
         let unix = unix.into_std()?;
@@ -414,6 +457,17 @@ fn nbd_socket_path(run_dir: Option<&Path>, node: &ClusterNode) -> anyhow::Result
         None if std::fs::create_dir_all("/run/allod").is_ok() => PathBuf::from("/run/allod"),
         None => std::env::temp_dir().join(format!("allod-{}", nix::unistd::getuid())),
     };
+    // A directory someone else made (where anyone may write, under the
+    // temporary directory) is not ours to serve disks from.
+    if let Ok(meta) = std::fs::symlink_metadata(&root) {
+        use std::os::unix::fs::MetadataExt;
+        if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() {
+            anyhow::bail!(
+                "{} is not a directory of this user's; remove it or pick another run directory",
+                root.display()
+            );
+        }
+    }
     let dir = root.join(format!("{}-n{}", node.config.cluster_id, node.id));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot make the run directory {}", dir.display()))?;
@@ -453,6 +507,8 @@ struct AgentExports(Weak<BlockStore>);
 struct Resolved {
     volume: VolumeRecord,
     read_only: bool,
+    /// The operator's grant it was opened with (id, expiry), if any.
+    grant: Option<(String, u64)>,
 }
 
 /// The one answer to an export name that opens nothing: it does not say
@@ -508,7 +564,14 @@ impl AgentExports {
                     return Err(refused());
                 }
                 let read_only = volume.read_only;
-                Ok((blocks, Resolved { volume, read_only }))
+                Ok((
+                    blocks,
+                    Resolved {
+                        volume,
+                        read_only,
+                        grant: None,
+                    },
+                ))
             }
             ExportName::Grant { id, secret } => {
                 let grant = state.export_grant(id).map_err(read)?.ok_or_else(refused)?;
@@ -526,7 +589,14 @@ impl AgentExports {
                     return Err(refused());
                 }
                 let read_only = grant.read_only || volume.read_only;
-                Ok((blocks, Resolved { volume, read_only }))
+                Ok((
+                    blocks,
+                    Resolved {
+                        volume,
+                        read_only,
+                        grant: Some((grant.id, grant.expires_at_ms)),
+                    },
+                ))
             }
         }
     }
@@ -536,6 +606,24 @@ impl Exports for AgentExports {
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>> {
         Box::pin(async move {
             let (blocks, resolved) = self.resolve(name)?;
+            let node = blocks.node().map_err(|e| e.to_string())?;
+            let withdrawn = match &resolved.grant {
+                // A VM's own disk: operators' connections to it end here.
+                None => {
+                    blocks.withdraw_grants(&node, Some(&resolved.volume.id));
+                    None
+                }
+                Some((grant_id, expires_at_ms)) => {
+                    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    blocks.open_grants.lock().unwrap().push(OpenGrant {
+                        grant_id: grant_id.clone(),
+                        volume_id: resolved.volume.id.clone(),
+                        expires_at_ms: *expires_at_ms,
+                        withdrawn: flag.clone(),
+                    });
+                    Some(flag)
+                }
+            };
             let (_, handle) = blocks
                 .open_for_write(&resolved.volume.id)
                 .await
@@ -543,6 +631,7 @@ impl Exports for AgentExports {
             Ok(Export {
                 handle,
                 read_only: resolved.read_only,
+                withdrawn,
             })
         })
     }
@@ -575,6 +664,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
     loop {
         let Some(b) = blocks.upgrade() else { return };
         let Ok(node) = b.node() else { return };
+        b.withdraw_grants(&node, None);
         // The key attachments' export credentials derive from: made once,
         // by whichever node gets there first.
         if node.state.export_key().ok().flatten().is_none() {

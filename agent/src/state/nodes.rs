@@ -231,6 +231,10 @@ pub(super) fn set_node_zone(
 }
 
 impl StateView {
+    pub fn join_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, ReadError> {
+        self.get(&format!("{PREFIX_JOIN_TOKENS}{id}"))
+    }
+
     pub fn cluster(&self) -> Result<Option<ClusterInfo>, ReadError> {
         self.get(KEY_CLUSTER)
     }
