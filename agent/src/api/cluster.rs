@@ -137,12 +137,12 @@ pub(super) async fn join(
     let usable = |node: &ClusterNode| -> ApiResult<Result<(), &'static str>> {
         Ok(match node.state.join_token(&body.token_id)? {
             Some(t) if !crate::state::exports::same_secret(&t.secret_sha256, &secret_sha256) => {
-                Err("the join token is not valid for this cluster; copy the whole token again or create a new one with `allod cluster join-token`")
+                Err("this join token's secret does not match; copy the whole token again or create a new one with `allod cluster join-token`")
             }
             Some(t) if t.used_by.is_some() => Err("this join token was already used; tokens are single-use, create a new one with `allod cluster join-token`"),
             Some(t) if t.expires_at_ms <= crate::cluster::join::now_ms() => Err("this join token has expired; create a new one with `allod cluster join-token`"),
             Some(_) => Ok(()),
-            None => Err("the join token is not valid for this cluster; copy the whole token again or create a new one with `allod cluster join-token`"),
+            None => Err("this join token is not known to the cluster (it was never issued here, or it expired and was removed); create a new one with `allod cluster join-token`"),
         })
     };
     if usable(&node)?.is_err() {
