@@ -23,6 +23,10 @@ use crate::state::{ClusterApply, Command, DomainError, Outcome, StateView};
 
 /// How long a write or read may wait for a leader and a quorum.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait before asking again to confirm leadership for a read
+/// after a heartbeat round that did not hear from a quorum in time.
+const QUORUM_RETRY: Duration = Duration::from_millis(20);
 /// At most this many voters; later nodes stay learners.
 pub const MAX_VOTERS: usize = 5;
 
@@ -349,7 +353,19 @@ impl ClusterNode {
     /// The leader's side of read-index: confirms leadership with a quorum
     /// and returns the log id a follower must have applied before reading.
     pub async fn read_index_as_leader(&self) -> Result<Option<LogId<NodeId>>, ForwardFailure> {
-        match tokio::time::timeout(OPERATION_TIMEOUT, self.raft.get_read_log_id()).await {
+        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        // As in `read_index`: a heartbeat round that missed is asked again.
+        let confirmed = loop {
+            match timeout_at(deadline, self.raft.get_read_log_id()).await {
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))))
+                    if Instant::now() + QUORUM_RETRY < deadline =>
+                {
+                    tokio::time::sleep(QUORUM_RETRY).await;
+                }
+                other => break other,
+            }
+        };
+        match confirmed {
             Err(_) => Err(ForwardFailure::Failed {
                 message: "leadership could not be confirmed in time".into(),
             }),
@@ -440,7 +456,22 @@ impl ClusterNode {
                 &(),
                 None,
                 || async move {
-                    match timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                    // openraft 0.9 confirms leadership with one heartbeat
+                    // round whose answers must come within the heartbeat
+                    // interval: under load a round can miss by a little,
+                    // which says nothing of the quorum. Ask again until
+                    // the deadline.
+                    let confirmed = loop {
+                        match timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(
+                                _,
+                            )))) if Instant::now() + QUORUM_RETRY < deadline => {
+                                tokio::time::sleep(QUORUM_RETRY).await;
+                            }
+                            other => break other,
+                        }
+                    };
+                    match confirmed {
                         Err(_) => Ok(Err(ClusterError::NoQuorum)),
                         Ok(Ok(_)) => Ok(Ok(ReadPoint::AppliedHere)),
                         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
