@@ -153,29 +153,25 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-async fn audit_len(http: &reqwest::Client, url: &str, token: &str) -> usize {
-    let entries: serde_json::Value = http
-        .get(format!("{url}/v1/audit"))
+/// `GET url` as the admin, as JSON.
+async fn get_json(http: &reqwest::Client, url: String, token: &str) -> serde_json::Value {
+    http.get(url)
         .bearer_auth(token)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn audit_len(http: &reqwest::Client, url: &str, token: &str) -> usize {
+    let entries = get_json(http, format!("{url}/v1/audit"), token).await;
     entries.as_array().unwrap().len()
 }
 
 async fn applied(http: &reqwest::Client, url: &str, token: &str) -> u64 {
-    let cluster: serde_json::Value = http
-        .get(format!("{url}/v1/cluster"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cluster = get_json(http, format!("{url}/v1/cluster"), token).await;
     cluster["applied_index"].as_u64().unwrap()
 }
 

@@ -7,51 +7,15 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::ApiClient;
-
-const BIN: &str = env!("CARGO_BIN_EXE_allod");
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{footprint, ApiClient, Killed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections_do_not_stop_a_real_client() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("n1");
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = std::fs::File::create(tmp.path().join("n1.log")).unwrap();
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "agent",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--storage-listen",
-            "127.0.0.1:0",
-            "--network-fabric",
-            "off",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log);
+    let mut command = common::agent_process(&dir, "n1");
     // SAFETY: setrlimit is async-signal-safe and touches nothing of the
     // parent's; this runs in the child between fork and exec.
     unsafe {
@@ -60,21 +24,13 @@ async fn a_thousand_idle_connections_do_not_stop_a_real_client() {
                 .map_err(std::io::Error::from)
         });
     }
-    let agent = Killed(command.spawn().unwrap());
-    let pid = agent.0.id();
+    let agent = Killed(vec![command.spawn().unwrap()]);
+    let pid = agent.0[0].id();
     common::wait_for("the admin socket", Duration::from_secs(20), || {
         dir.join("admin.sock").exists()
     })
     .await;
-    let init = Command::new(BIN)
-        .args(["cluster", "init", "--data-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    common::cli(&["cluster", "init", "--data-dir", dir.to_str().unwrap()]);
     let listen: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("listen.json")).unwrap()).unwrap();
     let api = listen["api_addr"].as_str().unwrap().to_string();
@@ -84,7 +40,7 @@ async fn a_thousand_idle_connections_do_not_stop_a_real_client() {
     let url = format!("https://{api}/v1/projects");
     assert_eq!(client.get(&url).await.unwrap().status, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline = open_fds(pid);
+    let baseline = footprint(pid).0;
 
     let mut idle = Vec::new();
     for _ in 0..1100 {
@@ -121,7 +77,7 @@ async fn a_thousand_idle_connections_do_not_stop_a_real_client() {
     common::wait_for(
         "the agent's open files back to their baseline",
         Duration::from_secs(20),
-        || open_fds(pid) <= baseline + 5,
+        || footprint(pid).0 <= baseline + 5,
     )
     .await;
 }

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ApiClient;
+use common::{cli, ApiClient};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -80,16 +80,6 @@ async fn start(dir: &Path, name: &str) -> Proc {
         api: addrs["api_addr"].as_str().unwrap().into(),
         peer: addrs["peer_addr"].as_str().unwrap().into(),
     }
-}
-
-fn cli(args: &[&str]) -> String {
-    let output = Command::new(BIN).args(args).output().expect("run allod");
-    assert!(
-        output.status.success(),
-        "allod {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 async fn wait_admin_socket(dir: &Path) {

@@ -11,77 +11,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{agent_process, cli, footprint, Killed};
 use serde_json::json;
-
-const BIN: &str = env!("CARGO_BIN_EXE_allod");
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "allod {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn spawn(dir: &Path, name: &str) -> Child {
-    std::fs::create_dir_all(dir).unwrap();
-    Command::new(BIN)
-        .args([
-            "agent",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--storage-listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-            "--libvirt-uri",
-            "none",
-            "--network-fabric",
-            "off",
-        ])
-        .env("ALLOD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-/// Open files and resident bytes of a process.
-fn footprint(pid: u32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (fds, rss_kib * 1024)
-}
 
 #[derive(Default)]
 struct Tally {
@@ -243,7 +178,9 @@ async fn two_hundred_clients_mixing_valid_and_invalid_requests_leave_no_trace() 
     let dirs: Vec<PathBuf> = (1..=3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     let mut agents = Killed(Vec::new());
     for (i, dir) in dirs.iter().enumerate() {
-        agents.0.push(spawn(dir, &format!("n{}", i + 1)));
+        agents
+            .0
+            .push(agent_process(dir, &format!("n{}", i + 1)).spawn().unwrap());
         common::wait_for("the admin socket", Duration::from_secs(20), || {
             dir.join("admin.sock").exists()
         })

@@ -41,7 +41,7 @@ struct Window {
     first_requests: Vec<String>,
 }
 
-pub use crate::units::truncate_at_char;
+use crate::units::truncate_at_char;
 
 impl RefusalLog {
     /// Counts one refused request. Costs a lock and a few map updates, and

@@ -295,6 +295,21 @@ pub struct AuthServices {
     pub cache: AuthCache,
 }
 
+impl AuthServices {
+    /// How old a catch-up with the leader may be for the refusal of an
+    /// unknown credential (token, join token) to stand: during a flood of
+    /// them a second, so the flood costs one round trip a second;
+    /// otherwise none, so a credential made a moment ago through another
+    /// node is found.
+    pub fn catch_up_age_for_unknown(&self) -> std::time::Duration {
+        if self.unknown_tokens.note(now_ms()) {
+            CATCH_UP_MAX_AGE
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+}
+
 /// Resolves an API token or an OIDC JWT to who is calling.
 pub async fn authenticate(
     node: &ClusterNode,
@@ -559,7 +574,7 @@ async fn authorize_inner(
         Err(_) => false,
     };
     let max_age = match &outcome {
-        Err(AuthError::Invalid) if app.auth.unknown_tokens.note(now_ms()) => CATCH_UP_MAX_AGE,
+        Err(AuthError::Invalid) => app.auth.catch_up_age_for_unknown(),
         _ => std::time::Duration::ZERO,
     };
     if refused && node.caught_up_since(arrived_ms, max_age).await.is_ok() {

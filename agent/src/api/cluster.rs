@@ -146,12 +146,8 @@ pub(super) async fn join(
         })
     };
     if usable(&node)?.is_err() {
-        let max_age = if auth.unknown_tokens.note(crate::cluster::join::now_ms()) {
-            crate::api::authz::CATCH_UP_MAX_AGE
-        } else {
-            std::time::Duration::ZERO
-        };
-        node.caught_up_since(arrived_ms, max_age).await?;
+        node.caught_up_since(arrived_ms, auth.catch_up_age_for_unknown())
+            .await?;
         if let Err(why) = usable(&node)? {
             return Err(ApiError::unauthenticated(why));
         }

@@ -51,24 +51,17 @@ pub(super) async fn create_export(
         .volume(&project, &name)?
         .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))?;
     let target = body.node.unwrap_or(node.id);
-    let socket = node
-        .state
-        .nodes()?
-        .into_iter()
-        .find(|n| n.id == target)
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "node {target} is not a member of this cluster (see allod node list)"
-            ))
-        })?
-        .storage
-        .map(|s| s.nbd_socket)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
+    let Some(socket) = node.state.nbd_socket(target)? else {
+        return Err(if node.state.nodes()?.iter().any(|n| n.id == target) {
             ApiError::failed_precondition(format!(
                 "node {target} serves no block storage yet; pick another with --node"
             ))
-        })?;
+        } else {
+            ApiError::invalid(format!(
+                "node {target} is not a member of this cluster (see allod node list)"
+            ))
+        });
+    };
     let id = crate::cluster::join::random_hex(8);
     let secret = crate::cluster::join::random_hex(16);
     let now = crate::cluster::join::now_ms();

@@ -179,10 +179,7 @@ pub(super) async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     println!("  CA:           {}", data_dir.join("ca.pem").display());
     if let Some(socket) = agent
         .node()
-        .and_then(|n| n.state.nodes().ok()?.into_iter().find(|m| m.id == n.id))
-        .and_then(|m| m.storage)
-        .map(|s| s.nbd_socket)
-        .filter(|s| !s.is_empty())
+        .and_then(|n| n.state.nbd_socket(n.id).ok().flatten())
     {
         println!("  NBD:          {socket} (with `allod volume export`)");
     }

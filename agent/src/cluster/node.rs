@@ -123,14 +123,6 @@ struct NotHere {
     member: Option<Member>,
 }
 
-/// Where a linearizable read may be served from.
-enum ReadPoint {
-    /// This node leads and confirmed it; its state is current.
-    AppliedHere,
-    /// Current once this node has applied the leader's read index.
-    LeaderIndex(Option<LogId<NodeId>>),
-}
-
 pub struct ClusterNode {
     pub id: NodeId,
     proposer: Proposer,
@@ -353,23 +345,14 @@ impl ClusterNode {
     /// The leader's side of read-index: confirms leadership with a quorum
     /// and returns the log id a follower must have applied before reading.
     pub async fn read_index_as_leader(&self) -> Result<Option<LogId<NodeId>>, ForwardFailure> {
-        let deadline = Instant::now() + OPERATION_TIMEOUT;
-        // As in `read_index`: a heartbeat round that missed is asked again.
-        let confirmed = loop {
-            match timeout_at(deadline, self.raft.get_read_log_id()).await {
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))))
-                    if Instant::now() + QUORUM_RETRY < deadline =>
-                {
-                    tokio::time::sleep(QUORUM_RETRY).await;
-                }
-                other => break other,
-            }
-        };
-        match confirmed {
+        match self
+            .confirmed_read_log_id(Instant::now() + OPERATION_TIMEOUT)
+            .await
+        {
             Err(_) => Err(ForwardFailure::Failed {
                 message: "leadership could not be confirmed in time".into(),
             }),
-            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id),
+            Ok(Ok(read_log_id)) => Ok(read_log_id),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                 Err(ForwardFailure::NotLeader {
                     leader: f.leader_id,
@@ -378,6 +361,30 @@ impl ClusterNode {
             Ok(Err(e)) => Err(ForwardFailure::Failed {
                 message: e.to_string(),
             }),
+        }
+    }
+
+    /// The read index, asked of openraft as the leader until `deadline`.
+    /// openraft 0.9 confirms leadership with one heartbeat round whose
+    /// answers must come within the heartbeat interval: under load a round
+    /// can miss by a little, which says nothing of the quorum, so a round
+    /// that missed is asked again.
+    async fn confirmed_read_log_id(
+        &self,
+        deadline: Instant,
+    ) -> Result<
+        Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Member>>>,
+        tokio::time::error::Elapsed,
+    > {
+        loop {
+            match timeout_at(deadline, self.raft.get_read_log_id()).await {
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))))
+                    if Instant::now() + QUORUM_RETRY < deadline =>
+                {
+                    tokio::time::sleep(QUORUM_RETRY).await;
+                }
+                other => return other.map(|r| r.map(|(read_log_id, _applied)| read_log_id)),
+            }
         }
     }
 
@@ -449,31 +456,16 @@ impl ClusterNode {
 
     async fn read_index(&self) -> Result<(), ClusterError> {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
-        let point = self
+        let read_log_id: Option<LogId<NodeId>> = self
             .via_leader(
                 deadline,
                 "/cluster/read-index",
                 &(),
                 None,
                 || async move {
-                    // openraft 0.9 confirms leadership with one heartbeat
-                    // round whose answers must come within the heartbeat
-                    // interval: under load a round can miss by a little,
-                    // which says nothing of the quorum. Ask again until
-                    // the deadline.
-                    let confirmed = loop {
-                        match timeout_at(deadline, self.raft.ensure_linearizable()).await {
-                            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(
-                                _,
-                            )))) if Instant::now() + QUORUM_RETRY < deadline => {
-                                tokio::time::sleep(QUORUM_RETRY).await;
-                            }
-                            other => break other,
-                        }
-                    };
-                    match confirmed {
+                    match self.confirmed_read_log_id(deadline).await {
                         Err(_) => Ok(Err(ClusterError::NoQuorum)),
-                        Ok(Ok(_)) => Ok(Ok(ReadPoint::AppliedHere)),
+                        Ok(Ok(read_log_id)) => Ok(Ok(read_log_id)),
                         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
                             forward,
                         )))) => Err(NotHere {
@@ -488,18 +480,18 @@ impl ClusterNode {
                         })),
                     }
                 },
-                ReadPoint::LeaderIndex,
+                |read_log_id| read_log_id,
                 |_| ClusterError::NoQuorum,
             )
             .await?;
-        if let ReadPoint::LeaderIndex(read_log_id) = point {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            self.raft
-                .wait(Some(remaining))
-                .applied_index_at_least(read_log_id.map(|l| l.index), "read index")
-                .await
-                .map_err(|_| ClusterError::NoQuorum)?;
-        }
+        // Here or on the leader, the state is current once this node has
+        // applied the read index.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(read_log_id.map(|l| l.index), "read index")
+            .await
+            .map_err(|_| ClusterError::NoQuorum)?;
         Ok(())
     }
 

@@ -68,13 +68,8 @@ pub fn domain_spec(
     // attachment's credential, which only this node (the VM's) accepts.
     let socket = node
         .state
-        .nodes()
+        .nbd_socket(node.id)
         .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|n| n.id == node.id)
-        .and_then(|n| n.storage)
-        .map(|s| s.nbd_socket)
-        .filter(|s| !s.is_empty())
         .ok_or("this node's block store has not registered its NBD socket yet")?;
     let key = node
         .state
@@ -93,14 +88,10 @@ pub fn domain_spec(
             .iter()
             .zip(targets)
             .map(|(a, target)| Disk {
-                export: format!(
-                    "{}.{}",
-                    a.volume_id,
-                    crate::state::exports::credential(
-                        &key,
-                        &a.volume_id,
-                        crate::state::exports::Holder::Vm(&vm.id)
-                    )
+                export: crate::state::exports::attachment_name(
+                    &key,
+                    &a.volume_id,
+                    crate::state::exports::Holder::Vm(&vm.id),
                 ),
                 socket: socket.clone(),
                 target,

@@ -161,14 +161,13 @@ async fn import(
         .export_key()
         .map_err(|e| failed(crate::error_chain(&e)))?
         .ok_or_else(|| failed("the cluster has no export key yet; try again".into()))?;
-    let credential = crate::state::exports::credential(
+    let export = crate::state::exports::attachment_name(
         &key,
         &record.volume_id,
         crate::state::exports::Holder::Import,
     );
     let target = format!(
-        "nbd+unix:///{}.{credential}?socket={}",
-        record.volume_id,
+        "nbd+unix:///{export}?socket={}",
         blocks.nbd_socket.display()
     );
     let limit = conversion_timeout(len);

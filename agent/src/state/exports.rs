@@ -60,6 +60,12 @@ pub fn credential(key: &[u8], volume_id: &str, holder: Holder<'_>) -> String {
     hex::encode(&mac.finalize().into_bytes()[..16])
 }
 
+/// The export name of `volume_id` for `holder`: what [`ExportName::parse`]
+/// reads back as an attachment.
+pub fn attachment_name(key: &[u8], volume_id: &str, holder: Holder<'_>) -> String {
+    format!("{volume_id}.{}", credential(key, volume_id, holder))
+}
+
 /// Whether two strings are equal, in time that does not depend on where
 /// they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
@@ -229,6 +235,14 @@ mod tests {
         assert_ne!(a, credential(&key, "v2", Holder::Vm("vm1")));
         assert_ne!(a, credential(&key, "v1", Holder::Import));
         assert_ne!(a, credential(b"other", "v1", Holder::Vm("vm1")));
+        let name = attachment_name(&key, "v1", Holder::Vm("vm1"));
+        assert_eq!(
+            ExportName::parse(&name),
+            Some(ExportName::Attachment {
+                volume_id: "v1",
+                credential: &a
+            })
+        );
         assert!(same_secret(&a, &a.clone()));
         assert!(!same_secret(&a, &a[..31]));
     }

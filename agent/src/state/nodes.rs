@@ -231,6 +231,18 @@ pub(super) fn set_node_zone(
 }
 
 impl StateView {
+    /// The NBD socket node `id` registered with its block store, once it
+    /// has (`None` also when it is no member).
+    pub fn nbd_socket(&self, id: NodeId) -> Result<Option<String>, ReadError> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.storage)
+            .map(|s| s.nbd_socket)
+            .filter(|s| !s.is_empty()))
+    }
+
     pub fn join_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, ReadError> {
         self.get(&format!("{PREFIX_JOIN_TOKENS}{id}"))
     }

@@ -295,3 +295,74 @@ impl ApiClient {
         names
     }
 }
+
+/// Agent processes of the real binary, killed with SIGKILL when dropped.
+pub struct Killed(pub Vec<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `allod agent` in `dir` on loopback ports the kernel picks, running no
+/// VMs and no tenant networks, logging warnings to `dir.log`.
+pub fn agent_process(dir: &std::path::Path, name: &str) -> std::process::Command {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_allod"));
+    command
+        .args([
+            "agent",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--api-listen",
+            "127.0.0.1:0",
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--storage-listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--libvirt-uri",
+            "none",
+            "--network-fabric",
+            "off",
+        ])
+        .env("ALLOD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap());
+    command
+}
+
+/// Runs the `allod` CLI and returns what it printed; fails the test when
+/// the command fails.
+pub fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_allod"))
+        .args(args)
+        .output()
+        .expect("run allod");
+    assert!(
+        out.status.success(),
+        "allod {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Open files and resident bytes of a process.
+pub fn footprint(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (fds, rss_kib * 1024)
+}
