@@ -186,9 +186,38 @@ fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError
     }
 }
 
-/// Accepts storage connections (mutual TLS with the cluster CA) until the
-/// listener fails.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, store: Arc<ObjectStore>) {
+/// Decides whether the node behind a client certificate may use this
+/// store: after the TLS handshake, and again before a request whenever
+/// [`PeerGate::generation`] has moved (so a node removed from the cluster
+/// loses connections it already holds).
+pub trait PeerGate: Send + Sync + 'static {
+    /// `Err` says why the certificate is refused.
+    fn admit(&self, cert_der: &[u8]) -> Result<(), String>;
+    /// Moves whenever an earlier decision may no longer hold.
+    fn generation(&self) -> u64;
+}
+
+/// Any certificate the TLS configuration accepted (a signature by the
+/// cluster CA) is enough: for stores outside a cluster.
+pub struct CaSignatureOnly;
+
+impl PeerGate for CaSignatureOnly {
+    fn admit(&self, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+/// Accepts storage connections (mutual TLS with the cluster CA, then the
+/// gate's word on the client's certificate) until the listener fails.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    store: Arc<ObjectStore>,
+    gate: Arc<dyn PeerGate>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, from) = match listener.accept().await {
@@ -202,10 +231,27 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, store:
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let store = store.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    if let Err(e) = serve_connection(tls, store).await {
+                    let cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec())
+                        .unwrap_or_default();
+                    let admitted = Admitted {
+                        gate,
+                        cert,
+                        generation: AtomicU64::new(u64::MAX),
+                    };
+                    if let Err(why) = admitted.check() {
+                        tracing::warn!("storage connection from {from} refused: {why}");
+                        return;
+                    }
+                    if let Err(e) = serve_gated(tls, store, Some(admitted)).await {
                         tracing::info!("storage connection from {from} closed: {e}");
                     }
                 }
@@ -218,9 +264,41 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, store:
     }
 }
 
+/// A connection's client certificate and the gate generation it was last
+/// admitted at.
+struct Admitted {
+    gate: Arc<dyn PeerGate>,
+    cert: Vec<u8>,
+    generation: AtomicU64,
+}
+
+impl Admitted {
+    /// Asks the gate again if its generation moved since the last answer.
+    fn check(&self) -> Result<(), String> {
+        let now = self.gate.generation();
+        if self.generation.load(Ordering::Relaxed) == now {
+            return Ok(());
+        }
+        self.gate.admit(&self.cert)?;
+        self.generation.store(now, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Serves one connection: requests are handled concurrently, answers are
 /// written in the order they finish.
 pub async fn serve_connection<S>(stream: S, store: Arc<ObjectStore>) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    serve_gated(stream, store, None).await
+}
+
+async fn serve_gated<S>(
+    stream: S,
+    store: Arc<ObjectStore>,
+    admitted: Option<Admitted>,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -233,6 +311,11 @@ where
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
+        if let Some(Err(why)) = admitted.as_ref().map(Admitted::check) {
+            break Err(format!(
+                "the client's certificate is no longer accepted: {why}"
+            ));
+        }
         let (id, req) = match Request::decode(&body) {
             Ok(r) => r,
             Err(DecodeError(why)) => break Err(format!("malformed request: {why}")),

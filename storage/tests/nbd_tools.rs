@@ -164,7 +164,12 @@ fn fixture() -> &'static Fixture {
                 .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
                 .unwrap();
             addrs.insert(id, listener.local_addr().unwrap().to_string());
-            rt.spawn(transport::serve(listener, Arc::new(server), store.clone()));
+            rt.spawn(transport::serve(
+                listener,
+                Arc::new(server),
+                store.clone(),
+                Arc::new(transport::CaSignatureOnly),
+            ));
             nodes.push(Storage::new(
                 id,
                 store,

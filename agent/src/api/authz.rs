@@ -434,6 +434,7 @@ pub async fn authorize(
         Arc::new(crate::cluster::request_audit::RequestAudit {
             context: std::sync::Mutex::new(context()),
             recorded: std::sync::atomic::AtomicBool::new(false),
+            credential: std::sync::Mutex::new(None),
         })
     });
     let (response, principal) = match &audit {
@@ -538,6 +539,11 @@ async fn authorize_inner(
             .map(str::to_string)
             .ok_or(AuthError::Malformed),
     };
+    if let (Some(audit), Ok(token)) = (audit, &token) {
+        *audit.credential.lock().expect("credential") = Some(
+            crate::cluster::request_audit::Credential::Bearer(token.clone()),
+        );
+    }
     // Only permissions that name a path parameter need them.
     let params = match permission {
         Permission::Public | Permission::Authenticated | Permission::ClusterAdmin => HashMap::new(),

@@ -123,6 +123,8 @@ pub(super) async fn join(
     }
     crate::cluster::pki::check_csr(&body.csr_pem)
         .map_err(|e| ApiError::invalid(crate::error_chain(&e)))?;
+    let key_sha256 = crate::cluster::pki::csr_key_sha256(&body.csr_pem)
+        .map_err(|e| ApiError::invalid(crate::error_chain(&e)))?;
     if node.members().iter().any(|m| m.name == body.name) {
         return Err(ApiError::already_exists(format!(
             "a member named {:?} already exists; pick another node name",
@@ -158,6 +160,7 @@ pub(super) async fn join(
             secret_sha256,
             now_ms: crate::cluster::join::now_ms(),
             node_name: body.name,
+            key_sha256: Some(key_sha256),
         })
         .await??;
     let node_id = outcome

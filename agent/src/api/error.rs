@@ -228,6 +228,9 @@ impl From<ClusterError> for ApiError {
                     crate::error_chain(&e)
                 ),
             ),
+            ClusterError::Refused { message } => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+            }
             ClusterError::Membership { .. } => {
                 Self::new(StatusCode::CONFLICT, "failed_precondition", e.to_string())
             }

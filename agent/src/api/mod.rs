@@ -24,6 +24,7 @@ pub mod authz;
 mod cluster;
 mod error;
 mod exports;
+pub mod forwarded;
 mod network;
 pub mod oidc;
 mod openapi;
@@ -481,8 +482,30 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(time_limit))
+        .layer(middleware::from_fn_with_state(
+            state.node.clone(),
+            no_revoked_certs,
+        ))
         .layer(middleware::from_fn(read_body_first))
         .with_state(state)
+}
+
+/// A client that presents a node certificate (none needs to: callers
+/// authenticate with tokens) is refused unless it is a member's: a removed
+/// node's, or one minted for a key its node never joined with, gets 403.
+async fn no_revoked_certs(
+    State(node): State<Arc<ClusterNode>>,
+    identity: Option<axum::Extension<crate::cluster::peer::PeerIdentity>>,
+    request: Request,
+    next: middleware::Next,
+) -> Response {
+    if let Some(cert) = identity.as_ref().and_then(|i| i.node_cert.as_ref()) {
+        if let Err(why) = node.admit_node_cert(cert, false).await {
+            tracing::warn!(node = cert.id, reason = %why, "refused an API request with a node certificate");
+            return ApiError::forbidden(why).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The most a refused request's body is read before its connection is let

@@ -335,6 +335,7 @@ pub(super) async fn login(
         .and_then(|u| u.password_phc.clone());
     // An unknown user, or one without a password, is checked against a
     // decoy hash: the refusal takes as long as a wrong password's.
+    let password = body.password.clone();
     if !auth.login.verify(body.password, phc).await {
         tracing::info!(
             user = body.user,
@@ -346,6 +347,14 @@ pub(super) async fn login(
         return Err(refused());
     };
     auth.login.succeeded(&user.name);
+    // The leader checks the password again before a follower's token is
+    // written (see `api::forwarded`).
+    crate::cluster::request_audit::set_credential(
+        crate::cluster::request_audit::Credential::Password {
+            user: user.name.clone(),
+            password,
+        },
+    );
     Ok(Json(
         issue_token(
             &node,

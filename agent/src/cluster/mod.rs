@@ -1,10 +1,11 @@
 //! The node as a member of the cluster: its Raft instance and the one path
 //! for writes and linearizable reads (`node`, `proposer`), the peer
 //! transport over mutual TLS (`peer`), the cluster CA and certificates
-//! (`pki`), join tokens (`join`), the accept loops (`serve`) and the data
+//! (`pki`), which node certificates are served (`admission`), join tokens (`join`), the accept loops (`serve`) and the data
 //! directory (`paths`). It knows the state's commands and records, and
 //! nothing of the API, the reconcilers or the CLI.
 
+pub mod admission;
 pub mod join;
 pub mod node;
 pub mod paths;

@@ -42,6 +42,10 @@ pub enum ClusterError {
     Peer(#[from] PeerCallError),
     #[error("the leader refused: {message}")]
     Leader { message: String },
+    /// The leader does not let the caller (or the node that forwarded the
+    /// call) do this.
+    #[error("{message}")]
+    Refused { message: String },
     #[error("the write was not confirmed within {}s; it may still commit, so check its effect before retrying", .waited.as_secs())]
     Unconfirmed { waited: Duration },
     #[error("Raft failed: {message}")]
@@ -123,8 +127,24 @@ struct NotHere {
     member: Option<Member>,
 }
 
+/// Decides on the leader whether a write another node forwarded may be
+/// made: `credential` is what the original caller authenticated with (none
+/// for the forwarding node's own work). Answers the command to propose (its
+/// audit entry naming the caller as the leader resolved them), or why not.
+/// The API layer implements it.
+pub trait WriteAuthority: Send + Sync + 'static {
+    fn authorize(
+        &self,
+        from: NodeId,
+        credential: Option<crate::cluster::request_audit::Credential>,
+        command: Command,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Command, String>> + Send + '_>>;
+}
+
 pub struct ClusterNode {
     pub id: NodeId,
+    /// Authorises forwarded writes; set once the API is built.
+    pub write_authority: std::sync::OnceLock<Arc<dyn WriteAuthority>>,
     proposer: Proposer,
     /// Moves on after every applied change that can alter a token's principal.
     pub auth_generation: Arc<std::sync::atomic::AtomicU64>,
@@ -208,6 +228,7 @@ impl ClusterNode {
         let proposer = Proposer::spawn(raft.clone());
         Ok(Arc::new(Self {
             id: config.node_id,
+            write_authority: std::sync::OnceLock::new(),
             proposer,
             auth_generation,
             config,
@@ -254,7 +275,7 @@ impl ClusterNode {
         self.raft.metrics().borrow().current_leader
     }
 
-    fn leader_member(&self, leader: NodeId) -> Option<Member> {
+    fn member_of(&self, leader: NodeId) -> Option<Member> {
         self.raft
             .metrics()
             .borrow()
@@ -292,6 +313,7 @@ impl ClusterNode {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
         let forwarded = ForwardedWrite {
             command: value.clone(),
+            credential: crate::cluster::request_audit::current_credential(),
         };
         self.via_leader(
             deadline,
@@ -325,11 +347,35 @@ impl ClusterNode {
         .await
     }
 
-    /// The leader's side of a forwarded write: never forwards again.
+    /// The leader's side of a write forwarded by node `from`: authorised
+    /// again here (see [`WriteAuthority`]), never forwarded again.
     pub async fn write_as_leader(
         &self,
-        command: serde_json::Value,
+        from: NodeId,
+        forwarded: ForwardedWrite,
     ) -> Result<Outcome, ForwardFailure> {
+        if self.leader() != Some(self.id) {
+            return Err(ForwardFailure::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        let command: Command =
+            serde_json::from_value(forwarded.command).map_err(|e| ForwardFailure::Refused {
+                message: format!("the forwarded command does not parse: {e}"),
+            })?;
+        let Some(authority) = self.write_authority.get() else {
+            return Err(ForwardFailure::Failed {
+                message: "the leader is still starting; retry".into(),
+            });
+        };
+        let command = authority
+            .authorize(from, forwarded.credential, command)
+            .await
+            .map_err(|message| {
+                tracing::warn!(from, %message, "refused a forwarded write");
+                ForwardFailure::Refused { message }
+            })?;
+        let command = serde_json::to_value(&command).expect("commands serialise");
         match tokio::time::timeout(OPERATION_TIMEOUT, self.proposer.propose(command)).await {
             Err(_) => Err(ForwardFailure::Failed {
                 message: "the write did not commit in time (no quorum?)".into(),
@@ -526,7 +572,7 @@ impl ClusterNode {
             let leader = not_here.leader;
             let member = not_here
                 .member
-                .or_else(|| leader.and_then(|l| self.leader_member(l)));
+                .or_else(|| leader.and_then(|l| self.member_of(l)));
             match member {
                 Some(member) if leader != Some(self.id) => {
                     let timeout = peer_timeout
@@ -542,6 +588,9 @@ impl ClusterNode {
                         }
                         Ok(Err(ForwardFailure::Failed { message })) => {
                             return Err(leader_failed(message))
+                        }
+                        Ok(Err(ForwardFailure::Refused { message })) => {
+                            return Err(ClusterError::Refused { message })
                         }
                         Err(e) if e.never_sent() => {
                             self.await_leader_change(leader, deadline).await
@@ -691,7 +740,11 @@ impl ClusterNode {
 
     /// Removes a node from the cluster; if it was a voter and a learner is
     /// waiting, the learner takes its place.
+    /// Its record goes with it, which revokes its certificate (see
+    /// `admission`); the node is then told, so that it wipes its keys (a
+    /// node that is down learns it from the first member that refuses it).
     pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
+        let peer_addr = self.member_of(node_id).map(|m| m.peer_addr);
         let request = RemoveMemberRequest { node_id };
         self.on_leader("/cluster/remove-member", &request, || {
             self.remove_member_locally(node_id)
@@ -699,8 +752,20 @@ impl ClusterNode {
         .await?;
         self.write(&Command::ForgetNode { id: node_id })
             .await?
-            .map(|_| ())
-            .map_err(ClusterError::from)
+            .map_err(ClusterError::from)?;
+        if node_id == self.id {
+            self.mark_removed("this node removed itself from the cluster".into());
+        } else if let Some(addr) = peer_addr {
+            let notice = crate::cluster::peer::RemovedNotice { node_id };
+            let told: Result<(), PeerCallError> = self
+                .peers
+                .call(&addr, "/cluster/removed", &notice, Duration::from_secs(5))
+                .await;
+            if let Err(e) = told {
+                tracing::warn!(node_id, error = %crate::error_chain(&e), "cannot tell the removed node; it learns it when a member next refuses it");
+            }
+        }
+        Ok(())
     }
 
     async fn remove_member_locally(&self, node_id: NodeId) -> Result<(), ClusterError> {

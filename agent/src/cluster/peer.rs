@@ -62,6 +62,8 @@ impl Isolation {
 #[derive(Clone, Debug)]
 pub struct PeerIdentity {
     pub common_name: Option<String>,
+    /// The node the client certificate names, and its key.
+    pub node_cert: Option<crate::cluster::admission::NodeCert>,
     /// The client's address.
     pub remote_addr: Option<std::net::SocketAddr>,
     /// Set once the connection has proven who is on it (a client
@@ -111,6 +113,9 @@ impl PeerCallError {
 pub struct PeerClient {
     http: reqwest::Client,
     pub isolation: Isolation,
+    /// Set, with how it was learnt, once a member refuses this node's
+    /// certificate as revoked or tells it that it was removed.
+    pub removed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl PeerClient {
@@ -121,7 +126,11 @@ impl PeerClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()?;
-        Ok(Self { http, isolation })
+        Ok(Self {
+            http,
+            isolation,
+            removed: Arc::new(tokio::sync::watch::channel(None).0),
+        })
     }
 
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -158,6 +167,18 @@ impl PeerClient {
         let status = response.status();
         if !status.is_success() {
             let message = response.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::FORBIDDEN
+                && message.starts_with(crate::cluster::admission::REVOKED)
+            {
+                let how = format!("member at {addr} refused this node's certificate: {message}");
+                self.removed.send_if_modified(|removed| {
+                    let first = removed.is_none();
+                    if first {
+                        *removed = Some(how);
+                    }
+                    first
+                });
+            }
             return Err(PeerCallError::Refused {
                 addr,
                 status: status.as_u16(),
@@ -280,6 +301,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ForwardedWrite {
     pub command: serde_json::Value,
+    /// The API caller's credential when the write comes from an API
+    /// request; the leader authorises the write with it.
+    #[serde(default)]
+    pub credential: Option<crate::cluster::request_audit::Credential>,
 }
 
 /// Why a forwarded operation failed on the node that received it.
@@ -289,6 +314,8 @@ pub enum ForwardFailure {
     NotLeader { leader: Option<NodeId> },
     /// Proposed or attempted, with an unknown or failed result.
     Failed { message: String },
+    /// Not allowed: nothing was proposed.
+    Refused { message: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -302,6 +329,12 @@ pub struct RemoveMemberRequest {
     pub node_id: NodeId,
 }
 
+/// A member tells a node it has just been removed from the cluster.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemovedNotice {
+    pub node_id: NodeId,
+}
+
 pub fn router(node: Arc<ClusterNode>, request_limit_bytes: usize) -> Router {
     Router::new()
         .route("/raft/append", post(append))
@@ -311,6 +344,11 @@ pub fn router(node: Arc<ClusterNode>, request_limit_bytes: usize) -> Router {
         .route("/cluster/read-index", post(read_index))
         .route("/cluster/add-member", post(add_member))
         .route("/cluster/remove-member", post(remove_member))
+        .route("/cluster/removed", post(removed))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            crate::cluster::admission::members_only,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(request_limit_bytes))
         .with_state(node)
 }
@@ -364,12 +402,17 @@ async fn snapshot(
 
 async fn forwarded_write(
     State(node): State<Arc<ClusterNode>>,
+    Extension(identity): Extension<PeerIdentity>,
     Json(req): Json<ForwardedWrite>,
 ) -> PeerReply<Result<Outcome, ForwardFailure>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    Ok(Json(node.write_as_leader(req.command).await))
+    // `members_only` let the request in: the certificate names a member.
+    let Some(from) = identity.node_cert.map(|c| c.id) else {
+        return Err((StatusCode::FORBIDDEN, "the caller is not a node"));
+    };
+    Ok(Json(node.write_as_leader(from, req).await))
 }
 
 async fn read_index(
@@ -427,6 +470,21 @@ async fn remove_member(
         ));
     }
     Ok(Json(node.remove_member(req.node_id).await.map_err(failure)))
+}
+
+async fn removed(
+    State(node): State<Arc<ClusterNode>>,
+    Extension(identity): Extension<PeerIdentity>,
+    Json(notice): Json<RemovedNotice>,
+) -> PeerReply<()> {
+    if notice.node_id != node.id {
+        return Err((StatusCode::BAD_REQUEST, "the notice names another node"));
+    }
+    let by = identity.node_cert.map_or(0, |c| c.id);
+    node.mark_removed(format!(
+        "member node {by} removed this node from the cluster"
+    ));
+    Ok(Json(()))
 }
 
 fn failure(e: ClusterError) -> ForwardFailure {

@@ -305,13 +305,21 @@ impl NodeTls {
         Ok(Arc::new(config))
     }
 
-    /// Server side of the tenant API: server authentication only; callers
-    /// authenticate with bearer tokens.
+    /// Server side of the tenant API: callers authenticate with bearer
+    /// tokens; a client certificate is optional, and one from the cluster
+    /// CA must still be a member's (see `admission`).
     pub fn api_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| PkiError::Verifier {
+                    reason: e.to_string(),
+                })?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|source| PkiError::Tls { source })?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain()?, parse_key(&self.key_pem)?)
             .map_err(|source| PkiError::Tls { source })?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -417,6 +425,41 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// SHA-256 of the public key a certificate carries (the bits of its
+/// subjectPublicKey), lowercase hex: what the cluster pins for each node.
+pub fn cert_key_sha256(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(Sha256::digest(
+        &cert.public_key().subject_public_key.data,
+    )))
+}
+
+/// SHA-256 of the public key in a CSR, as [`cert_key_sha256`] computes it
+/// for the certificate later signed from the CSR.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |reason: String| PkiError::BadPem {
+        what: "the certificate signing request",
+        reason,
+    };
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| bad(e.to_string()))?;
+    Ok(hex::encode(Sha256::digest(
+        &csr.certification_request_info
+            .subject_pki
+            .subject_public_key
+            .data,
+    )))
+}
+
+/// The node id a node certificate's common name (`node-<id>`) names.
+pub fn node_id_of(common_name: &str) -> Option<u64> {
+    common_name.strip_prefix("node-")?.parse().ok()
+}
+
 /// The common name of the verified client certificate, if any.
 pub fn peer_common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -449,6 +492,24 @@ mod tests {
         tls.peer_server_config().unwrap();
         tls.peer_client_config().unwrap();
         assert_eq!(pem_fingerprint(&ca.cert_pem).unwrap().len(), 64);
+        assert_eq!(node_id_of("node-7"), Some(7));
+        assert_eq!(node_id_of("Allod cluster CA c1"), None);
+    }
+
+    /// The key pinned at join time (from the CSR) is the key the signed
+    /// certificate carries, and another key for the same node differs.
+    #[test]
+    fn the_pinned_key_of_a_csr_is_the_key_of_its_certificate() {
+        let ca = CertificateAuthority::create("c1").unwrap();
+        let node = NodeKey::generate(subject_alt_names(&[])).unwrap();
+        let cert = CertificateAuthority::sign_node_csr(&ca.cert_pem, &ca.key_pem, &node.csr_pem, 3)
+            .unwrap();
+        let der = parse_certs(&cert, "cert").unwrap();
+        let pinned = csr_key_sha256(&node.csr_pem).unwrap();
+        assert_eq!(cert_key_sha256(der[0].as_ref()), Some(pinned.clone()));
+        let other = NodeKey::generate(subject_alt_names(&[])).unwrap();
+        assert_ne!(csr_key_sha256(&other.csr_pem).unwrap(), pinned);
+        assert!(csr_key_sha256("not a csr").is_err());
     }
 
     #[test]

@@ -10,6 +10,44 @@ use crate::state::audit::AuditContext;
 pub struct RequestAudit {
     pub context: std::sync::Mutex<AuditContext>,
     pub recorded: std::sync::atomic::AtomicBool,
+    /// What the caller proved who they are with: a write forwarded to the
+    /// leader carries it, and the leader authorises the write again.
+    pub credential: std::sync::Mutex<Option<Credential>>,
+}
+
+/// A caller's credential, as a forwarded write carries it to the leader
+/// (over the peers' mutual TLS only).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credential {
+    /// A bearer token: an API token or an OIDC JWT.
+    Bearer(String),
+    /// A password login, which the leader checks again.
+    Password { user: String, password: String },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            Credential::Password { user, .. } => write!(f, "Password({user:?}, <redacted>)"),
+        }
+    }
+}
+
+/// The current request's credential, for every write it makes.
+pub fn current_credential() -> Option<Credential> {
+    REQUEST_AUDIT
+        .try_with(|audit| audit.credential.lock().expect("credential").clone())
+        .ok()
+        .flatten()
+}
+
+/// Records what the current request's caller authenticated with.
+pub fn set_credential(credential: Credential) {
+    let _ = REQUEST_AUDIT.try_with(|audit| {
+        *audit.credential.lock().expect("credential") = Some(credential);
+    });
 }
 
 tokio::task_local! {

@@ -290,6 +290,7 @@ impl Agent {
             .lock()
             .expect("task list")
             .extend([admin, api, peer]);
+        tokio::spawn(leave_when_removed(Arc::downgrade(&agent)));
 
         if data_dir.node_config().exists() {
             let config: NodeConfig = read_json(&data_dir.node_config())?;
@@ -336,6 +337,12 @@ impl Agent {
             crate::cluster::peer::router(node.clone(), self.raft_options.peer_request_limit_bytes),
         ));
         let app = crate::api::AppState::new(node.clone(), local.clone());
+        let _ = node
+            .write_authority
+            .set(Arc::new(crate::api::forwarded::ForwardedWrites {
+                node: Arc::downgrade(&node),
+                auth: app.auth.clone(),
+            }));
         tokio::spawn(crate::api::abuse::write_summaries(
             Arc::downgrade(&node),
             app.auth.refusals.clone(),
@@ -457,6 +464,9 @@ impl Agent {
             cert_pem: node_cert,
             key_pem: node_key,
         };
+        let key_sha256 = pki::parse_certs(&tls.cert_pem, "the node certificate")?
+            .first()
+            .and_then(|der| pki::cert_key_sha256(der.as_ref()));
         let result = async {
             let node = self.configure(config, tls).await?;
             node.initialize_single().await?;
@@ -476,6 +486,7 @@ impl Agent {
                 memory_bytes: 0,
                 maintenance: false,
                 storage: None,
+                key_sha256,
             };
             node.write(&Command::InitCluster {
                 info,
@@ -691,6 +702,37 @@ impl Agent {
             node.shutdown().await;
         }
         let _ = std::fs::remove_file(self.data_dir.admin_socket());
+    }
+}
+
+/// When the cluster removes this node, it stops serving the cluster and
+/// wipes what made it a member (its key and certificate, the CA's, the Raft
+/// log and the state), and waits unconfigured to create or join a cluster.
+async fn leave_when_removed(agent: std::sync::Weak<Agent>) {
+    let Some(mut nodes) = agent.upgrade().map(|a| a.subscribe()) else {
+        return;
+    };
+    loop {
+        let current = nodes.borrow_and_update().clone();
+        match current {
+            Some(node) => {
+                tokio::select! {
+                    how = node.removed() => {
+                        drop(node);
+                        let Some(agent) = agent.upgrade() else { return };
+                        let _setup = agent.setup_lock.lock().await;
+                        tracing::warn!(reason = %how, "removed from the cluster: wiping this node's keys and cluster state; it is unconfigured and may create or join a cluster again");
+                        agent.unconfigure().await;
+                    }
+                    changed = nodes.changed() => if changed.is_err() { return },
+                }
+            }
+            None => {
+                if nodes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -221,9 +221,10 @@ impl BlockStore {
         let io = runtime.handle().clone();
         let listener = listener.into_std()?;
         let served = store.clone();
+        let gate = Arc::new(crate::cluster::admission::StorageGate(Arc::downgrade(node)));
         io.spawn(async move {
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => transport::serve(l, server_tls, served).await,
+                Ok(l) => transport::serve(l, server_tls, served, gate).await,
                 Err(e) => tracing::error!("cannot serve the block store: {e}"),
             }
         });

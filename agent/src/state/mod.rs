@@ -87,6 +87,9 @@ pub enum Command {
         secret_sha256: String,
         now_ms: u64,
         node_name: String,
+        /// SHA-256 of the public key in the node's CSR, pinned in its record.
+        #[serde(default)]
+        key_sha256: Option<String>,
     },
     ForgetNode {
         id: NodeId,
@@ -564,7 +567,8 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             secret_sha256,
             now_ms,
             node_name,
-        } => nodes::consume_join_token(kv, id, secret_sha256, now_ms, node_name),
+            key_sha256,
+        } => nodes::consume_join_token(kv, id, secret_sha256, now_ms, node_name, key_sha256),
         Command::ForgetNode { id } => nodes::forget_node(kv, id),
         Command::SetNodeZone { id, zone } => nodes::set_node_zone(kv, id, zone),
         Command::SetNodeMaintenance { id, maintenance } => nodes::update_node(kv, id, |_, node| {

@@ -42,6 +42,11 @@ pub struct NodeRecord {
     /// The node's block store, once it has registered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<super::volumes::NodeStorage>,
+    /// SHA-256 of the public key the node joined with: only a certificate
+    /// for that key speaks for this node (absent in records written before
+    /// keys were pinned, which trust the name alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +140,7 @@ pub(super) fn consume_join_token(
     secret_sha256: String,
     now_ms: u64,
     node_name: String,
+    key_sha256: Option<String>,
 ) -> Result<Outcome, KvError> {
     Ok({
         let key = format!("{PREFIX_JOIN_TOKENS}{id}");
@@ -163,7 +169,7 @@ pub(super) fn consume_join_token(
                 put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                 record.used_by = Some(node_id);
                 put_json(kv, &key, &record)?;
-                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None };
+                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256 };
                 put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                 Ok(serde_json::json!({ "node_id": node_id }))
             }
@@ -254,4 +260,38 @@ impl StateView {
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, ReadError> {
         self.list(PREFIX_NODES)
     }
+
+    /// Whether a certificate naming node `id` and carrying a key whose
+    /// SHA-256 is `key_sha256` speaks for a member.
+    pub fn node_admission(&self, id: NodeId, key_sha256: &str) -> Result<NodeAdmission, ReadError> {
+        if let Some(node) = self.get::<NodeRecord>(&format!("{PREFIX_NODES}{id:020}"))? {
+            return Ok(match node.key_sha256 {
+                Some(pinned) if pinned != key_sha256 => NodeAdmission::Refused(format!(
+                    "the certificate for node {id} carries a key other than the one node {id} joined with"
+                )),
+                _ => NodeAdmission::Member,
+            });
+        }
+        let next: Option<NodeId> = self.get(KEY_NEXT_NODE_ID)?;
+        Ok(match next {
+            // Ids are never given out twice: one below the counter without
+            // a record belongs to a node that was removed.
+            Some(next) if id < next => NodeAdmission::Refused(format!(
+                "node {id} was removed from the cluster; its certificate is revoked"
+            )),
+            _ => NodeAdmission::NotYetKnown,
+        })
+    }
+}
+
+/// What the cluster state says of a node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAdmission {
+    /// A member's certificate for the key it joined with.
+    Member,
+    /// Removed, or a key the node never joined with.
+    Refused(String),
+    /// An id this state has not seen given out: a node that joined after
+    /// the state this node has applied, or a forgery.
+    NotYetKnown,
 }

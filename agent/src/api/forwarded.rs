@@ -1,0 +1,291 @@
+//! The leader's check of a write another node forwarded to it.
+//!
+//! A follower's word is not enough: a node may only report its own state
+//! (its VMs' states, its capacity, its store, the leases and replica sets
+//! it holds as a volume's writer), and a change a user asked for is made
+//! only when the credential the user gave, carried with the write, lets
+//! that user make it, decided by the same rules ([`decide`]) the API applies
+//! to its routes. So a member, or a stolen node certificate, cannot mint
+//! itself an admin token by forwarding `CreateToken`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+
+use allod_raft::NodeId;
+
+use crate::api::authz::{
+    authenticate, decide, AuthServices, Decision, Permission, TOKEN_OWNER_PARAM,
+};
+use crate::cluster::node::{ClusterNode, WriteAuthority};
+use crate::cluster::request_audit::Credential;
+use crate::state::auth::Role;
+use crate::state::network::NetCommand;
+use crate::state::operations::Work;
+use crate::state::Command;
+
+/// The API's rules, applied on the leader to forwarded writes.
+pub struct ForwardedWrites {
+    pub node: Weak<ClusterNode>,
+    pub auth: Arc<AuthServices>,
+}
+
+/// What a command needs of the node that forwarded it, or of its caller.
+#[derive(Debug, PartialEq, Eq)]
+enum Need {
+    /// The command proves itself (a join token's secret, checked at apply).
+    Nothing,
+    /// Any member: an operator's action on a member's own console (join
+    /// tokens, removing a node, the audit entries a node writes).
+    Member,
+    /// Only the node named: a node reports its own state.
+    Node(NodeId),
+    /// The caller's credential must allow it.
+    Caller(Permission, HashMap<String, String>),
+    /// Never forwarded.
+    Never,
+}
+
+fn project(name: &str, role: Role) -> Need {
+    Need::Caller(
+        Permission::Project {
+            param: "name",
+            role,
+        },
+        HashMap::from([("name".to_string(), name.to_string())]),
+    )
+}
+
+fn admin() -> Need {
+    Need::Caller(Permission::ClusterAdmin, HashMap::new())
+}
+
+/// What `command` needs, reading the leader's state where the command
+/// names an object by id.
+fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
+    let read = |e: crate::state::ReadError| format!("cannot read the cluster state: {e}");
+    let member = |p: &str| project(p, Role::ProjectMember);
+    Ok(match command {
+        Command::InitCluster { .. } | Command::Audited { .. } => Need::Never,
+        Command::ConsumeJoinToken { .. } => Need::Nothing,
+        Command::CreateJoinToken { .. }
+        | Command::ForgetNode { .. }
+        | Command::AppendAudit { .. }
+        | Command::SetExportKey { .. } => Need::Member,
+        Command::ReportVmState { node, .. } | Command::AcquireLease { node, .. } => {
+            Need::Node(*node)
+        }
+        Command::SetNodeStorage { id, .. }
+        | Command::SetNodeCapacity { id, .. }
+        | Command::SetNodeMaintenance { id, .. } => Need::Node(*id),
+        Command::UpdateReplicas { volume_id, .. } => {
+            match node.state.volume_by_id(volume_id).map_err(read)? {
+                Some(volume) => match volume.lease {
+                    Some(lease) => Need::Node(lease.node),
+                    None => Need::Never,
+                },
+                None => Need::Nothing,
+            }
+        }
+        Command::FinishOperation { id, .. } => match node.state.operation(id).map_err(read)? {
+            Some(operation) => Need::Node(operation.node),
+            None => Need::Nothing,
+        },
+        Command::StartOperation { operation } => match &operation.work {
+            Work::ImportImage { .. } => admin(),
+            Work::RollbackVolume { volume_id, .. } => {
+                match node.state.volume_by_id(volume_id).map_err(read)? {
+                    Some(volume) => member(&volume.project),
+                    None => admin(),
+                }
+            }
+        },
+        Command::CreateProject { .. }
+        | Command::DeleteProject { .. }
+        | Command::SetQuota { .. }
+        | Command::SetNodeZone { .. }
+        | Command::CreateImage { .. }
+        | Command::FinishImage { .. }
+        | Command::DeleteImage { .. }
+        | Command::PutOidcIssuer { .. }
+        | Command::DeleteOidcIssuer { .. }
+        | Command::CreateUser { .. }
+        | Command::GrantRole { .. }
+        | Command::RevokeRole { .. }
+        | Command::SetUserDisabled { .. }
+        | Command::DeleteUser { .. }
+        | Command::CreateExportGrant { .. } => admin(),
+        Command::UpdateProject { name, .. } => project(name, Role::ProjectAdmin),
+        Command::CreateVolume { volume, .. } => member(&volume.project),
+        Command::DeleteVolume { project, .. }
+        | Command::ResizeVolume { project, .. }
+        | Command::CreateSnapshot { project, .. }
+        | Command::DeleteSnapshot { project, .. }
+        | Command::DeleteVm { project, .. }
+        | Command::SetVmPower { project, .. }
+        | Command::RebootVm { project, .. }
+        | Command::ResizeVm { project, .. } => member(project),
+        Command::CreateVm { vm, .. } => member(&vm.project),
+        Command::AttachVolume {
+            project,
+            volume_project,
+            ..
+        }
+        | Command::DetachVolume {
+            project,
+            volume_project,
+            ..
+        } => {
+            if project == volume_project {
+                member(project)
+            } else {
+                // Both projects: checked as two needs by the caller below.
+                Need::Caller(
+                    Permission::Project {
+                        param: "name",
+                        role: Role::ProjectMember,
+                    },
+                    HashMap::from([
+                        ("name".to_string(), project.clone()),
+                        ("also".to_string(), volume_project.clone()),
+                    ]),
+                )
+            }
+        }
+        Command::CreateToken { user, .. } => Need::Caller(
+            Permission::SelfOrClusterAdmin { param: "user" },
+            HashMap::from([("user".to_string(), user.clone())]),
+        ),
+        Command::RevokeToken { id } => {
+            let mut params = HashMap::from([("id".to_string(), id.clone())]);
+            if let Some(owner) = node.state.token_owner(id).map_err(read)? {
+                params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
+            }
+            Need::Caller(Permission::TokenOwnerOrClusterAdmin { param: "id" }, params)
+        }
+        Command::Network { command } => match command {
+            NetCommand::SetUnderlay { node, .. } => Need::Node(*node),
+            NetCommand::CreatePool { .. } | NetCommand::DeletePool { .. } => admin(),
+            NetCommand::CreateVpc { vpc } => member(&vpc.project),
+            NetCommand::CreateSubnet { subnet } => member(&subnet.project),
+            NetCommand::CreateSecurityGroup { group } => member(&group.project),
+            NetCommand::CreatePort { port } => member(&port.project),
+            NetCommand::DeleteVpc { project, .. }
+            | NetCommand::DeleteSubnet { project, .. }
+            | NetCommand::DeleteSecurityGroup { project, .. }
+            | NetCommand::AddRule { project, .. }
+            | NetCommand::DeleteRule { project, .. }
+            | NetCommand::DeletePort { project, .. }
+            | NetCommand::AllocateFip { project, .. }
+            | NetCommand::BindFip { project, .. }
+            | NetCommand::ReleaseFip { project, .. } => member(project),
+        },
+    })
+}
+
+impl ForwardedWrites {
+    async fn check(
+        &self,
+        from: NodeId,
+        credential: Option<Credential>,
+        command: Command,
+    ) -> Result<Command, String> {
+        let node = self
+            .node
+            .upgrade()
+            .ok_or_else(|| "the leader is shutting down".to_string())?;
+        let (inner, mut audit) = match command {
+            Command::Audited { command, audit } => (*command, Some(audit)),
+            other => (other, None),
+        };
+        let op = serde_json::to_value(&inner)
+            .ok()
+            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        match need(&node, &inner)? {
+            Need::Nothing | Need::Member => {}
+            Need::Never => return Err(format!("a {op} command is never forwarded")),
+            Need::Node(id) if id == from => {}
+            Need::Node(id) => return Err(format!(
+                "node {from} may not write {op} for node {id}: a node reports only its own state"
+            )),
+            Need::Caller(permission, params) => {
+                let who = match credential {
+                    None => {
+                        return Err(format!(
+                            "node {from} forwarded {op} without the caller's credential; only a user's request can make it"
+                        ))
+                    }
+                    Some(Credential::Password { user, password }) => {
+                        self.password_caller(&node, &inner, user, password).await?
+                    }
+                    Some(Credential::Bearer(token)) => {
+                        let principal = authenticate(&node, &self.auth, &token)
+                            .await
+                            .map_err(|e| format!("the caller's credential is refused: {e}"))?;
+                        let mut decisions = vec![decide(permission, &principal, &params)];
+                        if let Some(also) = params.get("also") {
+                            let other = HashMap::from([("name".to_string(), also.clone())]);
+                            decisions.push(decide(permission, &principal, &other));
+                        }
+                        if let Some(refused) = decisions.into_iter().find(|d| *d != Decision::Allow) {
+                            return Err(match refused {
+                                Decision::Forbidden(why) | Decision::Hidden(why) => why,
+                                Decision::Allow => unreachable!(),
+                            });
+                        }
+                        (principal.user, principal.token_id)
+                    }
+                };
+                // The entry names the caller as the leader resolved them.
+                if let Some(audit) = audit.as_mut() {
+                    (audit.user, audit.token_id) = who;
+                }
+            }
+        }
+        Ok(match audit {
+            Some(audit) => Command::Audited {
+                command: Box::new(inner),
+                audit,
+            },
+            None => inner,
+        })
+    }
+
+    /// A login through a follower: the password is checked again, and it
+    /// only ever yields that user's own token.
+    async fn password_caller(
+        &self,
+        node: &ClusterNode,
+        command: &Command,
+        user: String,
+        password: String,
+    ) -> Result<(String, String), String> {
+        match command {
+            Command::CreateToken { user: owner, .. } if *owner == user => {}
+            _ => return Err("a password only ever creates its own user's login token".into()),
+        }
+        let phc = node
+            .state
+            .user(&user)
+            .map_err(|e| format!("cannot read the cluster state: {e}"))?
+            .filter(|u| !u.disabled)
+            .and_then(|u| u.password_phc);
+        if !self.auth.login.verify(password, phc).await {
+            return Err("unknown user or wrong password".into());
+        }
+        Ok((user, "-".into()))
+    }
+}
+
+impl WriteAuthority for ForwardedWrites {
+    fn authorize(
+        &self,
+        from: NodeId,
+        credential: Option<Credential>,
+        command: Command,
+    ) -> Pin<Box<dyn Future<Output = Result<Command, String>> + Send + '_>> {
+        Box::pin(self.check(from, credential, command))
+    }
+}
