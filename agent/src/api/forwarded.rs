@@ -207,9 +207,12 @@ impl ForwardedWrites {
             Need::Nothing | Need::Member => {}
             Need::Never => return Err(format!("a {op} command is never forwarded")),
             Need::Node(id) if id == from => {}
-            Need::Node(id) => return Err(format!(
-                "node {from} may not write {op} for node {id}: a node reports only its own state"
-            )),
+            Need::Node(id) => {
+                let why = "a node reports only its own state";
+                return Err(format!(
+                    "node {from} may not write {op} for node {id}: {why}"
+                ));
+            }
             Need::Caller(permission, params) => {
                 let who = match credential {
                     None => {
