@@ -251,7 +251,7 @@ async fn logins_are_rate_limited_and_an_unknown_user_costs_a_wrong_passwords_tim
 
     // carol's name, tried from ever new addresses, runs out of attempts.
     let mut limited = None;
-    for k in 0..10 {
+    for k in 0..30 {
         let (status, retry, body, _) =
             login_from(&cluster, [127, 0, 1, k], "carol", "wrong horse").await;
         if status == 429 {
@@ -310,5 +310,66 @@ async fn logins_are_rate_limited_and_an_unknown_user_costs_a_wrong_passwords_tim
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let (status, _, body, _) = login_from(&cluster, [127, 0, 0, 5], "carol", "correct horse").await;
     assert_eq!(status, 200, "{body}");
+    cluster.shutdown().await;
+}
+
+/// A user who loops on a call they may not make gets an audit entry of
+/// their own for the first refusals only; the rest are counted in the
+/// node's summary, so the permanent log grows by a bounded amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_callers_refused_calls_are_bounded_in_the_audit_log_and_all_counted() {
+    let cluster = TestCluster::start(1).await;
+    let admin = cluster.client();
+    let base = cluster.api_url(0);
+    let created = admin
+        .post(&format!("{base}/v1/users"), json!({ "name": "mallory" }))
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.body);
+    let token = admin
+        .post(&format!("{base}/v1/users/mallory/tokens"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(token.status, 201, "{}", token.body);
+    let mallory = ApiClient::new(&cluster.ca_pem, token.body["token"].as_str().unwrap());
+    let audit_before = audit_len(&admin, &base).await;
+
+    let started = Instant::now();
+    const CALLS: u64 = 300;
+    for i in 0..CALLS {
+        let reply = mallory
+            .post(
+                &format!("{base}/v1/projects"),
+                json!({ "name": format!("p{i}") }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 403, "{}", reply.body);
+    }
+    let elapsed = started.elapsed().as_secs() + 1;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = admin.get(&format!("{base}/v1/audit")).await.unwrap();
+        let entries = &reply.body.as_array().unwrap()[audit_before..];
+        let own = entries.iter().filter(|e| e["user"] == "mallory").count() as u64;
+        let counted: u64 = entries
+            .iter()
+            .filter_map(|e| e["summary"]["requests"].as_u64())
+            .sum();
+        let bound = u64::from(agent::api::abuse::REFUSED_ENTRIES_BURST) + elapsed;
+        assert!(
+            own <= bound,
+            "{own} entries of their own for {CALLS} refused calls in {elapsed} s"
+        );
+        if own + counted == CALLS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{own} entries and {counted} summarised of {CALLS} refused calls"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.shutdown().await;
 }

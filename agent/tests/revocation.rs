@@ -224,6 +224,28 @@ async fn a_members_certificate_alone_cannot_write_for_users_or_for_other_nodes_n
         .await
         .expect("its own capacity");
 
+    // Nor may it make itself the writer of a volume it has no business
+    // with (no VM of it there, no import, rollback or export grant).
+    let admin = cluster.client();
+    let base = cluster.api_url(leader);
+    let reply = admin
+        .post(&format!("{base}/v1/projects"), json!({ "name": "p" }))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let reply = admin
+        .post(
+            &format!("{base}/v1/projects/p/volumes"),
+            json!({ "name": "v", "size_bytes": 1u64 << 20, "replicas": 1 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let volume_id = reply.body["id"].as_str().unwrap().to_string();
+    let lease = json!({ "command": { "op": "acquire_lease", "volume_id": volume_id, "node": follower_id } });
+    let refused = forward(&member, &peer, lease).await.unwrap_err();
+    assert!(refused.contains("no reason to write"), "{refused}");
+
     // The same write with the admin's credential is the admin's to make.
     forward(
         &member,

@@ -254,20 +254,67 @@ impl Buckets {
     }
 }
 
-/// Password logins: at most one Argon2 per core at a time, and per source
-/// address and per user name a budget of attempts.
+/// Refused calls of one user that get an audit entry of their own: a burst
+/// of this many, then one a second; the rest are counted in the node's
+/// summary entry, so a caller looping on a refused call cannot grow the
+/// permanent log without bound.
+pub const REFUSED_ENTRIES_BURST: u32 = 20;
+
+/// The budget of audit entries for each user's refused calls.
+pub struct RefusedEntries(Mutex<Buckets>);
+
+impl Default for RefusedEntries {
+    fn default() -> Self {
+        Self(Mutex::new(Buckets::new(
+            REFUSED_ENTRIES_BURST,
+            Duration::from_secs(1),
+        )))
+    }
+}
+
+impl RefusedEntries {
+    /// Whether `user`'s next refused call gets an entry of its own.
+    pub fn admit(&self, user: &str, now_ms: u64) -> bool {
+        let user = truncate_at_char(user, 128);
+        let mut buckets = self.0.lock().expect("refused entries");
+        if buckets.wait_secs(user, now_ms).is_some() {
+            return false;
+        }
+        buckets.take(user, now_ms);
+        true
+    }
+}
+
+/// Password logins: at most one Argon2 per core at a time, a budget of
+/// attempts per source address, and a budget of failures per user name
+/// from each source address (so that a guesser cannot spend the budget of
+/// the user's own logins from elsewhere) as well as from all together.
 pub struct LoginGuard {
     argon: tokio::sync::Semaphore,
-    limits: Mutex<(Buckets, Buckets)>,
+    limits: Mutex<LoginLimits>,
     /// A hash of a random password, verified against when the user does
     /// not exist or has no password, so that such a refusal takes as long
     /// as a wrong password does.
     decoy: OnceLock<String>,
 }
 
+struct LoginLimits {
+    by_source: Buckets,
+    /// Failures per user name and source address.
+    by_user_here: Buckets,
+    /// Failures per user name from anywhere: many addresses together can
+    /// spend it, but one address alone refills slower than it does.
+    by_user: Buckets,
+}
+
+/// Failed logins per user name from all addresses together: a burst of this
+/// many, then one a second.
+pub const LOGIN_BURST_PER_USER_ANYWHERE: u32 = 20;
+
 /// Login attempts per source address: a burst of this many, then one a second.
 pub const LOGIN_BURST_PER_SOURCE: u32 = 10;
-/// Failed logins per user name: a burst of this many, then one every 6 s.
+/// Failed logins per user name and source address: a burst of this many,
+/// then one every 6 s.
 pub const LOGIN_BURST_PER_USER: u32 = 5;
 
 impl Default for LoginGuard {
@@ -275,10 +322,11 @@ impl Default for LoginGuard {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             argon: tokio::sync::Semaphore::new(cores),
-            limits: Mutex::new((
-                Buckets::new(LOGIN_BURST_PER_SOURCE, Duration::from_secs(1)),
-                Buckets::new(LOGIN_BURST_PER_USER, Duration::from_secs(6)),
-            )),
+            limits: Mutex::new(LoginLimits {
+                by_source: Buckets::new(LOGIN_BURST_PER_SOURCE, Duration::from_secs(1)),
+                by_user_here: Buckets::new(LOGIN_BURST_PER_USER, Duration::from_secs(6)),
+                by_user: Buckets::new(LOGIN_BURST_PER_USER_ANYWHERE, Duration::from_secs(1)),
+            }),
             decoy: OnceLock::new(),
         }
     }
@@ -301,28 +349,37 @@ impl LoginGuard {
         let source = source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
         let user = truncate_at_char(user, 128);
         let mut limits = self.limits.lock().expect("login limits");
-        let (by_source, by_user) = &mut *limits;
-        if let Some(secs) = by_source.wait_secs(&source, now_ms) {
+        let limits = &mut *limits;
+        if let Some(secs) = limits.by_source.wait_secs(&source, now_ms) {
             return Err(LoginLimited {
                 retry_after_secs: secs,
                 by_user: false,
             });
         }
-        if let Some(secs) = by_user.wait_secs(user, now_ms) {
+        let user_here = format!("{user} from {source}");
+        if let Some(secs) = limits
+            .by_user_here
+            .wait_secs(&user_here, now_ms)
+            .or_else(|| limits.by_user.wait_secs(user, now_ms))
+        {
             return Err(LoginLimited {
                 retry_after_secs: secs,
                 by_user: true,
             });
         }
-        by_source.take(&source, now_ms);
-        by_user.take(user, now_ms);
+        limits.by_source.take(&source, now_ms);
+        limits.by_user_here.take(&user_here, now_ms);
+        limits.by_user.take(user, now_ms);
         Ok(())
     }
 
     /// A successful login does not count against its user's budget.
-    pub fn succeeded(&self, user: &str) {
+    pub fn succeeded(&self, source: Option<IpAddr>, user: &str) {
+        let source = source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
         let user = truncate_at_char(user, 128);
-        self.limits.lock().expect("login limits").1.refund(user);
+        let mut limits = self.limits.lock().expect("login limits");
+        limits.by_user_here.refund(&format!("{user} from {source}"));
+        limits.by_user.refund(user);
     }
 
     /// Checks `password` against `phc`, or against a decoy when there is
@@ -354,6 +411,31 @@ impl LoginGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guesser who spends a user's failure budget from one address does
+    /// not lock the user out from another, however long it keeps guessing.
+    #[test]
+    fn a_guesser_cannot_spend_a_users_login_budget_elsewhere() {
+        let guard = LoginGuard::default();
+        let guesser = Some(IpAddr::from([192, 0, 2, 1]));
+        let user = Some(IpAddr::from([198, 51, 100, 7]));
+        let now = 1_000_000;
+        let mut refused = None;
+        for _ in 0..=LOGIN_BURST_PER_USER {
+            if let Err(limited) = guard.admit(guesser, "alice", now) {
+                refused = Some(limited);
+            }
+        }
+        assert!(refused.is_some_and(|l| l.by_user), "the guesser is limited");
+        assert!(guard.admit(user, "alice", now).is_ok());
+        guard.succeeded(user, "alice");
+        // Guessing as fast as it is let, for an hour, from one address.
+        for second in (6..3600).step_by(6) {
+            let _ = guard.admit(guesser, "alice", now + second * 1000);
+            assert!(guard.admit(user, "alice", now + second * 1000).is_ok());
+            guard.succeeded(user, "alice");
+        }
+    }
 
     #[test]
     fn a_flood_is_summarised_in_bounded_memory() {
@@ -409,16 +491,16 @@ mod tests {
         for _ in 0..LOGIN_BURST_PER_USER {
             assert!(guard.admit(a, "alice", 0).is_ok());
         }
-        // The user's budget is spent, from any address.
-        let limited = guard.admit(b, "alice", 0).err().unwrap();
+        // The user's budget from that address is spent.
+        let limited = guard.admit(a, "alice", 0).err().unwrap();
         assert!(limited.by_user);
         assert_eq!(limited.retry_after_secs, 6);
         assert!(guard.admit(b, "bob", 0).is_ok());
         // A success gives its token back.
-        guard.succeeded("alice");
-        assert!(guard.admit(b, "alice", 0).is_ok());
+        guard.succeeded(a, "alice");
+        assert!(guard.admit(a, "alice", 0).is_ok());
         // The source's budget.
-        for i in 0..LOGIN_BURST_PER_SOURCE - LOGIN_BURST_PER_USER {
+        for i in 0..LOGIN_BURST_PER_SOURCE - LOGIN_BURST_PER_USER - 1 {
             assert!(guard.admit(a, &format!("u{i}"), 0).is_ok());
         }
         let limited = guard.admit(a, "carol", 0).err().unwrap();
@@ -426,5 +508,6 @@ mod tests {
         assert_eq!(limited.retry_after_secs, 1);
         assert!(guard.admit(a, "carol", 1_000).is_ok());
         assert!(guard.admit(b, "alice", 7_000).is_ok());
+        assert!(guard.admit(a, "alice", 7_000).is_ok());
     }
 }

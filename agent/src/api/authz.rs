@@ -293,6 +293,8 @@ pub struct AuthServices {
     pub oidc: crate::api::oidc::Verifier,
     /// Principals of recently seen bearer tokens.
     pub cache: AuthCache,
+    /// How many refused requests of each user get an audit entry of their own.
+    pub refused_entries: crate::api::abuse::RefusedEntries,
 }
 
 impl AuthServices {
@@ -457,6 +459,19 @@ pub async fn authorize(
         // Nobody is accountable for it: counted in memory and summarised
         // in the log once a window, never one Raft write per request.
         let request = format!("{method} {}", uri.path());
+        app.auth
+            .refusals
+            .record(now_ms(), remote.map(|a| a.ip()), result, &request);
+    } else if mutating
+        && !recorded
+        && !principal
+            .as_ref()
+            .is_some_and(|p| app.auth.refused_entries.admit(&p.user, now_ms()))
+    {
+        // A user past their budget of refused calls is counted with the
+        // unauthenticated refusals, in the node's summary entry.
+        let user = principal.as_ref().map_or("-", |p| p.user.as_str());
+        let request = format!("{user}: {method} {}", uri.path());
         app.auth
             .refusals
             .record(now_ms(), remote.map(|a| a.ip()), result, &request);

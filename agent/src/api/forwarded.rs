@@ -45,6 +45,8 @@ enum Need {
     Caller(Permission, HashMap<String, String>),
     /// Never forwarded.
     Never,
+    /// Not now, and why.
+    Refused(String),
 }
 
 fn project(name: &str, role: Role) -> Need {
@@ -73,8 +75,26 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
         | Command::ForgetNode { .. }
         | Command::AppendAudit { .. }
         | Command::SetExportKey { .. } => Need::Member,
-        Command::ReportVmState { node, .. } | Command::AcquireLease { node, .. } => {
-            Need::Node(*node)
+        Command::ReportVmState { node, .. } => Need::Node(*node),
+        Command::AcquireLease {
+            volume_id,
+            node: to,
+        } => {
+            let volume = node.state.volume_by_id(volume_id).map_err(read)?;
+            match volume {
+                Some(volume)
+                    if !node
+                        .state
+                        .may_write(&volume, *to, crate::cluster::join::now_ms())
+                        .map_err(read)? =>
+                {
+                    Need::Refused(format!(
+                        "node {to} has no reason to write volume {volume_id}: it is not attached to a VM there, \
+                         no import or rollback of it is that node's work, and no export grant names that node"
+                    ))
+                }
+                _ => Need::Node(*to),
+            }
         }
         Command::SetNodeStorage { id, .. }
         | Command::SetNodeCapacity { id, .. }
@@ -206,6 +226,7 @@ impl ForwardedWrites {
         match need(&node, &inner)? {
             Need::Nothing | Need::Member => {}
             Need::Never => return Err(format!("a {op} command is never forwarded")),
+            Need::Refused(why) => return Err(why),
             Need::Node(id) if id == from => {}
             Need::Node(id) => {
                 let why = "a node reports only its own state";

@@ -346,7 +346,7 @@ pub(super) async fn login(
     let Some(user) = user else {
         return Err(refused());
     };
-    auth.login.succeeded(&user.name);
+    auth.login.succeeded(source, &user.name);
     // The leader checks the password again before a follower's token is
     // written (see `api::forwarded`).
     crate::cluster::request_audit::set_credential(

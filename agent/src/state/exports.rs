@@ -195,6 +195,36 @@ impl StateView {
         self.get(&format!("{PREFIX_GRANTS}{id}"))
     }
 
+    /// Whether `node` has a reason to be the volume's writer: the volume is
+    /// attached to a VM placed there, an import or rollback of it is that
+    /// node's work, or an export grant for it on that node is unexpired.
+    pub fn may_write(
+        &self,
+        volume: &super::volumes::VolumeRecord,
+        node: allod_raft::NodeId,
+        now_ms: u64,
+    ) -> Result<bool, ReadError> {
+        use super::operations::Work;
+        if let Some(vm_id) = &volume.attached_to {
+            return Ok(self.vm_by_id(vm_id)?.is_some_and(|vm| vm.node_id == node));
+        }
+        for operation in self.pending_operations(node)? {
+            let mine = match &operation.work {
+                Work::RollbackVolume { volume_id, .. } => *volume_id == volume.id,
+                Work::ImportImage { image, .. } => {
+                    self.image(image)?.is_some_and(|i| i.volume_id == volume.id)
+                }
+            };
+            if mine {
+                return Ok(true);
+            }
+        }
+        Ok(self
+            .list::<ExportGrant>(PREFIX_GRANTS)?
+            .into_iter()
+            .any(|g| g.volume_id == volume.id && g.node == node && g.expires_at_ms > now_ms))
+    }
+
     /// The VM with this id, in whichever project.
     pub fn vm_by_id(&self, id: &str) -> Result<Option<super::vms::VmRecord>, ReadError> {
         Ok(self
