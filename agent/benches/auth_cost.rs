@@ -142,6 +142,7 @@ async fn main() {
         mode,
         "unauthenticated api",
         agent::cluster::serve::Limits::API,
+        None,
     );
 
     let authed_url = format!("{base}/v1/projects/p");

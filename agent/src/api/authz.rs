@@ -293,6 +293,8 @@ pub struct AuthServices {
     pub oidc: crate::api::oidc::Verifier,
     /// Principals of recently seen bearer tokens.
     pub cache: AuthCache,
+    /// Addresses that send only refused requests, refused at accept.
+    pub shed: Arc<crate::cluster::serve::Shed>,
     /// How many refused requests of each user get an audit entry of their own.
     pub refused_entries: crate::api::abuse::RefusedEntries,
 }
@@ -455,6 +457,22 @@ pub async fn authorize(
         .as_ref()
         .is_none_or(|a| a.recorded.load(std::sync::atomic::Ordering::SeqCst));
     let result = result_for_status(status.as_u16());
+    let mut response = response;
+    if let Some(ip) = remote.map(|a| a.ip()) {
+        let refused = principal.is_none() && status.is_client_error();
+        if (principal.is_some() || refused)
+            && app
+                .auth
+                .shed
+                .note(ip, principal.is_some(), crate::cluster::node::mono_ms())
+        {
+            // Shed from now on: this connection closes after the answer.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+    }
     if principal.is_none() && (status == StatusCode::UNAUTHORIZED || (mutating && !recorded)) {
         // Nobody is accountable for it: counted in memory and summarised
         // in the log once a window, never one Raft write per request.

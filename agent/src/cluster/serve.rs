@@ -64,6 +64,77 @@ impl Limits {
     };
 }
 
+/// Unauthenticated refusals in one second from one address, with no
+/// authenticated request from it in the [`SHED_FOR_MS`] before, after
+/// which the address is refused at accept, before any TLS or HTTP work,
+/// for [`SHED_FOR_MS`].
+pub const SHED_AFTER_REFUSALS: u32 = 100;
+pub const SHED_FOR_MS: u64 = 10_000;
+const MAX_SHED_SOURCES: usize = 4096;
+
+/// Addresses that only send what is refused, shed at accept: a flood from
+/// one address then costs an accept and a close per connection, not a TLS
+/// handshake and a parse per request. An address that also makes
+/// authenticated requests (a NAT with real users behind it) is not shed.
+#[derive(Default)]
+pub struct Shed {
+    sources: std::sync::Mutex<HashMap<std::net::IpAddr, Source>>,
+}
+
+#[derive(Default)]
+struct Source {
+    second: u64,
+    refused: u32,
+    authenticated_ms: u64,
+    shed_until_ms: u64,
+}
+
+impl Shed {
+    /// Counts a request from `ip` (`authenticated`, or refused without a
+    /// caller); answers whether the address is shed from now on.
+    pub fn note(&self, ip: std::net::IpAddr, authenticated: bool, now_ms: u64) -> bool {
+        let mut sources = self.sources.lock().expect("shed sources");
+        if sources.len() >= MAX_SHED_SOURCES && !sources.contains_key(&ip) {
+            sources.retain(|_, s| {
+                s.shed_until_ms > now_ms || s.authenticated_ms + SHED_FOR_MS > now_ms
+            });
+            if sources.len() >= MAX_SHED_SOURCES {
+                // Forget the lot rather than grow.
+                sources.clear();
+            }
+        }
+        let source = sources.entry(ip).or_default();
+        if authenticated {
+            source.authenticated_ms = now_ms;
+            source.shed_until_ms = 0;
+            return false;
+        }
+        let second = now_ms / 1000;
+        if source.second != second {
+            source.second = second;
+            source.refused = 0;
+        }
+        source.refused += 1;
+        let vouched = source.authenticated_ms > 0 && source.authenticated_ms + SHED_FOR_MS > now_ms;
+        if source.refused >= SHED_AFTER_REFUSALS && !vouched {
+            if source.shed_until_ms <= now_ms {
+                tracing::warn!(%ip, refusals = source.refused, "an address sends only refused requests; refusing its connections for {} s", SHED_FOR_MS / 1000);
+            }
+            source.shed_until_ms = now_ms + SHED_FOR_MS;
+        }
+        source.shed_until_ms > now_ms
+    }
+
+    /// Whether connections from `ip` are refused at accept.
+    pub fn is_shed(&self, ip: std::net::IpAddr, now_ms: u64) -> bool {
+        self.sources
+            .lock()
+            .expect("shed sources")
+            .get(&ip)
+            .is_some_and(|s| s.shed_until_ms > now_ms)
+    }
+}
+
 /// One open connection: when it was accepted, whether it has proven who it
 /// is, and how to close it.
 struct Open {
@@ -77,6 +148,7 @@ pub fn spawn(
     mode: watch::Receiver<ServeMode>,
     what: &'static str,
     limits: Limits,
+    shed: Option<Arc<Shed>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut connections = JoinSet::new();
@@ -97,6 +169,9 @@ pub fn spawn(
                             continue;
                         }
                     };
+                    if shed.as_ref().is_some_and(|s| s.is_shed(remote.ip(), crate::cluster::node::mono_ms())) {
+                        continue;
+                    }
                     if open.len() >= limits.max_connections {
                         let oldest_unproven = open
                             .iter()
@@ -213,6 +288,30 @@ mod tests {
         Ok(answer)
     }
 
+    /// An address that sends only refused requests is shed for a while;
+    /// one that also authenticates (real users behind a NAT) is not.
+    #[test]
+    fn only_an_address_that_sends_nothing_but_refusals_is_shed() {
+        let shed = Shed::default();
+        let (flood, mixed) = (
+            std::net::IpAddr::from([192, 0, 2, 1]),
+            std::net::IpAddr::from([192, 0, 2, 2]),
+        );
+        let now = 5_000;
+        assert!(!shed.note(mixed, true, now));
+        for i in 0..SHED_AFTER_REFUSALS - 1 {
+            assert!(!shed.note(flood, false, now + u64::from(i)));
+        }
+        assert!(!shed.is_shed(flood, now + 200));
+        assert!(shed.note(flood, false, now + 200));
+        assert!(shed.is_shed(flood, now + 200));
+        assert!(!shed.is_shed(flood, now + 200 + SHED_FOR_MS));
+        for i in 0..2 * SHED_AFTER_REFUSALS {
+            shed.note(mixed, false, now + u64::from(i));
+        }
+        assert!(!shed.is_shed(mixed, now + 500));
+    }
+
     /// A full listener closes its oldest connection that never proved who
     /// it is for the newcomer, and keeps the proven ones.
     #[tokio::test]
@@ -226,7 +325,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(60),
         };
-        let server = spawn(listener, mode, "test", limits);
+        let server = spawn(listener, mode, "test", limits, None);
         let mut idle = Vec::new();
         for _ in 0..3 {
             idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());

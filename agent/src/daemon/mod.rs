@@ -138,6 +138,9 @@ pub struct Agent {
     compute: Option<crate::reconcile::compute::ComputeOptions>,
     network: Option<crate::reconcile::network::NetworkOptions>,
     audit_summary_interval: std::time::Duration,
+    /// Addresses the API port refuses at accept (see `serve::Shed`); kept
+    /// across configurations, as the listener is.
+    api_shed: Arc<serve::Shed>,
 }
 
 /// Raises this process's soft limit on open files to its hard limit: every
@@ -280,11 +283,18 @@ impl Agent {
             compute: options.compute.clone(),
             network: options.network.clone(),
             audit_summary_interval: options.audit_summary_interval,
+            api_shed: Arc::default(),
         });
         let admin =
             crate::daemon::admin::spawn(agent.clone()).context("cannot open the admin socket")?;
-        let api = serve::spawn(api_listener, api_rx, "api", serve::Limits::API);
-        let peer = serve::spawn(peer_listener, peer_rx, "peer", serve::Limits::PEER);
+        let api = serve::spawn(
+            api_listener,
+            api_rx,
+            "api",
+            serve::Limits::API,
+            Some(agent.api_shed.clone()),
+        );
+        let peer = serve::spawn(peer_listener, peer_rx, "peer", serve::Limits::PEER, None);
         agent
             .tasks
             .lock()
@@ -336,7 +346,11 @@ impl Agent {
             peer_tls,
             crate::cluster::peer::router(node.clone(), self.raft_options.peer_request_limit_bytes),
         ));
-        let app = crate::api::AppState::new(node.clone(), local.clone());
+        let mut app = crate::api::AppState::new(node.clone(), local.clone());
+        app.auth = Arc::new(crate::api::authz::AuthServices {
+            shed: self.api_shed.clone(),
+            ..Default::default()
+        });
         let _ = node
             .write_authority
             .set(Arc::new(crate::api::forwarded::ForwardedWrites {

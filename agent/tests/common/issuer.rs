@@ -112,6 +112,7 @@ impl TestIssuer {
             mode,
             "test issuer",
             agent::cluster::serve::Limits::API,
+            None,
         );
         Self {
             url,
