@@ -24,7 +24,7 @@ async fn audit_len(admin: &ApiClient, base: &str) -> usize {
     reply.body.as_array().unwrap().len()
 }
 
-/// 1,500 bad requests (unknown tokens, malformed logins, joins with a
+/// Up to 1,500 bad requests (unknown tokens, malformed logins, joins with a
 /// made-up token) from one address against one follower: the audit log
 /// grows by at most one summary per node per window and counts every one
 /// that was answered, Raft writes stay a constant, the follower asks the
@@ -55,11 +55,18 @@ async fn an_unauthenticated_flood_costs_a_bounded_audit_and_few_round_trips_and_
         let ca = cluster.ca_pem.clone();
         let csr = csr.clone();
         tasks.spawn(async move {
-            let stranger = ApiClient::from_address(
+            let mut stranger = ApiClient::from_address(
                 &ca,
                 &format!("allod_bad{worker}"),
                 std::net::IpAddr::from([127, 0, 0, 2]),
             );
+            // A shed address's new connection is held unread: give up soon.
+            stranger.http = reqwest::Client::builder()
+                .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&ca).unwrap())
+                .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
             let mut statuses = Vec::new();
             for i in 0..100 {
                 let reply = if i % 6 == 5 {
@@ -80,27 +87,29 @@ async fn an_unauthenticated_flood_costs_a_bounded_audit_and_few_round_trips_and_
                     let path = format!("{base}/v1/projects/{}", "x".repeat(2000 + i));
                     stranger.get(&path).await
                 };
-                // `None`: shed, the connection refused at accept.
-                statuses.push(reply.ok().map(|r| r.status));
+                // No answer: shed, the connection held unread at accept.
+                match reply {
+                    Ok(reply) => statuses.push(reply.status),
+                    Err(_) => return (statuses, true),
+                }
             }
-            statuses
+            (statuses, false)
         });
     }
-    let mut statuses = Vec::new();
+    let (mut answered, mut shed) = (Vec::new(), 0);
     while let Some(done) = tasks.join_next().await {
-        statuses.extend(done.unwrap());
+        let (statuses, was_shed) = done.unwrap();
+        answered.extend(statuses);
+        shed += usize::from(was_shed);
     }
     let elapsed = started.elapsed().as_secs() + 1;
-    assert_eq!(statuses.len(), 1500);
-    let answered: Vec<u16> = statuses.iter().flatten().copied().collect();
     assert!(
         answered.iter().all(|s| *s == 401 || *s == 400 || *s == 422),
         "{answered:?}"
     );
-    let shed = 1500 - answered.len();
     assert!(
         shed > 0 && answered.len() >= agent::cluster::serve::SHED_AFTER_REFUSALS as usize,
-        "{} answered, {shed} shed",
+        "{} answered; {shed} of 15 senders were shed",
         answered.len()
     );
     // Another address is served meanwhile.
@@ -140,12 +149,12 @@ async fn an_unauthenticated_flood_costs_a_bounded_audit_and_few_round_trips_and_
     let added = audit_len(&admin, &base).await - audit_before;
     assert!(
         (1..=windows as usize).contains(&added),
-        "{added} audit entries for 1,500 bad requests over {windows} windows"
+        "{added} audit entries for the bad requests over {windows} windows"
     );
     let writes = last_log_index(&cluster, leader) - log_before;
     assert!(
         writes <= windows + 5,
-        "{writes} Raft entries for 1,500 bad requests"
+        "{writes} Raft entries for the bad requests"
     );
     let reply = admin.get(&format!("{base}/v1/audit")).await.unwrap();
     let summaries: Vec<&serde_json::Value> = reply.body.as_array().unwrap()[audit_before..]

@@ -71,10 +71,15 @@ impl Limits {
 pub const SHED_AFTER_REFUSALS: u32 = 100;
 pub const SHED_FOR_MS: u64 = 10_000;
 const MAX_SHED_SOURCES: usize = 4096;
+/// Connections of shed addresses held open unread at most, each for at
+/// most [`SHED_FOR_MS`]; beyond it the oldest is closed.
+const MAX_HELD: usize = 1024;
 
 /// Addresses that only send what is refused, shed at accept: a flood from
-/// one address then costs an accept and a close per connection, not a TLS
-/// handshake and a parse per request. An address that also makes
+/// one address then costs an accept per connection, not a TLS handshake
+/// and a parse per request, and its connections are held unread (up to
+/// [`MAX_HELD`], for up to [`SHED_FOR_MS`]) so that its sender waits rather
+/// than retrying at once. An address that also makes
 /// authenticated requests (a NAT with real users behind it) is not shed.
 #[derive(Default)]
 pub struct Shed {
@@ -155,7 +160,15 @@ pub fn spawn(
         let mut open: HashMap<tokio::task::Id, Open> = HashMap::new();
         let mut seq = 0u64;
         let mut refused = 0u64;
+        // Connections of shed addresses, held unread until they expire (a
+        // tarpit: the sender waits instead of retrying at once).
+        let mut held: std::collections::VecDeque<(tokio::net::TcpStream, u64)> =
+            std::collections::VecDeque::new();
         loop {
+            let now = crate::cluster::node::mono_ms();
+            while held.front().is_some_and(|(_, at)| at + SHED_FOR_MS <= now) {
+                held.pop_front();
+            }
             tokio::select! {
                 // Cancel-safe: `accept` loses nothing when another arm wins.
                 accepted = listener.accept() => {
@@ -169,7 +182,12 @@ pub fn spawn(
                             continue;
                         }
                     };
-                    if shed.as_ref().is_some_and(|s| s.is_shed(remote.ip(), crate::cluster::node::mono_ms())) {
+                    let now = crate::cluster::node::mono_ms();
+                    if shed.as_ref().is_some_and(|s| s.is_shed(remote.ip(), now)) {
+                        if held.len() >= MAX_HELD {
+                            held.pop_front();
+                        }
+                        held.push_back((stream, now));
                         continue;
                     }
                     if open.len() >= limits.max_connections {
@@ -202,6 +220,8 @@ pub fn spawn(
                     open.insert(abort.id(), Open { seq, proven, abort });
                 }
                 // Cancel-safe: reaping a finished connection task.
+                // Wakes to let held connections go when nothing else happens.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !held.is_empty() => {}
                 Some(done) = connections.join_next_with_id(), if !connections.is_empty() => {
                     let id = match done {
                         Ok((id, ())) => id,
