@@ -55,18 +55,13 @@ async fn an_unauthenticated_flood_costs_a_bounded_audit_and_few_round_trips_and_
         let ca = cluster.ca_pem.clone();
         let csr = csr.clone();
         tasks.spawn(async move {
-            let mut stranger = ApiClient::from_address(
+            // A shed address's new connection is held unread: give up soon.
+            let stranger = ApiClient::from_address(
                 &ca,
                 &format!("allod_bad{worker}"),
                 std::net::IpAddr::from([127, 0, 0, 2]),
+                Duration::from_secs(2),
             );
-            // A shed address's new connection is held unread: give up soon.
-            stranger.http = reqwest::Client::builder()
-                .use_preconfigured_tls(agent::cluster::pki::ca_client_config(&ca).unwrap())
-                .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap();
             let mut statuses = Vec::new();
             for i in 0..100 {
                 let reply = if i % 6 == 5 {

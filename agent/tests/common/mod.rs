@@ -242,16 +242,26 @@ pub struct Reply {
 
 impl ApiClient {
     pub fn new(ca_pem: &str, token: &str) -> Self {
-        Self::from_address(ca_pem, token, std::net::IpAddr::from([127, 0, 0, 1]))
+        Self::from_address(
+            ca_pem,
+            token,
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            Duration::from_secs(15),
+        )
     }
 
     /// A client whose connections come from `source` (any 127.0.0.0/8
-    /// address works on loopback).
-    pub fn from_address(ca_pem: &str, token: &str, source: std::net::IpAddr) -> Self {
+    /// address works on loopback) and that gives up after `timeout`.
+    pub fn from_address(
+        ca_pem: &str,
+        token: &str,
+        source: std::net::IpAddr,
+        timeout: Duration,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(agent::cluster::pki::ca_client_config(ca_pem).unwrap())
             .local_address(source)
-            .timeout(Duration::from_secs(15))
+            .timeout(timeout)
             .build()
             .unwrap();
         Self {
