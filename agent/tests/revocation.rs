@@ -86,6 +86,49 @@ async fn a_removed_nodes_certificate_is_refused_on_peer_api_and_storage_ports_an
         cluster.live(leader).agent.storage_addr.clone(),
     )]));
 
+    // A server showing the victim's certificate, as a machine that kept
+    // its key could run anywhere.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap().to_string();
+    let router = axum::Router::new().route(
+        "/cluster/read-index",
+        // Each answer closes its connection: every call is a new handshake.
+        axum::routing::post(|| async {
+            (
+                [(axum::http::header::CONNECTION, "close")],
+                axum::Json(Value::Null),
+            )
+        }),
+    );
+    let (_keep, mode) = tokio::sync::watch::channel(agent::cluster::serve::ServeMode::Tls(
+        stolen.peer_server_config().unwrap(),
+        router,
+    ));
+    agent::cluster::serve::spawn(
+        listener,
+        mode,
+        "impostor",
+        agent::cluster::serve::Limits::PEER,
+        None,
+    );
+    let other = (0..3).find(|&i| i != leader && i != victim).unwrap();
+    let call_impostor = || async {
+        let reply: Result<Value, _> = cluster
+            .node(other)
+            .peers
+            .call(
+                &impostor,
+                "/cluster/read-index",
+                &(),
+                Duration::from_secs(5),
+            )
+            .await;
+        reply
+    };
+    call_impostor()
+        .await
+        .expect("a member's certificate is served to");
+
     // A member: served everywhere, and the connections stay open.
     let (status, body) = peer_post(&http, &peer, "/cluster/read-index", json!(null)).await;
     assert_eq!(status, 200, "{body}");
@@ -114,8 +157,25 @@ async fn a_removed_nodes_certificate_is_refused_on_peer_api_and_storage_ports_an
         cluster.live(leader).agent.storage_addr.clone(),
     )]));
     assert!(!storage_answers(&fresh, leader_id).await);
+    // A member's clients no longer talk to a server showing it, once that
+    // member has applied the removal.
+    let other_node = cluster.node(other);
+    wait_for(
+        "the other member to apply the removal",
+        Duration::from_secs(10),
+        || {
+            !other_node
+                .state
+                .nodes()
+                .unwrap()
+                .iter()
+                .any(|n| n.id == victim_id)
+        },
+    )
+    .await;
+    let refused = call_impostor().await.unwrap_err();
+    assert!(!refused.to_string().is_empty());
     // Every member refuses it, not only the leader.
-    let other = (0..3).find(|&i| i != leader && i != victim).unwrap();
     let (status, body) = peer_post(
         &client_with(&stolen),
         &cluster.addrs[other].1,
@@ -245,6 +305,33 @@ async fn a_members_certificate_alone_cannot_write_for_users_or_for_other_nodes_n
     let lease = json!({ "command": { "op": "acquire_lease", "volume_id": volume_id, "node": follower_id } });
     let refused = forward(&member, &peer, lease).await.unwrap_err();
     assert!(refused.contains("no reason to write"), "{refused}");
+
+    // Nor revoke a node Raft still counts on, nor join with no key pinned.
+    let forget = json!({ "command": { "op": "forget_node", "id": leader_id } });
+    let refused = forward(&member, &peer, forget).await.unwrap_err();
+    assert!(refused.contains("still a member of Raft"), "{refused}");
+    let join = json!({ "command": {
+        "op": "consume_join_token", "id": "t", "secret_sha256": "s", "now_ms": 1, "node_name": "x"
+    } });
+    let refused = forward(&member, &peer, join).await.unwrap_err();
+    assert!(refused.contains("must name the key"), "{refused}");
+
+    // One member's word that a node was removed does not make it wipe
+    // itself: it asks the others, who still serve it.
+    let (status, body) = peer_post(
+        &member,
+        &peer,
+        "/cluster/removed",
+        json!({ "node_id": leader_id }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cluster.live(leader).agent.node().is_some(),
+        "the leader unconfigured itself"
+    );
+    assert!(cluster.live(leader).dir.join("node.key").exists());
 
     // The same write with the admin's credential is the admin's to make.
     forward(

@@ -245,7 +245,8 @@ pub async fn serve(
                     let admitted = Admitted {
                         gate,
                         cert,
-                        generation: AtomicU64::new(u64::MAX),
+                        checked: AtomicBool::new(false),
+                        generation: AtomicU64::new(0),
                     };
                     if let Err(why) = admitted.check() {
                         tracing::warn!("storage connection from {from} refused: {why}");
@@ -265,10 +266,11 @@ pub async fn serve(
 }
 
 /// A connection's client certificate and the gate generation it was last
-/// admitted at.
+/// admitted at (once `checked`).
 struct Admitted {
     gate: Arc<dyn PeerGate>,
     cert: Vec<u8>,
+    checked: AtomicBool,
     generation: AtomicU64,
 }
 
@@ -276,11 +278,12 @@ impl Admitted {
     /// Asks the gate again if its generation moved since the last answer.
     fn check(&self) -> Result<(), String> {
         let now = self.gate.generation();
-        if self.generation.load(Ordering::Relaxed) == now {
+        if self.checked.load(Ordering::Acquire) && self.generation.load(Ordering::Relaxed) == now {
             return Ok(());
         }
         self.gate.admit(&self.cert)?;
         self.generation.store(now, Ordering::Relaxed);
+        self.checked.store(true, Ordering::Release);
         Ok(())
     }
 }

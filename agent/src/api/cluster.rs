@@ -177,12 +177,19 @@ pub(super) async fn join(
     )
     .map_err(|e| ApiError::internal(&e))?;
     tracing::info!(node_id, "issued a certificate to a joining node");
+    let member_keys = node
+        .state
+        .nodes()?
+        .into_iter()
+        .filter_map(|n| Some((n.id, n.key_sha256?)))
+        .collect();
     Ok(Json(JoinResponse {
         node_id,
         cluster_id: node.config.cluster_id.clone(),
         cert_pem,
         ca_pem: node.tls.ca_pem.clone(),
         ca_key_pem,
+        member_keys,
     }))
 }
 

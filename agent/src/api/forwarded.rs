@@ -70,11 +70,33 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
     let member = |p: &str| project(p, Role::ProjectMember);
     Ok(match command {
         Command::InitCluster { .. } | Command::Audited { .. } => Need::Never,
+        // Every join pins the key it joins with.
+        Command::ConsumeJoinToken {
+            key_sha256: None, ..
+        } => Need::Refused("a join must name the key it joins with".into()),
         Command::ConsumeJoinToken { .. } => Need::Nothing,
         Command::CreateJoinToken { .. }
-        | Command::ForgetNode { .. }
         | Command::AppendAudit { .. }
         | Command::SetExportKey { .. } => Need::Member,
+        // Only after Raft let the node go (`remove_member` does both), so
+        // that a member cannot revoke a voter Raft still counts on.
+        Command::ForgetNode { id } => {
+            let in_raft = node
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(id)
+                .is_some();
+            if in_raft {
+                Need::Refused(format!(
+                    "node {id} is still a member of Raft; `allod cluster remove` takes it out first"
+                ))
+            } else {
+                Need::Member
+            }
+        }
         Command::ReportVmState { node, .. } => Need::Node(*node),
         Command::AcquireLease {
             volume_id,

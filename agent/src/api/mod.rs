@@ -502,7 +502,12 @@ async fn no_revoked_certs(
     if let Some(cert) = identity.as_ref().and_then(|i| i.node_cert.as_ref()) {
         if let Err(why) = node.admit_node_cert(cert, false).await {
             tracing::warn!(node = cert.id, reason = %why, "refused an API request with a node certificate");
-            return ApiError::forbidden(why).into_response();
+            let mut refused = ApiError::forbidden(why).into_response();
+            refused.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return refused;
         }
     }
     next.run(request).await

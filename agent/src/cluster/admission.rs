@@ -21,7 +21,7 @@ use crate::cluster::peer::PeerIdentity;
 use crate::state::nodes::NodeAdmission;
 
 /// The words a refused node certificate's answer starts with; a node that
-/// reads them from a member's answer knows it was removed.
+/// reads them from most members' answers knows it was removed.
 pub const REVOKED: &str = "node certificate refused:";
 
 /// A node certificate as a listener saw it after the TLS handshake.
@@ -47,9 +47,10 @@ impl ClusterNode {
     /// Whether `cert` speaks for a member, by this node's state alone.
     /// `raft`: for Raft's own messages, which are also taken from a node
     /// this state does not know yet when Raft's membership names it (it
-    /// joined after what this node has applied) or when this node has no
-    /// cluster state yet (it is joining and waits for the leader's first
-    /// entries).
+    /// joined after what this node has applied) or when it was among the
+    /// members whose keys this node was given when it joined (it waits for
+    /// the leader's first entries); a key other than the given one is
+    /// refused.
     pub fn judge_node_cert(&self, cert: &NodeCert, raft: bool) -> Result<(), String> {
         let admission = self
             .state
@@ -59,6 +60,13 @@ impl ClusterNode {
             NodeAdmission::Member => Ok(()),
             NodeAdmission::Refused(why) => Err(format!("{REVOKED} {why}")),
             NodeAdmission::NotYetKnown => {
+                let pinned = self.join_pins.get(&cert.id);
+                if pinned.is_some_and(|key| *key != cert.key_sha256) {
+                    return Err(format!(
+                        "the certificate for node {} carries a key other than the one it joined with",
+                        cert.id
+                    ));
+                }
                 let in_membership = self
                     .raft
                     .metrics()
@@ -67,8 +75,7 @@ impl ClusterNode {
                     .membership()
                     .get_node(&cert.id)
                     .is_some();
-                let joining = matches!(self.state.cluster(), Ok(None));
-                if raft && (in_membership || joining) {
+                if raft && (in_membership || pinned.is_some()) {
                     Ok(())
                 } else {
                     Err(format!(
@@ -98,9 +105,9 @@ impl ClusterNode {
         self.judge_node_cert(cert, raft)
     }
 
-    /// Tells this node it was removed from the cluster: the agent then
-    /// stops serving it, wipes its keys and state, and returns to
-    /// unconfigured.
+    /// Tells this node, for certain, that it was removed from the cluster:
+    /// the agent then stops serving it, wipes its keys and state, and
+    /// returns to unconfigured.
     pub fn mark_removed(&self, how: String) {
         self.peers.removed.send_if_modified(|removed| {
             if removed.is_some() {
@@ -112,7 +119,57 @@ impl ClusterNode {
         });
     }
 
-    /// Waits until this node learns it was removed, and says how.
+    /// Waits until some peer claims this node was removed (see
+    /// [`Self::confirm_removed`]).
+    pub async fn removal_hinted(&self) {
+        self.peers.removal_hints.notified().await
+    }
+
+    /// Asks every other member Raft's membership names whether it still
+    /// serves this node's certificate: removed for certain only when more
+    /// than half of them refuse it as revoked. One member's word (a false
+    /// notice, a removed node answering the call that removed it) never
+    /// makes a node wipe itself.
+    pub async fn confirm_removed(&self) -> Option<String> {
+        let others: Vec<String> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(_, member)| member.peer_addr.clone())
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let asks = others.iter().map(|addr| async move {
+            let reply: Result<serde_json::Value, crate::cluster::peer::PeerCallError> = self
+                .peers
+                .call(addr, "/cluster/read-index", &(), std::time::Duration::from_secs(3))
+                .await;
+            matches!(reply, Err(crate::cluster::peer::PeerCallError::Refused { status: 403, ref message, .. }) if message.starts_with(REVOKED))
+        });
+        let refusing = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter(|refused| *refused)
+            .count();
+        tracing::info!(
+            refusing,
+            asked = others.len(),
+            "asked the members whether this node was removed"
+        );
+        (refusing * 2 > others.len()).then(|| {
+            format!(
+                "{refusing} of the {} other members refuse this node's certificate as revoked",
+                others.len()
+            )
+        })
+    }
+
+    /// Waits until this node knows for certain it was removed, and says how.
     pub async fn removed(&self) -> String {
         let mut watch = self.peers.removed.subscribe();
         loop {
@@ -141,10 +198,23 @@ pub async fn members_only(
         None => Err("the client certificate does not name a node".to_string()),
     };
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            // A member's certificate, admitted: kept longest when the
+            // listener is full.
+            identity
+                .proven
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            next.run(request).await
+        }
         Err(why) => {
             tracing::warn!(remote = ?identity.remote_addr, node = ?identity.node_cert.as_ref().map(|c| c.id), reason = %why, "refused a peer request");
-            (StatusCode::FORBIDDEN, why).into_response()
+            // Nor does a refused certificate keep its connection.
+            (
+                StatusCode::FORBIDDEN,
+                [(axum::http::header::CONNECTION, "close")],
+                why,
+            )
+                .into_response()
         }
     }
 }
@@ -171,6 +241,7 @@ impl storage::transport::PeerGate for StorageGate {
     }
 
     fn generation(&self) -> u64 {
+        // Once the node is gone, `admit` refuses whatever the generation.
         self.0.upgrade().map_or(u64::MAX, |n| *n.applied.borrow())
     }
 }

@@ -204,6 +204,11 @@ pub struct JoinResponse {
     /// Every member can sign the certificates of later joiners, so none is
     /// special; the key travels only over TLS pinned to the CA fingerprint.
     pub ca_key_pem: String,
+    /// The members' pinned keys (SHA-256 of each node's public key, by node
+    /// id): until it has the cluster's state, the joining node takes Raft's
+    /// messages only from these.
+    #[serde(default)]
+    pub member_keys: std::collections::BTreeMap<u64, String>,
 }
 
 #[cfg(test)]

@@ -143,8 +143,14 @@ pub trait WriteAuthority: Send + Sync + 'static {
 
 pub struct ClusterNode {
     pub id: NodeId,
+    /// What this node's peer and storage clients connect with: its
+    /// certificate, and only servers that are members (see `admission`).
+    pub peer_client_tls: rustls::ClientConfig,
     /// Authorises forwarded writes; set once the API is built.
     pub write_authority: std::sync::OnceLock<Arc<dyn WriteAuthority>>,
+    /// The members' pinned keys this node was given when it joined, for
+    /// the ids its state does not know yet (see `admission`).
+    pub join_pins: std::collections::BTreeMap<NodeId, String>,
     proposer: Proposer,
     /// Moves on after every applied change that can alter a token's principal.
     pub auth_generation: Arc<std::sync::atomic::AtomicU64>,
@@ -213,7 +219,19 @@ impl ClusterNode {
             ..Default::default()
         }
         .validate()?;
-        let peers = PeerClient::new(tls.peer_client_config()?, isolation)?;
+        // Servers are checked against this node's state once it exists.
+        let me: Arc<std::sync::OnceLock<std::sync::Weak<ClusterNode>>> = Arc::default();
+        let check_me = me.clone();
+        let peer_client_tls = tls.member_client_config(Arc::new(move |der: &[u8]| {
+            match check_me.get().and_then(std::sync::Weak::upgrade) {
+                Some(node) => crate::cluster::admission::NodeCert::from_der(der)
+                    .ok_or_else(|| "the server's certificate does not name a node".to_string())
+                    .and_then(|cert| node.judge_node_cert(&cert, true)),
+                // Starting: nothing has been sent yet.
+                None => Ok(()),
+            }
+        }))?;
+        let peers = PeerClient::new(peer_client_tls.clone(), isolation)?;
         let network = NetworkFactory {
             client: peers.clone(),
         };
@@ -226,9 +244,15 @@ impl ClusterNode {
         )
         .await?;
         let proposer = Proposer::spawn(raft.clone());
-        Ok(Arc::new(Self {
+        let join_pins = std::fs::read_to_string(data_dir.join_pins())
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        let node = Arc::new(Self {
+            peer_client_tls,
             id: config.node_id,
             write_authority: std::sync::OnceLock::new(),
+            join_pins,
             proposer,
             auth_generation,
             config,
@@ -239,7 +263,9 @@ impl ClusterNode {
             data_dir,
             applied,
             catch_up: CatchUp::default(),
-        }))
+        });
+        let _ = me.set(Arc::downgrade(&node));
+        Ok(node)
     }
 
     pub fn member(&self) -> Member {

@@ -44,6 +44,11 @@ impl DataDir {
     pub fn state_db(&self) -> PathBuf {
         self.root.join("state.redb")
     }
+    /// The members' pinned keys a joining node was given (see
+    /// `JoinResponse::member_keys`).
+    pub fn join_pins(&self) -> PathBuf {
+        self.root.join("join-pins.json")
+    }
     pub fn path(&self) -> &Path {
         &self.root
     }

@@ -113,9 +113,13 @@ impl PeerCallError {
 pub struct PeerClient {
     http: reqwest::Client,
     pub isolation: Isolation,
-    /// Set, with how it was learnt, once a member refuses this node's
-    /// certificate as revoked or tells it that it was removed.
+    /// Set, with how it was learnt, once this node knows for certain that
+    /// it was removed (it removed itself, or most members refuse it).
     pub removed: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// Woken when a peer refuses this node's certificate as revoked or a
+    /// member says it was removed: a claim to check with the other members
+    /// before acting on it, since one peer's word could be false.
+    pub removal_hints: Arc<tokio::sync::Notify>,
 }
 
 impl PeerClient {
@@ -130,6 +134,7 @@ impl PeerClient {
             http,
             isolation,
             removed: Arc::new(tokio::sync::watch::channel(None).0),
+            removal_hints: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -170,14 +175,7 @@ impl PeerClient {
             if status == reqwest::StatusCode::FORBIDDEN
                 && message.starts_with(crate::cluster::admission::REVOKED)
             {
-                let how = format!("member at {addr} refused this node's certificate: {message}");
-                self.removed.send_if_modified(|removed| {
-                    let first = removed.is_none();
-                    if first {
-                        *removed = Some(how);
-                    }
-                    first
-                });
+                self.removal_hints.notify_one();
             }
             return Err(PeerCallError::Refused {
                 addr,
@@ -481,9 +479,11 @@ async fn removed(
         return Err((StatusCode::BAD_REQUEST, "the notice names another node"));
     }
     let by = identity.node_cert.map_or(0, |c| c.id);
-    node.mark_removed(format!(
-        "member node {by} removed this node from the cluster"
-    ));
+    tracing::warn!(
+        by,
+        "a member says this node was removed; asking the other members"
+    );
+    node.peers.removal_hints.notify_one();
     Ok(Json(()))
 }
 

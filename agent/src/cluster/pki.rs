@@ -326,6 +326,33 @@ impl NodeTls {
         Ok(Arc::new(config))
     }
 
+    /// Client side of the peer and storage ports for a member: like
+    /// [`Self::peer_client_config`], and the server's certificate must also
+    /// pass `check` (a member's, for its pinned key), so that a copy of the
+    /// CA key cannot pose as a member to collect what peers send it.
+    pub fn member_client_config(&self, check: ServerCheck) -> Result<ClientConfig, PkiError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(&self.ca_pem)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| PkiError::Verifier {
+            reason: e.to_string(),
+        })?;
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| PkiError::Tls { source })?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(MemberServer { inner, check }))
+            .with_client_auth_cert(self.chain()?, parse_key(&self.key_pem)?)
+            .map_err(|source| PkiError::Tls { source })?;
+        // A resumed session skips the server's certificate: every new
+        // connection checks it again (connections are pooled, so this is
+        // rare).
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(config)
+    }
+
     /// Client side of the peer port: trusts only the cluster CA and presents
     /// this node's certificate.
     pub fn peer_client_config(&self) -> Result<ClientConfig, PkiError> {
@@ -335,6 +362,64 @@ impl NodeTls {
             .with_root_certificates(roots(&self.ca_pem)?)
             .with_client_auth_cert(self.chain()?, parse_key(&self.key_pem)?)
             .map_err(|source| PkiError::Tls { source })
+    }
+}
+
+/// Decides whether a server certificate (DER) the CA signed is a member's.
+pub type ServerCheck = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// The CA's verification, then [`ServerCheck`].
+struct MemberServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    check: ServerCheck,
+}
+
+impl std::fmt::Debug for MemberServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemberServer")
+    }
+}
+
+impl ServerCertVerifier for MemberServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        (self.check)(end_entity.as_ref()).map_err(rustls::Error::General)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -275,10 +275,6 @@ async fn serve_connection(
                 client_cert.and_then(|cert| crate::cluster::pki::peer_common_name(cert.as_ref()));
             let node_cert = client_cert
                 .and_then(|cert| crate::cluster::admission::NodeCert::from_der(cert.as_ref()));
-            // A client certificate of the cluster's CA proves a member.
-            if common_name.is_some() {
-                proven.store(true, Ordering::Relaxed);
-            }
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
                 common_name,
                 node_cert,

@@ -426,6 +426,7 @@ impl Agent {
             self.data_dir.node_key(),
             self.data_dir.ca_cert(),
             self.data_dir.ca_key(),
+            self.data_dir.join_pins(),
         ] {
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -634,6 +635,10 @@ impl Agent {
             pki::write_private(&dir.ca_key(), &joined.ca_key_pem)?;
             write_public(&dir.node_cert(), &joined.cert_pem)?;
             pki::write_private(&dir.node_key(), &node_key.key_pem)?;
+            write_public(
+                &dir.join_pins(),
+                &serde_json::to_string(&joined.member_keys)?,
+            )?;
             write_public(&dir.node_config(), &serde_json::to_string_pretty(&config)?)?;
             let tls = NodeTls {
                 ca_pem: joined.ca_pem.clone(),
@@ -730,15 +735,24 @@ async fn leave_when_removed(agent: std::sync::Weak<Agent>) {
         let current = nodes.borrow_and_update().clone();
         match current {
             Some(node) => {
-                tokio::select! {
-                    how = node.removed() => {
-                        drop(node);
-                        let Some(agent) = agent.upgrade() else { return };
-                        let _setup = agent.setup_lock.lock().await;
-                        tracing::warn!(reason = %how, "removed from the cluster: wiping this node's keys and cluster state; it is unconfigured and may create or join a cluster again");
-                        agent.unconfigure().await;
+                let how = tokio::select! {
+                    how = node.removed() => Some(how),
+                    () = node.removal_hinted() => {
+                        let confirmed = node.confirm_removed().await;
+                        if confirmed.is_none() {
+                            // Not so: claims are checked at most every 10 s.
+                            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                        }
+                        confirmed
                     }
-                    changed = nodes.changed() => if changed.is_err() { return },
+                    changed = nodes.changed() => if changed.is_err() { return } else { None },
+                };
+                if let Some(how) = how {
+                    drop(node);
+                    let Some(agent) = agent.upgrade() else { return };
+                    let _setup = agent.setup_lock.lock().await;
+                    tracing::warn!(reason = %how, "removed from the cluster: wiping this node's keys and cluster state; it is unconfigured and may create or join a cluster again");
+                    agent.unconfigure().await;
                 }
             }
             None => {

@@ -206,7 +206,7 @@ impl BlockStore {
             Arc::new(c)
         };
         let client_tls = {
-            let mut c = node.tls.peer_client_config()?;
+            let mut c = node.peer_client_tls.clone();
             c.alpn_protocols = vec![alpn];
             Arc::new(c)
         };
