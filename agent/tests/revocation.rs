@@ -190,8 +190,8 @@ async fn a_removed_nodes_certificate_is_refused_on_peer_api_and_storage_ports_an
     let removed = &cluster.live(victim);
     wait_for(
         "the removed node to unconfigure itself",
-        Duration::from_secs(20),
-        || removed.agent.node().is_none(),
+        Duration::from_secs(30),
+        || removed.agent.node().is_none() && !removed.dir.join("state.redb").exists(),
     )
     .await;
     for file in [
@@ -366,5 +366,30 @@ async fn a_members_certificate_alone_cannot_write_for_users_or_for_other_nodes_n
         let (status, body) = peer_post(&minted, &peer, "/raft/vote", json!({})).await;
         assert_eq!(status, 403, "{body}");
     }
+    cluster.shutdown().await;
+}
+
+/// A node removing itself through the cluster's API on a follower: the
+/// removal succeeds for the caller, and the node wipes itself once the
+/// other members refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_removes_itself_succeeds_and_is_unconfigured() {
+    let cluster = TestCluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let id = cluster.node(follower).id;
+    cluster
+        .live(follower)
+        .agent
+        .remove(&id.to_string())
+        .await
+        .expect("a node may remove itself");
+    let removed = cluster.live(follower);
+    wait_for(
+        "the node to unconfigure itself",
+        Duration::from_secs(30),
+        || removed.agent.node().is_none() && !removed.dir.join("node.key").exists(),
+    )
+    .await;
     cluster.shutdown().await;
 }

@@ -772,10 +772,18 @@ impl ClusterNode {
     pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
         let peer_addr = self.member_of(node_id).map(|m| m.peer_addr);
         let request = RemoveMemberRequest { node_id };
-        self.on_leader("/cluster/remove-member", &request, || {
-            self.remove_member_locally(node_id)
+        let here = std::sync::atomic::AtomicBool::new(false);
+        self.on_leader("/cluster/remove-member", &request, || async {
+            self.remove_member_locally(node_id).await?;
+            here.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })
         .await?;
+        if !here.load(std::sync::atomic::Ordering::Relaxed) {
+            // The leader did all of it (its peer handler runs this very
+            // function), told the node included.
+            return Ok(());
+        }
         self.write(&Command::ForgetNode { id: node_id })
             .await?
             .map_err(ClusterError::from)?;

@@ -603,10 +603,37 @@ impl AgentExports {
     }
 }
 
+impl AgentExports {
+    /// [`Self::resolve`], asked again after catching up with the leader
+    /// when it refuses: a grant or attachment committed moments ago may not
+    /// be applied on this node yet. Concurrent refusals share a catch-up.
+    async fn resolve_current(&self, name: &str) -> Result<(Arc<BlockStore>, Resolved), String> {
+        let arrived_ms = crate::cluster::node::mono_ms();
+        let first = self.resolve(name);
+        if first.is_ok() {
+            return first;
+        }
+        let node = self
+            .0
+            .upgrade()
+            .ok_or("this node is shutting down")?
+            .node()
+            .map_err(|e| e.to_string())?;
+        if node
+            .caught_up_since(arrived_ms, std::time::Duration::ZERO)
+            .await
+            .is_err()
+        {
+            return first;
+        }
+        self.resolve(name)
+    }
+}
+
 impl Exports for AgentExports {
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>> {
         Box::pin(async move {
-            let (blocks, resolved) = self.resolve(name)?;
+            let (blocks, resolved) = self.resolve_current(name).await?;
             let node = blocks.node().map_err(|e| e.to_string())?;
             let withdrawn = match &resolved.grant {
                 // A VM's own disk: operators' connections to it end here.
@@ -639,7 +666,7 @@ impl Exports for AgentExports {
 
     fn describe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ExportInfo, String>> {
         Box::pin(async move {
-            let (_, resolved) = self.resolve(name)?;
+            let (_, resolved) = self.resolve_current(name).await?;
             Ok(ExportInfo {
                 size: resolved.volume.size_bytes,
                 read_only: resolved.read_only,
