@@ -572,8 +572,8 @@ async fn authorize_inner(
             .map(str::to_string)
             .ok_or(AuthError::Malformed),
     };
-    if let (Some(audit), Ok(token)) = (audit, &token) {
-        *audit.credential.lock().expect("credential") = Some(
+    if let Ok(token) = &token {
+        crate::cluster::request_audit::set_credential(
             crate::cluster::request_audit::Credential::Bearer(token.clone()),
         );
     }

@@ -41,16 +41,17 @@ enum Need {
     Member,
     /// Only the node named: a node reports its own state.
     Node(NodeId),
-    /// The caller's credential must allow it.
-    Caller(Permission, HashMap<String, String>),
+    /// The caller's credential must pass every one of these checks (a
+    /// route's permission with its path parameters).
+    Caller(Vec<(Permission, HashMap<String, String>)>),
     /// Never forwarded.
     Never,
     /// Not now, and why.
     Refused(String),
 }
 
-fn project(name: &str, role: Role) -> Need {
-    Need::Caller(
+fn in_project(name: &str, role: Role) -> (Permission, HashMap<String, String>) {
+    (
         Permission::Project {
             param: "name",
             role,
@@ -59,8 +60,12 @@ fn project(name: &str, role: Role) -> Need {
     )
 }
 
+fn project(name: &str, role: Role) -> Need {
+    Need::Caller(vec![in_project(name, role)])
+}
+
 fn admin() -> Need {
-    Need::Caller(Permission::ClusterAdmin, HashMap::new())
+    Need::Caller(vec![(Permission::ClusterAdmin, HashMap::new())])
 }
 
 /// What `command` needs, reading the leader's state where the command
@@ -81,15 +86,7 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
         // Only after Raft let the node go (`remove_member` does both), so
         // that a member cannot revoke a voter Raft still counts on.
         Command::ForgetNode { id } => {
-            let in_raft = node
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(id)
-                .is_some();
-            if in_raft {
+            if node.member_of(*id).is_some() {
                 Need::Refused(format!(
                     "node {id} is still a member of Raft; `allod cluster remove` takes it out first"
                 ))
@@ -178,33 +175,23 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
             project,
             volume_project,
             ..
-        } => {
-            if project == volume_project {
-                member(project)
-            } else {
-                // Both projects: checked as two needs by the caller below.
-                Need::Caller(
-                    Permission::Project {
-                        param: "name",
-                        role: Role::ProjectMember,
-                    },
-                    HashMap::from([
-                        ("name".to_string(), project.clone()),
-                        ("also".to_string(), volume_project.clone()),
-                    ]),
-                )
-            }
-        }
-        Command::CreateToken { user, .. } => Need::Caller(
+        } => Need::Caller(vec![
+            in_project(project, Role::ProjectMember),
+            in_project(volume_project, Role::ProjectMember),
+        ]),
+        Command::CreateToken { user, .. } => Need::Caller(vec![(
             Permission::SelfOrClusterAdmin { param: "user" },
             HashMap::from([("user".to_string(), user.clone())]),
-        ),
+        )]),
         Command::RevokeToken { id } => {
             let mut params = HashMap::from([("id".to_string(), id.clone())]);
             if let Some(owner) = node.state.token_owner(id).map_err(read)? {
                 params.insert(TOKEN_OWNER_PARAM.to_string(), owner);
             }
-            Need::Caller(Permission::TokenOwnerOrClusterAdmin { param: "id" }, params)
+            Need::Caller(vec![(
+                Permission::TokenOwnerOrClusterAdmin { param: "id" },
+                params,
+            )])
         }
         Command::Network { command } => match command {
             NetCommand::SetUnderlay { node, .. } => Need::Node(*node),
@@ -241,26 +228,31 @@ impl ForwardedWrites {
             Command::Audited { command, audit } => (*command, Some(audit)),
             other => (other, None),
         };
-        let op = serde_json::to_value(&inner)
-            .ok()
-            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
-            .unwrap_or_default();
+        // The command's name, for a refusal only.
+        let op = || {
+            serde_json::to_value(&inner)
+                .ok()
+                .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+                .unwrap_or_default()
+        };
         match need(&node, &inner)? {
             Need::Nothing | Need::Member => {}
-            Need::Never => return Err(format!("a {op} command is never forwarded")),
+            Need::Never => return Err(format!("a {} command is never forwarded", op())),
             Need::Refused(why) => return Err(why),
             Need::Node(id) if id == from => {}
             Need::Node(id) => {
                 let why = "a node reports only its own state";
                 return Err(format!(
-                    "node {from} may not write {op} for node {id}: {why}"
+                    "node {from} may not write {} for node {id}: {why}",
+                    op()
                 ));
             }
-            Need::Caller(permission, params) => {
+            Need::Caller(checks) => {
                 let who = match credential {
                     None => {
                         return Err(format!(
-                            "node {from} forwarded {op} without the caller's credential; only a user's request can make it"
+                            "node {from} forwarded {} without the caller's credential; only a user's request can make it",
+                            op()
                         ))
                     }
                     Some(Credential::Password { user, password }) => {
@@ -270,16 +262,13 @@ impl ForwardedWrites {
                         let principal = authenticate(&node, &self.auth, &token)
                             .await
                             .map_err(|e| format!("the caller's credential is refused: {e}"))?;
-                        let mut decisions = vec![decide(permission, &principal, &params)];
-                        if let Some(also) = params.get("also") {
-                            let other = HashMap::from([("name".to_string(), also.clone())]);
-                            decisions.push(decide(permission, &principal, &other));
-                        }
-                        if let Some(refused) = decisions.into_iter().find(|d| *d != Decision::Allow) {
-                            return Err(match refused {
-                                Decision::Forbidden(why) | Decision::Hidden(why) => why,
-                                Decision::Allow => unreachable!(),
-                            });
+                        for (permission, params) in &checks {
+                            match decide(*permission, &principal, params) {
+                                Decision::Allow => {}
+                                Decision::Forbidden(why) | Decision::Hidden(why) => {
+                                    return Err(why)
+                                }
+                            }
                         }
                         (principal.user, principal.token_id)
                     }

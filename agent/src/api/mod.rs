@@ -64,9 +64,21 @@ pub struct LocalServices {
 
 impl AppState {
     pub fn new(node: Arc<ClusterNode>, local: Arc<LocalServices>) -> Self {
+        Self::with_shed(node, local, Arc::default())
+    }
+
+    /// With the table of shed addresses its listener refuses at accept.
+    pub fn with_shed(
+        node: Arc<ClusterNode>,
+        local: Arc<LocalServices>,
+        shed: Arc<crate::cluster::serve::Shed>,
+    ) -> Self {
         Self {
             node,
-            auth: Arc::new(authz::AuthServices::default()),
+            auth: Arc::new(authz::AuthServices {
+                shed,
+                ..Default::default()
+            }),
             local,
         }
     }

@@ -35,11 +35,8 @@ impl NodeCert {
     /// The node certificate among a client's certificates, if the first one
     /// is one (common name `node-<id>`).
     pub fn from_der(der: &[u8]) -> Option<Self> {
-        let name = crate::cluster::pki::peer_common_name(der)?;
-        Some(Self {
-            id: crate::cluster::pki::node_id_of(&name)?,
-            key_sha256: crate::cluster::pki::cert_key_sha256(der)?,
-        })
+        let (id, key_sha256) = crate::cluster::pki::node_identity(der)?;
+        Some(Self { id, key_sha256 })
     }
 }
 
@@ -67,15 +64,7 @@ impl ClusterNode {
                         cert.id
                     ));
                 }
-                let in_membership = self
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&cert.id)
-                    .is_some();
-                if raft && (in_membership || pinned.is_some()) {
+                if raft && (self.member_of(cert.id).is_some() || pinned.is_some()) {
                     Ok(())
                 } else {
                     Err(format!(

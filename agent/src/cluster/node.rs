@@ -301,13 +301,14 @@ impl ClusterNode {
         self.raft.metrics().borrow().current_leader
     }
 
-    fn member_of(&self, leader: NodeId) -> Option<Member> {
+    /// Node `id` as Raft's latest membership names it, if it does.
+    pub fn member_of(&self, id: NodeId) -> Option<Member> {
         self.raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
-            .get_node(&leader)
+            .get_node(&id)
             .cloned()
     }
 
@@ -767,8 +768,9 @@ impl ClusterNode {
     /// Removes a node from the cluster; if it was a voter and a learner is
     /// waiting, the learner takes its place.
     /// Its record goes with it, which revokes its certificate (see
-    /// `admission`); the node is then told, so that it wipes its keys (a
-    /// node that is down learns it from the first member that refuses it).
+    /// `admission`); the node is then told, so that, once most members
+    /// confirm it, it wipes its keys (a node that is down hears it from the
+    /// members that refuse it when it is back).
     pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
         let peer_addr = self.member_of(node_id).map(|m| m.peer_addr);
         let request = RemoveMemberRequest { node_id };

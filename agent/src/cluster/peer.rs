@@ -61,7 +61,6 @@ impl Isolation {
 /// The verified identity of the peer on the other end of a connection.
 #[derive(Clone, Debug)]
 pub struct PeerIdentity {
-    pub common_name: Option<String>,
     /// The node the client certificate names, and its key.
     pub node_cert: Option<crate::cluster::admission::NodeCert>,
     /// The client's address.
@@ -432,12 +431,9 @@ async fn add_member(
     }
     // A joining node may only add itself (the certificate it joined with
     // names it); members may forward the request on its behalf.
-    let caller = identity.common_name.unwrap_or_default();
-    let allowed = caller == crate::cluster::pki::node_common_name(req.node_id)
-        || node
-            .members()
-            .iter()
-            .any(|m| caller == crate::cluster::pki::node_common_name(m.id));
+    let caller = identity.node_cert.map(|c| c.id);
+    let allowed =
+        caller == Some(req.node_id) || node.members().iter().any(|m| caller == Some(m.id));
     if !allowed {
         return Err((StatusCode::FORBIDDEN, "a node can only ask to add itself"));
     }
@@ -456,12 +452,8 @@ async fn remove_member(
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    let caller = identity.common_name.unwrap_or_default();
-    if !node
-        .members()
-        .iter()
-        .any(|m| caller == crate::cluster::pki::node_common_name(m.id))
-    {
+    let caller = identity.node_cert.map(|c| c.id);
+    if !node.members().iter().any(|m| caller == Some(m.id)) {
         return Err((
             StatusCode::FORBIDDEN,
             "only cluster members may remove members",

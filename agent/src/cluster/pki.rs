@@ -289,33 +289,29 @@ impl NodeTls {
     /// Server side of the peer port: only clients with a certificate from the
     /// cluster CA get through the handshake.
     pub fn peer_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider())
-                .build()
-                .map_err(|e| PkiError::Verifier {
-                    reason: e.to_string(),
-                })?;
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|source| PkiError::Tls { source })?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain()?, parse_key(&self.key_pem)?)
-            .map_err(|source| PkiError::Tls { source })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        self.server_config(false)
     }
 
     /// Server side of the tenant API: callers authenticate with bearer
     /// tokens; a client certificate is optional, and one from the cluster
     /// CA must still be a member's (see `admission`).
     pub fn api_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| PkiError::Verifier {
-                    reason: e.to_string(),
-                })?;
+        self.server_config(true)
+    }
+
+    /// This node's certificate, verifying clients' against the cluster CA
+    /// (`optional`: a client may also show none).
+    fn server_config(&self, optional: bool) -> Result<Arc<ServerConfig>, PkiError> {
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&self.ca_pem)?), provider());
+        let builder = if optional {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        let verifier = builder.build().map_err(|e| PkiError::Verifier {
+            reason: e.to_string(),
+        })?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|source| PkiError::Tls { source })?
@@ -514,9 +510,11 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// subjectPublicKey), lowercase hex: what the cluster pins for each node.
 pub fn cert_key_sha256(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(hex::encode(Sha256::digest(
-        &cert.public_key().subject_public_key.data,
-    )))
+    Some(key_sha256(&cert))
+}
+
+fn key_sha256(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    hex::encode(Sha256::digest(&cert.public_key().subject_public_key.data))
 }
 
 /// SHA-256 of the public key in a CSR, as [`cert_key_sha256`] computes it
@@ -545,17 +543,13 @@ pub fn node_id_of(common_name: &str) -> Option<u64> {
     common_name.strip_prefix("node-")?.parse().ok()
 }
 
-/// The common name of the verified client certificate, if any.
-pub fn peer_common_name(der: &[u8]) -> Option<String> {
+/// The node a certificate names (common name `node-<id>`) and the SHA-256
+/// of its key (as [`cert_key_sha256`]), from one parse; `None` for a
+/// certificate that names no node.
+pub fn node_identity(der: &[u8]) -> Option<(u64, String)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    Some(cn)
+    let id = node_id_of(cert.subject().iter_common_name().next()?.as_str().ok()?)?;
+    Some((id, key_sha256(&cert)))
 }
 
 #[cfg(test)]
@@ -568,7 +562,7 @@ mod tests {
         let (key, cert) =
             NodeKey::generate_signed(subject_alt_names(&["10.1.2.3:7443"]), &ca, 7).unwrap();
         let der = parse_certs(&cert, "cert").unwrap();
-        assert_eq!(peer_common_name(der[0].as_ref()).as_deref(), Some("node-7"));
+        assert_eq!(node_identity(der[0].as_ref()).map(|(id, _)| id), Some(7));
         let tls = NodeTls {
             ca_pem: ca.cert_pem.clone(),
             cert_pem: cert,

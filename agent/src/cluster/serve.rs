@@ -249,7 +249,6 @@ async fn serve_connection(
         ServeMode::Closed => Ok(()),
         ServeMode::Plain(router) => {
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
-                common_name: None,
                 node_cert: None,
                 remote_addr: Some(remote),
                 proven,
@@ -266,17 +265,13 @@ async fn serve_connection(
             )
             .await
             .map_err(|_| "the TLS handshake took too long")??;
-            let client_cert = tls
+            let node_cert = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|certs| certs.first());
-            let common_name =
-                client_cert.and_then(|cert| crate::cluster::pki::peer_common_name(cert.as_ref()));
-            let node_cert = client_cert
+                .and_then(|certs| certs.first())
                 .and_then(|cert| crate::cluster::admission::NodeCert::from_der(cert.as_ref()));
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
-                common_name,
                 node_cert,
                 remote_addr: Some(remote),
                 proven,

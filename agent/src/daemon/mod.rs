@@ -346,11 +346,8 @@ impl Agent {
             peer_tls,
             crate::cluster::peer::router(node.clone(), self.raft_options.peer_request_limit_bytes),
         ));
-        let mut app = crate::api::AppState::new(node.clone(), local.clone());
-        app.auth = Arc::new(crate::api::authz::AuthServices {
-            shed: self.api_shed.clone(),
-            ..Default::default()
-        });
+        let app =
+            crate::api::AppState::with_shed(node.clone(), local.clone(), self.api_shed.clone());
         let _ = node
             .write_authority
             .set(Arc::new(crate::api::forwarded::ForwardedWrites {
