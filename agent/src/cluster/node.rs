@@ -771,7 +771,10 @@ impl ClusterNode {
     /// `admission`); the node is then told, so that, once most members
     /// confirm it, it wipes its keys (a node that is down hears it from the
     /// members that refuse it when it is back).
-    pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClusterError> {
+    /// `tell`: whether to tell the node (not when it is the one asking,
+    /// through a follower: it learns from the answer, and a notice racing
+    /// that answer could have it wipe itself before the answer arrives).
+    pub async fn remove_member(&self, node_id: NodeId, tell: bool) -> Result<(), ClusterError> {
         let peer_addr = self.member_of(node_id).map(|m| m.peer_addr);
         let request = RemoveMemberRequest { node_id };
         let here = std::sync::atomic::AtomicBool::new(false);
@@ -781,17 +784,17 @@ impl ClusterNode {
             Ok(())
         })
         .await?;
-        if !here.load(std::sync::atomic::Ordering::Relaxed) {
-            // The leader did all of it (its peer handler runs this very
-            // function), told the node included.
-            return Ok(());
+        let here = here.load(std::sync::atomic::Ordering::Relaxed);
+        if here {
+            // Otherwise the leader did it (its peer handler runs this very
+            // function), telling the node unless the node asked.
+            self.write(&Command::ForgetNode { id: node_id })
+                .await?
+                .map_err(ClusterError::from)?;
         }
-        self.write(&Command::ForgetNode { id: node_id })
-            .await?
-            .map_err(ClusterError::from)?;
         if node_id == self.id {
             self.mark_removed("this node removed itself from the cluster".into());
-        } else if let Some(addr) = peer_addr {
+        } else if let Some(addr) = peer_addr.filter(|_| here && tell) {
             let notice = crate::cluster::peer::RemovedNotice { node_id };
             let told: Result<(), PeerCallError> = self
                 .peers

@@ -459,7 +459,11 @@ async fn remove_member(
             "only cluster members may remove members",
         ));
     }
-    Ok(Json(node.remove_member(req.node_id).await.map_err(failure)))
+    // A node removing itself learns it from this answer.
+    let tell = caller != Some(req.node_id);
+    Ok(Json(
+        node.remove_member(req.node_id, tell).await.map_err(failure),
+    ))
 }
 
 async fn removed(

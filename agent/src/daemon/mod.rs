@@ -705,7 +705,7 @@ impl Agent {
                 }
             }
         };
-        node.remove_member(id).await?;
+        node.remove_member(id, true).await?;
         tracing::info!(node_id = id, "removed a member from the cluster");
         Ok(id)
     }
