@@ -18,4 +18,6 @@ pub mod volume;
 
 pub use placement::{MapNode, StorageMap};
 pub use store::ObjectStore;
-pub use volume::{IoError, ParentSpec, ReplicaSets, Storage, VolumeHandle, VolumeSpec};
+pub use volume::{
+    IoError, ParentSpec, Progress, ReplicaSets, Storage, Throttle, VolumeHandle, VolumeSpec,
+};

@@ -74,6 +74,13 @@ pub enum Request {
         volume: String,
         epoch: u64,
     },
+    /// A writer moving the volume to storage map `map` may copy objects
+    /// here that the current map does not place here (durable before it
+    /// answers the map held before); see `ObjectStore::hold`.
+    Hold {
+        volume: String,
+        map: u64,
+    },
     /// What the replica holds of one object.
     Stat {
         volume: String,
@@ -315,6 +322,11 @@ impl Request {
                 o.str(volume).u64(*epoch);
                 o.finish()
             }
+            Request::Hold { volume, map } => {
+                let mut o = Out::new(id, 14);
+                o.str(volume).u64(*map);
+                o.finish()
+            }
             Request::Stat { volume, index } => {
                 let mut o = Out::new(id, 11);
                 o.str(volume).u64(*index);
@@ -433,6 +445,10 @@ impl Request {
             10 => Request::Fence {
                 volume: i.str()?,
                 epoch: i.u64()?,
+            },
+            14 => Request::Hold {
+                volume: i.str()?,
+                map: i.u64()?,
             },
             11 => Request::Stat {
                 volume: i.str()?,
@@ -644,6 +660,10 @@ mod tests {
             Request::Fence {
                 volume: v(),
                 epoch: 4,
+            },
+            Request::Hold {
+                volume: v(),
+                map: 7,
             },
             Request::Stat {
                 volume: v(),

@@ -157,6 +157,7 @@ fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError
             .trim_snapshots(&volume, &live, known_seq)
             .map(|_| Response::Done),
         Request::Fence { volume, epoch } => store.fence(&volume, epoch).map(Response::Number),
+        Request::Hold { volume, map } => store.hold(&volume, map).map(Response::Number),
         Request::PutClone {
             volume,
             index,

@@ -38,6 +38,9 @@ use crate::range_lock::{RangeLock, ALL};
 use crate::store::{ObjectInfo, ObjectStore};
 use crate::transport::{self, Peers};
 
+mod migrate;
+pub use migrate::{Progress, Throttle};
+
 /// Everything needed to read or write a volume's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
@@ -93,6 +96,23 @@ pub trait ReplicaSets: Send + Sync + 'static {
     fn recovering(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>>;
     /// `node` holds every acknowledged write again.
     fn in_sync(&self, volume: &str, epoch: u64, node: u64) -> BoxFuture<'_, Result<(), String>>;
+    /// The writer is copying the volume's objects to where storage map
+    /// `map` places them (by default, moves are refused).
+    fn moving(&self, volume: &str, _epoch: u64, map: u64) -> BoxFuture<'_, Result<(), String>> {
+        let why = format!(
+            "volume {volume} cannot move to storage map {map}: moves are not recorded here"
+        );
+        Box::pin(async move { Err(why) })
+    }
+    /// Every object is where storage map `map` places it, and every node of
+    /// that map holds every acknowledged write of its objects: the volume
+    /// now uses `map`.
+    fn moved(&self, volume: &str, _epoch: u64, map: u64) -> BoxFuture<'_, Result<(), String>> {
+        let why = format!(
+            "volume {volume} cannot move to storage map {map}: moves are not recorded here"
+        );
+        Box::pin(async move { Err(why) })
+    }
 }
 
 /// One node's view of the storage cluster: its own store and its peers.
@@ -326,6 +346,8 @@ struct Replicas {
     /// their next I/O.
     suspect: HashSet<u64>,
     repair: Option<Repair>,
+    /// A move to another storage map in progress.
+    moving: Option<migrate::Move>,
 }
 
 /// A resync in progress: objects not yet copied skip the node; the others
@@ -435,6 +457,11 @@ impl VolumeHandle {
                     "storage node {node} was reconnected since it was fenced (it may have restarted)"
                 )));
             }
+            if self.move_target_reconnected(node, conn) {
+                return Err(IoError::Failed(format!(
+                    "storage node {node} was reconnected since the move to it began (it may have restarted)"
+                )));
+            }
         }
         Ok(resp)
     }
@@ -451,6 +478,16 @@ impl VolumeHandle {
                 r.dropped.insert(*n);
                 r.joined.remove(n);
                 r.conns.remove(n);
+            }
+            // A node of a move's new map that missed a write holds less
+            // than the switch would claim.
+            if let Some(m) = r.moving.as_mut() {
+                let new: Vec<u64> = nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| m.map.nodes.iter().any(|x| x.node == *n))
+                    .collect();
+                m.failed.extend(new);
             }
         }
         tracing::warn!(volume = %spec.id, "replicas on nodes {nodes:?} are out of sync");
@@ -836,14 +873,18 @@ impl VolumeHandle {
                 d.objects.keys().copied().collect::<Vec<_>>(),
             )
         };
-        let (in_sync, repairing) = {
+        let (in_sync, repairing, moving) = {
             let r = self.replicas.lock().unwrap();
-            (in_sync_now(&spec, &r), r.repair.as_ref().map(|p| p.node))
+            (
+                in_sync_now(&spec, &r),
+                r.repair.as_ref().map(|p| p.node),
+                r.moving.as_ref().map(|m| m.targets()).unwrap_or_default(),
+            )
         };
         let targets: Vec<u64> = nodes
             .iter()
             .copied()
-            .filter(|n| in_sync.contains(n) || repairing == Some(*n))
+            .filter(|n| in_sync.contains(n) || repairing == Some(*n) || moving.contains(n))
             .collect();
         let flush = Request::Flush {
             volume: spec.id.clone(),
@@ -856,10 +897,12 @@ impl VolumeHandle {
                 Err(IoError::Fenced(m)) => return Err(IoError::Fenced(m)),
                 Err(e) => {
                     tracing::warn!(volume = %spec.id, "flush on node {node} failed: {e}");
-                    if repairing == Some(*node) {
+                    if in_sync.contains(node) {
+                        failed.push(*node);
+                    } else if repairing == Some(*node) {
                         self.abort_repair(*node);
                     } else {
-                        failed.push(*node);
+                        self.abort_move(*node);
                     }
                 }
             }
@@ -935,21 +978,37 @@ impl VolumeHandle {
         if self.replicas.lock().unwrap().suspect.contains(&index) {
             self.make_agree(spec, index).await?;
         }
-        let (live, extra) = {
+        let (live, extra, newer) = {
             let r = self.replicas.lock().unwrap();
+            // Read under the replicas' lock: a move switches the map before
+            // it stops sending writes to the new map's nodes, so a write
+            // that finds no move in progress finds the new map.
+            let newer = Some(self.spec()).filter(|now| now.map.epoch != spec.map.epoch);
+            let spec: &VolumeSpec = newer.as_deref().unwrap_or(spec);
+            let placed = spec.map.place(&spec.id, index, spec.replicas);
             let in_sync = in_sync_now(spec, &r);
             let live: Vec<u64> = placed
                 .iter()
                 .copied()
                 .filter(|n| in_sync.contains(n))
                 .collect();
-            let extra: Option<u64> = r
+            let mut extra: Vec<u64> = r
                 .repair
                 .as_ref()
                 .filter(|p| placed.contains(&p.node) && !p.pending.contains(&index) && !p.failed)
-                .map(|p| p.node);
-            (live, extra)
+                .map(|p| p.node)
+                .into_iter()
+                .collect();
+            if let Some(m) = r.moving.as_ref() {
+                for n in m.extra_for(spec, index, &live) {
+                    if !extra.contains(&n) {
+                        extra.push(n);
+                    }
+                }
+            }
+            (live, extra, newer)
         };
+        let spec: &VolumeSpec = newer.as_deref().unwrap_or(spec);
         if live.len() < spec.min_replicas {
             return Err(self.degraded(spec, index, &[]));
         }
@@ -971,10 +1030,11 @@ impl VolumeHandle {
                 Err(IoError::Fenced(m)) => return Err(IoError::Fenced(m)),
                 Err(e) => {
                     tracing::warn!(volume = %spec.id, "write of object {index} on node {node} failed: {e}");
-                    if Some(*node) == extra {
-                        self.abort_repair(*node);
-                    } else {
+                    if live.contains(node) {
                         failed.push(*node);
+                    } else {
+                        self.abort_repair(*node);
+                        self.abort_move(*node);
                     }
                     refusal = Some(e);
                 }

@@ -115,6 +115,11 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
                 _ => Need::Node(*to),
             }
         }
+        Command::SetStorageConfig { .. } => admin(),
+        // Failure detection is the leader's own: no member may declare
+        // another down or out on its word.
+        Command::SetStorageNodeState { .. } => Need::Never,
+        Command::ReportStorageJobs { node: id, .. } => Need::Node(*id),
         Command::SetNodeStorage { id, .. }
         | Command::SetNodeCapacity { id, .. }
         | Command::SetNodeMaintenance { id, .. } => Need::Node(*id),

@@ -66,6 +66,7 @@ pub(super) fn new_volume(
         in_sync: Vec::new(),
         out_of_sync: Vec::new(),
         recovering: Vec::new(),
+        moving_to: None,
     })
 }
 

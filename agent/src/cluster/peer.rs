@@ -119,9 +119,22 @@ pub struct PeerClient {
     /// member says it was removed: a claim to check with the other members
     /// before acting on it, since one peer's word could be false.
     pub removal_hints: Arc<tokio::sync::Notify>,
+    /// When each peer last answered an AppendEntries (heartbeats included)
+    /// from this node: the leader's failure detection reads it.
+    heard: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>>,
 }
 
 impl PeerClient {
+    /// How long ago `node` last answered this node's AppendEntries, if it
+    /// ever did since this process started.
+    pub fn last_heard(&self, node: NodeId) -> Option<Duration> {
+        self.heard
+            .lock()
+            .unwrap()
+            .get(&node)
+            .map(std::time::Instant::elapsed)
+    }
+
     pub fn new(tls: rustls::ClientConfig, isolation: Isolation) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -134,6 +147,7 @@ impl PeerClient {
             isolation,
             removed: Arc::new(tokio::sync::watch::channel(None).0),
             removal_hints: Arc::new(tokio::sync::Notify::new()),
+            heard: Arc::default(),
         })
     }
 
@@ -265,6 +279,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let result = self
             .raft_call("/raft/append", &rpc, &option, Some(entries))
             .await;
+        if result.is_ok() {
+            self.client
+                .heard
+                .lock()
+                .unwrap()
+                .insert(self.target, std::time::Instant::now());
+        }
         tracing::trace!(
             target = self.target,
             entries,

@@ -499,6 +499,8 @@ impl Agent {
                 maintenance: false,
                 storage: None,
                 key_sha256,
+                storage_state: Default::default(),
+                storage_state_since_ms: 0,
             };
             node.write(&Command::InitCluster {
                 info,

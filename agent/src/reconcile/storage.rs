@@ -18,6 +18,8 @@ use crate::state::volumes::NodeStorage;
 use crate::state::volumes::{ReplicaChange, VolumeRecord};
 use crate::state::Command;
 
+pub mod recovery;
+
 /// How the block store is set up on this node.
 #[derive(Debug, Clone)]
 pub struct BlockOptions {
@@ -46,8 +48,10 @@ pub struct BlockStore {
     /// Volumes whose resync is running or waits to retry (with when it
     /// last failed).
     resyncs: std::sync::Mutex<HashMap<String, Option<std::time::Instant>>>,
-    /// One resync at a time on this node.
+    /// One resync or move at a time on this node.
     resync_turn: tokio::sync::Mutex<()>,
+    /// Moves, jobs and the recovery throttle.
+    pub recovery: Arc<recovery::Recovery>,
     /// NBD connections opened with an operator's grant, to withdraw when
     /// the grant expires or a VM takes the volume.
     open_grants: std::sync::Mutex<Vec<OpenGrant>>,
@@ -162,6 +166,22 @@ impl ReplicaSets for AgentReplicaSets {
                 .await
         })
     }
+
+    fn moving(&self, volume: &str, epoch: u64, map: u64) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            self.record(&volume, epoch, ReplicaChange::Moving { map })
+                .await
+        })
+    }
+
+    fn moved(&self, volume: &str, epoch: u64, map: u64) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            self.record(&volume, epoch, ReplicaChange::Moved { map })
+                .await
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +278,7 @@ impl BlockStore {
             nbd_socket,
             resyncs: std::sync::Mutex::new(HashMap::new()),
             resync_turn: tokio::sync::Mutex::new(()),
+            recovery: Arc::default(),
             open_grants: std::sync::Mutex::new(Vec::new()),
         });
         let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
@@ -270,6 +291,7 @@ impl BlockStore {
             }
         });
         io.spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
+        io.spawn(recovery::watch_storage_nodes(Arc::downgrade(node)));
         Ok(blocks)
     }
 
@@ -755,6 +777,12 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
             }
         }
         b.start_resyncs(&node);
+        if let Ok(config) = node.state.storage_config() {
+            b.recovery.throttle.set_rate(config.recovery_rate_bytes);
+        }
+        b.start_moves(&node);
+        b.report_jobs(&node).await;
+        b.drop_misplaced(&node).await;
         if last_gc.elapsed() > Duration::from_secs(60) {
             last_gc = std::time::Instant::now();
             collect_garbage(&b, &node, &mut missing_before).await;

@@ -205,6 +205,10 @@ impl StateView {
         now_ms: u64,
     ) -> Result<bool, ReadError> {
         use super::operations::Work;
+        // Moving the volume to the current storage map is that node's work.
+        if self.mover_of(volume)? == Some(node) {
+            return Ok(true);
+        }
         if let Some(vm_id) = &volume.attached_to {
             return Ok(self.vm_by_id(vm_id)?.is_some_and(|vm| vm.node_id == node));
         }

@@ -26,6 +26,7 @@ pub mod operations;
 pub mod projects;
 pub mod quotas;
 pub mod scheduler;
+pub mod storage;
 pub mod vms;
 pub mod volumes;
 pub mod zones;
@@ -141,6 +142,22 @@ pub enum Command {
         volume_id: String,
         epoch: u64,
         change: volumes::ReplicaChange,
+    },
+    /// Cluster-wide storage settings.
+    SetStorageConfig {
+        config: storage::StorageConfig,
+    },
+    /// A node's storage state changes (the leader's failure detection, or
+    /// a drain); the storage map follows.
+    SetStorageNodeState {
+        id: NodeId,
+        state: storage::StorageNodeState,
+        at_ms: u64,
+    },
+    /// The recovery jobs a node runs now (none: finished).
+    ReportStorageJobs {
+        node: NodeId,
+        jobs: Vec<storage::StorageJob>,
     },
     /// A node registers (or updates) its block store.
     SetNodeStorage {
@@ -515,6 +532,8 @@ impl Command {
             | Command::AcquireLease { .. }
             | Command::UpdateReplicas { .. }
             | Command::SetNodeStorage { .. }
+            | Command::SetStorageNodeState { .. }
+            | Command::SetStorageConfig { .. }
             | Command::CreateImage { .. }
             | Command::FinishImage { .. }
             | Command::DeleteImage { .. }
@@ -542,6 +561,7 @@ impl Command {
             | Command::CreateToken { .. }
             | Command::SetExportKey { .. }
             | Command::CreateExportGrant { .. }
+            | Command::ReportStorageJobs { .. }
             | Command::AppendAudit { .. } => Effects::NONE,
         }
     }
@@ -569,7 +589,11 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             node_name,
             key_sha256,
         } => nodes::consume_join_token(kv, id, secret_sha256, now_ms, node_name, key_sha256),
-        Command::ForgetNode { id } => nodes::forget_node(kv, id),
+        Command::ForgetNode { id } => {
+            let outcome = nodes::forget_node(kv, id)?;
+            storage::recompute_map(kv)?;
+            Ok(outcome)
+        }
         Command::SetNodeZone { id, zone } => nodes::set_node_zone(kv, id, zone),
         Command::SetNodeMaintenance { id, maintenance } => nodes::update_node(kv, id, |_, node| {
             node.maintenance = maintenance;
@@ -621,6 +645,11 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             change,
         } => volumes::update_replicas(kv, &volume_id, epoch, change),
         Command::SetNodeStorage { id, storage } => volumes::set_node_storage(kv, id, storage),
+        Command::SetStorageConfig { config } => storage::set_storage_config(kv, config),
+        Command::SetStorageNodeState { id, state, at_ms } => {
+            storage::set_storage_node_state(kv, id, state, at_ms)
+        }
+        Command::ReportStorageJobs { node, jobs } => storage::report_jobs(kv, node, jobs),
         Command::CreateImage {
             image,
             volume,

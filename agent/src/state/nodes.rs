@@ -47,6 +47,13 @@ pub struct NodeRecord {
     /// keys were pinned, which trust the name alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_sha256: Option<String>,
+    /// `in`, `down`, `out` or `draining` (see `state::storage`).
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub storage_state: super::storage::StorageNodeState,
+    /// When it last changed (milliseconds since the epoch; 0: never).
+    #[serde(default)]
+    pub storage_state_since_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,7 +176,7 @@ pub(super) fn consume_join_token(
                 put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                 record.used_by = Some(node_id);
                 put_json(kv, &key, &record)?;
-                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256 };
+                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0 };
                 put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                 Ok(serde_json::json!({ "node_id": node_id }))
             }

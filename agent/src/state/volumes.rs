@@ -5,7 +5,7 @@
 
 use allod_raft::{KvRead, KvWrite, NodeId};
 use serde::{Deserialize, Serialize};
-use storage::{MapNode, StorageMap};
+use storage::StorageMap;
 
 use super::nodes::update_node;
 use super::projects::Project;
@@ -109,6 +109,9 @@ pub struct VolumeRecord {
     /// Out-of-sync nodes whose resync is under way.
     #[serde(default)]
     pub recovering: Vec<NodeId>,
+    /// The storage map its writer is moving its objects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<u64>,
 }
 
 /// A change to a volume's in-sync set, made by its writer.
@@ -121,6 +124,11 @@ pub enum ReplicaChange {
     Recovering { node: NodeId },
     /// This replica holds every acknowledged write again.
     InSync { node: NodeId },
+    /// The writer is copying objects to where storage map `map` puts them.
+    Moving { map: u64 },
+    /// Every node of storage map `map` holds every acknowledged write of
+    /// the objects it places there: the volume uses `map` from now on.
+    Moved { map: u64 },
 }
 
 impl VolumeRecord {
@@ -273,31 +281,12 @@ pub fn set_node_storage(
     id: NodeId,
     storage: NodeStorage,
 ) -> KvResult<Outcome> {
-    let weight = (storage.capacity_bytes >> 30).max(1);
-    let domain_name = storage.failure_domain.clone();
     let outcome = update_node(kv, id, |_, node| {
         node.storage = Some(storage);
         Ok(Ok(()))
     })?;
-    if outcome.is_err() {
-        return Ok(outcome);
-    }
-    let mut map = get_json::<StorageMap>(kv, KEY_STORAGE_MAP)?.unwrap_or_default();
-    let present = map.nodes.iter().find(|n| n.node == id).cloned();
-    if present
-        .as_ref()
-        .is_none_or(|n| n.failure_domain != domain_name)
-    {
-        map.nodes.retain(|n| n.node != id);
-        map.nodes.push(MapNode {
-            node: id,
-            weight: present.map_or(weight, |n| n.weight),
-            failure_domain: domain_name,
-        });
-        map.nodes.sort_by_key(|n| n.node);
-        map.epoch += 1;
-        put_json(kv, KEY_STORAGE_MAP, &map)?;
-        put_json(kv, &format!("{PREFIX_STORAGE_MAPS}{:020}", map.epoch), &map)?;
+    if outcome.is_ok() {
+        super::storage::recompute_map(kv)?;
     }
     Ok(outcome)
 }
@@ -702,6 +691,53 @@ pub fn update_replicas(
             volume.out_of_sync.retain(|n| *n != node);
             volume.recovering.retain(|n| *n != node);
             volume.in_sync.push(node);
+        }
+        ReplicaChange::Moving { map } => {
+            let target = get_json::<StorageMap>(kv, &format!("{PREFIX_STORAGE_MAPS}{map:020}"))?;
+            match target {
+                Some(t) if t.epoch > volume.map_epoch && t.nodes.len() >= usize::from(volume.replicas) => {
+                    volume.moving_to = Some(map);
+                }
+                Some(_) => {
+                    return Ok(Err(domain(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "volume {volume_id} cannot move to storage map {map}: it uses map {} and keeps {} replicas",
+                            volume.map_epoch, volume.replicas
+                        ),
+                    )))
+                }
+                None => {
+                    return Ok(Err(domain(
+                        ErrorCode::NotFound,
+                        format!("storage map {map} does not exist"),
+                    )))
+                }
+            }
+        }
+        ReplicaChange::Moved { map } => {
+            if volume.moving_to != Some(map) {
+                return Ok(Err(domain(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "volume {volume_id} is not moving to storage map {map} (moving to: {:?})",
+                        volume.moving_to
+                    ),
+                )));
+            }
+            let Some(target) =
+                get_json::<StorageMap>(kv, &format!("{PREFIX_STORAGE_MAPS}{map:020}"))?
+            else {
+                return Ok(Err(domain(
+                    ErrorCode::NotFound,
+                    format!("storage map {map} does not exist"),
+                )));
+            };
+            volume.map_epoch = map;
+            volume.moving_to = None;
+            volume.in_sync = target.nodes.iter().map(|n| n.node).collect();
+            volume.out_of_sync.clear();
+            volume.recovering.clear();
         }
     }
     for list in [

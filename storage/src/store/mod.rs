@@ -139,6 +139,10 @@ struct Obj {
 struct Vol {
     dir: PathBuf,
     epoch: AtomicU64,
+    /// The newest storage map a writer announced it is moving the volume
+    /// to (see [`ObjectStore::hold`]); an object is dropped as misplaced
+    /// only by a caller that decided with a map at least this new.
+    map: AtomicU64,
     /// Held shared by every epoch-checked operation for its whole length,
     /// and exclusively by a fence: a fence waits for older writers' I/O in
     /// progress, and none starts after it.
@@ -270,6 +274,79 @@ impl ObjectStore {
             vol.epoch.store(epoch, Ordering::Release);
         }
         Ok(current)
+    }
+
+    /// Records, durably, that a writer is moving the volume to storage map
+    /// `map` and may copy objects here that the volume's current map does
+    /// not place here. Waits for operations in progress (like a fence).
+    /// Returns the map held before.
+    pub fn hold(&self, volume: &str, map: u64) -> Result<u64, StoreError> {
+        let vol = self.volume(volume, true)?.expect("created");
+        let _exclusive = vol.io.write().unwrap();
+        let current = vol.map.load(Ordering::Acquire);
+        if map > current {
+            self.write_small_durably(&vol.dir, "map", map)?;
+            vol.map.store(map, Ordering::Release);
+        }
+        Ok(current)
+    }
+
+    /// Removes object `index` (its head and snapshot copies) as misplaced,
+    /// decided with storage map `map`: refused (`Ok(false)`) when a writer
+    /// has since announced a newer map, whose placement may want it here.
+    pub fn drop_misplaced(&self, volume: &str, index: u64, map: u64) -> Result<bool, StoreError> {
+        let Some(vol) = self.volume(volume, false)? else {
+            return Ok(true);
+        };
+        let _exclusive = vol.io.write().unwrap();
+        if vol.map.load(Ordering::Acquire) > map {
+            return Ok(false);
+        }
+        let Some(obj) = Self::object(&vol, index, false) else {
+            return Ok(true);
+        };
+        let mut st = obj.state.write().unwrap();
+        self.load(&vol, index, &mut st)?;
+        self.drop_head_file(&mut st);
+        if st.head.take().is_some() {
+            match self.fs.remove_file(&head_path(&vol.dir, index)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing a misplaced object")(e)),
+            }
+        }
+        let clones: Vec<u64> = st.clones.keys().copied().collect();
+        for hi in clones {
+            self.fs
+                .remove_file(&clone_path(&vol.dir, index, hi))
+                .map_err(io_err("removing a misplaced snapshot copy"))?;
+            st.clones.remove(&hi);
+        }
+        st.dirty = false;
+        st.marked = false;
+        st.uncertain = false;
+        st.lost = false;
+        drop(st);
+        vol.objects.write().unwrap().remove(&index);
+        sync_dir(&*self.fs, &vol.dir)?;
+        Ok(true)
+    }
+
+    /// Writes a small number to `dir/name` through a temporary file, a
+    /// rename and a directory sync.
+    fn write_small_durably(&self, dir: &Path, name: &str, value: u64) -> Result<(), StoreError> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let what = format!("recording {name} {value}");
+        let f = self
+            .fs
+            .open(&tmp, Mode::Create)
+            .map_err(io_err(what.clone()))?;
+        f.write_all_at(value.to_string().as_bytes(), 0)
+            .and_then(|()| f.sync_data())
+            .map_err(io_err(what.clone()))?;
+        self.fs.rename(&tmp, &path).map_err(io_err(what))?;
+        sync_dir(&*self.fs, dir)
     }
 
     fn object(vol: &Vol, index: u64, create: bool) -> Option<Arc<Obj>> {
@@ -1045,9 +1122,14 @@ impl Vol {
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        let map = read_small(fs, &dir.join("map"))
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         Ok(Self {
             dir,
             epoch: AtomicU64::new(epoch),
+            map: AtomicU64::new(map),
             io: RwLock::new(()),
             flushing: Mutex::new(()),
             objects: RwLock::new(objects),

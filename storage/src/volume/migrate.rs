@@ -1,0 +1,369 @@
+//! Moving a volume to a newer storage map: re-replication after a node is
+//! declared out, rebalancing after a node joins, draining before one
+//! leaves. The volume's writer does it, while its I/O goes on:
+//!
+//! 1. Every node of the new map that is not an in-sync replica is fenced
+//!    with the writer's epoch, and every node of the new map records,
+//!    durably, that the volume is moving there (`Request::Hold`), so that
+//!    its garbage collection leaves the copies alone.
+//! 2. The move is recorded in the cluster state (`ReplicaSets::moving`).
+//! 3. Every object the new map places on a node that holds no in-sync copy
+//!    of it is copied there whole, under the object's write lock, from an
+//!    in-sync replica; from then on that object's writes reach the new node
+//!    too (an object created during the move reaches it from its first
+//!    write). Copies are paced by a [`Throttle`].
+//! 4. The volume switches to the new map through Raft
+//!    (`ReplicaSets::moved`): every node of the new map is in sync. A new
+//!    node that failed a write during the move aborts it (nothing switched)
+//!    or, when it failed after the last check, leaves the in-sync set at
+//!    once after the switch.
+//!
+//! The old copies are deleted by their nodes' garbage collection once the
+//! state shows the switch (never before: until then they are what the
+//! volume reads).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use super::{IoError, VolumeHandle, VolumeSpec};
+use crate::placement::StorageMap;
+use crate::proto::{Request, Response};
+use crate::range_lock::ALL;
+
+/// A move in progress, as the writer's I/O sees it.
+pub(super) struct Move {
+    pub(super) map: Arc<StorageMap>,
+    /// Objects not copied yet: their writes skip the new nodes.
+    pub(super) pending: HashSet<u64>,
+    /// New nodes a write, flush or copy failed on since the move began.
+    pub(super) failed: HashSet<u64>,
+    /// The connection each newly fenced node answered on.
+    pub(super) conns: HashMap<u64, u64>,
+}
+
+impl Move {
+    /// The new map's nodes that still take writes.
+    pub(super) fn targets(&self) -> Vec<u64> {
+        self.map
+            .nodes
+            .iter()
+            .map(|n| n.node)
+            .filter(|n| !self.failed.contains(n))
+            .collect()
+    }
+
+    /// Where a write of object `index` goes besides its in-sync replicas
+    /// (`live`): the new map's nodes for it, once it is copied there.
+    pub(super) fn extra_for(&self, spec: &VolumeSpec, index: u64, live: &[u64]) -> Vec<u64> {
+        if self.pending.contains(&index) {
+            return Vec::new();
+        }
+        self.map
+            .place(&spec.id, index, spec.replicas)
+            .into_iter()
+            .filter(|n| !live.contains(n) && !self.failed.contains(n))
+            .collect()
+    }
+}
+
+/// How far a recovery job has got, read by whoever reports it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of objects looked at (copied or found already in place).
+    pub done_bytes: AtomicU64,
+    /// Bytes of every object the job must look at (grows as it lists).
+    pub total_bytes: AtomicU64,
+    /// Bytes actually copied.
+    pub copied_bytes: AtomicU64,
+}
+
+/// Paces recovery copies on one node: at most `rate` bytes a second
+/// (0: unlimited), shared by every job of the node.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: AtomicU64,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_second: u64) -> Self {
+        Self {
+            rate: AtomicU64::new(bytes_per_second),
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    pub fn set_rate(&self, bytes_per_second: u64) {
+        self.rate.store(bytes_per_second, Ordering::Relaxed);
+    }
+
+    /// Waits until `bytes` more may be copied.
+    pub async fn take(&self, bytes: u64) {
+        let rate = self.rate();
+        if rate == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
+}
+
+impl VolumeHandle {
+    /// Moves the volume to storage map `target` (see the module's doc).
+    /// Returns the bytes copied.
+    pub async fn migrate(
+        &self,
+        target: Arc<StorageMap>,
+        throttle: &Throttle,
+        progress: &Progress,
+    ) -> Result<u64, IoError> {
+        self.activate().await?;
+        let spec = self.spec();
+        if spec.map.epoch == target.epoch {
+            return Ok(0);
+        }
+        if spec.map.epoch > target.epoch {
+            return Err(IoError::Invalid(format!(
+                "volume {} already uses storage map {}, newer than {}",
+                spec.id, spec.map.epoch, target.epoch
+            )));
+        }
+        if target.nodes.len() < spec.replicas {
+            return Err(IoError::Failed(format!(
+                "volume {} keeps {} replicas but storage map {} has only {} nodes",
+                spec.id,
+                spec.replicas,
+                target.epoch,
+                target.nodes.len()
+            )));
+        }
+        let in_sync = self.in_sync();
+        let mut conns = HashMap::new();
+        for n in target.nodes.iter().map(|n| n.node) {
+            if !in_sync.contains(&n) {
+                let fence = Request::Fence {
+                    volume: spec.id.clone(),
+                    epoch: spec.epoch,
+                };
+                match self.storage.call_traced(n, &fence).await? {
+                    (Response::Number(_), conn) => {
+                        conns.insert(n, conn);
+                    }
+                    (other, _) => {
+                        return Err(IoError::Failed(format!(
+                            "storage node {n} answered a fence with {other:?}"
+                        )))
+                    }
+                }
+            }
+            let hold = Request::Hold {
+                volume: spec.id.clone(),
+                map: target.epoch,
+            };
+            self.call_checked(&spec, n, &hold).await?;
+        }
+        self.storage
+            .sets
+            .moving(&spec.id, spec.epoch, target.epoch)
+            .await
+            .map_err(IoError::Failed)?;
+        self.replicas.lock().unwrap().moving = Some(Move {
+            map: target.clone(),
+            pending: HashSet::new(),
+            failed: HashSet::new(),
+            conns,
+        });
+        let copied = match self.copy_for_move(&spec, &target, throttle, progress).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.replicas.lock().unwrap().moving = None;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .storage
+            .sets
+            .moved(&spec.id, spec.epoch, target.epoch)
+            .await
+        {
+            self.replicas.lock().unwrap().moving = None;
+            return Err(IoError::Failed(format!(
+                "cannot record that volume {} uses storage map {}: {e}",
+                spec.id, target.epoch
+            )));
+        }
+        let switched = self.switch_map(target);
+        let failed = {
+            let mut r = self.replicas.lock().unwrap();
+            let m = r.moving.take();
+            let failed: Vec<u64> = m
+                .map(|m| m.failed.into_iter().collect())
+                .unwrap_or_default();
+            r.dropped.extend(failed.iter().copied());
+            failed
+        };
+        // A new node that failed a write after the last check.
+        self.drop_replicas(&switched, failed).await?;
+        tracing::info!(volume = %spec.id, "moved to storage map {} ({copied} bytes copied)", switched.map.epoch);
+        Ok(copied)
+    }
+
+    /// Makes the handle use the map the state now records for it: every
+    /// node of it in sync. The spec changes before the move stops sending
+    /// writes to the new nodes (see `mutate`).
+    fn switch_map(&self, target: Arc<StorageMap>) -> Arc<VolumeSpec> {
+        let mut spec = (*self.spec()).clone();
+        spec.in_sync = target.nodes.iter().map(|n| n.node).collect();
+        spec.map = target;
+        let spec = Arc::new(spec);
+        *self.spec.write().unwrap() = spec.clone();
+        let mut r = self.replicas.lock().unwrap();
+        r.dropped.clear();
+        r.joined.clear();
+        if let Some(m) = r.moving.as_ref() {
+            let conns: Vec<(u64, u64)> = m.conns.iter().map(|(n, c)| (*n, *c)).collect();
+            r.conns.extend(conns);
+        }
+        spec
+    }
+
+    /// Copies every object the new map places on a node without an
+    /// in-sync copy of it. Returns the bytes copied.
+    async fn copy_for_move(
+        &self,
+        spec: &VolumeSpec,
+        target: &StorageMap,
+        throttle: &Throttle,
+        progress: &Progress,
+    ) -> Result<u64, IoError> {
+        let in_sync = self.in_sync();
+        let mut listed: Vec<u64> = spec
+            .map
+            .nodes
+            .iter()
+            .map(|n| n.node)
+            .filter(|n| in_sync.contains(n))
+            .collect();
+        for n in &target.nodes {
+            if !listed.contains(&n.node) {
+                listed.push(n.node);
+            }
+        }
+        let lists = join_all(listed.iter().map(|n| self.list(spec, *n))).await;
+        let mut indexes = BTreeSet::new();
+        for list in lists {
+            indexes.extend(list?.into_iter().map(|o| o.index));
+        }
+        let live = |index: u64, in_sync: &[u64]| -> Vec<u64> {
+            spec.map
+                .place(&spec.id, index, spec.replicas)
+                .into_iter()
+                .filter(|n| in_sync.contains(n))
+                .collect()
+        };
+        indexes.retain(|i| {
+            let have = live(*i, &in_sync);
+            target
+                .place(&spec.id, *i, spec.replicas)
+                .iter()
+                .any(|n| !have.contains(n))
+        });
+        progress
+            .total_bytes
+            .fetch_add(indexes.len() as u64 * spec.object_size, Ordering::Relaxed);
+        match self.replicas.lock().unwrap().moving.as_mut() {
+            Some(m) => m.pending.extend(indexes.iter().copied()),
+            None => return Err(self.move_interrupted(spec)),
+        }
+        let mut copied_bytes = 0;
+        for index in indexes {
+            let lock = self.lock_for(index);
+            let _exclusive = lock.lock(ALL, true).await;
+            match self.replicas.lock().unwrap().moving.as_ref() {
+                None => return Err(self.move_interrupted(spec)),
+                Some(m) if !m.failed.is_empty() => {
+                    return Err(IoError::Failed(format!(
+                        "nodes {:?} failed a write while volume {} was moving to them",
+                        m.failed, spec.id
+                    )))
+                }
+                Some(_) => {}
+            }
+            let in_sync = self.in_sync();
+            let have = live(index, &in_sync);
+            let source = self
+                .storage
+                .readable(spec, index, &in_sync)
+                .first()
+                .copied()
+                .ok_or_else(|| self.degraded(spec, index, &[]))?;
+            let want = self.stat(spec, source, index).await?;
+            let mut copied = false;
+            for node in target.place(&spec.id, index, spec.replicas) {
+                if have.contains(&node) {
+                    continue;
+                }
+                if self.stat(spec, node, index).await? != want {
+                    self.copy_object(spec, index, source, node).await?;
+                    copied = true;
+                }
+            }
+            if copied {
+                copied_bytes += spec.object_size;
+                progress
+                    .copied_bytes
+                    .fetch_add(spec.object_size, Ordering::Relaxed);
+                throttle.take(spec.object_size).await;
+            }
+            progress
+                .done_bytes
+                .fetch_add(spec.object_size, Ordering::Relaxed);
+            if let Some(m) = self.replicas.lock().unwrap().moving.as_mut() {
+                m.pending.remove(&index);
+            }
+        }
+        Ok(copied_bytes)
+    }
+
+    fn move_interrupted(&self, spec: &VolumeSpec) -> IoError {
+        IoError::Failed(format!(
+            "the move of volume {} was interrupted (another writer took it over)",
+            spec.id
+        ))
+    }
+
+    /// A write or flush failed on a node the volume is moving to.
+    pub(super) fn abort_move(&self, node: u64) {
+        if let Some(m) = self.replicas.lock().unwrap().moving.as_mut() {
+            m.failed.insert(node);
+        }
+    }
+
+    /// Whether `node`, a node the volume is moving to, answered on another
+    /// connection than it was fenced on (then the move fails: it may have
+    /// restarted and lost copies it had not synced).
+    pub(super) fn move_target_reconnected(&self, node: u64, conn: u64) -> bool {
+        let mut r = self.replicas.lock().unwrap();
+        let Some(m) = r.moving.as_mut() else {
+            return false;
+        };
+        if m.conns.get(&node).is_some_and(|c| *c != conn) {
+            m.failed.insert(node);
+            return true;
+        }
+        false
+    }
+}
