@@ -31,6 +31,8 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
     HashMap::from([
         (("GET", "/v1/cluster"), AnyAuthenticated),
         (("GET", "/v1/nodes"), AnyAuthenticated),
+        (("GET", "/v1/storage"), AnyAuthenticated),
+        (("PATCH", "/v1/storage/config"), AdminOnly),
         (("GET", "/v1/projects"), AnyAuthenticated),
         (("POST", "/v1/projects"), AdminOnly),
         (
@@ -528,6 +530,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     ("POST", "/v1/projects") => Some(json!({ "name": format!("new{case}") })),
                     ("PATCH", "/v1/projects/{name}/vms/{vm}") => Some(json!({ "vcpus": 2 })),
                     ("PATCH", "/v1/users/{user}") => Some(json!({ "disabled": true })),
+                    ("PATCH", "/v1/storage/config") => Some(json!({ "down_out_after_s": 600 })),
                     ("PATCH", _) => Some(json!({ "description": "changed" })),
                     ("PUT", "/v1/projects/{name}/quota") => Some(json!({ "volumes": 5 })),
                     ("POST", "/v1/projects/{name}/vms") => Some(

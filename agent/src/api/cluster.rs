@@ -70,6 +70,9 @@ pub struct NodeView {
     /// (absent until it has registered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::state::volumes::NodeStorage>,
+    /// `in`, `down`, `out` or `draining` (see `allod storage status`).
+    #[schema(value_type = String)]
+    pub storage_state: crate::state::storage::StorageNodeState,
 }
 
 #[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
@@ -88,6 +91,7 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
                     vcpus: record.map_or(0, |r| r.vcpus),
                     memory_bytes: record.map_or(0, |r| r.memory_bytes),
                     storage: record.and_then(|r| r.storage.clone()),
+                    storage_state: record.map(|r| r.storage_state).unwrap_or_default(),
                     is_leader: leader == Some(m.id),
                     id: m.id,
                     name: m.name,

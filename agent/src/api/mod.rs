@@ -29,6 +29,7 @@ mod network;
 pub mod oidc;
 mod openapi;
 mod projects;
+mod storage;
 pub(crate) mod users;
 mod vms;
 mod volumes;
@@ -115,6 +116,18 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
         .add(Method::POST, "/v1/login", Public, login)
         .add(Method::GET, "/v1/cluster", Authenticated, cluster)
         .add(Method::GET, "/v1/nodes", Authenticated, nodes)
+        .add(
+            Method::GET,
+            "/v1/storage",
+            Authenticated,
+            storage::storage_status,
+        )
+        .add(
+            Method::PATCH,
+            "/v1/storage/config",
+            ClusterAdmin,
+            storage::set_storage_config,
+        )
         .add(
             Method::GET,
             "/v1/ip-pools",

@@ -9,7 +9,7 @@ use crate::api::{
     __path_list_volumes, __path_login, __path_nodes, __path_put_issuer, __path_readyz,
     __path_revoke_token, __path_set_node_zone, __path_set_quota, __path_show_project,
     __path_show_vm, __path_show_volume, __path_update_project, __path_zones, network, routes,
-    users, vms, volumes, ErrorBody, ErrorDetail,
+    storage, users, vms, volumes, ErrorBody, ErrorDetail,
 };
 use crate::api_types::AuditFormat;
 use axum::response::{IntoResponse, Response};
@@ -48,6 +48,8 @@ pub(super) async fn openapi_json() -> Response {
         login,
         cluster,
         nodes,
+        storage::storage_status,
+        storage::set_storage_config,
         set_node_zone,
         zones,
         list_projects,

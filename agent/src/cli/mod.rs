@@ -8,6 +8,7 @@ mod cluster;
 pub mod console_client;
 pub mod network;
 mod projects;
+mod storage;
 mod users;
 mod vms;
 mod volumes;
@@ -57,6 +58,9 @@ pub enum TopCommand {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The storage cluster: health, recovery, settings.
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
     /// The image catalog: disk images that volumes and VMs clone from.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -117,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Cluster(command) => run_cluster(command).await,
         TopCommand::Project(command) => run_project(command).await,
         TopCommand::Volume(command) => run_volume(command).await,
+        TopCommand::Storage(command) => storage::run_storage(command).await,
         TopCommand::Vpc(command) => crate::cli::network::run_vpc(command).await,
         TopCommand::Subnet(command) => crate::cli::network::run_subnet(command).await,
         TopCommand::Sg(command) => crate::cli::network::run_sg(command).await,

@@ -145,7 +145,7 @@ pub enum Command {
     },
     /// Cluster-wide storage settings.
     SetStorageConfig {
-        config: storage::StorageConfig,
+        change: storage::StorageConfigChange,
     },
     /// A node's storage state changes (the leader's failure detection, or
     /// a drain); the storage map follows.
@@ -645,7 +645,7 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             change,
         } => volumes::update_replicas(kv, &volume_id, epoch, change),
         Command::SetNodeStorage { id, storage } => volumes::set_node_storage(kv, id, storage),
-        Command::SetStorageConfig { config } => storage::set_storage_config(kv, config),
+        Command::SetStorageConfig { change } => storage::set_storage_config(kv, change),
         Command::SetStorageNodeState { id, state, at_ms } => {
             storage::set_storage_node_state(kv, id, state, at_ms)
         }

@@ -95,7 +95,32 @@ pub struct StorageJob {
     pub node: NodeId,
 }
 
-pub(super) fn set_storage_config(kv: &mut KvWrite<'_>, config: StorageConfig) -> KvResult<Outcome> {
+/// A change to the storage settings: each field given replaces the
+/// current value, the others stay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StorageConfigChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_out_after_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_rate_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_interval_s: Option<u64>,
+}
+
+pub(super) fn set_storage_config(
+    kv: &mut KvWrite<'_>,
+    change: StorageConfigChange,
+) -> KvResult<Outcome> {
+    let mut config = get_json::<StorageConfig>(kv, KEY_STORAGE_CONFIG)?.unwrap_or_default();
+    if let Some(v) = change.down_out_after_s {
+        config.down_out_after_s = v;
+    }
+    if let Some(v) = change.recovery_rate_bytes {
+        config.recovery_rate_bytes = v;
+    }
+    if let Some(v) = change.scrub_interval_s {
+        config.scrub_interval_s = v;
+    }
     if config.down_out_after_s == 0 {
         return Ok(Err(domain(
             ErrorCode::InvalidArgument,

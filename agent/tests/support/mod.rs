@@ -73,12 +73,17 @@ impl Cluster {
 
     /// Three agents with `extra` flags, joined into one cluster.
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::start_nodes(3, extra).await
+    }
+
+    /// `count` agents with `extra` flags, joined into one cluster.
+    pub async fn start_nodes(count: usize, extra: &[&str]) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let tmp = tempfile::tempdir().unwrap();
         let mut dirs = Vec::new();
         let mut children = Vec::new();
         let mut ports = Vec::new();
-        for i in 1..=3 {
+        for i in 1..=count {
             let dir = tmp.path().join(format!("n{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             let p = (free_port(), free_port());
@@ -91,7 +96,7 @@ impl Cluster {
         }
         let d = |i: usize| dirs[i].to_str().unwrap().to_string();
         run(BIN, &["cluster", "init", "--data-dir", &d(0)]);
-        for i in 1..3 {
+        for i in 1..count {
             let token = run(BIN, &["cluster", "join-token", "--data-dir", &d(0)])
                 .trim()
                 .to_string();
@@ -128,8 +133,45 @@ impl Cluster {
             ports,
             extra,
         };
+        cluster.wait_for_block_stores(count).await;
+        cluster
+    }
+
+    /// Starts one more agent and joins it to the cluster; returns its index.
+    pub async fn add_node(&mut self) -> usize {
+        let i = self.dirs.len();
+        let dir = self.tmp.path().join(format!("n{}", i + 1));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = (free_port(), free_port());
+        self.children
+            .push(spawn(&dir, &format!("n{}", i + 1), p, &self.extra));
+        self.ports.push(p);
+        let sock = dir.join("admin.sock");
+        crate::common::wait_for("admin socket", Duration::from_secs(20), || sock.exists()).await;
+        let first = self.dirs[0].to_str().unwrap().to_string();
+        let token = run(BIN, &["cluster", "join-token", "--data-dir", &first])
+            .trim()
+            .to_string();
+        run(
+            BIN,
+            &[
+                "cluster",
+                "join",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--token",
+                &token,
+            ],
+        );
+        self.dirs.push(dir);
+        self.wait_for_block_stores(i + 1).await;
+        i
+    }
+
+    async fn wait_for_block_stores(&self, count: usize) {
+        let cluster = self;
         crate::common::wait_for(
-            "three registered block stores",
+            "every block store registered",
             Duration::from_secs(30),
             || {
                 let nodes: serde_json::Value =
@@ -141,11 +183,10 @@ impl Cluster {
                     .iter()
                     .filter(|n| n["storage"].is_object())
                     .count()
-                    == 3
+                    == count
             },
         )
         .await;
-        cluster
     }
 
     /// Kills node `i` (0-based) with SIGKILL.

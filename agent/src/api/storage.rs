@@ -1,0 +1,38 @@
+//! The storage cluster as an operator sees it: health, nodes, degraded
+//! objects and recovery jobs; the cluster-wide storage settings.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+
+use crate::api::{outcome_as, ApiError, ApiJson, ApiResult};
+use crate::cluster::node::ClusterNode;
+use crate::state::storage::{StorageConfig, StorageConfigChange, StorageStatus};
+use crate::state::Command;
+
+#[utoipa::path(get, path = "/v1/storage", tag = "storage",
+    responses((status = 200, description = "Health (`ok`, `degraded`, `recovering`), each node's state and use, degraded objects and running recovery jobs", body = StorageStatus)))]
+pub(super) async fn storage_status(
+    State(node): State<Arc<ClusterNode>>,
+) -> ApiResult<Json<StorageStatus>> {
+    node.linearizable_read().await?;
+    Ok(Json(
+        node.state.storage_status(crate::cluster::join::now_ms())?,
+    ))
+}
+
+#[utoipa::path(patch, path = "/v1/storage/config", tag = "storage", request_body = StorageConfigChange,
+    responses((status = 200, description = "The storage settings after the change", body = StorageConfig)))]
+pub(super) async fn set_storage_config(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(change): ApiJson<StorageConfigChange>,
+) -> ApiResult<Json<StorageConfig>> {
+    if change == StorageConfigChange::default() {
+        return Err(ApiError::invalid(
+            "nothing to change: give down_out_after_s, recovery_rate_bytes or scrub_interval_s",
+        ));
+    }
+    let outcome = node.write(&Command::SetStorageConfig { change }).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}

@@ -1,0 +1,224 @@
+//! Storage that heals itself, through the real binary: four `allod agent`
+//! processes, volumes written through NBD, a node killed with SIGKILL for
+//! good and declared out, a node joining; every object must come back to
+//! its wanted number of in-sync copies, readable through every node, with
+//! every copy holding the same bytes.
+
+mod common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use storage::{ObjectStore, StorageMap};
+use support::{qemu_io, Cluster};
+
+const MIB: u64 = 1 << 20;
+const OBJECT: u64 = 4 * MIB;
+
+/// The byte object `index` of a test volume is filled with (never 0, so a
+/// lost object never reads back as its pattern).
+fn pattern(index: u64) -> u64 {
+    index % 250 + 1
+}
+
+/// Writes 64 KiB of each object's pattern at an offset of its own.
+fn fill(uri: &str, objects: u64) {
+    let commands: Vec<String> = (0..objects)
+        .map(|i| {
+            format!(
+                "write -P {} {} 64k",
+                pattern(i),
+                i * OBJECT + (i % 7) * 65536
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io(uri, &refs);
+}
+
+/// Reads every object's pattern back (qemu-io fails on a mismatch).
+fn verify(uri: &str, objects: u64) {
+    let commands: Vec<String> = (0..objects)
+        .map(|i| {
+            format!(
+                "read -P {} {} 64k",
+                pattern(i),
+                i * OBJECT + (i % 7) * 65536
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let out = qemu_io(uri, &refs);
+    assert!(!out.contains("error"), "{out}");
+}
+
+/// Polls `allod storage status` (every half second) until `done` holds.
+async fn wait_for_status(
+    c: &Cluster,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = c.allod(&["storage", "status", "--output", "json"]);
+        if out.status.success() {
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; storage status: {status:#}"
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn node_state(status: &serde_json::Value, id: u64) -> String {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(id))
+        .map_or("absent".into(), |n| {
+            n["state"].as_str().unwrap().to_string()
+        })
+}
+
+/// The storage map a volume's record says it uses, read from a node's
+/// state through the CLI's view of the nodes (the map of `in` nodes).
+fn current_map(c: &Cluster, exclude: &[u64]) -> StorageMap {
+    let mut map = c.map();
+    map.nodes.retain(|n| !exclude.contains(&n.node));
+    map
+}
+
+/// Every copy of every object of `volume` that `map` places on the nodes
+/// at `dirs` holds the same bytes, and as many copies exist as `replicas`.
+/// Run with the agents stopped.
+fn copies_agree(c: &Cluster, alive: &[usize], volume: &str, map: &StorageMap, objects: u64) {
+    let stores: Vec<(u64, ObjectStore)> = alive
+        .iter()
+        .map(|i| {
+            (
+                c.node_id(*i),
+                ObjectStore::open(&c.dirs[*i].join("storage")).unwrap(),
+            )
+        })
+        .collect();
+    for index in 0..objects {
+        let placed = map.place(volume, index, 3);
+        assert_eq!(placed.len(), 3);
+        let mut contents = Vec::new();
+        for node in &placed {
+            let (_, store) = stores.iter().find(|(id, _)| id == node).unwrap_or_else(|| {
+                panic!("object {index} is placed on node {node}, which is not alive")
+            });
+            let epoch = store.epoch(volume);
+            let data = store
+                .read(volume, index, None, 0, OBJECT, epoch)
+                .unwrap()
+                .unwrap_or_else(|| panic!("node {node} lacks object {index}"));
+            contents.push((*node, data));
+        }
+        let first = &contents[0].1;
+        let at = ((index % 7) * 65536) as usize;
+        assert!(
+            first[at..at + 65536]
+                .iter()
+                .all(|b| u64::from(*b) == pattern(index)),
+            "object {index} on node {} does not hold what was written",
+            contents[0].0
+        );
+        for (node, data) in &contents[1..] {
+            assert!(
+                data == first,
+                "object {index}: the copy on node {node} differs from the one on node {}",
+                contents[0].0
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sigkill_for_good_is_declared_out_and_its_objects_get_new_replicas() {
+    let mut c = Cluster::start_nodes(4, &[]).await;
+    c.allod_ok(&["storage", "config", "--down-out-after", "3s"]);
+    c.allod_ok(&["project", "create", "p"]);
+    let objects = 64;
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        let v = c.json(&[
+            "volume",
+            "create",
+            name,
+            "--project",
+            "p",
+            "--size",
+            "256M",
+            "--replicas",
+            "3",
+        ]);
+        let id = v["id"].as_str().unwrap().to_string();
+        fill(&c.uri(0, &id), objects);
+        ids.push(id);
+    }
+    let healthy = wait_for_status(&c, "health ok", Duration::from_secs(30), |s| {
+        s["health"] == "ok"
+    })
+    .await;
+    assert_eq!(healthy["objects_degraded"], 0, "{healthy:#}");
+
+    // The fourth node dies for good.
+    let dead = c.node_id(3);
+    c.kill(3);
+    let out = wait_for_status(
+        &c,
+        "the dead node declared out",
+        Duration::from_secs(60),
+        |s| node_state(s, dead) == "out",
+    )
+    .await;
+    assert!(out["nodes"].as_array().unwrap().len() == 4, "{out:#}");
+    // Every volume gets back to three in-sync copies, none on the dead node.
+    let healed = wait_for_status(&c, "storage healed", Duration::from_secs(120), |s| {
+        s["health"] == "ok" && s["volumes_to_move"] == 0
+    })
+    .await;
+    assert_eq!(healed["objects_degraded"], 0, "{healed:#}");
+    for name in ["a", "b"] {
+        let v = c.json(&["volume", "show", name, "--project", "p"]);
+        let in_sync: BTreeSet<u64> = v["in_sync"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        assert_eq!(in_sync.len(), 3, "{v:#}");
+        assert!(!in_sync.contains(&dead), "{v:#}");
+        assert_eq!(v["out_of_sync"], serde_json::json!([]), "{v:#}");
+    }
+    // Readable, identically, through every node left.
+    for i in 0..3 {
+        for id in &ids {
+            verify(&c.uri(i, id), objects);
+        }
+    }
+    // Every copy of every object agrees, on the nodes the new map names.
+    let map = current_map(&c, &[dead]);
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for id in &ids {
+        copies_agree(&c, &[0, 1, 2], id, &map, objects);
+    }
+}
