@@ -222,3 +222,113 @@ async fn a_node_killed_with_sigkill_for_good_is_declared_out_and_its_objects_get
         copies_agree(&c, &[0, 1, 2], id, &map, objects);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
+    let mut c = Cluster::start_nodes(3, &[]).await;
+    c.allod_ok(&["project", "create", "p"]);
+    let objects = 1024;
+    let v = c.json(&[
+        "volume",
+        "create",
+        "big",
+        "--project",
+        "p",
+        "--size",
+        "4G",
+        "--replicas",
+        "3",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let uri = c.uri(0, &id);
+    fill(&uri, objects);
+    wait_for_status(&c, "health ok", Duration::from_secs(30), |s| {
+        s["health"] == "ok"
+    })
+    .await;
+
+    // A reader checks every block, and a watcher the in-sync set, all
+    // through the move.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, uri) = (stop.clone(), uri.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                verify(&uri, objects);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let watcher = {
+        let (stop, env) = (stop.clone(), c.env.clone());
+        std::thread::spawn(move || {
+            let mut fewest = usize::MAX;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new(support::BIN)
+                    .args([
+                        "volume",
+                        "show",
+                        "big",
+                        "--project",
+                        "p",
+                        "--output",
+                        "json",
+                    ])
+                    .envs(env.iter().cloned())
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    fewest = fewest.min(v["in_sync"].as_array().unwrap().len());
+                    assert!(
+                        v["in_sync"].as_array().unwrap().len() >= 2,
+                        "fewer in-sync copies than min_replicas during the move: {v:#}"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            fewest
+        })
+    };
+    let new = c.add_node().await;
+    let moved = wait_for_status(
+        &c,
+        "the move onto the new node",
+        Duration::from_secs(180),
+        |s| s["volumes_to_move"] == 0 && s["health"] == "ok",
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = reader.join().expect("a read during the move failed");
+    let fewest = watcher
+        .join()
+        .expect("the in-sync set shrank during the move");
+    assert!(rounds >= 1, "the reader never finished a round");
+    assert!(fewest >= 2, "fewest in-sync copies seen: {fewest}");
+    assert_eq!(moved["nodes"].as_array().unwrap().len(), 4, "{moved:#}");
+    verify(&c.uri(new, &id), objects);
+
+    // Old copies go once every node has applied the move (two looks,
+    // 15 s apart); then each node holds exactly what the map places there.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    for i in 0..4 {
+        c.kill(i);
+    }
+    let counts: Vec<usize> = (0..4).map(|i| c.objects_on(i, &id).len()).collect();
+    let total: usize = counts.iter().sum();
+    eprintln!("copies per node after the move: {counts:?}; the reader checked every block {rounds} times during it");
+    assert_eq!(
+        total,
+        3 * objects as usize,
+        "copies per node {counts:?}: old copies were not all removed, or some are missing"
+    );
+    let share = counts[new] as f64 / total as f64;
+    assert!(
+        (share - 0.25).abs() <= 0.025,
+        "the new node holds {} of {total} copies ({:.1} %), not a quarter within 10 %",
+        counts[new],
+        share * 100.0
+    );
+}
