@@ -332,3 +332,94 @@ async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
         share * 100.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_remove_drains_the_node_first_and_refuses_to_lose_an_only_copy() {
+    let mut c = Cluster::start_nodes(4, &[]).await;
+    // A node killed below stays down (not out) for the rest of the test.
+    c.allod_ok(&["storage", "config", "--down-out-after", "1h"]);
+    c.allod_ok(&["project", "create", "p"]);
+    let objects = 32;
+    let mut ids = Vec::new();
+    for (name, replicas) in [("r3", "3"), ("r1", "1")] {
+        let v = c.json(&[
+            "volume",
+            "create",
+            name,
+            "--project",
+            "p",
+            "--size",
+            "128M",
+            "--replicas",
+            replicas,
+        ]);
+        let id = v["id"].as_str().unwrap().to_string();
+        fill(&c.uri(0, &id), objects);
+        ids.push(id);
+    }
+    wait_for_status(&c, "health ok", Duration::from_secs(30), |s| {
+        s["health"] == "ok"
+    })
+    .await;
+
+    // A live node leaves: its objects are copied elsewhere first.
+    let leaving = c.node_id(3);
+    let admin = c.dirs[0].to_str().unwrap().to_string();
+    support::run(
+        support::BIN,
+        &[
+            "cluster",
+            "remove",
+            "--data-dir",
+            &admin,
+            &leaving.to_string(),
+        ],
+    );
+    let nodes = c.json(&["node", "list"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 3, "{nodes:#}");
+    for name in ["r3", "r1"] {
+        let v = c.json(&["volume", "show", name, "--project", "p"]);
+        let in_sync: Vec<u64> = v["in_sync"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        assert!(!in_sync.contains(&leaving), "{v:#}");
+        assert_eq!(in_sync.len(), 3, "{v:#}");
+    }
+    for id in &ids {
+        verify(&c.uri(1, id), objects);
+    }
+
+    // A dead node that holds the only copy of some of r1's objects: refused.
+    let victim = c.node_id(2);
+    c.kill(2);
+    wait_for_status(&c, "the killed node down", Duration::from_secs(30), |s| {
+        node_state(s, victim) == "down"
+    })
+    .await;
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "cluster",
+            "remove",
+            "--data-dir",
+            &admin,
+            &victim.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the removal should be refused");
+    assert!(
+        stderr.contains("p/r1") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("p/r3"), "r3 has other copies: {stderr}");
+    let nodes = c.json(&["node", "list"]);
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        3,
+        "nothing was removed: {nodes:#}"
+    );
+}

@@ -118,6 +118,11 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
         Command::SetStorageConfig { .. } => admin(),
         // Failure detection is the leader's own: no member may declare
         // another down or out on its word.
+        // Draining is an operator's removal from a member's console.
+        Command::SetStorageNodeState {
+            state: crate::state::storage::StorageNodeState::Draining,
+            ..
+        } => Need::Member,
         Command::SetStorageNodeState { .. } => Need::Never,
         Command::ReportStorageJobs { node: id, .. } => Need::Node(*id),
         Command::SetNodeStorage { id, .. }

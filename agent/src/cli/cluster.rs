@@ -89,10 +89,16 @@ pub enum ClusterCommand {
         token: String,
     },
     /// Remove a member (by id or name) from the cluster.
+    /// Its block storage is drained first: every object it holds is
+    /// copied to where the storage map without it places it.
     Remove {
         #[arg(long)]
         data_dir: PathBuf,
         node: String,
+        /// Remove it even when it is down and holds the only in-sync copy
+        /// of some volumes' objects (those objects are lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Show members, roles and the leader.
     Status(ApiArgs),
@@ -179,8 +185,12 @@ pub(super) async fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 text(&result["role"])
             );
         }
-        ClusterCommand::Remove { data_dir, node } => {
-            let result = admin(&data_dir, AdminRequest::Remove { node }).await?;
+        ClusterCommand::Remove {
+            data_dir,
+            node,
+            force,
+        } => {
+            let result = admin(&data_dir, AdminRequest::Remove { node, force }).await?;
             println!("Removed node {}.", text(&result["removed"]));
         }
         ClusterCommand::Status(api) => {

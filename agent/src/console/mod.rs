@@ -154,6 +154,7 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
                 let status = agent_status(&data_dir).await;
                 match admin(AdminRequest::Remove {
                     node: status.node_id.to_string(),
+                    force: false,
                 })
                 .await
                 {

@@ -32,6 +32,10 @@ pub enum AdminRequest {
     },
     Remove {
         node: String,
+        /// Remove it even when it holds the only in-sync copy of some
+        /// objects and cannot be read from (they are lost).
+        #[serde(default)]
+        force: bool,
     },
     /// Puts this node into maintenance (no new VMs) or takes it out.
     Maintenance {
@@ -142,7 +146,9 @@ impl AdminRequest {
             AdminRequest::JoinToken { .. } => {
                 Some(("ADMIN cluster join-token", "join-token".into()))
             }
-            AdminRequest::Remove { node } => Some(("ADMIN cluster remove", format!("node {node}"))),
+            AdminRequest::Remove { node, .. } => {
+                Some(("ADMIN cluster remove", format!("node {node}")))
+            }
             AdminRequest::Maintenance { on } => Some((
                 if *on {
                     "ADMIN node maintenance on"
@@ -212,8 +218,8 @@ async fn execute(
                 serde_json::json!({ "token": text, "expires_at_ms": token.expires_at_ms, "ca_fingerprint": token.ca_fingerprint }),
             )
         }
-        AdminRequest::Remove { node } => {
-            let id = agent.remove(&node).await?;
+        AdminRequest::Remove { node, force } => {
+            let id = agent.remove(&node, force, progress).await?;
             Ok(serde_json::json!({ "removed": id }))
         }
         AdminRequest::Maintenance { on } => {

@@ -693,7 +693,12 @@ impl Agent {
     }
 
     /// Removes a member by id or name.
-    pub async fn remove(&self, which: &str) -> anyhow::Result<u64> {
+    pub async fn remove(
+        &self,
+        which: &str,
+        force: bool,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> anyhow::Result<u64> {
         let node = self.node().ok_or(SetupError::NotConfigured)?;
         let members = node.members();
         let id = match which.parse::<u64>() {
@@ -707,6 +712,7 @@ impl Agent {
                 }
             }
         };
+        drain(&node, id, force, progress).await?;
         node.remove_member(id, true).await?;
         tracing::info!(node_id = id, "removed a member from the cluster");
         Ok(id)
@@ -829,5 +835,82 @@ async fn report_capacity(node: std::sync::Weak<ClusterNode>) {
         }
         drop(node);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Drains node `id`'s block storage before it leaves: it becomes
+/// `draining` (the storage map leaves it out, so every volume's mover
+/// copies its objects elsewhere), and this waits until no volume is placed
+/// with a map that holds it. A node that is down or out and holds the only
+/// in-sync copy of some objects is refused, unless `force` (those volumes
+/// are left behind, and their objects on it are lost).
+async fn drain(
+    node: &ClusterNode,
+    id: u64,
+    force: bool,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> anyhow::Result<()> {
+    use crate::state::storage::StorageNodeState;
+    node.linearizable_read().await?;
+    let Some(record) = node.state.nodes()?.into_iter().find(|n| n.id == id) else {
+        return Ok(());
+    };
+    if record.storage.is_none() {
+        return Ok(());
+    }
+    let unreachable = matches!(
+        record.storage_state,
+        StorageNodeState::Down | StorageNodeState::Out
+    );
+    let lost = if unreachable {
+        node.state.only_copies_on(id)?
+    } else {
+        Vec::new()
+    };
+    if !lost.is_empty() && !force {
+        anyhow::bail!(
+            "node {id} ({}) is {} and holds the only in-sync copy of some objects of volumes {}: \
+             removing it would lose them. Bring the node back so that they can be copied off it, \
+             or pass --force to remove it anyway and lose those objects",
+            record.name,
+            record.storage_state.as_str(),
+            lost.join(", ")
+        );
+    }
+    if record.storage_state != StorageNodeState::Draining {
+        node.write(&Command::SetStorageNodeState {
+            id,
+            state: StorageNodeState::Draining,
+            at_ms: crate::cluster::join::now_ms(),
+        })
+        .await?
+        .map_err(anyhow::Error::new)?;
+        tracing::info!(
+            node_id = id,
+            "draining the node's block storage before it leaves"
+        );
+    }
+    let mut last = String::new();
+    loop {
+        node.linearizable_read().await?;
+        let left = node
+            .state
+            .volumes_on(id)?
+            .into_iter()
+            .filter(|v| !lost.contains(&format!("{}/{}", v.project, v.name)))
+            .count();
+        if left == 0 {
+            return Ok(());
+        }
+        let status = node.state.storage_status(crate::cluster::join::now_ms())?;
+        let message = format!(
+            "draining node {id}: {left} volumes still have objects on it; {} left to copy",
+            crate::units::human_size(status.bytes_to_move)
+        );
+        if message != last {
+            progress(message.clone());
+            last = message;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

@@ -310,6 +310,51 @@ impl StateView {
             .find(|n| state(*n) == Some(StorageNodeState::In)))
     }
 
+    /// Volumes (`project/name`) still placed with a map that holds `node`.
+    pub fn volumes_on(&self, node: NodeId) -> Result<Vec<VolumeRecord>, ReadError> {
+        let mut on = Vec::new();
+        for v in self.all_volumes()? {
+            if let Some(map) = self.storage_map(v.map_epoch)? {
+                if map.nodes.iter().any(|n| n.node == node) {
+                    on.push(v);
+                }
+            }
+        }
+        Ok(on)
+    }
+
+    /// Volumes (`project/name`) with an object whose only in-sync copies
+    /// are on `node`: removing that node while it cannot be read from
+    /// loses those objects.
+    pub fn only_copies_on(&self, node: NodeId) -> Result<Vec<String>, ReadError> {
+        let mut lost = Vec::new();
+        for v in self.volumes_on(node)? {
+            let Some(map) = self.storage_map(v.map_epoch)? else {
+                continue;
+            };
+            if v.object_size_bytes == 0 {
+                continue;
+            }
+            let in_sync: Vec<NodeId> = if v.in_sync.is_empty() && v.out_of_sync.is_empty() {
+                map.nodes.iter().map(|n| n.node).collect()
+            } else {
+                v.in_sync.clone()
+            };
+            let replicas = usize::from(v.replicas);
+            let slots = v.size_bytes.div_ceil(v.object_size_bytes);
+            let alone = (0..slots).any(|i| {
+                map.place(&v.id, i, replicas)
+                    .iter()
+                    .filter(|n| in_sync.contains(n))
+                    .all(|n| *n == node)
+            });
+            if alone {
+                lost.push(format!("{}/{}", v.project, v.name));
+            }
+        }
+        Ok(lost)
+    }
+
     /// The storage cluster's health, use and work, as of the applied state.
     pub fn storage_status(&self, now_ms: u64) -> Result<StorageStatus, ReadError> {
         let nodes = self.nodes()?;
