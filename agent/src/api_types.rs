@@ -372,3 +372,19 @@ pub struct CloneVolume {
     #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u8>,
 }
+
+/// `POST /v1/storage/scrub`: ask for a scrub of one volume, or of every
+/// volume.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubRequest {
+    /// Read every block and check it against its checksum (default: only
+    /// compare the replicas' descriptions of each object).
+    #[serde(default)]
+    pub deep: bool,
+    /// With `volume`: the one volume to scrub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+}

@@ -33,6 +33,7 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/nodes"), AnyAuthenticated),
         (("GET", "/v1/storage"), AnyAuthenticated),
         (("PATCH", "/v1/storage/config"), AdminOnly),
+        (("POST", "/v1/storage/scrub"), AdminOnly),
         (("GET", "/v1/projects"), AnyAuthenticated),
         (("POST", "/v1/projects"), AdminOnly),
         (
@@ -578,6 +579,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                         Some(json!({ "snapshot": "snap", "name": format!("c{case}") }))
                     }
                     ("POST", "/v1/images") => Some(json!({})),
+                    ("POST", "/v1/storage/scrub") => Some(json!({})),
                     ("POST", "/v1/projects/{name}/volumes/{volume}/exports") => {
                         Some(json!({ "read_only": true }))
                     }

@@ -423,3 +423,93 @@ async fn cluster_remove_drains_the_node_first_and_refuses_to_lose_an_only_copy()
         "nothing was removed: {nodes:#}"
     );
 }
+
+/// Flips one byte of object `index`'s data in node `i`'s copy, on disk,
+/// `at` bytes into the 64 KiB the test wrote there.
+fn flip_byte(c: &Cluster, i: usize, volume: &str, index: u64, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let path = c.dirs[i]
+        .join("storage")
+        .join(volume)
+        .join(format!("{index:016x}.head"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let offset = storage::store::DATA_OFFSET + (index % 7) * 65536 + at;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    byte[0] ^= 0x5a;
+    file.write_all_at(&byte, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// Asks for a deep scrub of volume `name` and waits for its result.
+async fn deep_scrub(c: &Cluster, name: &str) -> serde_json::Value {
+    let before = c.json(&["volume", "show", name, "--project", "p"])["deep_scrubbed_at_ms"]
+        .as_u64()
+        .unwrap();
+    c.allod_ok(&[
+        "storage",
+        "scrub",
+        "--deep",
+        "--volume",
+        name,
+        "--project",
+        "p",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.json(&["volume", "show", name, "--project", "p"]);
+        if v["deep_scrubbed_at_ms"].as_u64().unwrap() > before && v["scrub_requested"].is_null() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no deep scrub of {name}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_scrub_repairs_flipped_bytes_from_the_copy_whose_checksums_verify() {
+    let mut c = Cluster::start().await;
+    c.allod_ok(&["project", "create", "p"]);
+    let objects = 16;
+    let v = c.json(&[
+        "volume",
+        "create",
+        "s",
+        "--project",
+        "p",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    fill(&c.uri(0, &id), objects);
+    wait_for_status(&c, "health ok", Duration::from_secs(30), |s| {
+        s["health"] == "ok"
+    })
+    .await;
+
+    // One damaged copy.
+    flip_byte(&c, 1, &id, 2, 100);
+    let v = deep_scrub(&c, "s").await;
+    assert_eq!(v["scrub_repairs"], 1, "{v:#}");
+    assert_eq!(v["scrub_unrepairable"], 0, "{v:#}");
+
+    // Two copies damaged differently: the third, intact, wins.
+    flip_byte(&c, 0, &id, 5, 10);
+    flip_byte(&c, 2, &id, 5, 5000);
+    let v = deep_scrub(&c, "s").await;
+    assert_eq!(v["scrub_repairs"], 3, "{v:#}");
+    assert_eq!(v["scrub_unrepairable"], 0, "{v:#}");
+
+    // Every copy reads back intact (checksums verified) and identical.
+    let map = c.map();
+    for i in 0..3 {
+        c.kill(i);
+    }
+    copies_agree(&c, &[0, 1, 2], &id, &map, objects);
+}

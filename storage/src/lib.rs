@@ -19,5 +19,6 @@ pub mod volume;
 pub use placement::{MapNode, StorageMap};
 pub use store::ObjectStore;
 pub use volume::{
-    IoError, ParentSpec, Progress, ReplicaSets, Storage, Throttle, VolumeHandle, VolumeSpec,
+    IoError, ParentSpec, Progress, ReplicaSets, ScrubRepair, ScrubReport, Storage, Throttle,
+    VolumeHandle, VolumeSpec,
 };

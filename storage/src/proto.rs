@@ -81,6 +81,13 @@ pub enum Request {
         volume: String,
         map: u64,
     },
+    /// Deep scrub: whether every block of the object's head and snapshot
+    /// copies (over `len` bytes) matches its checksum.
+    Verify {
+        volume: String,
+        index: u64,
+        len: u32,
+    },
     /// What the replica holds of one object.
     Stat {
         volume: String,
@@ -322,6 +329,11 @@ impl Request {
                 o.str(volume).u64(*epoch);
                 o.finish()
             }
+            Request::Verify { volume, index, len } => {
+                let mut o = Out::new(id, 15);
+                o.str(volume).u64(*index).u32(*len);
+                o.finish()
+            }
             Request::Hold { volume, map } => {
                 let mut o = Out::new(id, 14);
                 o.str(volume).u64(*map);
@@ -445,6 +457,11 @@ impl Request {
             10 => Request::Fence {
                 volume: i.str()?,
                 epoch: i.u64()?,
+            },
+            15 => Request::Verify {
+                volume: i.str()?,
+                index: i.u64()?,
+                len: i.u32()?,
             },
             14 => Request::Hold {
                 volume: i.str()?,
@@ -664,6 +681,11 @@ mod tests {
             Request::Hold {
                 volume: v(),
                 map: 7,
+            },
+            Request::Verify {
+                volume: v(),
+                index: 3,
+                len: 4096,
             },
             Request::Stat {
                 volume: v(),

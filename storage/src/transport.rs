@@ -158,6 +158,9 @@ fn handle_slow(store: &ObjectStore, req: Request) -> Result<Response, StoreError
             .map(|_| Response::Done),
         Request::Fence { volume, epoch } => store.fence(&volume, epoch).map(Response::Number),
         Request::Hold { volume, map } => store.hold(&volume, map).map(Response::Number),
+        Request::Verify { volume, index, len } => store
+            .verify(&volume, index, u64::from(len))
+            .map(Response::Bool),
         Request::PutClone {
             volume,
             index,

@@ -39,7 +39,9 @@ use crate::store::{ObjectInfo, ObjectStore};
 use crate::transport::{self, Peers};
 
 mod migrate;
+mod scrub;
 pub use migrate::{Progress, Throttle};
+pub use scrub::{ScrubRepair, ScrubReport};
 
 /// Everything needed to read or write a volume's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -115,7 +115,7 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
                 _ => Need::Node(*to),
             }
         }
-        Command::SetStorageConfig { .. } => admin(),
+        Command::SetStorageConfig { .. } | Command::RequestScrub { .. } => admin(),
         // Failure detection is the leader's own: no member may declare
         // another down or out on its word.
         // Draining is an operator's removal from a member's console.

@@ -123,6 +123,12 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
             storage::storage_status,
         )
         .add(
+            Method::POST,
+            "/v1/storage/scrub",
+            ClusterAdmin,
+            storage::request_scrub,
+        )
+        .add(
             Method::PATCH,
             "/v1/storage/config",
             ClusterAdmin,

@@ -50,6 +50,7 @@ pub(super) async fn openapi_json() -> Response {
         nodes,
         storage::storage_status,
         storage::set_storage_config,
+        storage::request_scrub,
         set_node_zone,
         zones,
         list_projects,

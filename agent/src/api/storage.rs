@@ -22,6 +22,42 @@ pub(super) async fn storage_status(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/storage/scrub", tag = "storage", request_body = crate::api_types::ScrubRequest,
+    responses((status = 202, description = "How many volumes will be scrubbed (each by its steward, in the background; `allod storage status` shows the jobs, `allod volume show` the results)", body = Object)))]
+pub(super) async fn request_scrub(
+    State(node): State<Arc<ClusterNode>>,
+    ApiJson(body): ApiJson<crate::api_types::ScrubRequest>,
+) -> ApiResult<(axum::http::StatusCode, Json<serde_json::Value>)> {
+    node.linearizable_read().await?;
+    let volume_ids =
+        match (&body.project, &body.volume) {
+            (Some(project), Some(name)) => match node.state.volume(project, name)? {
+                Some(v) => vec![v.id],
+                None => {
+                    return Err(ApiError::not_found(format!(
+                        "volume {name:?} does not exist in project {project:?}"
+                    )))
+                }
+            },
+            (None, None) => node
+                .state
+                .all_volumes()?
+                .into_iter()
+                .map(|v| v.id)
+                .collect(),
+            _ => return Err(ApiError::invalid(
+                "give both project and volume to scrub one volume, or neither to scrub them all",
+            )),
+        };
+    let outcome = node
+        .write(&Command::RequestScrub {
+            volume_ids,
+            deep: body.deep,
+        })
+        .await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(outcome?)))
+}
+
 #[utoipa::path(patch, path = "/v1/storage/config", tag = "storage", request_body = StorageConfigChange,
     responses((status = 200, description = "The storage settings after the change", body = StorageConfig)))]
 pub(super) async fn set_storage_config(

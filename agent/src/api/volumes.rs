@@ -67,6 +67,11 @@ pub(super) fn new_volume(
         out_of_sync: Vec::new(),
         recovering: Vec::new(),
         moving_to: None,
+        scrubbed_at_ms: 0,
+        deep_scrubbed_at_ms: 0,
+        scrub_repairs: 0,
+        scrub_unrepairable: 0,
+        scrub_requested: None,
     })
 }
 

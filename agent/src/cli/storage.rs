@@ -15,6 +15,21 @@ pub enum StorageCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Scrub a volume's replicas now (or every volume's): compare them,
+    /// and with --deep read every block against its checksum; damaged
+    /// copies are repaired from intact ones (cluster admins).
+    Scrub {
+        /// Read every block and check it against its checksum.
+        #[arg(long)]
+        deep: bool,
+        /// The one volume to scrub (with --project); default: all.
+        #[arg(long, requires = "project")]
+        volume: Option<String>,
+        #[arg(long, requires = "volume")]
+        project: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Change the cluster-wide storage settings (cluster admins); with no
     /// flag, show them.
     Config {
@@ -51,6 +66,33 @@ pub async fn run_storage(command: StorageCommand) -> anyhow::Result<()> {
                 .call(reqwest::Method::GET, "/v1/storage", None)
                 .await?;
             emit(api.output, &status, print_status);
+        }
+        StorageCommand::Scrub {
+            deep,
+            volume,
+            project,
+            api,
+        } => {
+            let body = crate::api_types::ScrubRequest {
+                deep,
+                project,
+                volume,
+            };
+            let client = api.resolve()?;
+            let answer = client
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/storage/scrub",
+                    Some(serde_json::to_value(&body)?),
+                )
+                .await?;
+            emit(api.output, &answer, |a| {
+                println!(
+                    "{} scrub asked of {} volumes; `allod storage status` shows the jobs, `allod volume show` each volume's result.",
+                    if deep { "A deep" } else { "A light" },
+                    text(&a["volumes"])
+                );
+            });
         }
         StorageCommand::Config {
             down_out_after,

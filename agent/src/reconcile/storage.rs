@@ -781,6 +781,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
             b.recovery.throttle.set_rate(config.recovery_rate_bytes);
         }
         b.start_moves(&node);
+        b.start_scrubs(&node);
         b.report_jobs(&node).await;
         b.drop_misplaced(&node).await;
         if last_gc.elapsed() > Duration::from_secs(60) {

@@ -205,8 +205,8 @@ impl StateView {
         now_ms: u64,
     ) -> Result<bool, ReadError> {
         use super::operations::Work;
-        // Moving the volume to the current storage map is that node's work.
-        if self.mover_of(volume)? == Some(node) {
+        // Moving and scrubbing the volume is its steward's work.
+        if self.steward_of(volume)? == Some(node) {
             return Ok(true);
         }
         if let Some(vm_id) = &volume.attached_to {

@@ -154,6 +154,12 @@ pub enum Command {
         state: storage::StorageNodeState,
         at_ms: u64,
     },
+    /// Asks the volumes' stewards for a scrub (deep: every block read and
+    /// checked against its checksum).
+    RequestScrub {
+        volume_ids: Vec<String>,
+        deep: bool,
+    },
     /// The recovery jobs a node runs now (none: finished).
     ReportStorageJobs {
         node: NodeId,
@@ -534,6 +540,7 @@ impl Command {
             | Command::SetNodeStorage { .. }
             | Command::SetStorageNodeState { .. }
             | Command::SetStorageConfig { .. }
+            | Command::RequestScrub { .. }
             | Command::CreateImage { .. }
             | Command::FinishImage { .. }
             | Command::DeleteImage { .. }
@@ -650,6 +657,7 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
             storage::set_storage_node_state(kv, id, state, at_ms)
         }
         Command::ReportStorageJobs { node, jobs } => storage::report_jobs(kv, node, jobs),
+        Command::RequestScrub { volume_ids, deep } => storage::request_scrub(kv, volume_ids, deep),
         Command::CreateImage {
             image,
             volume,

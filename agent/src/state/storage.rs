@@ -197,6 +197,30 @@ pub(super) fn recompute_map(kv: &mut KvWrite<'_>) -> KvResult<()> {
     Ok(())
 }
 
+/// Asks for a scrub of each volume (deep, or light).
+pub(super) fn request_scrub(
+    kv: &mut KvWrite<'_>,
+    volume_ids: Vec<String>,
+    deep: bool,
+) -> KvResult<Outcome> {
+    let mut asked = 0;
+    for id in &volume_ids {
+        let Some(path) =
+            get_json::<String>(kv, &format!("{}{id}", super::volumes::PREFIX_VOLUME_IDS))?
+        else {
+            continue;
+        };
+        let key = format!("{}{path}", super::PREFIX_VOLUMES);
+        let Some(mut v) = get_json::<VolumeRecord>(kv, &key)? else {
+            continue;
+        };
+        v.scrub_requested = Some(deep || v.scrub_requested == Some(true));
+        put_json(kv, &key, &v)?;
+        asked += 1;
+    }
+    Ok(Ok(serde_json::json!({ "volumes": asked, "deep": deep })))
+}
+
 pub(super) fn report_jobs(
     kv: &mut KvWrite<'_>,
     node: NodeId,
@@ -276,15 +300,24 @@ impl StateView {
     }
 
     /// The node that moves `volume` to the current storage map, if it must
-    /// move and someone can: the node of the VM it is attached to, else its
-    /// writer's node, while that node is `in` or `draining` (a `down` one
-    /// is waited for: it may still hold the volume open); else the first
-    /// `in` node of the current map.
+    /// move: its steward.
     pub fn mover_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
-        let map = self.current_storage_map()?;
-        if volume.map_epoch >= map.epoch || volume.state == super::volumes::VolumeState::Importing {
+        if volume.map_epoch >= self.current_storage_map()?.epoch {
             return Ok(None);
         }
+        self.steward_of(volume)
+    }
+
+    /// The node that does a volume's background work (moves, scrubs) as its
+    /// writer: the node of the VM it is attached to, else its writer's
+    /// node, while that node is `in` or `draining` (a `down` one is waited
+    /// for: it may still hold the volume open); else the first `in` node of
+    /// the current map. None for an image's volume being imported.
+    pub fn steward_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
+        if volume.state == super::volumes::VolumeState::Importing {
+            return Ok(None);
+        }
+        let map = self.current_storage_map()?;
         let nodes = self.nodes()?;
         let state = |id: NodeId| nodes.iter().find(|n| n.id == id).map(|n| n.storage_state);
         let mut claimants = Vec::new();

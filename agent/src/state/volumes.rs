@@ -112,6 +112,21 @@ pub struct VolumeRecord {
     /// The storage map its writer is moving its objects to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving_to: Option<u64>,
+    /// When its replicas were last compared (light scrub) and last read
+    /// whole against their checksums (deep scrub); 0: never.
+    #[serde(default)]
+    pub scrubbed_at_ms: u64,
+    #[serde(default)]
+    pub deep_scrubbed_at_ms: u64,
+    /// Damaged copies scrubs have repaired, in all.
+    #[serde(default)]
+    pub scrub_repairs: u64,
+    /// Objects a scrub found with no intact copy (at the last scrub).
+    #[serde(default)]
+    pub scrub_unrepairable: u64,
+    /// A scrub an operator asked for (`true`: deep), until it has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_requested: Option<bool>,
 }
 
 /// A change to a volume's in-sync set, made by its writer.
@@ -129,6 +144,13 @@ pub enum ReplicaChange {
     /// Every node of storage map `map` holds every acknowledged write of
     /// the objects it places there: the volume uses `map` from now on.
     Moved { map: u64 },
+    /// A scrub finished, repairing `repairs` copies.
+    Scrubbed {
+        deep: bool,
+        at_ms: u64,
+        repairs: u64,
+        unrepairable: u64,
+    },
 }
 
 impl VolumeRecord {
@@ -714,6 +736,23 @@ pub fn update_replicas(
                     )))
                 }
             }
+        }
+        ReplicaChange::Scrubbed {
+            deep,
+            at_ms,
+            repairs,
+            unrepairable,
+        } => {
+            volume.scrubbed_at_ms = at_ms;
+            if deep {
+                volume.deep_scrubbed_at_ms = at_ms;
+            }
+            // A deep scrub answers a light request too.
+            if volume.scrub_requested.is_some_and(|d| deep || !d) {
+                volume.scrub_requested = None;
+            }
+            volume.scrub_repairs += repairs;
+            volume.scrub_unrepairable = unrepairable;
         }
         ReplicaChange::Moved { map } => {
             if volume.moving_to != Some(map) {

@@ -226,6 +226,106 @@ impl BlockStore {
         Ok(())
     }
 
+    /// Starts the scrubs that are due on the volumes this node is the
+    /// steward of (one job at a time on the node, with moves and resyncs):
+    /// deep every `scrub_interval`, light every seventh of it (at least a
+    /// minute), or when an operator asked. A volume still to move is moved
+    /// first.
+    pub(super) fn start_scrubs(self: &Arc<Self>, node: &ClusterNode) {
+        let (Ok(volumes), Ok(current), Ok(config)) = (
+            node.state.all_volumes(),
+            node.state.current_storage_map(),
+            node.state.storage_config(),
+        ) else {
+            return;
+        };
+        let now = now_ms();
+        let deep_every = config.scrub_interval_s.saturating_mul(1000);
+        let light_every = (deep_every / 7).max(60_000);
+        for v in volumes {
+            if v.map_epoch < current.epoch
+                || v.moving_to.is_some()
+                || node.state.steward_of(&v).ok().flatten() != Some(node.id)
+            {
+                continue;
+            }
+            let deep = v.scrub_requested == Some(true)
+                || now >= v.deep_scrubbed_at_ms.max(v.created_at_ms) + deep_every;
+            let light = v.scrub_requested == Some(false)
+                || now >= v.scrubbed_at_ms.max(v.created_at_ms) + light_every;
+            if !deep && !light {
+                continue;
+            }
+            let key = format!("scrub {}", v.id);
+            {
+                let mut moves = self.recovery.moves.lock().unwrap();
+                match moves.get(&key) {
+                    Some(None) => continue,
+                    Some(Some(failed)) if failed.elapsed() < RETRY_AFTER => continue,
+                    _ => {}
+                }
+                moves.insert(key.clone(), None);
+            }
+            let blocks = self.clone();
+            tokio::spawn(async move {
+                let result = blocks.scrub_volume(&v, deep).await;
+                let mut moves = blocks.recovery.moves.lock().unwrap();
+                match result {
+                    Ok(()) => {
+                        moves.remove(&key);
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.id, "scrub did not finish: {e}; trying again in {} s", RETRY_AFTER.as_secs());
+                        moves.insert(key, Some(Instant::now()));
+                    }
+                }
+            });
+        }
+    }
+
+    async fn scrub_volume(&self, v: &VolumeRecord, deep: bool) -> Result<(), String> {
+        let _turn = self.resync_turn.lock().await;
+        let (_, handle) = self
+            .open_for_write(&v.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let kind = if deep { "deep-scrub" } else { "scrub" };
+        let (_job, progress) = self.recovery.job(&v.id, kind);
+        let report = handle
+            .scrub(deep, &self.recovery.throttle, &progress)
+            .await
+            .map_err(|e| e.to_string())?;
+        let node = self.node().map_err(|e| e.to_string())?;
+        let command = Command::UpdateReplicas {
+            volume_id: v.id.clone(),
+            epoch: handle.spec().epoch,
+            change: crate::state::volumes::ReplicaChange::Scrubbed {
+                deep,
+                at_ms: now_ms(),
+                repairs: report.repairs.len() as u64,
+                unrepairable: report.unrepairable.len() as u64,
+            },
+        };
+        node.write(&command)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.message)?;
+        if report.repairs.is_empty() && report.unrepairable.is_empty() {
+            tracing::info!(volume = %v.id, "{kind}: {} objects checked, all copies intact", report.objects);
+        } else {
+            tracing::warn!(
+                volume = %v.id,
+                "{kind}: {} objects checked, {} damaged copies repaired {:?}, {} objects with no intact copy {:?}",
+                report.objects,
+                report.repairs.len(),
+                report.repairs,
+                report.unrepairable.len(),
+                report.unrepairable
+            );
+        }
+        Ok(())
+    }
+
     /// Reports this node's running jobs through Raft: every 3 s while some
     /// run, and once when the last one ends.
     pub(super) async fn report_jobs(&self, node: &ClusterNode) {
