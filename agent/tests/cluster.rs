@@ -128,7 +128,7 @@ async fn five_voters_at_most_then_learners_who_are_promoted_when_a_voter_leaves(
     cluster
         .live(leader)
         .agent
-        .remove(&victim_id.to_string())
+        .remove(&victim_id.to_string(), false, &|_| {})
         .await
         .expect("remove");
     let members = roles(&cluster, leader);

@@ -139,7 +139,7 @@ async fn a_removed_nodes_certificate_is_refused_on_peer_api_and_storage_ports_an
     cluster
         .live(leader)
         .agent
-        .remove(&victim_id.to_string())
+        .remove(&victim_id.to_string(), false, &|_| {})
         .await
         .expect("remove");
 
@@ -379,7 +379,7 @@ async fn a_follower_that_removes_itself_succeeds_and_is_unconfigured() {
     cluster
         .live(follower)
         .agent
-        .remove(&id.to_string())
+        .remove(&id.to_string(), false, &|_| {})
         .await
         .expect("a node may remove itself");
     let removed = cluster.live(follower);

@@ -189,7 +189,7 @@ fn print_status(s: &serde_json::Value) {
         .iter()
         .map(|j| {
             let (done, total) = (n(&j["done_bytes"]), n(&j["total_bytes"]));
-            let pct = if total > 0 { done * 100 / total } else { 0 };
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
             vec![
                 text(&j["kind"]),
                 text(&j["volume"]),
