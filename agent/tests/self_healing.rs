@@ -265,6 +265,7 @@ async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
         let (stop, env) = (stop.clone(), c.env.clone());
         std::thread::spawn(move || {
             let mut fewest = usize::MAX;
+            let mut progress_seen = false;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let out = std::process::Command::new(support::BIN)
                     .args([
@@ -282,6 +283,8 @@ async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
                 if out.status.success() {
                     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
                     fewest = fewest.min(v["in_sync"].as_array().unwrap().len());
+                    progress_seen |= v["recovery"]["kind"] == "rebalance"
+                        && v["recovery"]["total_bytes"].as_u64() > Some(0);
                     assert!(
                         v["in_sync"].as_array().unwrap().len() >= 2,
                         "fewer in-sync copies than min_replicas during the move: {v:#}"
@@ -289,7 +292,7 @@ async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            fewest
+            (fewest, progress_seen)
         })
     };
     let new = c.add_node().await;
@@ -302,10 +305,14 @@ async fn a_joining_node_takes_a_fair_share_while_every_block_stays_readable() {
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = reader.join().expect("a read during the move failed");
-    let fewest = watcher
+    let (fewest, progress_seen) = watcher
         .join()
         .expect("the in-sync set shrank during the move");
     assert!(rounds >= 1, "the reader never finished a round");
+    assert!(
+        progress_seen,
+        "`allod volume show` never showed the rebalance's progress"
+    );
     assert!(fewest >= 2, "fewest in-sync copies seen: {fewest}");
     assert_eq!(moved["nodes"].as_array().unwrap().len(), 4, "{moved:#}");
     verify(&c.uri(new, &id), objects);

@@ -122,6 +122,9 @@ pub struct Storage {
     pub node: u64,
     pub store: Arc<ObjectStore>,
     pub peers: Peers,
+    /// Paces this node's recovery copies (moves, resyncs, scrubs), and
+    /// hears how long tenants' writes take.
+    pub pace: Arc<Throttle>,
     sets: Arc<dyn ReplicaSets>,
     handles: Mutex<HashMap<String, Weak<VolumeHandle>>>,
 }
@@ -140,6 +143,7 @@ impl Storage {
             node,
             store,
             peers,
+            pace: Arc::new(Throttle::new(0)),
             sets,
             handles: Mutex::new(HashMap::new()),
         })
@@ -840,6 +844,13 @@ impl VolumeHandle {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let started = std::time::Instant::now();
+        let result = self.write_pieces(offset, data).await;
+        self.storage.pace.tenant_write(started.elapsed());
+        result
+    }
+
+    async fn write_pieces(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let spec = self.spec();
         check_range(&spec, offset, data.len() as u64)?;
         let pieces = split(spec.object_size, offset, data.len() as u64);
@@ -1302,12 +1313,18 @@ impl VolumeHandle {
                 self.stat(spec, source, *index).await?,
                 self.stat(spec, node, *index).await?,
             );
-            if want != have {
+            let copy = want != have;
+            if copy {
                 self.copy_object(spec, *index, source, node).await?;
                 copied += 1;
             }
             if let Some(p) = self.replicas.lock().unwrap().repair.as_mut() {
                 p.pending.remove(index);
+            }
+            // Paced with the object's writes let through.
+            drop(_exclusive);
+            if copy {
+                self.storage.pace.take(spec.object_size).await;
             }
         }
         Ok(copied)

@@ -119,7 +119,7 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
         .add(
             Method::GET,
             "/v1/storage",
-            Authenticated,
+            ClusterAdmin,
             storage::storage_status,
         )
         .add(

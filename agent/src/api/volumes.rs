@@ -621,22 +621,36 @@ pub(super) async fn list_volumes(
     Ok(Json(node.state.volumes(&project)?))
 }
 
+/// A volume with the recovery work running on it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub volume: crate::state::volumes::VolumeRecord,
+    /// The job running on it now (resync, re-replication, rebalance,
+    /// drain, scrub), with its progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<crate::state::storage::StorageJob>,
+}
+
 #[utoipa::path(get, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",
     params(("name" = String, Path, description = "Project name"), ("volume" = String, Path, description = "Volume name or id")),
-    responses((status = 200, description = "The volume", body = crate::state::volumes::VolumeRecord)))]
+    responses((status = 200, description = "The volume, and the recovery job running on it", body = VolumeView)))]
 pub(super) async fn show_volume(
     State(node): State<Arc<ClusterNode>>,
     Path((project, name)): Path<(String, String)>,
-) -> ApiResult<Json<crate::state::volumes::VolumeRecord>> {
+) -> ApiResult<Json<VolumeView>> {
     let name = volume_name(&node, &project, name).await?;
-    node.state
-        .volume(&project, &name)?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "volume {name:?} does not exist in project {project:?}"
-            ))
-        })
+    let volume = node.state.volume(&project, &name)?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "volume {name:?} does not exist in project {project:?}"
+        ))
+    })?;
+    let recovery = node
+        .state
+        .storage_jobs()?
+        .into_iter()
+        .find(|j| j.volume == volume.id);
+    Ok(Json(VolumeView { volume, recovery }))
 }
 
 #[utoipa::path(delete, path = "/v1/projects/{name}/volumes/{volume}", tag = "volumes",

@@ -380,11 +380,27 @@ pub(super) async fn run_volume(command: VolumeCommand) -> anyhow::Result<()> {
             .await?;
         }
         VolumeCommand::Show { name, project, api } => {
-            volume_action(
+            request(
                 &api,
                 Method::GET,
                 &format!("/v1/projects/{project}/volumes/{name}"),
                 None,
+                |v| {
+                    print_volumes(std::slice::from_ref(v));
+                    let j = &v["recovery"];
+                    if j.is_object() {
+                        let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+                        let (done, total) = (n(&j["done_bytes"]), n(&j["total_bytes"]));
+                        println!(
+                            "Recovery: {} on node {}, {} of {} ({} %)",
+                            text(&j["kind"]),
+                            text(&j["node"]),
+                            crate::units::human_size(done),
+                            crate::units::human_size(total),
+                            (done * 100).checked_div(total).unwrap_or(0)
+                        );
+                    }
+                },
             )
             .await?;
         }

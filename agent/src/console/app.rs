@@ -91,6 +91,9 @@ pub struct AgentStatus {
     pub memory_bytes: u64,
     /// The VMs placed on this node.
     pub vms: Vec<LocalVm>,
+    /// The storage cluster's health line (`ok`, `degraded`, `recovering`
+    /// with what is left to copy).
+    pub storage: String,
     /// The agent's newest log lines.
     pub log_tail: Vec<String>,
     /// When the admin socket cannot be reached, why.

@@ -46,6 +46,7 @@ pub async fn agent_status(data_dir: &Path) -> AgentStatus {
                 .collect(),
             maintenance: status["node"]["maintenance"].as_bool().unwrap_or(false),
             vcpus: status["node"]["vcpus"].as_u64().unwrap_or(0),
+            storage: status["storage"].as_str().unwrap_or_default().into(),
             memory_bytes: status["node"]["memory_bytes"].as_u64().unwrap_or(0),
             vms: status["vms"]
                 .as_array()
@@ -91,7 +92,7 @@ enum Input {
     Key(Key),
     Paste(String),
     Redraw,
-    Event(Event),
+    Event(Box<Event>),
 }
 
 /// Starts the work an effect asks for; results come back as events.
@@ -100,14 +101,14 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
     let tx = tx.clone();
     tokio::spawn(async move {
         let send = |event| {
-            let _ = tx.send(Input::Event(event));
+            let _ = tx.send(Input::Event(Box::new(event)));
         };
         let admin = |request: AdminRequest| {
             let tx = tx.clone();
             let data_dir = data_dir.clone();
             async move {
                 crate::daemon::admin::request_with(&data_dir, &request, |message| {
-                    let _ = tx.send(Input::Event(Event::Progress(message)));
+                    let _ = tx.send(Input::Event(Box::new(Event::Progress(message))));
                 })
                 .await
             }
@@ -163,7 +164,9 @@ fn start(effect: Effect, data_dir: &Path, tx: &mpsc::UnboundedSender<Input>) {
                 }
             }
         }
-        let _ = tx.send(Input::Event(Event::Status(agent_status(&data_dir).await)));
+        let _ = tx.send(Input::Event(Box::new(Event::Status(
+            agent_status(&data_dir).await,
+        ))));
     });
 }
 
@@ -201,12 +204,18 @@ pub async fn run(data_dir: PathBuf) -> anyhow::Result<()> {
                     let facts = tokio::task::spawn_blocking(facts::collect)
                         .await
                         .unwrap_or_default();
-                    if tx.send(Input::Event(Event::Facts(facts))).is_err() {
+                    if tx
+                        .send(Input::Event(Box::new(Event::Facts(facts))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 let status = agent_status(&data_dir).await;
-                if tx.send(Input::Event(Event::Status(status))).is_err() {
+                if tx
+                    .send(Input::Event(Box::new(Event::Status(status))))
+                    .is_err()
+                {
                     return;
                 }
                 tick += 1;
@@ -247,7 +256,7 @@ pub async fn run(data_dir: PathBuf) -> anyhow::Result<()> {
                     .collect::<Vec<_>>(),
                 Input::Redraw => Vec::new(),
                 Input::Event(event) => {
-                    app.on_event(event);
+                    app.on_event(*event);
                     Vec::new()
                 }
             };

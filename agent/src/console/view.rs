@@ -442,6 +442,9 @@ fn dashboard(app: &App) -> (&'static str, Vec<Line<'static>>, &'static str) {
             lines.push(Line::from(format!("{label}{row}")));
         }
     }
+    if !status.storage.is_empty() {
+        lines.push(Line::from(format!("Storage: {}", status.storage)));
+    }
     lines.push(Line::from(bold(format!(
         "Members ({}), leader: {}",
         status.members.len(),
@@ -636,6 +639,7 @@ mod tests {
                 })
                 .collect(),
             maintenance: false,
+            storage: "recovering, 1.2 GiB left at 80 MiB/s, ~16 s (rack1-node3 out)".into(),
             vcpus: 64,
             memory_bytes: 512 << 30,
             vms: ["web1", "web2", "db1", "db2"]

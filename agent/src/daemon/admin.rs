@@ -260,11 +260,47 @@ async fn execute(
                 "node": node.state.nodes().ok().and_then(|all| all.into_iter().find(|n| n.id == node.id)),
                 "cluster_name": node.state.cluster().ok().flatten().map(|c| c.name).unwrap_or_default(),
                 "vms": local_vms(&node),
+                "storage": storage_line(&node),
                 "lag": node.replication_lag(),
                 "log_tail": crate::daemon::logring::tail(20),
             })),
         },
     }
+}
+
+/// The storage cluster's health in one line, as the console shows it.
+fn storage_line(node: &crate::cluster::node::ClusterNode) -> String {
+    use crate::units::human_size;
+    let Ok(s) = node.state.storage_status(crate::cluster::join::now_ms()) else {
+        return "unknown (the state cannot be read)".into();
+    };
+    let mut line = s.health.clone();
+    if s.bytes_to_move > 0 {
+        line.push_str(&format!(
+            ", {} left at {}/s",
+            human_size(s.bytes_to_move),
+            human_size(s.rate_bytes_per_s)
+        ));
+        if let Some(eta) = s.eta_s {
+            line.push_str(&format!(", ~{eta} s"));
+        }
+    }
+    if s.objects_degraded > 0 {
+        line.push_str(&format!(
+            ", {} objects short of replicas",
+            s.objects_degraded
+        ));
+    }
+    let away: Vec<String> = s
+        .nodes
+        .iter()
+        .filter(|n| n.state != crate::state::storage::StorageNodeState::In)
+        .map(|n| format!("{} {}", n.name, n.state.as_str()))
+        .collect();
+    if !away.is_empty() {
+        line.push_str(&format!(" ({})", away.join(", ")));
+    }
+    line
 }
 
 /// The VMs placed on this node, as the console lists them.

@@ -266,6 +266,7 @@ impl BlockStore {
         let unix = tokio::net::UnixListener::bind(&nbd_socket)
             .with_context(|| format!("cannot listen on {}", nbd_socket.display()))?;
         share_with_qemu(&nbd_socket);
+        let pace = storage.pace.clone();
         let blocks = Arc::new(Self {
             runtime: std::sync::Mutex::new(Some(runtime)),
             storage,
@@ -278,7 +279,7 @@ impl BlockStore {
             nbd_socket,
             resyncs: std::sync::Mutex::new(HashMap::new()),
             resync_turn: tokio::sync::Mutex::new(()),
-            recovery: Arc::default(),
+            recovery: Arc::new(recovery::Recovery::new(pace)),
             open_grants: std::sync::Mutex::new(Vec::new()),
         });
         let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
@@ -461,6 +462,7 @@ impl BlockStore {
         let _turn = self.resync_turn.lock().await;
         let spec = self.spec(v).map_err(|e| e.to_string())?;
         let handle = self.storage.open(spec);
+        let (_job, _) = self.recovery.job(&v.id, "resync");
         for node in &v.out_of_sync {
             let copied = handle.resync(*node).await.map_err(|e| e.to_string())?;
             tracing::info!(volume = %v.id, "node {node} resynced: {copied} objects copied");

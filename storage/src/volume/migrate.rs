@@ -81,12 +81,27 @@ pub struct Progress {
     pub copied_bytes: AtomicU64,
 }
 
-/// Paces recovery copies on one node: at most `rate` bytes a second
-/// (0: unlimited), shared by every job of the node.
+/// Paces recovery copies on one node, shared by every job of the node
+/// (which run one object at a time: a queue depth of one): at most `rate`
+/// bytes a second (0: unlimited), lowered while tenants' writes are slow.
+///
+/// The rule: `recent` is the moving average of the latest tenant writes'
+/// latency (weight 1/5 for each new one), `baseline` a slower one (weight
+/// 1/50) learnt only while no recovery copy has run for 2 s. While
+/// `recent` exceeds 1.5 × `baseline`, the rate is multiplied by
+/// `1.5 × baseline / recent`, down to a tenth of it.
 #[derive(Debug)]
 pub struct Throttle {
     rate: AtomicU64,
     next: tokio::sync::Mutex<Instant>,
+    tenant: std::sync::Mutex<TenantLatency>,
+}
+
+#[derive(Debug, Default)]
+struct TenantLatency {
+    recent_us: f64,
+    baseline_us: f64,
+    last_copy: Option<Instant>,
 }
 
 impl Throttle {
@@ -94,7 +109,38 @@ impl Throttle {
         Self {
             rate: AtomicU64::new(bytes_per_second),
             next: tokio::sync::Mutex::new(Instant::now()),
+            tenant: Default::default(),
         }
+    }
+
+    /// Notes how long a tenant's write took.
+    pub fn tenant_write(&self, took: Duration) {
+        let us = took.as_secs_f64() * 1e6;
+        let mut t = self.tenant.lock().unwrap();
+        t.recent_us = if t.recent_us == 0.0 {
+            us
+        } else {
+            t.recent_us * 0.8 + us * 0.2
+        };
+        let copying = t
+            .last_copy
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(2));
+        if !copying {
+            t.baseline_us = if t.baseline_us == 0.0 {
+                us
+            } else {
+                t.baseline_us * 0.98 + us * 0.02
+            };
+        }
+    }
+
+    /// What the rate is multiplied by now (see the type's doc).
+    pub fn factor(&self) -> f64 {
+        let t = self.tenant.lock().unwrap();
+        if t.baseline_us <= 0.0 || t.recent_us <= 1.5 * t.baseline_us {
+            return 1.0;
+        }
+        (1.5 * t.baseline_us / t.recent_us).clamp(0.1, 1.0)
     }
 
     pub fn rate(&self) -> u64 {
@@ -107,14 +153,16 @@ impl Throttle {
 
     /// Waits until `bytes` more may be copied.
     pub async fn take(&self, bytes: u64) {
+        self.tenant.lock().unwrap().last_copy = Some(Instant::now());
         let rate = self.rate();
         if rate == 0 {
             return;
         }
+        let rate = rate as f64 * self.factor();
         let start = {
             let mut next = self.next.lock().await;
             let start = (*next).max(Instant::now());
-            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate);
             start
         };
         tokio::time::sleep_until(start.into()).await;
@@ -321,18 +369,20 @@ impl VolumeHandle {
                     copied = true;
                 }
             }
+            progress
+                .done_bytes
+                .fetch_add(spec.object_size, Ordering::Relaxed);
+            if let Some(m) = self.replicas.lock().unwrap().moving.as_mut() {
+                m.pending.remove(&index);
+            }
+            // Paced with the object's writes let through.
+            drop(_exclusive);
             if copied {
                 copied_bytes += spec.object_size;
                 progress
                     .copied_bytes
                     .fetch_add(spec.object_size, Ordering::Relaxed);
                 throttle.take(spec.object_size).await;
-            }
-            progress
-                .done_bytes
-                .fetch_add(spec.object_size, Ordering::Relaxed);
-            if let Some(m) = self.replicas.lock().unwrap().moving.as_mut() {
-                m.pending.remove(&index);
             }
         }
         Ok(copied_bytes)

@@ -120,6 +120,7 @@ impl VolumeHandle {
             progress
                 .done_bytes
                 .fetch_add(spec.object_size, Ordering::Relaxed);
+            drop(_exclusive);
             if deep {
                 throttle.take(spec.object_size).await;
             }

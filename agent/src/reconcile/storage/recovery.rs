@@ -50,12 +50,12 @@ struct Job {
     started_at_ms: u64,
 }
 
-impl Default for Recovery {
-    fn default() -> Self {
+impl Recovery {
+    /// Recovery paced by `throttle` (the block store's).
+    pub fn new(throttle: Arc<Throttle>) -> Self {
+        throttle.set_rate(crate::state::storage::StorageConfig::default().recovery_rate_bytes);
         Self {
-            throttle: Arc::new(Throttle::new(
-                crate::state::storage::StorageConfig::default().recovery_rate_bytes,
-            )),
+            throttle,
             jobs: Default::default(),
             moves: Default::default(),
             misplaced: Default::default(),
