@@ -19,6 +19,8 @@ use super::{domain, get_json, put_json, ErrorCode, Outcome, ReadError, StateView
 type KvResult<T> = Result<T, allod_raft::KvError>;
 
 pub const KEY_STORAGE_CONFIG: &str = "storage/config";
+/// Moves on with every scrub an operator asks for.
+pub const KEY_SCRUB_GENERATION: &str = "storage/scrub_generation";
 /// `storage/jobs/<node>`: the recovery jobs a node last reported.
 pub const PREFIX_STORAGE_JOBS: &str = "storage/jobs/";
 
@@ -218,6 +220,8 @@ pub(super) fn request_scrub(
         put_json(kv, &key, &v)?;
         asked += 1;
     }
+    let generation = get_json::<u64>(kv, KEY_SCRUB_GENERATION)?.unwrap_or(0) + 1;
+    put_json(kv, KEY_SCRUB_GENERATION, &generation)?;
     Ok(Ok(serde_json::json!({ "volumes": asked, "deep": deep })))
 }
 
@@ -282,6 +286,11 @@ impl StateView {
         Ok(self.get(KEY_STORAGE_CONFIG)?.unwrap_or_default())
     }
 
+    /// Moves on with every scrub an operator asks for.
+    pub fn scrub_generation(&self) -> Result<u64, ReadError> {
+        Ok(self.get(KEY_SCRUB_GENERATION)?.unwrap_or(0))
+    }
+
     /// The map new volumes are placed with and old ones move to.
     pub fn current_storage_map(&self) -> Result<StorageMap, ReadError> {
         Ok(self.get(KEY_STORAGE_MAP)?.unwrap_or_default())
@@ -302,45 +311,26 @@ impl StateView {
     /// The node that moves `volume` to the current storage map, if it must
     /// move: its steward.
     pub fn mover_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
-        if volume.map_epoch >= self.current_storage_map()?.epoch {
-            return Ok(None);
-        }
-        self.steward_of(volume)
+        self.stewards()?.mover_of(volume)
     }
 
-    /// The node that does a volume's background work (moves, scrubs) as its
-    /// writer: the node of the VM it is attached to, else its writer's
-    /// node, while that node is `in` or `draining` (a `down` one is waited
-    /// for: it may still hold the volume open); else the first `in` node of
-    /// the current map. None for an image's volume being imported.
+    /// The node that does a volume's background work: see [`Stewards`].
     pub fn steward_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
-        if volume.state == super::volumes::VolumeState::Importing {
-            return Ok(None);
-        }
-        let map = self.current_storage_map()?;
-        let nodes = self.nodes()?;
-        let state = |id: NodeId| nodes.iter().find(|n| n.id == id).map(|n| n.storage_state);
-        let mut claimants = Vec::new();
-        if let Some(vm) = &volume.attached_to {
-            if let Some(vm) = self.vm_by_id(vm)? {
-                claimants.push(vm.node_id);
-            }
-        }
-        if let Some(lease) = &volume.lease {
-            claimants.push(lease.node);
-        }
-        for c in claimants {
-            match state(c) {
-                Some(StorageNodeState::In | StorageNodeState::Draining) => return Ok(Some(c)),
-                Some(StorageNodeState::Down) => return Ok(None),
-                Some(StorageNodeState::Out) | None => {}
-            }
-        }
-        Ok(map
-            .nodes
-            .iter()
-            .map(|n| n.node)
-            .find(|n| state(*n) == Some(StorageNodeState::In)))
+        self.stewards()?.steward_of(volume)
+    }
+
+    /// What deciding volumes' stewards needs, read once for many volumes.
+    pub fn stewards(&self) -> Result<Stewards<'_>, ReadError> {
+        Ok(Stewards {
+            view: self,
+            map: self.current_storage_map()?,
+            states: self
+                .nodes()?
+                .into_iter()
+                .map(|n| (n.id, n.storage_state))
+                .collect(),
+            vm_nodes: std::cell::OnceCell::new(),
+        })
     }
 
     /// Volumes (`project/name`) still placed with a map that holds `node`.
@@ -491,5 +481,64 @@ impl StateView {
             jobs,
             config: self.storage_config()?,
         })
+    }
+}
+
+/// Decides which node does a volume's background work (moves, scrubs) as
+/// its writer, its *steward*: the node of the VM it is attached to, else
+/// its writer's node, while that node is `in` or `draining` (a `down` one
+/// is waited for: it may still hold the volume open); else the first `in`
+/// node of the current map. None for an image's volume being imported.
+pub struct Stewards<'a> {
+    view: &'a StateView,
+    pub map: StorageMap,
+    states: std::collections::HashMap<NodeId, StorageNodeState>,
+    /// VM id → its node, read the first time an attached volume needs it.
+    vm_nodes: std::cell::OnceCell<std::collections::HashMap<String, NodeId>>,
+}
+
+impl Stewards<'_> {
+    pub fn mover_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
+        if volume.map_epoch >= self.map.epoch {
+            return Ok(None);
+        }
+        self.steward_of(volume)
+    }
+
+    pub fn steward_of(&self, volume: &VolumeRecord) -> Result<Option<NodeId>, ReadError> {
+        if volume.state == super::volumes::VolumeState::Importing {
+            return Ok(None);
+        }
+        let mut claimants = Vec::new();
+        if let Some(vm) = &volume.attached_to {
+            if self.vm_nodes.get().is_none() {
+                let all = self
+                    .view
+                    .list::<super::vms::VmRecord>(super::PREFIX_VMS)?
+                    .into_iter()
+                    .map(|vm| (vm.id, vm.node_id))
+                    .collect();
+                let _ = self.vm_nodes.set(all);
+            }
+            if let Some(node) = self.vm_nodes.get().and_then(|m| m.get(vm)) {
+                claimants.push(*node);
+            }
+        }
+        if let Some(lease) = &volume.lease {
+            claimants.push(lease.node);
+        }
+        for c in claimants {
+            match self.states.get(&c) {
+                Some(StorageNodeState::In | StorageNodeState::Draining) => return Ok(Some(c)),
+                Some(StorageNodeState::Down) => return Ok(None),
+                Some(StorageNodeState::Out) | None => {}
+            }
+        }
+        Ok(self
+            .map
+            .nodes
+            .iter()
+            .map(|n| n.node)
+            .find(|n| self.states.get(n) == Some(&StorageNodeState::In)))
     }
 }

@@ -8,10 +8,12 @@
 //!    its garbage collection leaves the copies alone.
 //! 2. The move is recorded in the cluster state (`ReplicaSets::moving`).
 //! 3. Every object the new map places on a node that holds no in-sync copy
-//!    of it is copied there whole, under the object's write lock, from an
-//!    in-sync replica; from then on that object's writes reach the new node
-//!    too (an object created during the move reaches it from its first
-//!    write). Copies are paced by a [`Throttle`].
+//!    of it is copied there whole from an in-sync replica: first without
+//!    the object's lock (its writes go on), then under its write lock again
+//!    only if a write changed the source meanwhile (a look-up each side
+//!    otherwise). From then on that object's writes reach the new node too
+//!    (an object created during the move reaches it from its first write).
+//!    Copies are paced by a [`Throttle`].
 //! 4. The volume switches to the new map through Raft
 //!    (`ReplicaSets::moved`): every node of the new map is in sync. A new
 //!    node that failed a write during the move aborts it (nothing switched)
@@ -338,37 +340,15 @@ impl VolumeHandle {
         }
         let mut copied_bytes = 0;
         for index in indexes {
+            // Copied first without the object's lock, so that its writes
+            // go on meanwhile; then again under the lock, which copies
+            // nothing unless a write changed the source since.
+            self.still_moving(spec)?;
+            let unlocked = self.copy_to_new(spec, target, index).await?;
             let lock = self.lock_for(index);
-            let _exclusive = lock.lock(ALL, true).await;
-            match self.replicas.lock().unwrap().moving.as_ref() {
-                None => return Err(self.move_interrupted(spec)),
-                Some(m) if !m.failed.is_empty() => {
-                    return Err(IoError::Failed(format!(
-                        "nodes {:?} failed a write while volume {} was moving to them",
-                        m.failed, spec.id
-                    )))
-                }
-                Some(_) => {}
-            }
-            let in_sync = self.in_sync();
-            let have = live(index, &in_sync);
-            let source = self
-                .storage
-                .readable(spec, index, &in_sync)
-                .first()
-                .copied()
-                .ok_or_else(|| self.degraded(spec, index, &[]))?;
-            let want = self.stat(spec, source, index).await?;
-            let mut copied = false;
-            for node in target.place(&spec.id, index, spec.replicas) {
-                if have.contains(&node) {
-                    continue;
-                }
-                if self.stat(spec, node, index).await? != want {
-                    self.copy_object(spec, index, source, node).await?;
-                    copied = true;
-                }
-            }
+            let exclusive = lock.lock(ALL, true).await;
+            self.still_moving(spec)?;
+            let locked = self.copy_to_new(spec, target, index).await?;
             progress
                 .done_bytes
                 .fetch_add(spec.object_size, Ordering::Relaxed);
@@ -376,8 +356,8 @@ impl VolumeHandle {
                 m.pending.remove(&index);
             }
             // Paced with the object's writes let through.
-            drop(_exclusive);
-            if copied {
+            drop(exclusive);
+            if unlocked || locked {
                 copied_bytes += spec.object_size;
                 progress
                     .copied_bytes
@@ -386,6 +366,54 @@ impl VolumeHandle {
             }
         }
         Ok(copied_bytes)
+    }
+
+    /// Fails when the move was interrupted or a new node failed a write.
+    fn still_moving(&self, spec: &VolumeSpec) -> Result<(), IoError> {
+        match self.replicas.lock().unwrap().moving.as_ref() {
+            None => Err(self.move_interrupted(spec)),
+            Some(m) if !m.failed.is_empty() => Err(IoError::Failed(format!(
+                "nodes {:?} failed a write while volume {} was moving to them",
+                m.failed, spec.id
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Copies object `index` from an in-sync replica to each node `target`
+    /// places it on that holds no in-sync copy and whose copy differs.
+    /// Returns whether it copied anything.
+    async fn copy_to_new(
+        &self,
+        spec: &VolumeSpec,
+        target: &StorageMap,
+        index: u64,
+    ) -> Result<bool, IoError> {
+        let in_sync = self.in_sync();
+        let have: Vec<u64> = spec
+            .map
+            .place(&spec.id, index, spec.replicas)
+            .into_iter()
+            .filter(|n| in_sync.contains(n))
+            .collect();
+        let source = self
+            .storage
+            .readable(spec, index, &in_sync)
+            .first()
+            .copied()
+            .ok_or_else(|| self.degraded(spec, index, &[]))?;
+        let want = self.stat(spec, source, index).await?;
+        let mut copied = false;
+        for node in target.place(&spec.id, index, spec.replicas) {
+            if have.contains(&node) {
+                continue;
+            }
+            if self.stat(spec, node, index).await? != want {
+                self.copy_object(spec, index, source, node).await?;
+                copied = true;
+            }
+        }
+        Ok(copied)
     }
 
     fn move_interrupted(&self, spec: &VolumeSpec) -> IoError {

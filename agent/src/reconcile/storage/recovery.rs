@@ -39,6 +39,10 @@ pub struct Recovery {
     /// Objects found misplaced at the last look, with the map that said so.
     misplaced: std::sync::Mutex<HashMap<(String, u64), u64>>,
     last_misplaced: std::sync::Mutex<Option<Instant>>,
+    /// When volumes were last looked through for moves (and the map epoch
+    /// then) and for scrubs: every volume is read, so not on every pass.
+    last_move_scan: std::sync::Mutex<Option<(Instant, u64)>>,
+    last_scrub_scan: std::sync::Mutex<Option<(Instant, u64)>>,
     /// Whether the last report said some job was running.
     reported_busy: std::sync::atomic::AtomicBool,
     last_report: std::sync::Mutex<Option<Instant>>,
@@ -60,6 +64,8 @@ impl Recovery {
             moves: Default::default(),
             misplaced: Default::default(),
             last_misplaced: Default::default(),
+            last_move_scan: Default::default(),
+            last_scrub_scan: Default::default(),
             reported_busy: Default::default(),
             last_report: Default::default(),
         }
@@ -149,11 +155,20 @@ impl BlockStore {
     /// storage map, one volume at a time (with resyncs). Nothing moves
     /// while a node of the current map is down: copies to it would fail.
     pub(super) fn start_moves(self: &Arc<Self>, node: &ClusterNode) {
-        let (Ok(volumes), Ok(current), Ok(nodes)) = (
-            node.state.all_volumes(),
-            node.state.current_storage_map(),
-            node.state.nodes(),
-        ) else {
+        let Ok(current) = node.state.current_storage_map() else {
+            return;
+        };
+        {
+            // At once when the map changed, else every 5 s (retries).
+            let mut last = self.recovery.last_move_scan.lock().unwrap();
+            if last.is_some_and(|(at, epoch)| {
+                epoch == current.epoch && at.elapsed() < Duration::from_secs(5)
+            }) {
+                return;
+            }
+            *last = Some((Instant::now(), current.epoch));
+        }
+        let (Ok(volumes), Ok(nodes)) = (node.state.all_volumes(), node.state.nodes()) else {
             return;
         };
         let down = current.nodes.iter().any(|m| {
@@ -165,9 +180,11 @@ impl BlockStore {
             return;
         }
         let current = Arc::new(current);
+        let Ok(stewards) = node.state.stewards() else {
+            return;
+        };
         for v in volumes {
-            if v.map_epoch >= current.epoch
-                || node.state.mover_of(&v).ok().flatten() != Some(node.id)
+            if v.map_epoch >= current.epoch || stewards.mover_of(&v).ok().flatten() != Some(node.id)
             {
                 continue;
             }
@@ -232,6 +249,17 @@ impl BlockStore {
     /// minute), or when an operator asked. A volume still to move is moved
     /// first.
     pub(super) fn start_scrubs(self: &Arc<Self>, node: &ClusterNode) {
+        {
+            // At once when an operator asked for a scrub, else every 30 s.
+            let asked = node.state.scrub_generation().unwrap_or(0);
+            let mut last = self.recovery.last_scrub_scan.lock().unwrap();
+            if last.is_some_and(|(at, generation)| {
+                generation == asked && at.elapsed() < Duration::from_secs(30)
+            }) {
+                return;
+            }
+            *last = Some((Instant::now(), asked));
+        }
         let (Ok(volumes), Ok(current), Ok(config)) = (
             node.state.all_volumes(),
             node.state.current_storage_map(),
@@ -242,18 +270,18 @@ impl BlockStore {
         let now = now_ms();
         let deep_every = config.scrub_interval_s.saturating_mul(1000);
         let light_every = (deep_every / 7).max(60_000);
+        let Ok(stewards) = node.state.stewards() else {
+            return;
+        };
         for v in volumes {
-            if v.map_epoch < current.epoch
-                || v.moving_to.is_some()
-                || node.state.steward_of(&v).ok().flatten() != Some(node.id)
-            {
+            if v.map_epoch < current.epoch || v.moving_to.is_some() {
                 continue;
             }
             let deep = v.scrub_requested == Some(true)
                 || now >= v.deep_scrubbed_at_ms.max(v.created_at_ms) + deep_every;
             let light = v.scrub_requested == Some(false)
                 || now >= v.scrubbed_at_ms.max(v.created_at_ms) + light_every;
-            if !deep && !light {
+            if (!deep && !light) || stewards.steward_of(&v).ok().flatten() != Some(node.id) {
                 continue;
             }
             let key = format!("scrub {}", v.id);
