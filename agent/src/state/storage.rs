@@ -129,6 +129,15 @@ pub(super) fn set_storage_config(
             "down_out_after must be at least one second (e.g. --down-out-after 10m)",
         )));
     }
+    if config.recovery_rate_bytes != 0 && config.recovery_rate_bytes < 1 << 20 {
+        return Ok(Err(domain(
+            ErrorCode::InvalidArgument,
+            format!(
+                "recovery_rate {} bytes a second would take days to heal a disk; give at least 1M (e.g. --recovery-rate 200M), or 0 for unlimited",
+                config.recovery_rate_bytes
+            ),
+        )));
+    }
     if config.scrub_interval_s < 60 {
         return Ok(Err(domain(
             ErrorCode::InvalidArgument,
