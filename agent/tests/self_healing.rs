@@ -22,34 +22,28 @@ fn pattern(index: u64) -> u64 {
     index % 250 + 1
 }
 
-/// Writes 64 KiB of each object's pattern at an offset of its own.
-fn fill(uri: &str, objects: u64) {
+/// Runs qemu-io's `op` (`write` or `read`) with each object's pattern on
+/// 64 KiB at an offset of its own (a read fails on a mismatch).
+fn patterned(uri: &str, op: &str, objects: u64) -> String {
     let commands: Vec<String> = (0..objects)
         .map(|i| {
             format!(
-                "write -P {} {} 64k",
+                "{op} -P {} {} 64k",
                 pattern(i),
                 i * OBJECT + (i % 7) * 65536
             )
         })
         .collect();
     let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-    qemu_io(uri, &refs);
+    qemu_io(uri, &refs)
 }
 
-/// Reads every object's pattern back (qemu-io fails on a mismatch).
+fn fill(uri: &str, objects: u64) {
+    patterned(uri, "write", objects);
+}
+
 fn verify(uri: &str, objects: u64) {
-    let commands: Vec<String> = (0..objects)
-        .map(|i| {
-            format!(
-                "read -P {} {} 64k",
-                pattern(i),
-                i * OBJECT + (i % 7) * 65536
-            )
-        })
-        .collect();
-    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-    let out = qemu_io(uri, &refs);
+    let out = patterned(uri, "read", objects);
     assert!(!out.contains("error"), "{out}");
 }
 
