@@ -424,6 +424,24 @@ impl VolumeHandle {
         self.present.lock().unwrap().clear();
     }
 
+    /// The nodes of the volume's map in sync as this writer knows it now.
+    fn in_sync_members(&self, spec: &VolumeSpec) -> Vec<u64> {
+        self.in_sync()
+            .into_iter()
+            .filter(|n| spec.map.nodes.iter().any(|m| m.node == *n))
+            .collect()
+    }
+
+    /// Every object index any of `nodes` holds of the volume.
+    async fn indexes_on(&self, spec: &VolumeSpec, nodes: &[u64]) -> Result<BTreeSet<u64>, IoError> {
+        let lists = join_all(nodes.iter().map(|n| self.list(spec, *n))).await;
+        let mut indexes = BTreeSet::new();
+        for list in lists {
+            indexes.extend(list?.into_iter().map(|o| o.index));
+        }
+        Ok(indexes)
+    }
+
     /// The nodes in sync as this writer knows it now.
     pub fn in_sync(&self) -> Vec<u64> {
         let spec = self.spec();
@@ -1217,11 +1235,7 @@ impl VolumeHandle {
     pub async fn rollback(&self, snap: u64) -> Result<(), IoError> {
         self.activate().await?;
         let spec = self.spec();
-        let nodes: Vec<u64> = self
-            .in_sync()
-            .into_iter()
-            .filter(|n| spec.map.nodes.iter().any(|m| m.node == *n))
-            .collect();
+        let nodes = self.in_sync_members(&spec);
         let req = Request::Rollback {
             volume: spec.id.clone(),
             snap,

@@ -24,12 +24,10 @@
 //! state shows the switch (never before: until then they are what the
 //! volume reads).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use futures_util::future::join_all;
 
 use super::{IoError, VolumeHandle, VolumeSpec};
 use crate::placement::StorageMap;
@@ -300,23 +298,13 @@ impl VolumeHandle {
         progress: &Progress,
     ) -> Result<u64, IoError> {
         let in_sync = self.in_sync();
-        let mut listed: Vec<u64> = spec
-            .map
-            .nodes
-            .iter()
-            .map(|n| n.node)
-            .filter(|n| in_sync.contains(n))
-            .collect();
+        let mut listed = self.in_sync_members(spec);
         for n in &target.nodes {
             if !listed.contains(&n.node) {
                 listed.push(n.node);
             }
         }
-        let lists = join_all(listed.iter().map(|n| self.list(spec, *n))).await;
-        let mut indexes = BTreeSet::new();
-        for list in lists {
-            indexes.extend(list?.into_iter().map(|o| o.index));
-        }
+        let mut indexes = self.indexes_on(spec, &listed).await?;
         let live = |index: u64, in_sync: &[u64]| -> Vec<u64> {
             spec.map
                 .place(&spec.id, index, spec.replicas)

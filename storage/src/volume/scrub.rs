@@ -9,10 +9,7 @@
 //! object no replica holds intact is reported as unrepairable and left
 //! alone.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-
-use futures_util::future::join_all;
 
 use super::{IoError, Progress, Throttle, VolumeHandle};
 use crate::proto::{Request, Response};
@@ -46,16 +43,8 @@ impl VolumeHandle {
     ) -> Result<ScrubReport, IoError> {
         self.activate().await?;
         let spec = self.spec();
-        let nodes: Vec<u64> = self
-            .in_sync()
-            .into_iter()
-            .filter(|n| spec.map.nodes.iter().any(|m| m.node == *n))
-            .collect();
-        let lists = join_all(nodes.iter().map(|n| self.list(&spec, *n))).await;
-        let mut indexes = BTreeSet::new();
-        for list in lists {
-            indexes.extend(list?.into_iter().map(|o| o.index));
-        }
+        let nodes = self.in_sync_members(&spec);
+        let indexes = self.indexes_on(&spec, &nodes).await?;
         progress
             .total_bytes
             .fetch_add(indexes.len() as u64 * spec.object_size, Ordering::Relaxed);
