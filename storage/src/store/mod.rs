@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::fsio::{FileIo, Fs, Mode, OsFs};
 
+mod disks;
+use disks::DiskSet;
+pub use disks::{Disk, MARKER as DISK_MARKER};
+
 /// Checksum granularity.
 pub const BLOCK: u64 = 4096;
 /// The largest object size a store accepts.
@@ -137,7 +141,15 @@ struct Obj {
 
 #[derive(Debug)]
 struct Vol {
-    dir: PathBuf,
+    name: String,
+    /// The volume's own records (writer epoch, storage map), in the root.
+    meta: PathBuf,
+    /// The volume's directory on each disk of the store.
+    dirs: Vec<PathBuf>,
+    disks: Arc<DiskSet>,
+    /// Objects found, when the store opened, on a disk other than the one
+    /// placement now picks (disks were added since they were written).
+    found: HashMap<u64, usize>,
     epoch: AtomicU64,
     /// The newest storage map a writer announced it is moving the volume
     /// to (see [`ObjectStore::hold`]); an object is dropped as misplaced
@@ -165,13 +177,15 @@ enum Source {
 pub struct ObjectStore {
     fs: Arc<dyn Fs>,
     root: PathBuf,
+    disks: Arc<DiskSet>,
     volumes: RwLock<HashMap<String, Arc<Vol>>>,
     open_files: AtomicUsize,
 }
 
 impl ObjectStore {
-    /// Opens (creating) the store at `root` and indexes the objects in it by
-    /// file name; headers are read on first use.
+    /// Opens (creating) the store at `root`, on the disks it records (the
+    /// root alone when none), and indexes the objects in it by file name;
+    /// headers are read on first use.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         Self::open_with(Arc::new(OsFs), root)
     }
@@ -180,6 +194,27 @@ impl ObjectStore {
     pub fn open_with(fs: Arc<dyn Fs>, root: &Path) -> Result<Self, StoreError> {
         fs.create_dir_all(root)
             .map_err(io_err(format!("creating {}", root.display())))?;
+        let disks = DiskSet::recorded(&*fs, root)?;
+        Self::open_parts(fs, root, disks)
+    }
+
+    /// Opens the store at `root` with its objects on `disks` (see
+    /// [`Disk`]): every disk it recorded before must be given; new ones
+    /// are taken into use.
+    pub fn open_on(root: &Path, disks: Vec<Disk>) -> Result<Self, StoreError> {
+        let fs: Arc<dyn Fs> = Arc::new(OsFs);
+        fs.create_dir_all(root)
+            .map_err(io_err(format!("creating {}", root.display())))?;
+        let disks = if disks.is_empty() {
+            DiskSet::recorded(&*fs, root)?
+        } else {
+            DiskSet::adopt(&*fs, root, disks)?
+        };
+        Self::open_parts(fs, root, disks)
+    }
+
+    fn open_parts(fs: Arc<dyn Fs>, root: &Path, disks: DiskSet) -> Result<Self, StoreError> {
+        let disks = Arc::new(disks);
         let mut volumes = HashMap::new();
         let entries = fs
             .read_dir(root)
@@ -188,12 +223,13 @@ impl ObjectStore {
             if !is_dir || !valid_volume_id(&name) {
                 continue;
             }
-            let vol = Vol::scan(&*fs, root.join(&name))?;
+            let vol = Vol::scan(&*fs, root, &name, &disks)?;
             volumes.insert(name, Arc::new(vol));
         }
         Ok(Self {
             fs,
             root: root.to_owned(),
+            disks,
             volumes: RwLock::new(volumes),
             open_files: AtomicUsize::new(0),
         })
@@ -201,6 +237,17 @@ impl ObjectStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The directories new objects go to (the store's disks, or its root):
+    /// the node's capacity is theirs.
+    pub fn disk_dirs(&self) -> Vec<PathBuf> {
+        self.disks
+            .disks
+            .iter()
+            .filter(|d| d.weight > 0)
+            .map(|d| d.dir.clone())
+            .collect()
     }
 
     /// Volume ids with anything stored here.
@@ -231,7 +278,10 @@ impl ObjectStore {
             .create_dir_all(&dir)
             .map_err(io_err(format!("creating {}", dir.display())))?;
         sync_dir(&*self.fs, &self.root)?;
-        let vol = Arc::new(Vol::scan(&*self.fs, dir)?);
+        let vol = Arc::new(Vol::scan(&*self.fs, &self.root, id, &self.disks)?);
+        for disk in self.disks.disks.iter().filter(|d| d.dir != self.root) {
+            sync_dir(&*self.fs, &disk.dir)?;
+        }
         volumes.insert(id.to_owned(), vol.clone());
         Ok(Some(vol))
     }
@@ -258,8 +308,8 @@ impl ObjectStore {
         let _exclusive = vol.io.write().unwrap();
         let current = not_older(&vol, epoch)?;
         if epoch > current {
-            let path = vol.dir.join("epoch");
-            let tmp = vol.dir.join("epoch.tmp");
+            let path = vol.meta.join("epoch");
+            let tmp = vol.meta.join("epoch.tmp");
             let f = self
                 .fs
                 .open(&tmp, Mode::Create)
@@ -270,7 +320,7 @@ impl ObjectStore {
             self.fs
                 .rename(&tmp, &path)
                 .map_err(io_err("recording the writer epoch"))?;
-            sync_dir(&*self.fs, &vol.dir)?;
+            sync_dir(&*self.fs, &vol.meta)?;
             vol.epoch.store(epoch, Ordering::Release);
         }
         Ok(current)
@@ -285,7 +335,7 @@ impl ObjectStore {
         let _exclusive = vol.io.write().unwrap();
         let current = vol.map.load(Ordering::Acquire);
         if map > current {
-            self.write_small_durably(&vol.dir, "map", map)?;
+            self.write_small_durably(&vol.meta, "map", map)?;
             vol.map.store(map, Ordering::Release);
         }
         Ok(current)
@@ -309,7 +359,7 @@ impl ObjectStore {
         self.load(&vol, index, &mut st)?;
         self.drop_head_file(&mut st);
         if st.head.take().is_some() {
-            match self.fs.remove_file(&head_path(&vol.dir, index)) {
+            match self.fs.remove_file(&head_path(vol.odir(index), index)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("removing a misplaced object")(e)),
@@ -318,7 +368,7 @@ impl ObjectStore {
         let clones: Vec<u64> = st.clones.keys().copied().collect();
         for hi in clones {
             self.fs
-                .remove_file(&clone_path(&vol.dir, index, hi))
+                .remove_file(&clone_path(vol.odir(index), index, hi))
                 .map_err(io_err("removing a misplaced snapshot copy"))?;
             st.clones.remove(&hi);
         }
@@ -328,7 +378,7 @@ impl ObjectStore {
         st.lost = false;
         drop(st);
         vol.objects.write().unwrap().remove(&index);
-        sync_dir(&*self.fs, &vol.dir)?;
+        sync_dir(&*self.fs, vol.odir(index))?;
         Ok(true)
     }
 
@@ -390,7 +440,7 @@ impl ObjectStore {
         self.load(&vol, index, &mut st)?;
         let file = self.prepare_head(&vol, index, &mut st, seq)?;
         Self::mark_dirty(&*file, &mut st)?;
-        write_checked(&*file, offset, data, &vol.dir, index)?;
+        write_checked(&*file, offset, data, vol.odir(index), index)?;
         let head = st.head.as_mut().expect("prepared");
         head.version += 1;
         st.dirty = true;
@@ -427,7 +477,7 @@ impl ObjectStore {
                     &*file,
                     offset,
                     &vec![0; (first_full - offset) as usize],
-                    &vol.dir,
+                    vol.odir(index),
                     index,
                 )?;
             }
@@ -440,7 +490,7 @@ impl ObjectStore {
                     &*file,
                     last_full,
                     &vec![0; (end - last_full) as usize],
-                    &vol.dir,
+                    vol.odir(index),
                     index,
                 )?;
             }
@@ -449,7 +499,7 @@ impl ObjectStore {
             let mut at = offset;
             while at < end {
                 let n = (end - at).min(chunk.len() as u64);
-                write_checked(&*file, at, &chunk[..n as usize], &vol.dir, index)?;
+                write_checked(&*file, at, &chunk[..n as usize], vol.odir(index), index)?;
                 at += n;
             }
         }
@@ -518,7 +568,7 @@ impl ObjectStore {
                 read_checked(&*file, offset, len)
             }
             Source::Clone(hi) => {
-                let path = clone_path(&vol.dir, index, hi);
+                let path = clone_path(vol.odir(index), index, hi);
                 let file = self
                     .fs
                     .open(&path, Mode::Read)
@@ -614,7 +664,9 @@ impl ObjectStore {
                 st.marked = !idle;
             }
         }
-        sync_dir(&*self.fs, &vol.dir)?;
+        for dir in &vol.dirs {
+            sync_dir(&*self.fs, dir)?;
+        }
         if !lost.is_empty() {
             return Err(StoreError::Io {
                 what: format!("flushing volume {volume}"),
@@ -661,7 +713,10 @@ impl ObjectStore {
                 }
             }
         }
-        sync_dir(&*self.fs, &vol.dir)
+        for dir in &vol.dirs {
+            sync_dir(&*self.fs, dir)?;
+        }
+        Ok(())
     }
 
     /// Rollback of one object: preserves the head for newer snapshots, then
@@ -678,12 +733,12 @@ impl ObjectStore {
         self.preserve(vol, index, st, seq)?;
         self.drop_head_file(st);
         let version = st.head.as_ref().map_or(0, |h| h.version) + 1;
-        let tmp = vol.dir.join(format!("{index:016x}.rollback"));
+        let tmp = vol.odir(index).join(format!("{index:016x}.rollback"));
         let f = match from {
             Some(hi) => {
                 let src = self
                     .fs
-                    .open(&clone_path(&vol.dir, index, hi), Mode::Read)
+                    .open(&clone_path(vol.odir(index), index, hi), Mode::Read)
                     .map_err(io_err("copying a snapshot's object back"))?;
                 copy_sparse(&*self.fs, &*src, &tmp)?
             }
@@ -696,7 +751,7 @@ impl ObjectStore {
         write_header(&*f, KIND_HEAD, version, seq, 0, absent_flag(absent))?;
         f.sync_data().map_err(io_err("rolling back"))?;
         self.fs
-            .rename(&tmp, &head_path(&vol.dir, index))
+            .rename(&tmp, &head_path(vol.odir(index), index))
             .map_err(io_err("rolling back"))?;
         st.replace_head(seq, version, absent);
         Ok(())
@@ -728,7 +783,7 @@ impl ObjectStore {
                 .collect();
             for hi in dead {
                 self.fs
-                    .remove_file(&clone_path(&vol.dir, index, hi))
+                    .remove_file(&clone_path(vol.odir(index), index, hi))
                     .map_err(io_err("removing an unused snapshot copy"))?;
                 st.clones.remove(&hi);
                 removed += 1;
@@ -747,9 +802,16 @@ impl ObjectStore {
                 self.drop_head_file(&mut st);
             }
             drop(objects);
+            for dir in vol.dirs.iter().filter(|d| **d != vol.meta) {
+                match self.fs.remove_dir_all(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(format!("removing {}", dir.display()))(e)),
+                }
+            }
             self.fs
-                .remove_dir_all(&vol.dir)
-                .map_err(io_err(format!("removing {}", vol.dir.display())))?;
+                .remove_dir_all(&vol.meta)
+                .map_err(io_err(format!("removing {}", vol.meta.display())))?;
         }
         Ok(())
     }
@@ -807,12 +869,12 @@ impl ObjectStore {
         let obj = Self::object(&vol, index, true).expect("created");
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
-        let tmp = vol.dir.join(format!("{index:016x}.{hi:016x}.tmp"));
+        let tmp = vol.odir(index).join(format!("{index:016x}.{hi:016x}.tmp"));
         write_whole(&*self.fs, &tmp, KIND_CLONE, version, hi, lo, false, data)?;
         self.fs
-            .rename(&tmp, &clone_path(&vol.dir, index, hi))
+            .rename(&tmp, &clone_path(vol.odir(index), index, hi))
             .map_err(io_err("installing a snapshot copy"))?;
-        sync_dir(&*self.fs, &vol.dir)?;
+        sync_dir(&*self.fs, vol.odir(index))?;
         st.clones.insert(hi, lo);
         Ok(())
     }
@@ -837,11 +899,11 @@ impl ObjectStore {
         let obj = Self::object(&vol, index, true).expect("created");
         let mut st = obj.state.write().unwrap();
         self.load(&vol, index, &mut st)?;
-        let tmp = vol.dir.join(format!("{index:016x}.resync"));
+        let tmp = vol.odir(index).join(format!("{index:016x}.resync"));
         write_whole(&*self.fs, &tmp, KIND_HEAD, version, seq, 0, absent, data)?;
         self.drop_head_file(&mut st);
         self.fs
-            .rename(&tmp, &head_path(&vol.dir, index))
+            .rename(&tmp, &head_path(vol.odir(index), index))
             .map_err(io_err("installing an object"))?;
         let extra: Vec<u64> = st
             .clones
@@ -851,11 +913,11 @@ impl ObjectStore {
             .collect();
         for hi in extra {
             self.fs
-                .remove_file(&clone_path(&vol.dir, index, hi))
+                .remove_file(&clone_path(vol.odir(index), index, hi))
                 .map_err(io_err("removing a snapshot copy the in-sync replicas lack"))?;
             st.clones.remove(&hi);
         }
-        sync_dir(&*self.fs, &vol.dir)?;
+        sync_dir(&*self.fs, vol.odir(index))?;
         st.replace_head(seq, version, absent);
         st.dirty = false;
         Ok(())
@@ -899,7 +961,7 @@ impl ObjectStore {
         if st.loaded {
             return Ok(());
         }
-        let head = head_path(&vol.dir, index);
+        let head = head_path(vol.odir(index), index);
         match self.fs.open(&head, Mode::ReadWrite) {
             Ok(f) if never_written(&*f) => {
                 // Created, then a power loss before its header reached the
@@ -947,7 +1009,7 @@ impl ObjectStore {
         }
         st.clones.clear();
         for hi in std::mem::take(&mut st.found_clones) {
-            let path = clone_path(&vol.dir, index, hi);
+            let path = clone_path(vol.odir(index), index, hi);
             let f = self
                 .fs
                 .open(&path, Mode::Read)
@@ -968,7 +1030,7 @@ impl ObjectStore {
         if let Some(f) = st.head.as_ref().and_then(|h| h.file.clone()) {
             return Ok(f);
         }
-        let path = head_path(&vol.dir, index);
+        let path = head_path(vol.odir(index), index);
         self.fs
             .open(&path, Mode::ReadWrite)
             .map_err(io_err(format!("opening {}", path.display())))
@@ -1002,7 +1064,7 @@ impl ObjectStore {
     ) -> Result<Arc<dyn FileIo>, StoreError> {
         match st.head.as_ref() {
             None => {
-                let path = head_path(&vol.dir, index);
+                let path = head_path(vol.odir(index), index);
                 let f = self
                     .fs
                     .open(&path, Mode::Create)
@@ -1065,15 +1127,15 @@ impl ObjectStore {
         let keep = if st.marked { FLAG_DIRTY } else { 0 };
         let file = self.head_file(vol, index, st)?;
         if !absent {
-            let clone = clone_path(&vol.dir, index, seq);
-            let tmp = vol.dir.join(format!("{index:016x}.{seq:016x}.tmp"));
+            let clone = clone_path(vol.odir(index), index, seq);
+            let tmp = vol.odir(index).join(format!("{index:016x}.{seq:016x}.tmp"));
             let c = copy_sparse(&*self.fs, &*file, &tmp)?;
             write_header(&*c, KIND_CLONE, version, seq, lo, 0)?;
             c.sync_data().map_err(io_err("preserving a snapshot"))?;
             self.fs
                 .rename(&tmp, &clone)
                 .map_err(io_err("preserving a snapshot"))?;
-            sync_dir(&*self.fs, &vol.dir)?;
+            sync_dir(&*self.fs, vol.odir(index))?;
             st.clones.insert(seq, lo);
         }
         // Durably: a head whose old sequence came back after a crash would
@@ -1095,6 +1157,15 @@ impl ObjectStore {
 }
 
 impl Vol {
+    /// The directory holding object `index`'s files.
+    fn odir(&self, index: u64) -> &Path {
+        let d = match self.found.get(&index) {
+            Some(d) => *d,
+            None => self.disks.pick(&self.name, index),
+        };
+        &self.dirs[d]
+    }
+
     /// The volume's objects as they are now (the map is not held while
     /// they are worked on).
     fn objects_now(&self) -> Vec<(u64, Arc<Obj>)> {
@@ -1106,32 +1177,66 @@ impl Vol {
             .collect()
     }
 
-    fn scan(fs: &dyn Fs, dir: PathBuf) -> Result<Self, StoreError> {
+    /// Indexes volume `name`'s objects on every disk (creating its
+    /// directory where missing) and reads its records from `root`.
+    fn scan(
+        fs: &dyn Fs,
+        root: &Path,
+        name: &str,
+        disks: &Arc<DiskSet>,
+    ) -> Result<Self, StoreError> {
         let mut objects = HashMap::new();
-        let entries = fs
-            .read_dir(&dir)
-            .map_err(io_err(format!("reading {}", dir.display())))?;
-        for (name, _) in entries {
-            if name.ends_with(".tmp") || name.ends_with(".rollback") || name.ends_with(".resync") {
-                // Left by a crash before the rename that would have made it count.
-                let _ = fs.remove_file(&dir.join(&name));
-                continue;
+        let mut found: HashMap<u64, usize> = HashMap::new();
+        let mut dirs = Vec::with_capacity(disks.disks.len());
+        for (d, disk) in disks.disks.iter().enumerate() {
+            let dir = disk.dir.join(name);
+            fs.create_dir_all(&dir)
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+            let entries = fs
+                .read_dir(&dir)
+                .map_err(io_err(format!("reading {}", dir.display())))?;
+            for (file, _) in entries {
+                if file.ends_with(".tmp")
+                    || file.ends_with(".rollback")
+                    || file.ends_with(".resync")
+                {
+                    // Left by a crash before the rename that would have made it count.
+                    let _ = fs.remove_file(&dir.join(&file));
+                    continue;
+                }
+                let parts: Vec<&str> = file.split('.').collect();
+                let (index, clone) = match parts.as_slice() {
+                    [idx, "head"] => (u64::from_str_radix(idx, 16), None),
+                    [idx, hi, "clone"] => (
+                        u64::from_str_radix(idx, 16),
+                        u64::from_str_radix(hi, 16).ok(),
+                    ),
+                    _ => continue,
+                };
+                let Ok(index) = index else { continue };
+                match found.get(&index) {
+                    Some(other) if *other != d => {
+                        return Err(StoreError::Invalid(format!(
+                            "object {index} of volume {name} has files on two disks ({} and {}); \
+                             remove this node's copy of the volume so it is copied again",
+                            disks.disks[*other].dir.display(),
+                            disk.dir.display()
+                        )));
+                    }
+                    _ => {
+                        found.insert(index, d);
+                    }
+                }
+                let state = objects.entry(index).or_insert_with(ObjState::default);
+                if let Some(hi) = clone {
+                    state.found_clones.push(hi);
+                }
             }
-            let parts: Vec<&str> = name.split('.').collect();
-            let (index, clone) = match parts.as_slice() {
-                [idx, "head"] => (u64::from_str_radix(idx, 16), None),
-                [idx, hi, "clone"] => (
-                    u64::from_str_radix(idx, 16),
-                    u64::from_str_radix(hi, 16).ok(),
-                ),
-                _ => continue,
-            };
-            let Ok(index) = index else { continue };
-            let state = objects.entry(index).or_insert_with(ObjState::default);
-            if let Some(hi) = clone {
-                state.found_clones.push(hi);
-            }
+            dirs.push(dir);
         }
+        // Only objects off their picked disk need remembering.
+        found.retain(|index, d| disks.pick(name, *index) != *d);
+        let dir = root.join(name);
         let objects = objects
             .into_iter()
             .map(|(i, state)| {
@@ -1152,7 +1257,11 @@ impl Vol {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         Ok(Self {
-            dir,
+            name: name.to_owned(),
+            meta: dir,
+            dirs,
+            disks: disks.clone(),
+            found,
             epoch: AtomicU64::new(epoch),
             map: AtomicU64::new(map),
             io: RwLock::new(()),

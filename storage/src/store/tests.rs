@@ -313,3 +313,155 @@ fn deleting_a_volume_removes_its_files() {
     assert!(s.read("v1", 3, None, 0, 1, 1).is_err());
     assert!(s.volumes().is_empty());
 }
+
+fn disk(root: &Path, id: &str, weight: u64) -> Disk {
+    Disk {
+        id: id.into(),
+        dir: root.join(id).join("store"),
+        weight,
+    }
+}
+
+/// Object files of volume `v1` in each disk's directory.
+fn files_on(d: &Disk) -> usize {
+    fs::read_dir(d.dir.join("v1"))
+        .map(|e| {
+            e.flatten()
+                .filter(|f| f.file_name().to_string_lossy().ends_with(".head"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn objects_spread_over_disks_by_weight_and_stay_found_when_disks_are_added() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("meta");
+    let (a, b) = (disk(tmp.path(), "disk-a", 1), disk(tmp.path(), "disk-b", 3));
+    let s = ObjectStore::open_on(&root, vec![a.clone(), b.clone()]).unwrap();
+    s.fence("v1", 1).unwrap();
+    for i in 0..400u64 {
+        s.write("v1", i, 0, &i.to_le_bytes(), 0, 1).unwrap();
+    }
+    s.flush("v1").unwrap();
+    let (on_a, on_b) = (files_on(&a), files_on(&b));
+    assert_eq!(on_a + on_b, 400);
+    // 1:3 by weight: a quarter on a, within a few percent.
+    assert!(
+        (80..=120).contains(&on_a),
+        "{on_a} of 400 on the light disk"
+    );
+    // The root keeps only the volume's records.
+    assert!(fs::read_dir(root.join("v1"))
+        .unwrap()
+        .flatten()
+        .all(|f| !f.file_name().to_string_lossy().ends_with(".head")));
+    drop(s);
+
+    // Opened on its root alone, the store finds its disks from its record.
+    let s = ObjectStore::open(&root).unwrap();
+    assert_eq!(s.epoch("v1"), 1);
+    assert_eq!(s.disk_dirs(), vec![a.dir.clone(), b.dir.clone()]);
+    for i in 0..400u64 {
+        assert_eq!(
+            s.read("v1", i, None, 0, 8, 1).unwrap().unwrap(),
+            i.to_le_bytes()
+        );
+    }
+    drop(s);
+
+    // A third disk: what was written stays where it is and reads back; new
+    // objects go to every disk, the new one among them.
+    let c = disk(tmp.path(), "disk-c", 4);
+    let s = ObjectStore::open_on(&root, vec![a.clone(), b.clone(), c.clone()]).unwrap();
+    for i in 0..400u64 {
+        assert_eq!(
+            s.read("v1", i, None, 0, 8, 1).unwrap().unwrap(),
+            i.to_le_bytes()
+        );
+        s.write("v1", i, 8, b"again", 0, 1).unwrap();
+    }
+    for i in 400..800u64 {
+        s.write("v1", i, 0, &i.to_le_bytes(), 0, 1).unwrap();
+    }
+    s.flush("v1").unwrap();
+    assert_eq!(files_on(&a) + files_on(&b) + files_on(&c), 800);
+    assert!(
+        files_on(&c) > 100,
+        "{} new objects on the new disk",
+        files_on(&c)
+    );
+    drop(s);
+    let s = ObjectStore::open(&root).unwrap();
+    for i in 0..800u64 {
+        assert_eq!(
+            s.read("v1", i, None, 0, 8, 1).unwrap().unwrap(),
+            i.to_le_bytes()
+        );
+    }
+    assert_eq!(s.read("v1", 7, None, 8, 5, 1).unwrap().unwrap(), b"again");
+    s.delete_volume("v1").unwrap();
+    assert!(!a.dir.join("v1").exists() && !c.dir.join("v1").exists());
+}
+
+#[test]
+fn a_missing_or_swapped_disk_stops_the_store_from_opening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("meta");
+    let (a, b) = (disk(tmp.path(), "disk-a", 1), disk(tmp.path(), "disk-b", 1));
+    let s = ObjectStore::open_on(&root, vec![a.clone(), b.clone()]).unwrap();
+    s.fence("v1", 1).unwrap();
+    s.write("v1", 0, 0, b"x", 0, 1).unwrap();
+    drop(s);
+    // Not given: refused, naming the disk and the way out.
+    let err = ObjectStore::open_on(&root, vec![a.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("disk-b") && err.contains("cluster remove"),
+        "{err}"
+    );
+    // Unmounted: its directory is empty, and it is not taken for a disk
+    // that holds nothing.
+    fs::rename(&b.dir, tmp.path().join("away")).unwrap();
+    fs::create_dir_all(&b.dir).unwrap();
+    let err = ObjectStore::open(&root).unwrap_err().to_string();
+    assert!(err.contains("disk-b") && err.contains("mounted"), "{err}");
+    let err = ObjectStore::open_on(&root, vec![a.clone(), b.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mounted"), "{err}");
+    // Another disk mounted in its place.
+    fs::write(b.dir.join(DISK_MARKER), "disk-z").unwrap();
+    let err = ObjectStore::open(&root).unwrap_err().to_string();
+    assert!(
+        err.contains("disk-z") && err.contains("another disk"),
+        "{err}"
+    );
+    fs::remove_dir_all(&b.dir).unwrap();
+    fs::rename(tmp.path().join("away"), &b.dir).unwrap();
+    let s = ObjectStore::open(&root).unwrap();
+    assert_eq!(s.read("v1", 0, None, 0, 1, 1).unwrap().unwrap(), b"x");
+}
+
+#[test]
+fn a_store_given_disks_keeps_reading_what_its_root_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("meta");
+    let s = ObjectStore::open(&root).unwrap();
+    s.fence("v1", 1).unwrap();
+    s.write("v1", 0, 0, b"old", 0, 1).unwrap();
+    s.flush("v1").unwrap();
+    drop(s);
+    let a = disk(tmp.path(), "disk-a", 1);
+    let s = ObjectStore::open_on(&root, vec![a.clone()]).unwrap();
+    assert_eq!(s.read("v1", 0, None, 0, 3, 1).unwrap().unwrap(), b"old");
+    s.write("v1", 1, 0, b"new", 0, 1).unwrap();
+    s.flush("v1").unwrap();
+    assert_eq!(files_on(&a), 1);
+    assert_eq!(s.disk_dirs(), vec![a.dir.clone()]);
+    drop(s);
+    let s = ObjectStore::open(&root).unwrap();
+    assert_eq!(s.read("v1", 0, None, 0, 3, 1).unwrap().unwrap(), b"old");
+    assert_eq!(s.read("v1", 1, None, 0, 3, 1).unwrap().unwrap(), b"new");
+}
