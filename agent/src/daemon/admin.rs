@@ -235,9 +235,10 @@ async fn execute(
             Ok(serde_json::json!({ "maintenance": on }))
         }
         AdminRequest::Setup { setup, wipe } => {
-            let plan = setup.plan(&wipe).map_err(anyhow::Error::msg)?;
+            let known = crate::daemon::disks::recorded(&agent.data_dir.root)?;
+            let plan = setup.plan(&wipe, &known).map_err(anyhow::Error::msg)?;
             progress("The setup is valid; applying it".into());
-            crate::daemon::setup::apply(&plan, progress).await?;
+            crate::daemon::setup::apply(&plan, &agent.data_dir.root, progress).await?;
             let path = crate::daemon::setup::path(&agent.data_dir.root);
             std::fs::write(&path, serde_json::to_vec_pretty(&setup)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;

@@ -6,6 +6,7 @@
 //! directory already holds a node configuration.
 
 pub mod admin;
+pub mod disks;
 pub mod logring;
 pub mod setup;
 
@@ -69,6 +70,7 @@ impl AgentOptions {
             storage_advertise: None,
             blocks: crate::reconcile::storage::BlockOptions {
                 dir: None,
+                disks: Vec::new(),
                 failure_domain: None,
                 nbd_listen: None,
                 run_dir: None,
@@ -211,6 +213,7 @@ fn advertised(explicit: &Option<String>, bound: SocketAddr) -> String {
 
 impl Agent {
     pub async fn start(options: AgentOptions) -> anyhow::Result<Arc<Agent>> {
+        options.blocks.check()?;
         let data_dir = options.data_dir.clone();
         std::fs::create_dir_all(data_dir.path()).with_context(|| {
             format!(
@@ -366,24 +369,41 @@ impl Agent {
         let listener = self.storage_listener.lock().expect("listener").take();
         match listener {
             Some(listener) => {
-                let blocks = crate::reconcile::storage::BlockStore::start(
-                    &node,
-                    listener,
-                    self.storage_addr.clone(),
-                    &self.block_options,
-                )
-                .await?;
-                tokio::spawn(crate::reconcile::operations::run(
-                    Arc::downgrade(&node),
-                    Arc::downgrade(&blocks),
-                ));
-                let _ = local.blocks.set(blocks);
-                if let Some(compute) = &self.compute {
-                    let _ = local.compute.set(compute.clone());
-                    tokio::spawn(crate::reconcile::compute::run(
-                        Arc::downgrade(&node),
-                        compute.clone(),
-                    ));
+                // Without its disks the node serves no block storage, but
+                // stays a member: its copies are made again elsewhere once
+                // it is declared out, and the error says how to get it back.
+                let mut options = self.block_options.clone();
+                let started = match crate::daemon::disks::mount_all(&self.data_dir.root) {
+                    Ok(disks) => {
+                        options.disks = disks;
+                        crate::reconcile::storage::BlockStore::start(
+                            &node,
+                            listener,
+                            self.storage_addr.clone(),
+                            &options,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(blocks) => {
+                        tokio::spawn(crate::reconcile::operations::run(
+                            Arc::downgrade(&node),
+                            Arc::downgrade(&blocks),
+                        ));
+                        let _ = local.blocks.set(blocks);
+                        if let Some(compute) = &self.compute {
+                            let _ = local.compute.set(compute.clone());
+                            tokio::spawn(crate::reconcile::compute::run(
+                                Arc::downgrade(&node),
+                                compute.clone(),
+                            ));
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        "this node serves no block storage and runs no VMs: {e:#}"
+                    ),
                 }
             }
             None => tracing::warn!(

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use futures_util::TryStreamExt as _;
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::disks::DiskRecord;
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSetup {
@@ -49,6 +51,10 @@ pub struct Plan {
     pub address: Option<(Ipv4Addr, u8)>,
     pub gateway: Option<Ipv4Addr>,
     pub wipe: Vec<PathBuf>,
+    /// New storage disks: a file system is made on each and mounted.
+    pub format: Vec<String>,
+    /// Storage disks this node already uses, left as they are.
+    pub kept: Vec<String>,
 }
 
 fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -121,8 +127,9 @@ fn has_data(disk: &str) -> std::io::Result<bool> {
 }
 
 impl NodeSetup {
-    /// Checks the whole setup against this machine; nothing changes.
-    pub fn plan(&self, wipe: &[String]) -> Result<Plan, String> {
+    /// Checks the whole setup against this machine, whose storage disks so
+    /// far are `known`; nothing changes.
+    pub fn plan(&self, wipe: &[String], known: &[DiskRecord]) -> Result<Plan, String> {
         if let Some(host) = &self.hostname {
             for label in host.split('.') {
                 crate::state::validate_name("host", label).map_err(|e| e.message)?;
@@ -177,9 +184,34 @@ impl NodeSetup {
                     .map_err(|_| format!("DNS server {dns:?} is not an IP address"))?;
             }
         }
+        // Disks already this node's storage disks hold its objects: they are
+        // kept as they are (never wiped), and none may be taken back.
+        let ours: Vec<(&String, DiskRecord)> = self
+            .storage_disks
+            .iter()
+            .filter_map(|d| crate::daemon::disks::is_ours(d, known).map(|r| (d, r)))
+            .collect();
+        if let Some(gone) = known
+            .iter()
+            .find(|k| !ours.iter().any(|(_, r)| r.uuid == k.uuid))
+        {
+            return Err(format!(
+                "{} is a storage disk of this node (file system {}) and holds its objects; list it \
+                 again with --storage-disk. A storage disk cannot be taken back from a node: \
+                 remove the node from the cluster (`allod cluster remove`) to free its disks",
+                gone.device, gone.uuid
+            ));
+        }
+        let kept: Vec<String> = ours.iter().map(|(d, _)| (*d).clone()).collect();
         let in_use = disks_in_use();
         let mut wiped = Vec::new();
-        for device in self.storage_disks.iter().chain(wipe) {
+        let mut format = Vec::new();
+        for device in self
+            .storage_disks
+            .iter()
+            .chain(wipe)
+            .filter(|d| !kept.contains(d))
+        {
             let disk = device.strip_prefix("/dev/").unwrap_or(device);
             if !Path::new("/sys/block").join(disk).exists() {
                 return Err(format!("{device} is not a whole disk on this machine"));
@@ -195,8 +227,12 @@ impl NodeSetup {
                 return Err(format!("--wipe {device}: wipe only a disk given to Allod"));
             }
         }
-        for device in &self.storage_disks {
+        for device in self.storage_disks.iter().filter(|d| !kept.contains(d)) {
             let disk = device.strip_prefix("/dev/").unwrap_or(device);
+            if format.contains(device) {
+                return Err(format!("{device} is listed twice"));
+            }
+            format.push(device.clone());
             if wipe.contains(device) {
                 wiped.push(Path::new("/dev").join(disk));
             } else if has_data(disk).map_err(|e| format!("cannot read {device}: {e}"))? {
@@ -211,6 +247,8 @@ impl NodeSetup {
             address,
             gateway,
             wipe: wiped,
+            format,
+            kept,
         })
     }
 }
@@ -228,8 +266,13 @@ fn wipe(device: &Path) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Applies a validated plan; says what it did, step by step.
-pub async fn apply(plan: &Plan, progress: &(dyn Fn(String) + Send + Sync)) -> anyhow::Result<()> {
+/// Applies a validated plan; says what it did, step by step. Storage disks
+/// are recorded in `data_dir`.
+pub async fn apply(
+    plan: &Plan,
+    data_dir: &Path,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> anyhow::Result<()> {
     if let Some(host) = &plan.hostname {
         nix::unistd::sethostname(host)?;
         progress(format!("Host name set to {host}"));
@@ -280,6 +323,24 @@ pub async fn apply(plan: &Plan, progress: &(dyn Fn(String) + Send + Sync)) -> an
         wipe(device)?;
         progress(format!("Wiped {}", device.display()));
     }
+    for device in &plan.kept {
+        progress(format!(
+            "{device} is already a storage disk of this node; kept as it is"
+        ));
+    }
+    for device in &plan.format {
+        progress(format!("Making a file system on {device}"));
+        let data_dir = data_dir.to_owned();
+        let dev = device.clone();
+        let disk =
+            tokio::task::spawn_blocking(move || crate::daemon::disks::prepare(&data_dir, &dev))
+                .await??;
+        progress(format!(
+            "{device} is storage disk {} ({} MiB); the block store takes it into use when it next starts",
+            disk.uuid,
+            disk.capacity_bytes >> 20
+        ));
+    }
     Ok(())
 }
 
@@ -308,9 +369,9 @@ mod tests {
     #[test]
     fn plans_refuse_bad_input_with_the_reason() {
         assert!(static_setup("10.0.0.7/24", Some("10.0.0.1"))
-            .plan(&[])
+            .plan(&[], &[])
             .is_ok());
-        let error = |s: NodeSetup| s.plan(&[]).unwrap_err();
+        let error = |s: NodeSetup| s.plan(&[], &[]).unwrap_err();
         assert!(error(static_setup("10.0.0.7", None)).contains("prefix length"));
         assert!(
             error(static_setup("10.0.0.7/24", Some("10.0.1.1"))).contains("not another address")
@@ -339,5 +400,16 @@ mod tests {
             ..NodeSetup::default()
         };
         assert!(error(missing).contains("not a whole disk"));
+        // A storage disk the node uses cannot be left out.
+        let known = [DiskRecord {
+            uuid: "0f0e0d0c-0b0a-0908-0706-050403020100".into(),
+            device: "/dev/sdz".into(),
+            capacity_bytes: 1 << 30,
+        }];
+        let message = NodeSetup::default().plan(&[], &known).unwrap_err();
+        assert!(
+            message.contains("/dev/sdz") && message.contains("cannot be taken back"),
+            "{message}"
+        );
     }
 }

@@ -23,8 +23,11 @@ pub mod recovery;
 /// How the block store is set up on this node.
 #[derive(Debug, Clone)]
 pub struct BlockOptions {
-    /// Where objects live (default `DATA_DIR/storage`).
+    /// Where the store keeps volumes' records, and their objects when the
+    /// node has no storage disks (default `DATA_DIR/storage`).
     pub dir: Option<PathBuf>,
+    /// The node's storage disks, mounted (see `daemon::disks`).
+    pub disks: Vec<storage::store::Disk>,
     /// Replicas go to distinct failure domains first (default: the node name).
     pub failure_domain: Option<String>,
     /// NBD on TCP: refused at start (see [`BlockStore::start`]); kept so the
@@ -194,6 +197,20 @@ pub enum BlockError {
     Unavailable(String),
 }
 
+impl BlockOptions {
+    /// Refuses options no block store may start with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(addr) = &self.nbd_listen {
+            anyhow::bail!(
+                "--nbd-listen {addr}: NBD over plain TCP is refused, since it would carry tenant disks \
+                 unencrypted; reach a volume through this node's NBD socket with a credential from \
+                 `allod volume export` (over SSH from elsewhere), and leave --nbd-listen out"
+            );
+        }
+        Ok(())
+    }
+}
+
 impl BlockStore {
     /// Opens the store, starts serving it and NBD, and starts the task that
     /// keeps this node's registration, peer addresses and open volumes
@@ -210,7 +227,7 @@ impl BlockStore {
             .clone()
             .unwrap_or_else(|| node.data_dir.path().join("storage"));
         let store = Arc::new(
-            ObjectStore::open(&dir)
+            ObjectStore::open_on(&dir, options.disks.clone())
                 .with_context(|| format!("cannot open the block store in {}", dir.display()))?,
         );
         {
@@ -254,13 +271,6 @@ impl BlockStore {
             Peers::new(client_tls),
             Arc::new(AgentReplicaSets(Arc::downgrade(node))),
         );
-        if let Some(addr) = &options.nbd_listen {
-            anyhow::bail!(
-                "--nbd-listen {addr}: NBD over plain TCP is refused, since it would carry tenant disks \
-                 unencrypted; reach a volume through this node's NBD socket with a credential from \
-                 `allod volume export` (over SSH from elsewhere), and leave --nbd-listen out"
-            );
-        }
         let nbd_socket = nbd_socket_path(options.run_dir.as_deref(), node)?;
         let _ = std::fs::remove_file(&nbd_socket);
         let unix = tokio::net::UnixListener::bind(&nbd_socket)
@@ -734,7 +744,13 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
             b.storage.peers.set_addresses(addrs);
             // Registration and use, reported when they change (use: at most
             // once a minute).
-            let (capacity, free) = disk_space(b.storage.store.root());
+            let (capacity, free) = b
+                .storage
+                .store
+                .disk_dirs()
+                .iter()
+                .map(|d| disk_space(d))
+                .fold((0, 0), |(c, f), (dc, df)| (c + dc, f + df));
             let mine = NodeStorage {
                 addr: b.addr.clone(),
                 capacity_bytes: capacity,

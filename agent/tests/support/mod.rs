@@ -21,6 +21,9 @@ pub struct Cluster {
     /// (api, peer) ports of each node, kept across restarts.
     ports: Vec<(u16, u16)>,
     extra: Vec<String>,
+    /// Agents run in mount namespaces of their own (what they mount
+    /// goes away with them).
+    private_mounts: bool,
 }
 
 impl Drop for Cluster {
@@ -40,13 +43,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(dir: &Path, name: &str, ports: (u16, u16), extra: &[String]) -> Child {
+fn spawn(
+    dir: &Path,
+    name: &str,
+    ports: (u16, u16),
+    extra: &[String],
+    private_mounts: bool,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))
         .unwrap();
-    Command::new(BIN)
+    let mut command = if private_mounts {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    command
         .args(["agent", "--data-dir", dir.to_str().unwrap(), "--name", name])
         .args(["--api-listen", &format!("127.0.0.1:{}", ports.0)])
         .args(["--peer-listen", &format!("127.0.0.1:{}", ports.1)])
@@ -78,6 +94,18 @@ impl Cluster {
 
     /// `count` agents with `extra` flags, joined into one cluster.
     pub async fn start_nodes(count: usize, extra: &[&str]) -> Self {
+        Self::start_prepared(count, extra, false, |_, _| {}).await
+    }
+
+    /// Like [`Cluster::start_nodes`], with `prepare(i, data_dir)` run once
+    /// each agent is up and before it joins (e.g. `allod node setup`),
+    /// and agents in mount namespaces of their own if `private_mounts`.
+    pub async fn start_prepared(
+        count: usize,
+        extra: &[&str],
+        private_mounts: bool,
+        prepare: impl Fn(usize, &Path),
+    ) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let tmp = tempfile::tempdir().unwrap();
         let mut dirs = Vec::new();
@@ -87,11 +115,12 @@ impl Cluster {
             let dir = tmp.path().join(format!("n{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             let p = (free_port(), free_port());
-            children.push(spawn(&dir, &format!("n{i}"), p, &extra));
+            children.push(spawn(&dir, &format!("n{i}"), p, &extra, private_mounts));
             ports.push(p);
             let sock = dir.join("admin.sock");
             crate::common::wait_for("admin socket", Duration::from_secs(20), || sock.exists())
                 .await;
+            prepare(i - 1, &dir);
             dirs.push(dir);
         }
         let d = |i: usize| dirs[i].to_str().unwrap().to_string();
@@ -132,6 +161,7 @@ impl Cluster {
             env,
             ports,
             extra,
+            private_mounts,
         };
         cluster.wait_for_block_stores(count).await;
         cluster
@@ -143,8 +173,13 @@ impl Cluster {
         let dir = self.tmp.path().join(format!("n{}", i + 1));
         std::fs::create_dir_all(&dir).unwrap();
         let p = (free_port(), free_port());
-        self.children
-            .push(spawn(&dir, &format!("n{}", i + 1), p, &self.extra));
+        self.children.push(spawn(
+            &dir,
+            &format!("n{}", i + 1),
+            p,
+            &self.extra,
+            self.private_mounts,
+        ));
         self.ports.push(p);
         let sock = dir.join("admin.sock");
         crate::common::wait_for("admin socket", Duration::from_secs(20), || sock.exists()).await;
@@ -202,6 +237,7 @@ impl Cluster {
             &format!("n{}", i + 1),
             self.ports[i],
             &self.extra,
+            self.private_mounts,
         );
     }
 
