@@ -225,7 +225,21 @@ impl<'a> In<'a> {
 
 const NO_SNAP: u64 = u64::MAX;
 
+/// Reads at least this long travel as bulk (see [`Request::is_bulk`]).
+pub const BULK_READ: u32 = 1 << 20;
+
 impl Request {
+    /// Whether the request moves a whole object (recovery's copies, large
+    /// reads): such requests travel on a connection of their own, so
+    /// tenants' small I/O never queues behind them.
+    pub fn is_bulk(&self) -> bool {
+        match self {
+            Request::PutHead { .. } | Request::PutClone { .. } => true,
+            Request::Read { len, .. } => *len >= BULK_READ,
+            _ => false,
+        }
+    }
+
     /// The whole frame, length prefix included.
     pub fn encode(&self, id: u64) -> Vec<u8> {
         match self {

@@ -380,8 +380,16 @@ pub struct PeerError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
+type Outbox = mpsc::UnboundedSender<(u64, Vec<u8>, oneshot::Sender<Response>)>;
+
+/// Two TLS connections to one node, made and lost together: one for
+/// tenants' I/O, one for whole objects (recovery copies, see
+/// [`Request::is_bulk`]), so a small write never waits behind a 4 MiB
+/// frame on the same stream.
 struct Conn {
-    tx: mpsc::UnboundedSender<(u64, Vec<u8>, oneshot::Sender<Response>)>,
+    tx: Outbox,
+    bulk: Outbox,
+    /// Both lanes are alive (either failing ends both).
     alive: Arc<AtomicBool>,
     /// Which connection to its node this is (1, 2, ...): a writer that sees
     /// it change knows the peer may have restarted in between.
@@ -435,7 +443,8 @@ impl Peers {
         let conn = self.connection(node).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
-        if conn.tx.send((id, req.encode(id), done)).is_err() {
+        let lane = if req.is_bulk() { &conn.bulk } else { &conn.tx };
+        if lane.send((id, req.encode(id), done)).is_err() {
             conn.alive.store(false, Ordering::Release);
             return Err(err("connection closed".into()));
         }
@@ -465,22 +474,39 @@ impl Peers {
             message: "its storage address is not known yet".into(),
         })?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(connect(&addr, self.tls.clone(), generation).await.map_err(
-            |message| PeerError {
-                node,
-                message: format!("cannot connect to {addr}: {message}"),
-            },
-        )?);
+        let alive = Arc::new(AtomicBool::new(true));
+        let failed = |message| PeerError {
+            node,
+            message: format!("cannot connect to {addr}: {message}"),
+        };
+        let tx = connect(&addr, self.tls.clone(), alive.clone())
+            .await
+            .map_err(failed)?;
+        let bulk = match connect(&addr, self.tls.clone(), alive.clone()).await {
+            Ok(bulk) => bulk,
+            Err(message) => {
+                alive.store(false, Ordering::Release);
+                return Err(failed(message));
+            }
+        };
+        let conn = Arc::new(Conn {
+            tx,
+            bulk,
+            alive,
+            generation,
+        });
         *slot = Some(conn.clone());
         Ok(conn)
     }
 }
 
+/// One TLS connection to `addr`; it marks `alive` false when it fails, and
+/// stops when it finds it false.
 async fn connect(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
-    generation: u64,
-) -> Result<Conn, String> {
+    alive: Arc<AtomicBool>,
+) -> Result<Outbox, String> {
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
@@ -502,7 +528,6 @@ async fn connect(
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Vec<u8>, oneshot::Sender<Response>)>();
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-    let alive = Arc::new(AtomicBool::new(true));
     let (p, a) = (pending.clone(), alive.clone());
     tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -526,10 +551,16 @@ async fn connect(
         }
         a.store(false, Ordering::Release);
         p.lock().unwrap().clear();
+        // Closing tells the peer, whose end then closes and so ends the
+        // reading task too.
+        let _ = wr.shutdown().await;
     });
-    let (p, a) = (pending, alive.clone());
+    let (p, a) = (pending, alive);
     tokio::spawn(async move {
         loop {
+            if !a.load(Ordering::Acquire) {
+                break;
+            }
             let body = match read_frame(&mut rd).await {
                 Ok(Some(b)) => b,
                 _ => break,
@@ -545,11 +576,7 @@ async fn connect(
         // Dropping the senders tells every waiting caller the connection is gone.
         p.lock().unwrap().clear();
     });
-    Ok(Conn {
-        tx,
-        alive,
-        generation,
-    })
+    Ok(tx)
 }
 
 #[cfg(test)]
