@@ -214,6 +214,38 @@ impl PeerGate for CaSignatureOnly {
     }
 }
 
+/// The ALPN protocol of storage connections carrying tenants' I/O.
+pub const ALPN: &[u8] = b"allod-storage/1";
+/// The ALPN protocol of storage connections carrying whole objects (see
+/// [`Request::is_bulk`]): served on [`bulk_runtime`]'s threads.
+pub const BULK_ALPN: &[u8] = b"allod-storage-bulk/1";
+
+/// Threads for whole-object transfers, at the lowest CPU priority (nice
+/// 19): when the node is busy, tenants' I/O runs first and recovery gets
+/// what is left, instead of the two sharing the cores evenly.
+pub fn bulk_runtime() -> &'static tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("allod-bulk")
+                .enable_all()
+                .on_thread_start(|| {
+                    // SAFETY: setpriority takes plain integers; with `who`
+                    // 0 it changes only the calling thread on Linux (nice
+                    // is per thread there).
+                    let r = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 19) };
+                    if r != 0 {
+                        tracing::debug!("cannot lower a bulk thread's priority");
+                    }
+                })
+                .build()
+                .expect("cannot start the bulk transfer threads")
+        })
+        .handle()
+}
+
 /// Accepts storage connections (mutual TLS with the cluster CA, then the
 /// gate's word on the client's certificate) until the listener fails.
 pub async fn serve(
@@ -256,8 +288,16 @@ pub async fn serve(
                         tracing::warn!("storage connection from {from} refused: {why}");
                         return;
                     }
-                    if let Err(e) = serve_gated(tls, store, Some(admitted)).await {
-                        tracing::info!("storage connection from {from} closed: {e}");
+                    let bulk = tls.get_ref().1.alpn_protocol() == Some(BULK_ALPN);
+                    let served = async move {
+                        if let Err(e) = serve_gated(tls, store, Some(admitted)).await {
+                            tracing::info!("storage connection from {from} closed: {e}");
+                        }
+                    };
+                    if bulk {
+                        bulk_runtime().spawn(served);
+                    } else {
+                        served.await;
                     }
                 }
                 Ok(Err(e)) => tracing::info!("storage connection from {from} refused: {e}"),
@@ -403,6 +443,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 /// to the others.
 pub struct Peers {
     tls: Arc<rustls::ClientConfig>,
+    /// `tls` asking for [`BULK_ALPN`] (when `tls` asks for an ALPN at all).
+    bulk_tls: Arc<rustls::ClientConfig>,
     addrs: RwLock<HashMap<u64, String>>,
     conns: Mutex<HashMap<u64, Slot>>,
     next_id: AtomicU64,
@@ -411,8 +453,16 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        let bulk_tls = if tls.alpn_protocols.is_empty() {
+            tls.clone()
+        } else {
+            let mut c = (*tls).clone();
+            c.alpn_protocols = vec![BULK_ALPN.to_vec()];
+            Arc::new(c)
+        };
         Self {
             tls,
+            bulk_tls,
             addrs: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -479,10 +529,12 @@ impl Peers {
             node,
             message: format!("cannot connect to {addr}: {message}"),
         };
-        let tx = connect(&addr, self.tls.clone(), alive.clone())
+        let tx = connect(&addr, self.tls.clone(), alive.clone(), None)
             .await
             .map_err(failed)?;
-        let bulk = match connect(&addr, self.tls.clone(), alive.clone()).await {
+        let bulk = match connect(&addr, self.bulk_tls.clone(), alive.clone(), Some(bulk_runtime()))
+            .await
+        {
             Ok(bulk) => bulk,
             Err(message) => {
                 alive.store(false, Ordering::Release);
@@ -500,13 +552,21 @@ impl Peers {
     }
 }
 
-/// One TLS connection to `addr`; it marks `alive` false when it fails, and
-/// stops when it finds it false.
+/// One TLS connection to `addr`, its tasks on `runtime` (else the
+/// caller's); it marks `alive` false when it fails, and stops when it finds
+/// it false.
 async fn connect(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
     alive: Arc<AtomicBool>,
+    runtime: Option<&tokio::runtime::Handle>,
 ) -> Result<Outbox, String> {
+    let spawn = |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        match runtime {
+            Some(r) => drop(r.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
+    };
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
@@ -529,7 +589,7 @@ async fn connect(
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Vec<u8>, oneshot::Sender<Response>)>();
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let (p, a) = (pending.clone(), alive.clone());
-    tokio::spawn(async move {
+    spawn(Box::pin(async move {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         'outer: while let Some((id, frame, done)) = rx.recv().await {
             if !a.load(Ordering::Acquire) {
@@ -554,9 +614,9 @@ async fn connect(
         // Closing tells the peer, whose end then closes and so ends the
         // reading task too.
         let _ = wr.shutdown().await;
-    });
+    }));
     let (p, a) = (pending, alive);
-    tokio::spawn(async move {
+    spawn(Box::pin(async move {
         loop {
             if !a.load(Ordering::Acquire) {
                 break;
@@ -575,7 +635,7 @@ async fn connect(
         a.store(false, Ordering::Release);
         // Dropping the senders tells every waiting caller the connection is gone.
         p.lock().unwrap().clear();
-    });
+    }));
     Ok(tx)
 }
 

@@ -236,10 +236,10 @@ impl BlockStore {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("cannot restrict the block store {}", dir.display()))?;
         }
-        let alpn = b"allod-storage/1".to_vec();
+        let alpn = transport::ALPN.to_vec();
         let server_tls = {
             let mut c = (*node.tls.peer_server_config()?).clone();
-            c.alpn_protocols = vec![alpn.clone()];
+            c.alpn_protocols = vec![alpn.clone(), transport::BULK_ALPN.to_vec()];
             Arc::new(c)
         };
         let client_tls = {
