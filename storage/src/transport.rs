@@ -532,8 +532,13 @@ impl Peers {
         let tx = connect(&addr, self.tls.clone(), alive.clone(), None)
             .await
             .map_err(failed)?;
-        let bulk = match connect(&addr, self.bulk_tls.clone(), alive.clone(), Some(bulk_runtime()))
-            .await
+        let bulk = match connect(
+            &addr,
+            self.bulk_tls.clone(),
+            alive.clone(),
+            Some(bulk_runtime()),
+        )
+        .await
         {
             Ok(bulk) => bulk,
             Err(message) => {
@@ -561,12 +566,11 @@ async fn connect(
     alive: Arc<AtomicBool>,
     runtime: Option<&tokio::runtime::Handle>,
 ) -> Result<Outbox, String> {
-    let spawn = |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
-        match runtime {
+    let spawn =
+        |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| match runtime {
             Some(r) => drop(r.spawn(task)),
             None => drop(tokio::spawn(task)),
-        }
-    };
+        };
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
