@@ -282,6 +282,14 @@ async fn volumes_snapshots_clones_and_images_across_three_nodes() {
 async fn a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when_it_returns(
     c: &mut Cluster,
 ) {
+    // What the volume holds after the writes made while a node is down.
+    const WRITTEN: [&str; 5] = [
+        "read -P 0x62 0 1M",
+        "read -P 0x61 1M 3M",
+        "read -P 0x63 4M 1M",
+        "read -P 0x61 5M 3M",
+        "read -P 0x64 8M 1M",
+    ];
     let v = c.json(&[
         "volume",
         "create",
@@ -330,9 +338,15 @@ async fn a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when
     // go on with two in-sync copies, acknowledged within a bounded time.
     let dead = c.node_id(2);
     c.kill(2);
+    // Slow, so that the resync below is seen at work.
+    c.allod_ok(&["storage", "config", "--recovery-rate", "1M"]);
     let started = Instant::now();
     qemu_io(&c.uri(0, &id), &["write -P 0x62 0 1M", "flush"]);
     let took = started.elapsed();
+    qemu_io(
+        &c.uri(0, &id),
+        &["write -P 0x63 4M 1M", "write -P 0x64 8M 1M", "flush"],
+    );
     assert!(
         took < Duration::from_secs(10),
         "a write with one replica down took {took:?}"
@@ -358,26 +372,34 @@ async fn a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when
     let s = c.json(&["volume", "show", "strict", "--project", "p"]);
     assert_eq!(s["state"], "degraded", "{s}");
     // Another node takes over as writer and reads what was acknowledged.
-    qemu_io(&c.uri(1, &id), &["read -P 0x62 0 1M", "read -P 0x61 1M 7M"]);
+    qemu_io(&c.uri(1, &id), &WRITTEN);
 
     // The node returns with its old copies. A read through it never sees
     // them: it is not in sync, so it reads from the replicas that are,
     // until its resync brings it back.
     c.restart(2);
+    // The resync is a job with its progress: three objects (4 MiB each)
+    // changed while the node was away, paced at 1 MiB/s.
+    wait_for("the resync job", Duration::from_secs(60), || {
+        let s = c.json(&["storage", "status"]);
+        s["jobs"].as_array().unwrap().iter().any(|j| {
+            j["volume"] == id.as_str()
+                && j["kind"] == "resync"
+                && j["total_bytes"] == 3 * (4u64 << 20)
+                && j["done_bytes"].as_u64().unwrap() <= 3 * (4u64 << 20)
+        })
+    })
+    .await;
+    c.allod_ok(&["storage", "config", "--recovery-rate", "200M"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0x62 0 1M",
-                "-c",
-                "read -P 0x61 1M 7M",
-                &c.uri(2, &id),
-            ])
-            .output()
-            .unwrap();
+        let mut args = vec!["-f", "raw"];
+        for r in WRITTEN {
+            args.extend(["-c", r]);
+        }
+        let uri = c.uri(2, &id);
+        args.push(&uri);
+        let out = Command::new("qemu-io").args(args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -400,10 +422,10 @@ async fn a_replica_node_killed_with_sigkill_leaves_writes_going_and_resyncs_when
     )
     .await;
     // Now its own copy is read (local first) and holds the new data.
-    qemu_io(&c.uri(2, &id), &["read -P 0x62 0 1M", "read -P 0x61 1M 7M"]);
+    qemu_io(&c.uri(2, &id), &WRITTEN);
     let store = ObjectStore::open(&c.dirs[2].join("storage")).unwrap();
     let here = store.list(&id).unwrap();
-    assert_eq!(here.iter().filter(|o| o.head).count(), 2, "{here:?}");
+    assert_eq!(here.iter().filter(|o| o.head).count(), 3, "{here:?}");
     // The strict volume resyncs too and takes writes again.
     wait_for(
         "the strict volume in sync again",

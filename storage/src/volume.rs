@@ -28,6 +28,7 @@
 //!   then it rejoins the in-sync set.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use futures_util::future::{join_all, BoxFuture};
@@ -1161,8 +1162,9 @@ impl VolumeHandle {
 
     /// Brings the replica on `node` back into sync: fences it, copies every
     /// object placed on it that differs from an in-sync replica's (while
-    /// writes go on), then records it in sync. Returns the objects copied.
-    pub async fn resync(&self, node: u64) -> Result<usize, IoError> {
+    /// writes go on), then records it in sync. Returns the objects copied;
+    /// `progress` counts the bytes of the objects looked at and copied.
+    pub async fn resync(&self, node: u64, progress: &Progress) -> Result<usize, IoError> {
         self.activate().await?;
         let spec = self.spec();
         if self.in_sync().contains(&node) {
@@ -1195,7 +1197,7 @@ impl VolumeHandle {
                 failed: false,
             });
         }
-        let copied = match self.copy_all(&spec, node).await {
+        let copied = match self.copy_all(&spec, node, progress).await {
             Ok(n) => n,
             Err(e) => {
                 self.replicas.lock().unwrap().repair = None;
@@ -1268,7 +1270,12 @@ impl VolumeHandle {
     /// Lists every object the in-sync replicas or the returning one hold
     /// and placed on the node, marks them pending (writes skip the node for
     /// them until they are copied), and copies those that differ.
-    async fn copy_all(&self, spec: &VolumeSpec, node: u64) -> Result<usize, IoError> {
+    async fn copy_all(
+        &self,
+        spec: &VolumeSpec,
+        node: u64,
+        progress: &Progress,
+    ) -> Result<usize, IoError> {
         let mut sources = self.in_sync();
         sources.push(node);
         let lists = join_all(sources.iter().map(|n| {
@@ -1291,7 +1298,10 @@ impl VolumeHandle {
         if let Some(p) = self.replicas.lock().unwrap().repair.as_mut() {
             p.pending.extend(indexes.iter().copied());
         }
-        self.copy_pending(spec, node, &indexes).await
+        progress
+            .total_bytes
+            .fetch_add(indexes.len() as u64 * spec.object_size, Ordering::Relaxed);
+        self.copy_pending(spec, node, &indexes, progress).await
     }
 
     async fn copy_pending(
@@ -1299,6 +1309,7 @@ impl VolumeHandle {
         spec: &VolumeSpec,
         node: u64,
         indexes: &BTreeSet<u64>,
+        progress: &Progress,
     ) -> Result<usize, IoError> {
         let mut copied = 0;
         for index in indexes {
@@ -1334,6 +1345,14 @@ impl VolumeHandle {
             }
             if let Some(p) = self.replicas.lock().unwrap().repair.as_mut() {
                 p.pending.remove(index);
+            }
+            progress
+                .done_bytes
+                .fetch_add(spec.object_size, Ordering::Relaxed);
+            if copy {
+                progress
+                    .copied_bytes
+                    .fetch_add(spec.object_size, Ordering::Relaxed);
             }
             // Paced with the object's writes let through.
             drop(_exclusive);

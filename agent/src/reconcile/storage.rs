@@ -472,9 +472,12 @@ impl BlockStore {
         let _turn = self.resync_turn.lock().await;
         let spec = self.spec(v).map_err(|e| e.to_string())?;
         let handle = self.storage.open(spec);
-        let (_job, _) = self.recovery.job(&v.id, "resync");
+        let (_job, progress) = self.recovery.job(&v.id, "resync");
         for node in &v.out_of_sync {
-            let copied = handle.resync(*node).await.map_err(|e| e.to_string())?;
+            let copied = handle
+                .resync(*node, &progress)
+                .await
+                .map_err(|e| e.to_string())?;
             tracing::info!(volume = %v.id, "node {node} resynced: {copied} objects copied");
         }
         Ok(())
