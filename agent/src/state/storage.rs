@@ -29,12 +29,51 @@ pub const PREFIX_STORAGE_JOBS: &str = "storage/jobs/";
 pub struct StorageConfig {
     /// Seconds a node may stay down before it is declared out and every
     /// object it held gets a new replica elsewhere.
+    #[schema(minimum = 1, maximum = 31_536_000)]
     pub down_out_after_s: u64,
     /// Bytes a second each node may copy for recovery and rebalancing
     /// (0: unlimited).
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub recovery_rate_bytes: u64,
     /// Seconds between two deep scrubs of a replica.
+    #[schema(minimum = 60, maximum = 31_536_000)]
     pub scrub_interval_s: u64,
+}
+
+/// The longest `down_out_after` and `scrub_interval`: a year.
+pub const MAX_INTERVAL_S: u64 = 365 * 86_400;
+/// The highest recovery rate other than unlimited (1 TiB/s).
+pub const MAX_RECOVERY_RATE: u64 = 1 << 40;
+
+impl StorageConfig {
+    /// What is wrong with these settings, said so an operator can fix it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.down_out_after_s == 0 || self.down_out_after_s > MAX_INTERVAL_S {
+            return Err(format!(
+                "down_out_after {} s is out of range: give from one second to a year (e.g. --down-out-after 10m)",
+                self.down_out_after_s
+            ));
+        }
+        if self.recovery_rate_bytes != 0 && self.recovery_rate_bytes < 1 << 20 {
+            return Err(format!(
+                "recovery_rate {} bytes a second would take days to heal a disk; give at least 1M (e.g. --recovery-rate 200M), or 0 for unlimited",
+                self.recovery_rate_bytes
+            ));
+        }
+        if self.recovery_rate_bytes > MAX_RECOVERY_RATE {
+            return Err(format!(
+                "recovery_rate {} bytes a second is more than any node can copy; give at most 1T, or 0 for unlimited",
+                self.recovery_rate_bytes
+            ));
+        }
+        if self.scrub_interval_s < 60 || self.scrub_interval_s > MAX_INTERVAL_S {
+            return Err(format!(
+                "scrub_interval {} s is out of range: give from a minute to a year (e.g. --scrub-interval 7d)",
+                self.scrub_interval_s
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for StorageConfig {
@@ -102,10 +141,13 @@ pub struct StorageJob {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StorageConfigChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 31_536_000)]
     pub down_out_after_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub recovery_rate_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 60, maximum = 31_536_000)]
     pub scrub_interval_s: Option<u64>,
 }
 
@@ -123,26 +165,8 @@ pub(super) fn set_storage_config(
     if let Some(v) = change.scrub_interval_s {
         config.scrub_interval_s = v;
     }
-    if config.down_out_after_s == 0 {
-        return Ok(Err(domain(
-            ErrorCode::InvalidArgument,
-            "down_out_after must be at least one second (e.g. --down-out-after 10m)",
-        )));
-    }
-    if config.recovery_rate_bytes != 0 && config.recovery_rate_bytes < 1 << 20 {
-        return Ok(Err(domain(
-            ErrorCode::InvalidArgument,
-            format!(
-                "recovery_rate {} bytes a second would take days to heal a disk; give at least 1M (e.g. --recovery-rate 200M), or 0 for unlimited",
-                config.recovery_rate_bytes
-            ),
-        )));
-    }
-    if config.scrub_interval_s < 60 {
-        return Ok(Err(domain(
-            ErrorCode::InvalidArgument,
-            "scrub_interval must be at least a minute (e.g. --scrub-interval 7d)",
-        )));
+    if let Err(why) = config.check() {
+        return Ok(Err(domain(ErrorCode::InvalidArgument, why)));
     }
     put_json(kv, KEY_STORAGE_CONFIG, &config)?;
     Ok(Ok(serde_json::to_value(&config).expect("serialisable")))
@@ -549,5 +573,33 @@ impl Stewards<'_> {
             .iter()
             .map(|n| n.node)
             .find(|n| self.states.get(n) == Some(&StorageNodeState::In)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_settings_out_of_range_are_refused_with_the_range() {
+        assert_eq!(StorageConfig::default().check(), Ok(()));
+        let with = |f: fn(&mut StorageConfig)| {
+            let mut c = StorageConfig::default();
+            f(&mut c);
+            c.check()
+        };
+        assert_eq!(with(|c| c.recovery_rate_bytes = 0), Ok(()));
+        assert_eq!(with(|c| c.recovery_rate_bytes = MAX_RECOVERY_RATE), Ok(()));
+        for (bad, words) in [
+            (with(|c| c.recovery_rate_bytes = 1000), "at least 1M"),
+            (with(|c| c.recovery_rate_bytes = 1 << 63), "at most 1T"),
+            (with(|c| c.down_out_after_s = 0), "one second to a year"),
+            (with(|c| c.down_out_after_s = u64::MAX), "one second to a year"),
+            (with(|c| c.scrub_interval_s = 59), "a minute to a year"),
+            (with(|c| c.scrub_interval_s = MAX_INTERVAL_S + 1), "a minute to a year"),
+        ] {
+            let why = bad.unwrap_err();
+            assert!(why.contains(words), "{why}");
+        }
     }
 }
