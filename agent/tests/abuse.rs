@@ -197,6 +197,50 @@ async fn a_token_created_through_one_node_works_at_once_on_another() {
     cluster.shutdown().await;
 }
 
+/// A client holding a valid token that sends a burst of refused calls to
+/// a public route (a fuzzer, a broken script: 300 malformed logins from 15
+/// connections) is never shed: every call is answered, and so is its next
+/// real request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_presenting_a_valid_token_is_not_shed_for_refused_public_calls() {
+    let cluster = TestCluster::start(1).await;
+    let base = cluster.api_url(0);
+    let from = std::net::IpAddr::from([127, 0, 0, 7]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..15 {
+        let (base, ca, token) = (
+            base.clone(),
+            cluster.ca_pem.clone(),
+            cluster.admin_token.clone(),
+        );
+        tasks.spawn(async move {
+            // A shed address's new connection is held unread: give up soon.
+            let client = ApiClient::from_address(&ca, &token, from, Duration::from_secs(2));
+            let mut statuses = Vec::new();
+            for _ in 0..20 {
+                match client.post(&format!("{base}/v1/login"), json!({})).await {
+                    Ok(reply) => statuses.push(reply.status),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(statuses)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let statuses = done.unwrap().expect("a call went unanswered: the address was shed");
+        assert!(statuses.iter().all(|s| *s == 400 || *s == 422), "{statuses:?}");
+    }
+    let client = ApiClient::from_address(
+        &cluster.ca_pem,
+        &cluster.admin_token,
+        from,
+        Duration::from_secs(2),
+    );
+    let reply = client.get(&format!("{base}/v1/projects")).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    cluster.shutdown().await;
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]

@@ -320,14 +320,8 @@ pub async fn authenticate(
     auth: &AuthServices,
     token: &str,
 ) -> Result<Principal, AuthError> {
-    use sha2::Digest as _;
-    let key: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
     // Read before resolving: a change applied meanwhile makes the entry stale.
-    let generation = (
-        node.auth_generation
-            .load(std::sync::atomic::Ordering::Acquire),
-        auth.oidc.key_generation(),
-    );
+    let (key, generation) = cache_key(node, auth, token);
     let now = now_ms();
     if let Some(principal) = auth.cache.get(&key, generation, now) {
         return Ok(principal);
@@ -347,6 +341,30 @@ pub async fn authenticate(
         },
     );
     Ok(principal)
+}
+
+/// The principal cache's key for `token`, and the generation of what
+/// decides it (tokens and roles, OIDC keys).
+fn cache_key(node: &ClusterNode, auth: &AuthServices, token: &str) -> ([u8; 32], (u64, u64)) {
+    use sha2::Digest as _;
+    let key: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
+    let generation = (
+        node.auth_generation
+            .load(std::sync::atomic::Ordering::Acquire),
+        auth.oidc.key_generation(),
+    );
+    (key, generation)
+}
+
+/// Whether `token` is a credential of this cluster, known without a round
+/// trip or a key fetch: from the cache, else (Allod's own tokens) from the
+/// state. An OIDC token not in the cache does not count.
+fn holds_credential(node: &ClusterNode, auth: &AuthServices, token: &str) -> bool {
+    let (key, generation) = cache_key(node, auth, token);
+    let now = now_ms();
+    auth.cache.get(&key, generation, now).is_some()
+        || (!crate::api::oidc::looks_like_jwt(token)
+            && resolve_until(&node.state, token, now).is_ok())
 }
 
 /// Resolves a bearer token to who is calling and what they may do.
@@ -422,6 +440,12 @@ pub async fn authorize(
         .get::<crate::cluster::peer::PeerIdentity>()
         .and_then(|p| p.remote_addr);
     let uri = request.uri().clone();
+    let bearer = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
     let context = || crate::state::audit::AuditContext {
         time_ms: now_ms(),
         user: "-".into(),
@@ -459,12 +483,21 @@ pub async fn authorize(
     let result = result_for_status(status.as_u16());
     let mut response = response;
     if let Some(ip) = remote.map(|a| a.ip()) {
-        let refused = principal.is_none() && status.is_client_error();
-        if (principal.is_some() || refused)
+        // A refused request that carries a valid token (a client with a
+        // credential calling a public route wrongly, such as a malformed
+        // login) vouches for its address like an authenticated one: only
+        // addresses that show no credential at all are shed.
+        let vouched = principal.is_some()
+            || (status.is_client_error()
+                && bearer
+                    .as_deref()
+                    .is_some_and(|t| holds_credential(&app.node, &app.auth, t)));
+        let refused = !vouched && status.is_client_error();
+        if (vouched || refused)
             && app
                 .auth
                 .shed
-                .note(ip, principal.is_some(), crate::cluster::node::mono_ms())
+                .note(ip, vouched, crate::cluster::node::mono_ms())
         {
             // Shed from now on: this connection closes after the answer.
             response.headers_mut().insert(
