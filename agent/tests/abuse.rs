@@ -227,8 +227,13 @@ async fn an_address_presenting_a_valid_token_is_not_shed_for_refused_public_call
         });
     }
     while let Some(done) = tasks.join_next().await {
-        let statuses = done.unwrap().expect("a call went unanswered: the address was shed");
-        assert!(statuses.iter().all(|s| *s == 400 || *s == 422), "{statuses:?}");
+        let statuses = done
+            .unwrap()
+            .expect("a call went unanswered: the address was shed");
+        assert!(
+            statuses.iter().all(|s| *s == 400 || *s == 422),
+            "{statuses:?}"
+        );
     }
     let client = ApiClient::from_address(
         &cluster.ca_pem,

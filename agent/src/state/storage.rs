@@ -594,9 +594,15 @@ mod tests {
             (with(|c| c.recovery_rate_bytes = 1000), "at least 1M"),
             (with(|c| c.recovery_rate_bytes = 1 << 63), "at most 1T"),
             (with(|c| c.down_out_after_s = 0), "one second to a year"),
-            (with(|c| c.down_out_after_s = u64::MAX), "one second to a year"),
+            (
+                with(|c| c.down_out_after_s = u64::MAX),
+                "one second to a year",
+            ),
             (with(|c| c.scrub_interval_s = 59), "a minute to a year"),
-            (with(|c| c.scrub_interval_s = MAX_INTERVAL_S + 1), "a minute to a year"),
+            (
+                with(|c| c.scrub_interval_s = MAX_INTERVAL_S + 1),
+                "a minute to a year",
+            ),
         ] {
             let why = bad.unwrap_err();
             assert!(why.contains(words), "{why}");
