@@ -172,11 +172,31 @@ async fn storage_disks_hold_the_objects_give_the_capacity_and_are_mounted_again_
     )
     .await;
     c.allod_ok(&["cluster", "status"]);
+    // The cluster hears it too: the node is down (and would be declared out
+    // after down_out_after), with the reason.
+    common::wait_for(
+        "the node down for its missing disk",
+        Duration::from_secs(30),
+        || {
+            let s = c.json(&["storage", "status"]);
+            s["nodes"][0]["state"] == "down"
+                && s["nodes"][0]["unavailable"]
+                    .as_str()
+                    .is_some_and(|why| why.contains(&uuid) && why.contains("not attached"))
+        },
+    )
+    .await;
 
-    // Attached again, perhaps under another name: found by its UUID.
+    // Attached again, perhaps under another name: found by its UUID, and
+    // the node is in again.
     loops.0[1] = attach(&large);
     c.kill(0);
     c.restart(0);
     let out = patterned(&c.uri(0, &id), "read");
     assert!(!out.contains("error"), "{out}");
+    common::wait_for("the node in again", Duration::from_secs(30), || {
+        let s = c.json(&["storage", "status"]);
+        s["nodes"][0]["state"] == "in" && s["nodes"][0]["unavailable"].is_null()
+    })
+    .await;
 }

@@ -182,6 +182,15 @@ fn print_status(s: &serde_json::Value) {
         .collect();
     println!();
     print_table(&["ID", "NAME", "STATE", "USED", "DOMAIN"], &rows);
+    for node in s["nodes"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let Some(why) = node["unavailable"].as_str() {
+            println!(
+                "node {} ({}) serves no block storage: {why}",
+                text(&node["id"]),
+                text(&node["name"])
+            );
+        }
+    }
     let jobs: Vec<Vec<String>> = s["jobs"]
         .as_array()
         .map(Vec::as_slice)

@@ -366,12 +366,18 @@ impl Agent {
             .send_replace(ServeMode::Tls(api_tls, crate::api::router(app)));
         self.node.send_replace(Some(node.clone()));
         tokio::spawn(report_capacity(Arc::downgrade(&node)));
+        // Whether this node serves block storage or not: as the leader it
+        // decides every storage node's state.
+        tokio::spawn(crate::reconcile::storage::recovery::watch_storage_nodes(
+            Arc::downgrade(&node),
+        ));
         let listener = self.storage_listener.lock().expect("listener").take();
         match listener {
             Some(listener) => {
                 // Without its disks the node serves no block storage, but
-                // stays a member: its copies are made again elsewhere once
-                // it is declared out, and the error says how to get it back.
+                // stays a member: it says so through Raft, the leader counts
+                // it down, its copies are made again elsewhere once it is
+                // declared out, and the error says how to get it back.
                 let mut options = self.block_options.clone();
                 let started = match crate::daemon::disks::mount_all(&self.data_dir.root) {
                     Ok(disks) => {
@@ -401,9 +407,13 @@ impl Agent {
                             ));
                         }
                     }
-                    Err(e) => tracing::error!(
-                        "this node serves no block storage and runs no VMs: {e:#}"
-                    ),
+                    Err(e) => {
+                        tracing::error!("this node serves no block storage and runs no VMs: {e:#}");
+                        tokio::spawn(crate::reconcile::storage::recovery::report_unavailable(
+                            Arc::downgrade(&node),
+                            format!("{e:#}"),
+                        ));
+                    }
                 }
             }
             None => tracing::warn!(

@@ -302,7 +302,6 @@ impl BlockStore {
             }
         });
         io.spawn(maintain(Arc::downgrade(&blocks), node.applied.subscribe()));
-        io.spawn(recovery::watch_storage_nodes(Arc::downgrade(node)));
         Ok(blocks)
     }
 
@@ -760,6 +759,7 @@ async fn maintain(blocks: Weak<BlockStore>, mut applied: tokio::sync::watch::Rec
                 used_bytes: capacity.saturating_sub(free),
                 failure_domain: b.failure_domain.clone(),
                 nbd_socket: b.nbd_socket.display().to_string(),
+                unavailable: None,
             };
             let member = nodes.iter().find(|n| n.id == node.id);
             let recorded = member.and_then(|n| n.storage.clone());
@@ -829,7 +829,8 @@ pub fn registration_due(
         (Some(r), _)
             if r.addr != mine.addr
                 || r.failure_domain != mine.failure_domain
-                || r.nbd_socket != mine.nbd_socket =>
+                || r.nbd_socket != mine.nbd_socket
+                || r.unavailable != mine.unavailable =>
         {
             true
         }
@@ -919,6 +920,7 @@ mod tests {
             used_bytes,
             failure_domain: domain.into(),
             nbd_socket: "/run/allod/c-n1/nbd.sock".into(),
+            unavailable: None,
         }
     }
 

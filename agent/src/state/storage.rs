@@ -312,6 +312,9 @@ pub struct StorageNodeStatus {
     pub used_bytes: u64,
     pub capacity_bytes: u64,
     pub failure_domain: String,
+    /// Why its block store does not serve, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 impl StateView {
@@ -502,6 +505,7 @@ impl StateView {
                         used_bytes: s.used_bytes,
                         capacity_bytes: s.capacity_bytes,
                         failure_domain: s.failure_domain.clone(),
+                        unavailable: s.unavailable.clone(),
                     })
                 })
                 .collect(),

@@ -243,6 +243,10 @@ pub struct NodeStorage {
     /// The path of its NBD socket (on that node).
     #[serde(default)]
     pub nbd_socket: String,
+    /// Why its block store does not serve (a disk missing, say): the
+    /// leader then counts it down, and out after `down_out_after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// Where a new volume's data comes from.

@@ -449,7 +449,8 @@ impl BlockStore {
 }
 
 /// The leader's failure detection for storage nodes, checked every second:
-/// `in` → `down` when unheard for [`DOWN_AFTER`]; `down` → `out` after the
+/// `in` → `down` when unheard for [`DOWN_AFTER`] or when the node reports
+/// that its block store cannot serve; `down` → `out` after the
 /// configured `down_out_after`; `down` or `out` → `in` when heard again.
 /// Only transitions are written through Raft. A node that just became
 /// leader gives every node [`DOWN_AFTER`] to be heard first.
@@ -467,10 +468,14 @@ pub async fn watch_storage_nodes(node: Weak<ClusterNode>) {
             continue;
         };
         let now = now_ms();
-        for n in nodes.iter().filter(|n| n.storage.is_some()) {
-            let heard = n.id == node.id
-                || since.elapsed() < DOWN_AFTER
-                || node.peers.last_heard(n.id).is_some_and(|d| d < DOWN_AFTER);
+        for n in nodes.iter() {
+            let Some(storage) = &n.storage else { continue };
+            // A node whose block store cannot serve (a disk missing) is
+            // down however well it answers Raft.
+            let heard = storage.unavailable.is_none()
+                && (n.id == node.id
+                    || since.elapsed() < DOWN_AFTER
+                    || node.peers.last_heard(n.id).is_some_and(|d| d < DOWN_AFTER));
             let next = match (n.storage_state, heard) {
                 (StorageNodeState::In, false) => Some(StorageNodeState::Down),
                 (StorageNodeState::Down | StorageNodeState::Out, true) => {
@@ -492,6 +497,10 @@ pub async fn watch_storage_nodes(node: Weak<ClusterNode>) {
             };
             match node.write(&command).await {
                 Ok(Ok(_)) => match state {
+                    StorageNodeState::Down if storage.unavailable.is_some() => tracing::warn!(
+                        "storage node {} ({}) cannot serve its block store ({}): down; its objects get new replicas if it stays down {} s",
+                        n.id, n.name, storage.unavailable.as_deref().unwrap_or_default(), config.down_out_after_s
+                    ),
                     StorageNodeState::Down => tracing::warn!(
                         "storage node {} ({}) has not answered for {} s: down; its objects get new replicas if it stays down {} s",
                         n.id, n.name, DOWN_AFTER.as_secs(), config.down_out_after_s
@@ -506,5 +515,43 @@ pub async fn watch_storage_nodes(node: Weak<ClusterNode>) {
                 Err(e) => tracing::debug!("storage node {}'s state not changed yet: {e}", n.id),
             }
         }
+    }
+}
+
+/// Tells the cluster that this node's block store cannot serve, and why
+/// (a disk missing, say), so that the leader counts it down and its objects
+/// get new replicas after `down_out_after`. Written once the node's
+/// storage record exists and differs, retried every 5 s until it is; a
+/// node that never served block storage has nothing to report.
+pub async fn report_unavailable(node: Weak<ClusterNode>, reason: String) {
+    loop {
+        let Some(node) = node.upgrade() else { return };
+        let recorded = node
+            .state
+            .nodes()
+            .ok()
+            .and_then(|nodes| nodes.into_iter().find(|n| n.id == node.id))
+            .and_then(|n| n.storage);
+        let Some(recorded) = recorded else { return };
+        if recorded.unavailable.as_deref() == Some(reason.as_str()) {
+            return;
+        }
+        let command = Command::SetNodeStorage {
+            id: node.id,
+            storage: crate::state::volumes::NodeStorage {
+                unavailable: Some(reason.clone()),
+                ..recorded
+            },
+        };
+        match node.write(&command).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => tracing::warn!(
+                "cannot report that this node's block store does not serve: {}",
+                e.message
+            ),
+            Err(e) => tracing::debug!("this node's block store's state not reported yet: {e}"),
+        }
+        drop(node);
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
