@@ -152,15 +152,22 @@ pub fn prepare(data_dir: &Path, device: &str) -> anyhow::Result<DiskRecord> {
         capacity_bytes,
     };
     let mut disks = recorded(data_dir)?;
-    disks.retain(|d| d.device != device);
-    disks.push(record.clone());
+    add(&mut disks, record.clone());
     save(data_dir, &disks)?;
     Ok(record)
 }
 
+/// Records a newly made disk. Records are keyed by UUID, never by device
+/// name: a known disk last seen at the new disk's name has moved (the
+/// kernel renamed it), and still holds objects.
+fn add(disks: &mut Vec<DiskRecord>, record: DiskRecord) {
+    disks.retain(|d| d.uuid != record.uuid);
+    disks.push(record);
+}
+
 /// Finds a recorded disk's device: where it was last seen, else any block
 /// device whose file system carries its UUID.
-fn find(disk: &DiskRecord) -> Option<PathBuf> {
+pub fn find(disk: &DiskRecord) -> Option<PathBuf> {
     let last = PathBuf::from(&disk.device);
     if ext4_uuid(&last).as_deref() == Some(disk.uuid.as_str()) {
         return Some(last);
@@ -177,7 +184,9 @@ fn find(disk: &DiskRecord) -> Option<PathBuf> {
 /// block store (see the store's module doc): its error names the disk.
 pub fn mount_all(data_dir: &Path) -> anyhow::Result<Vec<storage::store::Disk>> {
     let mut out = Vec::new();
-    for disk in recorded(data_dir)? {
+    let mut disks = recorded(data_dir)?;
+    let mut moved = false;
+    for disk in &mut disks {
         let dir = mount_point(data_dir, &disk.uuid);
         if !is_mount(&dir) {
             let device = find(&disk).ok_or_else(|| {
@@ -191,6 +200,12 @@ pub fn mount_all(data_dir: &Path) -> anyhow::Result<Vec<storage::store::Disk>> {
             })?;
             mount(&device, &dir)?;
             tracing::info!(disk = %disk.uuid, device = %device.display(), "mounted a storage disk at {}", dir.display());
+            // Renamed by the kernel: messages name where it is now.
+            let device = device.display().to_string();
+            if disk.device != device {
+                disk.device = device;
+                moved = true;
+            }
         }
         out.push(storage::store::Disk {
             id: disk.uuid.clone(),
@@ -198,5 +213,30 @@ pub fn mount_all(data_dir: &Path) -> anyhow::Result<Vec<storage::store::Disk>> {
             weight: (disk.capacity_bytes >> 30).max(1),
         });
     }
+    if moved {
+        save(data_dir, &disks)?;
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(uuid: &str, device: &str) -> DiskRecord {
+        DiskRecord {
+            uuid: uuid.into(),
+            device: device.into(),
+            capacity_bytes: 1 << 30,
+        }
+    }
+
+    /// A known disk renamed by the kernel (sdb → sdc), and a new disk made
+    /// at its old name: both stay recorded.
+    #[test]
+    fn a_new_disk_at_a_moved_disks_old_name_keeps_both_records() {
+        let mut disks = vec![disk("a", "/dev/sdb")];
+        add(&mut disks, disk("b", "/dev/sdb"));
+        assert_eq!(disks, vec![disk("a", "/dev/sdb"), disk("b", "/dev/sdb")]);
+    }
 }

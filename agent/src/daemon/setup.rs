@@ -195,11 +195,13 @@ impl NodeSetup {
             .iter()
             .find(|k| !ours.iter().any(|(_, r)| r.uuid == k.uuid))
         {
+            let device = crate::daemon::disks::find(gone)
+                .map_or_else(|| gone.device.clone(), |d| d.display().to_string());
             return Err(format!(
-                "{} is a storage disk of this node (file system {}) and holds its objects; list it \
+                "{device} is a storage disk of this node (file system {}) and holds its objects; list it \
                  again with --storage-disk. A storage disk cannot be taken back from a node: \
                  remove the node from the cluster (`allod cluster remove`) to free its disks",
-                gone.device, gone.uuid
+                gone.uuid
             ));
         }
         let kept: Vec<String> = ours.iter().map(|(d, _)| (*d).clone()).collect();
