@@ -23,9 +23,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(4);
 /// (flush, fence, rollback, resync copies, deletes).
 pub const SLOW_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long `req` may take.
+/// How long `req` may take. Whole objects travel on threads that yield
+/// to everything else (see [`bulk_runtime`]): on a busy node they may wait.
 pub fn timeout_for(req: &Request) -> Duration {
     match req {
+        _ if req.is_bulk() => SLOW_TIMEOUT,
         Request::Write { .. }
         | Request::Zero { .. }
         | Request::Read { .. }
@@ -504,8 +506,13 @@ impl Peers {
             Ok(Err(_)) => Err(err("connection lost before it answered".into())),
             Err(_) => {
                 // A peer that does not answer in time is not trusted with
-                // the next request either: connect afresh.
-                conn.alive.store(false, Ordering::Release);
+                // the next request either: connect afresh. A late whole
+                // object alone says only that the peer is busy (its bulk
+                // threads yield to everything): a hung peer fails its small
+                // requests too, and they end the connection.
+                if !req.is_bulk() {
+                    conn.alive.store(false, Ordering::Release);
+                }
                 Err(err(format!("no answer in {} s", limit.as_secs())))
             }
         }
@@ -646,6 +653,22 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole object may wait on a busy peer (its threads yield to
+    /// tenants'): it gets the long limit, a tenant's 4 KiB read the short.
+    #[test]
+    fn whole_objects_may_take_longer_than_small_requests() {
+        let read = |len| Request::Read {
+            volume: "v".into(),
+            index: 0,
+            snap: None,
+            offset: 0,
+            len,
+            epoch: 1,
+        };
+        assert_eq!(timeout_for(&read(4096)), IO_TIMEOUT);
+        assert_eq!(timeout_for(&read(4 << 20)), SLOW_TIMEOUT);
+    }
 
     /// A peer that accepts connections and then says nothing (a dead
     /// machine behind a live switch port, or a stuck process) holds up
