@@ -189,7 +189,7 @@ pub fn mount_all(data_dir: &Path) -> anyhow::Result<Vec<storage::store::Disk>> {
     for disk in &mut disks {
         let dir = mount_point(data_dir, &disk.uuid);
         if !is_mount(&dir) {
-            let device = find(&disk).ok_or_else(|| {
+            let device = find(disk).ok_or_else(|| {
                 anyhow::anyhow!(
                     "storage disk {} (last seen as {}) is not attached to this machine; \
                      reconnect it and restart the agent, or remove this node from the cluster \
