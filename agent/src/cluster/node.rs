@@ -297,6 +297,16 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// This node's record as this node has applied it (`None` before its
+    /// join is applied here, or when the state cannot be read).
+    pub fn own_record(&self) -> Option<crate::state::nodes::NodeRecord> {
+        self.state
+            .nodes()
+            .ok()?
+            .into_iter()
+            .find(|n| n.id == self.id)
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }

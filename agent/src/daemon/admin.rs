@@ -258,7 +258,7 @@ async fn execute(
                 "peer_addr": node.config.peer_addr,
                 "members": node.members(),
                 "ca_fingerprint": crate::cluster::pki::pem_fingerprint(&node.tls.ca_pem).unwrap_or_default(),
-                "node": node.state.nodes().ok().and_then(|all| all.into_iter().find(|n| n.id == node.id)),
+                "node": node.own_record(),
                 "cluster_name": node.state.cluster().ok().flatten().map(|c| c.name).unwrap_or_default(),
                 "vms": local_vms(&node),
                 "storage": storage_line(&node),

@@ -838,11 +838,7 @@ async fn report_capacity(node: std::sync::Weak<ClusterNode>) {
     let (vcpus, memory_bytes) = local_capacity();
     loop {
         let Some(node) = node.upgrade() else { return };
-        let recorded = node
-            .state
-            .nodes()
-            .ok()
-            .and_then(|all| all.into_iter().find(|n| n.id == node.id));
+        let recorded = node.own_record();
         match recorded {
             Some(r) if r.vcpus == vcpus && r.memory_bytes == memory_bytes => return,
             // Not applied here yet (a joiner catching up): wait.

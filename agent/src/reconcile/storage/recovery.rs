@@ -526,12 +526,7 @@ pub async fn watch_storage_nodes(node: Weak<ClusterNode>) {
 pub async fn report_unavailable(node: Weak<ClusterNode>, reason: String) {
     loop {
         let Some(node) = node.upgrade() else { return };
-        let recorded = node
-            .state
-            .nodes()
-            .ok()
-            .and_then(|nodes| nodes.into_iter().find(|n| n.id == node.id))
-            .and_then(|n| n.storage);
+        let recorded = node.own_record().and_then(|n| n.storage);
         let Some(recorded) = recorded else { return };
         if recorded.unavailable.as_deref() == Some(reason.as_str()) {
             return;
