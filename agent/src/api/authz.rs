@@ -440,9 +440,15 @@ pub async fn authorize(
         .get::<crate::cluster::peer::PeerIdentity>()
         .and_then(|p| p.remote_addr);
     let uri = request.uri().clone();
+    // On a public route no one looks at the token: kept to see whether the
+    // caller holds a credential (elsewhere authentication says so).
+    let public = pattern
+        .as_ref()
+        .is_some_and(|p| table.get(&method, p.as_str()) == Some(Permission::Public));
     let bearer = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
+        .filter(|_| public)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
@@ -483,10 +489,11 @@ pub async fn authorize(
     let result = result_for_status(status.as_u16());
     let mut response = response;
     if let Some(ip) = remote.map(|a| a.ip()) {
-        // A refused request that carries a valid token (a client with a
-        // credential calling a public route wrongly, such as a malformed
-        // login) vouches for its address like an authenticated one: only
-        // addresses that show no credential at all are shed.
+        // A refused call to a public route that carries a valid token (a
+        // client with a credential sending a malformed login, say) vouches
+        // for its address like an authenticated one: only addresses that
+        // show no credential at all are shed. (On other routes the token
+        // was authenticated already: a valid one gave a principal.)
         let vouched = principal.is_some()
             || (status.is_client_error()
                 && bearer
