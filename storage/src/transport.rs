@@ -536,16 +536,11 @@ impl Peers {
             node,
             message: format!("cannot connect to {addr}: {message}"),
         };
-        let tx = connect(&addr, self.tls.clone(), alive.clone(), None)
+        let here = tokio::runtime::Handle::current();
+        let tx = connect(&addr, self.tls.clone(), alive.clone(), &here)
             .await
             .map_err(failed)?;
-        let bulk = match connect(
-            &addr,
-            self.bulk_tls.clone(),
-            alive.clone(),
-            Some(bulk_runtime()),
-        )
-        .await
+        let bulk = match connect(&addr, self.bulk_tls.clone(), alive.clone(), bulk_runtime()).await
         {
             Ok(bulk) => bulk,
             Err(message) => {
@@ -564,20 +559,14 @@ impl Peers {
     }
 }
 
-/// One TLS connection to `addr`, its tasks on `runtime` (else the
-/// caller's); it marks `alive` false when it fails, and stops when it finds
-/// it false.
+/// One TLS connection to `addr`, its tasks on `runtime`; it marks `alive`
+/// false when it fails, and stops when it finds it false.
 async fn connect(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
     alive: Arc<AtomicBool>,
-    runtime: Option<&tokio::runtime::Handle>,
+    runtime: &tokio::runtime::Handle,
 ) -> Result<Outbox, String> {
-    let spawn =
-        |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| match runtime {
-            Some(r) => drop(r.spawn(task)),
-            None => drop(tokio::spawn(task)),
-        };
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
@@ -600,7 +589,7 @@ async fn connect(
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Vec<u8>, oneshot::Sender<Response>)>();
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let (p, a) = (pending.clone(), alive.clone());
-    spawn(Box::pin(async move {
+    runtime.spawn(async move {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         'outer: while let Some((id, frame, done)) = rx.recv().await {
             if !a.load(Ordering::Acquire) {
@@ -625,9 +614,9 @@ async fn connect(
         // Closing tells the peer, whose end then closes and so ends the
         // reading task too.
         let _ = wr.shutdown().await;
-    }));
+    });
     let (p, a) = (pending, alive);
-    spawn(Box::pin(async move {
+    runtime.spawn(async move {
         loop {
             if !a.load(Ordering::Acquire) {
                 break;
@@ -646,7 +635,7 @@ async fn connect(
         a.store(false, Ordering::Release);
         // Dropping the senders tells every waiting caller the connection is gone.
         p.lock().unwrap().clear();
-    }));
+    });
     Ok(tx)
 }
 
