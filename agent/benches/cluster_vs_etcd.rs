@@ -214,6 +214,8 @@ struct Measurement {
     p50_ms: f64,
     p99_ms: f64,
     errors: usize,
+    /// p50 (ms) of the writes sent to each member, in member order.
+    p50_by_member_ms: Vec<f64>,
 }
 
 async fn drive(
@@ -250,7 +252,8 @@ async fn drive(
                 if n >= total {
                     return (latencies, errors);
                 }
-                let url = &urls[(n + c) % urls.len()];
+                let member = (n + c) % urls.len();
+                let url = &urls[member];
                 let name = format!("b{tag}-{n}");
                 let t0 = Instant::now();
                 let request = match target {
@@ -264,7 +267,7 @@ async fn drive(
                 match request.send().await {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;
-                        latencies.push(t0.elapsed());
+                        latencies.push((t0.elapsed(), member));
                     }
                     _ => errors += 1,
                 }
@@ -279,19 +282,32 @@ async fn drive(
         errors += e;
     }
     let seconds = started.elapsed().as_secs_f64();
-    latencies.sort();
-    let pct = |p: f64| {
+    let pct = |latencies: &[Duration], p: f64| {
         latencies
             .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(f64::NAN)
     };
+    let p50_by_member_ms = (0..urls.len())
+        .map(|member| {
+            let mut mine: Vec<Duration> = latencies
+                .iter()
+                .filter(|(_, m)| *m == member)
+                .map(|(d, _)| *d)
+                .collect();
+            mine.sort();
+            pct(&mine, 0.50)
+        })
+        .collect();
+    let mut all: Vec<Duration> = latencies.iter().map(|(d, _)| *d).collect();
+    all.sort();
     Measurement {
-        ops: latencies.len(),
+        ops: all.len(),
         seconds,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
+        p50_ms: pct(&all, 0.50),
+        p99_ms: pct(&all, 0.99),
         errors,
+        p50_by_member_ms,
     }
 }
 
@@ -380,6 +396,8 @@ fn main() {
     println!("| workload | system | ops | ops/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
+    // Allod's member 1 made the cluster and leads unless an election moved it.
+    let mut notes = Vec::new();
     for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
         let mut pair = Vec::new();
         for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
@@ -401,9 +419,23 @@ fn main() {
                 m.p99_ms,
                 m.errors
             );
+            let by_member: Vec<String> = m
+                .p50_by_member_ms
+                .iter()
+                .enumerate()
+                .map(|(i, p50)| format!("member {} {p50:.2}", i + 1))
+                .collect();
+            notes.push(format!(
+                "{clients} client(s), {label}: p50 ms by the member written to: {}",
+                by_member.join(", ")
+            ));
             pair.push(m);
         }
         results.push((clients, pair));
+    }
+    println!();
+    for note in &notes {
+        println!("{note}");
     }
     println!();
     for (clients, pair) in results.iter().filter(|(_, p)| p.len() == 2) {

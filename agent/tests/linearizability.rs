@@ -1,7 +1,8 @@
 //! Linearizability of the API under leader kills: concurrent clients write
 //! and read one register (a project's description) through random nodes
-//! while the leader is stopped and restarted; the recorded history must be
-//! linearizable.
+//! (so most writes are forwarded to the leader, and reads on it go by its
+//! lease) while the leader is stopped, with forwarded calls in flight, and
+//! restarted; the recorded history must be linearizable.
 
 mod common;
 
@@ -154,10 +155,26 @@ async fn register_history_under_leader_kills_is_linearizable() {
         }));
     }
 
-    // Two rounds of: kill the leader, let the others elect, bring it back.
-    for _ in 0..2 {
+    // Two rounds of: kill the leader while followers have writes in flight
+    // to it (forwarded over their connection to it), let the others elect,
+    // bring it back.
+    for round in 0..2 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let leader = cluster.leader().await;
+        let followers: Vec<_> = cluster
+            .live_indices()
+            .into_iter()
+            .filter(|&i| i != leader)
+            .map(|i| cluster.node(i))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while followers.iter().all(|n| n.forwards_in_flight() == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no forwarded call was ever in flight"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
         cluster.stop(leader).await;
         let survivors = cluster.live_indices();
         cluster

@@ -100,8 +100,12 @@ async fn a_removed_nodes_certificate_is_refused_on_peer_api_and_storage_ports_an
             )
         }),
     );
+    // HTTP/1.1 only, so that `Connection: close` ends each connection (an
+    // HTTP/2 connection would carry every call after the first).
+    let mut impostor_tls = (*stolen.peer_server_config().unwrap()).clone();
+    impostor_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let (_keep, mode) = tokio::sync::watch::channel(agent::cluster::serve::ServeMode::Tls(
-        stolen.peer_server_config().unwrap(),
+        std::sync::Arc::new(impostor_tls),
         router,
     ));
     agent::cluster::serve::spawn(

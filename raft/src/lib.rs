@@ -6,10 +6,12 @@
 //! acknowledged before it is on disk.
 //!
 //! It knows nothing about projects, VMs or networks: the agent hands it an
-//! [`Apply`] implementation that turns one opaque JSON command into changes of
-//! the key/value state. It knows nothing about HTTP either: the agent carries
+//! [`Apply`] implementation that turns one opaque command into changes of
+//! the key/value state. How log entries and peer messages are encoded, and
+//! how that encoding may change, is in [`codec`]. It knows nothing about HTTP either: the agent carries
 //! Raft RPCs between peers.
 
+pub mod codec;
 mod io;
 mod log_store;
 mod state_machine;
@@ -47,17 +49,72 @@ impl fmt::Display for Member {
     }
 }
 
-/// One client command, opaque to this crate. The agent defines its schema.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(pub serde_json::Value);
+/// One client command, opaque to this crate: the agent's encoding of it
+/// (today a JSON document, encoded once by the node that proposes it and
+/// parsed once where it is applied).
+///
+/// In the binary formats (log entries on disk, peer messages) it travels as
+/// its bytes. In JSON (the log's first format, and peers that do not speak
+/// the binary one) it is the JSON document itself, as it always was, so
+/// both read and write the older form unchanged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Command(pub Vec<u8>);
 
-/// The result of applying one [`Command`], opaque to this crate.
+/// The result of applying one [`Command`], opaque to this crate. It never
+/// leaves the node that applied it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct CommandResult(pub serde_json::Value);
 
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Command({self})")
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        const SHOWN: usize = 256;
+        let text = String::from_utf8_lossy(&self.0[..self.0.len().min(SHOWN)]);
+        let more = if self.0.len() > SHOWN { "…" } else { "" };
+        write!(f, "{text}{more}")
+    }
+}
+
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            let value: serde_json::Value =
+                serde_json::from_slice(&self.0).map_err(serde::ser::Error::custom)?;
+            value.serialize(serializer)
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a command's bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        if deserializer.is_human_readable() {
+            let value = serde_json::Value::deserialize(deserializer)?;
+            serde_json::to_vec(&value)
+                .map(Command)
+                .map_err(serde::de::Error::custom)
+        } else {
+            deserializer.deserialize_byte_buf(Bytes).map(Command)
+        }
     }
 }
 

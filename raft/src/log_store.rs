@@ -318,11 +318,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 let (key, value) = item.map_err(read_err)?;
                 merged.insert(
                     key.value(),
-                    serde_json::from_slice(value.value()).map_err(read_err)?,
+                    crate::codec::decode_entry(value.value()).map_err(read_err)?,
                 );
             }
             for (index, bytes) in tail {
-                merged.insert(index, serde_json::from_slice(&bytes).map_err(read_err)?);
+                merged.insert(index, crate::codec::decode_entry(&bytes).map_err(read_err)?);
             }
             Ok(merged.into_values().collect())
         })
@@ -353,11 +353,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             };
             let last = match last_bytes {
-                Some(bytes) => Some(
-                    serde_json::from_slice::<Entry<TypeConfig>>(&bytes)
-                        .map_err(read_err)?
-                        .log_id,
-                ),
+                Some(bytes) => Some(crate::codec::decode_entry(&bytes).map_err(read_err)?.log_id),
                 None => None,
             };
             Ok(LogState {
@@ -430,7 +426,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             encoded.push((
                 entry.log_id.index,
-                serde_json::to_vec(&entry).map_err(write_err)?,
+                crate::codec::encode_entry(&entry).map_err(write_err)?,
             ));
         }
         {

@@ -125,7 +125,7 @@ pub trait Apply: Send + Sync + 'static {
         &self,
         kv: &mut KvWrite<'_>,
         log_id: &LogId<NodeId>,
-        command: &serde_json::Value,
+        command: &[u8],
     ) -> Result<serde_json::Value, redb::StorageError>;
 
     /// Called after the changes of applied entries became visible to
@@ -551,7 +551,7 @@ mod tests {
             &self,
             _: &mut KvWrite<'_>,
             _: &LogId<NodeId>,
-            _: &serde_json::Value,
+            _: &[u8],
         ) -> Result<serde_json::Value, redb::StorageError> {
             Ok(serde_json::Value::Null)
         }

@@ -15,13 +15,15 @@ impl Apply for Journal {
         &self,
         kv: &mut KvWrite<'_>,
         log_id: &LogId<NodeId>,
-        command: &serde_json::Value,
+        command: &[u8],
     ) -> Result<serde_json::Value, redb::StorageError> {
         let mut journal: Vec<serde_json::Value> = kv
             .get("journal")?
             .map(|b| serde_json::from_slice(&b).unwrap())
             .unwrap_or_default();
-        journal.push(command.clone());
+        journal.push(serde_json::Value::String(
+            String::from_utf8_lossy(command).into_owned(),
+        ));
         kv.put("journal", &serde_json::to_vec(&journal).unwrap())?;
         Ok(serde_json::json!({ "index": log_id.index }))
     }

@@ -230,7 +230,7 @@ pub(super) async fn audit_log(
         return Err(ApiError::invalid(format!("`after` must be at most {} and `limit` at most {MAX_AUDIT_LIMIT}; page with `after` for more", i64::MAX),
         ));
     }
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     let entries: Vec<AuditEntry> = node
         .state
         .audit_entries(after)?

@@ -22,6 +22,7 @@ use crate::state::auth::Role;
 pub mod abuse;
 pub mod authz;
 mod cluster;
+pub mod consistency;
 mod error;
 mod exports;
 pub mod forwarded;
@@ -506,6 +507,10 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
 pub fn router(state: AppState) -> Router {
     let (router, table) = routes().finish();
     router
+        .route_layer(middleware::from_fn_with_state(
+            state.node.clone(),
+            consistency::read_consistency,
+        ))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), table),
             crate::api::authz::authorize,

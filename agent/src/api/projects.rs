@@ -26,7 +26,7 @@ pub(super) async fn list_projects(
     State(node): State<Arc<ClusterNode>>,
     Extension(caller): Extension<Principal>,
 ) -> ApiResult<Json<Vec<Project>>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     let projects = node.state.projects()?;
     Ok(Json(
         projects
@@ -67,7 +67,7 @@ pub(super) async fn volume_name(
     key: String,
 ) -> ApiResult<String> {
     internal_project(project)?;
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(node).await?;
     if node.state.volume(project, &key)?.is_some() {
         return Ok(key);
     }
@@ -81,7 +81,7 @@ pub(super) async fn volume_name(
 
 /// The name of a VM given by name or by id, as [`volume_name`].
 pub(super) async fn vm_name(node: &ClusterNode, project: &str, key: String) -> ApiResult<String> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(node).await?;
     if node.state.vm(project, &key)?.is_some() {
         return Ok(key);
     }
@@ -104,7 +104,7 @@ pub(super) fn internal_project(project: &str) -> ApiResult<()> {
 
 /// A linearizable read of a project, or 404 when it does not exist.
 pub(super) async fn read_project(node: &ClusterNode, name: &str) -> ApiResult<Project> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(node).await?;
     node.state
         .project(name)?
         .ok_or_else(|| ApiError::project_not_found(name))

@@ -16,7 +16,7 @@ use crate::state::Command;
 pub(super) async fn storage_status(
     State(node): State<Arc<ClusterNode>>,
 ) -> ApiResult<Json<StorageStatus>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     Ok(Json(
         node.state.storage_status(crate::cluster::join::now_ms())?,
     ))
@@ -28,7 +28,7 @@ pub(super) async fn request_scrub(
     State(node): State<Arc<ClusterNode>>,
     ApiJson(body): ApiJson<crate::api_types::ScrubRequest>,
 ) -> ApiResult<(axum::http::StatusCode, Json<serde_json::Value>)> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     let volume_ids =
         match (&body.project, &body.volume) {
             (Some(project), Some(name)) => match node.state.volume(project, name)? {

@@ -77,7 +77,7 @@ pub(super) fn outcome_as<T: DeserializeOwned>(value: serde_json::Value) -> ApiRe
 pub(super) async fn list_users(
     State(node): State<Arc<ClusterNode>>,
 ) -> ApiResult<Json<Vec<UserView>>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     let mut users = Vec::new();
     for user in node.state.users()? {
         let mut view: UserView = outcome_as(crate::state::auth::user_view(&user))?;
@@ -281,7 +281,7 @@ pub(super) async fn list_tokens(
     State(node): State<Arc<ClusterNode>>,
     Path(user): Path<String>,
 ) -> ApiResult<Json<Vec<ApiTokenRecord>>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     Ok(Json(node.state.tokens_of(&user)?))
 }
 
@@ -371,7 +371,7 @@ pub(super) async fn login(
 pub(super) async fn list_issuers(
     State(node): State<Arc<ClusterNode>>,
 ) -> ApiResult<Json<Vec<crate::state::auth::OidcIssuer>>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     Ok(Json(node.state.oidc_issuers()?))
 }
 

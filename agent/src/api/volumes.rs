@@ -258,7 +258,7 @@ pub(super) async fn rollback_volume(
             _ => ApiError::unavailable(error.message),
         });
     }
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     Ok(Json(
         node.state.volume(&project, &volume.name)?.unwrap_or(volume),
     ))
@@ -356,7 +356,7 @@ pub(super) async fn import_image(
     if let Some(p) = &q.project {
         read_project(node, p).await?;
     }
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(node).await?;
     if node.state.image(&q.name)?.is_some() {
         return Err(ApiError::already_exists(format!(
             "image {:?} already exists",
@@ -459,7 +459,7 @@ pub(super) async fn import_image(
             error.message
         )));
     }
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(node).await?;
     let image = node
         .state
         .image(&q.name)?
@@ -568,7 +568,7 @@ pub(super) async fn list_images(
     State(node): State<Arc<ClusterNode>>,
     Extension(caller): Extension<Principal>,
 ) -> ApiResult<Json<Vec<ImageRecord>>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     Ok(Json(
         node.state
             .images()?
@@ -589,7 +589,7 @@ pub(super) async fn show_image(
     Extension(caller): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<ImageRecord>> {
-    node.linearizable_read().await?;
+    crate::api::consistency::read_barrier(&node).await?;
     match node.state.image(&name)? {
         Some(i) if visible(&caller, &i) => Ok(Json(i)),
         _ => Err(image_not_found(&name)),

@@ -164,6 +164,14 @@ pub struct ClusterNode {
     pub applied: Arc<tokio::sync::watch::Sender<u64>>,
     /// Catching up with the leader, and when this node last did.
     catch_up: CatchUp,
+    /// When this node's Raft started.
+    started: Instant,
+    /// How long a quorum's acknowledgement lets the leader read without
+    /// asking again (see [`Self::lease_read_log_id`]).
+    lease: Duration,
+    /// How long a follower refuses other candidates after hearing from its
+    /// leader (openraft's leader lease: the longest election timeout).
+    follower_lease: Duration,
 }
 
 /// Milliseconds on a clock that never goes back (since the process's first
@@ -189,6 +197,10 @@ struct CatchUp {
     lock: tokio::sync::Mutex<()>,
     /// Read-index round trips made, for the metrics and the tests.
     rounds: std::sync::atomic::AtomicU64,
+    /// Reads the leader answered on its lease, without a round trip.
+    lease_reads: std::sync::atomic::AtomicU64,
+    /// Writes this node has sent to the leader and not yet heard back on.
+    forwards_in_flight: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterNode {
@@ -244,6 +256,27 @@ impl ClusterNode {
         )
         .await?;
         let proposer = Proposer::spawn(raft.clone());
+        let follower_lease = Duration::from_millis(options.election_timeout_max_ms);
+        let voters = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        if voters > 1 {
+            // Before this restart this node may have promised a leader not
+            // to elect another for `follower_lease`; openraft forgets such
+            // promises across a restart, so it keeps them here by standing
+            // for election only once any of them has run out (and the vote
+            // handler refuses to vote until then).
+            raft.runtime_config().elect(false);
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(follower_lease).await;
+                raft.runtime_config().elect(true);
+            });
+        }
         let join_pins = std::fs::read_to_string(data_dir.join_pins())
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
@@ -263,6 +296,9 @@ impl ClusterNode {
             data_dir,
             applied,
             catch_up: CatchUp::default(),
+            started: Instant::now(),
+            lease: Duration::from_millis(options.election_timeout_min_ms),
+            follower_lease,
         });
         let _ = me.set(Arc::downgrade(&node));
         Ok(node)
@@ -339,17 +375,17 @@ impl ClusterNode {
     pub async fn write(&self, command: &Command) -> Result<Outcome, ClusterError> {
         // Inside an API request, the first write carries the request's audit
         // entry, so the change and its record commit together.
-        let value = match crate::cluster::request_audit::take_request_context() {
-            Some(audit) => serde_json::to_value(Command::Audited {
+        let text = match crate::cluster::request_audit::take_request_context() {
+            Some(audit) => serde_json::to_vec(&Command::Audited {
                 command: Box::new(command.clone()),
                 audit,
             }),
-            None => serde_json::to_value(command),
+            None => serde_json::to_vec(command),
         }
         .expect("commands serialise");
         let deadline = Instant::now() + OPERATION_TIMEOUT;
         let forwarded = ForwardedWrite {
-            command: value.clone(),
+            command: allod_raft::Command(text.clone()),
             credential: crate::cluster::request_audit::current_credential(),
         };
         self.via_leader(
@@ -358,9 +394,9 @@ impl ClusterNode {
             &forwarded,
             None,
             || {
-                let value = value.clone();
+                let text = text.clone();
                 async move {
-                    match timeout_at(deadline, self.proposer.propose(value)).await {
+                    match timeout_at(deadline, self.proposer.propose(text)).await {
                         Err(_) => Ok(Err(ClusterError::Unconfirmed {
                             waited: OPERATION_TIMEOUT,
                         })),
@@ -378,7 +414,7 @@ impl ClusterNode {
                     }
                 }
             },
-            |outcome| outcome,
+            |outcome: crate::cluster::peer::WireOutcome| outcome.map(|value| value.0),
             |message| ClusterError::Leader { message },
         )
         .await
@@ -397,7 +433,7 @@ impl ClusterNode {
             });
         }
         let command: Command =
-            serde_json::from_value(forwarded.command).map_err(|e| ForwardFailure::Refused {
+            serde_json::from_slice(&forwarded.command.0).map_err(|e| ForwardFailure::Refused {
                 message: format!("the forwarded command does not parse: {e}"),
             })?;
         let Some(authority) = self.write_authority.get() else {
@@ -412,7 +448,7 @@ impl ClusterNode {
                 tracing::warn!(from, %message, "refused a forwarded write");
                 ForwardFailure::Refused { message }
             })?;
-        let command = serde_json::to_value(&command).expect("commands serialise");
+        let command = serde_json::to_vec(&command).expect("commands serialise");
         match tokio::time::timeout(OPERATION_TIMEOUT, self.proposer.propose(command)).await {
             Err(_) => Err(ForwardFailure::Failed {
                 message: "the write did not commit in time (no quorum?)".into(),
@@ -459,6 +495,12 @@ impl ClusterNode {
         Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Member>>>,
         tokio::time::error::Elapsed,
     > {
+        if let Some(read_log_id) = self.lease_read_log_id() {
+            self.catch_up
+                .lease_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Ok(Some(read_log_id)));
+        }
         loop {
             match timeout_at(deadline, self.raft.get_read_log_id()).await {
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))))
@@ -469,6 +511,87 @@ impl ClusterNode {
                 other => return other.map(|r| r.map(|(read_log_id, _applied)| read_log_id)),
             }
         }
+    }
+
+    /// Whether this node holds back its vote: for a while after it starts
+    /// (see `start`), since it may have promised a leader before.
+    pub fn votes_withheld(&self) -> bool {
+        self.started.elapsed() < self.follower_lease
+    }
+
+    /// On the leader, the log id a linearizable read must wait for, when
+    /// the leader's lease answers for its leadership without a round trip
+    /// to a quorum; `None` when only a round trip can tell.
+    ///
+    /// The lease (openraft 0.9 has none for reads; it has the follower's
+    /// half): a follower that took an AppendEntries as its leader's refuses
+    /// to vote for anyone else for `follower_lease` after it arrived, and
+    /// stands for election only later still (and, after a restart, this
+    /// node keeps both rules, see `start`). So once a quorum of voters took
+    /// AppendEntries sent at or after moment T in this term, no other
+    /// leader can exist before T + `follower_lease`. The leader reads on
+    /// its lease until T + `lease`, which is shorter (the shortest election
+    /// timeout), leaving the difference for clock rate drift.
+    ///
+    /// What the read must then wait for is the commit index: the entry a
+    /// quorum of voters holds (from the replication metrics, which are
+    /// published before any later message is handled, so before any reader
+    /// elsewhere could have learnt a higher one), and it must be of this
+    /// term (otherwise earlier terms' entries may not all be known to be
+    /// committed yet). Joint memberships take the round trip.
+    pub fn lease_read_log_id(&self) -> Option<LogId<NodeId>> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != openraft::ServerState::Leader || metrics.current_leader != Some(self.id)
+        {
+            return None;
+        }
+        let term = metrics.current_term;
+        let configs = metrics.membership_config.membership().get_joint_config();
+        let [voters] = configs.as_slice() else {
+            return None;
+        };
+        let quorum = voters.len() / 2 + 1;
+        let now = std::time::Instant::now();
+        let mut acked: Vec<std::time::Instant> = voters
+            .iter()
+            .filter_map(|v| {
+                if *v == self.id {
+                    Some(now)
+                } else {
+                    self.peers.acked_at(*v, term)
+                }
+            })
+            .collect();
+        if acked.len() < quorum {
+            return None;
+        }
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        if now.duration_since(acked[quorum - 1]) >= self.lease {
+            return None;
+        }
+        let replication = metrics.replication.as_ref()?;
+        let mut matched: Vec<Option<LogId<NodeId>>> = voters
+            .iter()
+            .map(|v| replication.get(v).copied().flatten())
+            .collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let committed = matched[quorum - 1]?;
+        (committed.leader_id.term == term).then_some(committed)
+    }
+
+    /// Calls (writes, reads' index, membership changes) this node has sent
+    /// to the leader and awaits the answer of.
+    pub fn forwards_in_flight(&self) -> u64 {
+        self.catch_up
+            .forwards_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads this node answered on its leader lease since it started.
+    pub fn lease_reads(&self) -> u64 {
+        self.catch_up
+            .lease_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Returns once this node's state machine reflects every write committed
@@ -614,10 +737,13 @@ impl ClusterNode {
                 Some(member) if leader != Some(self.id) => {
                     let timeout = peer_timeout
                         .unwrap_or_else(|| deadline.saturating_duration_since(Instant::now()));
+                    let in_flight = &self.catch_up.forwards_in_flight;
+                    in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let reply: Result<Result<R, ForwardFailure>, PeerCallError> = self
                         .peers
                         .call(&member.peer_addr, path, body, timeout)
                         .await;
+                    in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     match reply {
                         Ok(Ok(value)) => return Ok(from_leader(value)),
                         Ok(Err(ForwardFailure::NotLeader { .. })) => {

@@ -1,5 +1,13 @@
 //! Node-to-node RPC: Raft's messages and the few cluster operations that must
-//! run on the leader, as JSON over HTTPS with mutual TLS.
+//! run on the leader (forwarded writes, read index, membership changes), over
+//! HTTPS with mutual TLS.
+//!
+//! Each node holds one HTTP/2 connection to each peer (negotiated by ALPN),
+//! and every call to that peer is a stream on it: a forwarded write does not
+//! wait for a connection of its own, nor queue behind AppendEntries. Bodies
+//! are postcard ([`allod_raft::codec`] has the encoding and the rule for
+//! clusters of mixed versions); a peer that speaks only JSON over HTTP/1.1
+//! (an earlier Allod) is still understood and answered in kind.
 //!
 //! The server side is an axum router mounted on the peer port, whose TLS
 //! configuration refuses any client without a certificate from the cluster
@@ -8,11 +16,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use allod_raft::codec::PEER_CONTENT_TYPE;
 use allod_raft::{Member, NodeId, TypeConfig};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -26,7 +36,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::node::{ClusterError, ClusterNode, MemberRole};
-use crate::state::Outcome;
 
 /// A switch that cuts a node off from its peers in both directions, for
 /// partition tests of the real transport. It exists only in builds with the
@@ -96,6 +105,9 @@ pub enum PeerCallError {
     },
     #[error("this node is isolated from its peers")]
     Isolated,
+    /// The peer answered something this node cannot read.
+    #[error("peer {addr} answered in a form this node cannot read: {reason}")]
+    Garbled { addr: String, reason: String },
 }
 
 impl PeerCallError {
@@ -107,10 +119,20 @@ impl PeerCallError {
     }
 }
 
+/// How long a node speaks JSON to a peer that refused the binary encoding
+/// (an earlier version) before trying it again.
+const JSON_FALLBACK_FOR: Duration = Duration::from_secs(60);
+
 /// The HTTPS client every peer call goes through.
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// Peers (by address) that refused the binary encoding, and when.
+    json_only: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    /// When each peer last took an AppendEntries of this node as its
+    /// leader's: the term and the moment the request was sent. The leader
+    /// lease is built on it (see `ClusterNode::lease_read_index`).
+    acked: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, (u64, std::time::Instant)>>>,
     pub isolation: Isolation,
     /// Set, with how it was learnt, once this node knows for certain that
     /// it was removed (it removed itself, or most members refuse it).
@@ -135,15 +157,42 @@ impl PeerClient {
             .map(std::time::Instant::elapsed)
     }
 
-    pub fn new(tls: rustls::ClientConfig, isolation: Isolation) -> Result<Self, reqwest::Error> {
+    /// When `node` last accepted an AppendEntries this node sent as leader
+    /// of `term`: the moment it was sent.
+    pub fn acked_at(&self, node: NodeId, term: u64) -> Option<std::time::Instant> {
+        self.acked
+            .lock()
+            .unwrap()
+            .get(&node)
+            .filter(|(t, _)| *t == term)
+            .map(|(_, at)| *at)
+    }
+
+    pub fn new(
+        mut tls: rustls::ClientConfig,
+        isolation: Isolation,
+    ) -> Result<Self, reqwest::Error> {
+        // HTTP/2 where the peer offers it (every peer of this version), so
+        // that all calls to it share one connection; HTTP/1.1 otherwise.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
+            // A whole batch of entries or a snapshot chunk in flight
+            // without waiting for window updates.
+            .http2_initial_stream_window_size(4 << 20)
+            .http2_initial_connection_window_size(16 << 20)
+            // A connection whose peer vanished is noticed and replaced.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(true)
             .build()?;
         Ok(Self {
             http,
+            json_only: Arc::default(),
+            acked: Arc::default(),
             isolation,
             removed: Arc::new(tokio::sync::watch::channel(None).0),
             removal_hints: Arc::new(tokio::sync::Notify::new()),
@@ -161,11 +210,56 @@ impl PeerClient {
         if self.isolation.get() {
             return Err(PeerCallError::Isolated);
         }
+        let json = self
+            .json_only
+            .lock()
+            .unwrap()
+            .get(peer_addr)
+            .is_some_and(|since| since.elapsed() < JSON_FALLBACK_FOR);
+        let encoding = if json {
+            Encoding::Json
+        } else {
+            Encoding::Binary
+        };
+        match self.call_in(encoding, peer_addr, path, body, timeout).await {
+            // An earlier version: nothing was done; ask again in JSON.
+            Err(PeerCallError::Refused { status: 415, .. }) if encoding == Encoding::Binary => {
+                tracing::info!(
+                    peer = peer_addr,
+                    "the peer does not speak the binary encoding; using JSON with it"
+                );
+                self.json_only
+                    .lock()
+                    .unwrap()
+                    .insert(peer_addr.to_string(), std::time::Instant::now());
+                self.call_in(Encoding::Json, peer_addr, path, body, timeout)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn call_in<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        encoding: Encoding,
+        peer_addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerCallError> {
         let addr = peer_addr.to_string();
+        let garbled = |reason: String| PeerCallError::Garbled {
+            addr: addr.clone(),
+            reason,
+        };
+        let (bytes, content_type) = encoding
+            .encode(body)
+            .map_err(|e| garbled(format!("cannot encode the request: {e}")))?;
         let response = self
             .http
             .post(format!("https://{peer_addr}{path}"))
-            .json(body)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(bytes)
             .timeout(timeout)
             .send()
             .await
@@ -196,12 +290,138 @@ impl PeerClient {
                 message,
             });
         }
-        response
-            .json()
+        let answered_in = Encoding::of(response.headers().get(header::CONTENT_TYPE));
+        let bytes = response
+            .bytes()
             .await
-            .map_err(|source| PeerCallError::Transport { addr, source })
+            .map_err(|source| PeerCallError::Transport {
+                addr: addr.clone(),
+                source,
+            })?;
+        match answered_in {
+            Some(encoding) => encoding.decode(&bytes).map_err(garbled),
+            None => Err(garbled("no known content type".into())),
+        }
     }
 }
+
+/// How a peer message is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// postcard, as [`PEER_CONTENT_TYPE`].
+    Binary,
+    /// JSON, as every version of Allod speaks.
+    Json,
+}
+
+impl Encoding {
+    fn of(content_type: Option<&axum::http::HeaderValue>) -> Option<Self> {
+        let content_type = content_type?.to_str().ok()?;
+        if content_type == PEER_CONTENT_TYPE {
+            Some(Encoding::Binary)
+        } else if content_type.starts_with("application/json") {
+            Some(Encoding::Json)
+        } else {
+            None
+        }
+    }
+
+    fn encode<T: Serialize>(self, message: &T) -> Result<(Vec<u8>, &'static str), String> {
+        match self {
+            Encoding::Binary => allod_raft::codec::to_wire(message)
+                .map(|b| (b, PEER_CONTENT_TYPE))
+                .map_err(|e| crate::error_chain(&e)),
+            Encoding::Json => serde_json::to_vec(message)
+                .map(|b| (b, "application/json"))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
+        match self {
+            Encoding::Binary => {
+                allod_raft::codec::from_wire(bytes).map_err(|e| crate::error_chain(&e))
+            }
+            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A peer message in a request, and the same encoding for the answer.
+pub struct Wire<T>(pub Encoding, pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Wire<T> {
+    type Rejection = (StatusCode, String);
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Some(encoding) = Encoding::of(req.headers().get(header::CONTENT_TYPE)) else {
+            return Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("a peer message is {PEER_CONTENT_TYPE} or application/json"),
+            ));
+        };
+        // Over the body limit: 413, which a sender of entries takes as a
+        // cue to send fewer at a time.
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| (e.status(), e.body_text()))?;
+        let message = encoding.decode(&bytes).map_err(|reason| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("the peer message does not parse: {reason}"),
+            )
+        })?;
+        Ok(Wire(encoding, message))
+    }
+}
+
+impl<T: Serialize> IntoResponse for Wire<T> {
+    fn into_response(self) -> Response {
+        match self.0.encode(&self.1) {
+            Ok((bytes, content_type)) => {
+                ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+            }
+            Err(reason) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the answer: {reason}"),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// A JSON value inside a peer message: the document itself in JSON (as
+/// earlier versions sent it), its text in the binary encoding (which cannot
+/// carry a schema-less value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonValue(pub serde_json::Value);
+
+impl Serialize for JsonValue {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            self.0.serialize(serializer)
+        } else {
+            let text = serde_json::to_vec(&self.0).map_err(serde::ser::Error::custom)?;
+            serializer.serialize_bytes(&text)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            serde_json::Value::deserialize(deserializer).map(JsonValue)
+        } else {
+            let text = allod_raft::Command::deserialize(deserializer)?;
+            serde_json::from_slice(&text.0)
+                .map(JsonValue)
+                .map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+/// A command's outcome as it crosses between peers.
+pub type WireOutcome = Result<JsonValue, crate::state::DomainError>;
 
 /// Builds one [`PeerConnection`] per target, all sharing the client's pool.
 pub struct NetworkFactory {
@@ -275,16 +495,30 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let entries = rpc.entries.len();
+        let term = rpc.vote.leader_id().term;
+        let as_leader = rpc.vote.is_committed();
         let started = std::time::Instant::now();
-        let result = self
+        let result: Result<AppendEntriesResponse<NodeId>, _> = self
             .raft_call("/raft/append", &rpc, &option, Some(entries))
             .await;
-        if result.is_ok() {
+        if let Ok(answer) = &result {
             self.client
                 .heard
                 .lock()
                 .unwrap()
                 .insert(self.target, std::time::Instant::now());
+            // Any answer but a higher vote means the peer took this node as
+            // its leader when the request arrived, which is after `started`:
+            // from then, it refuses other candidates for its lease.
+            if as_leader && !matches!(answer, AppendEntriesResponse::HigherVote(_)) {
+                let mut acked = self.client.acked.lock().unwrap();
+                let newer = acked
+                    .get(&self.target)
+                    .is_none_or(|(t, at)| (*t, *at) < (term, started));
+                if newer {
+                    acked.insert(self.target, (term, started));
+                }
+            }
         }
         tracing::trace!(
             target = self.target,
@@ -318,7 +552,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 /// A write forwarded from a follower to the leader.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ForwardedWrite {
-    pub command: serde_json::Value,
+    /// The command's JSON text, proposed by the leader once authorised.
+    pub command: allod_raft::Command,
     /// The API caller's credential when the write comes from an API
     /// request; the leader authorises the write with it.
     #[serde(default)]
@@ -378,11 +613,11 @@ fn isolated(node: &ClusterNode) -> Option<(StatusCode, &'static str)> {
         .then_some((StatusCode::SERVICE_UNAVAILABLE, "node is isolated"))
 }
 
-type PeerReply<T> = Result<Json<T>, (StatusCode, &'static str)>;
+type PeerReply<T> = Result<Wire<T>, (StatusCode, &'static str)>;
 
 async fn append(
     State(node): State<Arc<ClusterNode>>,
-    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
+    Wire(encoding, rpc): Wire<AppendEntriesRequest<TypeConfig>>,
 ) -> PeerReply<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
@@ -395,34 +630,40 @@ async fn append(
         elapsed_us = started.elapsed().as_micros() as u64,
         "append_entries handled"
     );
-    Ok(Json(result))
+    Ok(Wire(encoding, result))
 }
 
 async fn vote(
     State(node): State<Arc<ClusterNode>>,
-    Json(rpc): Json<VoteRequest<NodeId>>,
+    Wire(encoding, rpc): Wire<VoteRequest<NodeId>>,
 ) -> PeerReply<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    Ok(Json(node.raft.vote(rpc).await))
+    if node.votes_withheld() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node restarted moments ago and votes only once a leader's lease it may have granted has run out",
+        ));
+    }
+    Ok(Wire(encoding, node.raft.vote(rpc).await))
 }
 
 async fn snapshot(
     State(node): State<Arc<ClusterNode>>,
-    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
+    Wire(encoding, rpc): Wire<InstallSnapshotRequest<TypeConfig>>,
 ) -> PeerReply<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    Ok(Json(node.raft.install_snapshot(rpc).await))
+    Ok(Wire(encoding, node.raft.install_snapshot(rpc).await))
 }
 
 async fn forwarded_write(
     State(node): State<Arc<ClusterNode>>,
     Extension(identity): Extension<PeerIdentity>,
-    Json(req): Json<ForwardedWrite>,
-) -> PeerReply<Result<Outcome, ForwardFailure>> {
+    Wire(encoding, req): Wire<ForwardedWrite>,
+) -> PeerReply<Result<WireOutcome, ForwardFailure>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
@@ -430,22 +671,24 @@ async fn forwarded_write(
     let Some(from) = identity.node_cert.map(|c| c.id) else {
         return Err((StatusCode::FORBIDDEN, "the caller is not a node"));
     };
-    Ok(Json(node.write_as_leader(from, req).await))
+    let outcome = node.write_as_leader(from, req).await;
+    Ok(Wire(encoding, outcome.map(|o| o.map(JsonValue))))
 }
 
 async fn read_index(
     State(node): State<Arc<ClusterNode>>,
+    Wire(encoding, ()): Wire<()>,
 ) -> PeerReply<Result<Option<LogId<NodeId>>, ForwardFailure>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
     }
-    Ok(Json(node.read_index_as_leader().await))
+    Ok(Wire(encoding, node.read_index_as_leader().await))
 }
 
 async fn add_member(
     State(node): State<Arc<ClusterNode>>,
     Extension(identity): Extension<PeerIdentity>,
-    Json(req): Json<AddMemberRequest>,
+    Wire(encoding, req): Wire<AddMemberRequest>,
 ) -> PeerReply<Result<MemberRole, ForwardFailure>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
@@ -458,7 +701,8 @@ async fn add_member(
     if !allowed {
         return Err((StatusCode::FORBIDDEN, "a node can only ask to add itself"));
     }
-    Ok(Json(
+    Ok(Wire(
+        encoding,
         node.add_member(req.node_id, req.member)
             .await
             .map_err(failure),
@@ -468,7 +712,7 @@ async fn add_member(
 async fn remove_member(
     State(node): State<Arc<ClusterNode>>,
     Extension(identity): Extension<PeerIdentity>,
-    Json(req): Json<RemoveMemberRequest>,
+    Wire(encoding, req): Wire<RemoveMemberRequest>,
 ) -> PeerReply<Result<(), ForwardFailure>> {
     if let Some(refusal) = isolated(&node) {
         return Err(refusal);
@@ -482,7 +726,8 @@ async fn remove_member(
     }
     // A node removing itself learns it from this answer.
     let tell = caller != Some(req.node_id);
-    Ok(Json(
+    Ok(Wire(
+        encoding,
         node.remove_member(req.node_id, tell).await.map_err(failure),
     ))
 }
@@ -490,7 +735,7 @@ async fn remove_member(
 async fn removed(
     State(node): State<Arc<ClusterNode>>,
     Extension(identity): Extension<PeerIdentity>,
-    Json(notice): Json<RemovedNotice>,
+    Wire(encoding, notice): Wire<RemovedNotice>,
 ) -> PeerReply<()> {
     if notice.node_id != node.id {
         return Err((StatusCode::BAD_REQUEST, "the notice names another node"));
@@ -501,7 +746,7 @@ async fn removed(
         "a member says this node was removed; asking the other members"
     );
     node.peers.removal_hints.notify_one();
-    Ok(Json(()))
+    Ok(Wire(encoding, ()))
 }
 
 fn failure(e: ClusterError) -> ForwardFailure {

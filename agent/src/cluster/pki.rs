@@ -289,7 +289,11 @@ impl NodeTls {
     /// Server side of the peer port: only clients with a certificate from the
     /// cluster CA get through the handshake.
     pub fn peer_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
-        self.server_config(false)
+        let mut config = Arc::unwrap_or_clone(self.server_config(false)?);
+        // Peers of this version multiplex every call over one HTTP/2
+        // connection; earlier ones speak HTTP/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// Server side of the tenant API: callers authenticate with bearer

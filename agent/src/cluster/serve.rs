@@ -234,6 +234,9 @@ pub fn spawn(
     })
 }
 
+/// Calls in flight at once on one peer's HTTP/2 connection.
+const MAX_STREAMS: u32 = 1024;
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: std::net::SocketAddr,
@@ -271,11 +274,24 @@ async fn serve_connection(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| crate::cluster::admission::NodeCert::from_der(cert.as_ref()));
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let service = TowerToHyperService::new(router.layer(Extension(PeerIdentity {
                 node_cert,
                 remote_addr: Some(remote),
                 proven,
             })));
+            if h2 {
+                // Only the peer port offers HTTP/2 (see `pki`).
+                let mut h2 =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                h2.timer(hyper_util::rt::TokioTimer::new())
+                    .initial_stream_window_size(4 << 20)
+                    .initial_connection_window_size(16 << 20)
+                    .max_concurrent_streams(MAX_STREAMS)
+                    .keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5));
+                return Ok(h2.serve_connection(TokioIo::new(tls), service).await?);
+            }
             Ok(builder
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()

@@ -786,9 +786,9 @@ impl ClusterApply {
         &self,
         kv: &mut KvWrite<'_>,
         index: u64,
-        command: &serde_json::Value,
+        command: &str,
     ) -> Result<Outcome, allod_raft::KvError> {
-        match serde_json::from_value::<Command>(command.clone()) {
+        match serde_json::from_str::<Command>(command) {
             Ok(command) => {
                 let effects = command.effects();
                 if effects.authentication {
@@ -812,23 +812,42 @@ impl ClusterApply {
     }
 }
 
+/// An entry's commands: `{"batch": [command, ...]}`, each command kept as
+/// its text so that one that does not parse fails alone.
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    batch: Vec<&'a serde_json::value::RawValue>,
+}
+
 impl Apply for ClusterApply {
-    /// An entry holds either one command or `{"batch": [command, ...]}`,
-    /// applied in order with one outcome each.
+    /// An entry holds either one command or `{"batch": [command, ...]}`
+    /// (JSON), applied in order with one outcome each.
     fn apply(
         &self,
         kv: &mut KvWrite<'_>,
         log_id: &LogId<NodeId>,
-        command: &serde_json::Value,
+        command: &[u8],
     ) -> Result<serde_json::Value, allod_raft::KvError> {
-        if let Some(batch) = command.get("batch").and_then(|b| b.as_array()) {
+        let Ok(text) = std::str::from_utf8(command) else {
+            tracing::warn!(
+                index = log_id.index,
+                "committed entry is not UTF-8 text; ignoring it"
+            );
+            let refused: Outcome = Err(domain(
+                ErrorCode::InvalidArgument,
+                "command not understood: not UTF-8 text".to_string(),
+            ));
+            return Ok(serde_json::to_value(refused).expect("outcomes serialise"));
+        };
+        if let Ok(Batch { batch }) = serde_json::from_str::<Batch>(text) {
             let mut outcomes = Vec::with_capacity(batch.len());
             for one in batch {
-                outcomes.push(self.apply_one(kv, log_id.index, one)?);
+                outcomes.push(self.apply_one(kv, log_id.index, one.get())?);
             }
             return Ok(serde_json::to_value(outcomes).expect("outcomes serialise"));
         }
-        let outcome = self.apply_one(kv, log_id.index, command)?;
+        let outcome = self.apply_one(kv, log_id.index, text)?;
         Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
     }
 
