@@ -7,7 +7,9 @@
 //!
 //! Run with `bash .ci/bench` (installs etcd-server) or
 //! `cargo bench -p agent --bench cluster_vs_etcd` when etcd is installed.
-//! `ALLOD_BENCH_OPS` scales the number of requests per measurement.
+//! `ALLOD_BENCH_OPS` scales the number of requests per measurement;
+//! `ALLOD_BENCH_ONLY=allod` skips etcd; `ALLOD_BENCH_KEEP=1` keeps the
+//! agents' logs (`ALLOD_BENCH_AGENT_LOG` sets their filter) and data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -208,6 +210,17 @@ enum Target {
     Etcd,
 }
 
+/// What each request does.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Creates a record (a project; an etcd key of the same size).
+    Write,
+    /// Reads the record `bc1-0` (made by the first write phase): current
+    /// (Allod's default read; etcd's linearizable range), or `stale`
+    /// (`?consistency=stale`; etcd's serializable range).
+    Read { stale: bool },
+}
+
 struct Measurement {
     ops: usize,
     seconds: f64,
@@ -218,6 +231,7 @@ struct Measurement {
     p50_by_member_ms: Vec<f64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     target: Target,
     urls: &[String],
@@ -226,6 +240,7 @@ async fn drive(
     clients: usize,
     total: usize,
     tag: &str,
+    work: Work,
 ) -> Measurement {
     let http = reqwest::Client::builder()
         .use_preconfigured_tls(agent::cluster::pki::ca_client_config(ca_pem).unwrap())
@@ -256,13 +271,20 @@ async fn drive(
                 let url = &urls[member];
                 let name = format!("b{tag}-{n}");
                 let t0 = Instant::now();
-                let request = match target {
-                    Target::Allod => http.post(format!("{url}/v1/projects")).bearer_auth(&token).json(&json!({ "name": name })),
-                    Target::Etcd => {
+                let request = match (target, work) {
+                    (Target::Allod, Work::Write) => http.post(format!("{url}/v1/projects")).bearer_auth(&token).json(&json!({ "name": name })),
+                    (Target::Etcd, Work::Write) => {
                         let value = json!({ "name": name, "description": "", "created_at_ms": 0, "generation": 1 }).to_string();
                         http.post(format!("{url}/v3/kv/put"))
                             .json(&json!({ "key": STANDARD.encode(format!("projects/{name}")), "value": STANDARD.encode(value) }))
                     }
+                    (Target::Allod, Work::Read { stale }) => {
+                        let query = if stale { "?consistency=stale" } else { "" };
+                        http.get(format!("{url}/v1/projects/bc1-0{query}")).bearer_auth(&token)
+                    }
+                    (Target::Etcd, Work::Read { stale }) => http
+                        .post(format!("{url}/v3/kv/range"))
+                        .json(&json!({ "key": STANDARD.encode("projects/bc1-0"), "serializable": stale })),
                 };
                 match request.send().await {
                     Ok(r) if r.status().is_success() => {
@@ -348,8 +370,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // ALLOD_BENCH_KEEP=1 keeps the agents' logs and data after the run.
     let tmp = tempfile::Builder::new()
         .prefix("allod-bench")
+        .disable_cleanup(std::env::var_os("ALLOD_BENCH_KEEP").is_some())
         .tempdir()
         .unwrap();
     eprintln!("agent logs: {}/allod*.log", tmp.path().display());
@@ -406,10 +430,26 @@ fn main() {
             }
             let tag = format!("c{clients}");
             let m = runtime.block_on(match target {
-                Target::Allod => {
-                    drive(target, &allod_urls, &allod_ca, &token, clients, total, &tag)
-                }
-                Target::Etcd => drive(target, &etcd_urls, &etcd_ca, "", clients, total, &tag),
+                Target::Allod => drive(
+                    target,
+                    &allod_urls,
+                    &allod_ca,
+                    &token,
+                    clients,
+                    total,
+                    &tag,
+                    Work::Write,
+                ),
+                Target::Etcd => drive(
+                    target,
+                    &etcd_urls,
+                    &etcd_ca,
+                    "",
+                    clients,
+                    total,
+                    &tag,
+                    Work::Write,
+                ),
             });
             println!(
                 "| {clients} client(s) | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
@@ -432,6 +472,55 @@ fn main() {
             pair.push(m);
         }
         results.push((clients, pair));
+    }
+    // Reads by one client: a record, current or stale.
+    let reads = 300 * scale;
+    for (kind, stale) in [("current", false), ("stale", true)] {
+        for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
+            if allod_only && label == "etcd" {
+                continue;
+            }
+            let m = runtime.block_on(match target {
+                Target::Allod => drive(
+                    target,
+                    &allod_urls,
+                    &allod_ca,
+                    &token,
+                    1,
+                    reads,
+                    "r",
+                    Work::Read { stale },
+                ),
+                Target::Etcd => drive(
+                    target,
+                    &etcd_urls,
+                    &etcd_ca,
+                    "",
+                    1,
+                    reads,
+                    "r",
+                    Work::Read { stale },
+                ),
+            });
+            println!(
+                "| 1 client, {kind} reads | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
+                m.ops,
+                m.ops as f64 / m.seconds,
+                m.p50_ms,
+                m.p99_ms,
+                m.errors
+            );
+            let by_member: Vec<String> = m
+                .p50_by_member_ms
+                .iter()
+                .enumerate()
+                .map(|(i, p50)| format!("member {} {p50:.2}", i + 1))
+                .collect();
+            notes.push(format!(
+                "1 client, {kind} reads, {label}: p50 ms by the member read from: {}",
+                by_member.join(", ")
+            ));
+        }
     }
     println!();
     for note in &notes {
@@ -460,6 +549,7 @@ fn main() {
             64,
             fill,
             "fill",
+            Work::Write,
         ));
     }
     let pids: Vec<u32> = killer.0[..3].iter().map(|c| c.id()).collect();
