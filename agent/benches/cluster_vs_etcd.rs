@@ -8,7 +8,8 @@
 //! Run with `bash .ci/bench` (installs etcd-server) or
 //! `cargo bench -p agent --bench cluster_vs_etcd` when etcd is installed.
 //! `ALLOD_BENCH_OPS` scales the number of requests per measurement;
-//! `ALLOD_BENCH_ONLY=allod` skips etcd; `ALLOD_BENCH_KEEP=1` keeps the
+//! `ALLOD_BENCH_ONLY=allod` skips etcd; `ALLOD_BENCH_PROFILE=1` prints where
+//! a lone write's time goes; `ALLOD_BENCH_KEEP=1` keeps the
 //! agents' logs (`ALLOD_BENCH_AGENT_LOG` sets their filter) and data.
 
 use std::path::{Path, PathBuf};
@@ -91,7 +92,13 @@ fn spawn_allod(dir: &Path, name: &str, api: &str, peer: &str) -> Child {
         ])
         .env(
             "ALLOD_LOG",
-            std::env::var("ALLOD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("ALLOD_BENCH_AGENT_LOG").unwrap_or_else(|_| {
+                if profiling() {
+                    PROFILE_LOG.into()
+                } else {
+                    "warn".into()
+                }
+            }),
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
@@ -202,6 +209,70 @@ fn start_etcd(root: &Path, killer: &mut Killer) -> (Vec<String>, String) {
         .map(|(_, c, _)| format!("https://127.0.0.1:{c}"))
         .collect();
     (urls, ca.cert_pem)
+}
+
+/// `ALLOD_BENCH_PROFILE=1`: the agents log the timing of each stage of a
+/// write, and the bench prints where a lone write's time goes on the leader.
+fn profiling() -> bool {
+    std::env::var_os("ALLOD_BENCH_PROFILE").is_some()
+}
+
+const PROFILE_LOG: &str = "warn,allod_raft=trace,agent::cluster=trace";
+
+/// The median of `field` in the trace lines with `message` (and, when
+/// given, `also` in the line) among `lines`, in microseconds.
+fn stage_p50(lines: &[&str], message: &str, also: &str, field: &str) -> Option<(u64, usize)> {
+    let key = format!("{field}=");
+    let mut values: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.contains(message) && l.contains(also))
+        .filter_map(|l| {
+            let at = l.find(&key)? + key.len();
+            l[at..].split(' ').next()?.trim().parse().ok()
+        })
+        .collect();
+    values.sort_unstable();
+    let p50 = *values.get(values.len() / 2)?;
+    Some((p50, values.len()))
+}
+
+/// Where a lone write's time goes on the leader, from its trace lines
+/// (`log` holds those of the one-client phase).
+fn print_profile(log: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    let stages = [
+        (
+            "write proposed to Raft until committed and applied",
+            "batch committed and applied",
+            "commands=1 ",
+            "elapsed_us",
+        ),
+        (
+            "  leader's log append (redb commit, fsync), before replication starts",
+            "committed to the Raft log",
+            "entries=1 ",
+            "elapsed_us",
+        ),
+        (
+            "  AppendEntries to a follower and back (its fsync included)",
+            "append_entries sent",
+            "entries=1 ",
+            "elapsed_us",
+        ),
+        (
+            "  apply (queue, redb transaction without fsync)",
+            "state machine transaction",
+            "durable=false",
+            "committed_us",
+        ),
+    ];
+    println!("A lone write on the leader (p50 of its stages, from the agents' traces):");
+    for (label, message, also, field) in stages {
+        match stage_p50(&lines, message, also, field) {
+            Some((p50, n)) => println!("  {label}: {:.2} ms ({n} samples)", p50 as f64 / 1000.0),
+            None => println!("  {label}: no samples"),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -422,6 +493,7 @@ fn main() {
     let mut results = Vec::new();
     // Allod's member 1 made the cluster and leads unless an election moved it.
     let mut notes = Vec::new();
+    let mut profile = None;
     for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
         let mut pair = Vec::new();
         for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
@@ -429,6 +501,8 @@ fn main() {
                 continue;
             }
             let tag = format!("c{clients}");
+            let leader_log = allod[0].dir.with_extension("log");
+            let log_from = std::fs::metadata(&leader_log).map_or(0, |m| m.len() as usize);
             let m = runtime.block_on(match target {
                 Target::Allod => drive(
                     target,
@@ -469,6 +543,11 @@ fn main() {
                 "{clients} client(s), {label}: p50 ms by the member written to: {}",
                 by_member.join(", ")
             ));
+            if profiling() && clients == 1 && label == "allod" {
+                let log = std::fs::read(&leader_log).unwrap_or_default();
+                let phase = String::from_utf8_lossy(&log[log_from.min(log.len())..]).into_owned();
+                profile = Some(phase);
+            }
             pair.push(m);
         }
         results.push((clients, pair));
@@ -525,6 +604,10 @@ fn main() {
     println!();
     for note in &notes {
         println!("{note}");
+    }
+    if let Some(log) = &profile {
+        println!();
+        print_profile(log);
     }
     println!();
     for (clients, pair) in results.iter().filter(|(_, p)| p.len() == 2) {

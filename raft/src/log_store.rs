@@ -310,6 +310,22 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .map(|(i, b)| (*i, b.clone()))
                 .collect()
         };
+        // The common case of a lone write: the entries replication asks for
+        // were just appended and are all in the tail, so the database (and
+        // a hop to a storage thread) is not needed.
+        let wanted = match range {
+            (Bound::Included(first), Bound::Excluded(end)) => end.checked_sub(first),
+            (Bound::Included(first), Bound::Included(last)) => {
+                last.checked_sub(first).map(|n| n + 1)
+            }
+            _ => None,
+        };
+        if wanted.is_some_and(|n| n > 0 && n == tail.len() as u64) {
+            return tail
+                .iter()
+                .map(|(_, bytes)| crate::codec::decode_entry(bytes).map_err(read_err))
+                .collect();
+        }
         self.blocking(move |this| {
             let txn = this.shared.db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOG).map_err(read_err)?;

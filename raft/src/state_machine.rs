@@ -392,6 +392,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let started = std::time::Instant::now();
         let applied = self
             .blocking(move |this| {
+                let queued_us = started.elapsed().as_micros() as u64;
                 let mut txn = this.db.begin_write().map_err(sm_write_err)?;
                 // The log, not the state machine, is what makes a write durable:
                 // every applied entry is already fsynced in the log of a quorum.
@@ -442,7 +443,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     meta.insert(KEY_APPLIED, bytes.as_slice())
                         .map_err(sm_write_err)?;
                 }
+                let applied_us = started.elapsed().as_micros() as u64;
                 txn.commit().map_err(sm_write_err)?;
+                tracing::trace!(
+                    queued_us,
+                    applied_us,
+                    committed_us = started.elapsed().as_micros() as u64,
+                    durable,
+                    "state machine transaction"
+                );
                 this.app.committed(false);
                 if durable {
                     this.last_durable_ms.store(now_ms, Ordering::Relaxed);

@@ -383,41 +383,48 @@ impl ClusterNode {
             None => serde_json::to_vec(command),
         }
         .expect("commands serialise");
-        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + OPERATION_TIMEOUT;
         let forwarded = ForwardedWrite {
             command: allod_raft::Command(text.clone()),
             credential: crate::cluster::request_audit::current_credential(),
         };
-        self.via_leader(
-            deadline,
-            "/cluster/write",
-            &forwarded,
-            None,
-            || {
-                let text = text.clone();
-                async move {
-                    match timeout_at(deadline, self.proposer.propose(text)).await {
-                        Err(_) => Ok(Err(ClusterError::Unconfirmed {
-                            waited: OPERATION_TIMEOUT,
-                        })),
-                        Ok(Ok(outcome)) => Ok(Ok(outcome)),
-                        Ok(Err(ProposeError::ForwardToLeader {
-                            leader_id,
-                            leader_node,
-                        })) => Err(NotHere {
-                            leader: leader_id,
-                            member: leader_node,
-                        }),
-                        Ok(Err(ProposeError::Failed { message })) => {
-                            Ok(Err(ClusterError::Raft { message }))
+        let result = self
+            .via_leader(
+                deadline,
+                "/cluster/write",
+                &forwarded,
+                None,
+                || {
+                    let text = text.clone();
+                    async move {
+                        match timeout_at(deadline, self.proposer.propose(text)).await {
+                            Err(_) => Ok(Err(ClusterError::Unconfirmed {
+                                waited: OPERATION_TIMEOUT,
+                            })),
+                            Ok(Ok(outcome)) => Ok(Ok(outcome)),
+                            Ok(Err(ProposeError::ForwardToLeader {
+                                leader_id,
+                                leader_node,
+                            })) => Err(NotHere {
+                                leader: leader_id,
+                                member: leader_node,
+                            }),
+                            Ok(Err(ProposeError::Failed { message })) => {
+                                Ok(Err(ClusterError::Raft { message }))
+                            }
                         }
                     }
-                }
-            },
-            |outcome: crate::cluster::peer::WireOutcome| outcome.map(|value| value.0),
-            |message| ClusterError::Leader { message },
-        )
-        .await
+                },
+                |outcome: crate::cluster::peer::WireOutcome| outcome.map(|value| value.0),
+                |message| ClusterError::Leader { message },
+            )
+            .await;
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "write done"
+        );
+        result
     }
 
     /// The leader's side of a write forwarded by node `from`: authorised

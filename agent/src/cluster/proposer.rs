@@ -116,9 +116,15 @@ async fn run(raft: Raft, mut proposals: mpsc::Receiver<Proposal>) {
             let (commands, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let count = commands.len();
+            let started = std::time::Instant::now();
             let result = raft
                 .client_write(RaftCommand(batch_command(&commands)))
                 .await;
+            tracing::trace!(
+                commands = count,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "batch committed and applied"
+            );
             let answers: Vec<ProposeResult> = match result {
                 Ok(response) => match serde_json::from_value::<Vec<Outcome>>(response.data.0) {
                     Ok(outcomes) if outcomes.len() == count => {
