@@ -212,6 +212,33 @@ async fn leader_kill_elects_a_new_leader_quickly_and_loses_no_acknowledged_write
     // The old leader comes back from its data directory and catches up.
     cluster.restart(old_leader).await;
     let restarted = cluster.node(old_leader);
+    // It may have promised the new leader not to elect another before it
+    // was killed; it keeps that promise across the restart by refusing to
+    // vote for a while (asked for real, by a peer; a vote of term 0, which
+    // openraft would refuse anyway, so the check cannot disturb the cluster).
+    assert!(restarted.votes_withheld());
+    let asker = cluster.node(new_leader);
+    let request = openraft::raft::VoteRequest::new(openraft::Vote::new(0, asker.id), None);
+    let answer: Result<
+        Result<openraft::raft::VoteResponse<u64>, openraft::error::RaftError<u64>>,
+        _,
+    > = asker
+        .peers
+        .call(
+            &restarted.member().peer_addr,
+            "/raft/vote",
+            &request,
+            Duration::from_secs(5),
+        )
+        .await;
+    match answer {
+        Err(agent::cluster::peer::PeerCallError::Refused {
+            status: 503,
+            message,
+            ..
+        }) => assert!(message.contains("restarted"), "{message}"),
+        other => panic!("a node that just restarted answered a vote request: {other:?}"),
+    }
     wait_for(
         "restarted node applies the write made while it was down",
         Duration::from_secs(20),

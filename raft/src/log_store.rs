@@ -6,13 +6,15 @@
 //! meanwhile as one redb transaction with `Durability::Immediate` and only
 //! then tells openraft the entries are flushed. Truncations and purges go
 //! through the same queue, so they happen in order with the appends around
-//! them.
+//! them. The tail also keeps the newest flushed entries (a few hundred, a
+//! few MiB), so that replication and apply, which read what was just
+//! appended, read it from memory rather than from redb on a storage thread.
 //!
 //! openraft 0.9 waits for each append's flush before its next log operation,
 //! so today the queue never holds more than one append (batching happens a
 //! level up, in the agent's proposer). The code does not rely on that for
-//! ordering, but two shortcuts do: removing tail entries by index after a
-//! commit, and `truncate` clearing the tail before the queue reaches it,
+//! ordering, but two shortcuts do: trimming the tail's flushed entries by
+//! index after a commit, and `truncate` clearing the tail before the queue reaches it,
 //! assume no append of the same indexes is still queued. A pipelining
 //! openraft would need a generation per tail entry here.
 
@@ -87,8 +89,8 @@ type AppendBatch = [(Vec<(u64, Vec<u8>)>, LogFlushed<TypeConfig>)];
 struct Shared {
     db: Database,
     /// Entries handed to `append` whose transaction has not committed yet,
-    /// encoded. Only the writer thread removes from it.
-    unflushed: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
+    /// and the newest ones that have (see [`trim_tail`]), encoded.
+    tail: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
     /// The latest committed log id openraft reported, written to disk with
     /// the next batch of appends. `None` once written.
     pending_committed: Mutex<Option<Option<LogId<NodeId>>>>,
@@ -120,7 +122,7 @@ impl LogStore {
         })?;
         let shared = Arc::new(Shared {
             db,
-            unflushed: Mutex::new(BTreeMap::new()),
+            tail: Mutex::new(BTreeMap::new()),
             pending_committed: Mutex::new(None),
         });
         let (ops, queue) = mpsc::channel();
@@ -169,6 +171,7 @@ impl LogStore {
 
 fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
     let mut next = None;
+    let mut committed_written = None;
     loop {
         let op = match next.take() {
             Some(op) => op,
@@ -193,7 +196,7 @@ fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
                     }
                 }
                 let started = std::time::Instant::now();
-                let result = commit_appends(&shared, &batch);
+                let result = commit_appends(&shared, &batch, &mut committed_written);
                 let count: usize = batch.iter().map(|(e, _)| e.len()).sum();
                 tracing::trace!(
                     appends = batch.len(),
@@ -202,10 +205,24 @@ fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
                     "committed to the Raft log"
                 );
                 {
-                    let mut unflushed = shared.unflushed.lock().expect("unflushed tail");
-                    for (entries, _) in &batch {
-                        for (index, _) in entries {
-                            unflushed.remove(index);
+                    let mut tail = shared.tail.lock().expect("log tail");
+                    match &result {
+                        Ok(()) => {
+                            let flushed_upto = batch
+                                .iter()
+                                .flat_map(|(entries, _)| entries.iter().map(|(i, _)| *i))
+                                .max();
+                            if let Some(flushed_upto) = flushed_upto {
+                                trim_tail(&mut tail, flushed_upto);
+                            }
+                        }
+                        // Not in the database: gone (openraft stops on the error).
+                        Err(_) => {
+                            for (entries, _) in &batch {
+                                for (index, _) in entries {
+                                    tail.remove(index);
+                                }
+                            }
                         }
                     }
                 }
@@ -236,12 +253,51 @@ fn writer_loop(shared: Arc<Shared>, queue: mpsc::Receiver<LogOp>) {
     }
 }
 
-fn commit_appends(shared: &Shared, batch: &AppendBatch) -> StoreResult<()> {
-    let committed = shared
-        .pending_committed
-        .lock()
-        .expect("pending committed")
-        .take();
+/// The newest flushed entries the tail keeps, by count and by size.
+const RECENT_ENTRIES: usize = 256;
+const RECENT_BYTES: usize = 4 << 20;
+
+/// Drops the oldest flushed entries (those up to `flushed_upto`) beyond the
+/// newest [`RECENT_ENTRIES`] and [`RECENT_BYTES`]; entries not yet flushed
+/// always stay.
+fn trim_tail(tail: &mut BTreeMap<u64, Arc<Vec<u8>>>, flushed_upto: u64) {
+    let (mut count, mut bytes) = (0usize, 0usize);
+    let mut cut = None;
+    for (index, entry) in tail.range(..=flushed_upto).rev() {
+        count += 1;
+        bytes += entry.len();
+        if count > RECENT_ENTRIES || bytes > RECENT_BYTES {
+            cut = Some(*index);
+            break;
+        }
+    }
+    if let Some(cut) = cut {
+        *tail = tail.split_off(&(cut + 1));
+    }
+}
+
+/// How often at most the committed index (a restart hint) is written with
+/// appends: each write of it is pages more for the append's fsync.
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn commit_appends(
+    shared: &Shared,
+    batch: &AppendBatch,
+    committed_written: &mut Option<std::time::Instant>,
+) -> StoreResult<()> {
+    let due = committed_written.is_none_or(|at| at.elapsed() >= COMMITTED_EVERY);
+    let committed = if due {
+        shared
+            .pending_committed
+            .lock()
+            .expect("pending committed")
+            .take()
+    } else {
+        None
+    };
+    if committed.is_some() {
+        *committed_written = Some(std::time::Instant::now());
+    }
     let mut txn = shared.db.begin_write().map_err(write_err)?;
     txn.set_durability(Durability::Immediate);
     {
@@ -289,8 +345,8 @@ fn remove_range(
     txn.commit().map_err(write_err)?;
     // Appends before this operation were committed before it ran, so the
     // tail holds nothing in the range; clear it anyway for the invariant.
-    let mut unflushed = shared.unflushed.lock().expect("unflushed tail");
-    unflushed.retain(|index, _| !range.contains(index));
+    let mut tail = shared.tail.lock().expect("log tail");
+    tail.retain(|index, _| !range.contains(index));
     Ok(())
 }
 
@@ -304,11 +360,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // The tail first, then the database: an entry the writer moves from
         // one to the other in between is then seen in the database.
         let tail: Vec<(u64, Arc<Vec<u8>>)> = {
-            let unflushed = self.shared.unflushed.lock().expect("unflushed tail");
-            unflushed
-                .range(range)
-                .map(|(i, b)| (*i, b.clone()))
-                .collect()
+            let tail = self.shared.tail.lock().expect("log tail");
+            tail.range(range).map(|(i, b)| (*i, b.clone())).collect()
         };
         // The common case of a lone write: the entries replication asks for
         // were just appended and are all in the tail, so the database (and
@@ -351,8 +404,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let tail_last: Option<Vec<u8>> = {
-            let unflushed = self.shared.unflushed.lock().expect("unflushed tail");
-            unflushed.last_key_value().map(|(_, b)| b.as_ref().clone())
+            let tail = self.shared.tail.lock().expect("log tail");
+            tail.last_key_value().map(|(_, b)| b.as_ref().clone())
         };
         self.blocking(move |this| {
             let last_purged_log_id: Option<LogId<NodeId>> = this.get_meta(KEY_LAST_PURGED)?;
@@ -407,7 +460,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The committed index is only a restart hint (losing the latest value
         // means re-learning it from the leader), and openraft reports it on
         // its hot path: keep it in memory and let the writer persist it with
-        // the next batch of entries instead of taking the write lock here.
+        // a later batch of entries (at most once a second) instead of taking
+        // the write lock here.
         *self
             .shared
             .pending_committed
@@ -446,9 +500,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ));
         }
         {
-            let mut unflushed = self.shared.unflushed.lock().expect("unflushed tail");
+            let mut tail = self.shared.tail.lock().expect("log tail");
             for (index, bytes) in &encoded {
-                unflushed.insert(*index, Arc::new(bytes.clone()));
+                tail.insert(*index, Arc::new(bytes.clone()));
             }
         }
         self.ops
@@ -462,9 +516,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         // Entries not yet committed must disappear for readers at once.
         self.shared
-            .unflushed
+            .tail
             .lock()
-            .expect("unflushed tail")
+            .expect("log tail")
             .retain(|index, _| *index < log_id.index);
         self.submit(|done| LogOp::Truncate {
             from_index: log_id.index,
@@ -475,5 +529,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         self.submit(|done| LogOp::Purge { log_id, done }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tail_of(indexes: std::ops::RangeInclusive<u64>, size: usize) -> BTreeMap<u64, Arc<Vec<u8>>> {
+        indexes.map(|i| (i, Arc::new(vec![0; size]))).collect()
+    }
+
+    #[test]
+    fn the_tail_keeps_the_newest_flushed_entries_and_every_unflushed_one() {
+        let mut tail = tail_of(1..=1000, 10);
+        trim_tail(&mut tail, 900);
+        let kept: Vec<u64> = tail.keys().copied().collect();
+        // 256 flushed (645..=900) and the 100 not yet flushed.
+        assert_eq!(kept.first(), Some(&(900 - RECENT_ENTRIES as u64 + 1)));
+        assert_eq!(kept.last(), Some(&1000));
+        assert_eq!(kept.len(), RECENT_ENTRIES + 100);
+
+        // Large entries: bounded by size, and unflushed ones stay whatever
+        // their size.
+        let mut tail = tail_of(1..=20, 1 << 20);
+        trim_tail(&mut tail, 10);
+        let kept: Vec<u64> = tail.keys().copied().collect();
+        assert_eq!(kept, (7..=20).collect::<Vec<_>>());
+        let mut tail = tail_of(1..=3, 1 << 20);
+        trim_tail(&mut tail, 0);
+        assert_eq!(tail.len(), 3);
     }
 }
