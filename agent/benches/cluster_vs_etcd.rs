@@ -404,6 +404,26 @@ async fn drive(
     }
 }
 
+/// Prints a measurement's table row (`row` names its first two cells) and
+/// returns the note with its p50 by member.
+fn report(row: &str, note: &str, m: &Measurement) -> String {
+    println!(
+        "| {row} | {} | {:.0} | {:.2} | {:.2} | {} |",
+        m.ops,
+        m.ops as f64 / m.seconds,
+        m.p50_ms,
+        m.p99_ms,
+        m.errors
+    );
+    let by_member: Vec<String> = m
+        .p50_by_member_ms
+        .iter()
+        .enumerate()
+        .map(|(i, p50)| format!("member {} {p50:.2}", i + 1))
+        .collect();
+    format!("{note}: {}", by_member.join(", "))
+}
+
 fn proc_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -525,23 +545,10 @@ fn main() {
                     Work::Write,
                 ),
             });
-            println!(
-                "| {clients} client(s) | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
-                m.ops,
-                m.ops as f64 / m.seconds,
-                m.p50_ms,
-                m.p99_ms,
-                m.errors
-            );
-            let by_member: Vec<String> = m
-                .p50_by_member_ms
-                .iter()
-                .enumerate()
-                .map(|(i, p50)| format!("member {} {p50:.2}", i + 1))
-                .collect();
-            notes.push(format!(
-                "{clients} client(s), {label}: p50 ms by the member written to: {}",
-                by_member.join(", ")
+            notes.push(report(
+                &format!("{clients} client(s) | {label}"),
+                &format!("{clients} client(s), {label}: p50 ms by the member written to"),
+                &m,
             ));
             if profiling() && clients == 1 && label == "allod" {
                 let log = std::fs::read(&leader_log).unwrap_or_default();
@@ -581,23 +588,10 @@ fn main() {
                     Work::Read { stale },
                 ),
             });
-            println!(
-                "| 1 client, {kind} reads | {label} | {} | {:.0} | {:.2} | {:.2} | {} |",
-                m.ops,
-                m.ops as f64 / m.seconds,
-                m.p50_ms,
-                m.p99_ms,
-                m.errors
-            );
-            let by_member: Vec<String> = m
-                .p50_by_member_ms
-                .iter()
-                .enumerate()
-                .map(|(i, p50)| format!("member {} {p50:.2}", i + 1))
-                .collect();
-            notes.push(format!(
-                "1 client, {kind} reads, {label}: p50 ms by the member read from: {}",
-                by_member.join(", ")
+            notes.push(report(
+                &format!("1 client, {kind} reads | {label}"),
+                &format!("1 client, {kind} reads, {label}: p50 ms by the member read from"),
+                &m,
             ));
         }
     }

@@ -174,6 +174,16 @@ pub struct ClusterNode {
     follower_lease: Duration,
 }
 
+/// How many voters Raft's latest membership has.
+fn voter_count(raft: &Raft) -> usize {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .count()
+}
+
 /// Milliseconds on a clock that never goes back (since the process's first
 /// call), for comparing moments within this process.
 pub fn mono_ms() -> u64 {
@@ -257,14 +267,7 @@ impl ClusterNode {
         .await?;
         let proposer = Proposer::spawn(raft.clone());
         let follower_lease = Duration::from_millis(options.election_timeout_max_ms);
-        let voters = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .count();
-        if voters > 1 {
+        if voter_count(&raft) > 1 {
             // Before this restart this node may have promised a leader not
             // to elect another for `follower_lease`; openraft forgets such
             // promises across a restart, so it keeps them here by standing
@@ -890,15 +893,7 @@ impl ClusterNode {
             .add_learner(node_id, member, true)
             .await
             .map_err(map_err)?;
-        let voters = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .count();
-        if voters >= MAX_VOTERS {
+        if voter_count(&self.raft) >= MAX_VOTERS {
             return Ok(MemberRole::Learner);
         }
         self.raft
