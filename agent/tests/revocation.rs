@@ -12,18 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent::cluster::pki::{CertificateAuthority, NodeKey, NodeTls};
-use common::{wait_for, TestCluster};
+use common::{identity_of, wait_for, TestCluster};
 use serde_json::{json, Value};
-
-/// What a node's data directory holds of its identity.
-fn identity_of(dir: &std::path::Path) -> NodeTls {
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-    NodeTls {
-        ca_pem: read("ca.pem"),
-        cert_pem: read("node.pem"),
-        key_pem: read("node.key"),
-    }
-}
 
 /// An HTTPS client presenting `tls`'s certificate.
 fn client_with(tls: &NodeTls) -> reqwest::Client {

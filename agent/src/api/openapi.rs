@@ -33,7 +33,10 @@ pub(super) async fn openapi_json() -> Response {
         description = "The tenant and operator API of an Allod cluster. Every route but the \
             public ones takes `Authorization: Bearer <token>`: an API token (`allod token \
             create`, `allod login`) or an OIDC access token of a configured issuer. Errors are \
-            `{\"error\":{\"code\",\"message\"}}`."
+            `{\"error\":{\"code\",\"message\"}}`. Reads are linearizable; any GET may \
+            instead take `?consistency=stale` to be answered from what the node it reaches has \
+            applied, without asking the leader (such an answer carries `Allod-Consistency: \
+            stale` and `Allod-Applied-Index`); `consistency=linearizable` is the default."
     ),
     paths(
         super::exports::create_export,
@@ -149,22 +152,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
                 .build(),
         )
         .build();
-    let consistency = utoipa::openapi::path::ParameterBuilder::new()
-        .name("consistency")
-        .parameter_in(utoipa::openapi::path::ParameterIn::Query)
-        .required(utoipa::openapi::Required::False)
-        .description(Some(
-            "`linearizable` (the default): the answer reflects every write completed before \
-             the request. `stale`: the node answers from what it has applied, without asking \
-             the leader; the answer carries `Allod-Consistency: stale` and \
-             `Allod-Applied-Index`.",
-        ))
-        .schema(Some(
-            utoipa::openapi::ObjectBuilder::new()
-                .schema_type(utoipa::openapi::schema::Type::String)
-                .enum_values(Some(["linearizable", "stale"])),
-        ))
-        .build();
     for (path, item) in doc.paths.paths.iter_mut() {
         let operations = [
             (axum::http::Method::GET, &mut item.get),
@@ -184,12 +171,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
                     "bearer",
                     Vec::<String>::new(),
                 )]);
-                if method == axum::http::Method::GET {
-                    operation
-                        .parameters
-                        .get_or_insert_with(Vec::new)
-                        .push(consistency.clone());
-                }
             }
             operation
                 .responses

@@ -131,7 +131,7 @@ pub struct PeerClient {
     json_only: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
     /// When each peer last took an AppendEntries of this node as its
     /// leader's: the term and the moment the request was sent. The leader
-    /// lease is built on it (see `ClusterNode::lease_read_index`).
+    /// lease is built on it (see `ClusterNode::lease_read_log_id`).
     acked: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, (u64, std::time::Instant)>>>,
     pub isolation: Isolation,
     /// Set, with how it was learnt, once this node knows for certain that

@@ -42,6 +42,16 @@ where
     }
 }
 
+/// What a node's data directory holds of its identity.
+pub fn identity_of(dir: &std::path::Path) -> agent::cluster::pki::NodeTls {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    agent::cluster::pki::NodeTls {
+        ca_pem: read("ca.pem"),
+        cert_pem: read("node.pem"),
+        key_pem: read("node.key"),
+    }
+}
+
 pub struct TestNode {
     pub agent: Arc<Agent>,
     pub dir: PathBuf,
