@@ -529,10 +529,8 @@ impl ClusterNode {
         self.started.elapsed() < self.follower_lease
     }
 
-    /// On the leader, the log id a linearizable read must wait for, when
-    /// the leader's lease answers for its leadership without a round trip
-    /// to a quorum; `None` when only a round trip can tell.
-    ///
+    /// On the leader, the log id a linearizable read must wait for when its
+    /// lease answers for its leadership; `None` when only a round trip can.
     /// The lease (openraft 0.9 has none for reads; it has the follower's
     /// half): a follower that took an AppendEntries as its leader's refuses
     /// to vote for anyone else for `follower_lease` after it arrived, and
@@ -546,9 +544,10 @@ impl ClusterNode {
     /// What the read must then wait for is the commit index: the entry a
     /// quorum of voters holds (from the replication metrics, which are
     /// published before any later message is handled, so before any reader
-    /// elsewhere could have learnt a higher one), and it must be of this
-    /// term (otherwise earlier terms' entries may not all be known to be
-    /// committed yet). Joint memberships take the round trip.
+    /// elsewhere could have learnt a higher one), and it must be this
+    /// leader's own (openraft may elect two leaders in one term, the later
+    /// winning; before its own entry commits, earlier ones may not be known
+    /// to be committed yet). Joint memberships take the round trip.
     pub fn lease_read_log_id(&self) -> Option<LogId<NodeId>> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != openraft::ServerState::Leader || metrics.current_leader != Some(self.id)
@@ -586,7 +585,8 @@ impl ClusterNode {
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let committed = matched[quorum - 1]?;
-        (committed.leader_id.term == term).then_some(committed)
+        (metrics.vote.is_committed() && committed.leader_id == *metrics.vote.leader_id())
+            .then_some(committed)
     }
 
     /// Calls (writes, reads' index, membership changes) this node has sent
