@@ -514,6 +514,14 @@ fn main() {
     // Allod's member 1 made the cluster and leads unless an election moved it.
     let mut notes = Vec::new();
     let mut profile = None;
+    // Drives one system with its own addresses, CA and credential.
+    let run = |target, clients, total, tag: String, work| {
+        let (urls, ca, token) = match target {
+            Target::Allod => (&allod_urls, &allod_ca, token.as_str()),
+            Target::Etcd => (&etcd_urls, &etcd_ca, ""),
+        };
+        async move { drive(target, urls, ca, token, clients, total, &tag, work).await }
+    };
     for (clients, total) in [(1usize, 300 * scale), (64, 4000 * scale)] {
         let mut pair = Vec::new();
         for (label, target) in [("allod", Target::Allod), ("etcd", Target::Etcd)] {
@@ -523,28 +531,7 @@ fn main() {
             let tag = format!("c{clients}");
             let leader_log = allod[0].dir.with_extension("log");
             let log_from = std::fs::metadata(&leader_log).map_or(0, |m| m.len() as usize);
-            let m = runtime.block_on(match target {
-                Target::Allod => drive(
-                    target,
-                    &allod_urls,
-                    &allod_ca,
-                    &token,
-                    clients,
-                    total,
-                    &tag,
-                    Work::Write,
-                ),
-                Target::Etcd => drive(
-                    target,
-                    &etcd_urls,
-                    &etcd_ca,
-                    "",
-                    clients,
-                    total,
-                    &tag,
-                    Work::Write,
-                ),
-            });
+            let m = runtime.block_on(run(target, clients, total, tag, Work::Write));
             notes.push(report(
                 &format!("{clients} client(s) | {label}"),
                 &format!("{clients} client(s), {label}: p50 ms by the member written to"),
@@ -566,28 +553,7 @@ fn main() {
             if allod_only && label == "etcd" {
                 continue;
             }
-            let m = runtime.block_on(match target {
-                Target::Allod => drive(
-                    target,
-                    &allod_urls,
-                    &allod_ca,
-                    &token,
-                    1,
-                    reads,
-                    "r",
-                    Work::Read { stale },
-                ),
-                Target::Etcd => drive(
-                    target,
-                    &etcd_urls,
-                    &etcd_ca,
-                    "",
-                    1,
-                    reads,
-                    "r",
-                    Work::Read { stale },
-                ),
-            });
+            let m = runtime.block_on(run(target, 1, reads, "r".into(), Work::Read { stale }));
             notes.push(report(
                 &format!("1 client, {kind} reads | {label}"),
                 &format!("1 client, {kind} reads, {label}: p50 ms by the member read from"),

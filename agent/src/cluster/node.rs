@@ -209,7 +209,7 @@ struct CatchUp {
     rounds: std::sync::atomic::AtomicU64,
     /// Reads the leader answered on its lease, without a round trip.
     lease_reads: std::sync::atomic::AtomicU64,
-    /// Writes this node has sent to the leader and not yet heard back on.
+    /// Calls this node has sent to the leader and not yet heard back on.
     forwards_in_flight: std::sync::atomic::AtomicU64,
 }
 
