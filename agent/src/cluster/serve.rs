@@ -65,11 +65,16 @@ impl Limits {
 }
 
 /// Unauthenticated refusals in one second from one address, with no
-/// authenticated request from it in the [`SHED_FOR_MS`] before, after
+/// authenticated request from it in the [`VOUCH_FOR_MS`] before, after
 /// which the address is refused at accept, before any TLS or HTTP work,
 /// for [`SHED_FOR_MS`].
 pub const SHED_AFTER_REFUSALS: u32 = 100;
 pub const SHED_FOR_MS: u64 = 10_000;
+/// How long an authenticated request vouches for its address: a client
+/// with a credential that then sends a long burst of malformed or
+/// anonymous calls (a fuzzer, a broken script behind a real user's NAT) is
+/// answered, not held unread.
+pub const VOUCH_FOR_MS: u64 = 10 * 60 * 1000;
 const MAX_SHED_SOURCES: usize = 4096;
 /// Connections of shed addresses held open unread at most, each for at
 /// most [`SHED_FOR_MS`]; beyond it the oldest is closed.
@@ -101,7 +106,7 @@ impl Shed {
         let mut sources = self.sources.lock().expect("shed sources");
         if sources.len() >= MAX_SHED_SOURCES && !sources.contains_key(&ip) {
             sources.retain(|_, s| {
-                s.shed_until_ms > now_ms || s.authenticated_ms + SHED_FOR_MS > now_ms
+                s.shed_until_ms > now_ms || s.authenticated_ms + VOUCH_FOR_MS > now_ms
             });
             if sources.len() >= MAX_SHED_SOURCES {
                 // Forget the lot rather than grow.
@@ -120,7 +125,8 @@ impl Shed {
             source.refused = 0;
         }
         source.refused += 1;
-        let vouched = source.authenticated_ms > 0 && source.authenticated_ms + SHED_FOR_MS > now_ms;
+        let vouched =
+            source.authenticated_ms > 0 && source.authenticated_ms + VOUCH_FOR_MS > now_ms;
         if source.refused >= SHED_AFTER_REFUSALS && !vouched {
             if source.shed_until_ms <= now_ms {
                 tracing::warn!(%ip, refusals = source.refused, "an address sends only refused requests; refusing its connections for {} s", SHED_FOR_MS / 1000);
@@ -337,6 +343,22 @@ mod tests {
             shed.note(mixed, false, now + u64::from(i));
         }
         assert!(!shed.is_shed(mixed, now + 500));
+        // A burst of refusals a minute after the address last authenticated
+        // (a fuzzer's anonymous phase after its logged-in one) is still
+        // answered.
+        let later = now + 60_000;
+        for i in 0..2 * SHED_AFTER_REFUSALS {
+            assert!(!shed.note(mixed, false, later + u64::from(i)));
+        }
+        // Past the vouching window it is shed like any other.
+        let much_later = now + VOUCH_FOR_MS + 1_000;
+        let mut shed_at = None;
+        for i in 0..SHED_AFTER_REFUSALS {
+            if shed.note(mixed, false, much_later + u64::from(i)) {
+                shed_at = Some(i);
+            }
+        }
+        assert_eq!(shed_at, Some(SHED_AFTER_REFUSALS - 1));
     }
 
     /// A full listener closes its oldest connection that never proved who
