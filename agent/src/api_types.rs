@@ -271,6 +271,15 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(max_items = 8)]
     pub nics: Vec<VmNicRequest>,
+    /// What happens when its node dies: `always` (the default),
+    /// `best-effort` or `never`.
+    #[serde(default)]
+    pub restart_policy: Option<crate::state::ha::RestartPolicy>,
+    /// Restarts after a node's death place higher priorities first
+    /// (default 0).
+    #[serde(default)]
+    #[schema(minimum = -1000, maximum = 1000)]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

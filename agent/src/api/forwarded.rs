@@ -203,6 +203,8 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
                 params,
             )])
         }
+        // Failure detection and what follows from it are the leader's own.
+        Command::Ha { .. } => Need::Never,
         Command::Network { command } => match command {
             NetCommand::SetUnderlay { node, .. } => Need::Node(*node),
             NetCommand::CreatePool { .. } | NetCommand::DeletePool { .. } => admin(),

@@ -408,6 +408,11 @@ pub(super) async fn create_vm(
             body.memory_bytes
         )));
     }
+    if let Some(priority) = body.priority.filter(|p| !(-1000..=1000).contains(p)) {
+        return Err(ApiError::invalid(format!(
+            "priority must be from -1000 to 1000, not {priority}"
+        )));
+    }
     let overcommit = OVERCOMMIT;
     if body.disk_size_bytes.is_some() && body.image.is_none() {
         return Err(ApiError::invalid(
@@ -479,6 +484,9 @@ pub(super) async fn create_vm(
         boot_volume: None,
         observed_generation: 0,
         nics: Vec::new(),
+        restart_policy: body.restart_policy.unwrap_or_default(),
+        priority: body.priority.unwrap_or(0),
+        last_restart: None,
     };
     let outcome = node
         .write(&Command::CreateVm {

@@ -37,6 +37,15 @@ pub enum VmCommand {
         /// Only define it; start it later with `allod vm start`.
         #[arg(long, conflicts_with = "wait")]
         no_start: bool,
+        /// When its node dies: restarted elsewhere (`always`, waiting for
+        /// room if need be), restarted if a node has room (`best-effort`),
+        /// or stopped (`never`).
+        #[arg(long, value_parser = ["always", "best-effort", "never"])]
+        restart_policy: Option<String>,
+        /// Restarts after a node's death place higher priorities first
+        /// (-1000 to 1000; default 0).
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+        priority: Option<i32>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -252,9 +261,16 @@ pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             nics,
             wait,
             no_start,
+            restart_policy,
+            priority,
             api,
         } => {
+            let restart_policy = restart_policy
+                .map(|p| serde_json::from_value(serde_json::Value::String(p)))
+                .transpose()?;
             let payload = CreateVm {
+                restart_policy,
+                priority,
                 name: name.clone(),
                 vcpus,
                 memory_bytes: memory,

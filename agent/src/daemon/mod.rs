@@ -531,6 +531,9 @@ impl Agent {
                 key_sha256,
                 storage_state: Default::default(),
                 storage_state_since_ms: 0,
+                liveness: Default::default(),
+                liveness_since_ms: 0,
+                health: Default::default(),
             };
             node.write(&Command::InitCluster {
                 info,

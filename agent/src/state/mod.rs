@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub mod audit;
 pub mod auth;
 pub mod exports;
+pub mod ha;
 pub mod network;
 pub mod nodes;
 pub mod operations;
@@ -327,6 +328,10 @@ pub enum Command {
     Network {
         command: network::NetCommand,
     },
+    /// Failure detection and VM mobility (`state::ha`).
+    Ha {
+        command: ha::HaCommand,
+    },
     AppendAudit {
         record: audit::AuditRecord,
     },
@@ -556,6 +561,7 @@ impl Command {
             | Command::DetachVolume { .. }
             | Command::ConsumeJoinToken { .. }
             | Command::Network { .. }
+            | Command::Ha { .. }
             | Command::ForgetNode { .. } => Effects::RESOURCES,
             Command::CreateProject { .. }
             | Command::UpdateProject { .. }
@@ -627,6 +633,7 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
         Command::DeleteProject { name } => projects::delete_project(kv, name),
         Command::SetQuota { project, quota } => projects::set_quota(kv, project, quota),
         Command::Network { command } => network::apply(kv, command),
+        Command::Ha { command } => ha::apply(kv, command),
         Command::CreateVolume { volume, source } => volumes::create_volume(kv, volume, source),
         Command::DeleteVolume { project, name } => volumes::delete_volume(kv, &project, &name),
         Command::ResizeVolume {

@@ -54,6 +54,28 @@ pub struct NodeRecord {
     /// When it last changed (milliseconds since the epoch; 0: never).
     #[serde(default)]
     pub storage_state_since_ms: u64,
+    /// `healthy`, `suspect` or `dead`, as the leader's failure detection
+    /// last decided (see `state::ha`).
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub liveness: super::ha::Liveness,
+    /// When it last changed (milliseconds since the epoch; 0: never).
+    #[serde(default)]
+    pub liveness_since_ms: u64,
+    /// What an operator sees: `dead` or `suspect` when the node is, else
+    /// `draining` while a drain moves its VMs, `maintenance` while it takes
+    /// no new VMs, or `healthy`. Derived from the fields above whenever
+    /// the record changes.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub health: super::ha::NodeHealth,
+}
+
+impl NodeRecord {
+    /// Brings `health` up to date with liveness and maintenance.
+    pub fn refresh_health(&mut self) {
+        self.health = super::ha::NodeHealth::of(self);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,7 +198,7 @@ pub(super) fn consume_join_token(
                 put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                 record.used_by = Some(node_id);
                 put_json(kv, &key, &record)?;
-                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0 };
+                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0, liveness: Default::default(), liveness_since_ms: 0, health: Default::default() };
                 put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                 Ok(serde_json::json!({ "node_id": node_id }))
             }
@@ -211,6 +233,7 @@ pub(super) fn update_node(
     if let Err(refused) = change(kv, &mut node)? {
         return Ok(Err(refused));
     }
+    node.refresh_health();
     put_json(kv, &key, &node)?;
     Ok(Ok(serde_json::to_value(&node).expect("serialisable")))
 }

@@ -1,7 +1,8 @@
 //! Where a VM runs: a pure function of the nodes as the cluster state knows
 //! them and the VM's request. No I/O, so it is tested exhaustively.
 //!
-//! Filters, in order: the node accepts work (not in maintenance), its zone
+//! Filters, in order: the node is alive (not suspect or dead in the
+//! leader's failure detection), it accepts work (not in maintenance), its zone
 //! may host the project's zone ([`crate::state::zones::may_host`]: a dedicated node
 //! never hosts another zone, and the shared pool never hosts OFFICIAL-SENSITIVE
 //! or SECRET), it has room for the vCPUs and memory after overcommit, and it
@@ -21,6 +22,8 @@ pub struct Candidate {
     pub zone: Zone,
     /// A node in maintenance takes no new VMs.
     pub maintenance: bool,
+    /// A node the failure detection holds suspect or dead takes none either.
+    pub down: bool,
     pub vcpus: u64,
     pub memory_bytes: u64,
     /// What the VMs already placed here ask for.
@@ -87,6 +90,7 @@ pub fn default_memory_percent() -> u32 {
 /// Why no node fits, counted per reason, so the message says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Refusal {
+    pub down: usize,
     pub maintenance: usize,
     /// Nodes that joined but have not yet reported their capacity.
     pub not_reporting: usize,
@@ -110,6 +114,7 @@ impl std::fmt::Display for Refusal {
             self.wrong_zone,
             format!("not dedicated to the project's {zone} zone (label one with `PUT /v1/nodes/ID/zone`)"),
         );
+        add(self.down, "down or not answering".into());
         add(self.maintenance, "in maintenance".into());
         add(
             self.not_reporting,
@@ -147,6 +152,10 @@ pub fn place(
     for node in nodes {
         if crate::state::zones::may_host(request.zone, node.zone).is_err() {
             refusal.wrong_zone += 1;
+            continue;
+        }
+        if node.down {
+            refusal.down += 1;
             continue;
         }
         if node.maintenance {
@@ -204,6 +213,7 @@ mod tests {
             name: format!("n{id}"),
             zone,
             maintenance: false,
+            down: false,
             vcpus: 8,
             memory_bytes: 32 * GIB,
             used_vcpus: 0,
@@ -318,6 +328,27 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains("maintenance"), "{message}");
+    }
+
+    #[test]
+    fn a_node_down_or_suspect_takes_nothing_and_the_refusal_says_so() {
+        let mut a = node(1, Zone::Official);
+        a.down = true;
+        let b = node(2, Zone::Official);
+        assert_eq!(
+            place(
+                &[a.clone(), b],
+                &request(Zone::Official),
+                Overcommit::default()
+            ),
+            Ok(2)
+        );
+        let refusal = place(&[a], &request(Zone::Official), Overcommit::default()).unwrap_err();
+        assert_eq!(refusal.down, 1);
+        assert!(
+            refusal.to_string().contains("1 down or not answering"),
+            "{refusal}"
+        );
     }
 
     #[test]

@@ -89,6 +89,18 @@ pub struct VmRecord {
     /// Its NICs, in the guest's order (eth0 first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<VmNic>,
+    /// What happens when its node dies: `always` (restarted elsewhere, or
+    /// waiting until some node has room), `best-effort` (restarted if a
+    /// node has room then, else stopped) or `never` (stopped).
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub restart_policy: super::ha::RestartPolicy,
+    /// Restarts after a node's death place higher priorities first.
+    #[serde(default)]
+    pub priority: i32,
+    /// The last time it was restarted on another node, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<super::ha::Restart>,
 }
 
 fn default_power() -> PowerState {
@@ -117,12 +129,18 @@ pub enum VmState {
     Crashed,
     /// Its node could not run it; `reason` says why.
     Failed,
+    /// Its node died and no other node has room for it yet; `reason` says
+    /// what is missing. It is placed as soon as some node has room.
+    Waiting,
 }
 
 impl VmState {
     /// Between two steady states: the reconciler looks again soon.
     pub fn is_transient(self) -> bool {
-        !matches!(self, VmState::Running | VmState::Stopped | VmState::Failed)
+        !matches!(
+            self,
+            VmState::Running | VmState::Stopped | VmState::Failed | VmState::Waiting
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +152,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Crashed => "crashed",
             VmState::Failed => "failed",
+            VmState::Waiting => "waiting",
         }
     }
 }
@@ -150,7 +169,7 @@ impl VmRecord {
 }
 
 /// The scheduler's view of every node: capacity and what is placed there.
-fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
+pub(super) fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
     let mut nodes: BTreeMap<u64, Candidate> = BTreeMap::new();
     for (_, bytes) in kv.scan(PREFIX_NODES)? {
         let Ok(node) = serde_json::from_slice::<NodeRecord>(&bytes) else {
@@ -163,6 +182,7 @@ fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
                 name: node.name,
                 zone: node.zone,
                 maintenance: node.maintenance,
+                down: node.liveness != super::ha::Liveness::Healthy,
                 vcpus: node.vcpus,
                 memory_bytes: node.memory_bytes,
                 used_vcpus: 0,
@@ -606,6 +626,24 @@ fn start_vm(
     };
     if vm.power == PowerState::Stopped {
         let nodes = candidates(kv)?;
+        if nodes.iter().find(|n| n.id == vm.node_id).is_none_or(|n| n.down) {
+            // Its node is dead or unheard: it starts on another.
+            let mut vm = vm;
+            vm.power = PowerState::Running;
+            return match super::ha::place(kv, &vm, overcommit)? {
+                Ok(to) => {
+                    super::ha::move_vm(kv, &mut vm, to)?;
+                    vm.state = VmState::Creating;
+                    vm.reason = None;
+                    put_json(kv, &key, &vm)?;
+                    Ok(Ok(serde_json::to_value(&vm).expect("serialisable")))
+                }
+                Err(why) => Ok(Err(domain(
+                    ErrorCode::FailedPrecondition,
+                    format!("VM {name:?}'s node is down and no other can start it: {why}"),
+                ))),
+            };
+        }
         if let Some(node) = nodes.iter().find(|n| n.id == vm.node_id) {
             let cpu = ((node.vcpus as f64 * overcommit.cpu) as u64).saturating_sub(node.used_vcpus);
             let memory = ((node.memory_bytes as f64 * overcommit.memory) as u64)
@@ -662,6 +700,9 @@ pub(crate) fn sample_record(power: PowerState, state: VmState) -> VmRecord {
         boot_volume: None,
         observed_generation: 2,
         nics: Vec::new(),
+        restart_policy: Default::default(),
+        priority: 0,
+        last_restart: None,
     }
 }
 

@@ -636,6 +636,23 @@ pub fn acquire_lease(kv: &mut KvWrite<'_>, volume_id: &str, node: NodeId) -> KvR
     Ok(Ok(value(&volume)))
 }
 
+/// Gives the volume's writer lease to `to` (`None`: to nobody, node 0)
+/// with a new epoch, which fences whoever wrote it before; for a VM moved
+/// off a dead node. Nothing if the volume is gone.
+pub fn hand_over_lease(kv: &mut KvWrite<'_>, volume_id: &str, to: Option<NodeId>) -> KvResult<()> {
+    let Some((key, mut volume)) = volume_by_id(kv, volume_id)? else {
+        return Ok(());
+    };
+    let epoch = volume.lease.as_ref().map_or(0, |l| l.epoch) + 1;
+    volume.lease = Some(Lease {
+        node: to.unwrap_or(0),
+        epoch,
+    });
+    volume.recovering.clear();
+    volume.refresh_state();
+    put_json(kv, &key, &volume)
+}
+
 /// The writer of `epoch` records a change to the volume's in-sync set;
 /// refused for any other epoch (an older writer, fenced).
 pub fn update_replicas(

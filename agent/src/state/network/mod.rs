@@ -869,6 +869,16 @@ pub fn delete_port(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<
     kv.delete(&key)
 }
 
+/// Moves a port to another node (its VM moved); nothing if it is gone.
+pub fn move_port(kv: &mut KvWrite<'_>, project: &str, name: &str, node: NodeId) -> KvResult<()> {
+    let key = format!("{PREFIX_PORTS}{project}/{name}");
+    let Some(mut port) = get_json::<PortRecord>(kv, &key)? else {
+        return Ok(());
+    };
+    port.node = node;
+    put_json(kv, &key, &port)
+}
+
 /// Creates a port: checks its subnet and groups, assigns its address.
 pub fn create_port(kv: &mut KvWrite<'_>, mut port: PortRecord) -> KvResult<Outcome> {
     if let Err(e) = validate_name("port", &port.name) {
