@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use log_store::{LogStore, LogStoreError};
 /// A failure of the key/value storage underneath the state machine.
 pub use redb::StorageError as KvError;
+#[cfg(feature = "scratch")]
+pub use state_machine::scratch_kv;
 pub use state_machine::{
     Apply, KvRead, KvWrite, StateMachineError, StateMachineStore, StateReader,
 };

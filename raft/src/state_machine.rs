@@ -89,6 +89,22 @@ impl KvWrite<'_> {
     }
 }
 
+/// Runs `f` on a throwaway in-memory state, for unit tests of the
+/// application's apply functions.
+#[cfg(feature = "scratch")]
+pub fn scratch_kv<R>(f: impl FnOnce(&mut KvWrite<'_>) -> R) -> R {
+    let db = Database::builder()
+        .create_with_backend(redb::backends::InMemoryBackend::new())
+        .expect("an in-memory database");
+    let txn = db.begin_write().expect("a write transaction");
+    let result = {
+        let table = txn.open_table(KV).expect("the state's table");
+        f(&mut KvWrite { table })
+    };
+    txn.commit().expect("an in-memory commit");
+    result
+}
+
 fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
     table: &T,
     prefix: &str,

@@ -74,9 +74,7 @@ impl NodeHealth {
 }
 
 /// What happens to a VM when its node dies.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Restarted on another node; waits for room if none has it.
@@ -178,8 +176,10 @@ pub fn apply(kv: &mut KvWrite<'_>, command: HaCommand) -> KvResult<Outcome> {
 
 fn node_name(kv: &impl KvRead, id: NodeId) -> KvResult<String> {
     Ok(
-        get_json::<NodeRecord>(kv, &format!("{PREFIX_NODES}{id:020}"))?
-            .map_or_else(|| format!("node {id}"), |n| format!("{} (node {id})", n.name)),
+        get_json::<NodeRecord>(kv, &format!("{PREFIX_NODES}{id:020}"))?.map_or_else(
+            || format!("node {id}"),
+            |n| format!("{} (node {id})", n.name),
+        ),
     )
 }
 
@@ -353,5 +353,278 @@ impl super::StateView {
             .list::<VmRecord>(PREFIX_VMS)?
             .iter()
             .any(|vm| vm.state == VmState::Waiting))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::network::PortRecord;
+    use crate::state::vms::{sample_record, Attachment, VmNic};
+    use crate::state::volumes::{VolumeRecord, PREFIX_VOLUME_IDS};
+    use crate::state::PREFIX_VOLUMES;
+
+    const GIB: u64 = 1 << 30;
+    /// No overcommit, so that room is easy to reason about.
+    const EXACT: (u32, u32) = (100, 100);
+
+    fn add_node(kv: &mut KvWrite<'_>, id: NodeId, vcpus: u64) {
+        let node: NodeRecord = serde_json::from_value(serde_json::json!({
+            "id": id, "name": format!("n{id}"), "joined_at_ms": 0,
+            "vcpus": vcpus, "memory_bytes": 64 * GIB,
+        }))
+        .unwrap();
+        put_json(kv, &format!("{PREFIX_NODES}{id:020}"), &node).unwrap();
+    }
+
+    /// A VM running on `node` with one volume (`<name>-disk`, written by
+    /// `node` at epoch 3) and one NIC port.
+    fn add_vm(
+        kv: &mut KvWrite<'_>,
+        name: &str,
+        node: NodeId,
+        vcpus: u64,
+        policy: RestartPolicy,
+        priority: i32,
+    ) {
+        let mut vm = sample_record(PowerState::Running, VmState::Running);
+        vm.id = format!("id-{name}");
+        vm.name = name.into();
+        vm.node_id = node;
+        vm.vcpus = vcpus;
+        vm.restart_policy = policy;
+        vm.priority = priority;
+        let volume: VolumeRecord = serde_json::from_value(serde_json::json!({
+            "id": format!("vol-{name}"), "name": format!("{name}-disk"), "project": "p",
+            "size_bytes": GIB, "replicas": 2, "object_size_bytes": 4 << 20,
+            "state": "in-use", "zone": "OFFICIAL", "created_at_ms": 0,
+            "attached_to": vm.id, "lease": { "node": node, "epoch": 3 },
+        }))
+        .unwrap();
+        put_json(
+            kv,
+            &format!("{PREFIX_VOLUME_IDS}{}", volume.id),
+            &format!("p/{}", volume.name),
+        )
+        .unwrap();
+        put_json(kv, &format!("{PREFIX_VOLUMES}p/{}", volume.name), &volume).unwrap();
+        vm.volumes.push(Attachment {
+            project: "p".into(),
+            volume: volume.name.clone(),
+            volume_id: volume.id.clone(),
+        });
+        let port: PortRecord = serde_json::from_value(serde_json::json!({
+            "id": format!("port-{name}"), "name": format!("{name}-nic0"), "project": "p",
+            "vpc": "v", "subnet": "s", "mac": "02:00:00:00:00:01", "ip": "10.0.0.5",
+            "security_groups": [], "node": node, "vm": name, "host_interface": "tap0",
+        }))
+        .unwrap();
+        put_json(kv, &format!("net/ports/p/{}", port.name), &port).unwrap();
+        vm.nics.push(VmNic {
+            port: port.name,
+            vpc: "v".into(),
+            subnet: "s".into(),
+            mac: port.mac,
+            ip: "10.0.0.5".into(),
+        });
+        put_json(kv, &format!("{PREFIX_VMS}p/{name}"), &vm).unwrap();
+    }
+
+    fn vm(kv: &KvWrite<'_>, name: &str) -> VmRecord {
+        get_json(kv, &format!("{PREFIX_VMS}p/{name}"))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn lease(kv: &KvWrite<'_>, name: &str) -> (NodeId, u64) {
+        let v: VolumeRecord = get_json(kv, &format!("{PREFIX_VOLUMES}p/{name}-disk"))
+            .unwrap()
+            .unwrap();
+        let l = v.lease.unwrap();
+        (l.node, l.epoch)
+    }
+
+    fn port_node(kv: &KvWrite<'_>, name: &str) -> NodeId {
+        get_json::<PortRecord>(kv, &format!("net/ports/p/{name}-nic0"))
+            .unwrap()
+            .unwrap()
+            .node
+    }
+
+    fn set(kv: &mut KvWrite<'_>, id: NodeId, liveness: Liveness, at_ms: u64) -> Outcome {
+        apply(
+            kv,
+            HaCommand::SetNodeLiveness {
+                id,
+                liveness,
+                at_ms,
+                overcommit_cpu_percent: EXACT.0,
+                overcommit_memory_percent: EXACT.1,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_dead_nodes_vms_restart_elsewhere_by_priority_and_their_old_writer_is_fenced() {
+        allod_raft::scratch_kv(|kv| {
+            for id in 1..=3 {
+                add_node(kv, id, 2);
+            }
+            // Nodes 2 and 3 have room for one 2-vCPU VM each.
+            add_vm(kv, "low", 1, 2, RestartPolicy::Always, 0);
+            add_vm(kv, "high", 1, 2, RestartPolicy::Always, 10);
+            add_vm(kv, "mid", 1, 2, RestartPolicy::BestEffort, 5);
+            add_vm(kv, "pet", 1, 1, RestartPolicy::Never, 100);
+            let mut off = sample_record(PowerState::Stopped, VmState::Stopped);
+            (off.id, off.name, off.node_id, off.vcpus) = ("id-off".into(), "off".into(), 1, 2);
+            put_json(kv, &format!("{PREFIX_VMS}p/off"), &off).unwrap();
+
+            set(kv, 1, Liveness::Suspect, 1_000).unwrap();
+            // Suspect: nothing moves yet.
+            assert_eq!(vm(kv, "high").node_id, 1);
+            let node = set(kv, 1, Liveness::Dead, 2_000).unwrap();
+            assert_eq!(node["health"], "dead");
+            assert_eq!(node["liveness_since_ms"], 2_000);
+
+            let high = vm(kv, "high");
+            assert_eq!((high.node_id, high.state), (2, VmState::Creating));
+            let restart = high.last_restart.unwrap();
+            assert_eq!(
+                (restart.from_node, restart.to_node, restart.at_ms),
+                (1, 2, 2_000)
+            );
+            assert!(
+                restart.reason.contains("n1 (node 1) died"),
+                "{}",
+                restart.reason
+            );
+            assert_eq!(port_node(kv, "high"), 2);
+            let (holder, epoch) = lease(kv, "high");
+            assert_eq!(holder, 2);
+            assert!(epoch > 3, "the old writer's epoch 3 is fenced: {epoch}");
+
+            let mid = vm(kv, "mid");
+            assert_eq!(
+                (mid.node_id, mid.state, mid.power),
+                (3, VmState::Creating, PowerState::Running)
+            );
+            assert_eq!(port_node(kv, "mid"), 3);
+
+            // No room left: `always` waits, saying why, and its writer is
+            // fenced all the same.
+            let low = vm(kv, "low");
+            assert_eq!(
+                (low.node_id, low.state, low.power),
+                (1, VmState::Waiting, PowerState::Running)
+            );
+            assert!(
+                low.reason
+                    .as_deref()
+                    .unwrap()
+                    .contains("without enough free vCPUs"),
+                "{:?}",
+                low.reason
+            );
+            assert_eq!(lease(kv, "low"), (0, 4));
+
+            let pet = vm(kv, "pet");
+            assert_eq!(
+                (pet.state, pet.power),
+                (VmState::Stopped, PowerState::Stopped)
+            );
+            assert!(pet
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("restart policy is never"));
+            assert!(pet.last_restart.is_none());
+            assert_eq!(lease(kv, "pet"), (0, 4));
+
+            // A stopped VM only needs a node it would fit empty.
+            assert_ne!(vm(kv, "off").node_id, 1);
+
+            // Written again (a new leader repeating it): nothing changes.
+            let before = vm(kv, "high");
+            set(kv, 1, Liveness::Dead, 3_000).unwrap();
+            assert_eq!(vm(kv, "high"), before);
+            assert_eq!(lease(kv, "low"), (0, 4));
+
+            // The node comes back: the waiting VM runs there again.
+            set(kv, 1, Liveness::Healthy, 4_000).unwrap();
+            let low = vm(kv, "low");
+            assert_eq!((low.node_id, low.state), (1, VmState::Creating));
+        });
+    }
+
+    #[test]
+    fn a_waiting_vm_is_placed_once_a_node_has_room_and_a_best_effort_one_is_stopped() {
+        allod_raft::scratch_kv(|kv| {
+            add_node(kv, 1, 4);
+            add_node(kv, 2, 1);
+            add_vm(kv, "big", 1, 2, RestartPolicy::Always, 0);
+            add_vm(kv, "maybe", 1, 2, RestartPolicy::BestEffort, 0);
+            set(kv, 1, Liveness::Dead, 1_000).unwrap();
+            assert_eq!(vm(kv, "big").state, VmState::Waiting);
+            let maybe = vm(kv, "maybe");
+            assert_eq!(
+                (maybe.state, maybe.power),
+                (VmState::Stopped, PowerState::Stopped)
+            );
+            assert!(maybe.reason.unwrap().contains("best-effort"));
+
+            let place = |kv: &mut KvWrite<'_>, at_ms| {
+                apply(
+                    kv,
+                    HaCommand::PlaceWaiting {
+                        at_ms,
+                        overcommit_cpu_percent: EXACT.0,
+                        overcommit_memory_percent: EXACT.1,
+                    },
+                )
+                .unwrap()
+                .unwrap()
+            };
+            assert_eq!(place(kv, 2_000)["placed"], 0);
+            // A suspect node with room takes nothing.
+            add_node(kv, 3, 8);
+            set(kv, 3, Liveness::Suspect, 2_500).unwrap();
+            assert_eq!(place(kv, 3_000)["placed"], 0);
+            set(kv, 3, Liveness::Healthy, 3_500).unwrap();
+            let big = vm(kv, "big");
+            assert_eq!((big.node_id, big.state), (3, VmState::Creating));
+            let restart = big.last_restart.unwrap();
+            assert_eq!((restart.from_node, restart.at_ms), (1, 3_500));
+            assert_eq!(restart.reason, "its node n1 (node 1) died");
+            assert_eq!(lease(kv, "big").0, 3);
+        });
+    }
+
+    #[test]
+    fn starting_a_stopped_vm_whose_node_is_dead_starts_it_on_another() {
+        allod_raft::scratch_kv(|kv| {
+            add_node(kv, 1, 2);
+            add_node(kv, 2, 2);
+            add_vm(kv, "pet", 1, 1, RestartPolicy::Never, 0);
+            set(kv, 1, Liveness::Dead, 1_000).unwrap();
+            assert_eq!(vm(kv, "pet").power, PowerState::Stopped);
+            crate::state::vms::set_power(
+                kv,
+                "p",
+                "pet",
+                PowerState::Running,
+                false,
+                Overcommit::from_percent(EXACT.0, EXACT.1),
+            )
+            .unwrap()
+            .unwrap();
+            let pet = vm(kv, "pet");
+            assert_eq!(
+                (pet.node_id, pet.power, pet.state),
+                (2, PowerState::Running, VmState::Creating)
+            );
+            assert_eq!(lease(kv, "pet").0, 2);
+            assert_eq!(port_node(kv, "pet"), 2);
+        });
     }
 }

@@ -626,7 +626,11 @@ fn start_vm(
     };
     if vm.power == PowerState::Stopped {
         let nodes = candidates(kv)?;
-        if nodes.iter().find(|n| n.id == vm.node_id).is_none_or(|n| n.down) {
+        if nodes
+            .iter()
+            .find(|n| n.id == vm.node_id)
+            .is_none_or(|n| n.down)
+        {
             // Its node is dead or unheard: it starts on another.
             let mut vm = vm;
             vm.power = PowerState::Running;
