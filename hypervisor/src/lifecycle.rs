@@ -47,6 +47,11 @@ pub struct Hypervisor {
     conn: Connect,
     uri: String,
     node: String,
+    /// Other nodes (as the metadata names them) whose shut-off domains this
+    /// node may define over: nodes its cluster declared dead, whose VMs it
+    /// now runs. Only where nodes share one libvirtd; each node has its own
+    /// on an appliance.
+    replaceable: std::sync::Mutex<Vec<String>>,
 }
 
 fn domain_err(name: &str) -> impl FnOnce(virt::error::Error) -> HvError + '_ {
@@ -91,7 +96,13 @@ impl Hypervisor {
             conn,
             uri: uri.to_string(),
             node: node.to_string(),
+            replaceable: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The nodes whose shut-off domains [`Hypervisor::define`] may replace.
+    pub fn set_replaceable(&self, nodes: Vec<String>) {
+        *self.replaceable.lock().expect("replaceable nodes") = nodes;
     }
 
     /// Whether the connection still answers (libvirtd may have restarted).
@@ -173,12 +184,41 @@ impl Hypervisor {
         }
     }
 
+    /// Whether a domain that is not ours is a shut-off one of a node the
+    /// cluster declared dead.
+    fn replaceable(&self, name: &str) -> bool {
+        let Ok(dom) = self.conn.lookup_domain_by_name(name) else {
+            return false;
+        };
+        let owner = dom
+            .metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(METADATA_NS),
+                0,
+            )
+            .ok()
+            .and_then(|meta| attribute(&meta, "node"));
+        let dead = owner.is_some_and(|o| {
+            self.replaceable
+                .lock()
+                .expect("replaceable nodes")
+                .contains(&o)
+        });
+        dead && !dom.is_active().unwrap_or(true)
+    }
+
     /// Defines (or redefines: libvirt keeps one definition per name) the
     /// domain; a running domain takes the new definition when it next starts.
     pub fn define(&self, spec: &DomainSpec) -> Result<(), HvError> {
         let xml = spec.to_xml()?;
-        // Refuses to overwrite someone else's domain of the same name.
-        self.lookup(&spec.id)?;
+        // Refuses to overwrite someone else's domain of the same name,
+        // unless a dead node left it shut off.
+        match self.lookup(&spec.id) {
+            Err(HvError::NotOurs { name }) if self.replaceable(&name) => {}
+            other => {
+                other?;
+            }
+        }
         self.conn
             .define_domain_xml(&xml)
             .map(drop)
@@ -320,12 +360,28 @@ mod tests {
             conn: hv.conn.clone(),
             uri: hv.uri.clone(),
             node: "8".into(),
+            replaceable: Default::default(),
         };
         hv8.define(&other).unwrap();
         assert_eq!(hv8.list().unwrap().len(), 1);
         assert_eq!(hv.list().unwrap().len(), 1, "only node 7's own domain");
         assert!(matches!(hv.start(&other.id), Err(HvError::NotOurs { .. })));
         assert_eq!(hv8.power_of(&other.id).unwrap(), Some(Power::Stopped));
+        // Node 8 declared dead: node 7 may define over its shut-off domain
+        // (the VM was restarted on node 7), never over a running one.
+        let mut moved = other.clone();
+        moved.node = "7".into();
+        hv8.start(&other.id).unwrap();
+        hv.set_replaceable(vec!["8".into()]);
+        assert!(matches!(hv.define(&moved), Err(HvError::NotOurs { .. })));
+        hv8.destroy(&other.id).unwrap();
+        hv.set_replaceable(Vec::new());
+        assert!(matches!(hv.define(&moved), Err(HvError::NotOurs { .. })));
+        hv.set_replaceable(vec!["8".into()]);
+        hv.define(&moved).unwrap();
+        assert_eq!(hv.list().unwrap().len(), 2);
+        assert!(hv8.list().unwrap().is_empty());
+        hv.undefine(&moved.id).unwrap();
         hv.undefine(&s.id).unwrap();
         assert!(hv.list().unwrap().is_empty());
         assert_eq!(hv.power_of(&s.id).unwrap(), None);

@@ -99,6 +99,18 @@ pub struct ComputeArgs {
     /// forced off.
     #[arg(long, default_value_t = 60)]
     pub stop_timeout: u64,
+    /// Seconds a node may go unheard before the leader holds it suspect
+    /// (it takes no new VMs).
+    #[arg(long, default_value_t = 5)]
+    pub suspect_after: u64,
+    /// Seconds a node may go unheard before the leader declares it dead and
+    /// its VMs restart on other nodes.
+    #[arg(long, default_value_t = 15)]
+    pub dead_after: u64,
+    /// Seconds this node may be out of touch with a quorum before it stops
+    /// its own VMs (at least 2 s shorter than --dead-after).
+    #[arg(long, default_value_t = 10)]
+    pub fence_after: u64,
 }
 
 impl ComputeArgs {
@@ -107,7 +119,15 @@ impl ComputeArgs {
             virt_type: hypervisor::spec::VirtType::parse(&self.virt_type).expect("checked by clap"),
             libvirt_uri: self.libvirt_uri.clone(),
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
+            fence_after: std::time::Duration::from_secs(self.fence_after),
         })
+    }
+
+    /// The failure detection's timeouts, refused when they could let a VM
+    /// run twice.
+    pub fn ha(&self) -> anyhow::Result<crate::reconcile::ha::HaOptions> {
+        crate::reconcile::ha::HaOptions::new(self.suspect_after, self.dead_after, self.fence_after)
+            .map_err(anyhow::Error::msg)
     }
 }
 
@@ -152,6 +172,7 @@ pub(super) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     options.blocks.failure_domain = args.failure_domain;
     options.blocks.nbd_listen = args.nbd_listen;
     options.compute = args.compute.options();
+    options.ha = args.compute.ha()?;
     options.network = args.network.options();
     let agent = Agent::start(options).await?;
     tokio::spawn(crate::daemon::return_freed_memory());
@@ -166,6 +187,7 @@ pub(super) async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     options.storage_listen = args.storage_listen;
     options.blocks.nbd_listen = args.nbd_listen;
     options.compute = args.compute.options();
+    options.ha = args.compute.ha()?;
     options.network = args.network.options();
     let agent = Agent::start(options).await?;
     tokio::spawn(crate::daemon::return_freed_memory());

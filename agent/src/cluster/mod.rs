@@ -6,6 +6,7 @@
 //! nothing of the API, the reconcilers or the CLI.
 
 pub mod admission;
+pub mod contact;
 pub mod join;
 pub mod node;
 pub mod paths;

@@ -144,6 +144,9 @@ pub struct PeerClient {
     /// When each peer last answered an AppendEntries (heartbeats included)
     /// from this node: the leader's failure detection reads it.
     heard: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>>,
+    /// When this node last took an AppendEntries (a heartbeat included)
+    /// from a leader it did not refuse: self-fencing reads it.
+    leader_contact: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl PeerClient {
@@ -155,6 +158,11 @@ impl PeerClient {
             .unwrap()
             .get(&node)
             .map(std::time::Instant::elapsed)
+    }
+
+    /// How long ago this node last took an AppendEntries from a leader.
+    pub fn since_leader_contact(&self) -> Option<Duration> {
+        self.leader_contact.lock().unwrap().map(|at| at.elapsed())
     }
 
     /// When `node` last accepted an AppendEntries this node sent as leader
@@ -197,6 +205,7 @@ impl PeerClient {
             removed: Arc::new(tokio::sync::watch::channel(None).0),
             removal_hints: Arc::new(tokio::sync::Notify::new()),
             heard: Arc::default(),
+            leader_contact: Arc::default(),
         })
     }
 
@@ -625,6 +634,12 @@ async fn append(
     let entries = rpc.entries.len();
     let started = std::time::Instant::now();
     let result = node.raft.append_entries(rpc).await;
+    if result
+        .as_ref()
+        .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
+    {
+        *node.peers.leader_contact.lock().unwrap() = Some(std::time::Instant::now());
+    }
     tracing::trace!(
         entries,
         elapsed_us = started.elapsed().as_micros() as u64,

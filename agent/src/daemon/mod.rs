@@ -46,6 +46,8 @@ pub struct AgentOptions {
     pub compute: Option<crate::reconcile::compute::ComputeOptions>,
     /// Build tenant networks on this node (`None`: it hosts no VPC ports).
     pub network: Option<crate::reconcile::network::NetworkOptions>,
+    /// The failure detection's timeouts (used while this node leads).
+    pub ha: crate::reconcile::ha::HaOptions,
     /// How often refused unauthenticated requests are summarised in the
     /// audit log.
     pub audit_summary_interval: std::time::Duration,
@@ -77,6 +79,7 @@ impl AgentOptions {
             },
             compute: None,
             network: None,
+            ha: Default::default(),
             audit_summary_interval: crate::api::abuse::DEFAULT_SUMMARY_INTERVAL,
         }
     }
@@ -139,6 +142,7 @@ pub struct Agent {
     block_options: crate::reconcile::storage::BlockOptions,
     compute: Option<crate::reconcile::compute::ComputeOptions>,
     network: Option<crate::reconcile::network::NetworkOptions>,
+    ha: crate::reconcile::ha::HaOptions,
     audit_summary_interval: std::time::Duration,
     /// Addresses the API port refuses at accept (see `serve::Shed`); kept
     /// across configurations, as the listener is.
@@ -285,6 +289,7 @@ impl Agent {
             block_options: options.blocks.clone(),
             compute: options.compute.clone(),
             network: options.network.clone(),
+            ha: options.ha,
             audit_summary_interval: options.audit_summary_interval,
             api_shed: Arc::default(),
         });
@@ -370,6 +375,11 @@ impl Agent {
         // decides every storage node's state.
         tokio::spawn(crate::reconcile::storage::recovery::watch_storage_nodes(
             Arc::downgrade(&node),
+        ));
+        // As the leader it also decides every node's liveness.
+        tokio::spawn(crate::reconcile::ha::watch_nodes(
+            Arc::downgrade(&node),
+            self.ha,
         ));
         let listener = self.storage_listener.lock().expect("listener").take();
         match listener {

@@ -3,10 +3,12 @@
 //! the difference with a pure function and carries the plan out. `compute`
 //! drives libvirt domains, `network` the tenant networks (netfabric),
 //! `storage` the node's block store, `operations` the work recorded for this
-//! node (image imports, rollbacks). They report what they observe back
+//! node (image imports, rollbacks), `ha` the leader's failure detection
+//! for nodes and the fencing that keeps a VM from running twice. They report what they observe back
 //! through commands and never write desired state on their own.
 
 pub mod compute;
+pub mod ha;
 pub mod network;
 pub mod operations;
 pub mod storage;
