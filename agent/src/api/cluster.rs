@@ -70,6 +70,15 @@ pub struct NodeView {
     /// (absent until it has registered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::state::volumes::NodeStorage>,
+    /// `healthy`, `suspect` or `dead` as the leader's failure detection
+    /// sees it, else `draining` or `maintenance`.
+    #[schema(value_type = String)]
+    pub health: crate::state::ha::NodeHealth,
+    /// When its liveness last changed (milliseconds since the epoch; 0:
+    /// never).
+    pub health_since_ms: u64,
+    /// It takes no new VMs.
+    pub maintenance: bool,
     /// `in`, `down`, `out` or `draining` (see `allod storage status`).
     #[schema(value_type = String)]
     pub storage_state: crate::state::storage::StorageNodeState,
@@ -91,6 +100,9 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
                     vcpus: record.map_or(0, |r| r.vcpus),
                     memory_bytes: record.map_or(0, |r| r.memory_bytes),
                     storage: record.and_then(|r| r.storage.clone()),
+                    health: record.map(|r| r.health).unwrap_or_default(),
+                    health_since_ms: record.map_or(0, |r| r.liveness_since_ms),
+                    maintenance: record.is_some_and(|r| r.maintenance),
                     storage_state: record.map(|r| r.storage_state).unwrap_or_default(),
                     is_leader: leader == Some(m.id),
                     id: m.id,
@@ -102,6 +114,24 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
             })
             .collect(),
     ))
+}
+
+#[utoipa::path(get, path = "/v1/nodes/{node}", tag = "cluster",
+    params(("node" = String, Path, description = "Node id or name")),
+    responses((status = 200, description = "The node", body = NodeView)))]
+pub(super) async fn show_node(
+    state: State<Arc<ClusterNode>>,
+    Path(wanted): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    let Json(all) = nodes(state).await?;
+    all.into_iter()
+        .find(|n| n.name == wanted || n.id.to_string() == wanted)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no node is named or numbered {wanted:?}; `allod node list` lists them"
+            ))
+        })
 }
 
 /// A joining node spends its token here and receives its certificate.

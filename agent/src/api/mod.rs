@@ -117,6 +117,7 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
         .add(Method::POST, "/v1/login", Public, login)
         .add(Method::GET, "/v1/cluster", Authenticated, cluster)
         .add(Method::GET, "/v1/nodes", Authenticated, nodes)
+        .add(Method::GET, "/v1/nodes/{node}", Authenticated, show_node)
         .add(
             Method::GET,
             "/v1/storage",

@@ -7,9 +7,9 @@ use crate::api::{
     __path_detach_volume, __path_grant_role, __path_healthz, __path_join, __path_list_issuers,
     __path_list_projects, __path_list_tokens, __path_list_users, __path_list_vms,
     __path_list_volumes, __path_login, __path_nodes, __path_put_issuer, __path_readyz,
-    __path_revoke_token, __path_set_node_zone, __path_set_quota, __path_show_project,
-    __path_show_vm, __path_show_volume, __path_update_project, __path_zones, network, routes,
-    storage, users, vms, volumes, ErrorBody, ErrorDetail,
+    __path_revoke_token, __path_set_node_zone, __path_set_quota, __path_show_node,
+    __path_show_project, __path_show_vm, __path_show_volume, __path_update_project, __path_zones,
+    network, routes, storage, users, vms, volumes, ErrorBody, ErrorDetail,
 };
 use crate::api_types::AuditFormat;
 use axum::response::{IntoResponse, Response};
@@ -51,6 +51,7 @@ pub(super) async fn openapi_json() -> Response {
         login,
         cluster,
         nodes,
+        show_node,
         storage::storage_status,
         storage::set_storage_config,
         storage::request_scrub,

@@ -4,13 +4,22 @@ use std::path::PathBuf;
 
 use crate::cli::{admin, emit, parse_duration_secs, print_table, request, text, ApiArgs};
 use crate::daemon::admin::AdminRequest;
+use crate::units::human_size;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// List the cluster's nodes: role, zone, capacity and block storage.
+    /// List the cluster's nodes: role, zone, health, capacity and block
+    /// storage.
     List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One node (by id or name): its health as the failure detection sees
+    /// it, role, zone, capacity and block storage.
+    Show {
+        node: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -365,4 +374,42 @@ pub(super) async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The node table of `allod node list` and `allod node show`.
+pub(super) fn print_nodes(nodes: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let s = &n["storage"];
+            vec![
+                text(&n["id"]),
+                text(&n["name"]),
+                text(&n["role"]),
+                text(&n["health"]),
+                text(&n["zone"]),
+                text(&n["vcpus"]),
+                human_size(n["memory_bytes"].as_u64().unwrap_or(0)),
+                match (s["used_bytes"].as_u64(), s["capacity_bytes"].as_u64()) {
+                    (Some(u), Some(c)) => format!("{} / {}", human_size(u), human_size(c)),
+                    _ => "-".into(),
+                },
+                s["failure_domain"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "ROLE",
+            "HEALTH",
+            "ZONE",
+            "VCPUS",
+            "MEMORY",
+            "STORAGE USED",
+            "DOMAIN",
+        ],
+        &rows,
+    );
 }

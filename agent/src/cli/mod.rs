@@ -13,7 +13,6 @@ mod users;
 mod vms;
 mod volumes;
 
-use crate::units::human_size;
 use agent::*;
 pub use agent::{AgentArgs, ComputeArgs, NetworkArgs, UpArgs};
 use client::*;
@@ -164,43 +163,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = api.resolve()?;
             let nodes = client.call(reqwest::Method::GET, "/v1/nodes", None).await?;
             emit(api.output, &nodes, |list| {
-                let rows: Vec<Vec<String>> = list
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|n| {
-                        let s = &n["storage"];
-                        vec![
-                            text(&n["id"]),
-                            text(&n["name"]),
-                            text(&n["role"]),
-                            text(&n["zone"]),
-                            text(&n["vcpus"]),
-                            human_size(n["memory_bytes"].as_u64().unwrap_or(0)),
-                            match (s["used_bytes"].as_u64(), s["capacity_bytes"].as_u64()) {
-                                (Some(u), Some(c)) => {
-                                    format!("{} / {}", human_size(u), human_size(c))
-                                }
-                                _ => "-".into(),
-                            },
-                            s["failure_domain"].as_str().unwrap_or("-").to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "ID",
-                        "NAME",
-                        "ROLE",
-                        "ZONE",
-                        "VCPUS",
-                        "MEMORY",
-                        "STORAGE USED",
-                        "DOMAIN",
-                    ],
-                    &rows,
-                );
+                cluster::print_nodes(list.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
+            Ok(())
+        }
+        TopCommand::Node(NodeCommand::Show { node, api }) => {
+            let client = api.resolve()?;
+            let path = format!("/v1/nodes/{node}");
+            let shown = client.call(reqwest::Method::GET, &path, None).await?;
+            emit(api.output, &shown, |n| {
+                cluster::print_nodes(std::slice::from_ref(n))
             });
             Ok(())
         }

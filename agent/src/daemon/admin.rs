@@ -48,6 +48,12 @@ pub enum AdminRequest {
         wipe: Vec<String>,
     },
     Status,
+    /// Cuts this node off from its peers, or joins it again: partition
+    /// tests of agents run as processes. Only in test builds.
+    #[cfg(feature = "test-hooks")]
+    Isolate {
+        on: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -159,6 +165,8 @@ impl AdminRequest {
             )),
             AdminRequest::Setup { .. } => Some(("ADMIN node setup", "this node".into())),
             AdminRequest::Status => None,
+            #[cfg(feature = "test-hooks")]
+            AdminRequest::Isolate { .. } => None,
         }
     }
 }
@@ -244,6 +252,11 @@ async fn execute(
                 .with_context(|| format!("cannot write {}", path.display()))?;
             progress(format!("Setup kept in {}", path.display()));
             Ok(serde_json::to_value(&setup)?)
+        }
+        #[cfg(feature = "test-hooks")]
+        AdminRequest::Isolate { on } => {
+            agent.isolation.set(on);
+            Ok(serde_json::json!({ "isolated": on }))
         }
         AdminRequest::Status => match agent.node() {
             None => Ok(
