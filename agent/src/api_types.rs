@@ -397,3 +397,12 @@ pub struct ScrubRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
 }
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainNode {
+    /// Restart its running VMs on other nodes (their guests reboot);
+    /// without it, a node running VMs is not drained.
+    #[serde(default)]
+    pub restart_unmovable: bool,
+}

@@ -6,7 +6,9 @@
 //!   its VM runs on another node, its acknowledged records intact, its
 //!   volume's writer epoch moved on;
 //! - a node cut off from its peers stops its own VM (self-fencing) before
-//!   the others restart it, and does not start it again when it is back.
+//!   the others restart it, and does not start it again when it is back;
+//! - a drain moves the VM off its node, and is refused when the VM has
+//!   nowhere to go.
 
 mod common;
 mod support;
@@ -301,6 +303,46 @@ async fn a_dead_or_cut_off_nodes_vm_runs_again_elsewhere_and_never_twice() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(domain_state(&name).as_deref(), Some("running"));
     assert_eq!(domain_owner(&name), first_key);
+
+    // A drain of the VM's node: refused without consent to restart it,
+    // then done with it; the VM runs on the other node and the drained
+    // node is in maintenance until resumed.
+    let err = c.allod_fails(&["node", "drain", &first.to_string()]);
+    assert!(
+        err.contains("p/ha1") && err.contains("--restart-unmovable"),
+        "{err}"
+    );
+    let drained = c.json(&["node", "drain", &first.to_string(), "--restart-unmovable"]);
+    assert_eq!(drained["health"], "maintenance", "{drained}");
+    assert_eq!(drained["vms"], 0, "{drained}");
+    let vm = wait_vm(
+        &c,
+        "the VM running off the drained node",
+        Duration::from_secs(120),
+        |v| v["state"] == "running" && v["node"].as_u64() == Some(second),
+    )
+    .await;
+    assert!(
+        vm["last_restart"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("drained"),
+        "{vm}"
+    );
+    assert_eq!(vm["power"], "running", "{vm}");
+    assert_eq!(domain_state(&name).as_deref(), Some("running"));
+    // Every other node is in maintenance now: the next drain is refused,
+    // saying which VM has no place and why.
+    let err = c.allod_fails(&["node", "drain", &second.to_string(), "--restart-unmovable"]);
+    assert!(
+        err.contains("VM p/ha1 fits on no other node") && err.contains("in maintenance"),
+        "{err}"
+    );
+    assert_eq!(health(&c, second), "healthy");
+    // Read through a follower right after the write: the read is
+    // linearizable, so it shows the resume.
+    let resumed = c.json(&["node", "resume", &first.to_string()]);
+    assert_eq!(resumed["health"], "healthy", "{resumed}");
 
     c.allod_ok(&["vm", "delete", "ha1", "--project", "p"]);
     common::wait_for("the domain to go", Duration::from_secs(60), || {

@@ -40,6 +40,7 @@ pub struct ClusterView {
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
     responses((status = 200, description = "The cluster, its leader and members", body = ClusterView)))]
 pub(super) async fn cluster(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<ClusterView>> {
+    crate::api::consistency::read_barrier(&node).await?;
     let info = node.state.cluster()?;
     let metrics = node.raft.metrics().borrow().clone();
     Ok(Json(ClusterView {
@@ -79,6 +80,10 @@ pub struct NodeView {
     pub health_since_ms: u64,
     /// It takes no new VMs.
     pub maintenance: bool,
+    /// VMs placed on it.
+    pub vms: u64,
+    /// Of those, VMs a drain is moving elsewhere.
+    pub vms_moving: u64,
     /// `in`, `down`, `out` or `draining` (see `allod storage status`).
     #[schema(value_type = String)]
     pub storage_state: crate::state::storage::StorageNodeState,
@@ -87,7 +92,19 @@ pub struct NodeView {
 #[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
     responses((status = 200, description = "Every member node", body = Vec<NodeView>)))]
 pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Json<Vec<NodeView>>> {
+    // Linearizable like every read: a drain or resume just answered by the
+    // leader shows here, whichever node is asked.
+    crate::api::consistency::read_barrier(&node).await?;
     let records = node.state.nodes()?;
+    let all_vms = node
+        .state
+        .list::<crate::state::vms::VmRecord>(crate::state::PREFIX_VMS)?;
+    let count = |id: u64, moving: bool| {
+        all_vms
+            .iter()
+            .filter(|vm| vm.node_id == id && (!moving || vm.relocation.is_some()))
+            .count() as u64
+    };
     let leader = node.leader();
     Ok(Json(
         node.members()
@@ -103,6 +120,8 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
                     health: record.map(|r| r.health).unwrap_or_default(),
                     health_since_ms: record.map_or(0, |r| r.liveness_since_ms),
                     maintenance: record.is_some_and(|r| r.maintenance),
+                    vms: count(m.id, false),
+                    vms_moving: count(m.id, true),
                     storage_state: record.map(|r| r.storage_state).unwrap_or_default(),
                     is_leader: leader == Some(m.id),
                     id: m.id,
@@ -132,6 +151,60 @@ pub(super) async fn show_node(
                 "no node is named or numbered {wanted:?}; `allod node list` lists them"
             ))
         })
+}
+
+/// The id of the node named or numbered `wanted`.
+fn node_id_of(node: &ClusterNode, wanted: &str) -> ApiResult<u64> {
+    node.state
+        .nodes()?
+        .iter()
+        .find(|n| n.name == wanted || n.id.to_string() == wanted)
+        .map(|n| n.id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no node is named or numbered {wanted:?}; `allod node list` lists them"
+            ))
+        })
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{node}/drain", tag = "cluster",
+    params(("node" = String, Path, description = "Node id or name")), request_body = crate::api_types::DrainNode,
+    responses((status = 200, description = "The node, in maintenance; its VMs' `relocation` says where each goes", body = NodeRecord)))]
+pub(super) async fn drain_node(
+    State(node): State<Arc<ClusterNode>>,
+    Path(wanted): Path<String>,
+    ApiJson(body): ApiJson<crate::api_types::DrainNode>,
+) -> ApiResult<Json<NodeRecord>> {
+    let id = node_id_of(&node, &wanted)?;
+    let overcommit = crate::state::scheduler::Overcommit::DEFAULT;
+    let outcome = node
+        .write(&Command::Ha {
+            command: crate::state::ha::HaCommand::Drain {
+                id,
+                restart_unmovable: body.restart_unmovable,
+                at_ms: crate::cluster::join::now_ms(),
+                overcommit_cpu_percent: overcommit.cpu_percent(),
+                overcommit_memory_percent: overcommit.memory_percent(),
+            },
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{node}/resume", tag = "cluster",
+    params(("node" = String, Path, description = "Node id or name")),
+    responses((status = 200, description = "The node, taking VMs again", body = NodeRecord)))]
+pub(super) async fn resume_node(
+    State(node): State<Arc<ClusterNode>>,
+    Path(wanted): Path<String>,
+) -> ApiResult<Json<NodeRecord>> {
+    let id = node_id_of(&node, &wanted)?;
+    let outcome = node
+        .write(&Command::Ha {
+            command: crate::state::ha::HaCommand::Resume { id },
+        })
+        .await?;
+    Ok(Json(outcome_as(outcome?)?))
 }
 
 /// A joining node spends its token here and receives its certificate.

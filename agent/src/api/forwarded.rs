@@ -8,6 +8,7 @@
 //! to its routes. So a member, or a stolen node certificate, cannot mint
 //! itself an admin token by forwarding `CreateToken`.
 
+use crate::state::ha::HaCommand;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -203,7 +204,11 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
                 params,
             )])
         }
-        // Failure detection and what follows from it are the leader's own.
+        // Drains are an operator's; failure detection and what follows
+        // from it are the leader's own.
+        Command::Ha {
+            command: HaCommand::Drain { .. } | HaCommand::Resume { .. },
+        } => admin(),
         Command::Ha { .. } => Need::Never,
         Command::Network { command } => match command {
             NetCommand::SetUnderlay { node, .. } => Need::Node(*node),

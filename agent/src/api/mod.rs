@@ -119,6 +119,18 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
         .add(Method::GET, "/v1/nodes", Authenticated, nodes)
         .add(Method::GET, "/v1/nodes/{node}", Authenticated, show_node)
         .add(
+            Method::POST,
+            "/v1/nodes/{node}/drain",
+            ClusterAdmin,
+            drain_node,
+        )
+        .add(
+            Method::POST,
+            "/v1/nodes/{node}/resume",
+            ClusterAdmin,
+            resume_node,
+        )
+        .add(
             Method::GET,
             "/v1/storage",
             ClusterAdmin,

@@ -4,12 +4,13 @@ use crate::api::{
     __path_attach_volume, __path_audit_log, __path_ca_certificate, __path_cluster,
     __path_create_project, __path_create_token, __path_create_user, __path_create_vm,
     __path_delete_issuer, __path_delete_project, __path_delete_vm, __path_delete_volume,
-    __path_detach_volume, __path_grant_role, __path_healthz, __path_join, __path_list_issuers,
-    __path_list_projects, __path_list_tokens, __path_list_users, __path_list_vms,
-    __path_list_volumes, __path_login, __path_nodes, __path_put_issuer, __path_readyz,
-    __path_revoke_token, __path_set_node_zone, __path_set_quota, __path_show_node,
-    __path_show_project, __path_show_vm, __path_show_volume, __path_update_project, __path_zones,
-    network, routes, storage, users, vms, volumes, ErrorBody, ErrorDetail,
+    __path_detach_volume, __path_drain_node, __path_grant_role, __path_healthz, __path_join,
+    __path_list_issuers, __path_list_projects, __path_list_tokens, __path_list_users,
+    __path_list_vms, __path_list_volumes, __path_login, __path_nodes, __path_put_issuer,
+    __path_readyz, __path_resume_node, __path_revoke_token, __path_set_node_zone, __path_set_quota,
+    __path_show_node, __path_show_project, __path_show_vm, __path_show_volume,
+    __path_update_project, __path_zones, network, routes, storage, users, vms, volumes, ErrorBody,
+    ErrorDetail,
 };
 use crate::api_types::AuditFormat;
 use axum::response::{IntoResponse, Response};
@@ -52,6 +53,8 @@ pub(super) async fn openapi_json() -> Response {
         cluster,
         nodes,
         show_node,
+        drain_node,
+        resume_node,
         storage::storage_status,
         storage::set_storage_config,
         storage::request_scrub,

@@ -487,6 +487,7 @@ pub(super) async fn create_vm(
         restart_policy: body.restart_policy.unwrap_or_default(),
         priority: body.priority.unwrap_or(0),
         last_restart: None,
+        relocation: None,
     };
     let outcome = node
         .write(&Command::CreateVm {

@@ -23,6 +23,26 @@ pub enum NodeCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Put a node (by id or name) in maintenance and move its VMs to other
+    /// nodes; refused, naming the VM and why, if one has no place.
+    Drain {
+        node: String,
+        /// Restart its running VMs on other nodes (their guests reboot).
+        #[arg(long)]
+        restart_unmovable: bool,
+        /// Return once the drain is recorded, without waiting for the VMs
+        /// to move.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take a node out of maintenance: it takes VMs again.
+    Resume {
+        node: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Set the node up (host name, management network, NTP, storage disks)
     /// and then create a cluster (--create) or join one (--join TOKEN) after
     /// the same pre-flight checks as the console; refuses to join if any fails.
@@ -412,4 +432,47 @@ pub(super) fn print_nodes(nodes: &[serde_json::Value]) {
         ],
         &rows,
     );
+}
+
+/// `allod node drain`: records the drain, then shows the VMs leaving until
+/// none is left moving.
+pub(super) async fn drain(
+    node: String,
+    restart_unmovable: bool,
+    no_wait: bool,
+    api: ApiArgs,
+) -> anyhow::Result<()> {
+    let client = api.resolve()?;
+    let body = crate::api_types::DrainNode { restart_unmovable };
+    let drained = client
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{node}/drain"),
+            Some(serde_json::to_value(&body)?),
+        )
+        .await?;
+    let path = format!("/v1/nodes/{node}");
+    let started = std::time::Instant::now();
+    let mut last = None;
+    let shown = loop {
+        let shown = client.call(reqwest::Method::GET, &path, None).await?;
+        let moving = shown["vms_moving"].as_u64().unwrap_or(0);
+        if no_wait || moving == 0 {
+            break shown;
+        }
+        if last != Some(moving) && api.output != crate::cli::Output::Json {
+            eprintln!(
+                "node {}: {moving} VM(s) still stopping to restart elsewhere ({} s)",
+                text(&drained["name"]),
+                started.elapsed().as_secs()
+            );
+            last = Some(moving);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(1800) {
+            anyhow::bail!("node {node}: {moving} VM(s) still moving after 30 minutes");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    emit(api.output, &shown, |n| print_nodes(std::slice::from_ref(n)));
+    Ok(())
 }

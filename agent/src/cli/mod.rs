@@ -176,6 +176,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
+        TopCommand::Node(NodeCommand::Drain {
+            node,
+            restart_unmovable,
+            no_wait,
+            api,
+        }) => cluster::drain(node, restart_unmovable, no_wait, api).await,
+        TopCommand::Node(NodeCommand::Resume { node, api }) => {
+            let client = api.resolve()?;
+            let path = format!("/v1/nodes/{node}/resume");
+            client.call(reqwest::Method::POST, &path, None).await?;
+            let shown = client
+                .call(reqwest::Method::GET, &format!("/v1/nodes/{node}"), None)
+                .await?;
+            emit(api.output, &shown, |n| {
+                cluster::print_nodes(std::slice::from_ref(n))
+            });
+            Ok(())
+        }
         TopCommand::Node(NodeCommand::Maintenance { data_dir, state }) => {
             let on = state == "on";
             admin(&data_dir, AdminRequest::Maintenance { on }).await?;

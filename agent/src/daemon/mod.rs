@@ -537,6 +537,7 @@ impl Agent {
                 vcpus: 0,
                 memory_bytes: 0,
                 maintenance: false,
+                draining: false,
                 storage: None,
                 key_sha256,
                 storage_state: Default::default(),

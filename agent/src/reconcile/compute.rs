@@ -444,12 +444,20 @@ fn dead_node_keys(node: &ClusterNode) -> Vec<String> {
         .collect()
 }
 
+/// The VMs placed on this node; one a drain moves elsewhere is to be
+/// stopped here (its stop's report places it on its next node).
 fn my_vms(node: &ClusterNode) -> Vec<VmRecord> {
     node.state
         .list::<VmRecord>(PREFIX_VMS)
         .unwrap_or_default()
         .into_iter()
         .filter(|vm| vm.node_id == node.id)
+        .map(|mut vm| {
+            if vm.relocation.is_some() {
+                vm.power = PowerState::Stopped;
+            }
+            vm
+        })
         .collect()
 }
 

@@ -57,6 +57,7 @@ impl NodeHealth {
         match node.liveness {
             Liveness::Dead => NodeHealth::Dead,
             Liveness::Suspect => NodeHealth::Suspect,
+            Liveness::Healthy if node.draining => NodeHealth::Draining,
             Liveness::Healthy if node.maintenance => NodeHealth::Maintenance,
             Liveness::Healthy => NodeHealth::Healthy,
         }
@@ -109,6 +110,15 @@ pub struct Restart {
     pub reason: String,
 }
 
+/// A move a drain asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Relocation {
+    /// The node it goes to.
+    pub to: NodeId,
+    /// When the drain asked (milliseconds since the epoch).
+    pub asked_at_ms: u64,
+}
+
 /// Commands of the failure detection and of VM mobility.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -128,6 +138,19 @@ pub enum HaCommand {
         overcommit_cpu_percent: u32,
         overcommit_memory_percent: u32,
     },
+    /// Cordons a node and moves its VMs to others: refused, naming the VM
+    /// and why, unless every VM it runs has a place. Running VMs restart
+    /// there (their node stops them first), which needs
+    /// `restart_unmovable`.
+    Drain {
+        id: NodeId,
+        restart_unmovable: bool,
+        at_ms: u64,
+        overcommit_cpu_percent: u32,
+        overcommit_memory_percent: u32,
+    },
+    /// Takes a node out of maintenance: it takes VMs again.
+    Resume { id: NodeId },
 }
 
 pub fn apply(kv: &mut KvWrite<'_>, command: HaCommand) -> KvResult<Outcome> {
@@ -159,6 +182,24 @@ pub fn apply(kv: &mut KvWrite<'_>, command: HaCommand) -> KvResult<Outcome> {
             }
             Ok(outcome)
         }
+        HaCommand::Drain {
+            id,
+            restart_unmovable,
+            at_ms,
+            overcommit_cpu_percent,
+            overcommit_memory_percent,
+        } => drain(
+            kv,
+            id,
+            restart_unmovable,
+            at_ms,
+            Overcommit::from_percent(overcommit_cpu_percent, overcommit_memory_percent),
+        ),
+        HaCommand::Resume { id } => super::nodes::update_node(kv, id, |_, node| {
+            node.maintenance = false;
+            node.draining = false;
+            Ok(Ok(()))
+        }),
         HaCommand::PlaceWaiting {
             at_ms,
             overcommit_cpu_percent,
@@ -305,12 +346,162 @@ fn restart_on(
     move_vm(kv, vm, to)?;
     vm.state = VmState::Creating;
     vm.reason = None;
+    vm.relocation = None;
     vm.last_restart = Some(Restart {
         at_ms,
         from_node: from,
         to_node: to,
         reason,
     });
+    Ok(())
+}
+
+/// Cordons node `id` and moves its VMs (see [`HaCommand::Drain`]). The
+/// placements are decided first, on a copy of the scheduler's view, so a
+/// refusal changes nothing.
+fn drain(
+    kv: &mut KvWrite<'_>,
+    id: NodeId,
+    restart_unmovable: bool,
+    at_ms: u64,
+    overcommit: Overcommit,
+) -> KvResult<Outcome> {
+    let refuse = |message: String| {
+        Ok(Err(super::domain(
+            super::ErrorCode::FailedPrecondition,
+            message,
+        )))
+    };
+    let Some(record) = get_json::<NodeRecord>(kv, &format!("{PREFIX_NODES}{id:020}"))? else {
+        return Ok(Err(super::domain(
+            super::ErrorCode::NotFound,
+            format!("node {id} is not a member of this cluster"),
+        )));
+    };
+    if record.liveness != Liveness::Healthy {
+        return refuse(format!(
+            "node {} is {}: its VMs are restarted elsewhere by the failure detection, not by a drain",
+            record.name,
+            NodeHealth::of(&record).as_str()
+        ));
+    }
+    let vms: Vec<(String, VmRecord)> = kv
+        .scan(PREFIX_VMS)?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_slice::<VmRecord>(&v).ok()?)))
+        .filter(|(_, vm)| vm.node_id == id && vm.relocation.is_none())
+        .collect();
+    let running: Vec<&VmRecord> = vms
+        .iter()
+        .map(|(_, vm)| vm)
+        .filter(|vm| vm.power == PowerState::Running)
+        .collect();
+    if !running.is_empty() && !restart_unmovable {
+        let names: Vec<String> = running
+            .iter()
+            .map(|vm| format!("{}/{}", vm.project, vm.name))
+            .collect();
+        return refuse(format!(
+            "node {} runs {} VM(s) that can move only by restarting on another node (their guests reboot): {};              drain with --restart-unmovable to do that",
+            record.name,
+            running.len(),
+            names.join(", ")
+        ));
+    }
+    // Where each running VM goes, highest priority first, each placement
+    // taking its room before the next is decided.
+    let mut nodes = super::vms::candidates(kv)?;
+    nodes.retain(|n| n.id != id);
+    let mut plan = Vec::new();
+    for (key, vm) in in_restart_order(vms) {
+        if vm.power != PowerState::Running {
+            plan.push((key, vm, None));
+            continue;
+        }
+        let down = matches!(
+            vm.state,
+            VmState::Stopped | VmState::Crashed | VmState::Failed | VmState::Waiting
+        );
+        match super::scheduler::place(&nodes, &request_of(&vm), overcommit) {
+            Ok(to) => {
+                let n = nodes.iter_mut().find(|n| n.id == to).expect("placed there");
+                n.used_vcpus += vm.vcpus;
+                n.used_memory_bytes += vm.memory_bytes;
+                if let Some(group) = &vm.anti_affinity {
+                    *n.groups.entry(group.clone()).or_default() += 1;
+                }
+                plan.push((key, vm, Some((to, down))));
+            }
+            Err(why) => {
+                return refuse(format!(
+                    "cannot drain node {}: VM {}/{} fits on no other node: {why}",
+                    record.name, vm.project, vm.name
+                ))
+            }
+        }
+    }
+    let mut moving = 0;
+    for (key, mut vm, to) in plan {
+        match to {
+            // Not running there (crashed, failed): it starts on its new
+            // node at once.
+            Some((to, true)) => {
+                let relocation = Relocation {
+                    to,
+                    asked_at_ms: at_ms,
+                };
+                relocated(kv, &mut vm, relocation)?;
+            }
+            Some((to, false)) => {
+                vm.relocation = Some(Relocation {
+                    to,
+                    asked_at_ms: at_ms,
+                });
+                moving += 1;
+            }
+            // A stopped VM moves at once where it would fit, so that it
+            // can start while this node is away; else it stays.
+            None => match place(kv, &vm, overcommit)? {
+                Ok(to) => move_vm(kv, &mut vm, to)?,
+                Err(_) => continue,
+            },
+        }
+        put_json(kv, &key, &vm)?;
+    }
+    super::nodes::update_node(kv, id, |_, node| {
+        node.maintenance = true;
+        node.draining = moving > 0;
+        Ok(Ok(()))
+    })
+}
+
+/// A VM a drain moves has stopped on its node: it starts on `to`.
+pub(super) fn relocated(
+    kv: &mut KvWrite<'_>,
+    vm: &mut VmRecord,
+    relocation: Relocation,
+) -> KvResult<()> {
+    let from = node_name(kv, vm.node_id)?;
+    let reason = format!("its node {from} was drained");
+    restart_on(kv, vm, relocation.to, relocation.asked_at_ms, reason)?;
+    // Restarted by its owner's operator, not by a failure: wanted running.
+    vm.power = PowerState::Running;
+    Ok(())
+}
+
+/// Ends node `id`'s drain once none of its VMs is still moving.
+pub(super) fn finish_drain(kv: &mut KvWrite<'_>, id: NodeId) -> KvResult<()> {
+    let still_moving = kv.scan(PREFIX_VMS)?.into_iter().any(|(_, v)| {
+        serde_json::from_slice::<VmRecord>(&v)
+            .is_ok_and(|vm| vm.node_id == id && vm.relocation.is_some())
+    });
+    if !still_moving {
+        // The node may have been removed meanwhile: nothing to end then.
+        let _ = super::nodes::update_node(kv, id, |_, node| {
+            node.draining = false;
+            Ok(Ok(()))
+        })?;
+    }
     Ok(())
 }
 
@@ -625,6 +816,99 @@ mod tests {
             );
             assert_eq!(lease(kv, "pet").0, 2);
             assert_eq!(port_node(kv, "pet"), 2);
+        });
+    }
+
+    fn drain(kv: &mut KvWrite<'_>, id: NodeId, restart_unmovable: bool) -> Outcome {
+        apply(
+            kv,
+            HaCommand::Drain {
+                id,
+                restart_unmovable,
+                at_ms: 7_000,
+                overcommit_cpu_percent: EXACT.0,
+                overcommit_memory_percent: EXACT.1,
+            },
+        )
+        .unwrap()
+    }
+
+    fn node_health(kv: &KvWrite<'_>, id: NodeId) -> NodeHealth {
+        get_json::<NodeRecord>(kv, &format!("{PREFIX_NODES}{id:020}"))
+            .unwrap()
+            .unwrap()
+            .health
+    }
+
+    #[test]
+    fn a_drain_is_refused_naming_the_vm_that_has_no_place_and_changes_nothing() {
+        allod_raft::scratch_kv(|kv| {
+            add_node(kv, 1, 4);
+            add_node(kv, 2, 2);
+            add_vm(kv, "a", 1, 2, RestartPolicy::Always, 0);
+            add_vm(kv, "b", 1, 2, RestartPolicy::Always, 0);
+            let e = drain(kv, 1, false).unwrap_err();
+            assert!(e.message.contains("p/a, p/b"), "{}", e.message);
+            assert!(e.message.contains("--restart-unmovable"), "{}", e.message);
+            let e = drain(kv, 1, true).unwrap_err();
+            assert!(
+                e.message.contains("VM p/b fits on no other node")
+                    && e.message.contains("without enough free vCPUs"),
+                "{}",
+                e.message
+            );
+            assert!(vm(kv, "a").relocation.is_none(), "nothing changed");
+            assert_eq!(node_health(kv, 1), NodeHealth::Healthy);
+        });
+    }
+
+    #[test]
+    fn a_drain_stops_each_vm_on_its_node_then_starts_it_on_the_next() {
+        allod_raft::scratch_kv(|kv| {
+            add_node(kv, 1, 4);
+            add_node(kv, 2, 2);
+            add_node(kv, 3, 2);
+            add_vm(kv, "a", 1, 2, RestartPolicy::Always, 0);
+            add_vm(kv, "b", 1, 2, RestartPolicy::Never, 0);
+            let node = drain(kv, 1, true).unwrap();
+            assert_eq!(node["health"], "draining");
+            let (a, b) = (vm(kv, "a"), vm(kv, "b"));
+            let (to_a, to_b) = (a.relocation.unwrap().to, b.relocation.unwrap().to);
+            assert_eq!(
+                std::collections::BTreeSet::from([to_a, to_b]),
+                [2, 3].into(),
+                "each has its own room"
+            );
+            // Still on node 1 until it has stopped there.
+            assert_eq!((a.node_id, lease(kv, "a")), (1, (1, 3)));
+            // Its node reports it stopping, then stopped.
+            let report = |kv: &mut KvWrite<'_>, name: &str, state| {
+                crate::state::vms::report_vm(kv, "p", name, 1, state, None, 2)
+                    .unwrap()
+                    .unwrap()
+            };
+            report(kv, "a", VmState::Stopping);
+            assert_eq!(vm(kv, "a").node_id, 1);
+            report(kv, "a", VmState::Stopped);
+            let a = vm(kv, "a");
+            assert_eq!(
+                (a.node_id, a.state, a.power),
+                (to_a, VmState::Creating, PowerState::Running),
+                "a stop for a move is not the guest powering off"
+            );
+            assert!(a.relocation.is_none());
+            assert_eq!(a.last_restart.unwrap().at_ms, 7_000);
+            assert_eq!(lease(kv, "a").0, to_a);
+            assert_eq!(port_node(kv, "a"), to_a);
+            assert_eq!(node_health(kv, 1), NodeHealth::Draining);
+            report(kv, "b", VmState::Stopped);
+            assert_eq!(vm(kv, "b").node_id, to_b);
+            assert_eq!(node_health(kv, 1), NodeHealth::Maintenance);
+            // In maintenance it takes nothing until resumed.
+            let e = drain(kv, 2, true).unwrap_err();
+            assert!(e.message.contains("1 in maintenance"), "{}", e.message);
+            apply(kv, HaCommand::Resume { id: 1 }).unwrap().unwrap();
+            assert_eq!(node_health(kv, 1), NodeHealth::Healthy);
         });
     }
 }

@@ -39,6 +39,9 @@ pub struct NodeRecord {
     /// A node in maintenance takes no new VMs.
     #[serde(default)]
     pub maintenance: bool,
+    /// A drain is moving its VMs to other nodes (it is in maintenance too).
+    #[serde(default)]
+    pub draining: bool,
     /// The node's block store, once it has registered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<super::volumes::NodeStorage>,
@@ -198,7 +201,7 @@ pub(super) fn consume_join_token(
                 put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                 record.used_by = Some(node_id);
                 put_json(kv, &key, &record)?;
-                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0, liveness: Default::default(), liveness_since_ms: 0, health: Default::default() };
+                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, draining: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0, liveness: Default::default(), liveness_since_ms: 0, health: Default::default() };
                 put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                 Ok(serde_json::json!({ "node_id": node_id }))
             }

@@ -101,6 +101,10 @@ pub struct VmRecord {
     /// The last time it was restarted on another node, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<super::ha::Restart>,
+    /// A drain moves it: its node stops it, and the stop's report places
+    /// it on the node chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relocation: Option<super::ha::Relocation>,
 }
 
 fn default_power() -> PowerState {
@@ -199,11 +203,14 @@ pub(super) fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
         if vm.power == PowerState::Stopped {
             continue;
         }
-        if let Some(node) = nodes.get_mut(&vm.node_id) {
-            node.used_vcpus += vm.vcpus;
-            node.used_memory_bytes += vm.memory_bytes;
-            if let Some(group) = vm.anti_affinity {
-                *node.groups.entry(group).or_default() += 1;
+        // A VM a drain moves holds room where it is and where it goes.
+        for id in std::iter::once(vm.node_id).chain(vm.relocation.as_ref().map(|r| r.to)) {
+            if let Some(node) = nodes.get_mut(&id) {
+                node.used_vcpus += vm.vcpus;
+                node.used_memory_bytes += vm.memory_bytes;
+                if let Some(group) = vm.anti_affinity.clone() {
+                    *node.groups.entry(group).or_default() += 1;
+                }
             }
         }
     }
@@ -540,10 +547,23 @@ pub fn report_vm(
     reason: Option<String>,
     generation: u64,
 ) -> KvResult<Outcome> {
-    update_vm(kv, project, name, |vm| {
+    let outcome = update_vm(kv, project, name, |vm| {
         observe(vm, node, state, reason, generation);
         Ok(())
-    })
+    })?;
+    // A VM a drain moves has stopped on its node: it starts on the next.
+    let key = format!("{PREFIX_VMS}{project}/{name}");
+    if let Some(mut vm) = get_json::<VmRecord>(kv, &key)? {
+        if let (Some(relocation), true) = (vm.relocation.clone(), vm.node_id == node) {
+            if matches!(vm.state, VmState::Stopped | VmState::Crashed) {
+                super::ha::relocated(kv, &mut vm, relocation)?;
+                put_json(kv, &key, &vm)?;
+                super::ha::finish_drain(kv, node)?;
+                return Ok(Ok(serde_json::to_value(&vm).expect("serialisable")));
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// What a node's report does to a VM's record. The rule between desired
@@ -566,6 +586,7 @@ pub fn observe(
         return;
     }
     if vm.power == PowerState::Running
+        && vm.relocation.is_none()
         && matches!(vm.state, VmState::Running | VmState::Paused)
         && matches!(state, VmState::Stopped | VmState::Crashed)
     {
@@ -707,6 +728,7 @@ pub(crate) fn sample_record(power: PowerState, state: VmState) -> VmRecord {
         restart_policy: Default::default(),
         priority: 0,
         last_restart: None,
+        relocation: None,
     }
 }
 
