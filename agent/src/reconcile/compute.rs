@@ -346,8 +346,7 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
         transient: HashSet::new(),
         work: JoinSet::new(),
     };
-    let mut in_touch = crate::reconcile::ha::InTouch::new();
-    let mut fenced = false;
+    let mut fence = crate::reconcile::ha::Fence::default();
     loop {
         let Some(n) = node.upgrade() else { return };
         if hv.as_ref().is_none_or(|h| !h.alive()) {
@@ -371,33 +370,17 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
             }
         }
         let h = hv.clone().expect("connected");
-        // Self-fencing: cut off from a quorum for `fence_after`, this node
-        // stops its VMs before the other side can declare it dead and
-        // restart them; every second while it lasts, so that a start
-        // racing the first round is stopped too.
-        let out = in_touch.out_of_touch(&n);
-        if out >= reconciler.options.fence_after {
-            reconciler.fence(&h, out, !fenced).await;
-            fenced = true;
+        // Self-fencing (see `reconcile::ha`): no pass while cut off.
+        let stopped = fence.check(&n, &h, reconciler.options.fence_after).await;
+        if let Some(stopped) = stopped {
+            for id in stopped {
+                reconciler.forget(&id);
+            }
             drop(n);
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        if fenced {
-            // Back in touch: catch up before acting on records that may
-            // have moved these VMs elsewhere meanwhile.
-            if let Err(e) = n.linearizable_read().await {
-                tracing::debug!("not caught up with the cluster yet: {e}");
-                drop(n);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            tracing::warn!(
-                "in touch with a quorum again: VMs still placed on this node start again"
-            );
-            fenced = false;
-        }
-        h.set_replaceable(dead_node_keys(&n));
+        h.set_replaceable(crate::reconcile::ha::dead_node_keys(&n));
         reconciler.pass(&n, &h).await;
         let wait = if reconciler.in_flight.is_empty() && reconciler.transient.is_empty() {
             Duration::from_secs(2)
@@ -421,7 +404,7 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     hv: &Arc<Hypervisor>,
     f: impl FnOnce(&Hypervisor) -> Result<T, HvError> + Send + 'static,
 ) -> Result<T, String> {
@@ -430,18 +413,6 @@ async fn blocking<T: Send + 'static>(
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("libvirt call failed: {e}")),
     }
-}
-
-/// The metadata keys of the nodes the cluster declared dead: their shut-off
-/// domains may be defined over where nodes share a libvirtd.
-fn dead_node_keys(node: &ClusterNode) -> Vec<String> {
-    node.state
-        .nodes()
-        .unwrap_or_default()
-        .iter()
-        .filter(|n| n.liveness == crate::state::ha::Liveness::Dead)
-        .map(|n| format!("{}-{}", node.config.cluster_id, n.id))
-        .collect()
 }
 
 /// The VMs placed on this node; one a drain moves elsewhere is to be
@@ -543,38 +514,6 @@ impl Reconciler {
                 Err(e) => tracing::warn!(vm = %id, "cannot remove a domain: {e}"),
             }
             self.forget(id);
-        }
-    }
-
-    /// Stops and undefines every domain of this node (its VMs start again
-    /// from their records once it is back in touch, or run elsewhere).
-    async fn fence(&mut self, hv: &Arc<Hypervisor>, out: Duration, first: bool) {
-        let domains = match blocking(hv, |h| h.list()).await {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::error!("out of touch with the cluster for {} s and cannot list this node's VMs to stop them: {e}", out.as_secs());
-                return;
-            }
-        };
-        if first {
-            tracing::error!(
-                "out of touch with a quorum of the cluster for {} s: stopping this node's {} VMs so that they can safely run on other nodes",
-                out.as_secs(),
-                domains.len()
-            );
-        }
-        for domain in domains {
-            let id = domain.id.clone();
-            let result = blocking(hv, move |h| h.undefine(&id)).await;
-            match result {
-                Ok(()) => {
-                    tracing::warn!(vm = %domain.id, "stopped: this node is cut off from the cluster")
-                }
-                Err(e) => {
-                    tracing::error!(vm = %domain.id, "cannot stop a VM of a node cut off from the cluster: {e}")
-                }
-            }
-            self.forget(&domain.id);
         }
     }
 

@@ -9,11 +9,14 @@
 //! before the other side can declare it dead, so a restarted VM never runs
 //! beside its old copy.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+use hypervisor::lifecycle::Hypervisor;
 
 use crate::cluster::join::now_ms;
 use crate::cluster::node::ClusterNode;
+use crate::reconcile::compute::blocking;
 use crate::state::ha::{HaCommand, Liveness};
 use crate::state::scheduler::Overcommit;
 use crate::state::Command;
@@ -192,6 +195,94 @@ impl InTouch {
         }
         now.saturating_duration_since(self.last)
     }
+}
+
+/// The metadata keys of the nodes the cluster declared dead: their shut-off
+/// domains may be defined over where nodes share a libvirtd.
+pub fn dead_node_keys(node: &ClusterNode) -> Vec<String> {
+    node.state
+        .nodes()
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| n.liveness == Liveness::Dead)
+        .map(|n| format!("{}-{}", node.config.cluster_id, n.id))
+        .collect()
+}
+
+/// Self-fencing as the compute reconciler runs it before each pass.
+#[derive(Default)]
+pub struct Fence {
+    in_touch: InTouch,
+    fenced: bool,
+}
+
+impl Fence {
+    /// `None`: the reconciler may make its pass. `Some(ids)`: it may not;
+    /// the VMs of `ids` were stopped and undefined. Cut off from a quorum
+    /// for `fence_after`, this node stops its VMs before the other side can
+    /// declare it dead and restart them, every second while it lasts (so a
+    /// start racing the first round is stopped too); back in touch, it
+    /// catches up with the cluster before acting on records that may have
+    /// moved its VMs meanwhile.
+    pub async fn check(
+        &mut self,
+        node: &ClusterNode,
+        hv: &Arc<Hypervisor>,
+        fence_after: Duration,
+    ) -> Option<Vec<String>> {
+        let out = self.in_touch.out_of_touch(node);
+        if out >= fence_after {
+            let first = !self.fenced;
+            self.fenced = true;
+            return Some(stop_all(hv, out, first).await);
+        }
+        if self.fenced {
+            if let Err(e) = node.linearizable_read().await {
+                tracing::debug!("not caught up with the cluster yet: {e}");
+                return Some(Vec::new());
+            }
+            tracing::warn!(
+                "in touch with a quorum again: VMs still placed on this node start again"
+            );
+            self.fenced = false;
+        }
+        None
+    }
+}
+
+/// Stops and undefines every domain of this node; the ids stopped.
+async fn stop_all(hv: &Arc<Hypervisor>, out: Duration, first: bool) -> Vec<String> {
+    let domains = match blocking(hv, |h| h.list()).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::error!(
+                "out of touch with the cluster for {} s and cannot list this node's VMs to stop them: {e}",
+                out.as_secs()
+            );
+            return Vec::new();
+        }
+    };
+    if first {
+        tracing::error!(
+            "out of touch with a quorum of the cluster for {} s: stopping this node's {} VMs so that they can safely run on other nodes",
+            out.as_secs(),
+            domains.len()
+        );
+    }
+    let mut stopped = Vec::new();
+    for domain in domains {
+        let id = domain.id.clone();
+        match blocking(hv, move |h| h.undefine(&id)).await {
+            Ok(()) => {
+                tracing::warn!(vm = %domain.id, "stopped: this node is cut off from the cluster")
+            }
+            Err(e) => {
+                tracing::error!(vm = %domain.id, "cannot stop a VM of a node cut off from the cluster: {e}")
+            }
+        }
+        stopped.push(domain.id);
+    }
+    stopped
 }
 
 #[cfg(test)]
