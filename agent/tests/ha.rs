@@ -115,18 +115,34 @@ fn lease_epoch(c: &Cluster) -> (u64, u64) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_or_cut_off_nodes_vm_runs_again_elsewhere_and_never_twice() {
-    let mut c = Cluster::start_with(&["--virt-type", "qemu", "--stop-timeout", "3"]).await;
+/// Three agents and the guest's image; node 1, which answers the CLI, is in
+/// maintenance, so the VM's moves are between nodes 2 and 3.
+async fn cluster_for_guests() -> (Cluster, tempfile::TempDir) {
+    let c = Cluster::start_with(&["--virt-type", "qemu", "--stop-timeout", "3"]).await;
     run("chmod", &["755", c.tmp.path().to_str().unwrap()]);
-    // Node 1 answers the CLI: it takes no VMs, so the VM's moves are
-    // between nodes 2 and 3.
     let d1 = c.dirs[0].to_str().unwrap().to_string();
     c.allod_ok(&["node", "maintenance", "--data-dir", &d1, "on"]);
     c.allod_ok(&["project", "create", "p"]);
     let tmp = tempfile::tempdir().unwrap();
     let disk = build_boot_disk(tmp.path(), GUEST);
     c.allod_ok(&["image", "import", disk.to_str().unwrap(), "--name", "tiny"]);
+    (c, tmp)
+}
+
+/// SIGKILLs node `node`'s agent and the QEMU of domain `name`; when.
+fn kill_node_and_guest(c: &mut Cluster, node: u64, name: &str) -> Instant {
+    let qemu = run("pgrep", &["-f", &format!("guest={name}")]);
+    c.kill(node as usize - 1);
+    let killed_at = Instant::now();
+    for pid in qemu.split_whitespace() {
+        run("kill", &["-9", pid]);
+    }
+    killed_at
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_cut_off_nodes_vm_runs_again_elsewhere_and_never_twice() {
+    let (mut c, _tmp) = cluster_for_guests().await;
     let err = c.allod_fails(&[
         "vm",
         "create",
@@ -175,12 +191,7 @@ async fn a_dead_or_cut_off_nodes_vm_runs_again_elsewhere_and_never_twice() {
     assert_eq!(holder, first);
 
     // SIGKILL the VM's node: its agent and its QEMU.
-    let qemu = run("pgrep", &["-f", &format!("guest={name}")]);
-    c.kill(first as usize - 1);
-    let killed_at = Instant::now();
-    for pid in qemu.split_whitespace() {
-        run("kill", &["-9", pid]);
-    }
+    let killed_at = kill_node_and_guest(&mut c, first, &name);
     let acked = last_ack(&console_log(&c, first, &id)).unwrap();
 
     let vm = wait_vm(
@@ -362,14 +373,7 @@ async fn bench_restart_after_node_failure() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(10);
-    let mut c = Cluster::start_with(&["--virt-type", "qemu", "--stop-timeout", "3"]).await;
-    run("chmod", &["755", c.tmp.path().to_str().unwrap()]);
-    let d1 = c.dirs[0].to_str().unwrap().to_string();
-    c.allod_ok(&["node", "maintenance", "--data-dir", &d1, "on"]);
-    c.allod_ok(&["project", "create", "p"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = build_boot_disk(tmp.path(), GUEST);
-    c.allod_ok(&["image", "import", disk.to_str().unwrap(), "--name", "tiny"]);
+    let (mut c, _tmp) = cluster_for_guests().await;
     let vm = c.json(&[
         "vm",
         "create",
@@ -388,12 +392,7 @@ async fn bench_restart_after_node_failure() {
     for trial in 0..trials {
         let vm = c.json(&["vm", "show", "ha1", "--project", "p"]);
         let from = vm["node"].as_u64().unwrap();
-        let qemu = run("pgrep", &["-f", &format!("guest={name}")]);
-        c.kill(from as usize - 1);
-        let killed_at = Instant::now();
-        for pid in qemu.split_whitespace() {
-            run("kill", &["-9", pid]);
-        }
+        let killed_at = kill_node_and_guest(&mut c, from, &name);
         wait_vm(&c, "the VM elsewhere", Duration::from_secs(180), |v| {
             v["state"] == "running" && v["node"].as_u64() != Some(from)
         })

@@ -26,26 +26,38 @@ impl ClusterNode {
         if metrics.state != openraft::ServerState::Leader {
             return self.peers.since_leader_contact();
         }
-        let now = std::time::Instant::now();
         let mut oldest = Duration::ZERO;
         for voters in configs {
-            let quorum = voters.len() / 2 + 1;
-            let mut acked: Vec<std::time::Instant> = voters
-                .iter()
-                .filter_map(|v| {
-                    if *v == self.id {
-                        Some(now)
-                    } else {
-                        self.peers.acked_at(*v, metrics.current_term)
-                    }
-                })
-                .collect();
-            if acked.len() < quorum {
-                return None;
-            }
-            acked.sort_unstable_by(|a, b| b.cmp(a));
-            oldest = oldest.max(now.duration_since(acked[quorum - 1]));
+            oldest = oldest.max(self.quorum_acked_age(voters, metrics.current_term)?);
         }
         Some(oldest)
+    }
+
+    /// On the leader of `term`, how long ago the AppendEntries that a
+    /// quorum of `voters` last accepted was sent (the quorum-th freshest;
+    /// the leader counts as now); `None` while fewer than a quorum have
+    /// accepted one of this term.
+    pub(super) fn quorum_acked_age(
+        &self,
+        voters: &std::collections::BTreeSet<allod_raft::NodeId>,
+        term: u64,
+    ) -> Option<Duration> {
+        let quorum = voters.len() / 2 + 1;
+        let now = std::time::Instant::now();
+        let mut acked: Vec<std::time::Instant> = voters
+            .iter()
+            .filter_map(|v| {
+                if *v == self.id {
+                    Some(now)
+                } else {
+                    self.peers.acked_at(*v, term)
+                }
+            })
+            .collect();
+        if acked.len() < quorum {
+            return None;
+        }
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        Some(now.duration_since(acked[quorum - 1]))
     }
 }

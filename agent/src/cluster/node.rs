@@ -560,22 +560,7 @@ impl ClusterNode {
             return None;
         };
         let quorum = voters.len() / 2 + 1;
-        let now = std::time::Instant::now();
-        let mut acked: Vec<std::time::Instant> = voters
-            .iter()
-            .filter_map(|v| {
-                if *v == self.id {
-                    Some(now)
-                } else {
-                    self.peers.acked_at(*v, term)
-                }
-            })
-            .collect();
-        if acked.len() < quorum {
-            return None;
-        }
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        if now.duration_since(acked[quorum - 1]) >= self.lease {
+        if self.quorum_acked_age(voters, term)? >= self.lease {
             return None;
         }
         let replication = metrics.replication.as_ref()?;
