@@ -163,6 +163,9 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
         (("GET", "/v1/audit"), AdminOnly),
         (("GET", "/v1/zones"), AnyAuthenticated),
         (("PUT", "/v1/nodes/{node}/zone"), AdminOnly),
+        (("GET", "/v1/nodes/{node}"), AnyAuthenticated),
+        (("POST", "/v1/nodes/{node}/drain"), AdminOnly),
+        (("POST", "/v1/nodes/{node}/resume"), AdminOnly),
         (("GET", "/v1/oidc/issuers"), AdminOnly),
         (("PUT", "/v1/oidc/issuers/{issuer}"), AdminOnly),
         (("DELETE", "/v1/oidc/issuers/{issuer}"), AdminOnly),
@@ -588,6 +591,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     }
                     ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
                     ("PUT", "/v1/nodes/{node}/zone") => Some(json!({ "zone": "OFFICIAL" })),
+                    ("POST", "/v1/nodes/{node}/drain") => Some(json!({})),
                     ("PUT", "/v1/oidc/issuers/{issuer}") => Some(
                         json!({ "issuer": format!("https://other{case}.example"), "audience": "allod" }),
                     ),
@@ -639,6 +643,12 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                             .await;
                     }
                 }
+                // A drain leaves the only node in maintenance.
+                let resumed = admin
+                    .send(Method::POST, &format!("{base}/v1/nodes/1/resume"), None)
+                    .await
+                    .unwrap();
+                ok(resumed, "resume the node").await;
             }
         }
     }
