@@ -483,10 +483,9 @@ pub(super) fn relocated(
 ) -> KvResult<()> {
     let from = node_name(kv, vm.node_id)?;
     let reason = format!("its node {from} was drained");
-    restart_on(kv, vm, relocation.to, relocation.asked_at_ms, reason)?;
-    // Restarted by its owner's operator, not by a failure: wanted running.
-    vm.power = PowerState::Running;
-    Ok(())
+    // Its power stays as its owner wants it: one stopped during the drain
+    // is only defined on its new node.
+    restart_on(kv, vm, relocation.to, relocation.asked_at_ms, reason)
 }
 
 /// Ends node `id`'s drain once none of its VMs is still moving.
