@@ -139,8 +139,10 @@ async fn storage_disks_hold_the_objects_give_the_capacity_and_are_mounted_again_
         .map(|m| heads_in(&seen_by(&c, &m.join("store").join(&id))))
         .collect();
     assert_eq!(on.iter().sum::<usize>() as u64, OBJECTS, "{on:?}");
-    // 1 : 3 by size: 16 of 64 expected on the small disk.
-    assert!((6..=28).contains(&on[0]), "objects per disk: {on:?}");
+    // Weights are whole GiB of each file system (at least 1): 1 and 2
+    // here, so about 21 of 64 on the small disk (3.5 standard deviations
+    // either side; a 1 : 3 expectation failed now and then).
+    assert!((8..=34).contains(&on[0]), "objects per disk: {on:?}");
     assert_eq!(heads_in(&data_dir.join("storage").join(&id)), 0);
 
     // SIGKILL: the new process (in a new mount namespace) mounts the disks
