@@ -224,6 +224,19 @@ fn node_name(kv: &impl KvRead, id: NodeId) -> KvResult<String> {
     )
 }
 
+/// Every VM record `keep` keeps, with its key.
+fn vms_where(
+    kv: &impl KvRead,
+    keep: impl Fn(&VmRecord) -> bool,
+) -> KvResult<Vec<(String, VmRecord)>> {
+    Ok(kv
+        .scan(PREFIX_VMS)?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_slice::<VmRecord>(&v).ok()?)))
+        .filter(|(_, vm)| keep(vm))
+        .collect())
+}
+
 /// VMs in restart order: highest priority first, then oldest first.
 fn in_restart_order(mut vms: Vec<(String, VmRecord)>) -> Vec<(String, VmRecord)> {
     vms.sort_by(|(ka, a), (kb, b)| {
@@ -284,12 +297,7 @@ fn fail_over(
     overcommit: Overcommit,
 ) -> KvResult<()> {
     let dead_name = node_name(kv, dead)?;
-    let vms: Vec<(String, VmRecord)> = kv
-        .scan(PREFIX_VMS)?
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, serde_json::from_slice::<VmRecord>(&v).ok()?)))
-        .filter(|(_, vm)| vm.node_id == dead)
-        .collect();
+    let vms = vms_where(kv, |vm| vm.node_id == dead)?;
     for (key, mut vm) in in_restart_order(vms) {
         // Whatever happens next, the dead node's writer is fenced now.
         for attachment in &vm.volumes {
@@ -385,12 +393,7 @@ fn drain(
             NodeHealth::of(&record).as_str()
         ));
     }
-    let vms: Vec<(String, VmRecord)> = kv
-        .scan(PREFIX_VMS)?
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, serde_json::from_slice::<VmRecord>(&v).ok()?)))
-        .filter(|(_, vm)| vm.node_id == id && vm.relocation.is_none())
-        .collect();
+    let vms = vms_where(kv, |vm| vm.node_id == id && vm.relocation.is_none())?;
     let running: Vec<&VmRecord> = vms
         .iter()
         .map(|(_, vm)| vm)
@@ -424,12 +427,11 @@ fn drain(
         );
         match super::scheduler::place(&nodes, &request_of(&vm), overcommit) {
             Ok(to) => {
-                let n = nodes.iter_mut().find(|n| n.id == to).expect("placed there");
-                n.used_vcpus += vm.vcpus;
-                n.used_memory_bytes += vm.memory_bytes;
-                if let Some(group) = &vm.anti_affinity {
-                    *n.groups.entry(group.clone()).or_default() += 1;
-                }
+                nodes
+                    .iter_mut()
+                    .find(|n| n.id == to)
+                    .expect("placed there")
+                    .hold(&vm);
                 plan.push((key, vm, Some((to, down))));
             }
             Err(why) => {
@@ -490,11 +492,7 @@ pub(super) fn relocated(
 
 /// Ends node `id`'s drain once none of its VMs is still moving.
 pub(super) fn finish_drain(kv: &mut KvWrite<'_>, id: NodeId) -> KvResult<()> {
-    let still_moving = kv.scan(PREFIX_VMS)?.into_iter().any(|(_, v)| {
-        serde_json::from_slice::<VmRecord>(&v)
-            .is_ok_and(|vm| vm.node_id == id && vm.relocation.is_some())
-    });
-    if !still_moving {
+    if vms_where(kv, |vm| vm.node_id == id && vm.relocation.is_some())?.is_empty() {
         // The node may have been removed meanwhile: nothing to end then.
         let _ = super::nodes::update_node(kv, id, |_, node| {
             node.draining = false;
@@ -507,12 +505,9 @@ pub(super) fn finish_drain(kv: &mut KvWrite<'_>, id: NodeId) -> KvResult<()> {
 /// Places every VM waiting for room that now fits somewhere, highest
 /// priority first; the number placed.
 fn place_waiting(kv: &mut KvWrite<'_>, at_ms: u64, overcommit: Overcommit) -> KvResult<usize> {
-    let waiting: Vec<(String, VmRecord)> = kv
-        .scan(PREFIX_VMS)?
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, serde_json::from_slice::<VmRecord>(&v).ok()?)))
-        .filter(|(_, vm)| vm.state == VmState::Waiting && vm.power == PowerState::Running)
-        .collect();
+    let waiting = vms_where(kv, |vm| {
+        vm.state == VmState::Waiting && vm.power == PowerState::Running
+    })?;
     let mut placed = 0;
     for (key, mut vm) in in_restart_order(waiting) {
         let own = get_json::<NodeRecord>(kv, &format!("{PREFIX_NODES}{:020}", vm.node_id))?;

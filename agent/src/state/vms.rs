@@ -161,6 +161,17 @@ impl VmState {
     }
 }
 
+impl Candidate {
+    /// Counts `vm` as placed on this node: its room and its group.
+    pub(super) fn hold(&mut self, vm: &VmRecord) {
+        self.used_vcpus += vm.vcpus;
+        self.used_memory_bytes += vm.memory_bytes;
+        if let Some(group) = &vm.anti_affinity {
+            *self.groups.entry(group.clone()).or_default() += 1;
+        }
+    }
+}
+
 impl VmRecord {
     pub fn usage(&self) -> Usage {
         Usage {
@@ -206,11 +217,7 @@ pub(super) fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
         // A VM a drain moves holds room where it is and where it goes.
         for id in std::iter::once(vm.node_id).chain(vm.relocation.as_ref().map(|r| r.to)) {
             if let Some(node) = nodes.get_mut(&id) {
-                node.used_vcpus += vm.vcpus;
-                node.used_memory_bytes += vm.memory_bytes;
-                if let Some(group) = vm.anti_affinity.clone() {
-                    *node.groups.entry(group).or_default() += 1;
-                }
+                node.hold(&vm);
             }
         }
     }
