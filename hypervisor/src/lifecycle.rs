@@ -54,7 +54,7 @@ pub struct Hypervisor {
     replaceable: std::sync::Mutex<Vec<String>>,
 }
 
-fn domain_err(name: &str) -> impl FnOnce(virt::error::Error) -> HvError + '_ {
+pub(crate) fn domain_err(name: &str) -> impl FnOnce(virt::error::Error) -> HvError + '_ {
     move |e| HvError::Domain {
         name: name.to_string(),
         message: e.to_string(),
@@ -168,7 +168,7 @@ impl Hypervisor {
 
     /// Our domain by VM id, or `None`; a same-named domain that is not ours
     /// is an error.
-    fn lookup(&self, id: &str) -> Result<Option<Domain>, HvError> {
+    pub(crate) fn lookup(&self, id: &str) -> Result<Option<Domain>, HvError> {
         let name = format!("allod-{id}");
         match self.conn.lookup_domain_by_name(&name) {
             Ok(d) => match self.ours(&d) {
@@ -225,7 +225,7 @@ impl Hypervisor {
             .map_err(domain_err(&spec.domain_name()))
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         id: &str,
         f: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,

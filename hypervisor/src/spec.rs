@@ -95,7 +95,7 @@ fn invalid(field: &'static str, value: impl Into<String>, why: &'static str) -> 
 }
 
 /// Escapes text for XML attribute values and element content.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
