@@ -9,6 +9,7 @@
 //! itself an admin token by forwarding `CreateToken`.
 
 use crate::state::ha::HaCommand;
+use crate::state::migration::MigrationCommand;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -210,6 +211,15 @@ fn need(node: &ClusterNode, command: &Command) -> Result<Need, String> {
             command: HaCommand::Drain { .. } | HaCommand::Resume { .. },
         } => admin(),
         Command::Ha { .. } => Need::Never,
+        // Operators move VMs; each step after is the node's that takes it.
+        Command::Migration { command } => match command {
+            MigrationCommand::Start { .. } => admin(),
+            MigrationCommand::Progress { node, .. }
+            | MigrationCommand::Switched { node, .. }
+            | MigrationCommand::Failed { node, .. }
+            | MigrationCommand::Resumed { node, .. }
+            | MigrationCommand::SetEndpoint { id: node, .. } => Need::Node(*node),
+        },
         Command::Network { command } => match command {
             NetCommand::SetUnderlay { node, .. } => Need::Node(*node),
             NetCommand::CreatePool { .. } | NetCommand::DeletePool { .. } => admin(),

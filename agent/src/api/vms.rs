@@ -488,6 +488,7 @@ pub(super) async fn create_vm(
         priority: body.priority.unwrap_or(0),
         last_restart: None,
         relocation: None,
+        migration: None,
     };
     let outcome = node
         .write(&Command::CreateVm {

@@ -225,7 +225,7 @@ fn node_name(kv: &impl KvRead, id: NodeId) -> KvResult<String> {
 }
 
 /// Every VM record `keep` keeps, with its key.
-fn vms_where(
+pub(super) fn vms_where(
     kv: &impl KvRead,
     keep: impl Fn(&VmRecord) -> bool,
 ) -> KvResult<Vec<(String, VmRecord)>> {
@@ -299,6 +299,9 @@ fn fail_over(
     let dead_name = node_name(kv, dead)?;
     let vms = vms_where(kv, |vm| vm.node_id == dead)?;
     for (key, mut vm) in in_restart_order(vms) {
+        if let Some(m) = vm.migration.as_mut().filter(|m| m.active()) {
+            m.fail(format!("its node {dead_name} died"), at_ms);
+        }
         // Whatever happens next, the dead node's writer is fenced now.
         for attachment in &vm.volumes {
             super::volumes::hand_over_lease(kv, &attachment.volume_id, None)?;
@@ -393,19 +396,25 @@ fn drain(
             NodeHealth::of(&record).as_str()
         ));
     }
-    let vms = vms_where(kv, |vm| vm.node_id == id && vm.relocation.is_none())?;
+    let vms = vms_where(kv, |vm| {
+        vm.node_id == id && vm.relocation.is_none() && !super::migration::migrating(vm)
+    })?;
+    // Running guests migrate live when this node takes part in migration;
+    // else they can move only by restarting.
+    let live = super::migration::takes_part(kv, id)?;
     let running: Vec<&VmRecord> = vms
         .iter()
         .map(|(_, vm)| vm)
         .filter(|vm| vm.power == PowerState::Running)
         .collect();
-    if !running.is_empty() && !restart_unmovable {
+    if !live && !running.is_empty() && !restart_unmovable {
         let names: Vec<String> = running
             .iter()
             .map(|vm| format!("{}/{}", vm.project, vm.name))
             .collect();
         return refuse(format!(
-            "node {} runs {} VM(s) that can move only by restarting on another node (their guests reboot): {};              drain with --restart-unmovable to do that",
+            "node {} runs {} VM(s) that can move only by restarting on another node (their guests reboot; \
+             the node takes no part in live migration): {}; drain with --restart-unmovable to do that",
             record.name,
             running.len(),
             names.join(", ")
@@ -415,24 +424,40 @@ fn drain(
     // taking its room before the next is decided.
     let mut nodes = super::vms::candidates(kv)?;
     nodes.retain(|n| n.id != id);
+    let mut migrating_to = Vec::new();
+    for n in &nodes {
+        if live && super::migration::takes_part(kv, n.id)? {
+            migrating_to.push(n.id);
+        }
+    }
     let mut plan = Vec::new();
     for (key, vm) in in_restart_order(vms) {
         if vm.power != PowerState::Running {
             plan.push((key, vm, None));
             continue;
         }
-        let down = matches!(
+        let how = if matches!(
             vm.state,
             VmState::Stopped | VmState::Crashed | VmState::Failed | VmState::Waiting
-        );
-        match super::scheduler::place(&nodes, &request_of(&vm), overcommit) {
+        ) {
+            Move::Now
+        } else if live {
+            Move::Live
+        } else {
+            Move::Restart
+        };
+        let mut eligible = nodes.clone();
+        if how == Move::Live {
+            eligible.retain(|n| migrating_to.contains(&n.id));
+        }
+        match super::scheduler::place(&eligible, &request_of(&vm), overcommit) {
             Ok(to) => {
                 nodes
                     .iter_mut()
                     .find(|n| n.id == to)
                     .expect("placed there")
                     .hold(&vm);
-                plan.push((key, vm, Some((to, down))));
+                plan.push((key, vm, Some((to, how))));
             }
             Err(why) => {
                 return refuse(format!(
@@ -447,18 +472,24 @@ fn drain(
         match to {
             // Not running there (crashed, failed): it starts on its new
             // node at once.
-            Some((to, true)) => {
+            Some((to, Move::Now)) => {
                 let relocation = Relocation {
                     to,
                     asked_at_ms: at_ms,
                 };
                 relocated(kv, &mut vm, relocation)?;
             }
-            Some((to, false)) => {
+            // Without live migration: stopped here, started there.
+            Some((to, Move::Restart)) => {
                 vm.relocation = Some(Relocation {
                     to,
                     asked_at_ms: at_ms,
                 });
+                moving += 1;
+            }
+            Some((to, Move::Live)) => {
+                let why = format!("its node {} was drained", record.name);
+                super::migration::begin(&mut vm, to, why, at_ms);
                 moving += 1;
             }
             // A stopped VM moves at once where it would fit, so that it
@@ -477,6 +508,18 @@ fn drain(
     })
 }
 
+/// How a drain moves a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// It does not run there (crashed, failed): it starts on its new node
+    /// at once.
+    Now,
+    /// Stopped on its node, then started on the new one.
+    Restart,
+    /// Live migration: its guest runs on.
+    Live,
+}
+
 /// A VM a drain moves has stopped on its node: it starts on `to`.
 pub(super) fn relocated(
     kv: &mut KvWrite<'_>,
@@ -492,7 +535,10 @@ pub(super) fn relocated(
 
 /// Ends node `id`'s drain once none of its VMs is still moving.
 pub(super) fn finish_drain(kv: &mut KvWrite<'_>, id: NodeId) -> KvResult<()> {
-    if vms_where(kv, |vm| vm.node_id == id && vm.relocation.is_some())?.is_empty() {
+    let moving = |vm: &VmRecord| {
+        vm.node_id == id && (vm.relocation.is_some() || super::migration::migrating(vm))
+    };
+    if vms_where(kv, moving)?.is_empty() {
         // The node may have been removed meanwhile: nothing to end then.
         let _ = super::nodes::update_node(kv, id, |_, node| {
             node.draining = false;
@@ -542,7 +588,7 @@ impl super::StateView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::state::network::PortRecord;
     use crate::state::vms::{sample_record, Attachment, VmNic};
@@ -551,9 +597,9 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
     /// No overcommit, so that room is easy to reason about.
-    const EXACT: (u32, u32) = (100, 100);
+    pub(in crate::state) const EXACT: (u32, u32) = (100, 100);
 
-    fn add_node(kv: &mut KvWrite<'_>, id: NodeId, vcpus: u64) {
+    pub(in crate::state) fn add_node(kv: &mut KvWrite<'_>, id: NodeId, vcpus: u64) {
         let node: NodeRecord = serde_json::from_value(serde_json::json!({
             "id": id, "name": format!("n{id}"), "joined_at_ms": 0,
             "vcpus": vcpus, "memory_bytes": 64 * GIB,
@@ -564,7 +610,7 @@ mod tests {
 
     /// A VM running on `node` with one volume (`<name>-disk`, written by
     /// `node` at epoch 3) and one NIC port.
-    fn add_vm(
+    pub(in crate::state) fn add_vm(
         kv: &mut KvWrite<'_>,
         name: &str,
         node: NodeId,
@@ -615,13 +661,13 @@ mod tests {
         put_json(kv, &format!("{PREFIX_VMS}p/{name}"), &vm).unwrap();
     }
 
-    fn vm(kv: &KvWrite<'_>, name: &str) -> VmRecord {
+    pub(in crate::state) fn vm(kv: &KvWrite<'_>, name: &str) -> VmRecord {
         get_json(kv, &format!("{PREFIX_VMS}p/{name}"))
             .unwrap()
             .unwrap()
     }
 
-    fn lease(kv: &KvWrite<'_>, name: &str) -> (NodeId, u64) {
+    pub(in crate::state) fn lease(kv: &KvWrite<'_>, name: &str) -> (NodeId, u64) {
         let v: VolumeRecord = get_json(kv, &format!("{PREFIX_VOLUMES}p/{name}-disk"))
             .unwrap()
             .unwrap();
@@ -629,14 +675,19 @@ mod tests {
         (l.node, l.epoch)
     }
 
-    fn port_node(kv: &KvWrite<'_>, name: &str) -> NodeId {
+    pub(in crate::state) fn port_node(kv: &KvWrite<'_>, name: &str) -> NodeId {
         get_json::<PortRecord>(kv, &format!("net/ports/p/{name}-nic0"))
             .unwrap()
             .unwrap()
             .node
     }
 
-    fn set(kv: &mut KvWrite<'_>, id: NodeId, liveness: Liveness, at_ms: u64) -> Outcome {
+    pub(in crate::state) fn set(
+        kv: &mut KvWrite<'_>,
+        id: NodeId,
+        liveness: Liveness,
+        at_ms: u64,
+    ) -> Outcome {
         apply(
             kv,
             HaCommand::SetNodeLiveness {

@@ -21,6 +21,7 @@ pub mod audit;
 pub mod auth;
 pub mod exports;
 pub mod ha;
+pub mod migration;
 pub mod network;
 pub mod nodes;
 pub mod operations;
@@ -332,6 +333,10 @@ pub enum Command {
     Ha {
         command: ha::HaCommand,
     },
+    /// Live migration (`state::migration`).
+    Migration {
+        command: migration::MigrationCommand,
+    },
     AppendAudit {
         record: audit::AuditRecord,
     },
@@ -562,6 +567,7 @@ impl Command {
             | Command::ConsumeJoinToken { .. }
             | Command::Network { .. }
             | Command::Ha { .. }
+            | Command::Migration { .. }
             | Command::ForgetNode { .. } => Effects::RESOURCES,
             Command::CreateProject { .. }
             | Command::UpdateProject { .. }
@@ -634,6 +640,7 @@ fn apply_command(kv: &mut KvWrite<'_>, command: Command) -> Result<Outcome, allo
         Command::SetQuota { project, quota } => projects::set_quota(kv, project, quota),
         Command::Network { command } => network::apply(kv, command),
         Command::Ha { command } => ha::apply(kv, command),
+        Command::Migration { command } => migration::apply(kv, command),
         Command::CreateVolume { volume, source } => volumes::create_volume(kv, volume, source),
         Command::DeleteVolume { project, name } => volumes::delete_volume(kv, &project, &name),
         Command::ResizeVolume {

@@ -105,6 +105,9 @@ pub struct VmRecord {
     /// it on the node chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relocation: Option<super::ha::Relocation>,
+    /// Its live migration in progress, or the last one (`state::migration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<super::migration::Migration>,
 }
 
 fn default_power() -> PowerState {
@@ -214,8 +217,14 @@ pub(super) fn candidates(kv: &impl KvRead) -> KvResult<Vec<Candidate>> {
         if vm.power == PowerState::Stopped {
             continue;
         }
-        // A VM a drain moves holds room where it is and where it goes.
-        for id in std::iter::once(vm.node_id).chain(vm.relocation.as_ref().map(|r| r.to)) {
+        // A VM a drain or a migration moves holds room where it is and
+        // where it goes.
+        let going = vm.relocation.as_ref().map(|r| r.to).or(vm
+            .migration
+            .as_ref()
+            .filter(|m| m.active() && m.to != vm.node_id)
+            .map(|m| m.to));
+        for id in std::iter::once(vm.node_id).chain(going) {
             if let Some(node) = nodes.get_mut(&id) {
                 node.hold(&vm);
             }
@@ -363,6 +372,9 @@ pub fn delete_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Ou
             format!("VM {name:?} does not exist in project {project:?}"),
         )));
     };
+    if let Err(refused) = super::migration::refuse_while_migrating(&vm) {
+        return Ok(Err(refused));
+    }
     // Its boot volume and its NICs go with it; other volumes stay, detached.
     record.usage = record.usage.minus(&vm.usage());
     put_json(kv, &project_key, &record)?;
@@ -418,6 +430,9 @@ pub fn attach(
             format!("volume {volume_name:?} does not exist in project {volume_project:?}"),
         )));
     };
+    if let Err(refused) = super::migration::refuse_while_migrating(&vm) {
+        return Ok(Err(refused));
+    }
     if attach {
         if let Err(why) = crate::state::zones::may_connect(vm.zone, volume.zone) {
             return Ok(Err(domain(
@@ -619,6 +634,7 @@ pub fn set_power(
         return start_vm(kv, project, name, overcommit);
     }
     update_vm(kv, project, name, |vm| {
+        super::migration::refuse_while_migrating(vm)?;
         vm.power = power;
         vm.force_stop = force;
         Ok(())
@@ -627,6 +643,7 @@ pub fn set_power(
 
 pub fn reboot_vm(kv: &mut KvWrite<'_>, project: &str, name: &str) -> KvResult<Outcome> {
     update_vm(kv, project, name, |vm| {
+        super::migration::refuse_while_migrating(vm)?;
         if vm.power != PowerState::Running {
             return Err(domain(
                 ErrorCode::FailedPrecondition,
@@ -736,6 +753,7 @@ pub(crate) fn sample_record(power: PowerState, state: VmState) -> VmRecord {
         priority: 0,
         last_restart: None,
         relocation: None,
+        migration: None,
     }
 }
 
