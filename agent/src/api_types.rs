@@ -400,6 +400,15 @@ pub struct ScrubRequest {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// The node to move to (name or id); without it, the scheduler picks
+    /// one among the nodes that take part in live migration.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DrainNode {
     /// Restart its running VMs on other nodes (their guests reboot);
     /// without it, a node running VMs is not drained.

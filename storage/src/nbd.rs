@@ -87,6 +87,12 @@ pub struct Export {
     /// withdrawn (it expired, or a VM took the volume): the connection then
     /// serves no further request and is closed.
     pub withdrawn: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Standby: the export is open (a client can connect and learn its
+    /// size) but its first request waits for this to finish, and the
+    /// connection ends with its error if it fails. A live migration's
+    /// destination holds its guest's disks so until the switch makes it
+    /// the writer.
+    pub ready: Option<BoxFuture<'static, Result<(), String>>>,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -413,6 +419,7 @@ where
     let budget = Arc::new(Semaphore::new(BYTE_BUDGET as usize));
     let handle = export.handle;
     let withdrawn = export.withdrawn;
+    let mut ready = export.ready;
     let result = loop {
         let mut h = [0u8; 28];
         match rd.read_exact(&mut h).await {
@@ -430,6 +437,13 @@ where
             break Err(NbdError::Protocol(format!(
                 "request magic {magic:#x} is wrong"
             )));
+        }
+        if let Some(standby) = ready.take() {
+            if let Err(e) = standby.await {
+                break Err(NbdError::Protocol(format!(
+                    "the export was held in standby and cannot be served: {e}"
+                )));
+            }
         }
         if withdrawn
             .as_ref()

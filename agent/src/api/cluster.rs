@@ -102,7 +102,12 @@ pub(super) async fn nodes(State(node): State<Arc<ClusterNode>>) -> ApiResult<Jso
     let count = |id: u64, moving: bool| {
         all_vms
             .iter()
-            .filter(|vm| vm.node_id == id && (!moving || vm.relocation.is_some()))
+            .filter(|vm| {
+                vm.node_id == id
+                    && (!moving
+                        || vm.relocation.is_some()
+                        || crate::state::migration::migrating(vm))
+            })
             .count() as u64
     };
     let leader = node.leader();
@@ -154,7 +159,7 @@ pub(super) async fn show_node(
 }
 
 /// The id of the node named or numbered `wanted`.
-fn node_id_of(node: &ClusterNode, wanted: &str) -> ApiResult<u64> {
+pub(super) fn node_id_of(node: &ClusterNode, wanted: &str) -> ApiResult<u64> {
     node.state
         .nodes()?
         .iter()

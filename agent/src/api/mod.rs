@@ -432,6 +432,13 @@ pub fn routes() -> crate::api::authz::Routes<AppState> {
             project(Role::ProjectMember),
             vms::reboot_vm,
         )
+        // Operators place VMs on hardware; tenants do not.
+        .add(
+            Method::POST,
+            "/v1/projects/{name}/vms/{vm}/migrate",
+            ClusterAdmin,
+            vms::migrate_vm,
+        )
         .add(
             Method::PATCH,
             "/v1/projects/{name}/vms/{vm}",

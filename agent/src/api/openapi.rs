@@ -90,6 +90,7 @@ pub(super) async fn openapi_json() -> Response {
         vms::stop_vm,
         vms::force_stop_vm,
         vms::reboot_vm,
+        vms::migrate_vm,
         vms::update_vm,
         vms::console,
         list_users,

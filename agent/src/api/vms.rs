@@ -74,6 +74,35 @@ pub(super) async fn reboot_vm(
     Ok(Json(outcome_as(outcome?)?))
 }
 
+#[utoipa::path(post, path = "/v1/projects/{name}/vms/{vm}/migrate", tag = "vms",
+    params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
+    request_body = crate::api_types::MigrateVm,
+    responses((status = 200, description = "The VM; its `migration` says where it goes and how far it is (phase, bytes sent and remaining, downtime once done)", body = VmRecord)))]
+pub(super) async fn migrate_vm(
+    State(node): State<Arc<ClusterNode>>,
+    Path((project, vm)): Path<(String, String)>,
+    ApiJson(body): ApiJson<crate::api_types::MigrateVm>,
+) -> ApiResult<Json<VmRecord>> {
+    let name = vm_name(&node, &project, vm).await?;
+    let to = match &body.to {
+        Some(wanted) => Some(super::cluster::node_id_of(&node, wanted)?),
+        None => None,
+    };
+    let overcommit = crate::state::scheduler::Overcommit::DEFAULT;
+    let command = Command::Migration {
+        command: crate::state::migration::MigrationCommand::Start {
+            project,
+            name,
+            to,
+            at_ms: crate::cluster::join::now_ms(),
+            overcommit_cpu_percent: overcommit.cpu_percent(),
+            overcommit_memory_percent: overcommit.memory_percent(),
+        },
+    };
+    let outcome = node.write(&command).await?;
+    Ok(Json(outcome_as(outcome?)?))
+}
+
 #[utoipa::path(patch, path = "/v1/projects/{name}/vms/{vm}", tag = "vms",
     params(("name" = String, Path, description = "Project name"), ("vm" = String, Path, description = "VM name or id")),
     request_body = UpdateVm,

@@ -111,6 +111,12 @@ pub struct ComputeArgs {
     /// its own VMs (at least 2 s shorter than --dead-after).
     #[arg(long, default_value_t = 10)]
     pub fence_after: u64,
+    /// The URI other nodes' libvirt daemons reach this node's libvirt at,
+    /// for live migration (libvirt's TLS transport between appliances:
+    /// `qemu+tls://HOST/system`). Without it, VMs do not migrate to or
+    /// from this node: a drain then restarts them elsewhere.
+    #[arg(long)]
+    pub migration_uri: Option<String>,
 }
 
 impl ComputeArgs {
@@ -120,6 +126,7 @@ impl ComputeArgs {
             libvirt_uri: self.libvirt_uri.clone(),
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
             fence_after: std::time::Duration::from_secs(self.fence_after),
+            migration_uri: self.migration_uri.clone().filter(|u| u != "none"),
         })
     }
 

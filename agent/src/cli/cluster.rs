@@ -462,7 +462,7 @@ pub(super) async fn drain(
         }
         if last != Some(moving) && api.output != crate::cli::Output::Json {
             eprintln!(
-                "node {}: {moving} VM(s) still stopping to restart elsewhere ({} s)",
+                "node {}: {moving} VM(s) still moving to other nodes ({} s)",
                 text(&drained["name"]),
                 started.elapsed().as_secs()
             );

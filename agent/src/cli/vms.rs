@@ -73,6 +73,21 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Move a running VM to another node while its guest runs (live
+    /// migration), showing its progress and the guest's pause.
+    Migrate {
+        name: String,
+        #[arg(long)]
+        project: String,
+        /// The node to move to (name or id); default: the scheduler's pick.
+        #[arg(long)]
+        to: Option<String>,
+        /// Return once the migration is recorded, without following it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Reset a running VM.
     Reboot {
         name: String,
@@ -247,6 +262,73 @@ pub(super) async fn wait_for_vm(
     }
 }
 
+/// Shows a VM's migration until it ends: its phase and bytes while it
+/// runs, then the guest's pause; an error when it failed.
+async fn follow_migration(
+    client: &ApiClient,
+    project: &str,
+    name: &str,
+    output: Output,
+) -> anyhow::Result<serde_json::Value> {
+    use std::io::IsTerminal;
+    let tty = output == Output::Table && std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let vm = client
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/projects/{project}/vms/{name}"),
+                None,
+            )
+            .await?;
+        let m = &vm["migration"];
+        let line = match m["phase"].as_str() {
+            Some("done") | Some("failed") | None => String::new(),
+            Some(phase) => format!(
+                "migrating {name} from node {} to node {}: {phase}, {} sent, {} of {} left",
+                text(&m["from"]),
+                text(&m["to"]),
+                human_size(m["bytes_sent"].as_u64().unwrap_or(0)),
+                human_size(m["bytes_remaining"].as_u64().unwrap_or(0)),
+                human_size(m["bytes_total"].as_u64().unwrap_or(0)),
+            ),
+        };
+        if !line.is_empty() && line != last && output == Output::Table {
+            if tty {
+                eprint!("\r{line}    ");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        match m["phase"].as_str() {
+            Some("done") => {
+                if output == Output::Table {
+                    let took = m["finished_at_ms"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .saturating_sub(m["started_at_ms"].as_u64().unwrap_or(0));
+                    eprintln!(
+                        "{}migrated {name} to node {} in {:.1} s; the guest was paused {} ms",
+                        if tty { "\n" } else { "" },
+                        text(&m["to"]),
+                        took as f64 / 1000.0,
+                        text(&m["downtime_ms"])
+                    );
+                }
+                return Ok(vm);
+            }
+            Some("failed") | None => anyhow::bail!(
+                "{}the migration of VM {name} failed; it runs on node {}: {}",
+                if tty { "\n" } else { "" },
+                text(&vm["node"]),
+                m["error"].as_str().unwrap_or("no reason given")
+            ),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+}
+
 pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     let (api, method, path, body) = match command {
@@ -312,6 +394,29 @@ pub(super) async fn run_vm(command: VmCommand) -> anyhow::Result<()> {
             format!("/v1/projects/{project}/vms/{name}/force-stop"),
             None,
         ),
+        VmCommand::Migrate {
+            name,
+            project,
+            to,
+            no_wait,
+            api,
+        } => {
+            let client = api.resolve()?;
+            let vm = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/vms/{name}/migrate"),
+                    body(&crate::api_types::MigrateVm { to }),
+                )
+                .await?;
+            let vm = if no_wait {
+                vm
+            } else {
+                follow_migration(&client, &project, &name, api.output).await?
+            };
+            emit(api.output, &vm, |v| print_vms(std::slice::from_ref(v)));
+            return Ok(());
+        }
         VmCommand::Reboot { name, project, api } => (
             api,
             Method::POST,

@@ -545,7 +545,7 @@ impl Agent {
                 liveness: Default::default(),
                 liveness_since_ms: 0,
                 health: Default::default(),
-                migration_uri: None,
+                migration: None,
             };
             node.write(&Command::InitCluster {
                 info,

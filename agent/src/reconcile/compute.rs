@@ -26,6 +26,7 @@ use hypervisor::spec::{Disk, DomainSpec, Nic, VirtType};
 use tokio::task::JoinSet;
 
 use crate::cluster::node::ClusterNode;
+use crate::state::migration::{Endpoint, MigrationCommand, Phase};
 use crate::state::vms::{PowerState, VmRecord, VmState};
 use crate::state::{Command, PREFIX_VMS};
 
@@ -39,6 +40,9 @@ pub struct ComputeOptions {
     pub stop_timeout: Duration,
     /// Out of touch with a quorum this long, the node stops its VMs.
     pub fence_after: Duration,
+    /// The URI other nodes' libvirt daemons reach this node's at, for live
+    /// migration; `None`: VMs do not migrate to or from this node.
+    pub migration_uri: Option<String>,
 }
 
 /// How this node names itself in domain metadata: cluster and node id, so
@@ -166,6 +170,8 @@ pub enum Action {
     /// Pulls the plug.
     Destroy,
     Reboot,
+    /// Runs a paused guest again (one that arrived by live migration).
+    Resume,
 }
 
 /// What the reconciler remembers of a VM between passes. Losing it (an
@@ -246,6 +252,17 @@ pub fn plan_vm(
                     VmState::Running
                 }
                 Power::ShuttingDown => VmState::Stopping,
+                // Arrived by live migration, and the switch is recorded:
+                // its disks' writer is this node now.
+                Power::Paused
+                    if vm
+                        .migration
+                        .as_ref()
+                        .is_some_and(|m| m.phase == Phase::Resuming && m.to == vm.node_id) =>
+                {
+                    actions.push(Action::Resume);
+                    VmState::Running
+                }
                 Power::Paused => VmState::Paused,
             }
         }
@@ -336,6 +353,11 @@ pub async fn run(node: Weak<ClusterNode>, options: ComputeOptions) {
     let mut applied = n.applied.subscribe();
     let _ = std::fs::create_dir_all(n.data_dir.path().join("console"));
     let me = node_key(&n);
+    let endpoint = options.migration_uri.clone().map(|uri| Endpoint {
+        libvirt_uri: uri,
+        console_dir: data_dir(&n).join("console").display().to_string(),
+    });
+    tokio::spawn(super::migration::register(node.clone(), endpoint));
     drop(n);
     let mut hv: Option<Arc<Hypervisor>> = None;
     let mut reconciler = Reconciler {
@@ -448,6 +470,7 @@ async fn execute(hv: &Arc<Hypervisor>, vm: &VmRecord, plan: VmPlan) -> (VmState,
             Action::Shutdown => (blocking(hv, move |h| h.shutdown(&id)).await, "stop"),
             Action::Destroy => (blocking(hv, move |h| h.destroy(&id)).await, "stop"),
             Action::Reboot => (blocking(hv, move |h| h.reboot(&id)).await, "reboot"),
+            Action::Resume => (blocking(hv, move |h| h.resume(&id)).await, "resume"),
         };
         if let Err(e) = result {
             return (VmState::Failed, Some(format!("cannot {what}: {e}")));
@@ -472,6 +495,17 @@ impl Reconciler {
         let busy: HashSet<String> = self.in_flight.values().cloned().collect();
         let now = Instant::now();
         for vm in desired.iter().filter(|vm| !busy.contains(&vm.id)) {
+            if super::migration::outgoing(vm, node.id) {
+                let (node, hv, vm) = (node.clone(), hv.clone(), vm.clone());
+                let vm_id = vm.id.clone();
+                let task = self.work.spawn(async move {
+                    let id = vm.id.clone();
+                    super::migration::send(node, hv, vm).await;
+                    (id, Done::Reported)
+                });
+                self.in_flight.insert(task.id(), vm_id);
+                continue;
+            }
             let remembered = self.memory.get(&vm.id).copied().unwrap_or_default();
             let plan = plan_vm(
                 vm,
@@ -501,7 +535,17 @@ impl Reconciler {
             });
             self.in_flight.insert(task.id(), vm_id);
         }
-        let wanted: HashSet<&str> = desired.iter().map(|v| v.id.as_str()).collect();
+        // VMs arriving by live migration keep their incoming domains.
+        let arriving = node.state.list::<VmRecord>(PREFIX_VMS).unwrap_or_default();
+        let wanted: HashSet<&str> = desired
+            .iter()
+            .chain(
+                arriving
+                    .iter()
+                    .filter(|vm| super::migration::incoming(vm, node.id)),
+            )
+            .map(|v| v.id.as_str())
+            .collect();
         for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
             if busy.contains(id) {
                 continue;
@@ -543,6 +587,27 @@ impl Reconciler {
         let Done::Converged { vm, state, reason } = done else {
             return;
         };
+        if state == VmState::Running
+            && vm
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.phase == Phase::Resuming && m.to == node.id)
+        {
+            let node = node.clone();
+            let resumed = Command::Migration {
+                command: MigrationCommand::Resumed {
+                    vm_id: vm.id.clone(),
+                    node: node.id,
+                    at_ms: crate::cluster::join::now_ms(),
+                },
+            };
+            tracing::info!(vm = %vm.id, name = %vm.name, "live migration: the guest runs on this node");
+            tokio::spawn(async move {
+                if let Err(e) = node.write(&resumed).await {
+                    tracing::warn!("cannot record that a migrated guest resumed: {e}");
+                }
+            });
+        }
         if state.is_transient() {
             self.transient.insert(id.clone());
         } else {

@@ -9,6 +9,7 @@
 
 pub mod compute;
 pub mod ha;
+pub mod migration;
 pub mod network;
 pub mod operations;
 pub mod storage;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use storage::nbd::{self, BoxFuture, Export, ExportInfo, Exports};
+use storage::nbd::{self, BoxFuture, Exports};
 use storage::transport::{self, Peers};
 use storage::{ObjectStore, ParentSpec, ReplicaSets, Storage, VolumeHandle, VolumeSpec};
 
@@ -18,7 +18,9 @@ use crate::state::volumes::NodeStorage;
 use crate::state::volumes::{ReplicaChange, VolumeRecord};
 use crate::state::Command;
 
+mod exports;
 pub mod recovery;
+mod standby;
 
 /// How the block store is set up on this node.
 #[derive(Debug, Clone)]
@@ -292,7 +294,7 @@ impl BlockStore {
             recovery: Arc::new(recovery::Recovery::new(pace)),
             open_grants: std::sync::Mutex::new(Vec::new()),
         });
-        let exports: Arc<dyn Exports> = Arc::new(AgentExports(Arc::downgrade(&blocks)));
+        let exports: Arc<dyn Exports> = Arc::new(exports::AgentExports(Arc::downgrade(&blocks)));
         let unix = unix.into_std()?;
         let unix_exports = exports.clone();
         io.spawn(async move {
@@ -535,185 +537,6 @@ fn share_with_qemu(socket: &Path) {
         tracing::warn!(
             "cannot share the NBD socket with libvirt-qemu: {e}; guests will not reach their disks"
         );
-    }
-}
-
-struct AgentExports(Weak<BlockStore>);
-
-/// What an export name was found to give.
-struct Resolved {
-    volume: VolumeRecord,
-    read_only: bool,
-    /// The operator's grant it was opened with (id, expiry), if any.
-    grant: Option<(String, u64)>,
-}
-
-/// The one answer to an export name that opens nothing: it does not say
-/// whether the volume exists or which part was wrong.
-const NO_EXPORT: &str = "no such export, or its credential is wrong, expired or for another node; \
-     get one with `allod volume export`";
-
-impl AgentExports {
-    fn resolve(&self, name: &str) -> Result<(Arc<BlockStore>, Resolved), String> {
-        use crate::state::exports::{credential, same_secret, ExportName, Holder};
-        let blocks = self.0.upgrade().ok_or("this node is shutting down")?;
-        let node = blocks.node().map_err(|e| e.to_string())?;
-        let refused = || {
-            tracing::info!(export = %crate::units::truncate_at_char(name, 64), "NBD export refused");
-            NO_EXPORT.to_string()
-        };
-        let state = &node.state;
-        let read = |e: crate::state::ReadError| e.to_string();
-        match ExportName::parse(name).ok_or_else(refused)? {
-            ExportName::Attachment {
-                volume_id,
-                credential: given,
-            } => {
-                let key = state.export_key().map_err(read)?.ok_or_else(refused)?;
-                let volume = state
-                    .volume_by_id(volume_id)
-                    .map_err(read)?
-                    .ok_or_else(refused)?;
-                let holder = match &volume.attached_to {
-                    // Only the node the VM is placed on serves its disks.
-                    Some(vm_id) => {
-                        let vm = state.vm_by_id(vm_id).map_err(read)?.ok_or_else(refused)?;
-                        if vm.node_id != node.id {
-                            return Err(refused());
-                        }
-                        Holder::Vm(vm_id)
-                    }
-                    None if volume.state == crate::state::volumes::VolumeState::Importing => {
-                        let importing_here = state
-                            .pending_operations(node.id)
-                            .map_err(read)?
-                            .into_iter()
-                            .any(|o| matches!(&o.work, crate::state::operations::Work::ImportImage { image, .. }
-                                if state.image(image).ok().flatten().is_some_and(|i| i.volume_id == volume.id)));
-                        if !importing_here {
-                            return Err(refused());
-                        }
-                        Holder::Import
-                    }
-                    None => return Err(refused()),
-                };
-                if !same_secret(&credential(&key, &volume.id, holder), given) {
-                    return Err(refused());
-                }
-                let read_only = volume.read_only;
-                Ok((
-                    blocks,
-                    Resolved {
-                        volume,
-                        read_only,
-                        grant: None,
-                    },
-                ))
-            }
-            ExportName::Grant { id, secret } => {
-                let grant = state.export_grant(id).map_err(read)?.ok_or_else(refused)?;
-                let fresh = grant.expires_at_ms > crate::cluster::join::now_ms();
-                let sha = crate::cluster::join::sha256_hex(secret);
-                if !fresh || grant.node != node.id || !same_secret(&sha, &grant.secret_sha256) {
-                    return Err(refused());
-                }
-                let volume = state
-                    .volume_by_id(&grant.volume_id)
-                    .map_err(read)?
-                    .ok_or_else(refused)?;
-                // A VM attached since is the volume's only writer.
-                if volume.attached_to.is_some() {
-                    return Err(refused());
-                }
-                let read_only = grant.read_only || volume.read_only;
-                Ok((
-                    blocks,
-                    Resolved {
-                        volume,
-                        read_only,
-                        grant: Some((grant.id, grant.expires_at_ms)),
-                    },
-                ))
-            }
-        }
-    }
-}
-
-impl AgentExports {
-    /// [`Self::resolve`], asked again after catching up with the leader
-    /// when it refuses: a grant or attachment committed moments ago may not
-    /// be applied on this node yet. Concurrent refusals share a catch-up.
-    async fn resolve_current(&self, name: &str) -> Result<(Arc<BlockStore>, Resolved), String> {
-        let arrived_ms = crate::cluster::node::mono_ms();
-        let first = self.resolve(name);
-        if first.is_ok() {
-            return first;
-        }
-        let node = self
-            .0
-            .upgrade()
-            .ok_or("this node is shutting down")?
-            .node()
-            .map_err(|e| e.to_string())?;
-        if node
-            .caught_up_since(arrived_ms, std::time::Duration::ZERO)
-            .await
-            .is_err()
-        {
-            return first;
-        }
-        self.resolve(name)
-    }
-}
-
-impl Exports for AgentExports {
-    fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Export, String>> {
-        Box::pin(async move {
-            let (blocks, resolved) = self.resolve_current(name).await?;
-            let node = blocks.node().map_err(|e| e.to_string())?;
-            let withdrawn = match &resolved.grant {
-                // A VM's own disk: operators' connections to it end here.
-                None => {
-                    blocks.withdraw_grants(&node, Some(&resolved.volume.id));
-                    None
-                }
-                Some((grant_id, expires_at_ms)) => {
-                    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    blocks.open_grants.lock().unwrap().push(OpenGrant {
-                        grant_id: grant_id.clone(),
-                        volume_id: resolved.volume.id.clone(),
-                        expires_at_ms: *expires_at_ms,
-                        withdrawn: flag.clone(),
-                    });
-                    Some(flag)
-                }
-            };
-            let (_, handle) = blocks
-                .open_for_write(&resolved.volume.id)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(Export {
-                handle,
-                read_only: resolved.read_only,
-                withdrawn,
-            })
-        })
-    }
-
-    fn describe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ExportInfo, String>> {
-        Box::pin(async move {
-            let (_, resolved) = self.resolve_current(name).await?;
-            Ok(ExportInfo {
-                size: resolved.volume.size_bytes,
-                read_only: resolved.read_only,
-            })
-        })
-    }
-
-    /// Nothing is listed: an export is reached only by a name its holder
-    /// was given.
-    fn list(&self) -> BoxFuture<'_, Vec<String>> {
-        Box::pin(async { Vec::new() })
     }
 }
 

@@ -17,7 +17,7 @@
 //!   before, on its node.
 //!
 //! A node takes part only if its agent says how other nodes' libvirt
-//! reaches its own (`migration_uri` on its record).
+//! reaches its own (`migration` on its record).
 
 use allod_raft::{KvError, KvRead, KvWrite, NodeId};
 use serde::{Deserialize, Serialize};
@@ -82,6 +82,15 @@ impl Migration {
         self.error = Some(error);
         self.finished_at_ms = Some(at_ms);
     }
+}
+
+/// How a migrating VM reaches a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Endpoint {
+    /// The URI other nodes' libvirt daemons reach this node's at.
+    pub libvirt_uri: String,
+    /// Where this node keeps its guests' console logs.
+    pub console_dir: String,
 }
 
 /// Whether a VM is being migrated.
@@ -150,9 +159,12 @@ pub enum MigrationCommand {
         node: NodeId,
         at_ms: u64,
     },
-    /// How other nodes' libvirt reaches this node's (`None`: it takes no
-    /// part in migrations).
-    SetEndpoint { id: NodeId, uri: Option<String> },
+    /// How a migrating VM reaches node `id` (`None`: it takes no part in
+    /// migrations).
+    SetEndpoint {
+        id: NodeId,
+        endpoint: Option<Endpoint>,
+    },
 }
 
 pub fn apply(kv: &mut KvWrite<'_>, command: MigrationCommand) -> KvResult<Outcome> {
@@ -224,9 +236,9 @@ pub fn apply(kv: &mut KvWrite<'_>, command: MigrationCommand) -> KvResult<Outcom
             }
             Ok(())
         }),
-        MigrationCommand::SetEndpoint { id, uri } => {
+        MigrationCommand::SetEndpoint { id, endpoint } => {
             super::nodes::update_node(kv, id, |_, node| {
-                node.migration_uri = uri;
+                node.migration = endpoint;
                 Ok(Ok(()))
             })
         }
@@ -271,7 +283,7 @@ pub(super) fn targets(
     let mut nodes = super::vms::candidates(kv)?;
     let mut keep = Vec::new();
     for n in nodes.drain(..) {
-        let takes_part = node_record(kv, n.id)?.is_some_and(|r| r.migration_uri.is_some());
+        let takes_part = node_record(kv, n.id)?.is_some_and(|r| r.migration.is_some());
         if n.id != vm.node_id && takes_part {
             keep.push(n);
         }
@@ -281,7 +293,7 @@ pub(super) fn targets(
 
 /// Whether VMs can migrate off node `id` at all.
 pub(super) fn takes_part(kv: &impl KvRead, id: NodeId) -> KvResult<bool> {
-    Ok(node_record(kv, id)?.is_some_and(|r| r.migration_uri.is_some()))
+    Ok(node_record(kv, id)?.is_some_and(|r| r.migration.is_some()))
 }
 
 /// A new migration record for `vm`, to `to`.
@@ -339,7 +351,7 @@ fn start(
     let Some(source) = node_record(kv, vm.node_id)? else {
         return refuse(format!("VM {name:?}'s node {} is gone", vm.node_id));
     };
-    if source.migration_uri.is_none() {
+    if source.migration.is_none() {
         return refuse(format!(
             "VM {name:?}'s node {} takes no part in live migration: its agent runs without --migration-uri",
             source.name
@@ -356,7 +368,7 @@ fn start(
         if to == vm.node_id {
             return refuse(format!("VM {name:?} already runs on node {}", target.name));
         }
-        if target.migration_uri.is_none() {
+        if target.migration.is_none() {
             return refuse(format!(
                 "node {} takes no part in live migration: its agent runs without --migration-uri",
                 target.name
@@ -421,8 +433,11 @@ mod tests {
     use crate::state::ha::{HaCommand, Liveness, RestartPolicy};
 
     fn take_part(kv: &mut KvWrite<'_>, id: NodeId) {
-        let uri = Some(format!("qemu+tls://n{id}/system"));
-        apply(kv, MigrationCommand::SetEndpoint { id, uri })
+        let endpoint = Some(Endpoint {
+            libvirt_uri: format!("qemu+tls://n{id}/system"),
+            console_dir: format!("/var/lib/allod/n{id}/console"),
+        });
+        apply(kv, MigrationCommand::SetEndpoint { id, endpoint })
             .unwrap()
             .unwrap();
     }

@@ -72,10 +72,10 @@ pub struct NodeRecord {
     #[serde(default)]
     #[schema(value_type = String)]
     pub health: super::ha::NodeHealth,
-    /// How other nodes' libvirt daemons reach this node's, for live
-    /// migration; absent: VMs do not migrate to or from it.
+    /// How a migrating VM reaches this node; absent: VMs do not migrate
+    /// to or from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migration_uri: Option<String>,
+    pub migration: Option<super::migration::Endpoint>,
 }
 
 impl NodeRecord {
@@ -205,7 +205,7 @@ pub(super) fn consume_join_token(
                 put_json(kv, KEY_NEXT_NODE_ID, &(node_id + 1))?;
                 record.used_by = Some(node_id);
                 put_json(kv, &key, &record)?;
-                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, draining: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0, liveness: Default::default(), liveness_since_ms: 0, health: Default::default(), migration_uri: None };
+                let node = NodeRecord { id: node_id, name: node_name, joined_at_ms: now_ms, zone: Default::default(), vcpus: 0, memory_bytes: 0, maintenance: false, draining: false, storage: None, key_sha256, storage_state: Default::default(), storage_state_since_ms: 0, liveness: Default::default(), liveness_since_ms: 0, health: Default::default(), migration: None };
                 put_json(kv, &format!("{PREFIX_NODES}{node_id:020}"), &node)?;
                 Ok(serde_json::json!({ "node_id": node_id }))
             }
