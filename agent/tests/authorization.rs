@@ -143,6 +143,7 @@ fn expectations() -> HashMap<(&'static str, &'static str), Rule> {
             ("PATCH", "/v1/projects/{name}/vms/{vm}"),
             ProjectAtLeast(Role::ProjectMember),
         ),
+        (("POST", "/v1/projects/{name}/vms/{vm}/migrate"), AdminOnly),
         (
             ("GET", "/v1/projects/{name}/vms/{vm}/console"),
             ProjectAtLeast(Role::ProjectMember),
@@ -592,6 +593,7 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                     ("POST", "/v1/users/{user}/tokens") => Some(json!({})),
                     ("PUT", "/v1/nodes/{node}/zone") => Some(json!({ "zone": "OFFICIAL" })),
                     ("POST", "/v1/nodes/{node}/drain") => Some(json!({})),
+                    ("POST", "/v1/projects/{name}/vms/{vm}/migrate") => Some(json!({})),
                     ("PUT", "/v1/oidc/issuers/{issuer}") => Some(
                         json!({ "issuer": format!("https://other{case}.example"), "audience": "allod" }),
                     ),
@@ -613,6 +615,9 @@ async fn every_route_for_every_role_on_own_and_other_projects() {
                 };
                 let expected_status: &[u16] = match rule {
                     Rule::AnyAuthenticated => &[200, 201, 204],
+                    // A single node has nowhere to migrate to: refused
+                    // by the route, past the permission check.
+                    Rule::AdminOnly if is_admin && pattern.ends_with("/migrate") => &[409],
                     // A scrub runs in the background: accepted.
                     Rule::AdminOnly if is_admin => &[200, 201, 202, 204],
                     Rule::AdminOnly => &[403],
