@@ -314,6 +314,12 @@ pub(super) fn begin(vm: &mut VmRecord, to: NodeId, why: String, at_ms: u64) {
     });
 }
 
+/// [`begin`], for other modules' tests.
+#[cfg(test)]
+pub fn begin_for_tests(vm: &mut VmRecord, to: NodeId) {
+    begin(vm, to, "a test".into(), 0);
+}
+
 fn start(
     kv: &mut KvWrite<'_>,
     project: &str,

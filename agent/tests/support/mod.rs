@@ -67,7 +67,8 @@ fn spawn(
         .args(["--api-listen", &format!("127.0.0.1:{}", ports.0)])
         .args(["--peer-listen", &format!("127.0.0.1:{}", ports.1)])
         .args(["--storage-listen", "127.0.0.1:0"])
-        .args(extra)
+        // `{node}` in a flag is the node's number: per-node settings.
+        .args(extra.iter().map(|a| a.replace("{node}", &name[1..])))
         // Agents sharing the host's network namespace would each own its
         // `al*` links and `allod` tables: one at most builds networks.
         .args(if extra.iter().any(|a| a == "--network-fabric") {

@@ -56,7 +56,18 @@ fn name_of(action: &Action) -> &'static str {
         Action::Shutdown => "shutdown",
         Action::Destroy => "destroy",
         Action::Reboot => "reboot",
+        Action::Resume => "resume",
     }
+}
+
+/// A VM migrated to its node, in `phase`.
+fn migrated(vm: &mut VmRecord, phase: crate::state::migration::Phase) {
+    let mut moving = vm.clone();
+    moving.node_id = 9;
+    crate::state::migration::begin_for_tests(&mut moving, vm.node_id);
+    let mut m = moving.migration.unwrap();
+    m.phase = phase;
+    vm.migration = Some(m);
 }
 
 fn check(case: &Case) -> VmPlan {
@@ -199,6 +210,30 @@ fn the_plan_for_each_desired_and_observed_state() {
             network_ready: true,
             actions: &[],
             state: VmState::Stopped,
+        },
+        Case {
+            name: "a guest that arrived by migration runs once the switch is recorded",
+            power: RUNNING,
+            last_seen: VmState::Running,
+            change: |vm| migrated(vm, crate::state::migration::Phase::Resuming),
+            domain: Some((2, Power::Paused)),
+            reboots_seen: Some(0),
+            stop_asked_secs_ago: None,
+            network_ready: true,
+            actions: &["resume"],
+            state: VmState::Running,
+        },
+        Case {
+            name: "a guest paused by its owner is not resumed after its migration",
+            power: RUNNING,
+            last_seen: VmState::Paused,
+            change: |vm| migrated(vm, crate::state::migration::Phase::Done),
+            domain: Some((2, Power::Paused)),
+            reboots_seen: Some(0),
+            stop_asked_secs_ago: None,
+            network_ready: true,
+            actions: &[],
+            state: VmState::Paused,
         },
         Case {
             name: "a paused guest that crashed stays off",
