@@ -407,7 +407,7 @@ impl storage::nbd::Exports for OneVolume {
                 handle,
                 read_only: false,
                 withdrawn: None,
-                ready: None,
+                standby: None,
             })
         })
     }

@@ -104,7 +104,10 @@ impl Hypervisor {
 
     /// How far the domain's migration is, or `None` when it has no job.
     pub fn progress(&self, id: &str) -> Result<Option<Progress>, HvError> {
-        let stats = self.with(id, |d| d.job_stats(0))?;
+        // Not `job_stats`: the bindings build a Vec from the parameter
+        // array libvirt returns, which is null when there is no job (the
+        // process aborts on it).
+        let stats = self.with(id, |d| d.job_info())?;
         Ok(stats
             .filter(|s| {
                 s.r#type == sys::VIR_DOMAIN_JOB_BOUNDED as i32

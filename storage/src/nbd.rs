@@ -87,12 +87,20 @@ pub struct Export {
     /// withdrawn (it expired, or a VM took the volume): the connection then
     /// serves no further request and is closed.
     pub withdrawn: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// Standby: the export is open (a client can connect and learn its
-    /// size) but its first request waits for this to finish, and the
-    /// connection ends with its error if it fails. A live migration's
-    /// destination holds its guest's disks so until the switch makes it
-    /// the writer.
-    pub ready: Option<BoxFuture<'static, Result<(), String>>>,
+    /// Standby: a live migration's destination serves its guest's disks
+    /// so until the switch makes it the writer (see [`Standby`]).
+    pub standby: Option<Standby>,
+}
+
+/// An export opened before this node may write it: reads are served (at
+/// the current writer's epoch, as the incoming guest's devices read while
+/// the guest still runs elsewhere), and the first other request, or the
+/// first request once `switched` says so, waits for `activate`, whose
+/// handle serves the connection from then on. The connection ends with
+/// `activate`'s error if it fails.
+pub struct Standby {
+    pub switched: Box<dyn Fn() -> bool + Send + Sync>,
+    pub activate: BoxFuture<'static, Result<Arc<VolumeHandle>, String>>,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -417,9 +425,9 @@ where
     });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let budget = Arc::new(Semaphore::new(BYTE_BUDGET as usize));
-    let handle = export.handle;
+    let mut handle = export.handle;
     let withdrawn = export.withdrawn;
-    let mut ready = export.ready;
+    let mut standby = export.standby;
     let result = loop {
         let mut h = [0u8; 28];
         match rd.read_exact(&mut h).await {
@@ -438,11 +446,18 @@ where
                 "request magic {magic:#x} is wrong"
             )));
         }
-        if let Some(standby) = ready.take() {
-            if let Err(e) = standby.await {
-                break Err(NbdError::Protocol(format!(
-                    "the export was held in standby and cannot be served: {e}"
-                )));
+        if standby
+            .as_ref()
+            .is_some_and(|s| cmd != CMD_READ || (s.switched)())
+        {
+            let s = standby.take().expect("checked");
+            match s.activate.await {
+                Ok(active) => handle = active,
+                Err(e) => {
+                    break Err(NbdError::Protocol(format!(
+                        "the export was held in standby and cannot be served: {e}"
+                    )))
+                }
             }
         }
         if withdrawn

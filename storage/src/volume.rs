@@ -213,6 +213,23 @@ impl Storage {
         h
     }
 
+    /// A handle of its own (not shared with this node's other users of
+    /// the volume, nor kept current by them) for reading at another
+    /// writer's epoch: a live migration's destination reads so before it
+    /// becomes the writer.
+    pub fn open_reader(self: &Arc<Self>, spec: VolumeSpec) -> Arc<VolumeHandle> {
+        Arc::new(VolumeHandle {
+            storage: self.clone(),
+            spec: RwLock::new(Arc::new(spec)),
+            present: Mutex::new(HashSet::new()),
+            locks: Mutex::new(HashMap::new()),
+            replicas: Mutex::new(Replicas::default()),
+            dirty: Mutex::new(Dirty::default()),
+            // Never activated: reads do not fence.
+            activation: tokio::sync::Mutex::new(0),
+        })
+    }
+
     /// Reads `len` bytes at `offset` of a snapshot of a volume (which never
     /// changes: no writer's epoch is needed).
     pub async fn read_snapshot(

@@ -45,7 +45,7 @@ impl Exports for TestExports {
                 handle,
                 read_only: false,
                 withdrawn: None,
-                ready: None,
+                standby: None,
             })
         })
     }

@@ -273,6 +273,7 @@ async fn follow_migration(
     use std::io::IsTerminal;
     let tty = output == Output::Table && std::io::stderr().is_terminal();
     let mut last = String::new();
+    let started = std::time::Instant::now();
     loop {
         let vm = client
             .call(
@@ -323,6 +324,10 @@ async fn follow_migration(
                 if tty { "\n" } else { "" },
                 text(&vm["node"]),
                 m["error"].as_str().unwrap_or("no reason given")
+            ),
+            _ if started.elapsed() > std::time::Duration::from_secs(3600) => anyhow::bail!(
+                "{}VM {name} is still migrating after an hour; `allod vm show {name} --project {project}` follows it",
+                if tty { "\n" } else { "" }
             ),
             _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
         }

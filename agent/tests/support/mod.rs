@@ -32,6 +32,17 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A failed test shows what the agents said last.
+        if std::thread::panicking() {
+            for dir in &self.dirs {
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                eprintln!("--- the last lines of {}.log:", dir.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 

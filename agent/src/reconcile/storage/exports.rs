@@ -152,13 +152,13 @@ impl Exports for AgentExports {
         Box::pin(async move {
             let (blocks, resolved) = self.resolve_current(name).await?;
             if let Some(vm_id) = &resolved.standby {
-                let (handle, ready) =
+                let (handle, standby) =
                     standby::open(&blocks, &resolved.volume, vm_id).map_err(|e| e.to_string())?;
                 return Ok(Export {
                     handle,
                     read_only: resolved.read_only,
                     withdrawn: None,
-                    ready: Some(ready),
+                    standby: Some(standby),
                 });
             }
             let node = blocks.node().map_err(|e| e.to_string())?;
@@ -187,7 +187,7 @@ impl Exports for AgentExports {
                 handle,
                 read_only: resolved.read_only,
                 withdrawn,
-                ready: None,
+                standby: None,
             })
         })
     }

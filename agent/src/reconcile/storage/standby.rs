@@ -1,15 +1,17 @@
 //! A live migration's destination serves its guest's disks in standby:
-//! the incoming QEMU connects while the guest is still running on the
-//! source, so the connection is accepted, but this node takes no writer
-//! lease and serves no request until the switch is recorded (which moves
-//! the lease here). The first request then opens the volume for writing,
-//! which fences the source's writer at the new epoch. A migration that
-//! fails instead ends the connection.
+//! the incoming QEMU connects (and its devices read a little) while the
+//! guest still runs on the source, so the connection is accepted and reads
+//! are served at the source's writer epoch through a handle of their own,
+//! but this node takes no writer lease. Once the switch is recorded (which
+//! moves the lease here), the first request opens the volume for writing,
+//! fencing the source's writer at the new epoch, and the connection goes
+//! on with that handle. A write before the switch waits for it; a
+//! migration that fails ends the connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use storage::nbd::BoxFuture;
+use storage::nbd::Standby;
 use storage::VolumeHandle;
 
 use super::{BlockError, BlockStore};
@@ -19,26 +21,36 @@ use crate::state::volumes::VolumeRecord;
 /// any migration that converges.
 const LONGEST_WAIT: Duration = Duration::from_secs(3600);
 
-/// The volume's handle for a standby connection (no lease, not
-/// activated) and what its first request waits for.
+/// The reading handle of a standby connection and how it turns active.
 pub(super) fn open(
     blocks: &Arc<BlockStore>,
     volume: &VolumeRecord,
     vm_id: &str,
-) -> Result<(Arc<VolumeHandle>, BoxFuture<'static, Result<(), String>>), BlockError> {
-    let handle = blocks.storage.open(blocks.spec(volume)?);
+) -> Result<(Arc<VolumeHandle>, Standby), BlockError> {
+    let mut spec = blocks.spec(volume)?;
+    spec.epoch = volume.lease.as_ref().map_or(0, |l| l.epoch);
+    let reader = blocks.storage.open_reader(spec);
+    let node = blocks.node()?;
+    let id = vm_id.to_string();
+    let switched = Box::new(move || {
+        node.state
+            .vm_by_id(&id)
+            .ok()
+            .flatten()
+            .is_some_and(|vm| vm.node_id == node.id)
+    });
     let (blocks, volume_id, vm_id) = (blocks.clone(), volume.id.clone(), vm_id.to_string());
-    let ready = Box::pin(async move {
+    let activate = Box::pin(async move {
         tokio::time::timeout(LONGEST_WAIT, switched_here(&blocks, &vm_id))
             .await
             .map_err(|_| format!("no switch within {} s", LONGEST_WAIT.as_secs()))??;
         blocks
             .open_for_write(&volume_id)
             .await
-            .map(drop)
+            .map(|(_, handle)| handle)
             .map_err(|e| e.to_string())
     });
-    Ok((handle, ready))
+    Ok((reader, Standby { switched, activate }))
 }
 
 /// Waits until VM `vm_id` is placed on this node; an error once it is
