@@ -100,6 +100,10 @@ impl Hypervisor {
         })
     }
 
+    pub(crate) fn conn(&self) -> &Connect {
+        &self.conn
+    }
+
     /// The nodes whose shut-off domains [`Hypervisor::define`] may replace.
     pub fn set_replaceable(&self, nodes: Vec<String>) {
         *self.replaceable.lock().expect("replaceable nodes") = nodes;

@@ -11,7 +11,7 @@
 //! [resume](Hypervisor::resume) it. A migration that fails leaves the
 //! domain running on the source, as libvirt resumes it there.
 
-use virt::domain::{DomainState, MigrateParameters};
+use virt::domain::MigrateParameters;
 use virt::sys;
 
 use crate::lifecycle::{domain_err, HvError, Hypervisor};
@@ -120,12 +120,20 @@ impl Hypervisor {
             }))
     }
 
-    /// Whether the domain is defined here and its guest is paused (on a
-    /// source: it reached the switch-over; on a destination: it arrived).
-    pub fn paused(&self, id: &str) -> Result<bool, HvError> {
-        Ok(self
-            .with(id, |d| d.state())?
-            .is_some_and(|(state, _)| state == virt::enumutil::Enum::Known(DomainState::Paused)))
+    /// Whether a domain of this name is defined, asked without touching
+    /// the domain itself: while libvirt tears down a migrated guest's old
+    /// QEMU (a second or two), calls on the domain wait for it.
+    pub fn defined(&self, id: &str) -> Result<bool, HvError> {
+        let name = format!("allod-{id}");
+        match self.conn().lookup_domain_by_name(&name) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(domain_err(&name)(e)),
+        }
     }
 
     /// Runs a paused guest again.

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hypervisor::lifecycle::Hypervisor;
+use hypervisor::lifecycle::{Hypervisor, Power};
 
 use crate::cluster::join::now_ms;
 use crate::cluster::node::ClusterNode;
@@ -219,13 +219,14 @@ pub async fn send(node: Arc<ClusterNode>, hv: Arc<Hypervisor>, vm: VmRecord) {
     match outcome {
         Ok(paused_at) => {
             let paused_at_ms = paused_at.unwrap_or_else(now_ms);
-            tracing::info!(vm = %id, name = %vm.name, to = m.to, "live migration: switched over");
+            tracing::info!(vm = %id, name = %vm.name, to = m.to, paused_at_ms, "live migration: the guest is handed over");
             let switched = MigrationCommand::Switched {
                 vm_id: id.clone(),
                 node: node.id,
                 paused_at_ms,
             };
             record(&node, switched).await;
+            tracing::info!(vm = %id, name = %vm.name, to = m.to, "live migration: the switch is recorded");
         }
         Err(e) => {
             tracing::warn!(vm = %id, name = %vm.name, to = m.to, "live migration failed, the guest runs on here: {e}");
@@ -258,11 +259,32 @@ async fn follow(
                 };
             }
         }
-        if paused_at.is_none() {
-            let id2 = id.to_string();
-            if let Ok(true) = blocking(hv, move |h| h.paused(&id2)).await {
-                paused_at = Some(now_ms());
+        // The guest pauses here for the switch; once its domain is gone
+        // (libvirt removes it only when the destination has taken the
+        // guest), the switch is done, though libvirt's call may take a
+        // second more to return while the old QEMU exits.
+        let id2 = id.to_string();
+        let now = if paused_at.is_none() {
+            blocking(hv, move |h| h.power_of(&id2)).await
+        } else {
+            blocking(hv, move |h| h.defined(&id2))
+                .await
+                .map(|here| here.then_some(Power::Paused))
+        };
+        match now {
+            Ok(Some(Power::Paused)) if paused_at.is_none() => paused_at = Some(now_ms()),
+            Ok(None) if job.as_ref().is_some_and(|j| !j.is_finished()) => {
+                if let Some(j) = job.take() {
+                    let id = id.to_string();
+                    tokio::spawn(async move {
+                        if let Ok(Err(e)) = j.await {
+                            tracing::info!(vm = %id, "libvirt's migration call ended with: {e}, after the guest was handed over");
+                        }
+                    });
+                }
+                return Ok(paused_at);
             }
+            _ => {}
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();

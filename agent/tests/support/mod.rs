@@ -32,6 +32,14 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Kept for reading when asked (ALLOD_KEEP_LOGS=DIR).
+        if let Some(keep) = std::env::var_os("ALLOD_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            for dir in &self.dirs {
+                let log = dir.with_extension("log");
+                let _ = std::fs::copy(&log, Path::new(&keep).join(log.file_name().unwrap()));
+            }
+        }
         // A failed test shows what the agents said last.
         if std::thread::panicking() {
             for dir in &self.dirs {
