@@ -95,7 +95,7 @@ pub struct Endpoint {
 
 /// Whether a VM is being migrated.
 pub fn migrating(vm: &VmRecord) -> bool {
-    vm.migration.as_ref().is_some_and(Migration::active)
+    vm.migration.as_ref().is_some_and(|m| m.active())
 }
 
 /// The refusal of a change a migration in progress does not allow.
@@ -298,7 +298,7 @@ pub(super) fn takes_part(kv: &impl KvRead, id: NodeId) -> KvResult<bool> {
 
 /// A new migration record for `vm`, to `to`.
 pub(super) fn begin(vm: &mut VmRecord, to: NodeId, why: String, at_ms: u64) {
-    vm.migration = Some(Migration {
+    vm.migration = Some(Box::new(Migration {
         from: vm.node_id,
         to,
         phase: Phase::Copying,
@@ -311,7 +311,7 @@ pub(super) fn begin(vm: &mut VmRecord, to: NodeId, why: String, at_ms: u64) {
         downtime_ms: None,
         finished_at_ms: None,
         error: None,
-    });
+    }));
 }
 
 /// [`begin`], for other modules' tests.

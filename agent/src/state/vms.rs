@@ -107,7 +107,7 @@ pub struct VmRecord {
     pub relocation: Option<super::ha::Relocation>,
     /// Its live migration in progress, or the last one (`state::migration`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migration: Option<super::migration::Migration>,
+    pub migration: Option<Box<super::migration::Migration>>,
 }
 
 fn default_power() -> PowerState {
