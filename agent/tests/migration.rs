@@ -8,7 +8,8 @@
 //!   writer moves with it at a new epoch, the source's domain is gone, and
 //!   the VM shows the migration done with its downtime;
 //! - `allod node drain` migrates it live off its node (no consent to a
-//!   restart needed), and `allod node resume` takes the node back.
+//!   restart needed), and `allod node resume` takes the node back;
+//! - every replica refuses the first writer's epoch in the end.
 //!
 //! `bench_migration_downtime` (ignored; `.ci/bench-migration`) measures the
 //! guest's pause for an idle and a busy guest.
@@ -338,7 +339,7 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_guest_migrates_to_another_node_and_back_and_a_drain_migrates_it_live() {
-    let s = Setup::new("").await;
+    let mut s = Setup::new("").await;
     let (id, first) = s.running_guest("mig1").await;
     let other = 3 - first;
     let epoch = s.lease("mig1-boot");
@@ -393,7 +394,38 @@ async fn a_running_guest_migrates_to_another_node_and_back_and_a_drain_migrates_
     let err =
         s.c.allod_fails(&["vm", "migrate", "mig1", "--project", "p"]);
     assert!(err.contains("only a running VM migrates live"), "{err}");
-    s.c.allod_ok(&["vm", "delete", "mig1", "--project", "p"]);
+
+    // The first node's writer is refused by every replica: with the agents
+    // killed (SIGKILL), each store, opened as its agent left it, refuses a
+    // write and a read at the first epoch (each destination fenced them).
+    let volume_id = s.c.json(&["volume", "show", "mig1-boot", "--project", "p"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 0..2 {
+        s.c.kill(i);
+    }
+    let mut refused = 0;
+    for dir in &s.c.dirs {
+        let store = storage::ObjectStore::open(&dir.join("storage")).unwrap();
+        let current = store.epoch(&volume_id);
+        if current == 0 {
+            continue;
+        }
+        assert!(current > epoch.1, "{current} > {}", epoch.1);
+        let write = store.write(&volume_id, 0, 0, b"stale", 0, epoch.1);
+        assert!(
+            matches!(write, Err(storage::store::StoreError::StaleEpoch { .. })),
+            "{write:?}"
+        );
+        let read = store.read(&volume_id, 0, None, 0, 4096, epoch.1);
+        assert!(
+            matches!(read, Err(storage::store::StoreError::StaleEpoch { .. })),
+            "{read:?}"
+        );
+        refused += 1;
+    }
+    assert!(refused >= 1, "no replica holds the volume");
 }
 
 /// The guest's pause at the switch, idle and while it dirties memory as
