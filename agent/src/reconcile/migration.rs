@@ -245,7 +245,7 @@ async fn follow(
     started: Option<tokio::task::JoinHandle<Result<(), hypervisor::lifecycle::HvError>>>,
 ) -> Result<Option<u64>, String> {
     let mut paused_at = None;
-    let mut last_progress = Instant::now() - Duration::from_secs(1);
+    let mut last_progress: Option<Instant> = None;
     let mut reported = None;
     let mut job = started;
     loop {
@@ -286,8 +286,8 @@ async fn follow(
             }
             _ => {}
         }
-        if last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
+        if last_progress.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            last_progress = Some(Instant::now());
             let id2 = id.to_string();
             match blocking(hv, move |h| h.progress(&id2)).await {
                 Ok(Some(p)) if reported != Some(p) => {
