@@ -440,11 +440,16 @@ pub(super) async fn blocking<T: Send + 'static>(
 /// The VMs placed on this node; one a drain moves elsewhere is to be
 /// stopped here (its stop's report places it on its next node).
 fn my_vms(node: &ClusterNode) -> Vec<VmRecord> {
-    node.state
-        .list::<VmRecord>(PREFIX_VMS)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|vm| vm.node_id == node.id)
+    mine(
+        node.id,
+        node.state.list::<VmRecord>(PREFIX_VMS).unwrap_or_default(),
+    )
+}
+
+/// The VMs of `all` placed on node `me`, as [`my_vms`] gives them.
+fn mine(me: u64, all: Vec<VmRecord>) -> Vec<VmRecord> {
+    all.into_iter()
+        .filter(|vm| vm.node_id == me)
         .map(|mut vm| {
             if vm.relocation.is_some() {
                 vm.power = PowerState::Stopped;
@@ -484,7 +489,14 @@ impl Reconciler {
     /// One pass: plans every VM of this node whose task is not running and
     /// starts its task; removes domains whose VM is gone or went elsewhere.
     async fn pass(&mut self, node: &Arc<ClusterNode>, hv: &Arc<Hypervisor>) {
-        let desired = my_vms(node);
+        let all = node.state.list::<VmRecord>(PREFIX_VMS).unwrap_or_default();
+        // VMs arriving by live migration keep their incoming domains.
+        let arriving: Vec<String> = all
+            .iter()
+            .filter(|vm| super::migration::incoming(vm, node.id))
+            .map(|vm| vm.id.clone())
+            .collect();
+        let desired = mine(node.id, all);
         let observed: HashMap<String, Observed> = match blocking(hv, |h| h.list()).await {
             Ok(list) => list.into_iter().map(|o| (o.id.clone(), o)).collect(),
             Err(e) => {
@@ -535,16 +547,10 @@ impl Reconciler {
             });
             self.in_flight.insert(task.id(), vm_id);
         }
-        // VMs arriving by live migration keep their incoming domains.
-        let arriving = node.state.list::<VmRecord>(PREFIX_VMS).unwrap_or_default();
         let wanted: HashSet<&str> = desired
             .iter()
-            .chain(
-                arriving
-                    .iter()
-                    .filter(|vm| super::migration::incoming(vm, node.id)),
-            )
             .map(|v| v.id.as_str())
+            .chain(arriving.iter().map(String::as_str))
             .collect();
         for id in observed.keys().filter(|id| !wanted.contains(id.as_str())) {
             if busy.contains(id) {
